@@ -1,0 +1,371 @@
+"""The `p2pnode` command line: `start` runs a node; every other command is a
+thin client of a running node's control API.
+
+Global options (--home, --json) work before or after the command name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from p2pnode import __version__
+from p2pnode.config import NodeConfig, default_home, parse_host_port
+from p2pnode.control.client import ControlClient, raise_event_error
+from p2pnode.errors import P2PError, UsageError
+from p2pnode.home import read_config_file
+
+log = logging.getLogger("p2pnode")
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Subparsers get SUPPRESS defaults so a value given before the command survives.
+    default: Any = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--home", type=Path, default=default,
+        help="node home folder (default: $P2PNODE_HOME or a per-user data dir)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=False if top else argparse.SUPPRESS,
+        help="print JSON instead of tables",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pnode", description="A peer-to-peer node: Kademlia discovery, verified exchange."
+    )
+    parser.add_argument("--version", action="version", version=f"p2pnode {__version__}")
+    _global_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _global_options(p, top=False)
+        return p
+
+    start = add("start", "run a node in the foreground until Ctrl-C / SIGTERM")
+    start.add_argument("--port", type=int, default=None,
+                       help="UDP (DHT) and TCP (peers) port; 0 = any free port (default 0)")
+    start.add_argument("--host", default=None,
+                       help="interface to listen on (default 0.0.0.0; '::' for IPv6)")
+    start.add_argument("--bootstrap", action="append", default=None, metavar="HOST:PORT",
+                       help="a node to join through (repeatable; host names allowed)")
+    start.add_argument("--api-port", type=int, default=None,
+                       help="control API port on 127.0.0.1 (default: any free port)")
+    start.add_argument("--log-level", default=None,
+                       choices=["debug", "info", "warning", "error"], help="stderr log level")
+
+    add("id", "show this node's peer id, addresses and version")
+    add("peers", "list the contacts in the routing table")
+    add("status", "uptime, routing-table size, traffic counters")
+    add("stop", "stop the running node cleanly")
+
+    dht = add("dht", "put or get a small text value in the DHT")
+    dht_sub = dht.add_subparsers(dest="dht_command", required=True, metavar="ACTION")
+    put = dht_sub.add_parser("put", help="store KEY=VALUE in the DHT")
+    _global_options(put, top=False)
+    put.add_argument("key")
+    put.add_argument("value")
+    get = dht_sub.add_parser("get", help="look KEY up in the DHT")
+    _global_options(get, top=False)
+    get.add_argument("key")
+
+    share = add("share", "share a file or folder; prints its resource id")
+    share.add_argument("path", type=Path)
+    unshare = add("unshare", "stop sharing a resource")
+    unshare.add_argument("id")
+    fetch = add("get", "download a resource by id (verified, resumable)")
+    fetch.add_argument("id")
+    fetch.add_argument("-o", "--output", type=Path, default=None,
+                       help="destination (default: the resource's name in the current folder)")
+    fetch.add_argument("--force", action="store_true", help="replace an existing destination")
+    add("ls", "list local resources")
+    providers = add("providers", "find who provides a resource, through the DHT")
+    providers.add_argument("id")
+    return parser
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    secs = max(0.0, time.time() - ts)
+    return f"{secs:.0f}s ago" if secs < 120 else f"{secs / 60:.0f}m ago"
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:
+    print(json.dumps(data, indent=2) if args.json else human(data))
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _start_config(args: argparse.Namespace, home: Path) -> tuple[NodeConfig, str]:
+    file = read_config_file(home)
+    port = args.port if args.port is not None else int(file.get("port", 0))
+    host = args.host or str(file.get("host", "0.0.0.0"))
+    boots = args.bootstrap if args.bootstrap is not None else list(file.get("bootstrap", []))
+    api_port = args.api_port if args.api_port is not None else file.get("api_port")
+    level = args.log_level or str(file.get("log_level", "info"))
+    if not 0 <= port < 65536:
+        raise UsageError(f"--port must be 0..65535, got {port}")
+    config = NodeConfig(
+        home=home,
+        host=host,
+        port=port,
+        bootstrap=tuple(parse_host_port(b) for b in boots),
+        api_port=int(api_port) if api_port is not None else None,
+    )
+    return config, level
+
+
+def cmd_start(args: argparse.Namespace, home: Path) -> int:
+    config, level = _start_config(args, home)
+    logging.basicConfig(
+        stream=sys.stderr, level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(_run_node(config))
+
+
+async def _run_node(config: NodeConfig) -> int:
+    from p2pnode.node import Node
+
+    node = Node(config)
+    await node.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.request_stop)
+    info = node.describe()
+    print(f"p2pnode {__version__} started", flush=False)
+    print(f"  peer id:   {info['peer_id']}")
+    print(f"  listening: {', '.join(info['addresses'])} (UDP DHT + TCP peers)")
+    print(f"  control:   {info['api']} (token in {config.home / 'api.token'})")
+    print(f"  join with: p2pnode start --home <other home> {info['bootstrap']}")
+    print("ready", flush=True)
+    try:
+        await node.wait_stop_requested()
+    finally:
+        log.info("stopping")
+        await node.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+def cmd_id(args: argparse.Namespace, client: ControlClient) -> int:
+    def human(d: dict[str, Any]) -> str:
+        return "\n".join([
+            f"peer id:   {d['peer_id']}",
+            f"node id:   {d['node_id']}",
+            f"addresses: {', '.join(d['addresses'])}",
+            f"control:   {d['api']}",
+            f"join with: {d['bootstrap']}",
+            f"version:   {d['version']}",
+        ])
+
+    _emit(args, client.call("GET", "/v1/id"), human)
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace, client: ControlClient) -> int:
+    def human(d: dict[str, Any]) -> str:
+        rows = [(p["peer_id"], p["address"], _ago(p["last_seen"])) for p in d["peers"]]
+        return _table(rows, ("PEER ID", "ADDRESS", "LAST SEEN")) + f"\n{len(rows)} peer(s)"
+
+    _emit(args, client.call("GET", "/v1/peers"), human)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
+    def human(d: dict[str, Any]) -> str:
+        lines = [
+            f"peer id:       {d['peer_id']}",
+            f"uptime:        {d['uptime']:.0f} s",
+            f"joined:        {'yes' if d['joined'] else 'not yet'}",
+            f"routing table: {d['routing_table_size']} contact(s)",
+            f"resources:     {d['resources']}",
+            f"memory (RSS):  {_size(d['rss_bytes'])}",
+            "dht counters:",
+        ]
+        lines += [f"  {k}: {v}" for k, v in sorted(d["dht"].items())]
+        lines.append("peer connection counters:")
+        lines += [f"  {k}: {v}" for k, v in sorted(d["net"].items())]
+        return "\n".join(lines)
+
+    _emit(args, client.call("GET", "/v1/status"), human)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace, client: ControlClient, home: Path) -> int:
+    pid = client.call("POST", "/v1/stop", {})
+    # Wait for the node to let go of its home so a following `start` works at once.
+    deadline = time.monotonic() + 30
+    while (home / "control.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _emit(args, pid, lambda _: "stopped")
+    return 0
+
+
+def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
+    if args.dht_command == "put":
+        res = client.call("POST", "/v1/dht/put", {"key": args.key, "value": args.value})
+        _emit(args, res, lambda d: "stored" if d["stored"] else "stored locally only (no peers)")
+    else:
+        from urllib.parse import quote
+
+        res = client.call("GET", f"/v1/dht/get?key={quote(args.key)}")
+        _emit(args, res, lambda d: str(d["value"]))
+    return 0
+
+
+def _resource_rows(resources: list[dict[str, Any]]) -> str:
+    rows = [
+        (r["id"], r["name"], _size(r["size"]), r["state"],
+         "yes" if r["served"] else "no")
+        for r in resources
+    ]
+    return _table(rows, ("ID", "NAME", "SIZE", "STATE", "SERVED"))
+
+
+def cmd_share(args: argparse.Namespace, client: ControlClient) -> int:
+    path = args.path.expanduser().resolve()
+    if not path.exists():
+        raise UsageError(f"no such file or folder: {args.path}")
+    res = client.call("POST", "/v1/share", {"path": str(path)})
+    _emit(args, res, lambda d: d["id"])
+    return 0
+
+
+def cmd_unshare(args: argparse.Namespace, client: ControlClient) -> int:
+    res = client.call("POST", "/v1/unshare", {"id": args.id})
+    _emit(args, res, lambda d: f"unshared {d['id']}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace, client: ControlClient) -> int:
+    _emit(args, client.call("GET", "/v1/ls"), lambda d: _resource_rows(d["resources"]))
+    return 0
+
+
+def cmd_providers(args: argparse.Namespace, client: ControlClient) -> int:
+    def human(d: dict[str, Any]) -> str:
+        rows = [(p["peer_id"], f"{p['host']}:{p['port']}") for p in d["providers"]]
+        return _table(rows, ("PEER ID", "ADDRESS")) + f"\n{len(rows)} provider(s)"
+
+    _emit(args, client.call("GET", f"/v1/providers/{args.id}"), human)
+    return 0
+
+
+class _ProgressBar:
+    """One line on stderr, redrawn in place on a terminal, every few seconds otherwise."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def show(self, p: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if not self._tty and now - self._last < 2.0:
+            return
+        self._last = now
+        total = max(1, int(p.get("total_bytes", 0)))
+        done = int(p.get("done_bytes", 0))
+        eta = p.get("eta")
+        line = (
+            f"{100 * done / total:5.1f}%  {_size(done)} / {_size(total)}  "
+            f"{_size(float(p.get('rate', 0)))}/s  peers {p.get('peers', 0)}  "
+            f"ETA {'?' if eta is None else f'{eta:.0f}s'}"
+        )
+        sys.stderr.write(("\r" + line.ljust(78)) if self._tty else line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._tty:
+            sys.stderr.write("\n")
+
+
+def cmd_get(args: argparse.Namespace, client: ControlClient) -> int:
+    # An existing folder as destination (the default: the current one) receives the
+    # resource under its own name, like `cp FILE DIR`.
+    dest = (args.output or Path.cwd()).expanduser().resolve()
+    body: dict[str, Any] = {"id": args.id, "force": args.force, "dest": str(dest)}
+    bar = None if args.json else _ProgressBar()
+    final: dict[str, Any] | None = None
+    try:
+        for event in client.stream("POST", "/v1/get", body):
+            if event.get("event") == "progress" and bar is not None:
+                bar.show(event)
+            elif event.get("event") in ("done", "error"):
+                final = event
+    finally:
+        if bar is not None:
+            bar.close()
+    if final is None:
+        raise P2PError("the node closed the download stream without a result")
+    if final["event"] == "error":
+        raise_event_error(final)
+    res = final["resource"]
+    _emit(args, res, lambda r: f"{r['id']}  {_size(r['size'])}  verified -> {r['path']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    home: Path = (args.home or default_home()).expanduser().resolve()
+    try:
+        if args.command == "start":
+            return cmd_start(args, home)
+        client = ControlClient(home)
+        handlers: dict[str, Callable[[], int]] = {
+            "id": lambda: cmd_id(args, client),
+            "peers": lambda: cmd_peers(args, client),
+            "status": lambda: cmd_status(args, client),
+            "stop": lambda: cmd_stop(args, client, home),
+            "dht": lambda: cmd_dht(args, client),
+            "share": lambda: cmd_share(args, client),
+            "unshare": lambda: cmd_unshare(args, client),
+            "ls": lambda: cmd_ls(args, client),
+            "providers": lambda: cmd_providers(args, client),
+            "get": lambda: cmd_get(args, client),
+        }
+        return handlers[args.command]()
+    except P2PError as exc:
+        print(f"p2pnode: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Control API endpoints of the resource exchange: share, unshare, ls, providers, get.
+
+``POST /v1/get`` streams newline-delimited JSON: ``{"event": "progress", ...}``
+lines while the download runs, then one ``{"event": "done", "resource": ...}`` or
+``{"event": "error", "error": ..., "kind": ...}`` line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from p2pnode.control.server import error_body, path_field, read_json
+from p2pnode.errors import P2PError, UsageError
+from p2pnode.exchange.manifest import resource_id_from_str, resource_id_to_str
+from p2pnode.identity import peer_id_to_str
+
+if TYPE_CHECKING:
+    from p2pnode.exchange.service import Progress
+    from p2pnode.node import Node
+
+log = logging.getLogger(__name__)
+PROGRESS_QUEUE = 64
+
+
+def _id_field(body: dict[str, Any]) -> bytes:
+    value = body.get("id")
+    if not isinstance(value, str):
+        raise UsageError("field 'id' must be a resource id")
+    return resource_id_from_str(value)
+
+
+def exchange_routes(node: Node) -> list[web.RouteDef]:
+    async def post_share(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        info = await node.exchange.share(path_field(body, "path"))
+        return web.json_response(info.to_json())
+
+    async def post_unshare(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        rid = _id_field(body)
+        await node.exchange.unshare(rid)
+        return web.json_response({"id": resource_id_to_str(rid), "unshared": True})
+
+    async def get_ls(_: web.Request) -> web.Response:
+        return web.json_response({"resources": [r.to_json() for r in node.exchange.list()]})
+
+    async def get_providers(request: web.Request) -> web.Response:
+        rid = resource_id_from_str(request.match_info["rid"])
+        records = await node.exchange.providers(rid)
+        rows = [
+            {"peer_id": peer_id_to_str(r.node_id), "host": r.host, "port": r.port} for r in records
+        ]
+        return web.json_response({"id": resource_id_to_str(rid), "providers": rows})
+
+    async def post_get(request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        rid = _id_field(body)
+        dest = path_field(body, "dest")
+        force = bool(body.get("force", False))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(PROGRESS_QUEUE)
+
+        def on_progress(progress: Progress) -> None:
+            # Drop progress lines rather than block the download on a slow reader.
+            if not queue.full():
+                queue.put_nowait({"event": "progress", **progress.to_json()})
+
+        download = asyncio.create_task(
+            node.exchange.get(rid, dest, force=force, progress=on_progress)
+        )
+        try:
+            while not download.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, download}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    await _send(response, getter.result())
+                else:
+                    getter.cancel()
+            try:
+                info = download.result()
+                final: dict[str, Any] = {"event": "done", "resource": info.to_json()}
+            except P2PError as exc:
+                final = {"event": "error", **error_body(exc)}
+            await _send(response, final)
+        finally:
+            if not download.done():
+                # The CLI went away: stop the download; what it verified is kept for resume.
+                download.cancel()
+                await asyncio.gather(download, return_exceptions=True)
+        await response.write_eof()
+        return response
+
+    return [
+        web.post("/v1/share", post_share),
+        web.post("/v1/unshare", post_unshare),
+        web.get("/v1/ls", get_ls),
+        web.get("/v1/providers/{rid}", get_providers),
+        web.post("/v1/get", post_get),
+    ]
+
+
+async def _send(response: web.StreamResponse, event: dict[str, Any]) -> None:
+    await response.write(json.dumps(event).encode() + b"\n")

@@ -1,0 +1,178 @@
+"""The local control API: HTTP/JSON on 127.0.0.1, for the CLI, scripts and tools.
+
+Rules:
+- every request carries ``Authorization: Bearer <token>`` (token in the home, 0600),
+  compared in constant time;
+- the Host header must name the address we listen on (defeats DNS rebinding) and a
+  request with an Origin header is refused (no browser page may drive the node);
+- errors are JSON ``{"error": message, "kind": ErrorClass}`` with a fitting status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from p2pnode.errors import (
+    NotFoundError,
+    P2PError,
+    P2PTimeoutError,
+    ProtocolError,
+    UsageError,
+)
+
+if TYPE_CHECKING:
+    from p2pnode.node import Node
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 64 * 1024
+MAX_DHT_KEY = 256
+
+
+def _status_for(exc: P2PError) -> int:
+    if isinstance(exc, UsageError):
+        return 400
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, P2PTimeoutError):
+        return 504
+    if isinstance(exc, ProtocolError):
+        return 502
+    return 500
+
+
+def error_body(exc: P2PError) -> dict[str, str]:
+    return {"error": str(exc), "kind": type(exc).__name__}
+
+
+class ControlServer:
+    def __init__(self, node: Node, token: str) -> None:
+        self._node = node
+        self._token = token.encode()
+        self._runner: web.AppRunner | None = None
+        self._allowed_hosts: set[str] = set()
+        self.url = ""
+
+    async def start(self, host: str, port: int) -> str:
+        app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
+        routes = self._node_routes()
+        from p2pnode.control.exchange_routes import exchange_routes
+
+        routes += exchange_routes(self._node)
+        app.add_routes(routes)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        bound = server.sockets[0].getsockname()  # type: ignore[attr-defined]
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        self.url = f"http://{shown}:{bound[1]}"
+        self._allowed_hosts = {f"{shown}:{bound[1]}", f"localhost:{bound[1]}"}
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.headers.get("Origin") is not None:
+            return _json({"error": "cross-origin requests are refused", "kind": "Forbidden"}, 403)
+        if request.host not in self._allowed_hosts:
+            return _json({"error": "bad Host header", "kind": "Forbidden"}, 403)
+        auth = request.headers.get("Authorization", "")
+        given = auth.removeprefix("Bearer ").encode()
+        if not auth.startswith("Bearer ") or not hmac.compare_digest(given, self._token):
+            return _json({"error": "missing or wrong API token", "kind": "Unauthorized"}, 401)
+        try:
+            return await handler(request)
+        except P2PError as exc:
+            return _json(error_body(exc), _status_for(exc))
+
+    def _node_routes(self) -> list[web.RouteDef]:
+        node = self._node
+
+        async def get_id(_: web.Request) -> web.Response:
+            return _json(node.describe())
+
+        async def get_peers(_: web.Request) -> web.Response:
+            return _json({"peers": node.peers()})
+
+        async def get_status(_: web.Request) -> web.Response:
+            return _json(node.status())
+
+        async def post_stop(_: web.Request) -> web.Response:
+            node.request_stop()
+            return _json({"stopping": True})
+
+        async def post_dht_put(request: web.Request) -> web.Response:
+            body = await read_json(request)
+            key, value = _text_field(body, "key"), _text_field(body, "value")
+            if len(value.encode()) > node.config.dht.max_value_bytes:
+                raise UsageError(f"value longer than {node.config.dht.max_value_bytes} bytes")
+            stored = await node.discovery.put(key, value)
+            return _json({"key": key, "stored": stored})
+
+        async def get_dht_get(request: web.Request) -> web.Response:
+            key = request.query.get("key", "")
+            if not key or len(key) > MAX_DHT_KEY:
+                raise UsageError(f"key must be 1..{MAX_DHT_KEY} characters")
+            value = await node.discovery.get(key)
+            if value is None:
+                raise NotFoundError(f"no value for key {key!r} in the DHT")
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            return _json({"key": key, "value": value})
+
+        return [
+            web.get("/v1/id", get_id),
+            web.get("/v1/peers", get_peers),
+            web.get("/v1/status", get_status),
+            web.post("/v1/stop", post_stop),
+            web.post("/v1/dht/put", post_dht_put),
+            web.get("/v1/dht/get", get_dht_get),
+        ]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError("request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise UsageError("request body must be a JSON object")
+    return body
+
+
+def _text_field(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"field {name!r} must be a non-empty string")
+    if name == "key" and len(value) > MAX_DHT_KEY:
+        raise UsageError(f"key longer than {MAX_DHT_KEY} characters")
+    return value
+
+
+def path_field(body: dict[str, Any], name: str) -> Path:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"field {name!r} must be a path")
+    path = Path(value)
+    if not path.is_absolute():
+        raise UsageError(f"field {name!r} must be an absolute path")
+    return path

@@ -1,0 +1,352 @@
+"""A node: builds the parts from a NodeConfig, starts and stops them in order,
+and owns every background task.
+
+    async with Node(NodeConfig(home=..., port=0)) as node:
+        ...
+
+Start order: home lock -> identity -> DHT (UDP P) -> peer host (TCP P) ->
+exchange -> control API -> join/maintenance tasks. Stop is the reverse, and
+saves the routing table so a restart without --bootstrap rejoins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from p2pnode import __version__
+from p2pnode.clock import MONOTONIC, Clock
+from p2pnode.config import NodeConfig
+from p2pnode.control.server import ControlServer
+from p2pnode.dht import Discovery
+from p2pnode.errors import UsageError
+from p2pnode.exchange.service import Exchange
+from p2pnode.home import (
+    HomeLock,
+    SavedContact,
+    clear_control,
+    load_contacts,
+    save_contacts,
+    write_control,
+)
+from p2pnode.identity import Identity, peer_id_to_str
+from p2pnode.net.host import PeerHost
+
+log = logging.getLogger(__name__)
+
+BIND_ATTEMPTS = 20
+
+
+class Node:
+    def __init__(self, config: NodeConfig, *, clock: Clock = MONOTONIC) -> None:
+        self.config = config
+        self.clock = clock
+        self.home: Path = config.home
+        self._lock = HomeLock(self.home)
+        self._identity: Identity | None = None
+        self._discovery: Discovery | None = None
+        self._host: PeerHost | None = None
+        self._exchange: Exchange | None = None
+        self._control: ControlServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop_requested = asyncio.Event()
+        self._joined = asyncio.Event()
+        self._started_at = 0.0
+        self._port = 0
+        self._running = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._lock.acquire()
+        try:
+            await self._start_parts()
+        except BaseException:
+            await self._stop_parts()
+            self._lock.release()
+            raise
+        self._running = True
+        self._started_at = time.monotonic()
+        self._spawn(self._join_and_maintain(), "join")
+        log.info("node %s ready on port %d", self.peer_id, self._port)
+
+    async def _start_parts(self) -> None:
+        self._identity = Identity.load_or_create(self.home)
+        self._discovery, self._host = await self._bind_dht_and_tcp()
+        self._exchange = Exchange(
+            self.home,
+            self.config.exchange,
+            self._discovery,
+            self._host,
+            self._port,
+            clock=self.clock,
+        )
+        await self._exchange.start()
+        token = secrets.token_urlsafe(32)
+        self._control = ControlServer(self, token)
+        url = await self._control.start(self.config.api_host, self.config.api_port or 0)
+        write_control(self.home, url, token)
+
+    async def _bind_dht_and_tcp(self) -> tuple[Discovery, PeerHost]:
+        """Bind UDP P for the DHT and TCP P for peers; with port 0, find a P free for both."""
+        assert self._identity is not None
+        attempts = BIND_ATTEMPTS if self.config.port == 0 else 1
+        for attempt in range(attempts):
+            discovery = Discovery(self._identity.node_id, self.config.dht, clock=self.clock)
+            try:
+                port = await discovery.listen(self.config.host, self.config.port)
+            except OSError as exc:
+                await discovery.close()
+                raise UsageError(
+                    f"cannot listen on UDP {self.config.host}:{self.config.port}: {exc.strerror}"
+                ) from None
+            host = PeerHost(self._identity, self.config.net, clock=self.clock)
+            try:
+                await host.listen(self.config.host, port)
+            except OSError as exc:
+                await host.close()
+                await discovery.close()
+                if exc.errno == errno.EADDRINUSE and attempt + 1 < attempts:
+                    continue
+                raise UsageError(
+                    f"cannot listen on TCP {self.config.host}:{port}: {exc.strerror}"
+                ) from None
+            self._port = port
+            return discovery, host
+        raise UsageError("no port free for both UDP and TCP")  # pragma: no cover
+
+    async def stop(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        await self._cancel_tasks()
+        self._save_contacts()
+        await self._stop_parts()
+        clear_control(self.home)
+        self._lock.release()
+        log.info("node %s stopped", self.peer_id)
+
+    async def _stop_parts(self) -> None:
+        if self._control is not None:
+            await self._control.close()
+        if self._exchange is not None:
+            await self._exchange.close()
+        if self._host is not None:
+            await self._host.close()
+        if self._discovery is not None:
+            await self._discovery.close()
+
+    def request_stop(self) -> None:
+        """Ask the owner of this node (e.g. `p2pnode start`) to stop it."""
+        self._stop_requested.set()
+
+    async def wait_stop_requested(self) -> None:
+        await self._stop_requested.wait()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=f"node-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- joining -------------------------------------------------------------------
+
+    async def _join_and_maintain(self) -> None:
+        """Join through --bootstrap or saved contacts, retrying with backoff; then
+        save the routing table periodically and rejoin if it ever empties."""
+        delay = 1.0
+        while True:
+            if not self._joined.is_set() or not self.discovery.contacts():
+                joined = await self.join_once()
+                if joined is None:  # nobody to join through: first node of a network
+                    self._joined.set()
+                elif joined:
+                    self._joined.set()
+                    delay = 1.0
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.config.bootstrap_max_backoff)
+                    continue
+            self._save_contacts()
+            await asyncio.sleep(self.config.save_interval)
+
+    async def join_once(self) -> bool | None:
+        """One join attempt. None when there is nothing to join through."""
+        named = list(self.config.bootstrap)
+        saved = [(c.host, c.port) for c in load_contacts(self.home)]
+        if not named and not saved:
+            return None
+        addrs = await self._resolve(named) + [a for a in saved if a not in named]
+        contacts = await self.discovery.bootstrap(addrs) if addrs else []
+        if contacts:
+            log.info("joined the network through %d contact(s)", len(contacts))
+            return True
+        shown = ", ".join(f"{h}:{p}" for h, p in named) or f"{len(saved)} saved contact(s)"
+        log.warning("no bootstrap address answered (%s); will retry", shown)
+        return False
+
+    async def _resolve(self, addrs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Resolve host names without blocking the loop, to the family we listen on."""
+        loop = asyncio.get_running_loop()
+        v6 = ":" in self.config.host
+        out: list[tuple[str, int]] = []
+        for host, port in addrs:
+            try:
+                infos = await loop.getaddrinfo(
+                    host, port, family=socket.AF_UNSPEC if v6 else socket.AF_INET,
+                    type=socket.SOCK_DGRAM,
+                )
+            except OSError as exc:
+                log.warning("cannot resolve bootstrap host %s: %s", host, exc)
+                continue
+            for family, _, _, _, sockaddr in infos:
+                ip = str(sockaddr[0])
+                if v6 and family == socket.AF_INET:
+                    ip = f"::ffff:{ip}"
+                if (ip, port) not in out:
+                    out.append((ip, port))
+                break
+        return out
+
+    async def wait_joined(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._joined.wait(), timeout)
+
+    def _save_contacts(self) -> None:
+        if self._discovery is None:
+            return
+        contacts = [SavedContact(c.node_id, c.host, c.port) for c in self._discovery.contacts()]
+        if contacts:
+            try:
+                save_contacts(self.home, contacts)
+            except OSError as exc:
+                log.warning("cannot save contacts: %s", exc)
+
+    # -- views -----------------------------------------------------------------------
+
+    @property
+    def identity(self) -> Identity:
+        assert self._identity is not None, "node not started"
+        return self._identity
+
+    @property
+    def discovery(self) -> Discovery:
+        assert self._discovery is not None, "node not started"
+        return self._discovery
+
+    @property
+    def peer_host(self) -> PeerHost:
+        assert self._host is not None, "node not started"
+        return self._host
+
+    @property
+    def exchange(self) -> Exchange:
+        assert self._exchange is not None, "node not started"
+        return self._exchange
+
+    @property
+    def node_id(self) -> bytes:
+        return self.identity.node_id
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id if self._identity else "?"
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def api_url(self) -> str:
+        assert self._control is not None, "node not started"
+        return self._control.url
+
+    def listen_addresses(self) -> list[str]:
+        host = self.config.host
+        if host in ("0.0.0.0", "::"):
+            shown = ["127.0.0.1"] + _local_addresses(v6=host == "::")
+        else:
+            shown = [host]
+        return [f"[{h}]:{self._port}" if ":" in h else f"{h}:{self._port}" for h in shown]
+
+    def bootstrap_arg(self) -> str:
+        return f"--bootstrap {self.listen_addresses()[0]}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "node_id": self.node_id.hex(),
+            "public_key": self.identity.public_key.hex(),
+            "addresses": self.listen_addresses(),
+            "port": self._port,
+            "api": self.api_url,
+            "bootstrap": self.bootstrap_arg(),
+            "version": __version__,
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "peer_id": peer_id_to_str(c.node_id),
+                "address": f"[{c.host}]:{c.port}" if ":" in c.host else f"{c.host}:{c.port}",
+                "last_seen": c.last_seen,
+            }
+            for c in self.discovery.contacts()
+        ]
+
+    def status(self) -> dict[str, Any]:
+        proc = psutil.Process()
+        return {
+            "peer_id": self.peer_id,
+            "uptime": round(time.monotonic() - self._started_at, 3),
+            "joined": self._joined.is_set(),
+            "routing_table_size": len(self.discovery.contacts()),
+            "dht": self.discovery.stats(),
+            "net": self.peer_host.stats(),
+            "resources": len(self.exchange.list()),
+            "rss_bytes": proc.memory_info().rss,
+            "version": __version__,
+        }
+
+
+def _local_addresses(*, v6: bool) -> list[str]:
+    """Non-loopback interface addresses, for the start-up banner."""
+    out: list[str] = []
+    with contextlib.suppress(OSError):
+        for addrs in psutil.net_if_addrs().values():
+            for addr in addrs:
+                if addr.family == socket.AF_INET or (v6 and addr.family == socket.AF_INET6):
+                    try:
+                        ip = ipaddress.ip_address(addr.address.split("%")[0])
+                    except ValueError:
+                        continue
+                    if not ip.is_loopback and not ip.is_link_local:
+                        out.append(str(ip))
+    return out
