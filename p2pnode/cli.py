@@ -32,11 +32,15 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # Subparsers get SUPPRESS defaults so a value given before the command survives.
     default: Any = None if top else argparse.SUPPRESS
     parser.add_argument(
-        "--home", type=Path, default=default,
+        "--home",
+        type=Path,
+        default=default,
         help="node home folder (default: $P2PNODE_HOME or a per-user data dir)",
     )
     parser.add_argument(
-        "--json", action="store_true", default=False if top else argparse.SUPPRESS,
+        "--json",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
         help="print JSON instead of tables",
     )
 
@@ -55,16 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     start = add("start", "run a node in the foreground until Ctrl-C / SIGTERM")
-    start.add_argument("--port", type=int, default=None,
-                       help="UDP (DHT) and TCP (peers) port; 0 = any free port (default 0)")
-    start.add_argument("--host", default=None,
-                       help="interface to listen on (default 0.0.0.0; '::' for IPv6)")
-    start.add_argument("--bootstrap", action="append", default=None, metavar="HOST:PORT",
-                       help="a node to join through (repeatable; host names allowed)")
-    start.add_argument("--api-port", type=int, default=None,
-                       help="control API port on 127.0.0.1 (default: any free port)")
-    start.add_argument("--log-level", default=None,
-                       choices=["debug", "info", "warning", "error"], help="stderr log level")
+    start.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="UDP (DHT) and TCP (peers) port; 0 = any free port (default 0)",
+    )
+    start.add_argument(
+        "--host", default=None, help="interface to listen on (default 0.0.0.0; '::' for IPv6)"
+    )
+    start.add_argument(
+        "--bootstrap",
+        action="append",
+        default=None,
+        metavar="HOST:PORT",
+        help="a node to join through (repeatable; host names allowed)",
+    )
+    start.add_argument(
+        "--api-port",
+        type=int,
+        default=None,
+        help="control API port on 127.0.0.1 (default: any free port)",
+    )
+    start.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="stderr log level",
+    )
 
     add("id", "show this node's peer id, addresses and version")
     add("peers", "list the contacts in the routing table")
@@ -87,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     unshare.add_argument("id")
     fetch = add("get", "download a resource by id (verified, resumable)")
     fetch.add_argument("id")
-    fetch.add_argument("-o", "--output", type=Path, default=None,
-                       help="destination (default: the resource's name in the current folder)")
+    fetch.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="destination (default: the resource's name in the current folder)",
+    )
     fetch.add_argument("--force", action="store_true", help="replace an existing destination")
     add("ls", "list local resources")
     providers = add("providers", "find who provides a resource, through the DHT")
@@ -150,7 +177,8 @@ def _start_config(args: argparse.Namespace, home: Path) -> tuple[NodeConfig, str
 def cmd_start(args: argparse.Namespace, home: Path) -> int:
     config, level = _start_config(args, home)
     logging.basicConfig(
-        stream=sys.stderr, level=level.upper(),
+        stream=sys.stderr,
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return asyncio.run(_run_node(config))
@@ -182,14 +210,16 @@ async def _run_node(config: NodeConfig) -> int:
 
 def cmd_id(args: argparse.Namespace, client: ControlClient) -> int:
     def human(d: dict[str, Any]) -> str:
-        return "\n".join([
-            f"peer id:   {d['peer_id']}",
-            f"node id:   {d['node_id']}",
-            f"addresses: {', '.join(d['addresses'])}",
-            f"control:   {d['api']}",
-            f"join with: {d['bootstrap']}",
-            f"version:   {d['version']}",
-        ])
+        return "\n".join(
+            [
+                f"peer id:   {d['peer_id']}",
+                f"node id:   {d['node_id']}",
+                f"addresses: {', '.join(d['addresses'])}",
+                f"control:   {d['api']}",
+                f"join with: {d['bootstrap']}",
+                f"version:   {d['version']}",
+            ]
+        )
 
     _emit(args, client.call("GET", "/v1/id"), human)
     return 0
@@ -248,8 +278,7 @@ def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
 
 def _resource_rows(resources: list[dict[str, Any]]) -> str:
     rows = [
-        (r["id"], r["name"], _size(r["size"]), r["state"],
-         "yes" if r["served"] else "no")
+        (r["id"], r["name"], _size(r["size"]), r["state"], "yes" if r["served"] else "no")
         for r in resources
     ]
     return _table(rows, ("ID", "NAME", "SIZE", "STATE", "SERVED"))

@@ -221,7 +221,9 @@ class Node:
         for host, port in addrs:
             try:
                 infos = await loop.getaddrinfo(
-                    host, port, family=socket.AF_UNSPEC if v6 else socket.AF_INET,
+                    host,
+                    port,
+                    family=socket.AF_UNSPEC if v6 else socket.AF_INET,
                     type=socket.SOCK_DGRAM,
                 )
             except OSError as exc:
@@ -291,7 +293,7 @@ class Node:
     def listen_addresses(self) -> list[str]:
         host = self.config.host
         if host in ("0.0.0.0", "::"):
-            shown = ["127.0.0.1"] + _local_addresses(v6=host == "::")
+            shown = ["127.0.0.1", *_local_addresses(v6=host == "::")]
         else:
             shown = [host]
         return [f"[{h}]:{self._port}" if ":" in h else f"{h}:{self._port}" for h in shown]

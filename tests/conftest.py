@@ -1,0 +1,21 @@
+"""Shared fixtures.
+
+Test-suite rules (see DESIGN.md): 127.0.0.1 and port 0 only; no sleeps used as
+synchronisation (wait on an event or poll a condition with a deadline); every
+test has a time limit (pyproject); real sockets and processes where they can run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def homes(tmp_path: Path) -> Callable[[str], Path]:
+    def make(name: str) -> Path:
+        return tmp_path / name
+
+    return make

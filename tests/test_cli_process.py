@@ -1,0 +1,154 @@
+"""The CLI as a user runs it: `p2pnode start` as real subprocesses, driven by CLI commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "p2pnode"]
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"p2pnode {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("P2PNODE_HOME", None)
+    return env
+
+
+class RunningNode:
+    def __init__(self, home: Path, *extra: str) -> None:
+        self.home = home
+        self.proc = subprocess.Popen(
+            [*CLI, "start", "--home", str(home), "--host", "127.0.0.1", "--port", "0", *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        self.banner: list[str] = []
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 30
+        for line in self.proc.stdout:
+            self.banner.append(line.rstrip())
+            if line.strip() == "ready" or time.monotonic() > deadline:
+                break
+        if not self.banner or self.banner[-1] != "ready":
+            self.proc.kill()
+            raise AssertionError(f"node did not start: {self.banner} {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        match = re.search(r"--bootstrap (\S+)", "\n".join(self.banner))
+        assert match, self.banner
+        self.bootstrap = match.group(1)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[RunningNode]]:
+    started: list[RunningNode] = []
+    yield started
+    for node in started:
+        node.kill()
+
+
+def poll(fn: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not fn():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.1)
+
+
+def test_start_join_inspect_dht_and_stop(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    first = RunningNode(tmp_path / "n1")
+    nodes.append(first)
+    banner = "\n".join(first.banner)
+    assert "peer id:" in banner and "control:" in banner and "listening:" in banner
+    second = RunningNode(
+        tmp_path / "n2", "--bootstrap", first.bootstrap.replace("127.0.0.1", "localhost")
+    )
+    nodes.append(second)
+
+    ident = json.loads(run_cli("--home", str(tmp_path / "n1"), "id", "--json").stdout)
+    assert ident["peer_id"] in banner
+    # Global options after the command name work too.
+    human = run_cli("id", "--home", str(tmp_path / "n1")).stdout
+    assert ident["peer_id"] in human and "version" in human
+
+    def second_sees_first() -> bool:
+        out = run_cli("--home", str(tmp_path / "n2"), "peers", "--json").stdout
+        return any(p["peer_id"] == ident["peer_id"] for p in json.loads(out)["peers"])
+
+    poll(second_sees_first)
+    table = run_cli("--home", str(tmp_path / "n2"), "peers").stdout
+    assert ident["peer_id"] in table and "LAST SEEN" in table
+
+    status = json.loads(run_cli("--home", str(tmp_path / "n2"), "status", "--json").stdout)
+    assert status["routing_table_size"] >= 1 and status["uptime"] >= 0
+    assert "routing table" in run_cli("--home", str(tmp_path / "n2"), "status").stdout
+
+    run_cli("--home", str(tmp_path / "n1"), "dht", "put", "greeting", "hello p2p")
+    got = run_cli("--home", str(tmp_path / "n2"), "dht", "get", "greeting").stdout
+    assert got.strip() == "hello p2p"
+    missing = run_cli("--home", str(tmp_path / "n2"), "dht", "get", "nope", check=False)
+    assert missing.returncode == 1 and "no value" in missing.stderr
+
+    # A second start on a running home fails clearly.
+    dup = subprocess.run(
+        [*CLI, "start", "--home", str(tmp_path / "n1"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env(),
+    )
+    assert dup.returncode == 1 and "already running" in dup.stderr
+
+    run_cli("--home", str(tmp_path / "n2"), "stop")
+    assert second.wait() == 0
+    run_cli("--home", str(tmp_path / "n1"), "stop")
+    assert first.wait() == 0
+    assert (tmp_path / "n2" / "contacts.json").exists()
+
+
+def test_sigterm_stops_cleanly(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    node = RunningNode(tmp_path / "n")
+    nodes.append(node)
+    node.proc.terminate()
+    assert node.wait() == 0
+    assert not (tmp_path / "n" / "control.json").exists()
+
+
+def test_commands_without_a_node_fail_clearly(tmp_path: Path) -> None:
+    proc = run_cli("--home", str(tmp_path / "empty"), "status", check=False)
+    assert proc.returncode == 1
+    assert "no node is running" in proc.stderr
+
+
+def test_bad_bootstrap_argument_is_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*CLI, "start", "--home", str(tmp_path / "x"), "--bootstrap", "nonsense"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env(),
+    )
+    assert proc.returncode == 1 and "host:port" in proc.stderr
