@@ -72,9 +72,7 @@ class ControlServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        bound = server.sockets[0].getsockname()  # type: ignore[attr-defined]
+        bound = self._runner.addresses[0]
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"http://{shown}:{bound[1]}"
         self._allowed_hosts = {f"{shown}:{bound[1]}", f"localhost:{bound[1]}"}
