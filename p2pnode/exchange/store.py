@@ -1,0 +1,505 @@
+"""The resource store: an SQLite index in the node's home, plus files on disk.
+
+Rules:
+
+- One row per resource id. ``state`` is ``shared`` (a local file or folder served
+  in place, never copied), ``partial`` (a download not finished yet) or
+  ``complete`` (a finished download, served from its destination). ``served``
+  says whether the node answers for it and announces it.
+- For shared and complete resources the size and ``mtime_ns`` of every file are
+  recorded. ``PieceSource.read`` checks them before every read; on a mismatch it
+  raises ``StaleError`` and the caller stops serving the resource
+  (``mark_stale``), rather than serve a piece that no longer matches its hash.
+- A download writes into ``<dest>.p2pnode-partial`` (a file, or a folder for a
+  folder resource) next to its destination, so the final rename is atomic and on
+  the same file system. Each verified piece is recorded (committed) as it is
+  written; after a crash the download resumes from the recorded pieces. The
+  destination appears only when every piece is verified (``finish_download``).
+- Only the event-loop thread touches the database. ``PieceSource`` objects are
+  immutable snapshots that worker threads use to read pieces.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sqlite3
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from p2pnode.errors import P2PError, UsageError
+from p2pnode.exchange.manifest import (
+    ContentReader,
+    FileStat,
+    Manifest,
+    file_paths,
+    resource_id_to_str,
+)
+
+State = Literal["shared", "complete", "partial"]
+DB_NAME = "exchange.sqlite3"
+PARTIAL_SUFFIX = ".p2pnode-partial"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (
+    id BLOB PRIMARY KEY,
+    manifest BLOB NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('shared', 'complete', 'partial')),
+    served INTEGER NOT NULL,
+    root TEXT NOT NULL,
+    dest TEXT,
+    stale TEXT,
+    added REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    resource_id BLOB NOT NULL REFERENCES resources(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    PRIMARY KEY (resource_id, idx)
+);
+CREATE TABLE IF NOT EXISTS pieces (
+    resource_id BLOB NOT NULL REFERENCES resources(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (resource_id, idx)
+) WITHOUT ROWID;
+"""
+
+
+class StaleError(P2PError):
+    """A shared file changed on disk since it was hashed: it is no longer served."""
+
+
+class StorageError(P2PError):
+    """The local disk refused (full, read-only, ...); what was verified is kept."""
+
+
+def storage_error(exc: OSError, where: Path) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return StorageError(
+            f"disk full writing {str(where)!r}; verified pieces are kept, "
+            "free some space and run the same get again to resume"
+        )
+    return StorageError(f"cannot write {str(where)!r}: {exc.strerror or exc}")
+
+
+def partial_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + PARTIAL_SUFFIX)
+
+
+@dataclass(frozen=True)
+class PieceSource:
+    """What a worker thread needs to read a resource's pieces."""
+
+    resource_id: bytes
+    manifest: Manifest
+    paths: tuple[Path, ...]
+    stats: tuple[FileStat, ...] | None  # None: our own partial files, not checked
+
+    def read(self, index: int) -> bytes:
+        """Read piece ``index`` (blocking). StaleError if a file changed since hashing."""
+        length = self.manifest.piece_length(index)
+        buf = bytearray(length)
+        segments = self.manifest.piece_segments(index)
+        if self.stats is not None:
+            for seg in segments:
+                self._check(seg.entry)
+        try:
+            with ContentReader(self.paths, self.manifest) as reader:
+                reader.read_into(index * self.manifest.piece_size, memoryview(buf))
+        except OSError as exc:
+            if self.stats is not None:
+                raise StaleError(f"cannot read shared file: {exc}") from None
+            raise
+        return bytes(buf)
+
+    def _check(self, entry: int) -> None:
+        assert self.stats is not None
+        path = self.paths[entry]
+        want = self.stats[entry]
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise StaleError(f"{str(path)!r} is gone: {exc.strerror}") from None
+        if st.st_size != want.size or st.st_mtime_ns != want.mtime_ns:
+            raise StaleError(f"{str(path)!r} changed on disk since it was shared")
+
+
+@dataclass(frozen=True)
+class StoredResource:
+    resource_id: bytes
+    manifest: Manifest
+    state: State
+    served: bool
+    root: Path  # where the content is now (shared path, destination, or partial)
+    dest: Path | None  # downloads: where it goes / went
+    stale: str | None
+    pieces_done: int
+
+    @property
+    def id_str(self) -> str:
+        return resource_id_to_str(self.resource_id)
+
+
+class Store:
+    def __init__(self, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.path = home / DB_NAME
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._manifests: dict[bytes, Manifest] = {}
+        self._verified: dict[bytes, set[int]] = {}
+        self._sources: dict[bytes, PieceSource] = {}
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- reading ------------------------------------------------------------------
+
+    def _manifest(self, rid: bytes, blob: bytes) -> Manifest:
+        manifest = self._manifests.get(rid)
+        if manifest is None:
+            manifest = Manifest.decode(blob)
+            self._manifests[rid] = manifest
+        return manifest
+
+    def _row_to_resource(self, row: tuple[object, ...]) -> StoredResource:
+        rid, blob, state, served, root, dest, stale = row
+        assert isinstance(rid, bytes) and isinstance(blob, bytes)
+        manifest = self._manifest(rid, blob)
+        done = len(self.verified_pieces(rid)) if state == "partial" else manifest.piece_count
+        return StoredResource(
+            resource_id=rid,
+            manifest=manifest,
+            state=state,  # type: ignore[arg-type]
+            served=bool(served),
+            root=Path(str(root)),
+            dest=Path(str(dest)) if dest is not None else None,
+            stale=None if stale is None else str(stale),
+            pieces_done=done,
+        )
+
+    _COLUMNS = "id, manifest, state, served, root, dest, stale"
+
+    def get(self, rid: bytes) -> StoredResource | None:
+        row = self._db.execute(
+            f"SELECT {self._COLUMNS} FROM resources WHERE id = ?", (rid,)
+        ).fetchone()
+        return None if row is None else self._row_to_resource(row)
+
+    def resources(self) -> list[StoredResource]:
+        rows = self._db.execute(f"SELECT {self._COLUMNS} FROM resources ORDER BY added").fetchall()
+        return [self._row_to_resource(row) for row in rows]
+
+    def served(self) -> list[StoredResource]:
+        return [r for r in self.resources() if r.served]
+
+    def manifest_bytes(self, rid: bytes) -> bytes | None:
+        row = self._db.execute("SELECT manifest FROM resources WHERE id = ?", (rid,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def verified_pieces(self, rid: bytes) -> set[int]:
+        cached = self._verified.get(rid)
+        if cached is None:
+            rows = self._db.execute("SELECT idx FROM pieces WHERE resource_id = ?", (rid,))
+            cached = {int(r[0]) for r in rows}
+            self._verified[rid] = cached
+        return cached
+
+    def _stats(self, rid: bytes) -> tuple[FileStat, ...]:
+        manifest = self._manifests[rid]
+        rows = self._db.execute(
+            "SELECT idx, size, mtime_ns FROM files WHERE resource_id = ? ORDER BY idx", (rid,)
+        ).fetchall()
+        return tuple(
+            FileStat(manifest.entries[int(idx)].path, int(size), int(mtime))
+            for idx, size, mtime in rows
+        )
+
+    def source(self, rid: bytes) -> PieceSource | None:
+        """A reader for a resource this node serves, or None."""
+        cached = self._sources.get(rid)
+        if cached is not None:
+            return cached
+        res = self.get(rid)
+        if res is None:
+            return None
+        paths = tuple(file_paths(res.root, res.manifest))
+        stats = None if res.state == "partial" else self._stats(rid)
+        src = PieceSource(rid, res.manifest, paths, stats)
+        self._sources[rid] = src
+        return src
+
+    # -- sharing ------------------------------------------------------------------
+
+    def add_shared(self, manifest: Manifest, root: Path, stats: Iterable[FileStat]) -> None:
+        """Record a local file or folder served in place (same content: same row)."""
+        rid = manifest.resource_id
+        existing = self.get(rid)
+        if existing is not None and existing.state == "partial":
+            # We were downloading what we now share: the local copy wins.
+            self._discard_partial(existing)
+        self._put(rid, manifest, "shared", root, None, stats)
+
+    def _put(
+        self,
+        rid: bytes,
+        manifest: Manifest,
+        state: State,
+        root: Path,
+        dest: Path | None,
+        stats: Iterable[FileStat],
+    ) -> None:
+        stats = list(stats)
+        with self._transaction():
+            self._db.execute("DELETE FROM files WHERE resource_id = ?", (rid,))
+            self._db.execute("DELETE FROM pieces WHERE resource_id = ?", (rid,))
+            self._db.execute(
+                "INSERT INTO resources (id, manifest, name, size, state, served, root, dest,"
+                " stale, added) VALUES (?, ?, ?, ?, ?, 1, ?, ?, NULL, ?)"
+                " ON CONFLICT(id) DO UPDATE SET state = excluded.state, served = 1,"
+                " root = excluded.root, dest = excluded.dest, stale = NULL",
+                (
+                    rid,
+                    manifest.canonical,
+                    manifest.name,
+                    manifest.total_size,
+                    state,
+                    str(root),
+                    None if dest is None else str(dest),
+                    time.time(),
+                ),
+            )
+            self._db.executemany(
+                "INSERT INTO files (resource_id, idx, size, mtime_ns) VALUES (?, ?, ?, ?)",
+                [(rid, i, s.size, s.mtime_ns) for i, s in enumerate(stats)],
+            )
+        self._manifests[rid] = manifest
+        self._verified.pop(rid, None)
+        self._sources.pop(rid, None)
+
+    def set_served(self, rid: bytes, served: bool) -> None:
+        self._db.execute("UPDATE resources SET served = ? WHERE id = ?", (int(served), rid))
+
+    def mark_stale(self, rid: bytes, reason: str) -> None:
+        self._db.execute("UPDATE resources SET served = 0, stale = ? WHERE id = ?", (reason, rid))
+        self._sources.pop(rid, None)
+
+    def remove(self, rid: bytes) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM resources WHERE id = ?", (rid,))
+        self._manifests.pop(rid, None)
+        self._verified.pop(rid, None)
+        self._sources.pop(rid, None)
+
+    # -- downloading ----------------------------------------------------------------
+
+    def begin_download(self, manifest: Manifest, dest: Path) -> StoredResource:
+        """Start or resume a download to ``dest``; lays out the partial file(s)."""
+        rid = manifest.resource_id
+        dest = dest.absolute()
+        target = partial_path(dest)
+        existing = self.get(rid)
+        if existing is not None and existing.state != "partial":
+            raise UsageError(
+                f"{existing.id_str} is already here ({existing.state}) at {str(existing.root)!r}"
+            )
+        if existing is not None and existing.root != target:
+            try:
+                if existing.root.exists() and not target.exists():
+                    os.rename(existing.root, target)
+                else:
+                    self._discard_partial(existing)
+            except OSError:
+                self._discard_partial(existing)
+            existing = None
+        if existing is None:
+            self._put(rid, manifest, "partial", target, dest, ())
+            self.set_served(rid, False)
+        else:
+            self._db.execute("UPDATE resources SET dest = ? WHERE id = ?", (str(dest), rid))
+        try:
+            lost = _layout_partial(manifest, target)
+        except OSError as exc:
+            raise storage_error(exc, target) from None
+        if lost:
+            self.forget_pieces(rid, self.verified_pieces(rid))
+        res = self.get(rid)
+        assert res is not None
+        return res
+
+    def record_piece(self, rid: bytes, index: int) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO pieces (resource_id, idx) VALUES (?, ?)", (rid, index)
+        )
+        self.verified_pieces(rid).add(index)
+
+    def record_pieces(self, rid: bytes, indices: Iterable[int]) -> None:
+        indices = list(indices)
+        if not indices:
+            return
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO pieces (resource_id, idx) VALUES (?, ?)",
+                [(rid, i) for i in indices],
+            )
+        self.verified_pieces(rid).update(indices)
+
+    def forget_pieces(self, rid: bytes, indices: Iterable[int]) -> None:
+        indices = list(indices)
+        with self._transaction():
+            self._db.executemany(
+                "DELETE FROM pieces WHERE resource_id = ? AND idx = ?", [(rid, i) for i in indices]
+            )
+        self.verified_pieces(rid).difference_update(indices)
+
+    def finish_download(self, rid: bytes, *, force: bool = False, fsync: bool = True) -> None:
+        """Move a fully verified partial into place and serve it from there."""
+        res = self.get(rid)
+        if res is None or res.state != "partial" or res.dest is None:
+            raise UsageError("no such download in progress")
+        if res.pieces_done != res.manifest.piece_count:
+            raise UsageError("download is not complete")
+        dest = res.dest
+        try:
+            if fsync:
+                _fsync_tree(res.root, res.manifest)
+            _move_into_place(res.root, dest, res.manifest, force=force)
+            stats = [
+                FileStat(e.path, st.st_size, st.st_mtime_ns)
+                for e, st in zip(
+                    res.manifest.entries,
+                    (p.stat() for p in file_paths(dest, res.manifest)),
+                    strict=True,
+                )
+            ]
+        except FileExistsError:
+            raise UsageError(
+                f"{str(dest)!r} already exists (use force to replace it); "
+                f"the verified download waits at {str(res.root)!r}"
+            ) from None
+        except OSError as exc:
+            raise storage_error(exc, dest) from None
+        self._put(rid, res.manifest, "complete", dest, dest, stats)
+
+    def _discard_partial(self, res: StoredResource) -> None:
+        _remove_path(res.root)
+        self.remove(res.resource_id)
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+# --- files of a download --------------------------------------------------------
+
+
+def _remove_path(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _layout_partial(manifest: Manifest, target: Path) -> bool:
+    """Create the partial file(s) at their full sizes (sparse).
+
+    Returns True if something recorded may be lost (a file missing or of the wrong
+    size), in which case the recorded pieces must not be trusted.
+    """
+    lost = False
+    paths = file_paths(target, manifest)
+    if manifest.kind == "dir":
+        if target.exists() and not target.is_dir():
+            target.unlink()
+            lost = True
+        target.mkdir(parents=True, exist_ok=True)
+    elif target.is_dir():
+        shutil.rmtree(target)
+        lost = True
+    for entry, path in zip(manifest.entries, paths, strict=True):
+        if path.parent != target:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+            if st is not None:
+                lost = True
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            else:
+                lost = lost or manifest.piece_count > 0
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.ftruncate(fd, entry.size)
+            finally:
+                os.close(fd)
+    return lost
+
+
+def _fsync_tree(root: Path, manifest: Manifest) -> None:
+    for path in file_paths(root, manifest):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(partial: Path, dest: Path, manifest: Manifest, *, force: bool) -> None:
+    if dest.exists() or dest.is_symlink():
+        if not force:
+            raise FileExistsError(errno.EEXIST, "destination exists (use force)", str(dest))
+        if manifest.kind == "file" and not dest.is_dir():
+            os.replace(partial, dest)
+            _fsync_dir(dest.parent)
+            return
+        # Folders cannot be swapped atomically: move the old one aside first.
+        aside = dest.with_name(dest.name + ".p2pnode-old")
+        _remove_path(aside)
+        os.rename(dest, aside)
+        os.rename(partial, dest)
+        _remove_path(aside)
+    else:
+        os.rename(partial, dest)
+    _fsync_dir(dest.parent)
