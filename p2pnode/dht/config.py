@@ -23,3 +23,32 @@ class DhtConfig:
     max_providers_per_key: int = 64
     max_provider_keys_per_sender: int = 4096
     max_provider_keys: int = 100_000
+    # Total provider records over all keys.
+    max_provider_records: int = 200_000
+    # At most this many provider records in one get_providers answer.
+    max_providers_per_response: int = 32
+    # Values this node put are published again this often (seconds).
+    value_republish: float = 3600.0
+    # A whole lookup (find_peer, closest, get, find_providers, ...) gives up after this
+    # long and returns what it has; it also asks at most max_lookup_queries nodes.
+    lookup_timeout: float = 30.0
+    max_lookup_queries: int = 200
+    # Incoming requests: a token bucket per source IP (requests per second, burst),
+    # remembered for at most rate_limit_table_size IPs (least recently seen dropped).
+    request_rate: float = 200.0
+    request_burst: float = 400.0
+    rate_limit_table_size: int = 4096
+    # Decoder limits besides max_datagram (which bounds bin and str lengths).
+    max_array_len: int = 512
+    max_map_len: int = 8
+    # A find_node / find_value / get_providers answer listing more contacts is malformed.
+    max_response_contacts: int = 64
+    # Values pushed to newly seen nodes (Kademlia's "welcome"): a bounded queue sent at
+    # most welcome_store_rate per second, scanning at most welcome_scan_max values.
+    welcome_queue_max: int = 256
+    welcome_store_rate: float = 20.0
+    welcome_scan_max: int = 512
+    # Unknown nodes that send us requests are pinged before they enter the routing
+    # table (their source address could be spoofed): a bounded queue, a few at a time.
+    verify_queue_max: int = 64
+    verify_concurrency: int = 8

@@ -1,0 +1,440 @@
+"""Discovery: the typed facade the rest of p2pnode uses for the Kademlia DHT.
+
+It wraps a ``kademlia.network.Server`` whose protocol is our hardened
+:class:`~p2pnode.dht.protocol.DhtProtocol`. Nothing outside ``p2pnode.dht`` sees
+kademlia's ``(ok, value)`` tuples, its ``Node`` objects or rpcudp's remote calls:
+only :class:`Contact`, :class:`ProviderRecord` and plain values.
+
+Lifecycle: ``Discovery(...)`` → ``await listen(host, port)`` → calls →
+``await close()``. Every background job (bucket refresh, republishing our values and
+provider records, the protocol's workers) is an owned task that close() cancels and
+awaits. The injected clock drives expiry (stored values, provider records) and rate
+limits; network timeouts run on the event loop's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kademlia.network import Server
+from kademlia.node import Node
+from kademlia.utils import digest
+
+from p2pnode.clock import MONOTONIC, Clock
+from p2pnode.dht.codec import MessageError
+from p2pnode.dht.config import DhtConfig
+from p2pnode.dht.lookup import iterative_lookup
+from p2pnode.dht.protocol import DhtProtocol
+from p2pnode.dht.rpc_schema import (
+    FoundValue,
+    Value,
+    check_value,
+    is_node_id,
+    is_port,
+    normalize_host,
+)
+from p2pnode.dht.storage import ValueStore
+from p2pnode.dht.tasks import TaskSet
+from p2pnode.errors import P2PError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Contact:
+    node_id: bytes  # 20 bytes
+    host: str
+    port: int  # DHT UDP port == the peer's TCP port by convention
+    last_seen: float | None  # time.time() when we last heard from it, None if never
+
+
+@dataclass(frozen=True)
+class ProviderRecord:
+    node_id: bytes  # provider's 20-byte node id (peer id)
+    host: str  # the IP its announcement came from (never a claimed IP)
+    port: int  # TCP port to dial
+
+
+class _KademliaServer(Server):
+    """kademlia's Server with our protocol and none of its own scheduling."""
+
+    protocol_class = DhtProtocol
+
+    def __init__(
+        self,
+        node_id: bytes,
+        config: DhtConfig,
+        clock: Clock,
+        tasks: TaskSet,
+        storage: ValueStore,
+    ) -> None:
+        super().__init__(ksize=config.ksize, alpha=config.alpha, node_id=node_id, storage=storage)
+        self.storage = storage  # (an empty store is falsy: Server would replace it)
+        self.config = config
+        self.clock = clock
+        self.tasks = tasks
+
+    def _create_protocol(self) -> DhtProtocol:
+        return DhtProtocol(
+            self.node,
+            self.storage,
+            self.ksize,
+            config=self.config,
+            clock=self.clock,
+            tasks=self.tasks,
+        )
+
+    def refresh_table(self, interval: float = 3600) -> None:
+        # Stock: ensure_future + call_later, never cancelled. Discovery runs an owned
+        # maintenance loop instead.
+        return None
+
+    def _unsupported(self, *args: object, **kwargs: object) -> Any:
+        raise NotImplementedError("use p2pnode.dht.Discovery")
+
+    # The stock high-level calls expect kademlia's tuples from the protocol.
+    bootstrap = bootstrap_node = get = set = set_digest = _unsupported
+    save_state = save_state_regularly = _unsupported
+
+
+def _local_host(listen_host: str) -> str:
+    """The address we record for our own provider records."""
+    try:
+        ip = ipaddress.ip_address(listen_host)
+    except ValueError:
+        return "127.0.0.1"
+    if ip.is_unspecified:
+        return "::1" if ip.version == 6 else "127.0.0.1"
+    return normalize_host(listen_host) or "127.0.0.1"
+
+
+def _check_key(key: bytes) -> bytes:
+    if not is_node_id(key):
+        raise UsageError("DHT keys are 20 bytes")
+    return key
+
+
+class Discovery:
+    def __init__(self, node_id: bytes, config: DhtConfig, clock: Clock = MONOTONIC) -> None:
+        if not is_node_id(node_id):
+            raise UsageError("a node id is 20 bytes")
+        if config.ksize < 1 or config.alpha < 1 or config.max_failures < 1:
+            raise UsageError("ksize, alpha and max_failures must be at least 1")
+        if config.max_value_bytes + 256 > config.max_datagram:
+            raise UsageError("max_datagram must leave room for a value of max_value_bytes")
+        self.node_id = node_id
+        self.config = config
+        self.clock = clock
+        self._tasks = TaskSet("dht")
+        self._storage = ValueStore(
+            clock,
+            max_values=config.max_stored_values,
+            ttl=config.value_ttl,
+            max_value_bytes=config.max_value_bytes,
+        )
+        self._server = _KademliaServer(node_id, config, clock, self._tasks, self._storage)
+        self._protocol: DhtProtocol | None = None
+        self._port: int | None = None
+        self._local_host = "127.0.0.1"
+        self._own_values: dict[bytes, Value] = {}
+        self._announced: dict[bytes, int] = {}
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def listen(self, host: str, port: int) -> int:
+        """Bind the UDP socket (port 0: any free port); the bound port. OSError if
+        the address cannot be bound."""
+        if self._closed:
+            raise UsageError("this Discovery is closed")
+        if self._protocol is not None:
+            raise UsageError("already listening")
+        await self._server.listen(port, interface=host)
+        protocol: DhtProtocol = self._server.protocol
+        self._protocol = protocol
+        self._port = int(self._server.transport.get_extra_info("sockname")[1])
+        self._local_host = _local_host(host)
+        self._tasks.spawn(self._every(self.config.refresh_interval, self._refresh), "refresh")
+        self._tasks.spawn(
+            self._every(self.config.value_republish, self._republish_values), "republish"
+        )
+        self._tasks.spawn(
+            self._every(self.config.provider_republish, self._republish_providers),
+            "provider-republish",
+        )
+        log.info("DHT listening on %s port %d", host, self._port)
+        return self._port
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise UsageError("not listening")
+        return self._port
+
+    async def close(self) -> None:
+        """Stop every background task and close the socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._tasks.close()
+        if self._protocol is not None:
+            await self._protocol.close()
+        elif self._server.transport is not None:
+            self._server.transport.close()
+
+    def _proto(self) -> DhtProtocol:
+        if self._closed:
+            raise UsageError("this Discovery is closed")
+        if self._protocol is None:
+            raise UsageError("call listen() first")
+        return self._protocol
+
+    # -- contacts ------------------------------------------------------------------
+
+    def _contact(self, node: Node) -> Contact:
+        last = self._protocol.last_seen(node.id) if self._protocol is not None else None
+        return Contact(node.id, node.ip, node.port, last)
+
+    def contacts(self) -> list[Contact]:
+        """The routing table's contents."""
+        if self._protocol is None:
+            return []
+        return [self._contact(node) for node in self._protocol.router.all_nodes()]
+
+    def stats(self) -> dict[str, int]:
+        out = self._protocol.snapshot() if self._protocol is not None else {}
+        out["own_values"] = len(self._own_values)
+        out["announced_keys"] = len(self._announced)
+        return out
+
+    async def ping(self, host: str, port: int) -> bytes | None:
+        """The node id answering at host:port (an IP literal), or None."""
+        protocol = self._proto()
+        clean = normalize_host(host)
+        if clean is None or not is_port(port):
+            return None
+        return await protocol.ping_address(clean, port)
+
+    async def bootstrap(self, addrs: Sequence[tuple[str, int]]) -> list[Contact]:
+        """Ping ``addrs`` (IP literals), then look up our own id through those that
+        answered. Returns the contacts that answered the ping ([] if none did)."""
+        protocol = self._proto()
+        targets: list[tuple[str, int]] = []
+        for host, port in addrs:
+            clean = normalize_host(host)
+            if clean is None or not is_port(port):
+                log.warning("not bootstrapping from %r:%r: not an IP address and port", host, port)
+                continue
+            if (clean, port) not in targets:
+                targets.append((clean, port))
+        ids = await asyncio.gather(*(protocol.ping_address(h, p) for h, p in targets))
+        answered = [
+            Node(node_id, host, port)
+            for (host, port), node_id in zip(targets, ids, strict=True)
+            if node_id is not None and node_id != self.node_id
+        ]
+        if answered:
+            await self._lookup_nodes(self.node_id, seeds=answered)
+        return [self._contact(node) for node in answered]
+
+    # -- lookups -------------------------------------------------------------------
+
+    async def _lookup(
+        self,
+        target: bytes,
+        query: Callable[[Node], Awaitable[list[Node] | None]],
+        *,
+        seeds: Sequence[Node] = (),
+        done: Callable[[], bool] | None = None,
+    ) -> list[Node]:
+        protocol = self._proto()
+        start = list(seeds) + protocol.router.find_neighbors(Node(target), k=self.config.ksize)
+        return await iterative_lookup(
+            target,
+            start,
+            query,
+            self_id=self.node_id,
+            k=self.config.ksize,
+            alpha=self.config.alpha,
+            timeout=self.config.lookup_timeout,
+            max_queries=self.config.max_lookup_queries,
+            done=done,
+        )
+
+    async def _lookup_nodes(self, target: bytes, seeds: Sequence[Node] = ()) -> list[Node]:
+        protocol = self._proto()
+        wanted = Node(target)
+
+        async def query(node: Node) -> list[Node] | None:
+            return await protocol.call_find_node(node, wanted)
+
+        return await self._lookup(target, query, seeds=seeds)
+
+    async def closest(self, key: bytes) -> list[Contact]:
+        """The k closest nodes to a 20-byte key that answered a lookup."""
+        key = _check_key(key)
+        return [self._contact(node) for node in await self._lookup_nodes(key)]
+
+    async def find_peer(self, node_id: bytes) -> Contact | None:
+        """The contact with exactly this id, if it can be found and it answers."""
+        node_id = _check_key(node_id)
+        protocol = self._proto()
+        known = protocol.router.node_for(node_id)
+        if known is not None:
+            return self._contact(known)
+        for node in await self._lookup_nodes(node_id):
+            if node.id == node_id:
+                return self._contact(node)
+        return None
+
+    # -- values --------------------------------------------------------------------
+
+    @staticmethod
+    def _digest(key: str | bytes) -> bytes:
+        if not isinstance(key, str | bytes):
+            raise UsageError("DHT keys are str or bytes")
+        dkey: bytes = digest(key)  # kademlia's: sha1 of the bytes, or of str's UTF-8
+        return dkey
+
+    def _check_value(self, value: object) -> Value:
+        try:
+            return check_value(value, self.config.max_value_bytes)
+        except MessageError as exc:
+            raise UsageError(f"cannot store this value: {exc}") from None
+
+    async def put(self, key: str | bytes, value: str | bytes | int | float | bool) -> bool:
+        """Store ``value`` under sha1(key) on the k closest nodes (and here if we are
+        one of them); republished every value_republish. True if stored anywhere."""
+        checked = self._check_value(value)
+        dkey = self._digest(key)
+        self._proto()
+        if dkey in self._own_values or len(self._own_values) < self.config.max_stored_values:
+            self._own_values[dkey] = checked
+        return await self._publish(dkey, checked)
+
+    async def _publish(self, dkey: bytes, value: Value) -> bool:
+        protocol = self._proto()
+        nodes = await self._lookup_nodes(dkey)
+        target = Node(dkey)
+        stored_here = False
+        if len(nodes) < self.config.ksize or self._server.node.distance_to(target) < max(
+            n.distance_to(target) for n in nodes
+        ):
+            stored_here = self._storage.put(dkey, value)
+        results = await asyncio.gather(*(protocol.call_store(n, dkey, value) for n in nodes))
+        return stored_here or any(result is True for result in results)
+
+    async def get(self, key: str | bytes) -> str | bytes | int | float | bool | None:
+        """The value stored under sha1(key), here or on the network; None if none."""
+        dkey = self._digest(key)
+        protocol = self._proto()
+        local = self._storage.get(dkey)
+        if local is not None:
+            return local
+        wanted = Node(dkey)
+        found: list[Value] = []
+        without: list[Node] = []
+
+        async def query(node: Node) -> list[Node] | None:
+            answer = await protocol.call_find_value(node, wanted)
+            if isinstance(answer, FoundValue):
+                found.append(answer.value)
+                return []
+            if answer is not None:
+                without.append(node)
+            return answer
+
+        await self._lookup(dkey, query, done=lambda: bool(found))
+        if not found:
+            return None
+        value = found[0]
+        if without:
+            # Cache it on the closest node that did not have it (section 2.3).
+            nearest = min(without, key=lambda n: n.distance_to(wanted))
+            self._tasks.spawn(protocol.call_store(nearest, dkey, value), "cache-store")
+        return value
+
+    # -- providers -----------------------------------------------------------------
+
+    async def add_provider(self, key: bytes, port: int) -> int:
+        """Announce this node as a provider of ``key`` (TCP ``port``) on the k closest
+        nodes and locally; re-announced every provider_republish until
+        remove_provider(key). Returns how many remote nodes accepted."""
+        key = _check_key(key)
+        if not is_port(port):
+            raise UsageError("port must be in 1..65535")
+        protocol = self._proto()
+        self._announced[key] = port
+        protocol.providers.add(key, self.node_id, self._local_host, port, sender=None)
+        return await self._announce(key, port)
+
+    async def _announce(self, key: bytes, port: int) -> int:
+        protocol = self._proto()
+        nodes = await self._lookup_nodes(key)
+        results = await asyncio.gather(*(protocol.call_add_provider(n, key, port) for n in nodes))
+        return sum(1 for result in results if result is True)
+
+    def remove_provider(self, key: bytes) -> None:
+        """Stop announcing ``key`` (remote records expire after provider_ttl)."""
+        self._announced.pop(key, None)
+        if self._protocol is not None:
+            self._protocol.providers.remove(key, self.node_id)
+
+    async def find_providers(self, key: bytes, want: int = 20) -> list[ProviderRecord]:
+        """Providers of ``key``: our own records, then those of the nodes closest to
+        it. Collects from several nodes: stops early only once ``want`` distinct
+        providers came from at least two nodes. Deduplicated by node id."""
+        key = _check_key(key)
+        protocol = self._proto()
+        found: dict[bytes, ProviderRecord] = {}
+        for entry in protocol.providers.get(key):
+            found.setdefault(entry.node_id, ProviderRecord(entry.node_id, entry.host, entry.port))
+        sources = 0
+
+        async def query(node: Node) -> list[Node] | None:
+            nonlocal sources
+            answer = await protocol.call_get_providers(node, key)
+            if answer is None:
+                return None
+            providers, nodes = answer
+            if providers:
+                sources += 1
+            for p in providers:
+                found.setdefault(p.node_id, ProviderRecord(p.node_id, p.host, p.port))
+            return nodes
+
+        await self._lookup(key, query, done=lambda: len(found) >= want and sources >= 2)
+        return list(found.values())[: max(0, want)]
+
+    # -- maintenance ---------------------------------------------------------------
+
+    async def _every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except P2PError as exc:
+                log.warning("DHT maintenance step failed: %s", exc)
+
+    async def _refresh(self) -> None:
+        """Look up a random id in every bucket not used for refresh_interval."""
+        protocol = self._proto()
+        self._storage.cull()
+        protocol.providers.cull()
+        for node_id in protocol.get_refresh_ids():
+            await self._lookup_nodes(node_id)
+
+    async def _republish_values(self) -> None:
+        for dkey, value in list(self._own_values.items()):
+            await self._publish(dkey, value)
+
+    async def _republish_providers(self) -> None:
+        protocol = self._proto()
+        for key, port in list(self._announced.items()):
+            protocol.providers.add(key, self.node_id, self._local_host, port, sender=None)
+            await self._announce(key, port)

@@ -1,0 +1,317 @@
+"""Arguments and answers of every DHT RPC, checked. Pure: no I/O, no asyncio.
+
+Requests (what a remote may ask of us; ``nodeid`` is the sender's claimed id):
+
+=============  =================================  =====================================
+name           args                               answer
+=============  =================================  =====================================
+ping           nodeid                             our node id
+stun           (none)                             [sender ip, sender port]
+store          nodeid, key, value                 true if stored, false if refused
+find_node      nodeid, key                        [[id, ip, port], ...]
+find_value     nodeid, key                        {"value": v} or [[id, ip, port], ...]
+add_provider   nodeid, key, port                  true if recorded, false if refused
+get_providers  nodeid, key                        {"providers": [[id, ip, port], ...],
+                                                   "nodes": [[id, ip, port], ...]}
+=============  =================================  =====================================
+
+The first five are kademlia's own (wire compatible with ``kademlia.protocol``); the
+last two are ours and a stock node simply never answers them. Ids and keys are 20
+bytes; values are int, float, bool, str or bytes of at most ``max_value_bytes``
+(str measured in UTF-8). Anything else raises :class:`MessageError`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from p2pnode.dht.codec import MessageError
+
+NODE_ID_LEN = 20
+MAX_HOST_LEN = 64
+MAX_INT = 2**64 - 1
+MIN_INT = -(2**63)
+
+Value = str | bytes | int | float | bool
+
+# Drop reasons (``dropped.<reason>`` counters).
+UNKNOWN_RPC = "unknown_rpc"
+BAD_ARGS = "bad_args"
+BAD_RESPONSE = "bad_response"
+
+KADEMLIA_RPCS = ("ping", "stun", "store", "find_node", "find_value")
+EXTRA_RPCS = ("add_provider", "get_providers")
+RPC_NAMES = KADEMLIA_RPCS + EXTRA_RPCS
+
+
+@dataclass(frozen=True)
+class SchemaLimits:
+    max_value_bytes: int = 4096
+    max_response_contacts: int = 64
+
+
+# -- values, ids, addresses ------------------------------------------------------------
+
+
+def value_size(value: Value) -> int:
+    """Bytes a value counts against ``max_value_bytes`` (str in UTF-8, numbers 8)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes):
+        return len(value)
+    return 8
+
+
+def check_value(value: object, max_bytes: int) -> Value:
+    """``value`` if it may be stored in the DHT, else MessageError(BAD_ARGS)."""
+    checked: Value
+    if type(value) is bool or type(value) is float:
+        checked = value
+    elif type(value) is int:
+        if not MIN_INT <= value <= MAX_INT:
+            raise MessageError(BAD_ARGS, "integer out of range")
+        checked = value
+    elif type(value) is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MessageError(BAD_ARGS, "string is not valid UTF-8") from None
+        checked = value
+    elif type(value) is bytes:
+        checked = value
+    else:
+        raise MessageError(BAD_ARGS, f"value of type {type(value).__name__}")
+    if value_size(checked) > max_bytes:
+        raise MessageError(BAD_ARGS, f"value longer than {max_bytes} bytes")
+    return checked
+
+
+def is_node_id(value: object) -> bool:
+    return type(value) is bytes and len(value) == NODE_ID_LEN
+
+
+def is_port(value: object) -> bool:
+    return type(value) is int and 0 < value < 65536
+
+
+def normalize_host(host: object) -> str | None:
+    """The canonical text of an IP literal (IPv4-mapped IPv6 → IPv4), or None."""
+    if not isinstance(host, str) or not host or len(host) > MAX_HOST_LEN:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified or ip.is_multicast:
+        return None
+    return str(ip)
+
+
+@dataclass(frozen=True)
+class NodeAddr:
+    """A node as listed in an answer: id, IP literal, port."""
+
+    node_id: bytes
+    host: str
+    port: int
+
+    def to_wire(self) -> list[object]:
+        return [self.node_id, self.host, self.port]
+
+
+def parse_node_addr(entry: object) -> NodeAddr | None:
+    if not isinstance(entry, list) or len(entry) != 3:
+        return None
+    node_id, host, port = entry
+    clean = normalize_host(host)
+    if not is_node_id(node_id) or clean is None or not is_port(port):
+        return None
+    assert isinstance(node_id, bytes) and isinstance(port, int)
+    return NodeAddr(node_id, clean, port)
+
+
+@dataclass(frozen=True)
+class NodeList:
+    nodes: list[NodeAddr]
+    skipped: int  # entries that were not a valid [id, ip, port]
+
+
+def parse_node_list(payload: object, limits: SchemaLimits) -> NodeList:
+    """A list of [id, ip, port]. Entries that are not valid are skipped and counted
+    (a stock node relays whatever it was told); a payload that is not a list, or a
+    too long one, is malformed."""
+    if not isinstance(payload, list):
+        raise MessageError(BAD_RESPONSE, "expected a list of nodes")
+    if len(payload) > limits.max_response_contacts:
+        raise MessageError(BAD_RESPONSE, f"{len(payload)} nodes listed")
+    nodes: list[NodeAddr] = []
+    seen: set[bytes] = set()
+    skipped = 0
+    for entry in payload:
+        addr = parse_node_addr(entry)
+        if addr is None or addr.node_id in seen:
+            skipped += 1
+            continue
+        seen.add(addr.node_id)
+        nodes.append(addr)
+    return NodeList(nodes, skipped)
+
+
+# -- requests --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PingRequest:
+    node_id: bytes
+
+
+@dataclass(frozen=True)
+class StunRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    node_id: bytes
+    key: bytes
+    value: Value
+
+
+@dataclass(frozen=True)
+class FindNodeRequest:
+    node_id: bytes
+    key: bytes
+
+
+@dataclass(frozen=True)
+class FindValueRequest:
+    node_id: bytes
+    key: bytes
+
+
+@dataclass(frozen=True)
+class AddProviderRequest:
+    node_id: bytes
+    key: bytes
+    port: int
+
+
+@dataclass(frozen=True)
+class GetProvidersRequest:
+    node_id: bytes
+    key: bytes
+
+
+RpcRequest = (
+    PingRequest
+    | StunRequest
+    | StoreRequest
+    | FindNodeRequest
+    | FindValueRequest
+    | AddProviderRequest
+    | GetProvidersRequest
+)
+
+
+def _ids(args: tuple[object, ...], count: int) -> list[bytes]:
+    for arg in args[:count]:
+        if not is_node_id(arg):
+            raise MessageError(BAD_ARGS, "ids and keys are 20 bytes")
+    return [arg for arg in args[:count] if isinstance(arg, bytes)]
+
+
+def parse_request(name: str, args: tuple[object, ...], limits: SchemaLimits) -> RpcRequest:
+    """Check a request's name and arguments (not the sender: the caller does)."""
+    arity = {
+        "ping": 1,
+        "stun": 0,
+        "store": 3,
+        "find_node": 2,
+        "find_value": 2,
+        "add_provider": 3,
+        "get_providers": 2,
+    }.get(name)
+    if arity is None:
+        raise MessageError(UNKNOWN_RPC, name[:32])
+    if len(args) != arity:
+        raise MessageError(BAD_ARGS, f"{name} takes {arity} arguments, got {len(args)}")
+    if name == "ping":
+        return PingRequest(*_ids(args, 1))
+    if name == "stun":
+        return StunRequest()
+    if name == "store":
+        node_id, key = _ids(args, 2)
+        return StoreRequest(node_id, key, check_value(args[2], limits.max_value_bytes))
+    if name == "find_node":
+        return FindNodeRequest(*_ids(args, 2))
+    if name == "find_value":
+        return FindValueRequest(*_ids(args, 2))
+    if name == "add_provider":
+        node_id, key = _ids(args, 2)
+        port = args[2]
+        if not is_port(port):
+            raise MessageError(BAD_ARGS, "port must be an int in 1..65535")
+        assert isinstance(port, int)
+        return AddProviderRequest(node_id, key, port)
+    return GetProvidersRequest(*_ids(args, 2))
+
+
+# -- answers ---------------------------------------------------------------------------
+
+
+def parse_ping_response(payload: object) -> bytes:
+    if not is_node_id(payload):
+        raise MessageError(BAD_RESPONSE, "ping answers a 20-byte node id")
+    assert isinstance(payload, bytes)
+    return payload
+
+
+def parse_bool_response(payload: object) -> bool:
+    """store / add_provider: true or false. (Stock kademlia always answers true.)"""
+    if not isinstance(payload, bool):
+        raise MessageError(BAD_RESPONSE, "expected true or false")
+    return payload
+
+
+def parse_stun_response(payload: object) -> tuple[str, int]:
+    if not isinstance(payload, list) or len(payload) != 2:
+        raise MessageError(BAD_RESPONSE, "stun answers [ip, port]")
+    host, port = normalize_host(payload[0]), payload[1]
+    if host is None or not is_port(port):
+        raise MessageError(BAD_RESPONSE, "stun answers [ip, port]")
+    assert isinstance(port, int)
+    return host, port
+
+
+@dataclass(frozen=True)
+class FoundValue:
+    value: Value
+
+
+def parse_find_value_response(payload: object, limits: SchemaLimits) -> FoundValue | NodeList:
+    if isinstance(payload, dict):
+        if set(payload) != {"value"}:
+            raise MessageError(BAD_RESPONSE, "find_value answers {'value': v} or nodes")
+        try:
+            return FoundValue(check_value(payload["value"], limits.max_value_bytes))
+        except MessageError as exc:
+            raise MessageError(BAD_RESPONSE, str(exc)) from None
+    return parse_node_list(payload, limits)
+
+
+@dataclass(frozen=True)
+class ProvidersAnswer:
+    providers: NodeList
+    nodes: NodeList
+
+
+def parse_get_providers_response(payload: object, limits: SchemaLimits) -> ProvidersAnswer:
+    if not isinstance(payload, dict) or set(payload) != {"providers", "nodes"}:
+        raise MessageError(BAD_RESPONSE, "get_providers answers {providers, nodes}")
+    return ProvidersAnswer(
+        parse_node_list(payload["providers"], limits),
+        parse_node_list(payload["nodes"], limits),
+    )

@@ -1,0 +1,202 @@
+"""Bounded, clock-driven stores for DHT values and provider records. Pure: no I/O.
+
+Both stores keep entries in refresh order (an ``OrderedDict``, a refresh moves the
+entry to the end), so expiry only ever looks at the front: O(1) amortised per call.
+Limits refuse new entries rather than evict old ones, so a flood cannot push out
+records that are kept fresh by their owners.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from p2pnode.clock import Clock
+from p2pnode.dht.codec import MessageError
+from p2pnode.dht.rpc_schema import BAD_ARGS, Value, check_value, is_node_id, is_port
+
+
+def _check_key(key: object) -> bytes:
+    if not is_node_id(key):
+        raise MessageError(BAD_ARGS, "keys are 20 bytes")
+    assert isinstance(key, bytes)
+    return key
+
+
+class ValueStore:
+    """key (20 bytes) -> value, at most ``max_values`` entries, each for ``ttl`` seconds
+    after its last store."""
+
+    def __init__(self, clock: Clock, *, max_values: int, ttl: float, max_value_bytes: int) -> None:
+        self._clock = clock
+        self.max_values = max_values
+        self.ttl = ttl
+        self.max_value_bytes = max_value_bytes
+        self._data: OrderedDict[bytes, tuple[float, Value]] = OrderedDict()
+
+    def put(self, key: bytes, value: object) -> bool:
+        """Store (or refresh) a value. False when full; MessageError when invalid."""
+        key = _check_key(key)
+        checked = check_value(value, self.max_value_bytes)
+        self.cull()
+        if key not in self._data and len(self._data) >= self.max_values:
+            return False
+        self._data[key] = (self._clock.now(), checked)
+        self._data.move_to_end(key)
+        return True
+
+    def get(self, key: bytes) -> Value | None:
+        self.cull()
+        entry = self._data.get(key)
+        return None if entry is None else entry[1]
+
+    def remove(self, key: bytes) -> None:
+        self._data.pop(key, None)
+
+    def items(self) -> list[tuple[bytes, Value]]:
+        """Live entries, least recently stored first."""
+        self.cull()
+        return [(key, value) for key, (_, value) in self._data.items()]
+
+    def newest(self) -> Iterator[tuple[bytes, Value]]:
+        """Live entries, most recently stored first (a snapshot)."""
+        self.cull()
+        return iter([(key, value) for key, (_, value) in reversed(self._data.items())])
+
+    def cull(self) -> int:
+        deadline = self._clock.now() - self.ttl
+        removed = 0
+        while self._data:
+            key, (stored_at, _) = next(iter(self._data.items()))
+            if stored_at > deadline:
+                break
+            del self._data[key]
+            removed += 1
+        return removed
+
+    def __len__(self) -> int:
+        self.cull()
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        self.cull()
+        return key in self._data
+
+
+@dataclass(frozen=True)
+class ProviderEntry:
+    key: bytes
+    node_id: bytes
+    host: str
+    port: int
+    sender: str | None  # source IP it came from; None for our own records
+    expires: float
+
+
+class ProviderStore:
+    """Who provides which 20-byte key: records expire ``ttl`` seconds after their last
+    announcement and are bounded per key, per sender (source IP), in distinct keys and
+    in total. A record is identified by (key, node id); announcing again refreshes it
+    (last writer wins for host and port)."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        ttl: float,
+        max_per_key: int,
+        max_per_sender: int,
+        max_keys: int,
+        max_records: int,
+    ) -> None:
+        self._clock = clock
+        self.ttl = ttl
+        self.max_per_key = max_per_key
+        self.max_per_sender = max_per_sender
+        self.max_keys = max_keys
+        self.max_records = max_records
+        self._order: OrderedDict[tuple[bytes, bytes], ProviderEntry] = OrderedDict()
+        self._by_key: dict[bytes, dict[bytes, ProviderEntry]] = {}
+        self._per_sender: Counter[str] = Counter()
+
+    def add(self, key: bytes, node_id: bytes, host: str, port: int, sender: str | None) -> bool:
+        """Record (or refresh) a provider. False when a limit refuses it."""
+        key = _check_key(key)
+        if not is_node_id(node_id) or not is_port(port):
+            raise MessageError(BAD_ARGS, "provider needs a 20-byte id and a port")
+        self.cull()
+        records = self._by_key.get(key)
+        old = records.get(node_id) if records is not None else None
+        sender_changes = old is None or old.sender != sender
+        if (
+            sender_changes
+            and sender is not None
+            and self._per_sender[sender] >= self.max_per_sender
+        ):
+            return False
+        if old is None:
+            if records is None and len(self._by_key) >= self.max_keys:
+                return False
+            if records is not None and len(records) >= self.max_per_key:
+                return False
+            if len(self._order) >= self.max_records:
+                return False
+        else:
+            self._forget(old)
+        entry = ProviderEntry(key, node_id, host, port, sender, self._clock.now() + self.ttl)
+        self._by_key.setdefault(key, {})[node_id] = entry
+        self._order[(key, node_id)] = entry
+        if sender is not None:
+            self._per_sender[sender] += 1
+        return True
+
+    def get(self, key: bytes, limit: int | None = None) -> list[ProviderEntry]:
+        """Live records for ``key``, most recently announced first."""
+        self.cull()
+        records = self._by_key.get(key)
+        if not records:
+            return []
+        newest = sorted(records.values(), key=lambda e: e.expires, reverse=True)
+        return newest if limit is None else newest[:limit]
+
+    def remove(self, key: bytes, node_id: bytes) -> None:
+        records = self._by_key.get(key)
+        if records is not None and node_id in records:
+            self._forget(records[node_id])
+
+    def _forget(self, entry: ProviderEntry) -> None:
+        self._order.pop((entry.key, entry.node_id), None)
+        records = self._by_key.get(entry.key)
+        if records is not None:
+            records.pop(entry.node_id, None)
+            if not records:
+                del self._by_key[entry.key]
+        if entry.sender is not None:
+            self._per_sender[entry.sender] -= 1
+            if self._per_sender[entry.sender] <= 0:
+                del self._per_sender[entry.sender]
+
+    def cull(self) -> int:
+        now = self._clock.now()
+        removed = 0
+        while self._order:
+            entry = next(iter(self._order.values()))
+            if entry.expires > now:
+                break
+            self._forget(entry)
+            removed += 1
+        return removed
+
+    def sender_count(self, sender: str) -> int:
+        self.cull()
+        return self._per_sender[sender]
+
+    @property
+    def key_count(self) -> int:
+        self.cull()
+        return len(self._by_key)
+
+    def __len__(self) -> int:
+        self.cull()
+        return len(self._order)
