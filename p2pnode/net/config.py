@@ -14,4 +14,12 @@ class NetLimits:
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
     request_timeout: float = 30.0
+    # False = plaintext frames after an authenticated handshake: BENCHMARKS ONLY
+    # (see p2pnode/net/session.py): nothing after the handshake is protected.
     encrypt: bool = True
+    # Transport write buffer high-water mark (low = high // 4): above it,
+    # answers and requests wait (backpressure).
+    write_buffer_high: int = 4 * 1024 * 1024
+    # msgpack limits for one message (bin fields are bounded by max_frame).
+    max_str_len: int = 64 * 1024
+    max_array_len: int = 4096

@@ -1,0 +1,308 @@
+"""PeerHost: direct, authenticated peer connections and requests over them.
+
+Rules
+-----
+- One pool of connections, keyed by the remote node id (and by the dialed
+  address, for dials that did not name a node id). Connections are
+  symmetric: either side may send requests on any open connection, inbound
+  or outbound. Concurrent requests to a peer we are not connected to share
+  one dial.
+- Bounded: at most ``max_connections`` in all (an outbound dial at the limit
+  first evicts the least recently used idle connection; an inbound one at
+  the limit is refused), at most ``max_connections_per_ip`` inbound from one
+  address, ``max_inflight_per_connection`` handler tasks per connection, an
+  idle timeout, a handshake timeout, a request timeout and ``max_frame``.
+  Every limit that trips is counted in :meth:`PeerHost.stats` and drops only
+  the offending connection or request.
+- Errors from :meth:`PeerHost.request`: ``P2PTimeoutError`` (no answer, or the
+  dial/handshake took too long), ``HandshakeError`` (wrong peer, bad identity,
+  version), ``PeerUnreachable`` (TCP connect failed), ``ConnectionClosed``,
+  ``ProtocolError`` (a malformed or mistyped answer), ``RemoteError`` (the
+  peer answered with an ``ErrorReply``), ``LimitExceeded`` (our own limits).
+- Every task (handlers, dials) and timer is owned; :meth:`PeerHost.close`
+  ends them all and waits until every connection is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from p2pnode.clock import MONOTONIC, Clock
+from p2pnode.errors import LimitExceeded, P2PError, P2PTimeoutError, UsageError
+from p2pnode.identity import Identity, peer_id_to_str
+from p2pnode.net.config import NetLimits
+from p2pnode.net.connection import Handler, PeerConnection
+from p2pnode.net.errors import ConnectionClosed, PeerUnreachable
+from p2pnode.net.session import Credentials, Session
+from p2pnode.wire.messages import DEFAULT_REGISTRY, DecodeLimits, Message, MessageRegistry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Handler", "PeerAddress", "PeerHost"]
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """Where to reach a peer. ``node_id=None`` accepts whoever answers (bootstrap-like)."""
+
+    node_id: bytes | None
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        who = peer_id_to_str(self.node_id) if self.node_id else "any"
+        return f"{who}@{self.host}:{self.port}"
+
+
+_DialKey = bytes | tuple[str, int]
+
+
+class PeerHost:
+    def __init__(self, identity: Identity, limits: NetLimits, clock: Clock = MONOTONIC) -> None:
+        self.identity = identity
+        self.limits = limits
+        self.clock = clock
+        self.registry: MessageRegistry = DEFAULT_REGISTRY
+        self.decode_limits = DecodeLimits(
+            max_bin_len=limits.max_frame,
+            max_str_len=limits.max_str_len,
+            max_array_len=limits.max_array_len,
+        )
+        self.counters: Counter[str] = Counter()
+        self._credentials = Credentials.create(identity)
+        self._handler: Handler | None = None
+        self._conns: set[PeerConnection] = set()
+        self._by_peer: dict[bytes, list[PeerConnection]] = {}
+        self._by_addr: dict[tuple[str, int], PeerConnection] = {}
+        self._inbound_per_ip: Counter[str] = Counter()
+        self._inbound: set[PeerConnection] = set()
+        self._dials: dict[_DialKey, asyncio.Task[PeerConnection]] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._closing = False
+
+    @property
+    def node_id(self) -> bytes:
+        return self.identity.node_id
+
+    # -- public API --------------------------------------------------------
+
+    def set_handler(self, handler: Handler) -> None:
+        self._handler = handler
+
+    async def listen(self, host: str, port: int) -> int:
+        """Accept peer connections on TCP ``host:port``; return the bound port."""
+        if self._closing:
+            raise UsageError("PeerHost is closed")
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            self._accepted_protocol,
+            host,
+            port,
+            reuse_address=True,
+        )
+        self._servers.append(server)
+        sockets = server.sockets
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def request(
+        self, peer: PeerAddress, msg: Message, timeout: float | None = None
+    ) -> Message:
+        """Send ``msg`` to ``peer`` (dialing if needed) and return its answer."""
+        if self._closing:
+            raise UsageError("PeerHost is closed")
+        limit = self.limits.request_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                conn = await self._connection_for(peer)
+                return await conn.request(msg)
+        except TimeoutError:
+            self.counters["request_timeouts"] += 1
+            raise P2PTimeoutError(
+                f"{type(msg).__name__} to {peer} got no answer within {limit:g}s"
+            ) from None
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.counters)
+        open_conns = [c for c in self._conns if c.is_open]
+        out["connections_open"] = len(open_conns)
+        out["connections_handshaking"] = len(self._conns) - len(open_conns)
+        out["connections_inbound"] = len(self._inbound)
+        out["handlers_inflight"] = sum(c.inflight for c in self._conns)
+        out["peers"] = len(self._by_peer)
+        return out
+
+    def connected_peers(self) -> list[bytes]:
+        return [nid for nid, conns in self._by_peer.items() if any(c.is_open for c in conns)]
+
+    async def close(self) -> None:
+        """Stop listening, close every connection, end every task it owns."""
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for task in list(self._dials.values()):
+            task.cancel()
+        for conn in list(self._conns):
+            conn.close(ConnectionClosed("host closing"), abort=True)
+        while self._tasks:
+            pending = list(self._tasks)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        closing = [c.closed for c in self._conns if c.transport is not None]
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
+        self._conns.clear()
+
+    # -- ConnectionOwner ---------------------------------------------------
+
+    def handler(self) -> Handler | None:
+        return self._handler
+
+    def own_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def conn_made(self, conn: PeerConnection) -> bool:
+        if conn.dialed is not None:
+            return not self._closing  # outbound: counted when the dial began
+        if self._closing:
+            return False
+        if len(self._conns) >= self.limits.max_connections:
+            self.counters["rejected_max_connections"] += 1
+            return False
+        ip = conn.peername[0]
+        if self._inbound_per_ip[ip] >= self.limits.max_connections_per_ip:
+            self.counters["rejected_per_ip"] += 1
+            return False
+        self._conns.add(conn)
+        self._inbound.add(conn)
+        self._inbound_per_ip[ip] += 1
+        self.counters["connections_accepted"] += 1
+        return True
+
+    def conn_established(self, conn: PeerConnection) -> bool:
+        if self._closing:
+            conn.close(ConnectionClosed("host closing"), abort=True)
+            return False
+        node_id = conn.remote_node_id
+        assert node_id is not None
+        self._by_peer.setdefault(node_id, []).append(conn)
+        if conn.dialed is not None:
+            self._by_addr[conn.dialed] = conn
+        return True
+
+    def conn_lost(self, conn: PeerConnection) -> None:
+        self._conns.discard(conn)
+        if conn in self._inbound:
+            self._inbound.discard(conn)
+            ip = conn.peername[0]
+            self._inbound_per_ip[ip] -= 1
+            if self._inbound_per_ip[ip] <= 0:
+                del self._inbound_per_ip[ip]
+        node_id = conn.remote_node_id
+        if node_id is not None:
+            conns = self._by_peer.get(node_id)
+            if conns is not None and conn in conns:
+                conns.remove(conn)
+                if not conns:
+                    del self._by_peer[node_id]
+        if conn.dialed is not None and self._by_addr.get(conn.dialed) is conn:
+            del self._by_addr[conn.dialed]
+
+    # -- internals ---------------------------------------------------------
+
+    def _session(self, *, expected: bytes | None, initiator: bool) -> Session:
+        return Session(
+            self._credentials,
+            initiator=initiator,
+            encrypt=self.limits.encrypt,
+            max_frame=self.limits.max_frame,
+            expected_node_id=expected,
+        )
+
+    def _accepted_protocol(self) -> PeerConnection:
+        return PeerConnection(self, self._session(expected=None, initiator=False))
+
+    def _pooled(self, peer: PeerAddress) -> PeerConnection | None:
+        if peer.node_id is not None:
+            best: PeerConnection | None = None
+            for conn in self._by_peer.get(peer.node_id, ()):
+                if conn.is_open and (best is None or conn.inflight < best.inflight):
+                    best = conn
+            return best
+        found = self._by_addr.get((peer.host, peer.port))
+        return found if found is not None and found.is_open else None
+
+    async def _connection_for(self, peer: PeerAddress) -> PeerConnection:
+        conn = self._pooled(peer)
+        if conn is not None:
+            return conn
+        key: _DialKey = peer.node_id if peer.node_id is not None else (peer.host, peer.port)
+        task = self._dials.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._dial(peer))
+            self._dials[key] = task
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._dial_done, key))
+        return await asyncio.shield(task)
+
+    def _dial_done(self, key: _DialKey, task: asyncio.Task[PeerConnection]) -> None:
+        self._tasks.discard(task)
+        if self._dials.get(key) is task:
+            del self._dials[key]
+        if not task.cancelled():
+            task.exception()  # retrieved even if every waiter gave up
+
+    def _evict_idle(self) -> bool:
+        idle = [c for c in self._conns if c.is_open and not c.busy]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.last_activity)
+        self.counters["evicted_idle"] += 1
+        victim.close(ConnectionClosed("evicted to make room for a new connection"))
+        self._conns.discard(victim)
+        return True
+
+    async def _dial(self, peer: PeerAddress) -> PeerConnection:
+        if len(self._conns) >= self.limits.max_connections and not self._evict_idle():
+            self.counters["rejected_max_connections_out"] += 1
+            raise LimitExceeded(
+                f"cannot dial {peer}: {self.limits.max_connections} connections open, none idle"
+            )
+        session = self._session(expected=peer.node_id, initiator=True)
+        conn = PeerConnection(self, session, dialed=(peer.host, peer.port))
+        self._conns.add(conn)
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                async with asyncio.timeout(self.limits.handshake_timeout):
+                    await loop.create_connection(lambda: conn, peer.host, peer.port)
+                    await conn.handshake
+            except TimeoutError:
+                self.counters["handshake_timeouts"] += 1
+                raise P2PTimeoutError(
+                    f"connecting to {peer} timed out after {self.limits.handshake_timeout:g}s"
+                ) from None
+            except OSError as exc:
+                self.counters["dial_failures"] += 1
+                raise PeerUnreachable(
+                    f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}"
+                ) from None
+        except BaseException as exc:
+            if isinstance(exc, P2PError):
+                conn.close(exc, abort=True)
+            else:
+                conn.close(ConnectionClosed("dial abandoned"), abort=True)
+            if conn.transport is None:
+                self._conns.discard(conn)
+            raise
+        self.counters["connections_dialed"] += 1
+        return conn

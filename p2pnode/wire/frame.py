@@ -1,0 +1,242 @@
+"""Length-prefixed framing: pure, no I/O.
+
+Rules
+-----
+- A frame is a big-endian unsigned length (4 bytes for frames, 2 bytes for the
+  secure channel's chunks) followed by exactly that many payload bytes.
+- A length above the decoder's maximum raises :class:`LimitExceeded` as soon as
+  the header is complete, before any payload is buffered. A zero length is a
+  valid (empty) frame; what an empty payload means is the next layer's concern.
+- The decoder accepts its input in any split: whole, one byte at a time or in
+  random pieces give the same frames in the same order.
+- After raising, a decoder is dead: every later call raises the same error.
+- Two ways to feed it:
+
+  * :meth:`PrefixDecoder.feed` takes bytes and returns owned ``bytes`` (safe,
+    copies each frame once);
+  * :meth:`PrefixDecoder.get_buffer` / :meth:`PrefixDecoder.buffer_updated`
+    mirror ``asyncio.BufferedProtocol``: the socket is read straight into the
+    decoder's memory (into the frame's own buffer for large frames, so a
+    1 MiB payload is never copied by us), and frames come back as
+    ``memoryview`` objects that stay valid only until the next
+    ``get_buffer()``/``release()`` call. :meth:`PrefixDecoder.feed_views` is
+    the same zero-copy contract for data that arrives in other buffers.
+
+  Body buffers are pooled and reused, so a steady stream of large frames does
+  not allocate (and page-fault) a fresh buffer per frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from p2pnode.errors import LimitExceeded, ProtocolError
+
+Buffer = bytes | bytearray | memoryview
+
+FRAME_HEADER = struct.Struct(">I")
+CHUNK_HEADER = struct.Struct(">H")
+MAX_FRAME_LIMIT = 0xFFFFFFFF
+
+_DEFAULT_SCRATCH = 256 * 1024
+_DIRECT_THRESHOLD = 64 * 1024
+_POOL_KEEP = 2
+
+
+def frame_header(length: int) -> bytes:
+    """The 4-byte header of a frame whose payload is ``length`` bytes."""
+    if not 0 <= length <= MAX_FRAME_LIMIT:
+        raise ValueError(f"frame length out of range: {length}")
+    return FRAME_HEADER.pack(length)
+
+
+def encode_frame(payload: Buffer) -> bytes:
+    """A whole frame as one bytes object (copies; use ``frame_header`` to scatter)."""
+    return frame_header(len(payload)) + bytes(payload)
+
+
+class PrefixDecoder:
+    """Splits a byte stream into length-prefixed items (see the module rules)."""
+
+    def __init__(
+        self,
+        max_len: int,
+        *,
+        header: struct.Struct = FRAME_HEADER,
+        what: str = "frame",
+        scratch_size: int = _DEFAULT_SCRATCH,
+        direct_threshold: int = _DIRECT_THRESHOLD,
+    ) -> None:
+        if max_len < 0:
+            raise ValueError("max_len must be >= 0")
+        self.max_len = max_len
+        self._hdr = header
+        self._hsize = header.size
+        self._what = what
+        self._header = bytearray(self._hsize)
+        self._hfill = 0
+        # Body of the item being assembled: _need >= 0 while in a body.
+        self._need = -1
+        self._fill = 0
+        self._body: bytearray | None = None
+        self._body_view: memoryview | None = None
+        self._pool: list[bytearray] = []
+        self._lent: list[bytearray] = []
+        self._scratch = memoryview(bytearray(max(scratch_size, self._hsize, 1)))
+        self._direct_threshold = direct_threshold
+        self._direct = False
+        self._failed: ProtocolError | None = None
+
+    # -- public API --------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete header or item."""
+        return self._hfill + (self._fill if self._need >= 0 else 0)
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial header or item is buffered."""
+        return self._hfill == 0 and self._need < 0
+
+    def feed(self, data: Buffer) -> list[bytes]:
+        """Consume ``data``; return every item completed, as owned bytes."""
+        items, _ = self._consume(memoryview(data).cast("B"), None)
+        out = [bytes(item) for item in items]
+        self.release()
+        return out
+
+    def feed_views(self, data: Buffer) -> list[memoryview]:
+        """Zero-copy :meth:`feed`: views valid until the next ``get_buffer``/``release``."""
+        items, _ = self._consume(memoryview(data).cast("B"), None)
+        return items
+
+    def feed_one(self, data: memoryview) -> tuple[memoryview | None, int]:
+        """Consume ``data`` up to and including the first complete item.
+
+        Returns ``(item or None, bytes consumed)``; the caller hands the rest to
+        whoever reads the stream next (a protocol switch after a handshake).
+        """
+        items, used = self._consume(data, 1)
+        return (items[0] if items else None), used
+
+    def release(self) -> None:
+        """Declare every view handed out so far dead; their buffers get reused."""
+        if self._lent:
+            self._pool.extend(self._lent)
+            self._lent.clear()
+            del self._pool[:-_POOL_KEEP]
+
+    def get_buffer(self) -> memoryview:
+        """Memory to receive into (``BufferedProtocol.get_buffer``); never empty."""
+        self._check()
+        self.release()
+        if self._need >= 0 and self._need - self._fill >= self._direct_threshold:
+            assert self._body_view is not None
+            self._direct = True
+            return self._body_view[self._fill : self._need]
+        self._direct = False
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> list[memoryview]:
+        """``nbytes`` were written into the last buffer; return completed items."""
+        self._check()
+        if self._direct:
+            self._direct = False
+            self._fill += nbytes
+            if self._fill < self._need:
+                return []
+            return [self._finish_body()]
+        items, _ = self._consume(self._scratch[:nbytes], None)
+        return items
+
+    # -- internals ---------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        self._failed = exc
+        return exc
+
+    def _take_body(self, length: int) -> None:
+        """Pick a free buffer of adequate size for an item of ``length`` bytes."""
+        chosen = None
+        for i, buf in enumerate(self._pool):
+            if len(buf) >= length and len(buf) <= 2 * length + 65536:
+                chosen = self._pool.pop(i)
+                break
+        if chosen is None:
+            chosen = bytearray(length)
+        self._body = chosen
+        self._body_view = memoryview(chosen)
+
+    def _finish_body(self) -> memoryview:
+        assert self._body is not None and self._body_view is not None
+        item = self._body_view[: self._need]
+        self._lent.append(self._body)
+        self._body = None
+        self._body_view = None
+        self._need = -1
+        self._fill = 0
+        return item
+
+    def _consume(self, view: memoryview, limit: int | None) -> tuple[list[memoryview], int]:
+        self._check()
+        out: list[memoryview] = []
+        pos = 0
+        n = len(view)
+        hsize = self._hsize
+        while pos < n and (limit is None or len(out) < limit):
+            if self._need < 0:
+                if self._hfill == 0 and n - pos >= hsize:
+                    (length,) = self._hdr.unpack_from(view, pos)
+                    pos += hsize
+                else:
+                    take = min(hsize - self._hfill, n - pos)
+                    self._header[self._hfill : self._hfill + take] = view[pos : pos + take]
+                    self._hfill += take
+                    pos += take
+                    if self._hfill < hsize:
+                        break
+                    (length,) = self._hdr.unpack_from(self._header, 0)
+                    self._hfill = 0
+                if length > self.max_len:
+                    raise self._fail(
+                        LimitExceeded(
+                            f"{self._what} of {length} bytes exceeds the limit of "
+                            f"{self.max_len} bytes"
+                        )
+                    )
+                if n - pos >= length:
+                    # Whole item inside the input: hand out a view, no copy.
+                    out.append(view[pos : pos + length])
+                    pos += length
+                    continue
+                self._need = length
+                self._fill = 0
+                self._take_body(length)
+            assert self._body_view is not None
+            take = min(self._need - self._fill, n - pos)
+            self._body_view[self._fill : self._fill + take] = view[pos : pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == self._need:
+                out.append(self._finish_body())
+        return out, pos
+
+
+class FrameDecoder(PrefixDecoder):
+    """4-byte big-endian length-prefixed frames, at most ``max_frame`` bytes each."""
+
+    def __init__(self, max_frame: int, *, scratch_size: int = _DEFAULT_SCRATCH) -> None:
+        if not 0 <= max_frame <= MAX_FRAME_LIMIT:
+            raise ValueError(f"max_frame out of range: {max_frame}")
+        super().__init__(max_frame, header=FRAME_HEADER, what="frame", scratch_size=scratch_size)
+
+
+def join_frames(payloads: Sequence[Buffer]) -> bytes:
+    """Several frames back to back (a test and tooling helper)."""
+    return b"".join(encode_frame(p) for p in payloads)

@@ -1,0 +1,523 @@
+"""Typed messages and the request/response envelope: pure, no I/O.
+
+Rules
+-----
+- A message is a small frozen dataclass registered under an integer type code
+  (``@message(code)``). Its fields are encoded positionally, in declaration
+  order. Supported field types: ``bytes``, ``int``, ``bool``, ``str``,
+  ``float`` and ``tuple[T, ...]`` of those. A ``bytes`` field may be
+  declared ``Blob`` (``bytes | bytearray | memoryview``) so a sender can pass a
+  view of its piece buffer; decoding always yields ``bytes``.
+- One frame payload is one msgpack array (the envelope)::
+
+      [kind, request_id, type_code, *fields]
+
+  ``kind`` is 0 (request), 1 (response) or 2 (error: the message is an
+  :class:`ErrorReply`). ``request_id`` is 0..2**32-1, chosen by the requester
+  and echoed by the answer, so many requests can be in flight on one
+  connection; each side numbers its own requests (the kind tells a response to
+  our request from a request of the peer).
+- Decoding applies msgpack limits (bin/str/array/map lengths, no ext types),
+  then strict types: the exact field count, ``bool`` is not an ``int``, ``bin``
+  is not ``str`` and vice versa, then per-field constraints (exact/max length,
+  integer range). Any violation raises :class:`MessageDecodeError` (a
+  ``ProtocolError``); nothing else escapes, whatever the input.
+- An unknown type code raises :class:`UnknownMessageType`, which still carries
+  the kind and request id, so a receiver can answer "unsupported" instead of
+  dropping the connection: newer peers may speak types older ones do not.
+- Type code ranges: 1-15 core, 16-47 resource exchange, 48-95 services,
+  96-127 messaging, 128+ experiments. Codes never change meaning once used.
+- Encoding a message whose last field is a large binary value returns it as
+  its own buffer (scatter list) so piece data is not copied; the bytes are
+  identical to ``msgpack.packb`` of the whole envelope.
+- Local misuse (a wrong field type or a constraint broken when *building* a
+  message to send) raises ``UsageError``: it is our bug, not the peer's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar, TypeVar
+
+import msgpack  # type: ignore[import-untyped]  # no stubs; pyproject lacks an override
+
+from p2pnode.errors import ProtocolError, UsageError
+
+Buffer = bytes | bytearray | memoryview
+Blob = bytes | bytearray | memoryview
+"""Annotation for binary fields a sender may pass as a view (decoded as bytes)."""
+
+RESOURCE_ID_LEN = 32
+MAX_REQUEST_ID = 0xFFFFFFFF
+SCATTER_MIN = 16 * 1024
+"""Trailing binary fields at least this long are emitted as a separate buffer."""
+
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+
+class Kind(IntEnum):
+    REQUEST = 0
+    RESPONSE = 1
+    ERROR = 2
+
+
+class ErrorCode:
+    """Well-known :class:`ErrorReply` codes (others may be added; keep them short)."""
+
+    NOT_FOUND = "not_found"
+    BUSY = "busy"
+    BAD_REQUEST = "bad_request"
+    INTERNAL = "internal"
+    UNSUPPORTED = "unsupported"
+
+
+class MessageDecodeError(ProtocolError):
+    """A payload that is not a valid envelope/message.
+
+    ``kind`` and ``request_id`` are set when the envelope header itself was
+    readable, so the receiver can answer or fail just that one request.
+    """
+
+    def __init__(self, reason: str, *, kind: int | None = None, request_id: int | None = None):
+        super().__init__(reason)
+        self.kind = kind
+        self.request_id = request_id
+
+
+class UnknownMessageType(MessageDecodeError):
+    def __init__(self, type_code: int, *, kind: int, request_id: int):
+        super().__init__(f"unknown message type {type_code}", kind=kind, request_id=request_id)
+        self.type_code = type_code
+
+
+# -- field specs -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Constraint:
+    exact_len: int | None = None
+    min_len: int | None = None
+    max_len: int | None = None
+    min_value: int | None = None
+    max_value: int | None = None
+
+
+def wire(
+    *,
+    exact_len: int | None = None,
+    min_len: int | None = None,
+    max_len: int | None = None,
+    min_value: int | None = None,
+    max_value: int | None = None,
+) -> Any:
+    """A dataclass field with wire constraints, checked on encode and decode."""
+    return field(
+        metadata={
+            "wire": Constraint(
+                exact_len=exact_len,
+                min_len=min_len,
+                max_len=max_len,
+                min_value=min_value,
+                max_value=max_value,
+            )
+        }
+    )
+
+
+_SCALARS: dict[type, str] = {bytes: "bin", int: "int", bool: "bool", str: "str", float: "float"}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    wire_type: type  # the exact type decoding must produce
+    send_types: tuple[type, ...]  # the types accepted when encoding
+    elem_type: type | None  # for tuple fields
+    constraint: Constraint
+
+    @property
+    def is_blob(self) -> bool:
+        return self.wire_type is bytes
+
+    def check(self, value: object, *, decoding: bool) -> str | None:
+        """None if ``value`` is acceptable, else a reason."""
+        if decoding:
+            if type(value) is not self.wire_type:
+                return f"{self.name}: expected {_SCALARS.get(self.wire_type, 'array')}"
+        elif type(value) not in self.send_types:
+            return f"{self.name}: expected {self.wire_type.__name__}, got {type(value).__name__}"
+        if self.elem_type is not None:
+            assert isinstance(value, tuple)
+            for item in value:
+                if type(item) is not self.elem_type:
+                    return f"{self.name}: items must be {self.elem_type.__name__}"
+        c = self.constraint
+        if isinstance(value, (bytes, bytearray, memoryview, str, tuple)):
+            n = len(value) if not isinstance(value, memoryview) else value.nbytes
+            if c.exact_len is not None and n != c.exact_len:
+                return f"{self.name}: length {n}, expected {c.exact_len}"
+            if c.min_len is not None and n < c.min_len:
+                return f"{self.name}: length {n} below {c.min_len}"
+            if c.max_len is not None and n > c.max_len:
+                return f"{self.name}: length {n} above {c.max_len}"
+        elif type(value) is int:
+            lo = _INT_MIN if c.min_value is None else c.min_value
+            hi = _INT_MAX if c.max_value is None else c.max_value
+            if not lo <= value <= hi:
+                return f"{self.name}: {value} outside {lo}..{hi}"
+        return None
+
+
+def _spec_for(name: str, annotation: object, constraint: Constraint) -> FieldSpec:
+    if annotation in _SCALARS:
+        assert isinstance(annotation, type)
+        return FieldSpec(name, annotation, (annotation,), None, constraint)
+    if isinstance(annotation, types.UnionType) and set(typing.get_args(annotation)) == {
+        bytes,
+        bytearray,
+        memoryview,
+    }:
+        return FieldSpec(name, bytes, (bytes, bytearray, memoryview), None, constraint)
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in _SCALARS:
+            return FieldSpec(name, tuple, (tuple,), args[0], constraint)
+    raise TypeError(f"field {name}: unsupported wire type {annotation!r}")
+
+
+# -- messages and registry ---------------------------------------------------
+
+
+class Message:
+    """Base of every wire message (subclasses are frozen dataclasses)."""
+
+    __slots__ = ()
+    TYPE_CODE: ClassVar[int] = -1
+    RESPONSE_TYPE: ClassVar[type[Message] | None] = None
+    """For requests: the message type a successful answer must have."""
+    WIRE_FIELDS: ClassVar[tuple[FieldSpec, ...]] = ()
+
+    def wire_values(self) -> list[object]:
+        return [getattr(self, f.name) for f in self.WIRE_FIELDS]
+
+    def problem(self, *, decoding: bool = False) -> str | None:
+        """None if every field is well-typed and within its constraints."""
+        for spec in self.WIRE_FIELDS:
+            reason = spec.check(getattr(self, spec.name), decoding=decoding)
+            if reason is not None:
+                return f"{type(self).__name__}.{reason}"
+        return None
+
+
+M = TypeVar("M", bound=type[Message])
+
+
+class MessageRegistry:
+    """Type code -> message class. Later features register their own types."""
+
+    def __init__(self) -> None:
+        self._by_code: dict[int, type[Message]] = {}
+
+    def register(self, cls: type[Message]) -> None:
+        code = cls.TYPE_CODE
+        if not 0 < code <= 0xFFFF:
+            raise ValueError(f"{cls.__name__}: type code must be 1..65535, got {code}")
+        existing = self._by_code.get(code)
+        if existing is not None and existing is not cls:
+            raise ValueError(f"type code {code} already used by {existing.__name__}")
+        self._by_code[code] = cls
+
+    def get(self, code: int) -> type[Message] | None:
+        return self._by_code.get(code)
+
+    def types(self) -> list[type[Message]]:
+        return [self._by_code[c] for c in sorted(self._by_code)]
+
+    def copy(self) -> MessageRegistry:
+        other = MessageRegistry()
+        other._by_code = dict(self._by_code)
+        return other
+
+
+DEFAULT_REGISTRY = MessageRegistry()
+
+
+def message(
+    code: int,
+    *,
+    response: type[Message] | None = None,
+    registry: MessageRegistry | None = DEFAULT_REGISTRY,
+) -> Callable[[M], M]:
+    """Class decorator: give a frozen dataclass message its type code and register it.
+
+    Put it above ``@dataclass(frozen=True, slots=True)``. ``response`` names
+    the message type a request expects back. ``registry=None`` only compiles.
+    """
+
+    def apply(cls: M) -> M:
+        if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+            raise TypeError(f"{cls.__name__} must be a frozen dataclass")
+        hints = typing.get_type_hints(cls)
+        specs = []
+        for f in dataclasses.fields(cls):
+            constraint = f.metadata.get("wire", Constraint())
+            specs.append(_spec_for(f.name, hints[f.name], constraint))
+        cls.TYPE_CODE = code
+        cls.RESPONSE_TYPE = response
+        cls.WIRE_FIELDS = tuple(specs)
+        if registry is not None:
+            registry.register(cls)
+        return cls
+
+    return apply
+
+
+# -- the messages the exchange needs now ---------------------------------------
+
+
+@message(2)
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    pass
+
+
+@message(1, response=Pong)
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    pass
+
+
+@message(3)
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Message):
+    """A request failed on the remote side; ``code`` is one of :class:`ErrorCode`."""
+
+    code: str = wire(min_len=1, max_len=64)
+    message: str = wire(max_len=1024)
+
+
+@message(17)
+@dataclass(frozen=True, slots=True)
+class ManifestData(Message):
+    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
+    manifest: bytes = wire()
+
+
+@message(16, response=ManifestData)
+@dataclass(frozen=True, slots=True)
+class GetManifest(Message):
+    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
+
+
+@message(19)
+@dataclass(frozen=True, slots=True)
+class PieceData(Message):
+    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
+    index: int = wire(min_value=0, max_value=0xFFFFFFFF)
+    data: Blob = wire()  # noqa: RUF009 - wire() is a dataclasses.field
+
+
+@message(18, response=PieceData)
+@dataclass(frozen=True, slots=True)
+class GetPiece(Message):
+    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
+    index: int = wire(min_value=0, max_value=0xFFFFFFFF)
+
+
+@message(21)
+@dataclass(frozen=True, slots=True)
+class Have(Message):
+    """Which pieces a peer holds: bit i (MSB first in byte i // 8) is piece i."""
+
+    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
+    complete: bool = wire()
+    bitfield: bytes = wire()
+
+
+@message(20, response=Have)
+@dataclass(frozen=True, slots=True)
+class GetHave(Message):
+    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
+
+
+# -- envelope ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    kind: Kind
+    request_id: int
+    message: Message
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """msgpack limits applied while decoding one payload."""
+
+    max_bin_len: int = 4 * 1024 * 1024
+    max_str_len: int = 64 * 1024
+    max_array_len: int = 4096
+    max_map_len: int = 64
+
+    @classmethod
+    def for_frame(cls, max_frame: int) -> DecodeLimits:
+        return cls(max_bin_len=max_frame)
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return bytes((0xC4, n))
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def encode_envelope(envelope: Envelope) -> list[Buffer]:
+    """The envelope as msgpack, in one or more buffers to be written in order."""
+    msg = envelope.message
+    if not 0 <= envelope.request_id <= MAX_REQUEST_ID:
+        raise UsageError(f"request id out of range: {envelope.request_id}")
+    if envelope.kind is Kind.ERROR and not isinstance(msg, ErrorReply):
+        raise UsageError("an error envelope carries an ErrorReply")
+    if msg.TYPE_CODE < 0:
+        raise UsageError(f"{type(msg).__name__} is not a registered message")
+    reason = msg.problem()
+    if reason is not None:
+        raise UsageError(f"cannot encode {reason}")
+    values = msg.wire_values()
+    head = [int(envelope.kind), envelope.request_id, msg.TYPE_CODE]
+    specs = msg.WIRE_FIELDS
+    if specs and specs[-1].is_blob:
+        last = values[-1]
+        assert isinstance(last, (bytes, bytearray, memoryview))
+        size = last.nbytes if isinstance(last, memoryview) else len(last)
+        if size >= SCATTER_MIN:
+            packer = msgpack.Packer(autoreset=True)
+            parts = [packer.pack_array_header(len(head) + len(values))]
+            parts.extend(packer.pack(v) for v in head)
+            parts.extend(packer.pack(v) for v in values[:-1])
+            parts.append(_bin_header(size))
+            prefix = b"".join(parts)
+            body = last if isinstance(last, memoryview) else memoryview(last)
+            return [prefix, body.cast("B") if body.format != "B" else body]
+    return [msgpack.packb(head + values)]
+
+
+def encode_envelope_bytes(envelope: Envelope) -> bytes:
+    return b"".join(encode_envelope(envelope))
+
+
+def request(request_id: int, msg: Message) -> Envelope:
+    return Envelope(Kind.REQUEST, request_id, msg)
+
+
+def response(request_id: int, msg: Message) -> Envelope:
+    kind = Kind.ERROR if isinstance(msg, ErrorReply) else Kind.RESPONSE
+    return Envelope(kind, request_id, msg)
+
+
+_UNPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
+
+
+def decode_envelope(
+    payload: Buffer,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    registry: MessageRegistry = DEFAULT_REGISTRY,
+) -> Envelope:
+    """Decode one frame payload; raise only :class:`MessageDecodeError`."""
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            use_list=False,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=limits.max_bin_len,
+            max_str_len=limits.max_str_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except _UNPACK_ERRORS as exc:
+        raise MessageDecodeError(f"undecodable payload: {type(exc).__name__}: {exc}") from None
+    if type(obj) is not tuple or len(obj) < 3:
+        raise MessageDecodeError("envelope must be an array [kind, request_id, type, fields...]")
+    kind, request_id, code = obj[0], obj[1], obj[2]
+    if type(kind) is not int or kind not in (0, 1, 2):
+        raise MessageDecodeError(f"bad envelope kind {kind!r}")
+    if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
+        raise MessageDecodeError(f"bad request id {request_id!r}")
+    if type(code) is not int:
+        raise MessageDecodeError(
+            "message type must be an integer", kind=kind, request_id=request_id
+        )
+    cls = registry.get(code)
+    if cls is None:
+        raise UnknownMessageType(code, kind=kind, request_id=request_id)
+    msg = _build(cls, obj[3:], kind=kind, request_id=request_id)
+    if kind == Kind.ERROR and not isinstance(msg, ErrorReply):
+        raise MessageDecodeError(
+            "an error envelope must carry an ErrorReply", kind=kind, request_id=request_id
+        )
+    return Envelope(Kind(kind), request_id, msg)
+
+
+def _build(
+    cls: type[Message], values: Sequence[object], *, kind: int | None, request_id: int | None
+) -> Message:
+    specs = cls.WIRE_FIELDS
+    if len(values) != len(specs):
+        raise MessageDecodeError(
+            f"{cls.__name__} has {len(specs)} fields, got {len(values)}",
+            kind=kind,
+            request_id=request_id,
+        )
+    for spec, value in zip(specs, values, strict=True):
+        reason = spec.check(value, decoding=True)
+        if reason is not None:
+            raise MessageDecodeError(f"{cls.__name__}.{reason}", kind=kind, request_id=request_id)
+    return cls(*values)
+
+
+def encode_message(msg: Message) -> bytes:
+    """A bare message (no envelope) as msgpack ``[type_code, *fields]``."""
+    reason = msg.problem()
+    if reason is not None:
+        raise UsageError(f"cannot encode {reason}")
+    return msgpack.packb([msg.TYPE_CODE, *msg.wire_values()])
+
+
+def decode_message(
+    payload: Buffer,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    registry: MessageRegistry = DEFAULT_REGISTRY,
+) -> Message:
+    """Decode a bare ``[type_code, *fields]`` message; raise only MessageDecodeError."""
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            use_list=False,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=limits.max_bin_len,
+            max_str_len=limits.max_str_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except _UNPACK_ERRORS as exc:
+        raise MessageDecodeError(f"undecodable payload: {type(exc).__name__}: {exc}") from None
+    if type(obj) is not tuple or not obj or type(obj[0]) is not int:
+        raise MessageDecodeError("message must be an array [type, fields...]")
+    cls = registry.get(obj[0])
+    if cls is None:
+        raise MessageDecodeError(f"unknown message type {obj[0]}")
+    return _build(cls, obj[1:], kind=None, request_id=None)
