@@ -1,0 +1,316 @@
+"""In-process runner: many ``p2pnode.Node`` objects in one event loop, each with
+its own home and real loopback sockets (UDP + TCP on 127.0.0.1, port 0).
+
+Hooks into the node that are not public API (all read-only except the two
+marked *):
+- ``Discovery._protocol``: the DHT protocol, for its counters, the datagram
+  transport (*swapped for ``netem.ImpairedTransport`` to add loss/latency and
+  count bytes) and ``call_find_node`` (*wrapped per instance by ``LookupTracer``
+  to measure hops per lookup);
+- ``Node._cancel_tasks`` / ``Node._stop_parts`` / ``Node._lock`` for an abrupt
+  kill (``Node.stop`` would save the routing table first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import resource
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from p2pnode.config import NodeConfig
+from p2pnode.dht.config import DhtConfig
+from p2pnode.errors import P2PError
+from p2pnode.exchange.manifest import resource_id_from_str
+from p2pnode.node import Node
+from p2pnode.sim import netem
+from p2pnode.sim.engine import Cluster, LookupOutcome, NodeFailure, SimNode, Traffic
+from p2pnode.sim.scenario import ScenarioConfig
+
+log = logging.getLogger(__name__)
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft open-files limit towards ``wanted`` (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
+def fds_needed(nodes: int) -> int:
+    # UDP + TCP listener + control listener + lock + SQLite (db, wal, shm) + slack for
+    # peer connections, pieces being read and control clients.
+    return 1024 + nodes * 16
+
+
+@dataclass
+class _Trace:
+    queries: int = 0
+    depth: dict[bytes, int] = field(default_factory=dict)
+
+
+class LookupTracer:
+    """Traces the find_node queries of a node's lookups for registered targets: how
+    many were sent and, for every node learned, through how many successive
+    answers (its depth). Hops of a lookup = the depth at which the target was first
+    learned; 0 when it was already in the routing table (no query at all)."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._inner: Callable[[Any, Any], Awaitable[Any]] = protocol.call_find_node
+        self._traces: dict[bytes, _Trace] = {}
+        protocol.call_find_node = self._call_find_node
+
+    def begin(self, target: bytes) -> None:
+        self._traces[target] = _Trace()
+
+    def end(self, target: bytes) -> tuple[int, int | None]:
+        trace = self._traces.pop(target, _Trace())
+        return trace.queries, trace.depth.get(target)
+
+    async def _call_find_node(self, node_to_ask: Any, node_to_find: Any) -> Any:
+        result = await self._inner(node_to_ask, node_to_find)
+        trace = self._traces.get(node_to_find.id)
+        if trace is not None:
+            trace.queries += 1
+            depth = trace.depth.get(node_to_ask.id, 0)
+            for node in result or ():
+                trace.depth.setdefault(node.id, depth + 1)
+        return result
+
+
+def _find_node_sent(stats: dict[str, Any]) -> int:
+    return int(stats.get("rpc_sent.find_node", 0))
+
+
+def _sum_keys(stats: dict[str, Any], *needles: str) -> int:
+    total = 0
+    for key, value in stats.items():
+        low = key.lower()
+        if (
+            all(n in low for n in needles)
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+        ):
+            total += value
+    return total
+
+
+def net_bytes(stats: dict[str, Any]) -> tuple[int, int]:
+    """(sent, received) bytes from the peer host's counters, whatever their exact
+    names (``bytes_sent``/``bytes_out``/``tx_bytes`` ...); 0 if there are none."""
+    sent = (
+        _sum_keys(stats, "bytes", "sent")
+        or _sum_keys(stats, "bytes", "out")
+        or _sum_keys(stats, "tx", "bytes")
+    )
+    received = (
+        _sum_keys(stats, "bytes", "rec")
+        or _sum_keys(stats, "bytes", "in")
+        or _sum_keys(stats, "rx", "bytes")
+    )
+    return sent, received
+
+
+class InprocessNode(SimNode):
+    def __init__(self, index: int, workdir: Path, cluster: InprocessCluster) -> None:
+        super().__init__(index, workdir)
+        self._cluster = cluster
+        self.node: Node | None = None
+        self._wire: netem.ImpairedTransport | None = None
+        self._tracer: LookupTracer | None = None
+
+    async def start(self, bootstrap: list[tuple[str, int]], port: int = 0) -> None:
+        for d in (self.home, self.files, self.downloads):
+            d.mkdir(parents=True, exist_ok=True)
+        config = self._cluster.node_config(self.home, bootstrap, port)
+        node = Node(config)
+        try:
+            await node.start()
+        except P2PError as exc:
+            if port == 0:
+                raise NodeFailure(f"start: {exc}") from None
+            # The old port is taken: any port will do.
+            node = Node(dataclasses.replace(config, port=0))
+            try:
+                await node.start()
+            except P2PError as exc2:
+                raise NodeFailure(f"start: {exc2}") from None
+        # Nothing has been sent yet: the join task only runs at our next await.
+        self._wire = self._cluster.impair(node)
+        protocol = netem.dht_protocol(node.discovery)
+        self._tracer = LookupTracer(protocol) if protocol is not None else None
+        self.node = node
+        self.node_id = node.node_id
+        self.port = node.port
+        self.running = True
+
+    async def joined(self) -> bool:
+        return self.node is not None and self.node._joined.is_set()
+
+    async def kill(self) -> None:
+        node = self.node
+        if node is None or not self.running:
+            return
+        self.running = False
+        if self._wire is not None:
+            self._wire.blackhole = True  # not one more datagram out
+        # Node.stop() minus saving the routing table: an abrupt end.
+        node._running = False
+        await node._cancel_tasks()
+        await node._stop_parts()
+        node._lock.release()
+
+    async def stop(self) -> None:
+        if self.node is not None and self.running:
+            self.running = False
+            await self.node.stop()
+
+    def _node(self) -> Node:
+        if self.node is None or not self.running:
+            raise NodeFailure("down: node not running")
+        return self.node
+
+    async def share(self, path: Path) -> str:
+        try:
+            info = await self._node().exchange.share(path)
+        except P2PError as exc:
+            raise NodeFailure(f"share: {type(exc).__name__}: {exc}") from None
+        return str(info.to_json()["id"])
+
+    async def fetch(self, rid: str, dest: Path) -> Path:
+        try:
+            info = await self._node().exchange.get(resource_id_from_str(rid), dest)
+        except P2PError as exc:
+            raise NodeFailure(f"fetch: {type(exc).__name__}: {exc}") from None
+        data = info.to_json()
+        path = data.get("path")
+        return Path(path) if path else dest
+
+    async def dht_put(self, key: str, value: str) -> bool:
+        try:
+            return bool(await self._node().discovery.put(key, value))
+        except P2PError as exc:
+            raise NodeFailure(f"put: {type(exc).__name__}: {exc}") from None
+
+    async def dht_get(self, key: str) -> str | None:
+        try:
+            value = await self._node().discovery.get(key)
+        except P2PError as exc:
+            raise NodeFailure(f"get: {type(exc).__name__}: {exc}") from None
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace")
+        return None if value is None else str(value)
+
+    async def find_peer(self, node_id: bytes) -> LookupOutcome:
+        node = self._node()
+        before = _find_node_sent(node.discovery.stats())
+        if self._tracer is not None:
+            self._tracer.begin(node_id)
+        try:
+            contact = await node.discovery.find_peer(node_id)
+        except P2PError as exc:
+            raise NodeFailure(f"lookup: {type(exc).__name__}: {exc}") from None
+        finally:
+            queries, depth = self._tracer.end(node_id) if self._tracer else (0, None)
+        rpcs = _find_node_sent(node.discovery.stats()) - before
+        found = contact is not None
+        hops: float | None = None
+        if found:
+            hops = float(depth) if depth is not None else (0.0 if queries == 0 else None)
+        return LookupOutcome(
+            found=found, port=contact.port if contact else None, rpcs=float(rpcs), hops=hops
+        )
+
+    async def traffic(self) -> Traffic:
+        node = self._node()
+        dht = node.discovery.stats()
+        net = node.peer_host.stats()
+        if self._wire is not None:
+            dht = {
+                **dht,
+                "sim.bytes_sent": self._wire.bytes_sent,
+                "sim.datagrams_sent": self._wire.datagrams_sent,
+                "sim.datagrams_dropped": self._wire.datagrams_dropped,
+            }
+        net_sent, net_received = net_bytes(net)
+        return Traffic(
+            dht_bytes_sent=self._wire.bytes_sent if self._wire else 0,
+            net_bytes_sent=net_sent,
+            net_bytes_received=net_received,
+            routing_table_size=len(node.discovery.contacts()),
+            dht=dict(dht),
+            net=dict(net),
+        )
+
+
+class InprocessCluster(Cluster):
+    mode = "inprocess"
+    rpc_source = (
+        "RPCs per lookup: delta of the source node's rpc_sent.find_node counter around "
+        "find_peer (one lookup at a time per source); hops: depth at which the target "
+        "was first learned, traced by wrapping the source's call_find_node"
+    )
+
+    def __init__(self, workdir: Path, config: ScenarioConfig) -> None:
+        super().__init__(workdir)
+        self.config = config
+        self._proc = psutil.Process()
+        self._impair_seq = 0
+        self.impaired = config.loss > 0 or config.latency_ms > 0 or config.jitter_ms > 0
+        self.hook_missing = False
+
+    def _make_node(self, index: int, workdir: Path) -> SimNode:
+        return InprocessNode(index, workdir, self)
+
+    async def setup(self) -> None:
+        raise_fd_limit(fds_needed(self.config.nodes))
+
+    def node_config(self, home: Path, bootstrap: list[tuple[str, int]], port: int) -> NodeConfig:
+        dht = DhtConfig()
+        if self.config.rpc_timeout is not None:
+            dht = dataclasses.replace(dht, rpc_timeout=self.config.rpc_timeout)
+        extra: dict[str, Any] = {}
+        names = {f.name for f in dataclasses.fields(NodeConfig)}
+        # Forward compatible: a NodeConfig switch for the control API, if there is one.
+        for flag in ("control_api", "api_enabled", "enable_api"):
+            if flag in names:
+                extra[flag] = self.config.control_api
+        return NodeConfig(
+            home=home, host="127.0.0.1", port=port, bootstrap=tuple(bootstrap), dht=dht, **extra
+        )
+
+    def impair(self, node: Node) -> netem.ImpairedTransport | None:
+        self._impair_seq += 1
+        rng = random.Random(f"netem:{self.config.seed}:{self._impair_seq}")
+        wrapper = netem.install(
+            node.discovery,
+            loss=self.config.loss if self.impaired else 0.0,
+            latency=self.config.latency_ms / 1000 if self.impaired else 0.0,
+            jitter=self.config.jitter_ms / 1000 if self.impaired else 0.0,
+            rng=rng,
+        )
+        if wrapper is None:
+            self.hook_missing = True
+        return wrapper
+
+    def rss(self) -> tuple[int, dict[int, int]]:
+        try:
+            return int(self._proc.memory_info().rss), {}
+        except psutil.Error:
+            return 0, {}
+
+    async def close(self) -> None:
+        running = [n for n in self.nodes.values() if n.running]
+        # Stop in batches: a thousand simultaneous stops is a thundering herd of closes.
+        for i in range(0, len(running), 100):
+            await asyncio.gather(*(n.stop() for n in running[i : i + 100]), return_exceptions=True)

@@ -1,0 +1,134 @@
+"""Run one simulation end to end: plan, nodes, workload, report, clean-up.
+
+Ctrl-C (or SIGTERM) once: the run stops where it is, every node is stopped, the
+temporary homes are removed (unless ``keep``) and a partial report is written.
+Twice: every child process is SIGKILLed and the simulator exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2pnode.sim.engine import Cluster, Simulation
+from p2pnode.sim.report import build_report, format_table, write_report
+from p2pnode.sim.scenario import ScenarioConfig, generate
+from p2pnode.sim.stats import Measurements
+
+log = logging.getLogger(__name__)
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class Outcome:
+    report: dict[str, Any]
+    measurements: Measurements
+    files: list[Path] = field(default_factory=list)
+    workdir: Path | None = None  # kept homes, when keep=True
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.report["run"]["interrupted"])
+
+
+def make_cluster(config: ScenarioConfig, workdir: Path) -> Cluster:
+    if config.mode == "processes":
+        from p2pnode.sim.processes import ProcessCluster
+
+        return ProcessCluster(workdir, config)
+    from p2pnode.sim.inprocess import InprocessCluster
+
+    return InprocessCluster(workdir, config)
+
+
+async def simulate(
+    config: ScenarioConfig,
+    *,
+    out: Path | None = None,
+    workdir: Path | None = None,
+    keep: bool = False,
+    progress: bool = True,
+    handle_signals: bool = False,
+) -> Outcome:
+    """Run ``config``; write the report into ``out`` (if given)."""
+    scenario = generate(config)
+    own_workdir = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="p2pnode-sim-")) if workdir is None else workdir
+    work.mkdir(parents=True, exist_ok=True)
+    cluster = make_cluster(config, work)
+    sim = Simulation(scenario, cluster, progress=progress)
+    loop = asyncio.get_running_loop()
+    run_task = asyncio.create_task(sim.run(), name="sim-run")
+    interrupts = 0
+
+    def on_signal() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            sys.stderr.write("\ninterrupted: stopping every node (Ctrl-C again to kill)\n")
+            run_task.cancel()
+        else:
+            cluster.kill_now()
+            if own_workdir and not keep:
+                shutil.rmtree(work, ignore_errors=True)
+            os._exit(EXIT_INTERRUPTED)
+
+    installed = []
+    if handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, on_signal)
+                installed.append(sig)
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await run_task
+    finally:
+        if not run_task.done():
+            run_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run_task
+        await asyncio.shield(sim.close())
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        if not keep:
+            await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
+    m = sim.m
+    if getattr(cluster, "hook_missing", False):
+        m.notes.append("loss/latency requested but the DHT transport hook was not found")
+    if config.mode == "processes" and (config.loss or config.latency_ms or config.jitter_ms):
+        m.notes.append("loss/latency/jitter apply to in-process mode only; ignored here")
+    report = build_report(scenario, m)
+    files = write_report(report, out, m) if out is not None else []
+    return Outcome(report, m, files, work if keep else None)
+
+
+def configure_logging(path: Path | None, level: str = "WARNING") -> None:
+    """Node logs go to a file, not the terminal (the progress line lives there)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if path is None:
+        root.addHandler(logging.NullHandler())
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def print_summary(outcome: Outcome, out: Path | None) -> None:
+    print(format_table(outcome.report))
+    if outcome.files:
+        print(f"report: {', '.join(str(p) for p in outcome.files)}")
+    if outcome.workdir is not None:
+        print(f"homes kept in {outcome.workdir}")

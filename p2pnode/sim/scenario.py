@@ -1,0 +1,415 @@
+"""Simulation scenarios: a configuration (flags or TOML) and the plan it generates.
+
+The plan is a pure function of the configuration, seed included: the same
+``ScenarioConfig`` always gives the same ``Scenario`` (which node joins when and
+through which seeds, which node shares, fetches, puts, gets or looks up what and
+when, who is killed and restarted when). Nothing here touches sockets, files or
+clocks; the runners execute a plan and measure it.
+
+Timeline (seconds):
+
+- join phase: node ``i`` starts at ``nodes[i].join_at`` (``i / join_rate``) after the
+  phase starts; the first ``seeds`` nodes are the bootstrap nodes (seed 0 starts
+  alone, the other seeds join through it). At each checkpoint size (8, 16, 32, ...
+  nodes) the runner pauses joins and runs one round of probe lookups, which gives
+  hops/RPCs per lookup against log2(N). Then rounds of probe lookups among all
+  nodes until one round fully succeeds (time to converge).
+- workload phase, ``duration`` seconds: the operations of ``Scenario.ops`` at
+  their ``at`` offsets. Every operation's actor (and a lookup's target) is alive
+  at that time according to the plan's own churn events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Mode = Literal["inprocess", "processes"]
+MODES: tuple[Mode, ...] = ("inprocess", "processes")
+
+OpKind = Literal["share", "fetch", "put", "get", "lookup", "kill", "restart"]
+
+# Resource sizes are bounded so one simulation cannot fill a disk by accident.
+MAX_RESOURCE_SIZE = 1 << 30
+MAX_VALUE_SIZE = 4096
+FIRST_CHECKPOINT = 8
+
+
+class ScenarioError(ValueError):
+    """A scenario configuration that cannot be run."""
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """Everything a simulation run depends on. Defaults: a quick ~20-node run."""
+
+    nodes: int = 20
+    mode: Mode = "inprocess"
+    seed: int = 1
+    # Bootstrap topology: this many seed nodes; each joiner is given this many of them.
+    seeds: int = 1
+    bootstrap_per_node: int = 1
+    # Joins: nodes per second (0 = as fast as join_concurrency allows).
+    join_rate: float = 50.0
+    join_concurrency: int = 16
+    # Probe lookups per round (checkpoints for hops vs log2(N), and convergence).
+    probe_lookups: int = 20
+    converge_timeout: float = 60.0
+    # Workload phase.
+    duration: float = 15.0
+    resources: int = 4
+    resource_size: int = 256 * 1024
+    resource_size_max: int = 0  # 0: every resource is resource_size bytes
+    fetches_per_resource: int = 3
+    dht_values: int = 10
+    dht_gets_per_value: int = 2
+    value_size: int = 64
+    lookups: int = 100
+    # Churn: this fraction of the non-seed nodes is killed abruptly during the
+    # workload (between 10% and 70% of it); this fraction of those comes back after
+    # a downtime drawn from [downtime, downtime_max].
+    churn: float = 0.0
+    restart: float = 0.5
+    downtime: float = 3.0
+    downtime_max: float = 8.0
+    # Network impairment on the DHT (UDP) path, in-process mode only.
+    loss: float = 0.0
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    # Limits of the runner.
+    max_inflight: int = 64
+    lookup_timeout: float = 30.0
+    dht_timeout: float = 30.0
+    download_timeout: float = 120.0
+    drain_timeout: float = 60.0
+    start_timeout: float = 60.0
+    # DHT overrides (None: the node's defaults, DhtConfig).
+    rpc_timeout: float | None = None
+    # In-process: run each node's control API (True, as `p2pnode start` does), or not
+    # when the node configuration allows it (saves a listener and memory per node).
+    control_api: bool = True
+
+    def validate(self) -> ScenarioConfig:
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise ScenarioError(what)
+
+        need(self.mode in MODES, f"mode must be one of {', '.join(MODES)}")
+        need(self.nodes >= 1, "nodes must be at least 1")
+        need(1 <= self.seeds <= self.nodes, "seeds must be 1..nodes")
+        need(self.bootstrap_per_node >= 1, "bootstrap_per_node must be at least 1")
+        need(self.join_rate >= 0, "join_rate must be >= 0")
+        need(self.join_concurrency >= 1, "join_concurrency must be >= 1")
+        need(self.probe_lookups >= 0, "probe_lookups must be >= 0")
+        need(self.duration >= 0, "duration must be >= 0")
+        for name in (
+            "resources",
+            "fetches_per_resource",
+            "dht_values",
+            "dht_gets_per_value",
+            "lookups",
+        ):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0")
+        need(1 <= self.resource_size <= MAX_RESOURCE_SIZE, "resource_size must be 1 B..1 GiB")
+        need(
+            self.resource_size_max == 0
+            or self.resource_size <= self.resource_size_max <= MAX_RESOURCE_SIZE,
+            "resource_size_max must be 0 or resource_size..1 GiB",
+        )
+        need(1 <= self.value_size <= MAX_VALUE_SIZE, f"value_size must be 1..{MAX_VALUE_SIZE}")
+        need(0 <= self.churn <= 1, "churn must be a fraction 0..1")
+        need(0 <= self.restart <= 1, "restart must be a fraction 0..1")
+        need(0 <= self.downtime <= self.downtime_max, "need 0 <= downtime <= downtime_max")
+        need(0 <= self.loss < 1, "loss must be a probability 0..1 (exclusive)")
+        need(self.latency_ms >= 0 and self.jitter_ms >= 0, "latency and jitter must be >= 0")
+        need(self.max_inflight >= 1, "max_inflight must be >= 1")
+        for name in (
+            "lookup_timeout",
+            "dht_timeout",
+            "download_timeout",
+            "drain_timeout",
+            "start_timeout",
+            "converge_timeout",
+        ):
+            need(getattr(self, name) > 0, f"{name} must be > 0")
+        need(self.rpc_timeout is None or self.rpc_timeout > 0, "rpc_timeout must be > 0")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ScenarioConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = _FIELDS[name].default
+    if name == "rpc_timeout":
+        return None if value is None else float(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ScenarioError(f"{name} must be true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScenarioError(f"{name} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ScenarioError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ScenarioError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def config_from_mapping(
+    data: Mapping[str, Any], base: ScenarioConfig | None = None
+) -> ScenarioConfig:
+    """A config from ``base`` (default: the defaults) with ``data``'s keys replaced.
+
+    Keys are the field names (``-`` and ``_`` both accepted); unknown keys and
+    wrongly typed values raise ScenarioError. A ``[scenario]`` table is used when
+    present, so a TOML file may hold other tables too.
+    """
+    if "scenario" in data and isinstance(data["scenario"], Mapping):
+        data = data["scenario"]
+    changes: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = raw_key.replace("-", "_")
+        if key not in _FIELDS:
+            raise ScenarioError(f"unknown scenario setting {raw_key!r}")
+        changes[key] = _coerce(key, value)
+    return dataclasses.replace(base or ScenarioConfig(), **changes).validate()
+
+
+def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> ScenarioConfig:
+    """A config from a TOML file, then ``overrides`` (e.g. command-line flags)."""
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ScenarioError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: {exc}") from None
+    config = config_from_mapping(data)
+    return config_from_mapping(overrides or {}, config)
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    index: int
+    is_seed: bool
+    join_at: float
+    bootstrap: tuple[int, ...]  # indices of the seed nodes it joins through
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    index: int
+    name: str
+    size: int
+    content_seed: int
+
+    def content(self) -> bytes:
+        """The resource's bytes: a pure function of its content seed."""
+        return random.Random(self.content_seed).randbytes(self.size)
+
+
+@dataclass(frozen=True)
+class ValuePlan:
+    index: int
+    key: str
+    value: str
+
+
+@dataclass(frozen=True, order=True)
+class Op:
+    """One scheduled action. ``arg`` is a resource index (share, fetch), a value
+    index (put, get), a target node index (lookup) and unused (-1) for churn."""
+
+    at: float
+    kind: OpKind
+    node: int
+    arg: int = -1
+
+
+@dataclass(frozen=True)
+class Scenario:
+    config: ScenarioConfig
+    nodes: tuple[NodePlan, ...]
+    resources: tuple[ResourcePlan, ...]
+    values: tuple[ValuePlan, ...]
+    ops: tuple[Op, ...]  # sorted by time
+    checkpoints: tuple[int, ...]  # network sizes at which a probe round runs
+    digest: str = field(default="")  # a fingerprint of the whole plan
+
+    def count(self, kind: OpKind) -> int:
+        return sum(1 for op in self.ops if op.kind == kind)
+
+    def alive_at(self, t: float) -> set[int]:
+        """Nodes the plan has running at workload time ``t``."""
+        return _alive_at(len(self.nodes), [op for op in self.ops if op.kind in _CHURN], t)
+
+
+_CHURN = ("kill", "restart")
+
+
+def _alive_at(n: int, churn: Iterable[Op], t: float) -> set[int]:
+    alive = set(range(n))
+    for op in sorted(churn):
+        if op.at > t:
+            break
+        if op.kind == "kill":
+            alive.discard(op.node)
+        else:
+            alive.add(op.node)
+    return alive
+
+
+def _rng(config: ScenarioConfig, label: str) -> random.Random:
+    # A separate, named stream per part of the plan: changing the number of
+    # lookups does not move who gets killed, and so on.
+    return random.Random(f"p2pnode-sim:{config.seed}:{label}")
+
+
+def checkpoints(n: int) -> tuple[int, ...]:
+    """Network sizes at which a probe round runs during joins: 8, 16, 32, ... < n."""
+    out = []
+    size = FIRST_CHECKPOINT
+    while size < n:
+        out.append(size)
+        size *= 2
+    return tuple(out)
+
+
+def probe_pairs(
+    config: ScenarioConfig, label: str, alive: list[int], count: int
+) -> list[tuple[int, int]]:
+    """``count`` (source, target) pairs of distinct nodes among ``alive`` for a probe
+    round; a pure function of the seed, the round's label and the nodes."""
+    if len(alive) < 2:
+        return []
+    rng = _rng(config, f"probe:{label}")
+    pairs = []
+    for _ in range(count):
+        source, target = rng.sample(alive, 2)
+        pairs.append((source, target))
+    return pairs
+
+
+def generate(config: ScenarioConfig) -> Scenario:
+    """The plan for ``config``: a pure function of it (the seed included)."""
+    config.validate()
+    n = config.nodes
+    nodes = _plan_nodes(config)
+    churn = _plan_churn(config)
+    window = max(config.duration, 1e-3)
+
+    def alive(t: float) -> list[int]:
+        return sorted(_alive_at(n, churn, t))
+
+    ops: list[Op] = list(churn)
+
+    # Resources: shared in the first 30% of the workload, fetched after.
+    rng = _rng(config, "resources")
+    resources = []
+    for r in range(config.resources):
+        size = config.resource_size
+        if config.resource_size_max > config.resource_size:
+            size = rng.randint(config.resource_size, config.resource_size_max)
+        resources.append(ResourcePlan(r, f"res-{config.seed}-{r}.bin", size, rng.getrandbits(63)))
+        t_share = rng.uniform(0, 0.3 * window)
+        sharer = rng.choice(alive(t_share))
+        ops.append(Op(round(t_share, 6), "share", sharer, r))
+        holders = {sharer}  # a node fetches a given resource at most once
+        for _ in range(config.fetches_per_resource):
+            t_fetch = rng.uniform(t_share, window)
+            candidates = [i for i in alive(t_fetch) if i not in holders]
+            if candidates:
+                fetcher = rng.choice(candidates)
+                holders.add(fetcher)
+                ops.append(Op(round(t_fetch, 6), "fetch", fetcher, r))
+
+    # Small DHT values: put in the first half, got after.
+    rng = _rng(config, "values")
+    values = []
+    for v in range(config.dht_values):
+        body = rng.randbytes((config.value_size + 1) // 2).hex()[: config.value_size]
+        values.append(ValuePlan(v, f"sim-{config.seed}-value-{v}", body))
+        t_put = rng.uniform(0, 0.5 * window)
+        putter = rng.choice(alive(t_put))
+        ops.append(Op(round(t_put, 6), "put", putter, v))
+        for _ in range(config.dht_gets_per_value):
+            t_get = rng.uniform(t_put, window)
+            ops.append(Op(round(t_get, 6), "get", rng.choice(alive(t_get)), v))
+
+    # Peer lookups between two nodes both running at that time.
+    rng = _rng(config, "lookups")
+    for _ in range(config.lookups if n > 1 else 0):
+        t = rng.uniform(0, window)
+        live = alive(t)
+        if len(live) >= 2:
+            source, target = rng.sample(live, 2)
+            ops.append(Op(round(t, 6), "lookup", source, target))
+
+    ops.sort()
+    scenario = Scenario(
+        config=config,
+        nodes=nodes,
+        resources=tuple(resources),
+        values=tuple(values),
+        ops=tuple(ops),
+        checkpoints=checkpoints(n),
+    )
+    return dataclasses.replace(scenario, digest=_digest(scenario))
+
+
+def _plan_nodes(config: ScenarioConfig) -> tuple[NodePlan, ...]:
+    rng = _rng(config, "nodes")
+    seeds = list(range(config.seeds))
+    per_node = min(config.bootstrap_per_node, config.seeds)
+    step = 0.0 if config.join_rate == 0 else 1.0 / config.join_rate
+    plans = []
+    for i in range(config.nodes):
+        if i == 0:
+            boot: tuple[int, ...] = ()
+        elif i < config.seeds:
+            boot = tuple(range(i))[-per_node:]  # the seeds already up
+        else:
+            boot = tuple(sorted(rng.sample(seeds, per_node)))
+        plans.append(NodePlan(i, i < config.seeds, round(i * step, 6), boot))
+    return tuple(plans)
+
+
+def _plan_churn(config: ScenarioConfig) -> list[Op]:
+    rng = _rng(config, "churn")
+    candidates = list(range(config.seeds, config.nodes))
+    victims = rng.sample(candidates, round(config.churn * len(candidates)))
+    restarting = set(rng.sample(victims, round(config.restart * len(victims))))
+    window = config.duration
+    ops = []
+    for node in victims:
+        t_kill = rng.uniform(0.1 * window, 0.7 * window)
+        ops.append(Op(round(t_kill, 6), "kill", node))
+        if node in restarting:
+            t_back = t_kill + rng.uniform(config.downtime, config.downtime_max)
+            if t_back < window:
+                ops.append(Op(round(t_back, 6), "restart", node))
+    return sorted(ops)
+
+
+def _digest(scenario: Scenario) -> str:
+    h = hashlib.sha256()
+    for part in (scenario.nodes, scenario.resources, scenario.values, scenario.ops):
+        h.update(repr(part).encode())
+    return h.hexdigest()[:16]

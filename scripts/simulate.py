@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""A local multi-node p2pnode network, a workload and a report.
+
+    python scripts/simulate.py                                   # ~20 nodes, under a minute
+    python scripts/simulate.py --nodes 200 --mode inprocess --churn 0.3 --seed 7 --out report/
+    python scripts/simulate.py --nodes 20 --mode processes       # real `p2pnode start` children
+    python scripts/simulate.py --config scenario.toml --seed 3   # flags override the file
+
+Every scenario setting is a flag (``--join-rate``, ``--lookups``, ...; see --help)
+and a key of the TOML file (top level or a [scenario] table). The run is a pure
+function of the settings and --seed. The report goes to --out (report.json and
+PNG plots) and a summary table to stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from p2pnode.sim.run import EXIT_INTERRUPTED, configure_logging, print_summary, simulate
+from p2pnode.sim.scenario import (
+    MODES,
+    ScenarioConfig,
+    ScenarioError,
+    config_from_mapping,
+    load_config,
+)
+
+HELP = {
+    "nodes": "number of nodes (default %(default)s)",
+    "mode": "inprocess: Node objects in one event loop; processes: `p2pnode start` children",
+    "seed": "random seed: same seed and settings, same scenario",
+    "seeds": "bootstrap (seed) nodes",
+    "bootstrap_per_node": "seed addresses given to each joining node",
+    "join_rate": "nodes started per second (0: as fast as --join-concurrency allows)",
+    "churn": "fraction of non-seed nodes killed abruptly during the workload",
+    "restart": "fraction of the killed nodes restarted after a downtime",
+    "loss": "DHT datagram loss probability (in-process mode)",
+    "latency_ms": "DHT datagram one-way delay in ms (in-process mode)",
+    "duration": "workload phase length in seconds",
+    "control_api": "in-process: run each node's control API (if NodeConfig can turn it off)",
+}
+
+
+def _flag_type(f: dataclasses.Field[Any]) -> Any:
+    if f.name == "rpc_timeout":
+        return float
+    default = f.default
+    if isinstance(default, bool):
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Simulate a local p2pnode network and report on it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="scenario TOML file (flags override it)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("sim-report"),
+        help="folder for report.json, the plots and sim.log",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="folder for the node homes (default: a temporary one)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the node homes (and their logs) after the run"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="level of <out>/sim.log",
+    )
+    group = parser.add_argument_group("scenario (also settable in --config)")
+    defaults = ScenarioConfig()
+    for f in dataclasses.fields(ScenarioConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {
+            "dest": f"scenario_{f.name}",
+            "default": None,
+            "type": _flag_type(f),
+            "help": HELP.get(f.name, f.name.replace("_", " "))
+            + f" (default {getattr(defaults, f.name)})",
+        }
+        if f.name == "mode":
+            kwargs["choices"] = MODES
+        group.add_argument(flag, **kwargs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = {
+        key.removeprefix("scenario_"): value
+        for key, value in vars(args).items()
+        if key.startswith("scenario_") and value is not None
+    }
+    try:
+        if args.config is not None:
+            config = load_config(args.config, overrides)
+        else:
+            config = config_from_mapping(overrides)
+    except ScenarioError as exc:
+        parser.error(str(exc))
+    configure_logging(args.out / "sim.log", args.log_level)
+    outcome = asyncio.run(
+        simulate(
+            config,
+            out=args.out,
+            workdir=args.workdir,
+            keep=args.keep,
+            progress=not args.quiet,
+            handle_signals=True,
+        )
+    )
+    print_summary(outcome, args.out)
+    return EXIT_INTERRUPTED if outcome.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
