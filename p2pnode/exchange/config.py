@@ -7,6 +7,31 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ExchangeConfig:
+    # Downloads.
     requests_per_peer: int = 8
     piece_timeout: float = 20.0
     max_peers_per_download: int = 16
+    manifest_timeout: float = 20.0
+    # Consecutive failed/timed-out requests before a peer is dropped from a download.
+    max_failures: int = 3
+    # Endgame: at most this many peers race for one of the last pieces.
+    endgame_copies: int = 2
+    # When every provider is gone, ask the DHT again this many times before giving up.
+    rediscover_attempts: int = 2
+    rediscover_delay: float = 1.0
+    progress_interval: float = 0.25
+    # fsync the finished download before it is renamed into place.
+    fsync: bool = True
+    # Threads for disk reads (serving), writes and hashing (downloads).
+    io_threads: int = 4
+    # Sharing: threads hashing a file (0: as many as cores, at most 4).
+    hash_workers: int = 0
+    # Serving. Served resources are announced at start, as soon as the DHT has
+    # contacts (checked every contact_poll_interval), then every announce_interval.
+    announce_interval: float = 3600.0
+    contact_poll_interval: float = 2.0
+    serve_max_reads: int = 4
+    serve_max_queued: int = 256
+    # Check shared files for changes this often (seconds; 0 disables) so a changed
+    # file stops being announced even if nobody asks for it.
+    stale_check_interval: float = 60.0

@@ -103,6 +103,10 @@ class PieceSource:
     paths: tuple[Path, ...]
     stats: tuple[FileStat, ...] | None  # None: our own partial files, not checked
 
+    @property
+    def partial(self) -> bool:
+        return self.stats is None
+
     def read(self, index: int) -> bytes:
         """Read piece ``index`` (blocking). StaleError if a file changed since hashing."""
         length = self.manifest.piece_length(index)
@@ -227,12 +231,15 @@ class Store:
         )
 
     def source(self, rid: bytes) -> PieceSource | None:
-        """A reader for a resource this node serves, or None."""
+        """A reader for a resource this node serves or is downloading, else None.
+
+        For a download the caller must check ``verified_pieces`` before reading.
+        """
         cached = self._sources.get(rid)
         if cached is not None:
             return cached
         res = self.get(rid)
-        if res is None:
+        if res is None or not (res.served or res.state == "partial"):
             return None
         paths = tuple(file_paths(res.root, res.manifest))
         stats = None if res.state == "partial" else self._stats(rid)
@@ -290,6 +297,7 @@ class Store:
 
     def set_served(self, rid: bytes, served: bool) -> None:
         self._db.execute("UPDATE resources SET served = ? WHERE id = ?", (int(served), rid))
+        self._sources.pop(rid, None)
 
     def mark_stale(self, rid: bytes, reason: str) -> None:
         self._db.execute("UPDATE resources SET served = 0, stale = ? WHERE id = ?", (reason, rid))
@@ -328,6 +336,7 @@ class Store:
             self.set_served(rid, False)
         else:
             self._db.execute("UPDATE resources SET dest = ? WHERE id = ?", (str(dest), rid))
+        self._sources.pop(rid, None)
         try:
             lost = _layout_partial(manifest, target)
         except OSError as exc:
@@ -373,7 +382,7 @@ class Store:
         dest = res.dest
         try:
             if fsync:
-                _fsync_tree(res.root, res.manifest)
+                fsync_tree(res.root, res.manifest)
             _move_into_place(res.root, dest, res.manifest, force=force)
             stats = [
                 FileStat(e.path, st.st_size, st.st_mtime_ns)
@@ -464,7 +473,7 @@ def _layout_partial(manifest: Manifest, target: Path) -> bool:
     return lost
 
 
-def _fsync_tree(root: Path, manifest: Manifest) -> None:
+def fsync_tree(root: Path, manifest: Manifest) -> None:
     for path in file_paths(root, manifest):
         fd = os.open(path, os.O_RDONLY)
         try:

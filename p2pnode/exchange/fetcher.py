@@ -1,0 +1,665 @@
+"""One download: providers from the DHT, manifest from any, pieces from all at once.
+
+Rules:
+
+- The manifest is accepted only if it hashes to the resource id; a provider that
+  sends one that does not, or anything malformed, is banned for this download.
+- Every provider gets one worker. It asks GetHave once (complete, or which pieces),
+  then keeps up to ``requests_per_peer`` GetPiece requests in flight, as the
+  ``Picker`` hands out pieces (rarest first; endgame races the last ones).
+- An answer is checked against the piece hash (in a worker thread) before it is
+  written (``os.pwrite``, same thread) and recorded in the store. A peer whose
+  piece fails verification, or that answers out of protocol, is banned; a peer
+  that times out or says busy gets strikes and is dropped after ``max_failures``;
+  a peer whose connection fails is dropped. Its pieces go back to the others.
+- When the picker has no peers left, the DHT is asked again (``rediscover_attempts``
+  times); then the download fails with ``DownloadError``, keeping what it verified.
+- Disk errors (ENOSPC...) end the download with ``StorageError``; the partial
+  file and its records are kept, so running the same get again resumes.
+- Only when every piece is verified is the partial moved to its destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from p2pnode.clock import Clock
+from p2pnode.errors import (
+    LimitExceeded,
+    NotFoundError,
+    P2PError,
+    P2PTimeoutError,
+    ProtocolError,
+    UsageError,
+)
+from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.exchange.manifest import (
+    ContentReader,
+    Manifest,
+    dht_key,
+    file_paths,
+    resource_id_to_str,
+)
+from p2pnode.exchange.picker import Picker
+from p2pnode.exchange.server import bitfield_to_set
+from p2pnode.exchange.store import (
+    StorageError,
+    Store,
+    StoredResource,
+    fsync_tree,
+    partial_path,
+    storage_error,
+)
+from p2pnode.identity import peer_id_to_str
+from p2pnode.net.errors import RemoteError
+from p2pnode.net.host import PeerAddress
+from p2pnode.wire.messages import (
+    ErrorCode,
+    ErrorReply,
+    GetHave,
+    GetManifest,
+    GetPiece,
+    Have,
+    ManifestData,
+    Message,
+    PieceData,
+)
+
+if TYPE_CHECKING:
+    from p2pnode.dht.discovery import Discovery, ProviderRecord
+    from p2pnode.net.host import PeerHost
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[["Progress"], None]
+RATE_WINDOW = 5.0
+
+
+class DownloadError(P2PError):
+    """A download could not finish with the providers there are; what was verified is kept."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    resource_id: bytes
+    name: str
+    done_bytes: int
+    total_bytes: int
+    pieces_done: int
+    pieces_total: int
+    rate: float  # bytes per second, over the last few seconds
+    peers: int
+    eta: float | None  # seconds
+    state: str = "downloading"  # "downloading", "verifying", "finishing", "done"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": resource_id_to_str(self.resource_id),
+            "name": self.name,
+            "done_bytes": self.done_bytes,
+            "total_bytes": self.total_bytes,
+            "pieces_done": self.pieces_done,
+            "pieces_total": self.pieces_total,
+            "rate": round(self.rate, 1),
+            "peers": self.peers,
+            "eta": None if self.eta is None else round(self.eta, 1),
+            "state": self.state,
+        }
+
+
+# --- blocking disk work (runs in worker threads) ----------------------------------
+
+
+class PieceWriter:
+    """Verifies pieces and writes them into the partial file(s). Thread-safe."""
+
+    MAX_OPEN = 64
+
+    def __init__(self, manifest: Manifest, root: Path) -> None:
+        self._manifest = manifest
+        self._paths = file_paths(root, manifest)
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def verify_and_write(self, index: int, data: bytes) -> bool:
+        """False if ``data`` is not piece ``index``; OSError if the disk refuses."""
+        if not self._manifest.verify_piece(index, data):
+            return False
+        view = memoryview(data)
+        for seg in self._manifest.piece_segments(index):
+            fd, owned = self._fd(seg.entry)
+            try:
+                chunk = view[seg.piece_offset : seg.piece_offset + seg.length]
+                done = 0
+                while done < seg.length:
+                    done += os.pwrite(fd, chunk[done:], seg.file_offset + done)
+            finally:
+                if owned:
+                    os.close(fd)
+        return True
+
+    def _fd(self, entry: int) -> tuple[int, bool]:
+        """An fd for the entry and whether the caller must close it."""
+        with self._lock:
+            if self._closed:
+                raise OSError("download closed")
+            fd = self._fds.get(entry)
+            if fd is not None:
+                return fd, False
+            fd = os.open(self._paths[entry], os.O_WRONLY)
+            if len(self._fds) < self.MAX_OPEN:
+                self._fds[entry] = fd
+                return fd, False
+            return fd, True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+def recheck_pieces(manifest: Manifest, root: Path, indices: Sequence[int]) -> list[int]:
+    """Re-hash recorded pieces of a partial; returns those that no longer verify."""
+    bad: list[int] = []
+    buf = bytearray(manifest.piece_size)
+    view = memoryview(buf)
+    try:
+        with ContentReader(file_paths(root, manifest), manifest) as reader:
+            for index in sorted(indices):
+                length = manifest.piece_length(index)
+                try:
+                    reader.read_into(index * manifest.piece_size, view[:length])
+                except OSError:
+                    bad.append(index)
+                    continue
+                if hashlib.sha256(view[:length]).digest() != manifest.piece_hash(index):
+                    bad.append(index)
+    except OSError:
+        return list(indices)
+    return bad
+
+
+# --- the download -----------------------------------------------------------------
+
+
+@dataclass
+class _PeerInfo:
+    record: ProviderRecord
+    last_error: str = ""
+
+
+@dataclass
+class _Download:
+    resource_id: bytes
+    manifest: Manifest
+    resource: StoredResource
+    picker: Picker
+    writer: PieceWriter
+    name: str
+    done_bytes: int
+    peers: dict[bytes, _PeerInfo] = field(default_factory=dict)
+    tasks: dict[tuple[bytes, int], asyncio.Task[Message]] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+    last_progress: float = -1e18
+
+    def wake(self) -> None:
+        """Wake idle workers: pieces came back, a peer joined, or we are done."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class Fetcher:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        host: PeerHost,
+        discovery: Discovery,
+        config: ExchangeConfig,
+        clock: Clock,
+        executor: Executor | None,
+        own_node_id: bytes | None = None,
+    ) -> None:
+        self._store = store
+        self._host = host
+        self._discovery = discovery
+        self._config = config
+        self._clock = clock
+        self._executor = executor
+        self._own = own_node_id
+
+    # -- entry point ------------------------------------------------------------------
+
+    async def fetch(
+        self,
+        resource_id: bytes,
+        dest: Path,
+        *,
+        force: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> StoredResource:
+        rid = resource_id
+        rid_text = resource_id_to_str(rid)
+        existing = self._store.get(rid)
+        if existing is not None and existing.state != "partial":
+            raise UsageError(
+                f"{rid_text} is already here ({existing.state}) at {str(existing.root)!r}"
+            )
+        providers: list[ProviderRecord] | None = None
+        if existing is not None:
+            manifest = existing.manifest
+        else:
+            providers = await self._find_providers(rid)
+            if not providers:
+                raise NotFoundError(f"no providers found for {rid_text}")
+            manifest = await self._fetch_manifest(rid, providers)
+        dest = self._resolve_dest(dest, manifest, existing, force=force)
+        self._check_space(dest, manifest, existing)
+        resource = self._store.begin_download(manifest, dest)
+        await self._recheck(resource)
+        resource = self._store.get(rid) or resource
+        verified = self._store.verified_pieces(rid)
+        picker = Picker(
+            manifest.piece_count,
+            done=verified,
+            window=self._config.requests_per_peer,
+            timeout=self._config.piece_timeout,
+            max_failures=self._config.max_failures,
+            endgame_copies=self._config.endgame_copies,
+        )
+        done_bytes = sum(manifest.piece_length(i) for i in verified)
+        writer = PieceWriter(manifest, resource.root)
+        d = _Download(rid, manifest, resource, picker, writer, manifest.name, done_bytes)
+        self._emit(d, progress, force=True)
+        try:
+            if not picker.done:
+                if providers is None:
+                    providers = await self._find_providers(rid)
+                if not providers:
+                    raise NotFoundError(
+                        f"no providers found for {rid_text}; "
+                        f"{len(verified)} of {manifest.piece_count} pieces kept for later"
+                    )
+                await self._run(d, providers, progress)
+        finally:
+            writer.close()
+        self._emit(d, progress, force=True, state="finishing")
+        if self._config.fsync:
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._executor, fsync_tree, resource.root, manifest)
+            except OSError as exc:
+                raise storage_error(exc, resource.root) from None
+        self._store.finish_download(rid, force=force, fsync=False)
+        final = self._store.get(rid)
+        assert final is not None
+        self._emit(d, progress, force=True, state="done")
+        return final
+
+    # -- providers and manifest -------------------------------------------------------
+
+    async def _find_providers(self, rid: bytes) -> list[ProviderRecord]:
+        want = self._config.max_peers_per_download
+        try:
+            found = await self._discovery.find_providers(dht_key(rid), want=want)
+        except P2PError as exc:
+            log.warning("provider lookup failed: %s", exc)
+            return []
+        seen: set[bytes] = set()
+        out = []
+        for rec in found:
+            if rec.node_id == self._own or rec.node_id in seen:
+                continue
+            seen.add(rec.node_id)
+            out.append(rec)
+        return out[:want]
+
+    async def _fetch_manifest(self, rid: bytes, providers: Sequence[ProviderRecord]) -> Manifest:
+        """Ask providers one after another until one sends the manifest of ``rid``."""
+        errors: list[str] = []
+        unsafe: ProtocolError | None = None
+        for rec in providers:
+            who = _who(rec)
+            try:
+                reply = await self._request(rec, GetManifest(rid), self._config.manifest_timeout)
+            except P2PError as exc:
+                errors.append(f"{who}: {exc}")
+                continue
+            if isinstance(reply, ErrorReply):
+                errors.append(f"{who}: {reply.code}: {reply.message}")
+                continue
+            if not isinstance(reply, ManifestData) or reply.resource_id != rid:
+                errors.append(f"{who}: answered with something else")
+                continue
+            try:
+                return Manifest.decode(reply.manifest, expected_id=rid)
+            except ProtocolError as exc:
+                # A manifest that hashes to the id but is unsafe (path escape...) is the
+                # resource itself being bad: every provider would send the same bytes.
+                errors.append(f"{who}: {exc}")
+                if hashlib.sha256(reply.manifest).digest() == rid:
+                    unsafe = exc
+                    break
+        if unsafe is not None:
+            raise ProtocolError(
+                f"the manifest of {resource_id_to_str(rid)} is rejected: {unsafe}"
+            ) from None
+        raise NotFoundError(
+            f"no provider sent the manifest of {resource_id_to_str(rid)}: " + "; ".join(errors)
+        )
+
+    def _resolve_dest(
+        self, dest: Path, manifest: Manifest, existing: StoredResource | None, *, force: bool
+    ) -> Path:
+        dest = dest.expanduser().absolute()
+        # An existing folder receives the resource under its own name, like `cp FILE DIR`.
+        if (
+            dest.is_dir()
+            and not dest.is_symlink()
+            and not (existing is not None and existing.dest == dest)
+        ):
+            dest = dest / manifest.name
+        if (dest.exists() or dest.is_symlink()) and not force:
+            raise UsageError(f"{str(dest)!r} already exists (use force to replace it)")
+        if not dest.parent.exists():
+            raise UsageError(f"no such folder: {str(dest.parent)!r}")
+        return dest
+
+    def _check_space(self, dest: Path, manifest: Manifest, existing: StoredResource | None) -> None:
+        try:
+            free = shutil.disk_usage(dest.parent).free
+        except OSError:
+            return
+        have = 0
+        if existing is not None and existing.root == partial_path(dest):
+            have = sum(
+                manifest.piece_length(i) for i in self._store.verified_pieces(existing.resource_id)
+            )
+        need = manifest.total_size - have
+        if need > free:
+            raise StorageError(
+                f"not enough disk space for {manifest.name!r}: {need} bytes needed, "
+                f"{free} free on {str(dest.parent)!r}"
+            )
+
+    async def _recheck(self, resource: StoredResource) -> None:
+        """Re-verify recorded pieces of a resumed download (the disk may have lost them)."""
+        rid = resource.resource_id
+        recorded = sorted(self._store.verified_pieces(rid))
+        if not recorded:
+            return
+        loop = asyncio.get_running_loop()
+        bad = await loop.run_in_executor(
+            self._executor, recheck_pieces, resource.manifest, resource.root, recorded
+        )
+        if bad:
+            log.warning("%d recorded piece(s) no longer verify; fetching them again", len(bad))
+            self._store.forget_pieces(rid, bad)
+
+    # -- pieces --------------------------------------------------------------------
+
+    async def _run(
+        self,
+        d: _Download,
+        providers: list[ProviderRecord],
+        progress: ProgressCallback | None,
+    ) -> None:
+        attempts = 0
+        while True:
+            for rec in providers:
+                if rec.node_id not in d.picker.banned:
+                    d.peers[rec.node_id] = _PeerInfo(rec)
+            candidates = [r for r in providers if r.node_id not in d.picker.banned]
+            if candidates:
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        for rec in candidates:
+                            tg.create_task(self._peer_worker(d, rec, progress))
+                except BaseExceptionGroup as group:
+                    raise _first_p2p_error(group) from None
+            if d.picker.done:
+                return
+            if attempts >= self._config.rediscover_attempts:
+                break
+            attempts += 1
+            await asyncio.sleep(self._config.rediscover_delay * attempts)
+            providers = await self._find_providers(d.resource_id)
+        missing = len(d.picker.missing)
+        reasons = "; ".join(
+            f"{_who(p.record)}: {p.last_error}" for p in d.peers.values() if p.last_error
+        )
+        raise DownloadError(
+            f"all providers of {resource_id_to_str(d.resource_id)} failed or went away "
+            f"with {missing} of {d.manifest.piece_count} pieces missing; the verified pieces "
+            f"are kept, run the same get again to resume" + (f" ({reasons})" if reasons else "")
+        )
+
+    async def _peer_worker(
+        self, d: _Download, rec: ProviderRecord, progress: ProgressCallback | None
+    ) -> None:
+        key = rec.node_id
+        rid = d.resource_id
+        picker = d.picker
+        usable, have = await self._ask_have(d, rec)
+        if not usable or not picker.add_peer(key, have):
+            return
+        d.wake()
+        inflight: dict[asyncio.Task[Message], int] = {}
+        try:
+            while not picker.done and key in picker.peers:
+                for index in picker.next_requests(key, self._clock.now()):
+                    task = asyncio.create_task(
+                        self._request(rec, GetPiece(rid, index), self._config.piece_timeout)
+                    )
+                    inflight[task] = index
+                    d.tasks[(key, index)] = task
+                if not inflight:
+                    # Nothing this peer has is missing, and nothing may come back.
+                    if not picker.can_finish() and not any(
+                        picker.outstanding(p) for p in picker.peers
+                    ):
+                        break
+                    await d.changed.wait()
+                    continue
+                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    index = inflight.pop(task)
+                    if d.tasks.get((key, index)) is task:
+                        del d.tasks[(key, index)]
+                    await self._on_answer(d, rec, index, task, progress)
+        finally:
+            for task in inflight:
+                task.cancel()
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+            for index in inflight.values():
+                d.tasks.pop((key, index), None)
+            picker.drop_peer(key)
+            d.wake()
+
+    async def _ask_have(self, d: _Download, rec: ProviderRecord) -> tuple[bool, set[int] | None]:
+        """Whether the peer can serve this download, and its pieces (None: all)."""
+        info = d.peers[rec.node_id]
+        try:
+            reply = await self._request(rec, GetHave(d.resource_id), self._config.piece_timeout)
+        except P2PError as exc:
+            info.last_error = str(exc) or type(exc).__name__
+            return False, None
+        if isinstance(reply, ErrorReply):
+            info.last_error = f"{reply.code}: {reply.message}"
+            return False, None
+        if not isinstance(reply, Have) or reply.resource_id != d.resource_id:
+            info.last_error = "answered GetHave with something else"
+            d.picker.ban_peer(rec.node_id)
+            return False, None
+        if reply.complete:
+            return True, None
+        held = bitfield_to_set(reply.bitfield, d.manifest.piece_count)
+        if held is None:
+            info.last_error = "sent a malformed bitfield"
+            d.picker.ban_peer(rec.node_id)
+            return False, None
+        if not held:
+            info.last_error = "has no pieces yet"
+            return False, None
+        return True, held
+
+    async def _on_answer(
+        self,
+        d: _Download,
+        rec: ProviderRecord,
+        index: int,
+        task: asyncio.Task[Message],
+        progress: ProgressCallback | None,
+    ) -> None:
+        key = rec.node_id
+        picker = d.picker
+        info = d.peers[key]
+        if task.cancelled():
+            return  # an endgame duplicate we no longer need
+        failure = task.exception()
+        if failure is not None:
+            info.last_error = str(failure) or type(failure).__name__
+            if isinstance(failure, RemoteError):
+                if failure.code == ErrorCode.NOT_FOUND:
+                    picker.drop_peer(key)  # it no longer has the resource
+                else:
+                    picker.request_failed(key, index)  # busy, internal: strikes
+            elif isinstance(failure, P2PTimeoutError):
+                picker.request_failed(key, index)
+            elif isinstance(failure, LimitExceeded):
+                picker.drop_peer(key)
+            elif isinstance(failure, ProtocolError):
+                log.info("banning %s: %s", _who(rec), failure)
+                picker.ban_peer(key)
+            elif isinstance(failure, P2PError | OSError):
+                picker.drop_peer(key)
+            else:
+                raise failure
+            d.wake()
+            return
+        reply = task.result()
+        if isinstance(reply, ErrorReply):
+            info.last_error = f"{reply.code}: {reply.message}"
+            if reply.code == ErrorCode.NOT_FOUND:
+                picker.drop_peer(key)
+            else:
+                picker.request_failed(key, index)
+            d.wake()
+            return
+        if not isinstance(reply, PieceData) or reply.resource_id != d.resource_id:
+            info.last_error = "answered GetPiece with something else"
+            picker.ban_peer(key)
+            d.wake()
+            return
+        if reply.index != index:
+            info.last_error = f"sent piece {reply.index} for {index}"
+            picker.ban_peer(key)
+            d.wake()
+            return
+        if index not in picker.missing:
+            picker.piece_done(key, index)  # a late endgame duplicate
+            return
+        loop = asyncio.get_running_loop()
+        data = bytes(reply.data)
+        try:
+            ok = await loop.run_in_executor(self._executor, d.writer.verify_and_write, index, data)
+        except OSError as exc:
+            raise storage_error(exc, d.resource.root) from None
+        if not ok:
+            info.last_error = f"piece {index} failed verification"
+            log.warning("banning %s: piece %d failed verification", _who(rec), index)
+            picker.ban_peer(key)
+            d.wake()
+            return
+        if index not in picker.missing:
+            picker.piece_done(key, index)
+            return
+        self._store.record_piece(d.resource_id, index)
+        for other in picker.piece_done(key, index):
+            dup = d.tasks.pop((cast(bytes, other), index), None)
+            if dup is not None:
+                dup.cancel()
+        d.done_bytes += len(data)
+        if picker.done:
+            d.wake()
+        self._emit(d, progress)
+
+    async def _request(self, rec: ProviderRecord, msg: Message, timeout: float) -> Message:
+        return await self._host.request(PeerAddress(rec.node_id, rec.host, rec.port), msg, timeout)
+
+    # -- progress ------------------------------------------------------------------
+
+    def _emit(
+        self,
+        d: _Download,
+        progress: ProgressCallback | None,
+        *,
+        force: bool = False,
+        state: str = "downloading",
+    ) -> None:
+        now = self._clock.now()
+        samples = d.samples
+        if not samples or now - samples[-1][0] >= 0.1:
+            samples.append((now, d.done_bytes))
+        while len(samples) > 2 and now - samples[1][0] > RATE_WINDOW:
+            samples.popleft()
+        if progress is None:
+            return
+        if not force and now - d.last_progress < self._config.progress_interval:
+            return
+        d.last_progress = now
+        t0, b0 = samples[0]
+        rate = (d.done_bytes - b0) / (now - t0) if now > t0 else 0.0
+        remaining = d.manifest.total_size - d.done_bytes
+        eta = remaining / rate if rate > 0 else (0.0 if remaining == 0 else None)
+        total = d.manifest.piece_count
+        progress(
+            Progress(
+                resource_id=d.resource_id,
+                name=d.name,
+                done_bytes=d.done_bytes,
+                total_bytes=d.manifest.total_size,
+                pieces_done=total - len(d.picker.missing),
+                pieces_total=total,
+                rate=rate,
+                peers=len(d.picker.peers),
+                eta=eta,
+                state=state,
+            )
+        )
+
+
+def _first_p2p_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a failed task group: a P2PError if there is one."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(reversed(exc.exceptions))
+        else:
+            leaves.append(exc)
+    for exc in leaves:
+        if isinstance(exc, P2PError):
+            return exc
+    return group
+
+
+def _who(rec: ProviderRecord) -> str:
+    return f"{peer_id_to_str(rec.node_id)[:8]}@{rec.host}:{rec.port}"

@@ -1,0 +1,147 @@
+"""The piece server: answers GetManifest / GetPiece / GetHave from the store.
+
+Rules:
+
+- A resource is answered for when the store serves it (shared or complete and
+  not stale) or when it is a download in progress (only its verified pieces).
+- Pieces are read off disk in worker threads (``PieceSource.read``), never on the
+  event loop. At most ``max_reads`` reads run at once; past ``max_queued``
+  waiting requests the answer is ``busy`` so the asker tries elsewhere.
+- Before a shared file's piece is read its size and mtime are checked; if they
+  changed the resource stops being served (``on_stale``) and the asker gets
+  ``not_found``: a stale piece is never sent.
+- Anything else gets an ``ErrorReply``: ``not_found`` for unknown ids or pieces we
+  lack, ``bad_request`` for an index out of range, ``unsupported`` for message
+  types this handler does not know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from p2pnode.exchange.manifest import resource_id_to_str
+from p2pnode.exchange.store import StaleError, Store
+from p2pnode.wire.messages import (
+    ErrorCode,
+    ErrorReply,
+    GetHave,
+    GetManifest,
+    GetPiece,
+    Have,
+    ManifestData,
+    Message,
+    PieceData,
+)
+
+log = logging.getLogger(__name__)
+
+
+def bitfield_from(indices: set[int], count: int) -> bytes:
+    """Bit i (MSB first in byte i // 8) is set when piece i is held."""
+    out = bytearray((count + 7) // 8)
+    for i in indices:
+        if 0 <= i < count:
+            out[i >> 3] |= 0x80 >> (i & 7)
+    return bytes(out)
+
+
+def bitfield_to_set(bitfield: bytes, count: int) -> set[int] | None:
+    """The pieces a bitfield says are held; None if its length does not fit ``count``."""
+    if len(bitfield) != (count + 7) // 8:
+        return None
+    held = set()
+    for byte_index, byte in enumerate(bitfield):
+        if not byte:
+            continue
+        for bit in range(8):
+            if byte & (0x80 >> bit):
+                index = byte_index * 8 + bit
+                if index >= count:
+                    return None  # bits past the end must be zero
+                held.add(index)
+    return held
+
+
+class PieceServer:
+    def __init__(
+        self,
+        store: Store,
+        executor: Executor | None,
+        *,
+        on_stale: Callable[[bytes, str], None],
+        max_reads: int = 4,
+        max_queued: int = 256,
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._on_stale = on_stale
+        self._reads = asyncio.Semaphore(max_reads)
+        self._max_queued = max_queued
+        self._pending = 0
+        self.pieces_served = 0
+        self.bytes_served = 0
+
+    async def handle(self, remote: bytes, msg: Message) -> Message:
+        if isinstance(msg, GetPiece):
+            return await self._get_piece(msg)
+        if isinstance(msg, GetManifest):
+            return self._get_manifest(msg)
+        if isinstance(msg, GetHave):
+            return self._get_have(msg)
+        return ErrorReply(ErrorCode.UNSUPPORTED, f"{type(msg).__name__} is not handled here")
+
+    def _get_manifest(self, msg: GetManifest) -> Message:
+        if self._store.source(msg.resource_id) is None:
+            return _not_found(msg.resource_id)
+        data = self._store.manifest_bytes(msg.resource_id)
+        if data is None:
+            return _not_found(msg.resource_id)
+        return ManifestData(msg.resource_id, data)
+
+    def _get_have(self, msg: GetHave) -> Message:
+        src = self._store.source(msg.resource_id)
+        if src is None:
+            return _not_found(msg.resource_id)
+        if not src.partial:
+            return Have(msg.resource_id, True, b"")
+        held = self._store.verified_pieces(msg.resource_id)
+        count = src.manifest.piece_count
+        return Have(msg.resource_id, False, bitfield_from(held, count))
+
+    async def _get_piece(self, msg: GetPiece) -> Message:
+        rid = msg.resource_id
+        src = self._store.source(rid)
+        if src is None:
+            return _not_found(rid)
+        if not 0 <= msg.index < src.manifest.piece_count:
+            return ErrorReply(
+                ErrorCode.BAD_REQUEST,
+                f"piece {msg.index} out of range (0..{src.manifest.piece_count - 1})",
+            )
+        if src.partial and msg.index not in self._store.verified_pieces(rid):
+            return ErrorReply(ErrorCode.NOT_FOUND, f"piece {msg.index} not here yet")
+        if self._pending >= self._max_queued:
+            return ErrorReply(ErrorCode.BUSY, "too many piece requests queued")
+        self._pending += 1
+        try:
+            async with self._reads:
+                loop = asyncio.get_running_loop()
+                data = await loop.run_in_executor(self._executor, src.read, msg.index)
+        except StaleError as exc:
+            self._on_stale(rid, str(exc))
+            return ErrorReply(ErrorCode.NOT_FOUND, "resource changed on disk; no longer served")
+        except OSError as exc:
+            log.warning("cannot read piece %d of %s: %s", msg.index, resource_id_to_str(rid), exc)
+            return ErrorReply(ErrorCode.INTERNAL, "cannot read the piece")
+        finally:
+            self._pending -= 1
+        self.pieces_served += 1
+        self.bytes_served += len(data)
+        return PieceData(rid, msg.index, data)
+
+
+def _not_found(rid: bytes) -> ErrorReply:
+    return ErrorReply(ErrorCode.NOT_FOUND, f"{resource_id_to_str(rid)} is not served here")

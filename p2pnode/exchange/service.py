@@ -1,0 +1,322 @@
+"""The exchange facade that node.py and the control API call.
+
+Rules:
+
+- ``start`` opens the store, installs the piece server as the PeerHost handler and
+  starts one owned background task that announces every served resource (again
+  whenever the DHT may have lost track, see ``announce_interval``) and checks
+  shared files for changes. ``close`` ends it, waits for downloads to stop and
+  closes the store. Interrupted downloads resume on the next ``get`` of the
+  same id.
+- Hashing (``share``), piece reads and writes run in threads; the event loop only
+  coordinates.
+- Downloads of one id are exclusive: a second ``get`` of an id being fetched is a
+  UsageError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from p2pnode.clock import MONOTONIC, Clock
+from p2pnode.errors import NotFoundError, P2PError, UsageError
+from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.exchange.fetcher import DownloadError, Fetcher, Progress
+from p2pnode.exchange.manifest import build_manifest, dht_key, resource_id_to_str
+from p2pnode.exchange.server import PieceServer
+from p2pnode.exchange.store import StaleError, StorageError, Store, StoredResource
+from p2pnode.wire.messages import Message
+
+if TYPE_CHECKING:
+    from p2pnode.dht.discovery import Discovery, ProviderRecord
+    from p2pnode.net.host import PeerHost
+
+__all__ = [
+    "DownloadError",
+    "Exchange",
+    "Progress",
+    "ResourceInfo",
+    "StaleError",
+    "StorageError",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResourceInfo:
+    resource_id: bytes
+    name: str
+    kind: str  # "file" or "dir"
+    size: int
+    state: str  # "shared", "complete" or "partial"
+    served: bool
+    path: str  # where it is (shared path or destination; for partial: the destination)
+    pieces_done: int
+    pieces_total: int
+    piece_size: int
+    files: int
+    stale: str | None = None
+
+    @property
+    def id(self) -> str:
+        return resource_id_to_str(self.resource_id)
+
+    @classmethod
+    def from_stored(cls, res: StoredResource) -> ResourceInfo:
+        m = res.manifest
+        where = res.dest if res.state == "partial" and res.dest is not None else res.root
+        return cls(
+            resource_id=res.resource_id,
+            name=m.name,
+            kind=m.kind,
+            size=m.total_size,
+            state=res.state,
+            served=res.served,
+            path=str(where),
+            pieces_done=res.pieces_done,
+            pieces_total=m.piece_count,
+            piece_size=m.piece_size,
+            files=len(m.entries),
+            stale=res.stale,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "kind": self.kind,
+            "size": self.size,
+            "state": self.state,
+            "served": self.served,
+            "path": self.path,
+            "pieces_done": self.pieces_done,
+            "pieces_total": self.pieces_total,
+            "piece_size": self.piece_size,
+            "files": self.files,
+            "stale": self.stale,
+        }
+
+
+class Exchange:
+    def __init__(
+        self,
+        home: Path,
+        config: ExchangeConfig,
+        discovery: Discovery,
+        host: PeerHost,
+        tcp_port: int,
+        clock: Clock = MONOTONIC,
+    ) -> None:
+        self._home = home
+        self._config = config
+        self._discovery = discovery
+        self._host = host
+        self._port = tcp_port
+        self._clock = clock
+        self._store: Store | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._server: PieceServer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._downloads: dict[bytes, asyncio.Task[StoredResource]] = {}
+        self._announce_now = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._store = Store(self._home)
+        self._executor = ThreadPoolExecutor(
+            max(1, self._config.io_threads), thread_name_prefix="p2pnode-io"
+        )
+        self._server = PieceServer(
+            self._store,
+            self._executor,
+            on_stale=self._stale,
+            max_reads=self._config.serve_max_reads,
+            max_queued=self._config.serve_max_queued,
+        )
+        self._host.set_handler(self.handle)
+        self._spawn(self._announce_loop(), "exchange-announce")
+        if self._config.stale_check_interval > 0:
+            self._spawn(self._watch_stale(), "exchange-stale-check")
+
+    async def close(self) -> None:
+        tasks = list(self._tasks) + list(self._downloads.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._downloads.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise P2PError("the exchange is not started")
+        return self._store
+
+    async def handle(self, remote_node_id: bytes, msg: Message) -> Message:
+        """The PeerHost request handler (GetManifest, GetPiece, GetHave)."""
+        assert self._server is not None
+        return await self._server.handle(remote_node_id, msg)
+
+    # -- sharing ------------------------------------------------------------------
+
+    async def share(self, path: Path) -> ResourceInfo:
+        store = self.store
+        workers = self._config.hash_workers or None
+        manifest, listing = await asyncio.to_thread(
+            partial(build_manifest, Path(path), workers=workers)
+        )
+        rid = manifest.resource_id
+        if rid in self._downloads:
+            raise UsageError(f"{resource_id_to_str(rid)} is being downloaded right now")
+        store.add_shared(manifest, listing.root, listing.stats)
+        await self._announce(rid)
+        res = store.get(rid)
+        assert res is not None
+        log.info("sharing %s as %s", listing.root, resource_id_to_str(rid))
+        return ResourceInfo.from_stored(res)
+
+    async def unshare(self, resource_id: bytes) -> None:
+        store = self.store
+        res = store.get(resource_id)
+        if res is None:
+            raise NotFoundError(f"{resource_id_to_str(resource_id)} is not here")
+        store.set_served(resource_id, False)
+        self._discovery.remove_provider(dht_key(resource_id))
+
+    def list(self) -> list[ResourceInfo]:
+        return [ResourceInfo.from_stored(r) for r in self.store.resources()]
+
+    async def providers(self, resource_id: bytes) -> builtins.list[ProviderRecord]:
+        return list(await self._discovery.find_providers(dht_key(resource_id)))
+
+    # -- downloading ----------------------------------------------------------------
+
+    async def get(
+        self,
+        resource_id: bytes,
+        dest: Path,
+        *,
+        force: bool = False,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> ResourceInfo:
+        store = self.store
+        if resource_id in self._downloads:
+            raise UsageError(f"{resource_id_to_str(resource_id)} is already being downloaded")
+        fetcher = Fetcher(
+            store=store,
+            host=self._host,
+            discovery=self._discovery,
+            config=self._config,
+            clock=self._clock,
+            executor=self._executor,
+            own_node_id=getattr(self._host, "node_id", None),
+        )
+        task = asyncio.create_task(
+            fetcher.fetch(resource_id, Path(dest), force=force, progress=progress),
+            name=f"exchange-get-{resource_id_to_str(resource_id)[:12]}",
+        )
+        self._downloads[resource_id] = task
+        try:
+            res = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Our caller went away: stop the download (verified pieces are kept).
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        finally:
+            if task.done():
+                self._downloads.pop(resource_id, None)
+        await self._announce(resource_id)
+        return ResourceInfo.from_stored(res)
+
+    # -- announcing and staleness -------------------------------------------------
+
+    async def _announce_loop(self) -> None:
+        """Announce every served resource now (at least locally), again as soon as the
+        DHT has contacts (the node joins after start), and every announce_interval."""
+        last: float | None = None
+        had_contacts = False
+        while True:
+            has_contacts = bool(self._discovery.contacts())
+            now = self._clock.now()
+            due = last is None or now - last >= self._config.announce_interval
+            if due or (has_contacts and not had_contacts):
+                for res in self.store.served():
+                    await self._announce(res.resource_id)
+                last = now
+            had_contacts = has_contacts
+            await asyncio.sleep(self._config.contact_poll_interval)
+
+    async def _announce(self, resource_id: bytes) -> None:
+        try:
+            await self._discovery.add_provider(dht_key(resource_id), self._port)
+        except P2PError as exc:
+            log.warning("announcing %s failed: %s", resource_id_to_str(resource_id), exc)
+
+    def _stale(self, resource_id: bytes, reason: str) -> None:
+        if self._store is None:
+            return
+        log.warning(
+            "%s is no longer served: %s (share it again to serve the new content)",
+            resource_id_to_str(resource_id),
+            reason,
+        )
+        self._store.mark_stale(resource_id, reason)
+        self._discovery.remove_provider(dht_key(resource_id))
+
+    async def check_stale(self) -> builtins.list[bytes]:
+        """Stat every served shared/complete resource; stop serving the changed ones."""
+        store = self.store
+        changed: builtins.list[bytes] = []
+        for res in store.served():
+            src = store.source(res.resource_id)
+            if src is None or src.partial:
+                continue
+            reason = await asyncio.to_thread(_first_change, src.paths, src.stats or ())
+            if reason is not None and self._store is not None:
+                self._stale(res.resource_id, reason)
+                changed.append(res.resource_id)
+        return changed
+
+    async def _watch_stale(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.stale_check_interval)
+            await self.check_stale()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("exchange task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def _first_change(paths: Any, stats: Any) -> str | None:
+    for path, want in zip(paths, stats, strict=True):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return f"{str(path)!r} is gone: {exc.strerror}"
+        if st.st_size != want.size or st.st_mtime_ns != want.mtime_ns:
+            return f"{str(path)!r} changed on disk since it was shared"
+    return None

@@ -1,0 +1,460 @@
+"""The exchange over real PeerHosts and Discovery instances on 127.0.0.1.
+
+Rules of this module: port 0 only; no sleeps used as synchronisation (tests wait
+on events set by the code under test, or on the download's own completion);
+misbehaving providers are made by wrapping a real provider's request handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from p2pnode.dht import DhtConfig, Discovery
+from p2pnode.errors import NotFoundError, ProtocolError, UsageError
+from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.exchange.fetcher import Progress
+from p2pnode.exchange.manifest import MIN_PIECE_SIZE, build_manifest, dht_key
+from p2pnode.exchange.service import Exchange
+from p2pnode.identity import Identity
+from p2pnode.net.config import NetLimits
+from p2pnode.net.host import PeerHost
+from p2pnode.wire.messages import (
+    ErrorCode,
+    ErrorReply,
+    GetManifest,
+    GetPiece,
+    ManifestData,
+    Message,
+    PieceData,
+)
+
+PS = MIN_PIECE_SIZE
+Handler = Callable[[bytes, Message], Awaitable[Message]]
+
+CONFIG = ExchangeConfig(
+    requests_per_peer=4,
+    piece_timeout=5.0,
+    manifest_timeout=5.0,
+    rediscover_attempts=1,
+    rediscover_delay=0.05,
+    fsync=False,
+    io_threads=2,
+    stale_check_interval=0,
+    progress_interval=0.0,
+)
+DHT = DhtConfig(rpc_timeout=1.0, lookup_timeout=5.0)
+
+
+@dataclass
+class Peer:
+    home: Path
+    identity: Identity
+    discovery: Discovery
+    host: PeerHost
+    exchange: Exchange
+    udp_port: int
+    host_port: int
+    closed: bool = False
+    served_pieces: list[int] = field(default_factory=list)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.exchange.close()
+        await self.host.close()
+        await self.discovery.close()
+
+    def wrap_handler(self, make: Callable[[Handler], Handler]) -> None:
+        self.host.set_handler(make(self.exchange.handle))
+
+    def count_pieces(self) -> None:
+        inner = self.exchange.handle
+
+        async def counting(remote: bytes, msg: Message) -> Message:
+            if isinstance(msg, GetPiece):
+                self.served_pieces.append(msg.index)
+            return await inner(remote, msg)
+
+        self.host.set_handler(counting)
+
+
+Factory = Callable[..., Awaitable[Peer]]
+
+
+@pytest.fixture
+async def make_peer(tmp_path: Path) -> AsyncIterator[Factory]:
+    peers: list[Peer] = []
+
+    async def factory(
+        name: str, bootstrap: Peer | None = None, config: ExchangeConfig = CONFIG
+    ) -> Peer:
+        identity = Identity.generate()
+        discovery = Discovery(identity.node_id, DHT)
+        udp = await discovery.listen("127.0.0.1", 0)
+        host = PeerHost(identity, NetLimits(request_timeout=10.0))
+        tcp = await host.listen("127.0.0.1", 0)
+        home = tmp_path / name
+        exchange = Exchange(home, config, discovery, host, tcp)
+        await exchange.start()
+        peer = Peer(home, identity, discovery, host, exchange, udp, tcp)
+        peers.append(peer)
+        if bootstrap is not None:
+            assert await discovery.bootstrap([("127.0.0.1", bootstrap.udp_port)])
+        return peer
+
+    yield factory
+    for peer in reversed(peers):
+        await peer.close()
+
+
+def _random_file(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+async def _wait_provider_count(peer: Peer, rid: bytes, n: int) -> None:
+    """Provider records propagate with the announce itself; poll with a deadline."""
+    for _ in range(200):
+        if len(await peer.exchange.providers(rid)) >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {n} providers after 10 s")
+
+
+async def test_share_then_get_through_dht(make_peer: Factory, tmp_path: Path) -> None:
+    seed = await make_peer("seed")
+    leech = await make_peer("leech", bootstrap=seed)
+    data = _random_file(tmp_path / "files" / "movie.bin", 3 * 256 * 1024 + 12345)
+    info = await seed.exchange.share(tmp_path / "files" / "movie.bin")
+    assert info.state == "shared" and info.served and info.size == len(data)
+    providers = await leech.exchange.providers(info.resource_id)
+    assert [p.node_id for p in providers] == [seed.identity.node_id]
+
+    events: list[Progress] = []
+    out = tmp_path / "out"
+    out.mkdir()
+    got = await leech.exchange.get(info.resource_id, out / "movie.bin", progress=events.append)
+    assert (out / "movie.bin").read_bytes() == data
+    assert not (out / "movie.bin.p2pnode-partial").exists()
+    assert got.state == "complete" and got.served and got.path == str(out / "movie.bin")
+    assert events[-1].done_bytes == len(data) and events[-1].state == "done"
+    assert events[-1].to_json()["total_bytes"] == len(data)
+    # The leech now serves it too and is announced.
+    await _wait_provider_count(seed, info.resource_id, 2)
+    [row] = leech.exchange.list()
+    assert row.to_json()["state"] == "complete" and row.pieces_done == row.pieces_total
+
+    # An existing destination needs force; an existing folder receives it by name.
+    third = await make_peer("third", bootstrap=seed)
+    (tmp_path / "exists").write_bytes(b"old")
+    with pytest.raises(UsageError, match="already exists"):
+        await third.exchange.get(info.resource_id, tmp_path / "exists")
+    got3 = await third.exchange.get(info.resource_id, tmp_path / "exists", force=True)
+    assert (tmp_path / "exists").read_bytes() == data
+    assert got3.path == str(tmp_path / "exists")
+    with pytest.raises(UsageError, match="already here"):
+        await third.exchange.get(info.resource_id, out)
+
+
+async def test_unknown_id_is_not_found(make_peer: Factory) -> None:
+    seed = await make_peer("seed")
+    leech = await make_peer("leech", bootstrap=seed)
+    with pytest.raises(NotFoundError, match="no providers"):
+        await leech.exchange.get(hashlib.sha256(b"nothing").digest(), Path("/tmp/never"))
+
+
+async def test_nested_folder(make_peer: Factory, tmp_path: Path) -> None:
+    seed = await make_peer("seed")
+    leech = await make_peer("leech", bootstrap=seed)
+    root = tmp_path / "album"
+    files = {
+        "a/b/c/deep.bin": os.urandom(PS * 3 + 5),
+        "a/empty": b"",
+        "a/small.txt": b"hello",
+        "top.dat": os.urandom(PS // 2),
+        "z/\u00e9t\u00e9.txt": os.urandom(PS + 1),
+    }
+    for rel, blob in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(blob)
+    manifest, listing = build_manifest(root, piece_size=PS)
+    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    await seed.discovery.add_provider(dht_key(manifest.resource_id), seed.host_port)
+    dest_parent = tmp_path / "downloads"
+    dest_parent.mkdir()
+    # An existing folder as destination receives the folder under its own name.
+    got = await leech.exchange.get(manifest.resource_id, dest_parent)
+    assert got.kind == "dir" and got.files == len(files)
+    for rel, blob in files.items():
+        assert (dest_parent / "album" / rel).read_bytes() == blob
+    assert not (dest_parent / "album.p2pnode-partial").exists()
+
+
+async def test_corrupt_and_vanishing_providers(make_peer: Factory, tmp_path: Path) -> None:
+    data = _random_file(tmp_path / "src" / "big.bin", PS * 120 + 77)
+    manifest, listing = build_manifest(tmp_path / "src" / "big.bin", piece_size=PS)
+    rid = manifest.resource_id
+
+    good = await make_peer("good")
+    evil = await make_peer("evil", bootstrap=good)
+    flaky = await make_peer("flaky", bootstrap=good)
+    leech = await make_peer("leech", bootstrap=good)
+    for peer in (good, evil, flaky):
+        peer.exchange.store.add_shared(manifest, listing.root, listing.stats)
+        await peer.discovery.add_provider(dht_key(rid), peer.host_port)
+    await _wait_provider_count(leech, rid, 3)
+
+    def corrupting(inner: Handler) -> Handler:
+        async def handler(remote: bytes, msg: Message) -> Message:
+            reply = await inner(remote, msg)
+            if isinstance(reply, PieceData):
+                bad = bytearray(reply.data)
+                bad[0] ^= 0xFF
+                evil.served_pieces.append(reply.index)
+                return PieceData(reply.resource_id, reply.index, bytes(bad))
+            return reply
+
+        return handler
+
+    vanished = asyncio.Event()
+
+    def vanishing(inner: Handler) -> Handler:
+        async def handler(remote: bytes, msg: Message) -> Message:
+            if isinstance(msg, GetPiece):
+                flaky.served_pieces.append(msg.index)
+                if len(flaky.served_pieces) > 6:
+                    vanished.set()
+                    await asyncio.Event().wait()  # hang until the host closes
+            return await inner(remote, msg)
+
+        return handler
+
+    evil.wrap_handler(corrupting)
+    flaky.wrap_handler(vanishing)
+    good.count_pieces()
+
+    async def kill_flaky() -> None:
+        await vanished.wait()
+        await flaky.close()
+
+    killer = asyncio.create_task(kill_flaky())
+    got = await leech.exchange.get(rid, tmp_path / "out.bin")
+    await killer
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert got.state == "complete"
+    assert evil.served_pieces, "the corrupt provider was asked at least once"
+    # Banned after its first bad piece: it was not asked again beyond its first window.
+    assert len(evil.served_pieces) <= CONFIG.requests_per_peer
+    assert flaky.closed and len(flaky.served_pieces) > 6
+    assert good.served_pieces
+
+
+async def test_interrupted_download_resumes(make_peer: Factory, tmp_path: Path) -> None:
+    data = _random_file(tmp_path / "src.bin", PS * 40 + 3)
+    seed = await make_peer("seed")
+    leech = await make_peer("leech", bootstrap=seed)
+    info = await seed.exchange.share(tmp_path / "src.bin")
+    # Use small pieces: re-share with PS so there are many.
+    manifest, listing = build_manifest(tmp_path / "src.bin", piece_size=PS)
+    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    await seed.exchange.unshare(info.resource_id)
+    rid = manifest.resource_id
+    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
+
+    stall = asyncio.Event()
+    release = asyncio.Event()
+
+    def stalling(inner: Handler) -> Handler:
+        async def handler(remote: bytes, msg: Message) -> Message:
+            if isinstance(msg, GetPiece):
+                seed.served_pieces.append(msg.index)
+                if len(seed.served_pieces) > 15 and not release.is_set():
+                    stall.set()
+                    await release.wait()
+            return await inner(remote, msg)
+
+        return handler
+
+    seed.wrap_handler(stalling)
+    dest = tmp_path / "dest.bin"
+    landed = asyncio.Event()
+
+    def on_progress(p: Progress) -> None:
+        if p.pieces_done >= 15:
+            landed.set()
+
+    download = asyncio.create_task(leech.exchange.get(rid, dest, progress=on_progress))
+    await stall.wait()
+    # Let the pieces already answered land, then "crash" the download.
+    await landed.wait()
+    download.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await download
+    kept = set(leech.exchange.store.verified_pieces(rid))
+    assert len(kept) >= 15 and not dest.exists()
+    [row] = [r for r in leech.exchange.list() if r.resource_id == rid]
+    assert row.state == "partial" and row.pieces_done == len(kept)
+
+    # Restart the leech's exchange from its home (as after a crash), then resume.
+    await leech.exchange.close()
+    leech.exchange = Exchange(leech.home, CONFIG, leech.discovery, leech.host, leech.host_port)
+    await leech.exchange.start()
+    release.set()
+    seed.served_pieces.clear()
+    await leech.exchange.get(rid, dest)
+    assert dest.read_bytes() == data
+    asked = sorted(seed.served_pieces)
+    assert set(asked).isdisjoint(kept)
+    assert asked == sorted(set(range(manifest.piece_count)) - kept)
+
+
+async def test_resume_rechecks_damaged_partial(make_peer: Factory, tmp_path: Path) -> None:
+    data = _random_file(tmp_path / "src.bin", PS * 8)
+    seed = await make_peer("seed")
+    leech = await make_peer("leech", bootstrap=seed)
+    manifest, listing = build_manifest(tmp_path / "src.bin", piece_size=PS)
+    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    rid = manifest.resource_id
+    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
+    dest = tmp_path / "dest.bin"
+    # Pretend an earlier run recorded pieces 0-3, but piece 2 never reached the disk.
+    res = leech.exchange.store.begin_download(manifest, dest)
+    _patch(res.root, 0, data[: 2 * PS])
+    _patch(res.root, 3 * PS, data[3 * PS : 4 * PS])
+    leech.exchange.store.record_pieces(rid, [0, 1, 2, 3])
+    seed.count_pieces()
+    await leech.exchange.get(rid, dest)
+    assert dest.read_bytes() == data
+    assert sorted(seed.served_pieces) == [2, 4, 5, 6, 7]
+
+
+async def test_path_escape_manifest_rejected(make_peer: Factory, tmp_path: Path) -> None:
+    evil = await make_peer("evil")
+    leech = await make_peer("leech", bootstrap=evil)
+    bad = msgpack.packb(
+        [1, "dir", "x", PS, [["../../escape", 5]], hashlib.sha256(b"hello").digest()],
+        use_bin_type=True,
+    )
+    rid = hashlib.sha256(bad).digest()
+
+    def serving_bad(inner: Handler) -> Handler:
+        async def handler(remote: bytes, msg: Message) -> Message:
+            if isinstance(msg, GetManifest):
+                return ManifestData(msg.resource_id, bad)
+            if isinstance(msg, GetPiece):
+                return PieceData(msg.resource_id, 0, b"hello")
+            return ErrorReply(ErrorCode.NOT_FOUND, "no")
+
+        return handler
+
+    evil.wrap_handler(serving_bad)
+    await evil.discovery.add_provider(dht_key(rid), evil.host_port)
+    with pytest.raises(ProtocolError, match="rejected"):
+        await leech.exchange.get(rid, tmp_path / "dest")
+    assert not (tmp_path / "escape").exists()
+    assert not (tmp_path.parent / "escape").exists()
+    assert not (tmp_path / "dest").exists()
+
+
+async def test_manifest_not_matching_id_is_skipped(make_peer: Factory, tmp_path: Path) -> None:
+    data = _random_file(tmp_path / "f.bin", PS * 2)
+    liar = await make_peer("liar")
+    seed = await make_peer("seed", bootstrap=liar)
+    leech = await make_peer("leech", bootstrap=liar)
+    info = await seed.exchange.share(tmp_path / "f.bin")
+    other = build_manifest(_write_other(tmp_path), piece_size=PS)[0]
+
+    def lying(inner: Handler) -> Handler:
+        async def handler(remote: bytes, msg: Message) -> Message:
+            if isinstance(msg, GetManifest):
+                return ManifestData(msg.resource_id, other.canonical)
+            return await inner(remote, msg)
+
+        return handler
+
+    liar.wrap_handler(lying)
+    await liar.discovery.add_provider(dht_key(info.resource_id), liar.host_port)
+    await _wait_provider_count(leech, info.resource_id, 2)
+    await leech.exchange.get(info.resource_id, tmp_path / "got.bin")
+    assert (tmp_path / "got.bin").read_bytes() == data
+
+
+def _write_other(tmp_path: Path) -> Path:
+    path = tmp_path / "other.bin"
+    path.write_bytes(b"other content")
+    return path
+
+
+async def test_stale_shared_file_stops_being_served(make_peer: Factory, tmp_path: Path) -> None:
+    src = tmp_path / "live.bin"
+    _random_file(src, PS * 4)
+    seed = await make_peer("seed")
+    leech = await make_peer("leech", bootstrap=seed)
+    info = await seed.exchange.share(src)
+    _patch(src, 0, b"edited")
+    os.utime(src, ns=(1, 1))
+    with pytest.raises(Exception) as caught:
+        await leech.exchange.get(info.resource_id, tmp_path / "got.bin")
+    assert "changed on disk" in str(caught.value) or "not served" in str(caught.value)
+    [row] = seed.exchange.list()
+    assert not row.served and row.stale is not None and "changed" in row.stale
+    assert not (tmp_path / "got.bin").exists()
+    # The check without any request notices it too.
+    seed2 = await make_peer("seed2")
+    other = tmp_path / "other.bin"
+    _random_file(other, 100)
+    info2 = await seed2.exchange.share(other)
+    other.write_bytes(b"x")
+    assert await seed2.exchange.check_stale() == [info2.resource_id]
+
+
+async def test_all_providers_gone(make_peer: Factory, tmp_path: Path) -> None:
+    _random_file(tmp_path / "f.bin", PS * 30)
+    seed = await make_peer("seed")
+    leech = await make_peer("leech", bootstrap=seed)
+    manifest, listing = build_manifest(tmp_path / "f.bin", piece_size=PS)
+    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    rid = manifest.resource_id
+    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
+    gone = asyncio.Event()
+
+    def dying(inner: Handler) -> Handler:
+        async def handler(remote: bytes, msg: Message) -> Message:
+            if isinstance(msg, GetPiece) and msg.index >= 10:
+                gone.set()
+                await asyncio.Event().wait()
+            return await inner(remote, msg)
+
+        return handler
+
+    seed.wrap_handler(dying)
+
+    async def kill() -> None:
+        await gone.wait()
+        await seed.close()
+
+    killer = asyncio.create_task(kill())
+    from p2pnode.exchange.fetcher import DownloadError
+
+    with pytest.raises((DownloadError, NotFoundError), match=r"resume|providers"):
+        await leech.exchange.get(rid, tmp_path / "got.bin")
+    await killer
+    assert not (tmp_path / "got.bin").exists()
+    assert leech.exchange.store.verified_pieces(rid)
