@@ -253,7 +253,7 @@ class Discovery:
         done: Callable[[], bool] | None = None,
     ) -> list[Node]:
         protocol = self._proto()
-        start = list(seeds) + protocol.router.find_neighbors(Node(target), k=self.config.ksize)
+        start = list(seeds) + protocol.router.closest_to(target, self.config.ksize)
         return await iterative_lookup(
             target,
             start,

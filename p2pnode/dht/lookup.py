@@ -2,8 +2,10 @@
 
 Unlike ``kademlia.crawling`` this keeps ``alpha`` queries in flight at all times,
 never raises because of what a remote answered (a query returns ``None`` for no or
-a malformed answer, which drops that node from the lookup), stops at a deadline
-with what it has, and cancels and awaits its own queries when it ends.
+a malformed answer, which drops that node from the lookup), asks each address at
+most once (a responder listing many made-up ids at its own address gets one query),
+stops at a deadline or after ``max_queries`` with what it has, and cancels and
+awaits its own queries when it ends.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ async def iterative_lookup(
 
     known: dict[bytes, Node] = {}
     asked: set[bytes] = set()
+    asked_addrs: set[tuple[str, int]] = set()  # one query per address, whatever id it claims
     failed: set[bytes] = set()
     answered: dict[bytes, Node] = {}
 
@@ -59,7 +62,11 @@ async def iterative_lookup(
                     break
                 if node.id in asked:
                     continue
+                if (node.ip, node.port) in asked_addrs:
+                    failed.add(node.id)  # a second id at an address already asked
+                    continue
                 asked.add(node.id)
+                asked_addrs.add((node.ip, node.port))
                 in_flight[loop.create_task(_run(query, node))] = node
             if not in_flight:
                 break

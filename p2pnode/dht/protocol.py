@@ -28,6 +28,7 @@ What this class changes in ``kademlia.protocol.KademliaProtocol`` / ``rpcudp``:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
 import random
@@ -145,6 +146,14 @@ class DhtRoutingTable(RoutingTable):
 
     def all_nodes(self) -> list[Node]:
         return [node for bucket in self.buckets for node in bucket.get_nodes()]
+
+    def closest_to(self, key: bytes, k: int, exclude: bytes | None = None) -> list[Node]:
+        """The ``k`` contacts closest to ``key``, exactly (kademlia's find_neighbors
+        approximates, and leaves out a contact whose id *is* the key)."""
+        target = Node(key)
+        self.buckets[self.get_bucket_for(target)].touch_last_updated()
+        candidates = (n for n in self.all_nodes() if n.id != exclude)
+        return heapq.nsmallest(k, candidates, key=target.distance_to)
 
 
 class DhtProtocol(KademliaProtocol):
@@ -381,9 +390,8 @@ class DhtProtocol(KademliaProtocol):
         }
 
     def _neighbors_wire(self, key: bytes, requester: bytes, sender: Address) -> list[list[object]]:
-        exclude = Node(requester, sender[0], sender[1])
-        found = self.router.find_neighbors(Node(key), k=self.router.ksize + 1, exclude=exclude)
-        nodes = [n for n in found if n.id != requester][: self.router.ksize]
+        nodes = self.router.closest_to(key, self.router.ksize + 1, exclude=requester)
+        nodes = [n for n in nodes if (n.ip, n.port) != sender][: self.router.ksize]
         return [[n.id, n.ip, n.port] for n in nodes]
 
     def _note_requester(self, node_id: bytes, host: str, port: int) -> None:
@@ -568,7 +576,7 @@ class DhtProtocol(KademliaProtocol):
             if scanned >= self.config.welcome_scan_max:
                 break
             keynode = Node(key)
-            neighbors = self.router.find_neighbors(keynode)
+            neighbors = self.router.closest_to(key, self.router.ksize)
             if neighbors:
                 new_node_close = node.distance_to(keynode) < neighbors[-1].distance_to(keynode)
                 this_closest = self.source_node.distance_to(keynode) < neighbors[0].distance_to(
