@@ -9,7 +9,9 @@ Rules
   ``max_inflight_per_connection`` at once; one more is answered at once with
   ``ErrorReply("busy")`` and counted. ``Ping`` is answered inline.
 - Our requests get ids from a per-connection counter; answers are matched by
-  id, late answers (after a timeout) are counted and dropped.
+  id, late answers (after a timeout) are counted and dropped. At most
+  ``max_inflight_per_connection`` of ours are outstanding per connection (a
+  peer with the same limits never has to answer "busy"); more wait locally.
 - A payload whose envelope cannot be read is dropped (counted); a request
   with an unknown type or bad fields is answered ``unsupported`` /
   ``bad_request``; an answer with bad fields fails only that request.
@@ -105,6 +107,9 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self._next_id = 0
         self._handlers: set[asyncio.Task[None]] = set()
+        # Our own requests in flight on this connection: as many as the peer
+        # (with the same limits) will run at once; the rest queue here.
+        self._out_slots = asyncio.Semaphore(self._limits.max_inflight_per_connection)
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._hs_timer: asyncio.TimerHandle | None = None
@@ -434,6 +439,12 @@ class PeerConnection(asyncio.BufferedProtocol):
 
     async def request(self, msg: Message) -> Message:
         """Send ``msg`` and wait for its answer (no timeout: the caller bounds it)."""
+        if self._out_slots.locked():
+            self._counters["requests_queued"] += 1
+        async with self._out_slots:
+            return await self._request(msg)
+
+    async def _request(self, msg: Message) -> Message:
         if self._closing:
             raise self.error or ConnectionClosed(f"connection to {self.describe()} closed")
         request_id = self._next_id

@@ -255,7 +255,7 @@ class Session:
         if self._state is not State.OPEN:
             hint = self._state_hint()
             self._state = State.FAILED
-            raise HandshakeError(f"connection closed during handshake ({hint})")
+            raise HandshakeError(f"connection closed during the handshake ({hint})")
         if not (self._chunks.at_boundary and self._frames.at_boundary):
             self._state = State.FAILED
             raise ProtocolError("connection closed in the middle of a frame")

@@ -1,0 +1,514 @@
+"""PeerHost tests over real sockets on 127.0.0.1.
+
+Rules for this module: port 0 only, no fixed ports; no sleep used as
+synchronisation (wait on an event, or poll a condition with a deadline via
+``eventually``); every host is closed by the ``hosts`` fixture, and
+``test_close_leaves_no_tasks`` checks that closing ends every task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+
+import pytest
+
+from p2pnode.errors import HandshakeError, LimitExceeded, P2PError, P2PTimeoutError, ProtocolError
+from p2pnode.identity import Identity, peer_id_to_str
+from p2pnode.net import (
+    ConnectionClosed,
+    NetLimits,
+    PeerAddress,
+    PeerHost,
+    PeerUnreachable,
+    RemoteError,
+)
+from p2pnode.net.session import Credentials
+from p2pnode.wire.messages import (
+    ErrorCode,
+    ErrorReply,
+    GetHave,
+    GetManifest,
+    GetPiece,
+    Have,
+    ManifestData,
+    Message,
+    PieceData,
+    Ping,
+    Pong,
+    message,
+    wire,
+)
+
+RID = bytes(range(32))
+FAST = NetLimits(handshake_timeout=5.0, request_timeout=10.0)
+
+MakeHost = Callable[..., PeerHost]
+
+
+@pytest.fixture
+async def hosts() -> AsyncIterator[MakeHost]:
+    made: list[PeerHost] = []
+
+    def make(limits: NetLimits = FAST, identity: Identity | None = None) -> PeerHost:
+        host = PeerHost(identity or Identity.generate(), limits)
+        made.append(host)
+        return host
+
+    yield make
+    for host in made:
+        await host.close()
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.005)
+
+
+async def echo_handler(node_id: bytes, msg: Message) -> Message:
+    if isinstance(msg, GetPiece):
+        return PieceData(msg.resource_id, msg.index, msg.index.to_bytes(4, "big") * 8)
+    if isinstance(msg, GetManifest):
+        return ManifestData(msg.resource_id, node_id)
+    if isinstance(msg, GetHave):
+        return ErrorReply(ErrorCode.NOT_FOUND, "nothing here")
+    return ErrorReply(ErrorCode.UNSUPPORTED, type(msg).__name__)
+
+
+async def serving(make: MakeHost, limits: NetLimits = FAST) -> tuple[PeerHost, PeerAddress]:
+    server = make(limits)
+    server.set_handler(echo_handler)
+    port = await server.listen("127.0.0.1", 0)
+    return server, PeerAddress(server.node_id, "127.0.0.1", port)
+
+
+async def test_request_response_and_remote_error(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts)
+    client = hosts()
+    assert await client.request(addr, Ping()) == Pong()
+    reply = await client.request(addr, GetPiece(RID, 7))
+    assert reply == PieceData(RID, 7, (7).to_bytes(4, "big") * 8)
+    # the handler sees the authenticated node id of the requester
+    assert await client.request(addr, GetManifest(RID)) == ManifestData(RID, client.node_id)
+    with pytest.raises(RemoteError) as info:
+        await client.request(addr, GetHave(RID))
+    assert info.value.code == ErrorCode.NOT_FOUND
+    stats = client.stats()
+    assert stats["connections_dialed"] == 1
+    assert stats["remote_errors"] == 1
+    assert stats["frames_out"] == 4 and stats["bytes_out"] > 0
+    assert server.stats()["connections_accepted"] == 1
+    assert client.connected_peers() == [server.node_id]
+
+
+async def test_many_concurrent_requests_share_one_connection(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts)
+    client = hosts()
+    replies = await asyncio.gather(*(client.request(addr, GetPiece(RID, i)) for i in range(300)))
+    for i, reply in enumerate(replies):
+        assert isinstance(reply, PieceData) and reply.index == i
+    assert client.stats()["connections_dialed"] == 1
+    assert server.stats()["connections_accepted"] == 1
+
+
+async def test_large_pieces_with_backpressure(hosts: MakeHost) -> None:
+    data = os.urandom(1 << 20)
+
+    async def pieces(node_id: bytes, msg: Message) -> Message:
+        assert isinstance(msg, GetPiece)
+        return PieceData(msg.resource_id, msg.index, memoryview(data))
+
+    limits = replace(FAST, write_buffer_high=64 * 1024)
+    server = hosts(limits)
+    server.set_handler(pieces)
+    port = await server.listen("127.0.0.1", 0)
+    client = hosts(limits)
+    addr = PeerAddress(server.node_id, "127.0.0.1", port)
+    replies = await asyncio.gather(*(client.request(addr, GetPiece(RID, i)) for i in range(24)))
+    assert all(isinstance(r, PieceData) and r.data == data for r in replies)
+    assert server.stats()["write_pauses"] > 0
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+async def test_plaintext_and_encrypted_modes(hosts: MakeHost, encrypt: bool) -> None:
+    limits = replace(FAST, encrypt=encrypt)
+    _server, addr = await serving(hosts, limits)
+    client = hosts(limits)
+    assert await client.request(addr, GetPiece(RID, 1)) == PieceData(
+        RID, 1, b"\x00\x00\x00\x01" * 8
+    )
+
+
+async def test_encrypt_mismatch_is_a_handshake_error(hosts: MakeHost) -> None:
+    _server, addr = await serving(hosts, replace(FAST, encrypt=False))
+    client = hosts()
+    with pytest.raises(HandshakeError, match="encryption mismatch"):
+        await client.request(addr, Ping())
+
+
+async def test_wrong_peer_id(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts)
+    client = hosts()
+    wanted = Identity.generate().node_id
+    with pytest.raises(HandshakeError) as info:
+        await client.request(PeerAddress(wanted, addr.host, addr.port), Ping())
+    assert f"expected {peer_id_to_str(wanted)}" in str(info.value)
+    assert f"got {peer_id_to_str(server.node_id)}" in str(info.value)
+    assert client.stats()["handshake_failures"] == 1
+    await eventually(lambda: server.stats()["connections_handshaking"] == 0)
+    assert server.stats()["handshake_failures"] == 1
+
+
+async def test_bootstrap_dial_without_node_id_then_reuse(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts)
+    client = hosts()
+    assert await client.request(PeerAddress(None, addr.host, addr.port), Ping()) == Pong()
+    assert client.connected_peers() == [server.node_id]
+    assert await client.request(addr, Ping()) == Pong()
+    assert await client.request(PeerAddress(None, addr.host, addr.port), Ping()) == Pong()
+    assert client.stats()["connections_dialed"] == 1
+
+
+async def test_concurrent_first_requests_share_one_dial(hosts: MakeHost) -> None:
+    _server, addr = await serving(hosts)
+    client = hosts()
+    await asyncio.gather(*(client.request(addr, Ping()) for _ in range(50)))
+    assert client.stats()["connections_dialed"] == 1
+
+
+async def test_connections_are_symmetric(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts)
+    client = hosts()
+    client.set_handler(echo_handler)
+    await client.request(addr, Ping())
+    # the server reaches the client over the inbound connection (bogus port: no dial)
+    back = PeerAddress(client.node_id, "127.0.0.1", 1)
+    assert await server.request(back, GetManifest(RID)) == ManifestData(RID, server.node_id)
+    assert server.stats().get("connections_dialed", 0) == 0
+
+
+async def test_truncated_handshake_from_client(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts)
+    _reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    writer.write(b"\x00\x20" + b"x" * 10)  # msg1 announces 32 bytes, sends 10
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await eventually(lambda: server.stats().get("handshake_failures", 0) == 1)
+    await eventually(lambda: server.stats()["connections_handshaking"] == 0)
+
+
+async def test_truncated_handshake_from_server(hosts: MakeHost) -> None:
+    async def half_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(2 + 32)
+        writer.write(b"\x00\x60" + os.urandom(40))  # msg2 announces 96 bytes, sends 40
+        await writer.drain()
+        writer.close()
+
+    fake = await asyncio.start_server(half_answer, "127.0.0.1", 0)
+    port = fake.sockets[0].getsockname()[1]
+    client = hosts()
+    try:
+        with pytest.raises(HandshakeError, match="closed during the handshake"):
+            await client.request(PeerAddress(None, "127.0.0.1", port), Ping())
+    finally:
+        fake.close()
+        await fake.wait_closed()
+    assert client.stats()["handshake_failures"] == 1
+
+
+async def test_handshake_timeouts(hosts: MakeHost) -> None:
+    silent_done = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the dialer gives up
+        writer.close()
+        silent_done.set()
+
+    fake = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = fake.sockets[0].getsockname()[1]
+    limits = replace(FAST, handshake_timeout=0.2)
+    client = hosts(limits)
+    try:
+        with pytest.raises(P2PTimeoutError, match="timed out"):
+            await client.request(PeerAddress(None, "127.0.0.1", port), Ping())
+        await asyncio.wait_for(silent_done.wait(), 5)
+    finally:
+        fake.close()
+        await fake.wait_closed()
+    assert client.stats()["handshake_timeouts"] >= 1
+    # and a server drops a client that never speaks
+    server, addr = await serving(hosts, limits)
+    reader, writer = await asyncio.open_connection(addr.host, addr.port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert server.stats()["handshake_timeouts"] == 1
+
+
+async def test_unreachable_peer(hosts: MakeHost) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    client = hosts()
+    with pytest.raises(PeerUnreachable, match=f"127.0.0.1:{port}"):
+        await client.request(PeerAddress(None, "127.0.0.1", port), Ping())
+    assert client.stats()["dial_failures"] == 1
+
+
+async def test_tampered_ciphertext_closes_connection(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts)
+    proxy_tasks: set[asyncio.Task[None]] = set()
+
+    async def pipe(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tamper_chunk: int | None
+    ) -> None:
+        index = 0
+        try:
+            while True:
+                if tamper_chunk is None:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    writer.write(data)
+                else:
+                    head = await reader.readexactly(2)
+                    body = bytearray(await reader.readexactly(int.from_bytes(head, "big")))
+                    if index == tamper_chunk:
+                        body[len(body) // 2] ^= 0x40
+                    index += 1
+                    writer.write(head + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        s_reader, s_writer = await asyncio.open_connection(addr.host, addr.port)
+        # client->server chunks: msg1, msg3, then the first request: tamper that
+        for t in (pipe(c_reader, s_writer, 2), pipe(s_reader, c_writer, None)):
+            task = asyncio.create_task(t)
+            proxy_tasks.add(task)
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    client = hosts()
+    try:
+        with pytest.raises(ConnectionClosed):
+            await client.request(PeerAddress(server.node_id, "127.0.0.1", port), Ping())
+        await eventually(lambda: server.stats().get("tampered_chunks", 0) == 1)
+        assert server.stats()["connections_open"] == 0
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
+        await asyncio.gather(*proxy_tasks, return_exceptions=True)
+
+
+async def test_replayed_identity_is_rejected(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts)
+    victim = hosts()
+    attacker = hosts()
+    # The attacker presents the victim's public key and signature over the
+    # victim's Noise key, but can only use its own Noise static key.
+    real = victim._credentials
+    own = attacker._credentials
+    attacker._credentials = Credentials(
+        own.noise_private, own.noise_public, real.ed25519_public, real.signature
+    )
+    with pytest.raises(HandshakeError, match=r"rejected the handshake: .*replayed or forged"):
+        await attacker.request(addr, Ping())
+    await eventually(lambda: server.stats().get("handshake_failures", 0) == 1)
+    assert server.connected_peers() == []
+
+
+async def test_oversized_frame_drops_only_that_connection(hosts: MakeHost) -> None:
+    small = replace(FAST, max_frame=64 * 1024)
+    server, addr = await serving(hosts, small)
+    big_client = hosts(replace(FAST, max_frame=1 << 20))
+    other = hosts()
+    assert await other.request(addr, Ping()) == Pong()
+    with pytest.raises(ConnectionClosed):
+        await big_client.request(addr, ManifestData(RID, b"m" * 100_000))
+    await eventually(lambda: server.stats().get("oversized_frames", 0) == 1)
+    assert await other.request(addr, Ping()) == Pong()  # the other peer is untouched
+    assert other.stats()["connections_dialed"] == 1
+    # and our own limit is checked before sending
+    small_client = hosts(small)
+    with pytest.raises(LimitExceeded, match="exceeds max_frame"):
+        await small_client.request(addr, ManifestData(RID, b"m" * 100_000))
+
+
+async def test_inflight_limit_answers_busy(hosts: MakeHost) -> None:
+    release = asyncio.Event()
+    entered = 0
+
+    async def slow(node_id: bytes, msg: Message) -> Message:
+        nonlocal entered
+        entered += 1
+        await release.wait()
+        return Have(RID, True, b"")
+
+    limits = replace(FAST, max_inflight_per_connection=2)
+    server = hosts(limits)
+    server.set_handler(slow)
+    port = await server.listen("127.0.0.1", 0)
+    client = hosts()
+    addr = PeerAddress(server.node_id, "127.0.0.1", port)
+    calls = [asyncio.ensure_future(client.request(addr, GetHave(RID))) for _ in range(5)]
+    await eventually(lambda: sum(c.done() for c in calls) == 3)
+    for c in calls:
+        if c.done():
+            exc = c.exception()
+            assert isinstance(exc, RemoteError) and exc.code == ErrorCode.BUSY
+    assert entered == 2
+    assert server.stats()["rejected_busy"] == 3
+    assert server.stats()["handlers_inflight"] == 2
+    assert await client.request(addr, Ping()) == Pong()  # Ping is answered inline
+    release.set()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert sum(isinstance(r, Have) for r in results) == 2
+
+
+async def test_max_connections_per_ip(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts, replace(FAST, max_connections_per_ip=2))
+    clients = [hosts() for _ in range(3)]
+    for c in clients[:2]:
+        assert await c.request(addr, Ping()) == Pong()
+    with pytest.raises(HandshakeError, match="closed during the handshake"):
+        await clients[2].request(addr, Ping())
+    assert server.stats()["rejected_per_ip"] == 1
+    await clients[0].close()
+    await eventually(lambda: server.stats()["connections_inbound"] == 1)
+    assert await clients[2].request(addr, Ping()) == Pong()
+
+
+async def test_max_connections_total_and_outbound_eviction(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts, replace(FAST, max_connections=1))
+    a, b = hosts(), hosts()
+    assert await a.request(addr, Ping()) == Pong()
+    with pytest.raises(HandshakeError):
+        await b.request(addr, Ping())
+    assert server.stats()["rejected_max_connections"] == 1
+    # outbound: at the limit, the least recently used idle connection is evicted
+    _s2, addr2 = await serving(hosts)
+    dialer = hosts(replace(FAST, max_connections=1))
+    assert await dialer.request(addr2, Ping()) == Pong()
+    s3, addr3 = await serving(hosts)
+    assert await dialer.request(addr3, Ping()) == Pong()
+    assert dialer.stats()["evicted_idle"] == 1
+    assert dialer.connected_peers() == [s3.node_id]
+
+
+async def test_idle_timeout_closes_and_redials(hosts: MakeHost) -> None:
+    limits = replace(FAST, idle_timeout=0.2)
+    server, addr = await serving(hosts, limits)
+    client = hosts(limits)
+    assert await client.request(addr, Ping()) == Pong()
+    await eventually(lambda: client.stats()["connections_open"] == 0)
+    await eventually(lambda: server.stats()["connections_open"] == 0)
+    assert client.stats()["idle_closed"] + server.stats().get("idle_closed", 0) >= 1
+    assert await client.request(addr, Ping()) == Pong()
+    assert client.stats()["connections_dialed"] == 2
+
+
+async def test_request_timeout_and_late_answer(hosts: MakeHost) -> None:
+    release = asyncio.Event()
+
+    async def slow(node_id: bytes, msg: Message) -> Message:
+        await release.wait()
+        return Have(RID, False, b"\x80")
+
+    server = hosts()
+    server.set_handler(slow)
+    port = await server.listen("127.0.0.1", 0)
+    client = hosts()
+    addr = PeerAddress(server.node_id, "127.0.0.1", port)
+    with pytest.raises(P2PTimeoutError, match=r"GetHave .* within 0\.1s"):
+        await client.request(addr, GetHave(RID), timeout=0.1)
+    assert client.stats()["request_timeouts"] == 1
+    release.set()
+    await eventually(lambda: client.stats().get("unexpected_responses", 0) == 1)
+    assert await client.request(addr, Ping()) == Pong()
+
+
+async def test_handler_failures_become_error_replies(hosts: MakeHost) -> None:
+    async def broken(node_id: bytes, msg: Message) -> Message:
+        if isinstance(msg, GetHave):
+            raise RuntimeError("bug")
+        if isinstance(msg, GetPiece):
+            return Pong()  # wrong answer type for GetPiece
+        return "not a message"  # type: ignore[return-value]
+
+    server = hosts()
+    server.set_handler(broken)
+    port = await server.listen("127.0.0.1", 0)
+    client = hosts()
+    addr = PeerAddress(server.node_id, "127.0.0.1", port)
+    with pytest.raises(RemoteError) as info:
+        await client.request(addr, GetHave(RID))
+    assert info.value.code == ErrorCode.INTERNAL
+    with pytest.raises(ProtocolError, match="answered GetPiece with Pong"):
+        await client.request(addr, GetPiece(RID, 0))
+    with pytest.raises(RemoteError, match="internal"):
+        await client.request(addr, GetManifest(RID))
+    assert server.stats()["handler_errors"] == 2
+    assert client.stats()["connections_dialed"] == 1
+
+
+async def test_unknown_message_type_answered_unsupported(hosts: MakeHost) -> None:
+    server, addr = await serving(hosts)
+    client = hosts()
+    client.registry = client.registry.copy()
+
+    @message(4000, registry=client.registry)
+    @dataclass(frozen=True, slots=True)
+    class FutureThing(Message):
+        note: str = wire(max_len=10)
+
+    with pytest.raises(RemoteError) as info:
+        await client.request(addr, FutureThing("hi"))
+    assert info.value.code == ErrorCode.UNSUPPORTED
+    assert await client.request(addr, Ping()) == Pong()
+    assert server.stats()["unknown_messages"] == 1
+    assert client.stats()["connections_dialed"] == 1
+
+
+async def test_no_handler_set(hosts: MakeHost) -> None:
+    server = hosts()
+    port = await server.listen("127.0.0.1", 0)
+    client = hosts()
+    with pytest.raises(RemoteError, match="unsupported"):
+        await client.request(PeerAddress(server.node_id, "127.0.0.1", port), GetHave(RID))
+
+
+async def test_close_leaves_no_tasks(hosts: MakeHost) -> None:
+    never = asyncio.Event()
+
+    async def stuck(node_id: bytes, msg: Message) -> Message:
+        await never.wait()
+        return Pong()
+
+    server = hosts()
+    server.set_handler(stuck)
+    port = await server.listen("127.0.0.1", 0)
+    client = hosts()
+    addr = PeerAddress(server.node_id, "127.0.0.1", port)
+    calls = [asyncio.ensure_future(client.request(addr, GetHave(RID))) for _ in range(10)]
+    await eventually(lambda: server.stats()["handlers_inflight"] == 10)
+    await server.close()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, (ConnectionClosed, P2PError)) for r in results)
+    await client.close()
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    assert server.stats()["connections_open"] == 0
+    assert client.stats()["connections_open"] == 0
+    with pytest.raises(P2PError):
+        await client.request(addr, Ping())
