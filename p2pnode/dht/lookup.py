@@ -18,6 +18,73 @@ from kademlia.node import Node
 Query = Callable[[Node], Awaitable[list[Node] | None]]
 
 
+class _Lookup:
+    def __init__(self, target: bytes, query: Query, self_id: bytes, k: int, alpha: int) -> None:
+        self.goal = int.from_bytes(target, "big")
+        self.query = query
+        self.self_id = self_id
+        self.k = k
+        self.alpha = alpha
+        self.known: dict[bytes, Node] = {}
+        self.asked: set[bytes] = set()
+        self.asked_addrs: set[tuple[str, int]] = set()
+        self.failed: set[bytes] = set()
+        self.answered: dict[bytes, Node] = {}
+        self.in_flight: dict[asyncio.Task[list[Node] | None], Node] = {}
+
+    def distance(self, node: Node) -> int:
+        return int(node.long_id) ^ self.goal
+
+    def learn(self, nodes: Iterable[Node]) -> None:
+        for node in nodes:
+            if node.id != self.self_id and node.id not in self.known:
+                self.known[node.id] = node
+
+    def fill(self, max_queries: int) -> None:
+        """Query the closest ``k`` not yet asked, up to ``alpha`` in flight."""
+        while True:
+            live = (n for n in self.known.values() if n.id not in self.failed)
+            skipped = False
+            for node in sorted(live, key=self.distance)[: self.k]:
+                if len(self.in_flight) >= self.alpha or len(self.asked) >= max_queries:
+                    return
+                if node.id in self.asked:
+                    continue
+                if (node.ip, node.port) in self.asked_addrs:
+                    self.failed.add(node.id)  # another id at an address already asked
+                    skipped = True
+                    continue
+                self.asked.add(node.id)
+                self.asked_addrs.add((node.ip, node.port))
+                task = asyncio.get_running_loop().create_task(_run(self.query, node))
+                self.in_flight[task] = node
+            if not skipped:  # else the k closest changed: look again
+                return
+
+    def settle(self, task: asyncio.Task[list[Node] | None]) -> None:
+        node = self.in_flight.pop(task)
+        listed = task.result()
+        if listed is None:
+            self.failed.add(node.id)
+        else:
+            self.answered[node.id] = node
+            self.learn(listed)
+
+    def result(self) -> list[Node]:
+        return sorted(self.answered.values(), key=self.distance)[: self.k]
+
+    async def cancel(self) -> None:
+        for task in self.in_flight:
+            task.cancel()
+        if self.in_flight:
+            await asyncio.gather(*self.in_flight, return_exceptions=True)
+        self.in_flight.clear()
+
+
+async def _run(query: Query, node: Node) -> list[Node] | None:
+    return await query(node)
+
+
 async def iterative_lookup(
     target: bytes,
     seeds: Iterable[Node],
@@ -34,63 +101,21 @@ async def iterative_lookup(
     known have all answered (or failed), ``done()`` is true, the deadline passes or
     ``max_queries`` nodes were asked. Returns up to ``k`` nodes that answered,
     closest first. ``query(node)`` returns the nodes it listed, or None."""
-    goal = int.from_bytes(target, "big")
-
-    def distance(node: Node) -> int:
-        return int(node.long_id) ^ goal
-
-    known: dict[bytes, Node] = {}
-    asked: set[bytes] = set()
-    asked_addrs: set[tuple[str, int]] = set()  # one query per address, whatever id it claims
-    failed: set[bytes] = set()
-    answered: dict[bytes, Node] = {}
-
-    def learn(nodes: Iterable[Node]) -> None:
-        for node in nodes:
-            if node.id != self_id and node.id not in known:
-                known[node.id] = node
-
-    learn(seeds)
+    lookup = _Lookup(target, query, self_id, k, alpha)
+    lookup.learn(seeds)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    in_flight: dict[asyncio.Task[list[Node] | None], Node] = {}
     try:
         while done is None or not done():
-            closest = sorted((n for n in known.values() if n.id not in failed), key=distance)
-            for node in closest[:k]:
-                if len(in_flight) >= alpha or len(asked) >= max_queries:
-                    break
-                if node.id in asked:
-                    continue
-                if (node.ip, node.port) in asked_addrs:
-                    failed.add(node.id)  # a second id at an address already asked
-                    continue
-                asked.add(node.id)
-                asked_addrs.add((node.ip, node.port))
-                in_flight[loop.create_task(_run(query, node))] = node
-            if not in_flight:
-                break
+            lookup.fill(max_queries)
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if not lookup.in_flight or remaining <= 0:
                 break
             finished, _ = await asyncio.wait(
-                in_flight, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                lookup.in_flight, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
             )
             for task in finished:
-                node = in_flight.pop(task)
-                listed = task.result()
-                if listed is None:
-                    failed.add(node.id)
-                else:
-                    answered[node.id] = node
-                    learn(listed)
+                lookup.settle(task)
     finally:
-        for task in in_flight:
-            task.cancel()
-        if in_flight:
-            await asyncio.gather(*in_flight, return_exceptions=True)
-    return sorted(answered.values(), key=distance)[:k]
-
-
-async def _run(query: Query, node: Node) -> list[Node] | None:
-    return await query(node)
+        await lookup.cancel()
+    return lookup.result()
