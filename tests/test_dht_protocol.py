@@ -251,6 +251,20 @@ async def test_requests_rate_limited_per_source_ip() -> None:
         await h.close()
 
 
+async def test_loopback_is_not_rate_limited_unless_asked() -> None:
+    for limit_loopback, answered in ((False, 20), (True, 10)):
+        h = Harness(
+            DhtConfig(request_rate=1.0, request_burst=5.0, rate_limit_loopback=limit_loopback)
+        )
+        try:
+            for _ in range(10):
+                h.request("ping", nid(5), addr=("127.0.0.1", 4000))
+                h.request("ping", nid(6), addr=("127.0.0.2", 4000))
+            assert len(h.transport.responses()) == answered
+        finally:
+            await h.close()
+
+
 async def test_find_node_answer_excludes_requester_and_is_bounded(harness: Harness) -> None:
     for i in range(1, 9):
         await harness.add_contact(nid(i), (f"10.0.1.{i}", 5000))
@@ -516,3 +530,18 @@ async def test_close_ends_calls_in_flight(harness: Harness) -> None:
     async with asyncio.timeout(1):
         assert await call is None
     assert len(h.tasks) == 0
+
+
+async def test_refresh_ids_fall_in_lonely_buckets() -> None:
+    h = Harness(DhtConfig(refresh_interval=0.0, rpc_timeout=5.0))
+    try:
+        for i in range(1, 4):
+            await h.add_contact(bytes([i * 60]) + b"\x00" * 19, (f"10.0.3.{i}", 5000))
+        buckets = h.proto.router.buckets
+        ids = h.proto.get_refresh_ids()
+        assert len(ids) == len(buckets)
+        for rid, bucket in zip(ids, buckets, strict=True):
+            assert len(rid) == 20
+            assert bucket.range[0] <= int.from_bytes(rid, "big") <= bucket.range[1]
+    finally:
+        await h.close()

@@ -38,6 +38,9 @@ class DhtConfig:
     request_rate: float = 200.0
     request_burst: float = 400.0
     rate_limit_table_size: int = 4096
+    # Loopback sources cannot be spoofed from outside the host; by default they are
+    # not rate limited, so many nodes on one machine (tests, simulations) can talk.
+    rate_limit_loopback: bool = False
     # Decoder limits besides max_datagram (which bounds bin and str lengths).
     max_array_len: int = 512
     max_map_len: int = 8

@@ -279,7 +279,7 @@ class DhtProtocol(KademliaProtocol):
         if len(data) > self.config.max_datagram:
             self._drop(codec.OVERSIZED)
             return
-        if data[:1] == b"\x00" and not self._limiter.allow(host):
+        if data[:1] == b"\x00" and not self._allow_request(host):
             self._drop("rate_limited")
             return
         try:
@@ -291,6 +291,11 @@ class DhtProtocol(KademliaProtocol):
             self._accept_response_message(message, host, port)
         else:
             self._handle_request(message, host, port)
+
+    def _allow_request(self, host: str) -> bool:
+        if not self.config.rate_limit_loopback and (host.startswith("127.") or host == "::1"):
+            return True
+        return self._limiter.allow(host)
 
     def _accept_response_message(self, message: Response, host: str, port: int) -> None:
         pending = self._outstanding.get(message.msg_id)
