@@ -461,16 +461,32 @@ class Simulation:
             return await self._lookup(op.node, op.arg, "lookup", "workload")
         raise AssertionError(op.kind)
 
-    def _skip(self, kind: str, node: int, arg: int, why: str) -> OpResult:
+    def _skip(self, kind: str, node: int, arg: int, why: str, phase: str = "workload") -> OpResult:
         t = self.now()
         return self._record(
             OpResult(
-                kind, node, arg, t, t, False, why, network_size=len(self._alive()), skipped=True
+                kind,
+                node,
+                arg,
+                t,
+                t,
+                False,
+                why,
+                phase=phase,
+                network_size=len(self._alive()),
+                skipped=True,
             )
         )
 
     async def _timed(
-        self, op_kind: str, node: int, arg: int, timeout: float, call: Callable[[], Awaitable[T]]
+        self,
+        op_kind: str,
+        node: int,
+        arg: int,
+        timeout: float,
+        call: Callable[[], Awaitable[T]],
+        *,
+        phase: str = "workload",
     ) -> tuple[OpResult, T | None]:
         started = self.now()
         size = len(self._alive())
@@ -482,11 +498,30 @@ class Simulation:
             ok, error = False, f"timeout: no result in {timeout} s"
         except Unsupported as exc:
             ok, error = False, f"unsupported: {exc}"
-            self._unsupported.add(op_kind)
+            self._unsupported.add("lookup" if op_kind == "probe" else op_kind)
         except (NodeFailure, OSError) as exc:
             ok, error = False, _describe(exc)
-        r = OpResult(op_kind, node, arg, started, self.now(), ok, error, network_size=size)
+        except Exception as exc:  # noqa: BLE001 - the node under test misbehaved: a finding
+            ok, error = False, f"crash: {type(exc).__name__}: {exc}"
+            log.error("%s on node %d raised %s", op_kind, node, type(exc).__name__, exc_info=exc)
+        except asyncio.CancelledError:
+            # The run ended (drain timeout, Ctrl-C) with this still going: count it.
+            self._record(
+                OpResult(op_kind, node, arg, started, self.now(), False,
+                         "cancelled: still running when the run ended", phase=phase,
+                         network_size=size)
+            )  # fmt: skip
+            raise
+        r = OpResult(op_kind, node, arg, started, self.now(), ok, error, phase=phase,
+                     network_size=size)  # fmt: skip
         return r, value
+
+    async def _await_dependency(self, op: Op, future: asyncio.Future[T]) -> T:
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._skip(op.kind, op.node, op.arg, "cancelled: waited for its dependency")
+            raise
 
     # -- operations ------------------------------------------------------------------
 
@@ -507,7 +542,7 @@ class Simulation:
         return self._record(r)
 
     async def _fetch(self, op: Op) -> OpResult:
-        shared = await self._shared[op.arg]
+        shared = await self._await_dependency(op, self._shared[op.arg])
         node = self.cluster.node(op.node)
         if shared is None:
             return self._skip(op.kind, op.node, op.arg, "no-source: the share failed or never ran")
@@ -547,7 +582,7 @@ class Simulation:
         return self._record(r)
 
     async def _dht_get(self, op: Op) -> OpResult:
-        put_ok = await self._put[op.arg]
+        put_ok = await self._await_dependency(op, self._put[op.arg])
         node = self.cluster.node(op.node)
         if not put_ok:
             return self._skip(op.kind, op.node, op.arg, "no-source: the put failed or never ran")
@@ -566,20 +601,27 @@ class Simulation:
         src = self.cluster.node(source)
         dst = self.cluster.node(target)
         if "lookup" in self._unsupported:
-            return self._skip(kind, source, target, "unsupported: no peer lookup")
+            return self._skip(kind, source, target, "unsupported: no peer lookup", phase)
         if not src.running or not dst.running or dst.node_id is None:
-            return self._skip(kind, source, target, "down: source or target not running")
+            return self._skip(kind, source, target, "down: source or target not running", phase)
         target_id, target_port = dst.node_id, dst.port
         lock = self._lookup_locks.setdefault(source, asyncio.Lock())
-        async with lock:  # one lookup at a time per source: RPC deltas stay attributable
+        try:
+            await lock.acquire()
+        except asyncio.CancelledError:
+            self._skip(kind, source, target, "cancelled: waited for the source's lock", phase)
+            raise
+        try:  # one lookup at a time per source: RPC deltas stay attributable
             r, outcome = await self._timed(
-                "lookup",
+                kind,
                 source,
                 target,
                 self.config.lookup_timeout,
                 lambda: src.find_peer(target_id),
+                phase=phase,
             )
-        r.kind, r.phase = kind, phase
+        finally:
+            lock.release()
         if outcome is not None:
             r.rpcs, r.hops = outcome.rpcs, outcome.hops
             if r.ok and not outcome.found:

@@ -86,8 +86,10 @@ class ScenarioConfig:
     max_inflight: int = 64
     lookup_timeout: float = 30.0
     dht_timeout: float = 30.0
-    download_timeout: float = 120.0
-    drain_timeout: float = 60.0
+    download_timeout: float = 60.0
+    # After the workload's last scheduled operation, wait this long for those still
+    # running (then they are cancelled and counted as failed).
+    drain_timeout: float = 70.0
     start_timeout: float = 60.0
     # DHT overrides (None: the node's defaults, DhtConfig).
     rpc_timeout: float | None = None

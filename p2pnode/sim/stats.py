@@ -190,7 +190,8 @@ def by_network_size(results: Sequence[OpResult]) -> list[dict[str, Any]]:
     """Per network size (probe rounds at checkpoints): success, mean hops and RPCs."""
     groups: dict[int, list[OpResult]] = {}
     for r in results:
-        groups.setdefault(r.network_size, []).append(r)
+        if not r.skipped:
+            groups.setdefault(r.network_size, []).append(r)
     rows = []
     for size in sorted(groups):
         group = groups[size]
