@@ -18,9 +18,12 @@ from p2pnode.identity import Identity, peer_id_to_str
 from p2pnode.net.errors import ChannelAuthError
 from p2pnode.net.session import (
     MAX_CHUNK,
+    MAX_CHUNK_PLAINTEXT,
+    TAG_LEN,
     Credentials,
     Session,
     State,
+    _plan_chunks,
 )
 from p2pnode.wire.frame import encode_frame
 
@@ -98,8 +101,42 @@ def test_scattered_pieces_and_chunking() -> None:
     total = sum(len(p) for p in pieces)
     out = a.seal(pieces, total)
     data = b"".join(bytes(p) for p in out)
-    assert all(len(bytes(p)) <= MAX_CHUNK for p in out)
+    pos = 0
+    while pos < len(data):  # every chunk fits a Noise transport message
+        n = int.from_bytes(data[pos : pos + 2], "big")
+        assert TAG_LEN <= n <= MAX_CHUNK
+        pos += 2 + n
+    assert pos == len(data)
     assert b.receive_data(data) == [b"".join(bytes(p) for p in pieces)]
+
+
+@pytest.mark.parametrize("slow_side", ["sender", "receiver"])
+def test_in_place_cipher_interoperates_with_noiseprotocol(slow_side: str) -> None:
+    a, b = make(True), make(False)
+    handshake(a, b)
+    for s in (a, b):
+        assert s._enc is not None and s._enc.in_place
+    slow = a if slow_side == "sender" else b
+    # force noiseprotocol's own CipherState calls on one side
+    for cipher in (slow._enc, slow._dec):
+        assert cipher is not None
+        cipher._aead = None
+    frames = [os.urandom(200_000), b"x", os.urandom(70_000)]
+    for f in frames:
+        assert b.receive_data(wire_bytes(a, f)) == [f]
+        assert a.receive_data(wire_bytes(b, f)) == [f]
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=0, max_value=200_000), max_size=5))
+def test_chunk_plan_covers_stream(sizes: list[int]) -> None:
+    pieces = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    header = b"HDR!"
+    plan = _plan_chunks(header, pieces)
+    joined = b"".join(b"".join(bytes(seg) for seg in chunk[1:]) for chunk in plan)
+    assert joined == header + b"".join(pieces)
+    for chunk in plan:
+        assert chunk[0] == sum(len(seg) for seg in chunk[1:]) <= MAX_CHUNK_PLAINTEXT
 
 
 def test_initiator_waits_for_verdict_then_frames_in_same_read() -> None:

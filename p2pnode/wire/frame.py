@@ -151,6 +151,24 @@ class PrefixDecoder:
         items, _ = self._consume(self._scratch[:nbytes], None)
         return items
 
+    def reserve(self, n: int) -> memoryview | None:
+        """Inside an item with at least ``n`` bytes to go: where they belong.
+
+        Lets a caller that produces the stream (a decryptor) write straight
+        into the item's buffer; follow with :meth:`commit`. None otherwise.
+        """
+        if self._failed is not None or self._need < 0 or self._need - self._fill < n:
+            return None
+        assert self._body_view is not None
+        return self._body_view[self._fill : self._fill + n]
+
+    def commit(self, n: int) -> list[memoryview]:
+        """``n`` bytes were written into the last :meth:`reserve` view."""
+        self._fill += n
+        if self._fill < self._need:
+            return []
+        return [self._finish_body()]
+
     # -- internals ---------------------------------------------------------
 
     def _check(self) -> None:
