@@ -34,7 +34,7 @@ import os
 import random
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -84,6 +84,7 @@ Address = tuple[str, int]
 
 MAX_ID = 2**160 - 1
 MAX_HEAD_PINGS = 16
+WELCOMED_MEMORY = 4096
 
 DROP_REASONS = (
     codec.TOO_SHORT,
@@ -195,6 +196,7 @@ class DhtProtocol(KademliaProtocol):
         self._failures: dict[bytes, int] = {}
         self._last_seen: dict[bytes, float] = {}
         self._pinging_heads: set[bytes] = set()
+        self._welcomed: OrderedDict[bytes, None] = OrderedDict()  # ids already welcomed
         self._welcome: asyncio.Queue[tuple[Node, bytes]] = asyncio.Queue(
             maxsize=max(1, config.welcome_queue_max)
         )
@@ -209,6 +211,7 @@ class DhtProtocol(KademliaProtocol):
         for name in RPC_NAMES:
             self.stats[f"rpc_sent.{name}"] = 0
             self.stats[f"rpc_received.{name}"] = 0
+            self.stats[f"rpc_timeout.{name}"] = 0
         for reason in DROP_REASONS:
             self.stats[f"dropped.{reason}"] = 0
 
@@ -574,12 +577,16 @@ class DhtProtocol(KademliaProtocol):
 
     def welcome_if_new(self, node: Node) -> None:
         """Queue the values ``node`` should store (section 2.5 of the paper), bounded:
-        at most welcome_scan_max values looked at, a full queue drops the rest."""
+        once per node id (of the last WELCOMED_MEMORY), at most welcome_scan_max
+        values looked at, a full queue drops the rest."""
         if self._closing:
             return
-        for scanned, (key, _) in enumerate(self.storage.newest()):
-            if scanned >= self.config.welcome_scan_max:
-                break
+        if node.id in self._welcomed:
+            return
+        self._welcomed[node.id] = None
+        while len(self._welcomed) > WELCOMED_MEMORY:
+            self._welcomed.popitem(last=False)
+        for key, _ in self.storage.newest(self.config.welcome_scan_max):
             keynode = Node(key)
             neighbors = self.router.closest_to(key, self.router.ksize)
             if neighbors:

@@ -9,8 +9,8 @@ records that are kept fresh by their owners.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 from p2pnode.clock import Clock
 from p2pnode.dht.codec import MessageError
@@ -59,10 +59,10 @@ class ValueStore:
         self.cull()
         return [(key, value) for key, (_, value) in self._data.items()]
 
-    def newest(self) -> Iterator[tuple[bytes, Value]]:
-        """Live entries, most recently stored first (a snapshot)."""
+    def newest(self, limit: int) -> list[tuple[bytes, Value]]:
+        """At most ``limit`` live entries, most recently stored first."""
         self.cull()
-        return iter([(key, value) for key, (_, value) in reversed(self._data.items())])
+        return [(key, value) for key, (_, value) in islice(reversed(self._data.items()), limit)]
 
     def cull(self) -> int:
         deadline = self._clock.now() - self.ttl
