@@ -8,7 +8,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ExchangeConfig:
     # Downloads.
+    # Requests in flight per peer: at most requests_per_peer, and at most
+    # inflight_bytes_per_peer worth of pieces (but always at least 2).
     requests_per_peer: int = 8
+    inflight_bytes_per_peer: int = 8 * 1024 * 1024
     piece_timeout: float = 20.0
     max_peers_per_download: int = 16
     manifest_timeout: float = 20.0

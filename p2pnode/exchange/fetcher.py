@@ -22,6 +22,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -84,6 +85,14 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[["Progress"], None]
 RATE_WINDOW = 5.0
+# Verified pieces are committed to the store in batches: at most this many, or this
+# old (seconds). A crash loses at most that much work, never correctness.
+RECORD_BATCH = 32
+RECORD_INTERVAL = 0.5
+
+
+class _BadAnswer(Exception):
+    """A peer answered out of protocol (wrong type, resource or index)."""
 
 
 class DownloadError(P2PError):
@@ -122,7 +131,11 @@ class Progress:
 
 
 class PieceWriter:
-    """Verifies pieces and writes them into the partial file(s). Thread-safe."""
+    """Verifies pieces and writes them into the partial file(s). Thread-safe.
+
+    ``close`` waits for writes in progress (a cancelled request's thread may still
+    be writing) before closing the files, so no write lands on a reused fd.
+    """
 
     MAX_OPEN = 64
 
@@ -130,31 +143,39 @@ class PieceWriter:
         self._manifest = manifest
         self._paths = file_paths(root, manifest)
         self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._active = 0
         self._closed = False
 
-    def verify_and_write(self, index: int, data: bytes) -> bool:
+    def verify_and_write(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """False if ``data`` is not piece ``index``; OSError if the disk refuses."""
         if not self._manifest.verify_piece(index, data):
             return False
-        view = memoryview(data)
-        for seg in self._manifest.piece_segments(index):
-            fd, owned = self._fd(seg.entry)
-            try:
-                chunk = view[seg.piece_offset : seg.piece_offset + seg.length]
-                done = 0
-                while done < seg.length:
-                    done += os.pwrite(fd, chunk[done:], seg.file_offset + done)
-            finally:
-                if owned:
-                    os.close(fd)
+        with self._cond:
+            if self._closed:
+                raise OSError(errno.EBADF, "download closed")
+            self._active += 1
+        try:
+            view = memoryview(data)
+            for seg in self._manifest.piece_segments(index):
+                fd, owned = self._fd(seg.entry)
+                try:
+                    chunk = view[seg.piece_offset : seg.piece_offset + seg.length]
+                    done = 0
+                    while done < seg.length:
+                        done += os.pwrite(fd, chunk[done:], seg.file_offset + done)
+                finally:
+                    if owned:
+                        os.close(fd)
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
         return True
 
     def _fd(self, entry: int) -> tuple[int, bool]:
         """An fd for the entry and whether the caller must close it."""
-        with self._lock:
-            if self._closed:
-                raise OSError("download closed")
+        with self._cond:
             fd = self._fds.get(entry)
             if fd is not None:
                 return fd, False
@@ -165,8 +186,10 @@ class PieceWriter:
             return fd, True
 
     def close(self) -> None:
-        with self._lock:
+        with self._cond:
             self._closed = True
+            while self._active:
+                self._cond.wait()
             fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
@@ -212,10 +235,13 @@ class _Download:
     name: str
     done_bytes: int
     peers: dict[bytes, _PeerInfo] = field(default_factory=dict)
-    tasks: dict[tuple[bytes, int], asyncio.Task[Message]] = field(default_factory=dict)
+    tasks: dict[tuple[bytes, int], asyncio.Task[str]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     samples: deque[tuple[float, int]] = field(default_factory=deque)
     last_progress: float = -1e18
+    # Verified and written, not yet committed to the store (committed in batches).
+    unrecorded: list[int] = field(default_factory=list)
+    last_record: float = 0.0
 
     def wake(self) -> None:
         """Wake idle workers: pieces came back, a peer joined, or we are done."""
@@ -274,10 +300,11 @@ class Fetcher:
         await self._recheck(resource)
         resource = self._store.get(rid) or resource
         verified = self._store.verified_pieces(rid)
+        by_bytes = self._config.inflight_bytes_per_peer // manifest.piece_size
         picker = Picker(
             manifest.piece_count,
             done=verified,
-            window=self._config.requests_per_peer,
+            window=max(1, min(self._config.requests_per_peer, max(2, by_bytes))),
             timeout=self._config.piece_timeout,
             max_failures=self._config.max_failures,
             endgame_copies=self._config.endgame_copies,
@@ -297,6 +324,7 @@ class Fetcher:
                     )
                 await self._run(d, providers, progress)
         finally:
+            self._record(d)
             writer.close()
         self._emit(d, progress, force=True, state="finishing")
         if self._config.fsync:
@@ -453,19 +481,16 @@ class Fetcher:
         self, d: _Download, rec: ProviderRecord, progress: ProgressCallback | None
     ) -> None:
         key = rec.node_id
-        rid = d.resource_id
         picker = d.picker
         usable, have = await self._ask_have(d, rec)
         if not usable or not picker.add_peer(key, have):
             return
         d.wake()
-        inflight: dict[asyncio.Task[Message], int] = {}
+        inflight: dict[asyncio.Task[str], int] = {}
         try:
             while not picker.done and key in picker.peers:
                 for index in picker.next_requests(key, self._clock.now()):
-                    task = asyncio.create_task(
-                        self._request(rec, GetPiece(rid, index), self._config.piece_timeout)
-                    )
+                    task = asyncio.create_task(self._fetch_piece(d, rec, index))
                     inflight[task] = index
                     d.tasks[(key, index)] = task
                 if not inflight:
@@ -481,7 +506,7 @@ class Fetcher:
                     index = inflight.pop(task)
                     if d.tasks.get((key, index)) is task:
                         del d.tasks[(key, index)]
-                    await self._on_answer(d, rec, index, task, progress)
+                    self._on_outcome(d, rec, index, task, progress)
         finally:
             for task in inflight:
                 task.cancel()
@@ -519,12 +544,31 @@ class Fetcher:
             return False, None
         return True, held
 
-    async def _on_answer(
+    async def _fetch_piece(self, d: _Download, rec: ProviderRecord, index: int) -> str:
+        """Ask for a piece, verify it and write it. Returns "ok", "bad" (failed
+        verification) or "dup" (no longer needed); raises on request errors."""
+        reply = await self._request(rec, GetPiece(d.resource_id, index), self._config.piece_timeout)
+        if not isinstance(reply, PieceData) or reply.resource_id != d.resource_id:
+            raise _BadAnswer("answered GetPiece with something else")
+        if reply.index != index:
+            raise _BadAnswer(f"sent piece {reply.index} for {index}")
+        if not d.picker.is_missing(index):
+            return "dup"
+        loop = asyncio.get_running_loop()
+        try:
+            ok = await loop.run_in_executor(
+                self._executor, d.writer.verify_and_write, index, reply.data
+            )
+        except OSError as exc:
+            raise storage_error(exc, d.resource.root) from None
+        return "ok" if ok else "bad"
+
+    def _on_outcome(
         self,
         d: _Download,
         rec: ProviderRecord,
         index: int,
-        task: asyncio.Task[Message],
+        task: asyncio.Task[str],
         progress: ProgressCallback | None,
     ) -> None:
         key = rec.node_id
@@ -535,6 +579,8 @@ class Fetcher:
         failure = task.exception()
         if failure is not None:
             info.last_error = str(failure) or type(failure).__name__
+            if isinstance(failure, StorageError):
+                raise failure
             if isinstance(failure, RemoteError):
                 if failure.code == ErrorCode.NOT_FOUND:
                     picker.drop_peer(key)  # it no longer has the resource
@@ -544,7 +590,7 @@ class Fetcher:
                 picker.request_failed(key, index)
             elif isinstance(failure, LimitExceeded):
                 picker.drop_peer(key)
-            elif isinstance(failure, ProtocolError):
+            elif isinstance(failure, ProtocolError | _BadAnswer):
                 log.info("banning %s: %s", _who(rec), failure)
                 picker.ban_peer(key)
             elif isinstance(failure, P2PError | OSError):
@@ -553,52 +599,35 @@ class Fetcher:
                 raise failure
             d.wake()
             return
-        reply = task.result()
-        if isinstance(reply, ErrorReply):
-            info.last_error = f"{reply.code}: {reply.message}"
-            if reply.code == ErrorCode.NOT_FOUND:
-                picker.drop_peer(key)
-            else:
-                picker.request_failed(key, index)
-            d.wake()
-            return
-        if not isinstance(reply, PieceData) or reply.resource_id != d.resource_id:
-            info.last_error = "answered GetPiece with something else"
-            picker.ban_peer(key)
-            d.wake()
-            return
-        if reply.index != index:
-            info.last_error = f"sent piece {reply.index} for {index}"
-            picker.ban_peer(key)
-            d.wake()
-            return
-        if index not in picker.missing:
-            picker.piece_done(key, index)  # a late endgame duplicate
-            return
-        loop = asyncio.get_running_loop()
-        data = bytes(reply.data)
-        try:
-            ok = await loop.run_in_executor(self._executor, d.writer.verify_and_write, index, data)
-        except OSError as exc:
-            raise storage_error(exc, d.resource.root) from None
-        if not ok:
+        outcome = task.result()
+        if outcome == "bad":
             info.last_error = f"piece {index} failed verification"
             log.warning("banning %s: piece %d failed verification", _who(rec), index)
             picker.ban_peer(key)
             d.wake()
             return
-        if index not in picker.missing:
-            picker.piece_done(key, index)
+        if outcome == "dup" or not picker.is_missing(index):
+            picker.piece_done(key, index)  # a late endgame duplicate
             return
-        self._store.record_piece(d.resource_id, index)
         for other in picker.piece_done(key, index):
             dup = d.tasks.pop((cast(bytes, other), index), None)
             if dup is not None:
                 dup.cancel()
-        d.done_bytes += len(data)
+        d.done_bytes += d.manifest.piece_length(index)
+        d.unrecorded.append(index)
+        now = self._clock.now()
+        if len(d.unrecorded) >= RECORD_BATCH or now - d.last_record >= RECORD_INTERVAL:
+            self._record(d)
         if picker.done:
             d.wake()
         self._emit(d, progress)
+
+    def _record(self, d: _Download) -> None:
+        """Commit the pieces verified and written since the last commit."""
+        if d.unrecorded:
+            self._store.record_pieces(d.resource_id, d.unrecorded)
+            d.unrecorded = []
+        d.last_record = self._clock.now()
 
     async def _request(self, rec: ProviderRecord, msg: Message, timeout: float) -> Message:
         return await self._host.request(PeerAddress(rec.node_id, rec.host, rec.port), msg, timeout)

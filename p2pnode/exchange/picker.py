@@ -86,6 +86,9 @@ class Picker:
     def peers(self) -> list[PeerKey]:
         return list(self._peers)
 
+    def is_missing(self, index: int) -> bool:
+        return index in self._missing
+
     @property
     def banned(self) -> frozenset[PeerKey]:
         return frozenset(self._banned)

@@ -34,7 +34,6 @@ from typing import Literal
 
 from p2pnode.errors import P2PError, UsageError
 from p2pnode.exchange.manifest import (
-    ContentReader,
     FileStat,
     Manifest,
     file_paths,
@@ -108,32 +107,40 @@ class PieceSource:
         return self.stats is None
 
     def read(self, index: int) -> bytes:
-        """Read piece ``index`` (blocking). StaleError if a file changed since hashing."""
-        length = self.manifest.piece_length(index)
-        buf = bytearray(length)
-        segments = self.manifest.piece_segments(index)
-        if self.stats is not None:
-            for seg in segments:
-                self._check(seg.entry)
-        try:
-            with ContentReader(self.paths, self.manifest) as reader:
-                reader.read_into(index * self.manifest.piece_size, memoryview(buf))
-        except OSError as exc:
-            if self.stats is not None:
-                raise StaleError(f"cannot read shared file: {exc}") from None
-            raise
-        return bytes(buf)
+        """Read piece ``index`` (blocking). StaleError if a file changed since hashing.
 
-    def _check(self, entry: int) -> None:
-        assert self.stats is not None
-        path = self.paths[entry]
-        want = self.stats[entry]
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise StaleError(f"{str(path)!r} is gone: {exc.strerror}") from None
-        if st.st_size != want.size or st.st_mtime_ns != want.mtime_ns:
-            raise StaleError(f"{str(path)!r} changed on disk since it was shared")
+        Each file is opened by path and checked with ``fstat`` before it is read, so
+        a file replaced or rewritten since sharing is noticed, not served.
+        """
+        parts: list[bytes] = []
+        for seg in self.manifest.piece_segments(index):
+            path = self.paths[seg.entry]
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                if self.stats is not None:
+                    raise StaleError(f"{str(path)!r} is gone: {exc.strerror}") from None
+                raise
+            try:
+                if self.stats is not None:
+                    want = self.stats[seg.entry]
+                    st = os.fstat(fd)
+                    if st.st_size != want.size or st.st_mtime_ns != want.mtime_ns:
+                        raise StaleError(f"{str(path)!r} changed on disk since it was shared")
+                data = os.pread(fd, seg.length, seg.file_offset)
+                while len(data) < seg.length:
+                    more = os.pread(fd, seg.length - len(data), seg.file_offset + len(data))
+                    if not more:
+                        if self.stats is not None:
+                            raise StaleError(f"{str(path)!r} is shorter than when shared")
+                        raise OSError(f"{str(path)!r} is shorter than expected")
+                    data += more
+            finally:
+                os.close(fd)
+            parts.append(data)
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
 
 
 @dataclass(frozen=True)
