@@ -137,7 +137,9 @@ class Node:
         if not self._running:
             return
         self._running = False
+        started = time.monotonic()
         await self._cancel_tasks()
+        log.debug("ended background tasks in %.3f s", time.monotonic() - started)
         self._save_contacts()
         await self._stop_parts()
         clear_control(self.home)
@@ -145,14 +147,12 @@ class Node:
         log.info("node %s stopped", self.peer_id)
 
     async def _stop_parts(self) -> None:
-        if self._control is not None:
-            await self._control.close()
-        if self._exchange is not None:
-            await self._exchange.close()
-        if self._host is not None:
-            await self._host.close()
-        if self._discovery is not None:
-            await self._discovery.close()
+        parts = (self._control, self._exchange, self._host, self._discovery)
+        for part in parts:
+            if part is not None:
+                started = time.monotonic()
+                await part.close()
+                log.debug("closed %s in %.3f s", type(part).__name__, time.monotonic() - started)
 
     def request_stop(self) -> None:
         """Ask the owner of this node (e.g. `p2pnode start`) to stop it."""
