@@ -183,6 +183,7 @@ BAD_DATAGRAMS: list[tuple[bytes, str]] = [
     (b"\x00" + MID + pack(["get_providers", [nid(5)]]), "bad_args"),
     (b"\x00" + MID + pack(["ping", [OWN_ID]]), "self_id"),
     (b"\x01" + MID + pack(OWN_ID), "unsolicited_response"),
+    (b"\x01" + MID + b"\xc1", "unsolicited_response"),  # not even decoded
 ]
 
 
@@ -343,6 +344,26 @@ async def test_malformed_find_node_answer_is_no_answer(harness: Harness, payload
     assert result is None
     assert harness.stat("dropped.bad_response") == 1
     assert harness.proto.router.node_for(nid(1)) is None
+
+
+async def test_undecodable_answer_ends_the_call_at_once() -> None:
+    h = Harness(DhtConfig(rpc_timeout=30.0))
+    try:
+        await h.add_contact(nid(1), PEER)
+        for call in (
+            h.proto.call_find_node(Node(nid(1), *PEER), Node(nid(9))),
+            h.proto.ping_address(*PEER),
+        ):
+            task = asyncio.create_task(call)
+            h.transport.sent.clear()
+            message = await h.sent_request(PEER)
+            h.feed(b"\x01" + message.msg_id + b"\xc1")
+            async with asyncio.timeout(1):
+                assert await task is None
+        assert h.stat("dropped.undecodable") == 2
+        assert h.proto.failures(nid(1)) == 1  # the find_node; the ping had no id to blame
+    finally:
+        await h.close()
 
 
 async def test_invalid_entries_in_a_node_list_are_skipped(harness: Harness) -> None:

@@ -285,15 +285,34 @@ class DhtProtocol(KademliaProtocol):
         if data[:1] == b"\x00" and not self._allow_request(host):
             self._drop("rate_limited")
             return
+        if data[:1] == b"\x01" and len(data) > codec.HEADER_LEN:
+            # Answers are decoded only if we are waiting for them, from that address.
+            pending = self._outstanding.get(bytes(data[1 : codec.HEADER_LEN]))
+            if pending is None:
+                self._drop("unsolicited_response")
+                return
+            if pending.address != (host, port):
+                self._drop("wrong_source")
+                return
         try:
             message = codec.decode_datagram(data, self._limits)
         except MessageError as exc:
             self._drop(exc.reason)
+            self._fail_pending(data, exc)
             return
         if isinstance(message, Response):
             self._accept_response_message(message, host, port)
         else:
             self._handle_request(message, host, port)
+
+    def _fail_pending(self, data: bytes, exc: MessageError) -> None:
+        """An undecodable answer to a call of ours ends that call now (as malformed)
+        rather than at its timeout. (The source was checked before decoding.)"""
+        if data[:1] != b"\x01":
+            return
+        pending = self._outstanding.pop(bytes(data[1 : codec.HEADER_LEN]), None)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(exc)
 
     def _allow_request(self, host: str) -> bool:
         if not self.config.rate_limit_loopback and (host.startswith("127.") or host == "::1"):
@@ -470,6 +489,9 @@ class DhtProtocol(KademliaProtocol):
             return None
         except DhtClosed:
             return None
+        except MessageError:  # undecodable (counted where it arrived)
+            self._record_failure(node)
+            return None
         try:
             result = parse(payload)
         except MessageError as exc:
@@ -486,16 +508,16 @@ class DhtProtocol(KademliaProtocol):
         """Ping an address; the node id that answered, or None."""
         try:
             payload = await self._call((host, port), "ping", self.source_node.id)
-        except (P2PTimeoutError, Unroutable):
-            if expected is not None:
-                self._record_failure(Node(expected, host, port))
-            return None
         except DhtClosed:
             return None
+        except (P2PTimeoutError, Unroutable, MessageError):
+            payload = None  # no answer, or an undecodable one (counted on arrival)
         try:
-            remote_id = parse_ping_response(payload)
+            remote_id = parse_ping_response(payload) if payload is not None else None
         except MessageError as exc:
             self._drop(exc.reason)
+            remote_id = None
+        if remote_id is None:
             if expected is not None:
                 self._record_failure(Node(expected, host, port))
             return None
