@@ -192,3 +192,40 @@ async def test_ipv6_dual_stack(make_node: Callable[..., object]) -> None:
     assert await v4.put("dual", "stack")
     assert await v6.get("dual") == "stack"
     assert await v6.ping("127.0.0.1", v4.port) == v4.node_id
+
+
+def test_config_checked() -> None:
+    for bad in (
+        DhtConfig(ksize=0),
+        DhtConfig(max_datagram=1000),
+        DhtConfig(ksize=80),
+    ):
+        with pytest.raises(UsageError):
+            Discovery(os.urandom(20), bad)
+    with pytest.raises(UsageError):
+        Discovery(b"short", FAST)
+
+
+async def test_misuse_is_a_usage_error(make_node: Callable[..., object]) -> None:
+    unstarted = Discovery(os.urandom(20), FAST)
+    with pytest.raises(UsageError):
+        await unstarted.closest(os.urandom(20))
+    await unstarted.close()  # closing a never started node is fine
+    node: Discovery = await make_node()  # type: ignore[misc]
+    with pytest.raises(UsageError):
+        await node.listen("127.0.0.1", 0)
+    for call in (
+        node.add_provider(b"short", 4001),
+        node.add_provider(os.urandom(20), 0),
+        node.find_providers(os.urandom(32)),
+        node.find_peer(b""),
+        node.closest(b"k" * 19),
+        node.put(5, "v"),  # type: ignore[arg-type]
+        node.get(None),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(UsageError):
+            await call
+    assert await node.ping("localhost", 1) is None
+    assert node.contacts() == []
+    assert await node.put(b"alone", b"still stored here")
+    assert await node.get(b"alone") == b"still stored here"

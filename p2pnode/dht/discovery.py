@@ -44,6 +44,8 @@ from p2pnode.errors import P2PError, UsageError
 
 log = logging.getLogger(__name__)
 
+MIN_INTERVAL = 0.05  # maintenance loops never spin
+
 
 @dataclass(frozen=True)
 class Contact:
@@ -127,6 +129,8 @@ class Discovery:
             raise UsageError("ksize, alpha and max_failures must be at least 1")
         if config.max_value_bytes + 256 > config.max_datagram:
             raise UsageError("max_datagram must leave room for a value of max_value_bytes")
+        if config.max_response_contacts < config.ksize:
+            raise UsageError("max_response_contacts must be at least ksize")
         self.node_id = node_id
         self.config = config
         self.clock = clock
@@ -415,7 +419,7 @@ class Discovery:
 
     async def _every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(interval, MIN_INTERVAL))
             try:
                 await job()
             except P2PError as exc:
