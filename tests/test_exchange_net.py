@@ -458,3 +458,150 @@ async def test_all_providers_gone(make_peer: Factory, tmp_path: Path) -> None:
     await killer
     assert not (tmp_path / "got.bin").exists()
     assert leech.exchange.store.verified_pieces(rid)
+
+
+async def test_disk_full_keeps_partial_for_resume(
+    make_peer: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from p2pnode.exchange.fetcher import PieceWriter
+    from p2pnode.exchange.store import StorageError
+
+    data = _random_file(tmp_path / "src.bin", PS * 20)
+    seed = await make_peer("seed")
+    leech = await make_peer("leech", bootstrap=seed)
+    manifest, listing = build_manifest(tmp_path / "src.bin", piece_size=PS)
+    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    rid = manifest.resource_id
+    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
+
+    real = PieceWriter.verify_and_write
+    writes = 0
+
+    def filling(self: PieceWriter, index: int, blob: bytes) -> bool:
+        nonlocal writes
+        writes += 1
+        if writes > 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, index, blob)
+
+    monkeypatch.setattr(PieceWriter, "verify_and_write", filling)
+    dest = tmp_path / "dest.bin"
+    with pytest.raises(StorageError, match="disk full"):
+        await leech.exchange.get(rid, dest)
+    assert not dest.exists()
+    kept = set(leech.exchange.store.verified_pieces(rid))
+    assert kept and len(kept) <= 8
+    monkeypatch.setattr(PieceWriter, "verify_and_write", real)
+    seed.count_pieces()
+    await leech.exchange.get(rid, dest)
+    assert dest.read_bytes() == data
+    assert set(seed.served_pieces).isdisjoint(kept)
+
+
+async def test_get_again_after_download_deleted(make_peer: Factory, tmp_path: Path) -> None:
+    data = _random_file(tmp_path / "src.bin", PS * 3)
+    seed = await make_peer("seed")
+    leech = await make_peer("leech", bootstrap=seed)
+    info = await seed.exchange.share(tmp_path / "src.bin")
+    await leech.exchange.get(info.resource_id, tmp_path / "a.bin")
+    (tmp_path / "a.bin").unlink()
+    got = await leech.exchange.get(info.resource_id, tmp_path / "b.bin")
+    assert (tmp_path / "b.bin").read_bytes() == data and got.path == str(tmp_path / "b.bin")
+
+
+_KILLED_DOWNLOADER = """
+import asyncio, json, sys
+from pathlib import Path
+from p2pnode.dht import DhtConfig, Discovery
+from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.exchange.service import Exchange
+from p2pnode.identity import Identity
+from p2pnode.net.config import NetLimits
+from p2pnode.net.host import PeerHost
+
+async def main(home, udp, rid, dest):
+    identity = Identity.generate()
+    discovery = Discovery(identity.node_id, DhtConfig(rpc_timeout=1.0))
+    await discovery.listen("127.0.0.1", 0)
+    host = PeerHost(identity, NetLimits())
+    port = await host.listen("127.0.0.1", 0)
+    config = ExchangeConfig(requests_per_peer=2, progress_interval=0.0, fsync=False)
+    exchange = Exchange(Path(home), config, discovery, host, port)
+    await exchange.start()
+    await discovery.bootstrap([("127.0.0.1", int(udp))])
+    def progress(p):
+        print(json.dumps({"pieces": p.pieces_done}), flush=True)
+    await exchange.get(bytes.fromhex(rid), Path(dest), progress=progress)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_kill_9_mid_download_then_resume(make_peer: Factory, tmp_path: Path) -> None:
+    """A downloader process killed with SIGKILL resumes from its recorded pieces."""
+    import json
+    import signal
+    import sys
+
+    data = _random_file(tmp_path / "src.bin", PS * 200)
+    seed = await make_peer("seed")
+    manifest, listing = build_manifest(tmp_path / "src.bin", piece_size=PS)
+    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    rid = manifest.resource_id
+    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
+    # Answer slowly once some pieces went out, so the kill lands mid-download.
+    throttle = asyncio.Event()
+
+    def slow(inner: Handler) -> Handler:
+        async def handler(remote: bytes, msg: Message) -> Message:
+            if isinstance(msg, GetPiece):
+                seed.served_pieces.append(msg.index)
+                if len(seed.served_pieces) > 60:
+                    await throttle.wait()
+            return await inner(remote, msg)
+
+        return handler
+
+    seed.wrap_handler(slow)
+    home = tmp_path / "leech-home"
+    dest = tmp_path / "dest.bin"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _KILLED_DOWNLOADER,
+        str(home),
+        str(seed.udp_port),
+        rid.hex(),
+        str(dest),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                line = await proc.stdout.readline()
+                assert line, "the downloader exited early"
+                if json.loads(line)["pieces"] >= 50:
+                    break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not dest.exists()
+    throttle.set()
+
+    leech = await make_peer("leech", bootstrap=seed)
+    # The leech's exchange is replaced by one on the killed process's home.
+    await leech.exchange.close()
+    leech.exchange = Exchange(home, CONFIG, leech.discovery, leech.host, leech.host_port)
+    await leech.exchange.start()
+    [row] = leech.exchange.list()
+    assert row.state == "partial" and row.pieces_done >= 32  # committed in batches
+    recorded = set(leech.exchange.store.verified_pieces(rid))
+    seed.served_pieces.clear()
+    await leech.exchange.get(rid, dest)
+    assert dest.read_bytes() == data
+    assert set(seed.served_pieces).isdisjoint(recorded)
+    assert len(seed.served_pieces) == manifest.piece_count - len(recorded)

@@ -283,9 +283,13 @@ class Fetcher:
         rid_text = resource_id_to_str(rid)
         existing = self._store.get(rid)
         if existing is not None and existing.state != "partial":
-            raise UsageError(
-                f"{rid_text} is already here ({existing.state}) at {str(existing.root)!r}"
-            )
+            if existing.served and existing.stale is None and _intact(self._store, rid):
+                raise UsageError(
+                    f"{rid_text} is already here ({existing.state}) at {str(existing.root)!r}"
+                )
+            # We had it, but it changed or went away: forget that copy, fetch anew.
+            self._store.remove(rid)
+            existing = None
         providers: list[ProviderRecord] | None = None
         if existing is not None:
             manifest = existing.manifest
@@ -672,6 +676,21 @@ class Fetcher:
                 state=state,
             )
         )
+
+
+def _intact(store: Store, rid: bytes) -> bool:
+    """Whether a shared/complete resource's files are still as recorded."""
+    src = store.source(rid)
+    if src is None or src.stats is None:
+        return False
+    for path, want in zip(src.paths, src.stats, strict=True):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if st.st_size != want.size or st.st_mtime_ns != want.mtime_ns:
+            return False
+    return True
 
 
 def _first_p2p_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
