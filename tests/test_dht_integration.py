@@ -4,9 +4,11 @@ with a deadline, never waited for with a fixed sleep."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -15,6 +17,15 @@ from p2pnode.errors import UsageError
 from tests.helpers import eventually
 
 FAST = DhtConfig(ksize=8, rpc_timeout=0.5, lookup_timeout=5.0)
+
+
+@pytest.fixture(autouse=True)
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    caplog.set_level(logging.WARNING)
+    yield
+    gc.collect()
+    bad = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not bad, bad
 
 
 @pytest.fixture
