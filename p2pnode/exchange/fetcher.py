@@ -289,6 +289,7 @@ class Fetcher:
                 )
             # We had it, but it changed or went away: forget that copy, fetch anew.
             self._store.remove(rid)
+            self._discovery.remove_provider(dht_key(rid))
             existing = None
         providers: list[ProviderRecord] | None = None
         if existing is not None:
@@ -299,6 +300,23 @@ class Fetcher:
                 raise NotFoundError(f"no providers found for {rid_text}")
             manifest = await self._fetch_manifest(rid, providers)
         dest = self._resolve_dest(dest, manifest, existing, force=force)
+        self._store.claim_dest(dest)
+        try:
+            return await self._download(rid, manifest, dest, existing, providers, force, progress)
+        finally:
+            self._store.release_dest(dest)
+
+    async def _download(
+        self,
+        rid: bytes,
+        manifest: Manifest,
+        dest: Path,
+        existing: StoredResource | None,
+        providers: list[ProviderRecord] | None,
+        force: bool,
+        progress: ProgressCallback | None,
+    ) -> StoredResource:
+        rid_text = resource_id_to_str(rid)
         self._check_space(dest, manifest, existing)
         resource = self._store.begin_download(manifest, dest)
         await self._recheck(resource)

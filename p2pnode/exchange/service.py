@@ -226,7 +226,7 @@ class Exchange:
             config=self._config,
             clock=self._clock,
             executor=self._executor,
-            own_node_id=getattr(self._host, "node_id", None),
+            own_node_id=self._host.node_id,
         )
         task = asyncio.create_task(
             fetcher.fetch(resource_id, Path(dest), force=force, progress=progress),
@@ -236,10 +236,17 @@ class Exchange:
         try:
             res = await asyncio.shield(task)
         except asyncio.CancelledError:
-            # Our caller went away: stop the download (verified pieces are kept).
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # Our caller went away: stop the download (verified pieces are kept).
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise
+            # The download itself was stopped (the exchange is closing).
+            raise P2PError(
+                "the download was stopped because the node is stopping; "
+                "run the same get again to resume"
+            ) from None
         finally:
             if task.done():
                 self._downloads.pop(resource_id, None)

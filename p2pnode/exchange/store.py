@@ -171,6 +171,7 @@ class Store:
         self._manifests: dict[bytes, Manifest] = {}
         self._verified: dict[bytes, set[int]] = {}
         self._sources: dict[bytes, PieceSource] = {}
+        self._claimed: set[Path] = set()
 
     def close(self) -> None:
         self._db.close()
@@ -318,6 +319,16 @@ class Store:
         self._sources.pop(rid, None)
 
     # -- downloading ----------------------------------------------------------------
+
+    def claim_dest(self, dest: Path) -> None:
+        """Reserve a destination for one running download (UsageError if taken)."""
+        dest = dest.absolute()
+        if dest in self._claimed:
+            raise UsageError(f"another download is writing to {str(dest)!r}")
+        self._claimed.add(dest)
+
+    def release_dest(self, dest: Path) -> None:
+        self._claimed.discard(dest.absolute())
 
     def begin_download(self, manifest: Manifest, dest: Path) -> StoredResource:
         """Start or resume a download to ``dest``; lays out the partial file(s)."""

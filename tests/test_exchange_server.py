@@ -1,0 +1,93 @@
+"""The piece server against a real store, no network: answers and error codes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pnode.exchange.manifest import MIN_PIECE_SIZE, build_manifest
+from p2pnode.exchange.server import PieceServer, bitfield_from, bitfield_to_set
+from p2pnode.exchange.store import Store
+from p2pnode.wire.messages import (
+    ErrorCode,
+    ErrorReply,
+    GetHave,
+    GetManifest,
+    GetPiece,
+    Have,
+    ManifestData,
+    PieceData,
+    Ping,
+)
+
+PS = MIN_PIECE_SIZE
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "home")
+    yield s
+    s.close()
+
+
+def test_bitfields() -> None:
+    assert bitfield_from({0, 9}, 10) == bytes([0x80, 0x40])
+    assert bitfield_to_set(bytes([0x80, 0x40]), 10) == {0, 9}
+    assert bitfield_to_set(bytes([0x80]), 10) is None  # wrong length
+    assert bitfield_to_set(bytes([0x80, 0x20]), 10) is None  # bit past the end
+    assert bitfield_to_set(b"", 0) == set()
+
+
+async def test_answers_from_a_shared_file(store: Store, tmp_path: Path) -> None:
+    data = os.urandom(PS * 2 + 10)
+    (tmp_path / "f").write_bytes(data)
+    manifest, listing = build_manifest(tmp_path / "f", piece_size=PS)
+    store.add_shared(manifest, listing.root, listing.stats)
+    stale: list[str] = []
+    server = PieceServer(store, None, on_stale=lambda rid, why: stale.append(why))
+    rid = manifest.resource_id
+    reply = await server.handle(b"x" * 20, GetManifest(rid))
+    assert isinstance(reply, ManifestData) and reply.manifest == manifest.canonical
+    have = await server.handle(b"x" * 20, GetHave(rid))
+    assert isinstance(have, Have) and have.complete
+    piece = await server.handle(b"x" * 20, GetPiece(rid, 2))
+    assert isinstance(piece, PieceData) and piece.data == data[2 * PS :]
+    out = await server.handle(b"x" * 20, GetPiece(rid, 3))
+    assert isinstance(out, ErrorReply) and out.code == ErrorCode.BAD_REQUEST
+    unknown = await server.handle(b"x" * 20, GetPiece(bytes(32), 0))
+    assert isinstance(unknown, ErrorReply) and unknown.code == ErrorCode.NOT_FOUND
+    other = await server.handle(b"x" * 20, Ping())
+    assert isinstance(other, ErrorReply) and other.code == ErrorCode.UNSUPPORTED
+    # Unserved: not found.
+    store.set_served(rid, False)
+    gone = await server.handle(b"x" * 20, GetManifest(rid))
+    assert isinstance(gone, ErrorReply) and gone.code == ErrorCode.NOT_FOUND
+    # Served again, then changed on disk: stale, not served.
+    store.set_served(rid, True)
+    (tmp_path / "f").write_bytes(b"changed")
+    changed = await server.handle(b"x" * 20, GetPiece(rid, 0))
+    assert isinstance(changed, ErrorReply) and changed.code == ErrorCode.NOT_FOUND
+    assert stale and "changed" in stale[0]
+
+
+async def test_partial_download_serves_verified_pieces_only(store: Store, tmp_path: Path) -> None:
+    data = os.urandom(PS * 3)
+    (tmp_path / "f").write_bytes(data)
+    manifest, _ = build_manifest(tmp_path / "f", piece_size=PS)
+    res = store.begin_download(manifest, tmp_path / "dest")
+    fd = os.open(res.root, os.O_WRONLY)
+    os.pwrite(fd, data[PS : 2 * PS], PS)
+    os.close(fd)
+    store.record_piece(manifest.resource_id, 1)
+    server = PieceServer(store, None, on_stale=lambda rid, why: None)
+    rid = manifest.resource_id
+    have = await server.handle(b"x" * 20, GetHave(rid))
+    assert isinstance(have, Have) and not have.complete
+    assert bitfield_to_set(have.bitfield, 3) == {1}
+    ok = await server.handle(b"x" * 20, GetPiece(rid, 1))
+    assert isinstance(ok, PieceData) and ok.data == data[PS : 2 * PS]
+    missing = await server.handle(b"x" * 20, GetPiece(rid, 0))
+    assert isinstance(missing, ErrorReply) and missing.code == ErrorCode.NOT_FOUND
