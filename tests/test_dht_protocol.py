@@ -218,6 +218,9 @@ async def test_valid_requests_are_answered(harness: Harness) -> None:
     assert harness.storage.get(nid(6)) == "value"
     assert harness.stat("rpc_received.ping") == 1
     assert harness.stat("rpc_received.store") == 1
+    assert harness.stat("datagrams_received") == 5
+    assert harness.stat("datagrams_sent") == 5
+    assert harness.stat("bytes_sent") == sum(len(d) for d, _ in harness.transport.sent)
 
 
 async def test_remote_store_bounded(harness: Harness) -> None:

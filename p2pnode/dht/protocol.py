@@ -214,6 +214,8 @@ class DhtProtocol(KademliaProtocol):
             self.stats[f"rpc_timeout.{name}"] = 0
         for reason in DROP_REASONS:
             self.stats[f"dropped.{reason}"] = 0
+        for counter in ("datagrams_sent", "bytes_sent", "datagrams_received", "bytes_received"):
+            self.stats[counter] = 0
 
     def __getattr__(self, name: str) -> Any:
         # rpcudp turns any unknown attribute into a remote call; not here.
@@ -265,8 +267,13 @@ class DhtProtocol(KademliaProtocol):
             target = self._sock_addr(host, port)
         except Unroutable:
             return False
-        self.transport.sendto(data, target)
+        self._sendto(data, target)
         return True
+
+    def _sendto(self, data: bytes, target: Address) -> None:
+        self.stats["datagrams_sent"] += 1
+        self.stats["bytes_sent"] += len(data)
+        self.transport.sendto(data, target)
 
     def _drop(self, reason: str) -> None:
         self.stats[f"dropped.{reason}"] += 1
@@ -274,6 +281,8 @@ class DhtProtocol(KademliaProtocol):
     # -- incoming ------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.stats["datagrams_received"] += 1
+        self.stats["bytes_received"] += len(data)
         host = normalize_host(addr[0]) if addr else None
         port = addr[1] if addr and len(addr) > 1 else 0
         if host is None or not is_port(port):
@@ -461,7 +470,7 @@ class DhtProtocol(KademliaProtocol):
         self._outstanding[msg_id] = _Pending(future, (host, port), name)
         self.stats[f"rpc_sent.{name}"] += 1
         try:
-            self.transport.sendto(data, target)
+            self._sendto(data, target)
             async with asyncio.timeout(self.config.rpc_timeout):
                 return await future
         except TimeoutError:
