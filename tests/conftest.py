@@ -7,10 +7,12 @@ test has a time limit (pyproject); real sockets and processes where they can run
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.cli_helpers import RunningNode
 
 
 @pytest.fixture
@@ -19,3 +21,12 @@ def homes(tmp_path: Path) -> Callable[[str], Path]:
         return tmp_path / name
 
     return make
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[RunningNode]]:
+    """Node subprocesses a test starts; any still running at the end are killed."""
+    started: list[RunningNode] = []
+    yield started
+    for node in started:
+        node.kill()
