@@ -76,3 +76,15 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     after = json.loads(run_cli("--home", str(n1), "ls", "--json").stdout)["resources"]
     served = {r["id"]: r["served"] for r in after}
     assert served.get(fid) in (None, False) and served[rid] is True
+
+
+def test_get_errors_are_clear(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    _, n3 = _network(tmp_path, nodes)
+    junk = run_cli("--home", str(n3), "get", "not-an-id", "-o", str(tmp_path / "x"), check=False)
+    assert junk.returncode == 1 and "error" in junk.stderr
+    unknown = "res" + "a" * 52
+    missing = run_cli("--home", str(n3), "get", unknown, "-o", str(tmp_path / "x"), check=False)
+    assert missing.returncode == 1 and "no providers" in missing.stderr
+    assert not (tmp_path / "x").exists()
+    nofile = run_cli("--home", str(n3), "share", str(tmp_path / "nope"), check=False)
+    assert nofile.returncode == 1 and "no such file" in nofile.stderr
