@@ -12,7 +12,11 @@ Every figure is measured between two processes on 127.0.0.1:
 - handshake: a fresh client host per sample, connect + Noise XX + identity
   check + one Ping round trip (median and p90).
 
-Prints a table with each PeerHost figure as a ratio of raw TCP. Not a test.
+Prints a table with each PeerHost figure as a ratio of raw TCP (best and
+median of the interleaved rounds), and the CPU seconds each process spent per
+GB moved, whose inverse (CPU-bound GB/s) is what one core per side could
+carry: unlike wall-clock rates it hardly moves when other work shares the
+machine. Not a test.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 from p2pnode.identity import Identity
@@ -45,12 +49,16 @@ def raw_serve() -> None:
     conn, _ = listener.accept()
     block = memoryview(bytearray(os.urandom(1 << 20)))
     total = int.from_bytes(_recv_exact(conn, 8), "big")
+    cpu = time.process_time()
     sent = 0
     while sent < total:
         n = min(len(block), total - sent)
         conn.sendall(block[:n])
         sent += n
+    cpu = time.process_time() - cpu
     conn.close()
+    sys.stdin.read()
+    print(cpu, flush=True)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
@@ -76,7 +84,10 @@ def host_serve(encrypt: bool, piece_size: int) -> None:
         port = await host.listen("127.0.0.1", 0)
         print(port, host.node_id.hex(), flush=True)
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, sys.stdin.readline)  # "go": the timed part starts
+        cpu = time.process_time()
         await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+        print(time.process_time() - cpu, flush=True)
         await host.close()
 
     asyncio.run(serve())
@@ -100,24 +111,41 @@ class Child:
         assert self.proc.stdout is not None
         self.line = self.proc.stdout.readline().split()
 
-    def stop(self) -> None:
+    def go(self) -> None:
         assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> float:
+        """Stop the child; return the CPU seconds it reported (0 if none)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.close()
+        out = self.proc.stdout.read().split()
         self.proc.wait(timeout=30)
+        return float(out[-1]) if out else 0.0
 
 
-def measure_raw(seconds: float) -> float:
+@dataclass
+class Result:
+    rate: float  # payload bytes per second
+    cpu_client: float  # CPU seconds per GB moved
+    cpu_server: float
+
+
+def measure_raw(seconds: float) -> Result:
     # size the transfer from a short probe so it lasts about ``seconds``
-    rate = _raw_once(512 << 20)
-    return _raw_once(max(int(rate * seconds), 512 << 20))
+    probe = _raw_once(512 << 20)
+    return _raw_once(max(int(probe.rate * seconds), 512 << 20))
 
 
-def _raw_once(total: int) -> float:
+def _raw_once(total: int) -> Result:
     child = Child("--raw-serve")
+    server_cpu = 0.0
     try:
         conn = socket.create_connection(("127.0.0.1", int(child.line[0])))
         buf = memoryview(bytearray(1 << 20))
         start = time.perf_counter()
+        cpu = time.process_time()
         conn.sendall(total.to_bytes(8, "big"))
         got = 0
         while got < total:
@@ -126,21 +154,27 @@ def _raw_once(total: int) -> float:
                 break
             got += n
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
         conn.close()
     finally:
-        child.stop()
-    return got / elapsed
+        server_cpu = child.stop()
+    gb = got / 1e9
+    return Result(got / elapsed, cpu / gb, server_cpu / gb)
 
 
-async def _pieces(addr: PeerAddress, encrypt: bool, seconds: float, depth: int) -> float:
+async def _pieces(
+    addr: PeerAddress, encrypt: bool, seconds: float, depth: int, child: Child
+) -> tuple[float, float, int]:
     host = PeerHost(Identity.generate(), bench_limits(encrypt))
     try:
         await host.request(addr, Ping())
         for i in range(depth):  # warm up buffers
             await host.request(addr, GetPiece(RID, i))
         moved = 0
+        child.go()
         stop_at = time.perf_counter() + seconds
         start = time.perf_counter()
+        cpu = time.process_time()
 
         async def worker() -> None:
             nonlocal moved
@@ -152,18 +186,20 @@ async def _pieces(addr: PeerAddress, encrypt: bool, seconds: float, depth: int) 
                 i += 1
 
         await asyncio.gather(*(worker() for _ in range(depth)))
-        return moved / (time.perf_counter() - start)
+        return time.perf_counter() - start, time.process_time() - cpu, moved
     finally:
         await host.close()
 
 
-def measure_pieces(encrypt: bool, size: int, seconds: float, depth: int) -> float:
+def measure_pieces(encrypt: bool, size: int, seconds: float, depth: int) -> Result:
     child = Child("--host-serve", "--encrypt", str(int(encrypt)), "--piece-size", str(size))
     try:
         addr = PeerAddress(bytes.fromhex(child.line[1]), "127.0.0.1", int(child.line[0]))
-        return asyncio.run(_pieces(addr, encrypt, seconds, depth))
+        elapsed, cpu, moved = asyncio.run(_pieces(addr, encrypt, seconds, depth, child))
     finally:
-        child.stop()
+        server_cpu = child.stop()
+    gb = moved / 1e9
+    return Result(moved / elapsed, cpu / gb, server_cpu / gb)
 
 
 async def _handshakes(addr: PeerAddress, encrypt: bool, samples: int) -> list[float]:
@@ -206,14 +242,14 @@ def main() -> None:
         return
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    cases: list[tuple[str, Callable[[], float]]] = [
+    cases: list[tuple[str, Callable[[], Result]]] = [
         ("raw TCP loopback (blocking sockets)", lambda: measure_raw(args.seconds))
     ]
     for size in sizes:
         for encrypt in (True, False):
             label = f"PeerHost PieceData {size // 1024} KiB, encrypt={'on' if encrypt else 'off'}"
             cases.append((label, partial(measure_pieces, encrypt, size, args.seconds, args.depth)))
-    results: dict[str, list[float]] = {label: [] for label, _ in cases}
+    results: dict[str, list[Result]] = {label: [] for label, _ in cases}
     for _ in range(args.repeat):  # interleaved, so load changes hit every case alike
         for label, run in cases:
             results[label].append(run())
@@ -222,13 +258,19 @@ def main() -> None:
         f" flight, {args.repeat} rounds of {args.seconds:g}s; load average"
         f" {os.getloadavg()[0]:.2f}"
     )
-    raw = results[cases[0][0]]
-    print(f"{'':44s} {'best':>10s} {'median':>12s}   ratio best / median vs raw")
+    raw = [r.rate for r in results[cases[0][0]]]
+    print(f"{'':44s} {'best':>9s} {'median':>9s}  ratio vs raw   CPU s/GB      CPU-bound")
+    print(f"{'':44s} {'GB/s':>9s} {'GB/s':>9s}  best  median   client server GB/s")
     for label, _ in cases:
-        r = results[label]
+        rs = results[label]
+        rates = [r.rate for r in rs]
+        cpu_c = statistics.median(r.cpu_client for r in rs)
+        cpu_s = statistics.median(r.cpu_server for r in rs)
         print(
-            f"{label:44s} {max(r) / 1e9:6.2f} GB/s {statistics.median(r) / 1e9:6.2f} GB/s"
-            f"   {max(r) / max(raw):4.2f} / {statistics.median(r) / statistics.median(raw):4.2f}"
+            f"{label:44s} {max(rates) / 1e9:9.2f} {statistics.median(rates) / 1e9:9.2f}"
+            f"  {max(rates) / max(raw):4.2f}"
+            f"  {statistics.median(rates) / statistics.median(raw):4.2f}"
+            f"   {cpu_c:6.2f} {cpu_s:6.2f} {1 / max(cpu_c, cpu_s, 1e-9):6.2f}"
         )
     hs = sorted(measure_handshake(args.handshakes))
     p90 = hs[int(len(hs) * 0.9)]

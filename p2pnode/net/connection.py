@@ -18,7 +18,10 @@ Rules
   Framing, handshake and authentication failures close the connection (the
   stream cannot be resynchronised).
 - Writes: answers and requests wait while the transport is paused
-  (``pause_writing``), so a slow reader pushes back on the handlers.
+  (``pause_writing``), so a slow reader pushes back on the handlers. Small
+  sealed frames are corked until the end of the loop iteration, so requests
+  issued together leave in one ``send()``; a large frame first flushes the
+  cork (order is kept: the Noise nonces were assigned when sealing).
 - Every timer is a loop handle and every task is registered with the owner;
   ``connection_lost`` cancels the timers and handlers and fails what waits.
 """
@@ -45,6 +48,7 @@ from p2pnode.identity import peer_id_to_str
 from p2pnode.net.config import NetLimits
 from p2pnode.net.errors import ChannelAuthError, ConnectionClosed, RemoteError
 from p2pnode.net.session import Session
+from p2pnode.wire.frame import Buffer
 from p2pnode.wire.messages import (
     DecodeLimits,
     Envelope,
@@ -64,6 +68,8 @@ from p2pnode.wire.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+_CORK_MAX = 16 * 1024
 
 Handler = Callable[[bytes, Message], Awaitable[Message]]
 
@@ -115,6 +121,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._hs_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._cork: list[Buffer] = []
+        self._cork_scheduled = False
 
     # -- properties --------------------------------------------------------
 
@@ -249,6 +257,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             if abort:
                 self.transport.abort()
             else:
+                self._flush_cork()  # e.g. the error reply sent just before
                 self.transport.close()
 
     def _protocol_failure(self, exc: ProtocolError) -> None:
@@ -428,14 +437,34 @@ class PeerConnection(asyncio.BufferedProtocol):
                 f"{type(env.message).__name__} of {length} bytes exceeds max_frame "
                 f"{self.session.max_frame}"
             )
-        write = self.transport.write
+        sealed = self.session.seal(parts, length)
         size = 0
-        for chunk in self.session.seal(parts, length):
+        for chunk in sealed:
             size += len(chunk)
-            write(chunk)
+        if size <= _CORK_MAX:
+            # Small frames written in one loop iteration leave in one send().
+            self._cork.extend(sealed)
+            if not self._cork_scheduled:
+                self._cork_scheduled = True
+                self.loop.call_soon(self._flush_cork)
+        else:
+            if self._cork:
+                self._flush_cork()
+            write = self.transport.write
+            for chunk in sealed:
+                write(chunk)
         self._counters["frames_out"] += 1
         self._counters["bytes_out"] += size
         self.last_activity = self.owner.clock.now()
+
+    def _flush_cork(self) -> None:
+        self._cork_scheduled = False
+        if not self._cork:
+            return
+        data = self._cork[0] if len(self._cork) == 1 else b"".join(self._cork)
+        self._cork.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     async def request(self, msg: Message) -> Message:
         """Send ``msg`` and wait for its answer (no timeout: the caller bounds it)."""

@@ -279,7 +279,7 @@ class Session:
             MAX_CHUNK,
             header=CHUNK_HEADER,
             what="secure-channel chunk",
-            scratch_size=256 * 1024,
+            scratch_size=1024 * 1024,
             direct_threshold=MAX_CHUNK + 1,  # chunks always land in the scratch
         )
         self._frames = FrameDecoder(max_frame)
