@@ -209,6 +209,8 @@ class Simulation:
         self._put: dict[int, asyncio.Future[bool]] = {}
         self._rss_peak_nodes: dict[int, int] = {}
         self._unsupported: set[str] = set()
+        # Calls in flight on each node, cancelled when the node is killed.
+        self._node_calls: dict[int, set[asyncio.Future[Any]]] = {}
 
     # -- clock -----------------------------------------------------------------------
 
@@ -492,8 +494,22 @@ class Simulation:
         size = len(self._alive())
         value: T | None = None
         ok, error = True, ""
+        inner: asyncio.Future[T] = asyncio.ensure_future(call())
+        calls = self._node_calls.setdefault(node, set())
+        calls.add(inner)
+        me = asyncio.current_task()
         try:
-            value = await asyncio.wait_for(call(), timeout)
+            value = await asyncio.wait_for(inner, timeout)
+        except asyncio.CancelledError:
+            if me is None or me.cancelling() or not inner.cancelled():
+                self._record(
+                    OpResult(op_kind, node, arg, started, self.now(), False,
+                             "cancelled: still running when the run ended", phase=phase,
+                             network_size=size)
+                )  # fmt: skip
+                raise
+            # Not us: the node was killed under this call, as a process dies mid-request.
+            ok, error = False, "down: the node was killed during the operation"
         except TimeoutError:
             ok, error = False, f"timeout: no result in {timeout} s"
         except Unsupported as exc:
@@ -504,14 +520,8 @@ class Simulation:
         except Exception as exc:  # the node under test misbehaved: record it as a finding
             ok, error = False, f"crash: {type(exc).__name__}: {exc}"
             log.error("%s on node %d raised %s", op_kind, node, type(exc).__name__, exc_info=exc)
-        except asyncio.CancelledError:
-            # The run ended (drain timeout, Ctrl-C) with this still going: count it.
-            self._record(
-                OpResult(op_kind, node, arg, started, self.now(), False,
-                         "cancelled: still running when the run ended", phase=phase,
-                         network_size=size)
-            )  # fmt: skip
-            raise
+        finally:
+            calls.discard(inner)
         r = OpResult(op_kind, node, arg, started, self.now(), ok, error, phase=phase,
                      network_size=size)  # fmt: skip
         return r, value
@@ -640,6 +650,8 @@ class Simulation:
                 return
             await self._sample_life(op.node)
             started = self.now()
+            for call in list(self._node_calls.get(op.node, ())):
+                call.cancel()
             await node.kill()
             self._mark_alive()
             self._record(
@@ -693,8 +705,10 @@ class Simulation:
     # -- progress --------------------------------------------------------------------
 
     async def _show_progress(self) -> None:
+        # Redrawn in place on a terminal; a line every few seconds into a file or pipe.
+        interval = self._progress_interval * (1 if sys.stderr.isatty() else 5)
         while True:
-            await asyncio.sleep(self._progress_interval)
+            await asyncio.sleep(interval)
             self._print_progress()
 
     def _print_progress(self, final: bool = False) -> None:

@@ -262,7 +262,8 @@ class ProcessNode(SimNode):
                 data = await self._call("GET", template.format(peer=peer), missing_ok=True)
             except Unsupported as exc:
                 last = exc
-                paths.remove(template)
+                if template in paths:  # concurrent lookups may have dropped it already
+                    paths.remove(template)
                 continue
             except ControlError as exc:
                 if "NotFoundError" in str(exc):

@@ -43,7 +43,10 @@ def build_report(scenario: Scenario, m: Measurements) -> dict[str, Any]:
     gets = m.of("get")
     start_ops = m.of("start")
     w0 = m.workload_started if m.workload_started is not None else 0.0
-    w1 = m.workload_ended if m.workload_ended is not None else w0
+    # Buckets over the scheduled workload window (operations start inside it; the
+    # drain after it only waits for the slow ones), about one per second, 5..30.
+    w1 = w0 + config.duration
+    buckets = max(5, min(30, round(config.duration)))
     n_alive_end = sum(1 for s in m.nodes if s.alive_at_end)
     bytes_sent = [s.bytes_sent for s in m.nodes]
     rss_nodes = [s.rss_peak for s in m.nodes if s.rss_peak > 0]
@@ -115,9 +118,9 @@ def build_report(scenario: Scenario, m: Measurements) -> dict[str, Any]:
             "alive_at_end": n_alive_end,
             "alive_series": [[round(t, 3), n] for t, n in m.alive],
             "success_over_time": {
-                "lookup": success_over_time(lookups, w0, w1),
-                "get": success_over_time(gets, w0, w1),
-                "fetch": success_over_time(fetches, w0, w1),
+                "lookup": success_over_time(lookups, w0, w1, buckets),
+                "get": success_over_time(gets, w0, w1, buckets),
+                "fetch": success_over_time(fetches, w0, w1, buckets),
             },
         },
         "nodes": {
@@ -311,7 +314,7 @@ def write_plots(report: dict[str, Any], out: Path, m: Measurements) -> list[Path
         fig = plt.figure(figsize=(8, 5))
         try:
             draw(fig, report, m)
-            fig.tight_layout()
+            fig.tight_layout(rect=(0, 0.03, 1, 1))
             path = out / PLOTS[name]
             fig.savefig(path, dpi=100)
             written.append(path)
@@ -381,10 +384,15 @@ def _plot_hops(fig: Any, report: dict[str, Any], m: Measurements) -> None:
     ax.set_xlabel("log2(N), N = nodes in the network")
     ax.set_ylabel("per lookup")
     ax.grid(True, alpha=0.3)
-    ax.legend()
-    src = report["lookups"]["rpc_source"]
-    ax.set_title(
-        _title(report, "Lookup cost vs network size") + (f"\n{src}" if src else ""), fontsize=9
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    ax.set_title(_title(report, "Lookup cost vs network size"), fontsize=10)
+    fig.text(
+        0.01,
+        0.01,
+        "RPCs: find_node requests the source sent during find_peer (stats delta). "
+        "Hops: answers on the path to the target; 0 = already in the routing table.",
+        fontsize=7,
     )
 
 
@@ -415,7 +423,8 @@ def _plot_success(fig: Any, report: dict[str, Any], m: Measurements) -> None:
         ax2.legend(loc="lower right")
     if m.workload_started is not None:
         ax.axvline(m.workload_started, color="k", linestyle=":", alpha=0.5)
-    ax.legend(loc="lower left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left")
     ax.set_title(_title(report, "Success over time"), fontsize=10)
 
 

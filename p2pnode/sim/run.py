@@ -78,8 +78,8 @@ async def simulate(
             run_task.cancel()
         else:
             cluster.kill_now()
-            if own_workdir and not keep:
-                shutil.rmtree(work, ignore_errors=True)
+            if not keep:
+                _remove_homes(work, cluster, own_workdir)
             os._exit(EXIT_INTERRUPTED)
 
     installed = []
@@ -100,7 +100,7 @@ async def simulate(
         for sig in installed:
             loop.remove_signal_handler(sig)
         if not keep:
-            await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
+            await asyncio.to_thread(_remove_homes, work, cluster, own_workdir)
     m = sim.m
     if getattr(cluster, "hook_missing", False):
         m.notes.append("loss/latency requested but the DHT transport hook was not found")
@@ -109,6 +109,15 @@ async def simulate(
     report = build_report(scenario, m)
     files = write_report(report, out, m) if out is not None else []
     return Outcome(report, m, files, work if keep else None)
+
+
+def _remove_homes(work: Path, cluster: Cluster, own_workdir: bool) -> None:
+    """Remove what the run created: the whole folder if it made it, else the nodes' own."""
+    if own_workdir:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    for node in list(cluster.nodes.values()):
+        shutil.rmtree(node.workdir, ignore_errors=True)
 
 
 def configure_logging(path: Path | None, level: str = "WARNING") -> None:
