@@ -28,9 +28,22 @@ from p2pnode import Node, NodeConfig
 def start_to_ready(home: Path) -> tuple[float, subprocess.Popen[str]]:
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "p2pnode", "start", "--home", str(home), "--host", "127.0.0.1",
-         "--port", "0", "--log-level", "warning"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "p2pnode",
+            "start",
+            "--home",
+            str(home),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -88,6 +101,7 @@ async def ping_rate_stock(seconds: float, inflight: int) -> float:
     await b.listen(0, "127.0.0.1")
     port = b.transport.get_extra_info("sockname")[1]
     try:
+
         async def one() -> object:
             ok, value = await a.protocol.ping(("127.0.0.1", port), a.node.id)
             return value if ok else None
@@ -137,7 +151,9 @@ def main() -> None:
         print(f"start to ready (subprocess, incl. interpreter start): {ready * 1000:.0f} ms")
         print(f"idle node: CPU {cpu:.2f}% of one core over 5 s, RSS {rss / 2**20:.1f} MiB")
         secs = asyncio.run(converge(args.nodes, base))
-        print(f"{args.nodes}-node in-process network converged (all pairs find_peer) in {secs:.2f} s")
+        print(
+            f"{args.nodes}-node in-process network converged (all pairs find_peer) in {secs:.2f} s"
+        )
         for inflight in (1, 64):
             ours = asyncio.run(ping_rate_p2pnode(base / f"p{inflight}", args.seconds, inflight))
             stock = asyncio.run(ping_rate_stock(args.seconds, inflight))
