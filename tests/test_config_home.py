@@ -55,8 +55,14 @@ def test_contacts_round_trip_and_damage(tmp_path: Path) -> None:
     assert load_contacts(tmp_path) == contacts
     (tmp_path / CONTACTS_FILE).write_text("{not json")
     assert load_contacts(tmp_path) == []
-    bad_rows = {"contacts": [{"id": "zz", "host": "h", "port": 1}, {"id": "00" * 20}, 7,
-                             {"id": "11" * 20, "host": "h", "port": 99999}]}
+    bad_rows = {
+        "contacts": [
+            {"id": "zz", "host": "h", "port": 1},
+            {"id": "00" * 20},
+            7,
+            {"id": "11" * 20, "host": "h", "port": 99999},
+        ]
+    }
     (tmp_path / CONTACTS_FILE).write_text(json.dumps(bad_rows))
     assert load_contacts(tmp_path) == []
 
