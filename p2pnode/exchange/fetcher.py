@@ -2,13 +2,17 @@
 
 Rules:
 
-- The manifest is accepted only if it hashes to the resource id; a provider that
-  sends one that does not, or anything malformed, is banned for this download.
+- The manifest is asked of up to three providers at once and accepted only if it
+  hashes to the resource id (a provider sending other bytes is skipped). Bytes that
+  hash to the id but fail parsing (a path escape...) end the download with
+  ProtocolError: the resource itself is unsafe.
 - Every provider gets one worker. It asks GetHave once (complete, or which pieces),
-  then keeps up to ``requests_per_peer`` GetPiece requests in flight, as the
-  ``Picker`` hands out pieces (rarest first; endgame races the last ones).
-- An answer is checked against the piece hash (in a worker thread) before it is
-  written (``os.pwrite``, same thread) and recorded in the store. A peer whose
+  then keeps up to ``requests_per_peer`` GetPiece requests in flight (fewer for
+  large pieces: ``inflight_bytes_per_peer``), as the ``Picker`` hands out pieces
+  (rarest first; endgame races the last ones).
+- Each request task also checks the answer against the piece hash and writes it
+  (``os.pwrite``), both in a worker thread, so the network never waits on the
+  disk; verified pieces are committed to the store in small batches. A peer whose
   piece fails verification, or that answers out of protocol, is banned; a peer
   that times out or says busy gets strikes and is dropped after ``max_failures``;
   a peer whose connection fails is dropped. Its pieces go back to the others.
@@ -28,6 +32,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -43,6 +48,7 @@ from p2pnode.errors import (
     P2PTimeoutError,
     ProtocolError,
     UsageError,
+    VerificationError,
 )
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.manifest import (
@@ -89,6 +95,8 @@ RATE_WINDOW = 5.0
 # old (seconds). A crash loses at most that much work, never correctness.
 RECORD_BATCH = 32
 RECORD_INTERVAL = 0.5
+# Providers asked for the manifest at the same time.
+MANIFEST_PARALLEL = 3
 
 
 class _BadAnswer(Exception):
@@ -335,6 +343,8 @@ class Fetcher:
         writer = PieceWriter(manifest, resource.root)
         d = _Download(rid, manifest, resource, picker, writer, manifest.name, done_bytes)
         self._emit(d, progress, force=True)
+        t_start = time.perf_counter()
+        t_transfer = t_start
         try:
             if not picker.done:
                 if providers is None:
@@ -344,10 +354,12 @@ class Fetcher:
                         f"no providers found for {rid_text}; "
                         f"{len(verified)} of {manifest.piece_count} pieces kept for later"
                     )
+                t_transfer = time.perf_counter()
                 await self._run(d, providers, progress)
         finally:
             self._record(d)
             writer.close()
+        t_sync = time.perf_counter()
         self._emit(d, progress, force=True, state="finishing")
         if self._config.fsync:
             loop = asyncio.get_running_loop()
@@ -359,6 +371,19 @@ class Fetcher:
         final = self._store.get(rid)
         assert final is not None
         self._emit(d, progress, force=True, state="done")
+        t_end = time.perf_counter()
+        log.info(
+            "got %s (%d bytes) to %s: providers %.3fs, pieces %.3fs (%.1f MB/s), "
+            "fsync+rename %.3fs, from %d peer(s)",
+            rid_text,
+            manifest.total_size,
+            final.root,
+            t_transfer - t_start,
+            t_sync - t_transfer,
+            (manifest.total_size - done_bytes) / max(t_sync - t_transfer, 1e-9) / 1e6,
+            t_end - t_sync,
+            len(d.peers),
+        )
         return final
 
     # -- providers and manifest -------------------------------------------------------
@@ -380,35 +405,48 @@ class Fetcher:
         return out[:want]
 
     async def _fetch_manifest(self, rid: bytes, providers: Sequence[ProviderRecord]) -> Manifest:
-        """Ask providers one after another until one sends the manifest of ``rid``."""
+        """Ask providers for the manifest of ``rid``, a few at a time (so one that
+        never answers costs nothing), until one sends bytes that hash to ``rid``."""
         errors: list[str] = []
-        unsafe: ProtocolError | None = None
-        for rec in providers:
-            who = _who(rec)
-            try:
-                reply = await self._request(rec, GetManifest(rid), self._config.manifest_timeout)
-            except P2PError as exc:
-                errors.append(f"{who}: {exc}")
-                continue
-            if isinstance(reply, ErrorReply):
-                errors.append(f"{who}: {reply.code}: {reply.message}")
-                continue
-            if not isinstance(reply, ManifestData) or reply.resource_id != rid:
-                errors.append(f"{who}: answered with something else")
-                continue
-            try:
-                return Manifest.decode(reply.manifest, expected_id=rid)
-            except ProtocolError as exc:
-                # A manifest that hashes to the id but is unsafe (path escape...) is the
-                # resource itself being bad: every provider would send the same bytes.
-                errors.append(f"{who}: {exc}")
-                if hashlib.sha256(reply.manifest).digest() == rid:
-                    unsafe = exc
-                    break
-        if unsafe is not None:
-            raise ProtocolError(
-                f"the manifest of {resource_id_to_str(rid)} is rejected: {unsafe}"
-            ) from None
+        queue = list(providers)
+        running: dict[asyncio.Task[Message], ProviderRecord] = {}
+        try:
+            while queue or running:
+                while queue and len(running) < MANIFEST_PARALLEL:
+                    rec = queue.pop(0)
+                    task = asyncio.create_task(
+                        self._request(rec, GetManifest(rid), self._config.manifest_timeout)
+                    )
+                    running[task] = rec
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    rec = running.pop(task)
+                    who = _who(rec)
+                    failure = task.exception()
+                    if failure is not None:
+                        if not isinstance(failure, P2PError):
+                            raise failure
+                        errors.append(f"{who}: {failure}")
+                        continue
+                    reply = task.result()
+                    if not isinstance(reply, ManifestData) or reply.resource_id != rid:
+                        errors.append(f"{who}: answered with something else")
+                        continue
+                    try:
+                        return Manifest.decode(reply.manifest, expected_id=rid)
+                    except VerificationError as exc:
+                        errors.append(f"{who}: {exc}")
+                    except ProtocolError as exc:
+                        # Bytes that hash to the id but are unsafe (a path escape...): the
+                        # resource itself is bad, every provider would send the same.
+                        raise ProtocolError(
+                            f"the manifest of {resource_id_to_str(rid)} is rejected: {exc}"
+                        ) from None
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
         raise NotFoundError(
             f"no provider sent the manifest of {resource_id_to_str(rid)}: " + "; ".join(errors)
         )
