@@ -15,6 +15,9 @@ class DhtConfig:
     max_datagram: int = 8192
     max_value_bytes: int = 4096
     max_stored_values: int = 10_000
+    # Stored values last written by one sender (source IP), so one address cannot
+    # fill the store and have everyone else's values refused.
+    max_values_per_sender: int = 1_000
     value_ttl: float = 24 * 3600.0
     refresh_interval: float = 3600.0
     # Provider records (resource exchange).

@@ -140,6 +140,7 @@ class Discovery:
             max_values=config.max_stored_values,
             ttl=config.value_ttl,
             max_value_bytes=config.max_value_bytes,
+            max_per_sender=config.max_values_per_sender,
         )
         self._server = _KademliaServer(node_id, config, clock, self._tasks, self._storage)
         self._protocol: DhtProtocol | None = None

@@ -397,7 +397,7 @@ class DhtProtocol(KademliaProtocol):
         return self.source_node.id
 
     def rpc_store(self, sender: Address, request: StoreRequest) -> object:
-        stored = self.storage.put(request.key, request.value)
+        stored = self.storage.put(request.key, request.value, sender=sender[0])
         self.stats["stores_accepted" if stored else "stores_refused"] += 1
         return stored
 

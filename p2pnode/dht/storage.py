@@ -26,24 +26,47 @@ def _check_key(key: object) -> bytes:
 
 class ValueStore:
     """key (20 bytes) -> value, at most ``max_values`` entries, each for ``ttl`` seconds
-    after its last store."""
+    after its last store, and at most ``max_per_sender`` of them last stored by one
+    sender (source IP; our own values have none), so that one address cannot fill
+    the store and have everyone else's values refused."""
 
-    def __init__(self, clock: Clock, *, max_values: int, ttl: float, max_value_bytes: int) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        max_values: int,
+        ttl: float,
+        max_value_bytes: int,
+        max_per_sender: int | None = None,
+    ) -> None:
         self._clock = clock
         self.max_values = max_values
         self.ttl = ttl
         self.max_value_bytes = max_value_bytes
-        self._data: OrderedDict[bytes, tuple[float, Value]] = OrderedDict()
+        self.max_per_sender = max_values if max_per_sender is None else max_per_sender
+        self._data: OrderedDict[bytes, tuple[float, Value, str | None]] = OrderedDict()
+        self._per_sender: Counter[str] = Counter()
 
-    def put(self, key: bytes, value: object) -> bool:
+    def put(self, key: bytes, value: object, sender: str | None = None) -> bool:
         """Store (or refresh) a value. False when full; MessageError when invalid."""
         key = _check_key(key)
         checked = check_value(value, self.max_value_bytes)
         self.cull()
-        if key not in self._data and len(self._data) >= self.max_values:
+        old = self._data.get(key)
+        if old is None and len(self._data) >= self.max_values:
             return False
-        self._data[key] = (self._clock.now(), checked)
+        old_sender = None if old is None else old[2]
+        if (
+            sender is not None
+            and sender != old_sender
+            and self._per_sender[sender] >= self.max_per_sender
+        ):
+            return False
+        self._uncount(old_sender)
+        self._data[key] = (self._clock.now(), checked, sender)
         self._data.move_to_end(key)
+        if sender is not None:
+            self._per_sender[sender] += 1
         return True
 
     def get(self, key: bytes) -> Value | None:
@@ -52,28 +75,41 @@ class ValueStore:
         return None if entry is None else entry[1]
 
     def remove(self, key: bytes) -> None:
-        self._data.pop(key, None)
+        entry = self._data.pop(key, None)
+        if entry is not None:
+            self._uncount(entry[2])
 
     def items(self) -> list[tuple[bytes, Value]]:
         """Live entries, least recently stored first."""
         self.cull()
-        return [(key, value) for key, (_, value) in self._data.items()]
+        return [(key, entry[1]) for key, entry in self._data.items()]
 
     def newest(self, limit: int) -> list[tuple[bytes, Value]]:
         """At most ``limit`` live entries, most recently stored first."""
         self.cull()
-        return [(key, value) for key, (_, value) in islice(reversed(self._data.items()), limit)]
+        return [(key, entry[1]) for key, entry in islice(reversed(self._data.items()), limit)]
 
     def cull(self) -> int:
         deadline = self._clock.now() - self.ttl
         removed = 0
         while self._data:
-            key, (stored_at, _) = next(iter(self._data.items()))
+            key, (stored_at, _, sender) = next(iter(self._data.items()))
             if stored_at > deadline:
                 break
             del self._data[key]
+            self._uncount(sender)
             removed += 1
         return removed
+
+    def sender_count(self, sender: str) -> int:
+        self.cull()
+        return self._per_sender[sender]
+
+    def _uncount(self, sender: str | None) -> None:
+        if sender is not None:
+            self._per_sender[sender] -= 1
+            if self._per_sender[sender] <= 0:
+                del self._per_sender[sender]
 
     def __len__(self) -> int:
         self.cull()
