@@ -40,6 +40,7 @@ from p2pnode.wire.messages import (
     Ping,
     Pong,
     message,
+    request,
     wire,
 )
 
@@ -512,3 +513,26 @@ async def test_close_leaves_no_tasks(hosts: MakeHost) -> None:
     assert client.stats()["connections_open"] == 0
     with pytest.raises(P2PError):
         await client.request(addr, Ping())
+
+
+async def test_peer_that_does_not_read_is_dropped(hosts: MakeHost) -> None:
+    limits = replace(FAST, write_buffer_high=1024, max_frame=16 * 1024)
+    server, addr = await serving(hosts, limits)
+    client = hosts(limits)
+    assert await client.request(addr, Ping()) == Pong()
+    (conn,) = client._by_peer[server.node_id]
+    (served,) = server._by_peer[client.node_id]
+    assert conn.transport is not None and served.transport is not None
+    # shrink the kernel buffers so the server's transport buffer fills quickly
+    served.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.transport.pause_reading()
+    # a peer flooding Pings without reading the Pongs (bypassing our own queueing)
+    for i in range(20_000):
+        if server.stats().get("closed_slow_reader"):
+            break
+        conn._send_now(request(i, Ping()))
+        if i % 200 == 0:
+            await asyncio.sleep(0)  # let the server run; not a synchronisation sleep
+    await eventually(lambda: server.stats().get("closed_slow_reader", 0) == 1)
+    await eventually(lambda: server.stats()["connections_open"] == 0)

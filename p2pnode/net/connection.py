@@ -121,6 +121,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._hs_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._write_cap = self._limits.write_buffer_high + self._limits.max_frame
         self._cork: list[Buffer] = []
         self._cork_scheduled = False
 
@@ -355,7 +356,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         if exc.request_id is None:
             return  # unreadable envelope: drop the packet
         if exc.kind == Kind.REQUEST:
-            self._send_now(response(exc.request_id, ErrorReply(code, str(exc)[:1024])))
+            self._reply_inline(exc.request_id, ErrorReply(code, str(exc)[:1024]))
             return
         fut = self._pending.pop(exc.request_id, None)
         if fut is not None and not fut.done():
@@ -364,18 +365,37 @@ class PeerConnection(asyncio.BufferedProtocol):
     def _on_request(self, request_id: int, msg: Message) -> None:
         self._counters["requests_in"] += 1
         if isinstance(msg, Ping):
-            self._send_now(response(request_id, Pong()))
+            self._reply_inline(request_id, Pong())
             return
         if len(self._handlers) >= self._limits.max_inflight_per_connection:
             self._counters["rejected_busy"] += 1
-            self._send_now(
-                response(request_id, ErrorReply(ErrorCode.BUSY, "too many requests in flight"))
+            self._reply_inline(
+                request_id, ErrorReply(ErrorCode.BUSY, "too many requests in flight")
             )
             return
         task = self.loop.create_task(self._serve(request_id, msg))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
         self.owner.own_task(task)
+
+    def _reply_inline(self, request_id: int, reply: Message) -> None:
+        """A small answer written without waiting for the transport.
+
+        Handlers wait while the transport is paused, so its buffer stays under
+        ``write_buffer_high + max_frame``. Beyond that, the peer keeps asking
+        but does not read its answers: drop it rather than buffer without end.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size() > self._write_cap:
+            self._counters["closed_slow_reader"] += 1
+            self.close(
+                LimitExceeded(f"{self.describe()} sends requests but does not read the answers"),
+                abort=True,
+            )
+            return
+        self._send_now(response(request_id, reply))
 
     async def _serve(self, request_id: int, msg: Message) -> None:
         reply = await self._call_handler(msg)
