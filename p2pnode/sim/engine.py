@@ -116,6 +116,7 @@ class Cluster(ABC):
 
     mode = ""
     rpc_source = ""
+    unsupported_why = ""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -253,7 +254,10 @@ class Simulation:
             for i, peak in self._rss_peak_nodes.items():
                 self.m.nodes[i].rss_peak = peak
             for kind in sorted(self._unsupported):
-                self.m.notes.append(f"{kind}: not supported by the {self.cluster.mode} runner")
+                self.m.notes.append(
+                    f"{kind}: not supported by the {self.cluster.mode} runner"
+                    + (f" ({self.cluster.unsupported_why})" if self.cluster.unsupported_why else "")
+                )
             if self._progress:
                 self._print_progress(final=True)
         return self.m

@@ -316,6 +316,10 @@ def _category(kind: str) -> str:
 
 class ProcessCluster(Cluster):
     mode = "processes"
+    unsupported_why = (
+        "the control API has no peer lookup endpoint, e.g. GET /v1/dht/find_peer?id=<peer id>; "
+        "without it lookup figures, hops and time to converge are not measured"
+    )
     rpc_source = (
         "RPCs per lookup: delta of the source node's rpc_sent.find_node counter "
         "(GET /v1/status before and after; one lookup at a time per source)"
