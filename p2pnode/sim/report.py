@@ -149,7 +149,7 @@ def build_report(scenario: Scenario, m: Measurements) -> dict[str, Any]:
         "memory": {
             "rss_per_node": rss_per_node,
             "rss_peak_total": m.rss_peak_total,
-            "rss_peak_total_per_node": m.rss_peak_total / config.nodes if m.rss_peak_total else None,
+            "rss_peak_total_per_node": (m.rss_peak_total / config.nodes) or None,
             "rss_baseline": m.rss_baseline,
             "how": rss_note,
         },
