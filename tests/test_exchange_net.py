@@ -208,7 +208,7 @@ async def test_nested_folder(make_peer: Factory, tmp_path: Path) -> None:
 
 
 async def test_corrupt_and_vanishing_providers(make_peer: Factory, tmp_path: Path) -> None:
-    data = _random_file(tmp_path / "src" / "big.bin", PS * 120 + 77)
+    data = _random_file(tmp_path / "src" / "big.bin", PS * 300 + 77)
     manifest, listing = build_manifest(tmp_path / "src" / "big.bin", piece_size=PS)
     rid = manifest.resource_id
 
@@ -255,8 +255,12 @@ async def test_corrupt_and_vanishing_providers(make_peer: Factory, tmp_path: Pat
         await flaky.close()
 
     killer = asyncio.create_task(kill_flaky())
-    got = await leech.exchange.get(rid, tmp_path / "out.bin")
-    await killer
+    try:
+        got = await leech.exchange.get(rid, tmp_path / "out.bin")
+        assert vanished.is_set(), "the flaky provider was not asked enough to vanish"
+        await killer
+    finally:
+        killer.cancel()
     assert (tmp_path / "out.bin").read_bytes() == data
     assert got.state == "complete"
     assert evil.served_pieces, "the corrupt provider was asked at least once"

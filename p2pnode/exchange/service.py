@@ -177,11 +177,12 @@ class Exchange:
     # -- sharing ------------------------------------------------------------------
 
     async def share(self, path: Path) -> ResourceInfo:
-        store = self.store
+        self.store  # noqa: B018 - fail early if not started
         workers = self._config.hash_workers or None
         manifest, listing = await asyncio.to_thread(
             partial(build_manifest, Path(path), workers=workers)
         )
+        store = self.store  # the exchange may have closed while we hashed
         rid = manifest.resource_id
         if rid in self._downloads:
             raise UsageError(f"{resource_id_to_str(rid)} is being downloaded right now")
