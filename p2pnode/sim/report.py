@@ -168,6 +168,7 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
         "bootstrap_time_s": r["join"]["bootstrap_time"],
         "converge_time_s": r["join"]["converge_time"],
         "lookup_success_rate": r["lookups"]["success_rate"],
+        "lookup_success_rate_source_up": r["lookups"]["success_rate_actor_up"],
         "lookup_latency_p50_s": lat["p50"],
         "lookup_latency_p95_s": lat["p95"],
         "lookup_latency_p99_s": lat["p99"],
@@ -215,7 +216,10 @@ def _fmt_num(v: float | None, digits: int = 1) -> str:
 
 
 def _count(summary: dict[str, Any]) -> str:
-    s = f"{summary['ok']}/{summary['attempted']} ({_fmt_pct(summary['success_rate'])})"
+    s = f"{summary['ok']}/{summary['attempted']} ({_fmt_pct(summary['success_rate'])}"
+    if summary["actor_killed"]:
+        s += f"; {_fmt_pct(summary['success_rate_actor_up'])} if its node stayed up"
+    s += ")"
     if summary["skipped"]:
         s += f", {summary['skipped']} skipped"
     return s

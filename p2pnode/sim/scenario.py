@@ -70,7 +70,7 @@ class ScenarioConfig:
     dht_values: int = 10
     dht_gets_per_value: int = 2
     value_size: int = 64
-    lookups: int = 100
+    lookups: int = 200
     # Churn: this fraction of the non-seed nodes is killed abruptly during the
     # workload (between 10% and 70% of it); this fraction of those comes back after
     # a downtime drawn from [downtime, downtime_max].

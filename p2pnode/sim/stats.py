@@ -132,6 +132,7 @@ def success_summary(results: Sequence[OpResult]) -> dict[str, Any]:
     """Counts that add up: attempted = ok + failed; skipped ones are apart."""
     run = [r for r in results if not r.skipped]
     ok = sum(1 for r in run if r.ok)
+    died = sum(1 for r in run if not r.ok and r.error.startswith("down"))
     errors: dict[str, int] = {}
     for r in run:
         if not r.ok:
@@ -144,6 +145,9 @@ def success_summary(results: Sequence[OpResult]) -> dict[str, Any]:
         "ok": ok,
         "failed": len(run) - ok,
         "success_rate": ratio(ok, len(run)),
+        # Leaving out the operations whose own node was killed while they ran.
+        "actor_killed": died,
+        "success_rate_actor_up": ratio(ok, len(run) - died),
         "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])),
     }
 
