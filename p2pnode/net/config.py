@@ -20,6 +20,13 @@ class NetLimits:
     # Transport write buffer high-water mark (low = high // 4): above it,
     # answers and requests wait (backpressure).
     write_buffer_high: int = 4 * 1024 * 1024
+    # Requests a peer may send per second on one connection (token bucket of
+    # request_burst, default = request_rate); past it: ErrorReply busy, counted
+    # as rate_limited. 0 = no rate limit (the in-flight limit still applies):
+    # a rate low enough to matter would also cap an honest download, which
+    # needs 4000+ requests/s on one connection for 1 GB/s of 256 KiB pieces.
+    request_rate: float = 0.0
+    request_burst: float = 0.0
     # msgpack limits for one message (bin fields are bounded by max_frame).
     max_str_len: int = 64 * 1024
     max_array_len: int = 4096

@@ -7,7 +7,9 @@ Rules
   views the session hands out never outlive the call.
 - Requests from the peer run as handler tasks, at most
   ``max_inflight_per_connection`` at once; one more is answered at once with
-  ``ErrorReply("busy")`` and counted. ``Ping`` is answered inline.
+  ``ErrorReply("busy")`` and counted. ``Ping`` is answered inline. With
+  ``request_rate`` set, requests past a per-connection token bucket are
+  answered ``busy`` too (counted as ``rate_limited``).
 - Our requests get ids from a per-connection counter; answers are matched by
   id, late answers (after a timeout) are counted and dropped. At most
   ``max_inflight_per_connection`` of ours are outstanding per connection (a
@@ -29,7 +31,10 @@ Rules
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -122,6 +127,10 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._write_cap = self._limits.write_buffer_high + self._limits.max_frame
+        self._rate = self._limits.request_rate
+        self._burst = max(self._limits.request_burst or self._rate, 1.0)
+        self._tokens = self._burst
+        self._tokens_at = owner.clock.now()
         self._cork: list[Buffer] = []
         self._cork_scheduled = False
 
@@ -256,6 +265,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._cancel_timers()
         if self.transport is not None:
             if abort:
+                _reset_on_close(self.transport)
                 self.transport.abort()
             else:
                 self._flush_cork()  # e.g. the error reply sent just before
@@ -364,6 +374,10 @@ class PeerConnection(asyncio.BufferedProtocol):
 
     def _on_request(self, request_id: int, msg: Message) -> None:
         self._counters["requests_in"] += 1
+        if self._rate > 0 and not self._take_token():
+            self._counters["rate_limited"] += 1
+            self._reply_inline(request_id, ErrorReply(ErrorCode.BUSY, "request rate limit"))
+            return
         if isinstance(msg, Ping):
             self._reply_inline(request_id, Pong())
             return
@@ -377,6 +391,16 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
         self.owner.own_task(task)
+
+    def _take_token(self) -> bool:
+        now = self.owner.clock.now()
+        tokens = self._tokens + (now - self._tokens_at) * self._rate
+        self._tokens = min(tokens, self._burst)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
     def _reply_inline(self, request_id: int, reply: Message) -> None:
         """A small answer written without waiting for the transport.
@@ -524,3 +548,19 @@ class PeerConnection(asyncio.BufferedProtocol):
                 f"{type(env.message).__name__}, expected {expected.__name__}"
             )
         return env.message
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _reset_on_close(transport: asyncio.Transport) -> None:
+    """Make the coming close send a RST and drop unsent data (SO_LINGER 0).
+
+    Without it, a dropped peer that does not read keeps an orphaned socket
+    and up to the kernel's send buffer of our data alive after we let go.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
