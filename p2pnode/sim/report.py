@@ -428,6 +428,8 @@ def _plot_success(fig: Any, report: dict[str, Any], m: Measurements) -> None:
         ax2.legend(loc="lower right")
     if m.workload_started is not None:
         ax.axvline(m.workload_started, color="k", linestyle=":", alpha=0.5)
+        # Operations start inside the workload window; after it only stragglers finish.
+        ax.set_xlim(0, m.workload_started + 1.1 * max(report["scenario"]["duration"], 1.0))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower left")
     ax.set_title(_title(report, "Success over time"), fontsize=10)
