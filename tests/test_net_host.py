@@ -17,7 +17,14 @@ from dataclasses import dataclass, replace
 import pytest
 
 from p2pnode.clock import FakeClock
-from p2pnode.errors import HandshakeError, LimitExceeded, P2PError, P2PTimeoutError, ProtocolError
+from p2pnode.errors import (
+    HandshakeError,
+    LimitExceeded,
+    P2PError,
+    P2PTimeoutError,
+    ProtocolError,
+    UsageError,
+)
 from p2pnode.identity import Identity, peer_id_to_str
 from p2pnode.net import (
     ConnectionClosed,
@@ -572,3 +579,29 @@ async def test_request_rate_limit_per_connection(hosts: MakeHost) -> None:
         assert results.count(Pong()) == 5
     finally:
         await server.close()
+
+
+async def test_quiet_connections_give_back_buffers(hosts: MakeHost) -> None:
+    limits = replace(FAST, trim_after=0.1)
+    data = os.urandom(600_000)
+
+    async def big(node_id: bytes, msg: Message) -> Message:
+        return ManifestData(RID, data)
+
+    server = hosts(limits)
+    server.set_handler(big)
+    port = await server.listen("127.0.0.1", 0)
+    client = hosts(limits)
+    addr = PeerAddress(server.node_id, "127.0.0.1", port)
+    assert await client.request(addr, GetManifest(RID)) == ManifestData(RID, data)
+    (conn,) = client._by_peer[server.node_id]
+    assert conn.session._chunks._scratch is not None
+    await eventually(lambda: conn.session._chunks._scratch is None)
+    assert conn.session._frames._pool == []
+    assert await client.request(addr, GetManifest(RID)) == ManifestData(RID, data)
+
+
+async def test_requesting_ourselves_is_a_usage_error(hosts: MakeHost) -> None:
+    host = hosts()
+    with pytest.raises(UsageError, match="this node"):
+        await host.request(PeerAddress(host.node_id, "127.0.0.1", 1), Ping())

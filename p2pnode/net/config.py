@@ -27,6 +27,9 @@ class NetLimits:
     # needs 4000+ requests/s on one connection for 1 GB/s of 256 KiB pieces.
     request_rate: float = 0.0
     request_burst: float = 0.0
+    # After this many seconds without traffic a connection gives back its read
+    # buffers (up to 1 MiB) and pooled frame buffers; they regrow on demand.
+    trim_after: float = 5.0
     # msgpack limits for one message (bin fields are bounded by max_frame).
     max_str_len: int = 64 * 1024
     max_array_len: int = 4096

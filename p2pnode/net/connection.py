@@ -132,6 +132,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._tokens = self._burst
         self._tokens_at = owner.clock.now()
         self._cork: list[Buffer] = []
+        self._trimmed_at: float | None = None
         self._cork_scheduled = False
 
     # -- properties --------------------------------------------------------
@@ -316,7 +317,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         if not self.owner.conn_established(self):
             return False
         self.last_activity = self.owner.clock.now()
-        self._arm_idle(self._limits.idle_timeout)
+        self._arm_idle(min(self._limits.idle_timeout, self._limits.trim_after))
         if not self.handshake.done():
             self.handshake.set_result(None)
         return True
@@ -330,12 +331,20 @@ class PeerConnection(asyncio.BufferedProtocol):
             return
         idle = self._limits.idle_timeout
         if self._pending or self._handlers:
-            self._arm_idle(idle)
+            self._trimmed_at = None
+            self._arm_idle(min(idle, self._limits.trim_after))
             return
         elapsed = self.owner.clock.now() - self.last_activity
         if elapsed >= idle:
             self._counters["idle_closed"] += 1
             self.close(ConnectionClosed(f"connection to {self.describe()} closed: idle"))
+            return
+        if elapsed >= self._limits.trim_after and self._trimmed_at != self.last_activity:
+            # quiet for a while: give back the read buffers and pooled bodies
+            self.session.trim()
+            self._trimmed_at = self.last_activity
+        if elapsed < self._limits.trim_after:
+            self._arm_idle(min(idle, self._limits.trim_after) - elapsed)
         else:
             self._arm_idle(idle - elapsed)
 

@@ -11,9 +11,11 @@ Rules
   first evicts the least recently used idle connection; an inbound one at
   the limit is refused), at most ``max_connections_per_ip`` inbound from one
   address, ``max_inflight_per_connection`` handler tasks per connection, an
-  idle timeout, a handshake timeout, a request timeout and ``max_frame``.
-  Every limit that trips is counted in :meth:`PeerHost.stats` and drops only
-  the offending connection or request.
+  idle timeout, a handshake timeout, a request timeout, ``max_frame``, an
+  optional per-connection request rate, and a cap on answers buffered for a
+  peer that does not read them. Every limit that trips is counted in
+  :meth:`PeerHost.stats` and drops only the offending connection (with a RST)
+  or request.
 - Errors from :meth:`PeerHost.request`: ``P2PTimeoutError`` (no answer, or the
   dial/handshake took too long), ``HandshakeError`` (wrong peer, bad identity,
   version), ``PeerUnreachable`` (TCP connect failed), ``ConnectionClosed``,
@@ -84,6 +86,11 @@ class PeerHost:
         self._tasks: set[asyncio.Task[object]] = set()
         self._servers: list[asyncio.Server] = []
         self._closing = False
+        if not limits.encrypt:
+            log.warning(
+                "NetLimits.encrypt=False: peer traffic after the handshake is neither "
+                "encrypted nor authenticated (meant for benchmarks only)"
+            )
 
     @property
     def node_id(self) -> bytes:
@@ -115,6 +122,8 @@ class PeerHost:
         """Send ``msg`` to ``peer`` (dialing if needed) and return its answer."""
         if self._closing:
             raise UsageError("PeerHost is closed")
+        if peer.node_id == self.node_id:
+            raise UsageError(f"{peer} is this node")
         limit = self.limits.request_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):

@@ -283,7 +283,7 @@ class Session:
             direct_threshold=MAX_CHUNK + 1,  # chunks always land in the scratch
         )
         self._frames = FrameDecoder(max_frame)
-        self._hs_buf = memoryview(bytearray(64 * 1024))
+        self._hs_buf: memoryview | None = memoryview(bytearray(MAX_CHUNK + 2))
         self._out: list[Buffer] = []
         self._enc: TransportCipher | None = None
         self._dec: TransportCipher | None = None
@@ -321,7 +321,7 @@ class Session:
                 self._frames.release()
                 return self._chunks.get_buffer()
             return self._frames.get_buffer()
-        if self._state is State.FAILED:
+        if self._state is State.FAILED or self._hs_buf is None:
             raise ProtocolError("session failed")
         return self._hs_buf
 
@@ -334,7 +334,16 @@ class Session:
             if not self.encrypt:
                 return self._guard(self._frames.buffer_updated, nbytes)
             return self._open_chunks(self._guard(self._chunks.buffer_updated, nbytes))
-        return self._handshake_bytes(self._hs_buf[:nbytes])
+        assert self._hs_buf is not None
+        frames = self._handshake_bytes(self._hs_buf[:nbytes])
+        if self._state is State.OPEN:
+            self._hs_buf = None  # frames never point into it: see _handshake_bytes
+        return frames
+
+    def trim(self) -> None:
+        """Give back buffers kept for speed; call when the connection is quiet."""
+        self._chunks.trim()
+        self._frames.trim()
 
     def receive_data(self, data: Buffer) -> list[bytes]:
         """Convenience for tests and in-memory pairs: feed bytes, get owned frames."""

@@ -42,6 +42,7 @@ MAX_FRAME_LIMIT = 0xFFFFFFFF
 _DEFAULT_SCRATCH = 256 * 1024
 _DIRECT_THRESHOLD = 64 * 1024
 _POOL_KEEP = 2
+_INITIAL_SCRATCH = 64 * 1024
 
 
 def frame_header(length: int) -> bytes:
@@ -83,7 +84,10 @@ class PrefixDecoder:
         self._body_view: memoryview | None = None
         self._pool: list[bytearray] = []
         self._lent: list[bytearray] = []
-        self._scratch = memoryview(bytearray(max(scratch_size, self._hsize, 1)))
+        # Read buffer: allocated on first use, small while reads are small,
+        # doubled (up to scratch_size) whenever a read fills it; see trim().
+        self._scratch_max = max(scratch_size, self._hsize, 1)
+        self._scratch: memoryview | None = None
         self._direct_threshold = direct_threshold
         self._direct = False
         self._failed: ProtocolError | None = None
@@ -137,6 +141,8 @@ class PrefixDecoder:
             self._direct = True
             return self._body_view[self._fill : self._need]
         self._direct = False
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(min(_INITIAL_SCRATCH, self._scratch_max)))
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> list[memoryview]:
@@ -148,8 +154,23 @@ class PrefixDecoder:
             if self._fill < self._need:
                 return []
             return [self._finish_body()]
-        items, _ = self._consume(self._scratch[:nbytes], None)
+        scratch = self._scratch
+        assert scratch is not None
+        items, _ = self._consume(scratch[:nbytes], None)
+        if nbytes == len(scratch) and nbytes < self._scratch_max:
+            # The socket had more: read more per call from now on. The items
+            # handed out still reference the old buffer, which stays alive.
+            self._scratch = memoryview(bytearray(min(2 * nbytes, self._scratch_max)))
         return items
+
+    def trim(self) -> None:
+        """Give back idle memory: pooled bodies and the read buffer.
+
+        Call between reads only (views handed out earlier become invalid).
+        """
+        self.release()
+        self._pool.clear()
+        self._scratch = None
 
     def reserve(self, n: int) -> memoryview | None:
         """Inside an item with at least ``n`` bytes to go: where they belong.
