@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import statistics
@@ -234,6 +235,7 @@ def main() -> None:
     parser.add_argument("--encrypt", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--piece-size", type=int, default=1 << 20, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    logging.getLogger("p2pnode.net.host").setLevel(logging.ERROR)  # the encrypt=False warning
     if args.raw_serve:
         raw_serve()
         return

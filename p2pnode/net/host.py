@@ -66,6 +66,7 @@ _DialKey = bytes | tuple[str, int]
 class PeerHost:
     def __init__(self, identity: Identity, limits: NetLimits, clock: Clock = MONOTONIC) -> None:
         self.identity = identity
+        self._node_id = identity.node_id
         self.limits = limits
         self.clock = clock
         self.registry: MessageRegistry = DEFAULT_REGISTRY
@@ -94,7 +95,7 @@ class PeerHost:
 
     @property
     def node_id(self) -> bytes:
-        return self.identity.node_id
+        return self._node_id
 
     # -- public API --------------------------------------------------------
 
