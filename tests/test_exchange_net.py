@@ -609,3 +609,53 @@ async def test_kill_9_mid_download_then_resume(make_peer: Factory, tmp_path: Pat
     assert dest.read_bytes() == data
     assert set(seed.served_pieces).isdisjoint(recorded)
     assert len(seed.served_pieces) == manifest.piece_count - len(recorded)
+
+
+async def test_unshare_stops_serving(make_peer: Factory, tmp_path: Path) -> None:
+    from p2pnode.exchange.fetcher import DownloadError
+
+    _random_file(tmp_path / "f.bin", PS * 2)
+    seed = await make_peer("seed")
+    leech = await make_peer("leech", bootstrap=seed)
+    info = await seed.exchange.share(tmp_path / "f.bin")
+    await seed.exchange.unshare(info.resource_id)
+    [row] = seed.exchange.list()
+    assert not row.served and row.to_json()["served"] is False
+    # Remote provider records outlive the unshare (until their TTL); asking us fails.
+    with pytest.raises((DownloadError, NotFoundError)):
+        await leech.exchange.get(info.resource_id, tmp_path / "got.bin")
+    assert not (tmp_path / "got.bin").exists()
+    with pytest.raises(NotFoundError):
+        await seed.exchange.unshare(bytes(32))
+    # Sharing it again serves it again, under the same id.
+    again = await seed.exchange.share(tmp_path / "f.bin")
+    assert again.resource_id == info.resource_id and again.served
+
+
+async def test_busy_provider_is_waited_for_not_dropped(make_peer: Factory, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    data = _random_file(tmp_path / "f.bin", PS * 12)
+    seed = await make_peer("seed")
+    config = replace(CONFIG, busy_backoff=0.01, busy_backoff_max=0.05)
+    leech = await make_peer("leech", bootstrap=seed, config=config)
+    manifest, listing = build_manifest(tmp_path / "f.bin", piece_size=PS)
+    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    rid = manifest.resource_id
+    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
+    refusals = 0
+
+    def overloaded(inner: Handler) -> Handler:
+        async def handler(remote: bytes, msg: Message) -> Message:
+            nonlocal refusals
+            if isinstance(msg, GetPiece) and refusals < 10:  # > max_failures in a row
+                refusals += 1
+                return ErrorReply(ErrorCode.BUSY, "try later")
+            return await inner(remote, msg)
+
+        return handler
+
+    seed.wrap_handler(overloaded)
+    await leech.exchange.get(rid, tmp_path / "got.bin")
+    assert (tmp_path / "got.bin").read_bytes() == data
+    assert refusals == 10

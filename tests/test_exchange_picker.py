@@ -213,3 +213,13 @@ def test_random_schedules_keep_invariants(count: int, ops: list[tuple[str, int, 
             if n != "honest":
                 p.drop_peer(n)
     assert p.done
+
+
+def test_busy_is_not_a_strike() -> None:
+    p = Picker(4, window=4, max_failures=1)
+    p.add_peer("a")
+    assert p.next_requests("a", 0.0) == [0, 1, 2, 3]
+    for i in range(4):
+        p.request_refused("a", i)
+    assert "a" in p.peers and p.window_of("a") == 1
+    assert p.next_requests("a", 0.0) == [0]

@@ -91,3 +91,45 @@ async def test_partial_download_serves_verified_pieces_only(store: Store, tmp_pa
     assert isinstance(ok, PieceData) and ok.data == data[PS : 2 * PS]
     missing = await server.handle(b"x" * 20, GetPiece(rid, 0))
     assert isinstance(missing, ErrorReply) and missing.code == ErrorCode.NOT_FOUND
+
+
+async def test_queue_is_bounded_but_fair(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import threading
+
+    from p2pnode.exchange.store import PieceSource
+
+    (tmp_path / "f").write_bytes(os.urandom(PS * 4))
+    manifest, listing = build_manifest(tmp_path / "f", piece_size=PS)
+    store.add_shared(manifest, listing.root, listing.stats)
+    rid = manifest.resource_id
+    gate = threading.Event()
+    real = PieceSource.read
+
+    def gated(self: PieceSource, index: int) -> bytes:
+        gate.wait(10)
+        return real(self, index)
+
+    monkeypatch.setattr(PieceSource, "read", gated)
+    server = PieceServer(
+        store, None, on_stale=lambda rid, why: None, max_reads=1, max_queued=1, min_per_peer=2
+    )
+    flooder, honest = b"f" * 20, b"h" * 20
+    flood = [asyncio.ensure_future(server.handle(flooder, GetPiece(rid, i))) for i in range(4)]
+    await asyncio.sleep(0)  # let them queue (no I/O happens before the gate opens)
+    late = asyncio.ensure_future(server.handle(honest, GetPiece(rid, 3)))
+    await asyncio.sleep(0)
+    # Over the cap: the flooder keeps its 2 per-peer slots, the rest is refused...
+    refused = [t.result() for t in flood if t.done()]
+    assert len(refused) == 2
+    assert all(isinstance(r, ErrorReply) and r.code == ErrorCode.BUSY for r in refused)
+    # ...while the honest peer still gets in.
+    assert not late.done()
+    gate.set()
+    reply = await late
+    assert isinstance(reply, PieceData)
+    stats = server.stats()
+    assert stats["rejected_busy"] == 2 and stats["pieces_served"] >= 1
+    await asyncio.gather(*flood)

@@ -17,6 +17,11 @@ class ExchangeConfig:
     manifest_timeout: float = 20.0
     # Consecutive failed/timed-out requests before a peer is dropped from a download.
     max_failures: int = 3
+    # A peer answering "busy" is not a failure: we back off (busy_backoff doubling up
+    # to busy_backoff_max) and drop it only after busy_give_up seconds without a piece.
+    busy_backoff: float = 0.05
+    busy_backoff_max: float = 2.0
+    busy_give_up: float = 60.0
     # Endgame: at most this many peers race for one of the last pieces.
     endgame_copies: int = 2
     # When every provider is gone, ask the DHT again this many times before giving up.
@@ -35,6 +40,8 @@ class ExchangeConfig:
     contact_poll_interval: float = 2.0
     serve_max_reads: int = 4
     serve_max_queued: int = 256
+    # Past serve_max_queued, each peer may still queue this many (fairness under a flood).
+    serve_min_per_peer: int = 2
     # Check shared files for changes this often (seconds; 0 disables) so a changed
     # file stops being announced even if nobody asks for it.
     stale_check_interval: float = 60.0

@@ -12,10 +12,12 @@ Rules:
   (rarest first; endgame races the last ones).
 - Each request task also checks the answer against the piece hash and writes it
   (``os.pwrite``), both in a worker thread, so the network never waits on the
-  disk; verified pieces are committed to the store in small batches. A peer whose
-  piece fails verification, or that answers out of protocol, is banned; a peer
-  that times out or says busy gets strikes and is dropped after ``max_failures``;
-  a peer whose connection fails is dropped. Its pieces go back to the others.
+  disk; verified pieces are committed to the store in small batches.
+- A peer whose piece fails verification, or that answers out of protocol, is
+  banned; a peer that times out gets strikes and is dropped after
+  ``max_failures``; a peer that says busy is paused with a doubling backoff (no
+  strike) and dropped only after ``busy_give_up`` seconds without a piece; a peer
+  whose connection fails is dropped. Its pieces go back to the others.
 - When the picker has no peers left, the DHT is asked again (``rediscover_attempts``
   times); then the download fails with ``DownloadError``, keeping what it verified.
 - Disk errors (ENOSPC...) end the download with ``StorageError``; the partial
@@ -231,6 +233,10 @@ def recheck_pieces(manifest: Manifest, root: Path, indices: Sequence[int]) -> li
 class _PeerInfo:
     record: ProviderRecord
     last_error: str = ""
+    # "busy" answers: ask again after backoff_until; give up if busy for too long.
+    backoff_delay: float = 0.0
+    backoff_until: float = 0.0
+    busy_since: float | None = None
 
 
 @dataclass
@@ -547,13 +553,19 @@ class Fetcher:
             return
         d.wake()
         inflight: dict[asyncio.Task[str], int] = {}
+        info = d.peers[key]
         try:
             while not picker.done and key in picker.peers:
-                for index in picker.next_requests(key, self._clock.now()):
-                    task = asyncio.create_task(self._fetch_piece(d, rec, index))
-                    inflight[task] = index
-                    d.tasks[(key, index)] = task
+                pause = info.backoff_until - self._clock.now()
+                if pause <= 0:
+                    for index in picker.next_requests(key, self._clock.now()):
+                        task = asyncio.create_task(self._fetch_piece(d, rec, index))
+                        inflight[task] = index
+                        d.tasks[(key, index)] = task
                 if not inflight:
+                    if pause > 0:
+                        await asyncio.sleep(pause)  # the peer said busy: back off
+                        continue
                     # Nothing this peer has is missing, and nothing may come back.
                     if not picker.can_finish() and not any(
                         picker.outstanding(p) for p in picker.peers
@@ -561,7 +573,11 @@ class Fetcher:
                         break
                     await d.changed.wait()
                     continue
-                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    inflight,
+                    timeout=pause if pause > 0 else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 for task in done:
                     index = inflight.pop(task)
                     if d.tasks.get((key, index)) is task:
@@ -642,10 +658,12 @@ class Fetcher:
             if isinstance(failure, StorageError):
                 raise failure
             if isinstance(failure, RemoteError):
-                if failure.code == ErrorCode.NOT_FOUND:
+                if failure.code == ErrorCode.BUSY:
+                    self._busy(d, info, key, index)
+                elif failure.code == ErrorCode.NOT_FOUND:
                     picker.drop_peer(key)  # it no longer has the resource
                 else:
-                    picker.request_failed(key, index)  # busy, internal: strikes
+                    picker.request_failed(key, index)  # internal, ...: strikes
             elif isinstance(failure, P2PTimeoutError):
                 picker.request_failed(key, index)
             elif isinstance(failure, LimitExceeded):
@@ -660,6 +678,8 @@ class Fetcher:
             d.wake()
             return
         outcome = task.result()
+        info.busy_since = None
+        info.backoff_delay = 0.0
         if outcome == "bad":
             info.last_error = f"piece {index} failed verification"
             log.warning("banning %s: piece %d failed verification", _who(rec), index)
@@ -681,6 +701,23 @@ class Fetcher:
         if picker.done:
             d.wake()
         self._emit(d, progress)
+
+    def _busy(self, d: _Download, info: _PeerInfo, key: bytes, index: int) -> None:
+        """The peer is overloaded: put the piece back and pause asking it (doubling the
+        pause each time); drop it only after busy_give_up seconds without a piece."""
+        now = self._clock.now()
+        if info.busy_since is None:
+            info.busy_since = now
+        if now - info.busy_since >= self._config.busy_give_up:
+            d.picker.drop_peer(key)
+            return
+        d.picker.request_refused(key, index)
+        if now >= info.backoff_until:
+            info.backoff_delay = min(
+                max(self._config.busy_backoff, info.backoff_delay * 2),
+                self._config.busy_backoff_max,
+            )
+            info.backoff_until = now + info.backoff_delay
 
     def _record(self, d: _Download) -> None:
         """Commit the pieces verified and written since the last commit."""

@@ -14,8 +14,9 @@ State rules:
   ignore their answers.
 - A failed or timed-out request puts the piece back (pending unless still in flight
   elsewhere) and counts a strike on the peer: its window halves; after
-  ``max_failures`` strikes in a row the peer is dropped. A success resets strikes
-  and regrows the window by one.
+  ``max_failures`` strikes in a row the peer is dropped. A refused one ("busy")
+  puts the piece back and halves the window without a strike. A success resets
+  strikes and regrows the window by one.
 - A peer that sent a piece failing verification is banned: dropped, its requests
   returned, and never given anything again (``add_peer`` refuses it).
 """
@@ -248,6 +249,15 @@ class Picker:
             self.drop_peer(peer)
             return True
         return False
+
+    def request_refused(self, peer: PeerKey, index: int) -> None:
+        """The peer said busy: the piece goes back and the peer's window halves, but it
+        is not a strike (an overloaded peer is not a broken one)."""
+        state = self._peers.get(peer)
+        if state is None or index not in state.outstanding:
+            return
+        self._release(peer, index)
+        state.window = max(1, state.window // 2)
 
     def expire(self, now: float) -> list[Expired]:
         """Requests past their deadline: each counts as a failure (see request_failed)."""

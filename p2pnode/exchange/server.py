@@ -5,8 +5,11 @@ Rules:
 - A resource is answered for when the store serves it (shared or complete and
   not stale) or when it is a download in progress (only its verified pieces).
 - Pieces are read off disk in worker threads (``PieceSource.read``), never on the
-  event loop. At most ``max_reads`` reads run at once; past ``max_queued``
-  waiting requests the answer is ``busy`` so the asker tries elsewhere.
+  event loop. At most ``max_reads`` reads run at once (FIFO). Past ``max_queued``
+  requests queued in all, a request is answered ``busy`` (so the asker backs off or
+  tries elsewhere) unless its peer has fewer than ``min_per_peer`` queued: one peer
+  (or a few) flooding the queue cannot starve the others. The queue is therefore
+  bounded by ``max_queued + min_per_peer * connected peers``.
 - Before a shared file's piece is read its size and mtime are checked; if they
   changed the resource stops being served (``on_stale``) and the asker gets
   ``not_found``: a stale piece is never sent.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 
@@ -74,19 +78,21 @@ class PieceServer:
         on_stale: Callable[[bytes, str], None],
         max_reads: int = 4,
         max_queued: int = 256,
+        min_per_peer: int = 2,
     ) -> None:
         self._store = store
         self._executor = executor
         self._on_stale = on_stale
         self._reads = asyncio.Semaphore(max_reads)
         self._max_queued = max_queued
+        self._min_per_peer = min_per_peer
         self._pending = 0
-        self.pieces_served = 0
-        self.bytes_served = 0
+        self._queued: Counter[bytes] = Counter()
+        self.counters: Counter[str] = Counter()
 
     async def handle(self, remote: bytes, msg: Message) -> Message:
         if isinstance(msg, GetPiece):
-            return await self._get_piece(msg)
+            return await self._get_piece(remote, msg)
         if isinstance(msg, GetManifest):
             return self._get_manifest(msg)
         if isinstance(msg, GetHave):
@@ -111,7 +117,13 @@ class PieceServer:
         count = src.manifest.piece_count
         return Have(msg.resource_id, False, bitfield_from(held, count))
 
-    async def _get_piece(self, msg: GetPiece) -> Message:
+    def stats(self) -> dict[str, int]:
+        out = {"pieces_served": 0, "bytes_served": 0, "rejected_busy": 0, "stale": 0}
+        out.update(self.counters)
+        out["piece_requests_queued"] = self._pending
+        return out
+
+    async def _get_piece(self, remote: bytes, msg: GetPiece) -> Message:
         rid = msg.resource_id
         src = self._store.source(rid)
         if src is None:
@@ -123,14 +135,17 @@ class PieceServer:
             )
         if src.partial and msg.index not in self._store.verified_pieces(rid):
             return ErrorReply(ErrorCode.NOT_FOUND, f"piece {msg.index} not here yet")
-        if self._pending >= self._max_queued:
+        if self._pending >= self._max_queued and self._queued[remote] >= self._min_per_peer:
+            self.counters["rejected_busy"] += 1
             return ErrorReply(ErrorCode.BUSY, "too many piece requests queued")
         self._pending += 1
+        self._queued[remote] += 1
         try:
             async with self._reads:
                 loop = asyncio.get_running_loop()
                 data = await loop.run_in_executor(self._executor, src.read, msg.index)
         except StaleError as exc:
+            self.counters["stale"] += 1
             self._on_stale(rid, str(exc))
             return ErrorReply(ErrorCode.NOT_FOUND, "resource changed on disk; no longer served")
         except OSError as exc:
@@ -138,8 +153,11 @@ class PieceServer:
             return ErrorReply(ErrorCode.INTERNAL, "cannot read the piece")
         finally:
             self._pending -= 1
-        self.pieces_served += 1
-        self.bytes_served += len(data)
+            self._queued[remote] -= 1
+            if self._queued[remote] <= 0:
+                del self._queued[remote]
+        self.counters["pieces_served"] += 1
+        self.counters["bytes_served"] += len(data)
         return PieceData(rid, msg.index, data)
 
 

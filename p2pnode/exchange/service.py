@@ -143,6 +143,7 @@ class Exchange:
             on_stale=self._stale,
             max_reads=self._config.serve_max_reads,
             max_queued=self._config.serve_max_queued,
+            min_per_peer=self._config.serve_min_per_peer,
         )
         self._host.set_handler(self.handle)
         self._spawn(self._announce_loop(), "exchange-announce")
@@ -173,6 +174,14 @@ class Exchange:
         """The PeerHost request handler (GetManifest, GetPiece, GetHave)."""
         assert self._server is not None
         return await self._server.handle(remote_node_id, msg)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for node.status(): pieces/bytes served, busy rejections, ..."""
+        out = self._server.stats() if self._server is not None else {}
+        out["downloads_active"] = len(self._downloads)
+        if self._store is not None:
+            out["resources"] = len(self._store.resources())
+        return out
 
     # -- sharing ------------------------------------------------------------------
 
