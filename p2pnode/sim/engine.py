@@ -322,6 +322,7 @@ class Simulation:
                 await self._probe_round(f"size-{size}", "join")
                 self.counters.phase = "joining"
                 shift += self.now() - t
+                self.m.probe_pause = shift
         await asyncio.gather(*pending)
         self.m.bootstrap_time = self.now()
         log.info("all %d nodes started and joined in %.2f s", len(plans), self.m.bootstrap_time)

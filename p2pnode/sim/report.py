@@ -81,6 +81,11 @@ def build_report(scenario: Scenario, m: Measurements) -> dict[str, Any]:
             "started_ok": sum(1 for r in start_ops if r.ok and r.phase == "join"),
             "join_failures": m.join_failures,
             "bootstrap_time": m.bootstrap_time,
+            # Joins pause while a checkpoint probe round runs (hops vs log2 N).
+            "probe_pause": m.probe_pause,
+            "bootstrap_time_without_probes": (
+                None if m.bootstrap_time is None else m.bootstrap_time - m.probe_pause
+            ),
             "converge_time": m.converge_time,
             "converge_rounds": m.converge_rounds,
             "start_latency": distribution(r.latency for r in start_ops if r.ok),
@@ -235,7 +240,11 @@ def format_table(r: dict[str, Any]) -> str:
             f"{r['scenario']['mode']} / {r['join']['nodes']} / {r['scenario']['seed']}",
         ),
         ("nodes started", f"{r['join']['started_ok']} ({r['join']['join_failures']} failed)"),
-        ("time to bootstrap (all joined)", _fmt_s(r["join"]["bootstrap_time"])),
+        (
+            "time to bootstrap (all joined)",
+            _fmt_s(r["join"]["bootstrap_time"])
+            + f" ({_fmt_s(r['join']['probe_pause'])} of it in checkpoint probes)",
+        ),
         (
             "time to converge (probe round 100%)",
             _fmt_s(r["join"]["converge_time"]) + f" ({r['join']['converge_rounds']} round(s))",

@@ -67,6 +67,7 @@ class Measurements:
     bootstrap_time: float | None = None  # first start -> every node started and joined
     converge_time: float | None = None  # first start -> a probe round fully succeeded
     converge_rounds: int = 0
+    probe_pause: float = 0.0  # time joins were paused for checkpoint probe rounds
     join_failures: int = 0
     workload_started: float | None = None
     workload_ended: float | None = None
