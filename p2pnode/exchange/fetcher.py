@@ -295,6 +295,7 @@ class Fetcher:
     ) -> StoredResource:
         rid = resource_id
         rid_text = resource_id_to_str(rid)
+        t_start = time.perf_counter()
         existing = self._store.get(rid)
         if existing is not None and existing.state != "partial":
             if existing.served and existing.stale is None and _intact(self._store, rid):
@@ -316,7 +317,9 @@ class Fetcher:
         dest = self._resolve_dest(dest, manifest, existing, force=force)
         self._store.claim_dest(dest)
         try:
-            return await self._download(rid, manifest, dest, existing, providers, force, progress)
+            return await self._download(
+                rid, manifest, dest, existing, providers, force, progress, t_start
+            )
         finally:
             self._store.release_dest(dest)
 
@@ -329,6 +332,7 @@ class Fetcher:
         providers: list[ProviderRecord] | None,
         force: bool,
         progress: ProgressCallback | None,
+        t_start: float,
     ) -> StoredResource:
         rid_text = resource_id_to_str(rid)
         self._check_space(dest, manifest, existing)
@@ -349,8 +353,7 @@ class Fetcher:
         writer = PieceWriter(manifest, resource.root)
         d = _Download(rid, manifest, resource, picker, writer, manifest.name, done_bytes)
         self._emit(d, progress, force=True)
-        t_start = time.perf_counter()
-        t_transfer = t_start
+        t_transfer = time.perf_counter()
         try:
             if not picker.done:
                 if providers is None:
@@ -379,7 +382,7 @@ class Fetcher:
         self._emit(d, progress, force=True, state="done")
         t_end = time.perf_counter()
         log.info(
-            "got %s (%d bytes) to %s: providers %.3fs, pieces %.3fs (%.1f MB/s), "
+            "got %s (%d bytes) to %s: lookup+manifest+recheck %.3fs, pieces %.3fs (%.1f MB/s), "
             "fsync+rename %.3fs, from %d peer(s)",
             rid_text,
             manifest.total_size,
