@@ -207,3 +207,11 @@ def test_unserve_and_remove(tmp_path: Path) -> None:
     store.remove(manifest.resource_id)
     assert store.get(manifest.resource_id) is None
     store.close()
+
+
+def test_corrupt_database_is_a_usage_error(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "exchange.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(UsageError, match="resource store"):
+        Store(home)
