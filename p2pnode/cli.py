@@ -243,11 +243,11 @@ def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
             f"routing table: {d['routing_table_size']} contact(s)",
             f"resources:     {d['resources']}",
             f"memory (RSS):  {_size(d['rss_bytes'])}",
-            "dht counters:",
         ]
-        lines += [f"  {k}: {v}" for k, v in sorted(d["dht"].items())]
-        lines.append("peer connection counters:")
-        lines += [f"  {k}: {v}" for k, v in sorted(d["net"].items())]
+        sections = (("dht", "DHT"), ("net", "peer connection"), ("exchange", "exchange"))
+        for key, title in sections:
+            lines.append(f"{title} counters:")
+            lines += [f"  {k}: {v}" for k, v in sorted(d[key].items())]
         return "\n".join(lines)
 
     _emit(args, client.call("GET", "/v1/status"), human)

@@ -332,6 +332,7 @@ class Node:
             "routing_table_size": len(self.discovery.contacts()),
             "dht": self.discovery.stats(),
             "net": self.peer_host.stats(),
+            "exchange": self.exchange.stats(),
             "resources": len(self.exchange.list()),
             "rss_bytes": proc.memory_info().rss,
             "version": __version__,
