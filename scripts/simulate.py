@@ -33,7 +33,7 @@ from p2pnode.sim.scenario import (
 )
 
 HELP = {
-    "nodes": "number of nodes (default %(default)s)",
+    "nodes": "number of nodes",
     "mode": "inprocess: Node objects in one event loop; processes: `p2pnode start` children",
     "seed": "random seed: same seed and settings, same scenario",
     "seeds": "bootstrap (seed) nodes",
@@ -64,14 +64,13 @@ def _flag_type(f: dataclasses.Field[Any]) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Simulate a local p2pnode network and report on it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", type=Path, help="scenario TOML file (flags override it)")
     parser.add_argument(
         "--out",
         type=Path,
         default=Path("sim-report"),
-        help="folder for report.json, the plots and sim.log",
+        help="folder for report.json, the plots and sim.log (default sim-report)",
     )
     parser.add_argument(
         "--workdir",
@@ -95,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {
             "dest": f"scenario_{f.name}",
+            "metavar": f.name.upper() if f.name != "mode" else None,
             "default": None,
             "type": _flag_type(f),
             "help": HELP.get(f.name, f.name.replace("_", " "))
