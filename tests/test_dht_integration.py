@@ -240,3 +240,29 @@ async def test_misuse_is_a_usage_error(make_node: Callable[..., object]) -> None
     assert node.contacts() == []
     assert await node.put(b"alone", b"still stored here")
     assert await node.get(b"alone") == b"still stored here"
+
+
+async def test_lookups_stop_early_instead_of_waiting_on_dead_contacts(
+    make_node: Callable[..., object],
+) -> None:
+    slow = DhtConfig(ksize=8, rpc_timeout=5.0, lookup_timeout=20.0, lookup_stall=0.3)
+    nodes = await network(make_node, 8, slow)
+    seeker, target = nodes[0], nodes[7]
+    key = os.urandom(20)
+    assert await target.add_provider(key, 4321) >= 1
+    # Half the network dies without a word; the seeker still lists them as contacts.
+    for dead in nodes[2:6]:
+        await dead.close()
+    proto = seeker._protocol
+    assert proto is not None
+    node = proto.router.node_for(target.node_id)
+    assert node is not None
+    proto.router.remove_contact(node)  # so find_peer has to look it up
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    found = await seeker.find_peer(target.node_id)
+    assert found is not None and found.port == target.port
+    providers = await seeker.find_providers(key, want=16)
+    assert [r.port for r in providers] == [4321]
+    # Both stopped once they had their answer, not after the dead contacts' timeouts.
+    assert loop.time() - started < slow.rpc_timeout

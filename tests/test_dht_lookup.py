@@ -111,3 +111,44 @@ async def test_done_stops_early() -> None:
     net = Network(30)
     await run(net.query, [net.nodes[30]], done=lambda: len(net.asked) >= 2)
     assert 2 <= len(net.asked) <= 4
+
+
+async def test_stalled_queries_stop_holding_alpha_slots() -> None:
+    """Dead contacts closest to the target must not hold the lookup for their timeout."""
+    import asyncio as _asyncio
+
+    from kademlia.node import Node as _Node
+
+    from p2pnode.dht.lookup import iterative_lookup
+
+    target = bytes(20)
+    dead = [_Node(bytes([0] * 19 + [i]), "127.0.0.1", 1000 + i) for i in range(1, 4)]
+    live = _Node(bytes([0] * 18 + [1, 0]), "127.0.0.1", 2000)
+    goal = _Node(target, "127.0.0.1", 3000)
+    rpc_timeout = 2.0
+    reached: list[_Node] = []
+
+    async def query(node: _Node) -> list[_Node] | None:
+        if node in dead:
+            await _asyncio.sleep(rpc_timeout)  # stands for an RPC that times out
+            return None
+        if node.id == goal.id:
+            reached.append(node)
+        return [goal] if node is live else []
+
+    loop = _asyncio.get_running_loop()
+    started = loop.time()
+    await iterative_lookup(
+        target,
+        [*dead, live],
+        query,
+        self_id=b"\xff" * 20,
+        k=8,
+        alpha=3,
+        timeout=30.0,
+        max_queries=50,
+        done=lambda: bool(reached),
+        stall=0.05,
+    )
+    assert reached == [goal]
+    assert loop.time() - started < rpc_timeout / 2

@@ -36,6 +36,9 @@ class DhtConfig:
     # long and returns what it has; it also asks at most max_lookup_queries nodes.
     lookup_timeout: float = 30.0
     max_lookup_queries: int = 200
+    # A lookup query unanswered this long stops counting against alpha, so dead
+    # contacts among the closest do not hold a lookup for a whole rpc_timeout.
+    lookup_stall: float = 1.0
     # Incoming requests: a token bucket per source IP (requests per second, burst),
     # remembered for at most rate_limit_table_size IPs (least recently seen dropped).
     request_rate: float = 200.0

@@ -45,6 +45,9 @@ from p2pnode.errors import P2PError, UsageError
 log = logging.getLogger(__name__)
 
 MIN_INTERVAL = 0.05  # maintenance loops never spin
+# A provider lookup may stop once this many nodes in a row reported only providers
+# already known: close nodes hold the same records; asking on waits on dead contacts.
+PROVIDER_REPEATS_ENOUGH = 2
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,7 @@ class Discovery:
             timeout=self.config.lookup_timeout,
             max_queries=self.config.max_lookup_queries,
             done=done,
+            stall=self.config.lookup_stall,
         )
 
     async def _lookup_nodes(self, target: bytes, seeds: Sequence[Node] = ()) -> list[Node]:
@@ -292,10 +296,19 @@ class Discovery:
         known = protocol.router.node_for(node_id)
         if known is not None:
             return self._contact(known)
-        for node in await self._lookup_nodes(node_id):
-            if node.id == node_id:
-                return self._contact(node)
-        return None
+        wanted = Node(node_id)
+        answered: list[Node] = []
+
+        async def query(node: Node) -> list[Node] | None:
+            nodes = await protocol.call_find_node(node, wanted)
+            if nodes is not None and node.id == node_id:
+                answered.append(node)
+            return nodes
+
+        # Stop as soon as the target itself answered: waiting for the rest of the
+        # k closest would only add the timeouts of dead contacts.
+        await self._lookup(node_id, query, done=lambda: bool(answered))
+        return self._contact(answered[0]) if answered else None
 
     # -- values --------------------------------------------------------------------
 
@@ -392,28 +405,39 @@ class Discovery:
 
     async def find_providers(self, key: bytes, want: int = 20) -> list[ProviderRecord]:
         """Providers of ``key``: our own records, then those of the nodes closest to
-        it. Collects from several nodes: stops early only once ``want`` distinct
-        providers came from at least two nodes. Deduplicated by node id."""
+        it. Collects from several nodes: stops early once ``want`` distinct providers
+        came from at least two nodes, or once PROVIDER_REPEATS_ENOUGH nodes in a row
+        reported nothing new. Deduplicated by node id."""
         key = _check_key(key)
         protocol = self._proto()
         found: dict[bytes, ProviderRecord] = {}
         for entry in protocol.providers.get(key):
             found.setdefault(entry.node_id, ProviderRecord(entry.node_id, entry.host, entry.port))
-        sources = 0
+        sources = repeats = 0
 
         async def query(node: Node) -> list[Node] | None:
-            nonlocal sources
+            nonlocal sources, repeats
             answer = await protocol.call_get_providers(node, key)
             if answer is None:
                 return None
             providers, nodes = answer
             if providers:
                 sources += 1
-            for p in providers:
-                found.setdefault(p.node_id, ProviderRecord(p.node_id, p.host, p.port))
+                before = len(found)
+                for p in providers:
+                    found.setdefault(p.node_id, ProviderRecord(p.node_id, p.host, p.port))
+                repeats = repeats + 1 if len(found) == before else 0
             return nodes
 
-        await self._lookup(key, query, done=lambda: len(found) >= want and sources >= 2)
+        # Every close node holds all the records it was sent, so once several nodes
+        # reported providers, asking further mostly waits on dead contacts.
+        await self._lookup(
+            key,
+            query,
+            done=lambda: (
+                (len(found) >= want and sources >= 2) or repeats >= PROVIDER_REPEATS_ENOUGH
+            ),
+        )
         return list(found.values())[: max(0, want)]
 
     # -- maintenance ---------------------------------------------------------------

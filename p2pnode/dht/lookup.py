@@ -5,7 +5,9 @@ never raises because of what a remote answered (a query returns ``None`` for no 
 a malformed answer, which drops that node from the lookup), asks each address at
 most once (a responder listing many made-up ids at its own address gets one query),
 stops at a deadline or after ``max_queries`` with what it has, and cancels and
-awaits its own queries when it ends.
+awaits its own queries when it ends. A query still unanswered after ``stall``
+seconds stops counting against ``alpha`` (it may still answer), so dead or slow
+contacts among the closest cannot hold a lookup for a whole RPC timeout.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class _Lookup:
         self.failed: set[bytes] = set()
         self.answered: dict[bytes, Node] = {}
         self.in_flight: dict[asyncio.Task[list[Node] | None], Node] = {}
+        self.started: dict[asyncio.Task[list[Node] | None], float] = {}
 
     def distance(self, node: Node) -> int:
         return int(node.long_id) ^ self.goal
@@ -40,13 +43,17 @@ class _Lookup:
             if node.id != self.self_id and node.id not in self.known:
                 self.known[node.id] = node
 
-    def fill(self, max_queries: int) -> None:
-        """Query the closest ``k`` not yet asked, up to ``alpha`` in flight."""
+    def active(self, now: float, stall: float) -> int:
+        """Queries in flight that have not stalled yet."""
+        return sum(1 for started in self.started.values() if now - started < stall)
+
+    def fill(self, max_queries: int, now: float, stall: float) -> None:
+        """Query the closest ``k`` not yet asked, up to ``alpha`` active queries."""
         while True:
             live = (n for n in self.known.values() if n.id not in self.failed)
             skipped = False
             for node in sorted(live, key=self.distance)[: self.k]:
-                if len(self.in_flight) >= self.alpha or len(self.asked) >= max_queries:
+                if self.active(now, stall) >= self.alpha or len(self.asked) >= max_queries:
                     return
                 if node.id in self.asked:
                     continue
@@ -58,11 +65,13 @@ class _Lookup:
                 self.asked_addrs.add((node.ip, node.port))
                 task = asyncio.get_running_loop().create_task(_run(self.query, node))
                 self.in_flight[task] = node
+                self.started[task] = now
             if not skipped:  # else the k closest changed: look again
                 return
 
     def settle(self, task: asyncio.Task[list[Node] | None]) -> None:
         node = self.in_flight.pop(task)
+        self.started.pop(task, None)
         listed = task.result()
         if listed is None:
             self.failed.add(node.id)
@@ -79,6 +88,12 @@ class _Lookup:
         if self.in_flight:
             await asyncio.gather(*self.in_flight, return_exceptions=True)
         self.in_flight.clear()
+        self.started.clear()
+
+    def next_stall(self, now: float, stall: float) -> float:
+        """Seconds until the next active query stalls (inf if none is active)."""
+        pending = [started + stall - now for started in self.started.values()]
+        return max(0.0, min((p for p in pending if p > 0), default=float("inf")))
 
 
 async def _run(query: Query, node: Node) -> list[Node] | None:
@@ -96,6 +111,7 @@ async def iterative_lookup(
     timeout: float,
     max_queries: int,
     done: Callable[[], bool] | None = None,
+    stall: float = float("inf"),
 ) -> list[Node]:
     """Ask the nodes closest to ``target`` for closer ones until the ``k`` closest
     known have all answered (or failed), ``done()`` is true, the deadline passes or
@@ -107,12 +123,14 @@ async def iterative_lookup(
     deadline = loop.time() + timeout
     try:
         while done is None or not done():
-            lookup.fill(max_queries)
-            remaining = deadline - loop.time()
+            now = loop.time()
+            lookup.fill(max_queries, now, stall)
+            remaining = deadline - now
             if not lookup.in_flight or remaining <= 0:
                 break
+            wait = min(remaining, lookup.next_stall(now, stall))
             finished, _ = await asyncio.wait(
-                lookup.in_flight, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                lookup.in_flight, timeout=wait, return_when=asyncio.FIRST_COMPLETED
             )
             for task in finished:
                 lookup.settle(task)
