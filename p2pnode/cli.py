@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from p2pnode import __version__
 from p2pnode.config import NodeConfig, default_home, parse_host_port
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     get = dht_sub.add_parser("get", help="look KEY up in the DHT")
     _global_options(get, top=False)
     get.add_argument("key")
+    find = dht_sub.add_parser("find-peer", help="find a peer's address by its peer id")
+    _global_options(find, top=False)
+    find.add_argument("peer_id")
 
     share = add("share", "share a file or folder; prints its resource id")
     share.add_argument("path", type=Path)
@@ -139,6 +143,10 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _ago(ts: float | None) -> str:
@@ -268,9 +276,10 @@ def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
     if args.dht_command == "put":
         res = client.call("POST", "/v1/dht/put", {"key": args.key, "value": args.value})
         _emit(args, res, lambda d: "stored" if d["stored"] else "stored locally only (no peers)")
+    elif args.dht_command == "find-peer":
+        res = client.call("GET", f"/v1/dht/find_peer?id={quote(args.peer_id)}")
+        _emit(args, res, lambda d: f"{d['peer_id']}  {_addr(d['host'], d['port'])}")
     else:
-        from urllib.parse import quote
-
         res = client.call("GET", f"/v1/dht/get?key={quote(args.key)}")
         _emit(args, res, lambda d: str(d["value"]))
     return 0
@@ -306,7 +315,7 @@ def cmd_ls(args: argparse.Namespace, client: ControlClient) -> int:
 
 def cmd_providers(args: argparse.Namespace, client: ControlClient) -> int:
     def human(d: dict[str, Any]) -> str:
-        rows = [(p["peer_id"], f"{p['host']}:{p['port']}") for p in d["providers"]]
+        rows = [(p["peer_id"], _addr(p["host"], p["port"])) for p in d["providers"]]
         return _table(rows, ("PEER ID", "ADDRESS")) + f"\n{len(rows)} provider(s)"
 
     _emit(args, client.call("GET", f"/v1/providers/{args.id}"), human)

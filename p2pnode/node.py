@@ -146,6 +146,16 @@ class Node:
         self._lock.release()
         log.info("node %s stopped", self.peer_id)
 
+    async def abort(self) -> None:
+        """End the node abruptly, as a crash would: no routing table saved, nothing
+        said to peers. For churn tests and simulations; data on disk stays valid."""
+        if not self._running:
+            return
+        self._running = False
+        await self._cancel_tasks()
+        await self._stop_parts()
+        self._lock.release()
+
     async def _stop_parts(self) -> None:
         parts = (self._control, self._exchange, self._host, self._discovery)
         for part in parts:

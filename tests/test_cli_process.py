@@ -43,6 +43,14 @@ def test_start_join_inspect_dht_and_stop(tmp_path: Path, nodes: list[RunningNode
     missing = run_cli("--home", str(tmp_path / "n2"), "dht", "get", "nope", check=False)
     assert missing.returncode == 1 and "no value" in missing.stderr
 
+    found = run_cli("--home", str(tmp_path / "n2"), "dht", "find-peer", ident["peer_id"], "--json")
+    assert json.loads(found.stdout)["port"] == ident["port"]
+    unknown = "a" * 32
+    lost = run_cli("--home", str(tmp_path / "n2"), "dht", "find-peer", unknown, check=False)
+    assert lost.returncode == 1 and "not found" in lost.stderr
+    bad = run_cli("--home", str(tmp_path / "n2"), "dht", "find-peer", "xyz!", check=False)
+    assert bad.returncode == 1 and "peer id" in bad.stderr
+
     # A second start on a running home fails clearly.
     dup = subprocess.run(
         [*CLI, "start", "--home", str(tmp_path / "n1"), "--port", "0"],

@@ -26,6 +26,7 @@ from p2pnode.errors import (
     ProtocolError,
     UsageError,
 )
+from p2pnode.identity import peer_id_from_str, peer_id_to_str
 
 if TYPE_CHECKING:
     from p2pnode.node import Node
@@ -133,8 +134,22 @@ class ControlServer:
                 value = value.decode("utf-8", "replace")
             return _json({"key": key, "value": value})
 
+        async def get_find_peer(request: web.Request) -> web.Response:
+            node_id = peer_id_from_str(request.query.get("id", ""))
+            contact = await node.discovery.find_peer(node_id)
+            if contact is None:
+                raise NotFoundError(f"peer {peer_id_to_str(node_id)} not found in the DHT")
+            return _json(
+                {
+                    "peer_id": peer_id_to_str(contact.node_id),
+                    "host": contact.host,
+                    "port": contact.port,
+                }
+            )
+
         return [
             web.get("/v1/id", get_id),
+            web.get("/v1/dht/find_peer", get_find_peer),
             web.get("/v1/peers", get_peers),
             web.get("/v1/status", get_status),
             web.post("/v1/stop", post_stop),

@@ -195,6 +195,16 @@ class Discovery:
         elif self._server.transport is not None:
             self._server.transport.close()
 
+    def wrap_transport(
+        self, wrap: Callable[[asyncio.DatagramTransport], asyncio.DatagramTransport]
+    ) -> None:
+        """Put ``wrap(transport)`` between the DHT and its socket (e.g. a loss and
+        latency emulator in simulations). Every datagram we send goes through it."""
+        protocol = self._proto()
+        if protocol.transport is None:
+            raise UsageError("call listen() first")
+        protocol.transport = wrap(protocol.transport)
+
     def _proto(self) -> DhtProtocol:
         if self._closed:
             raise UsageError("this Discovery is closed")

@@ -1,14 +1,10 @@
 """In-process runner: many ``p2pnode.Node`` objects in one event loop, each with
 its own home and real loopback sockets (UDP + TCP on 127.0.0.1, port 0).
 
-Hooks into the node that are not public API (all read-only except the two
-marked *):
-- ``Discovery._protocol``: the DHT protocol, for its counters, the datagram
-  transport (*swapped for ``netem.ImpairedTransport`` to add loss/latency and
-  count bytes) and ``call_find_node`` (*wrapped per instance by ``LookupTracer``
-  to measure hops per lookup);
-- ``Node._cancel_tasks`` / ``Node._stop_parts`` / ``Node._lock`` for an abrupt
-  kill (``Node.stop`` would save the routing table first).
+Public hooks used: ``Discovery.wrap_transport`` (``netem.ImpairedTransport`` adds
+loss/latency and counts bytes) and ``Node.abort`` (an abrupt kill: nothing saved).
+One private hook remains: ``Discovery._protocol.call_find_node`` is wrapped per
+instance by ``LookupTracer`` to measure hops per lookup.
 """
 
 from __future__ import annotations
@@ -164,11 +160,7 @@ class InprocessNode(SimNode):
         self.running = False
         if self._wire is not None:
             self._wire.blackhole = True  # not one more datagram out
-        # Node.stop() minus saving the routing table: an abrupt end.
-        node._running = False
-        await node._cancel_tasks()
-        await node._stop_parts()
-        node._lock.release()
+        await node.abort()
 
     async def stop(self) -> None:
         if self.node is not None and self.running:

@@ -6,9 +6,7 @@ after ``latency`` (+ uniform ``jitter``) seconds; it also counts bytes and
 datagrams sent, which the DHT's own counters do not. Both directions are
 impaired because every node's sends go through its own wrapper.
 
-Hook used: the DHT protocol object's ``transport`` attribute, reached through
-``Discovery._protocol`` (private; see ``dht_protocol``). The protocol sends with
-``self.transport.sendto`` only, so swapping that attribute is enough.
+Hook used: ``Discovery.wrap_transport``.
 """
 
 from __future__ import annotations
@@ -81,12 +79,12 @@ def dht_protocol(discovery: Any) -> Any:
 def install(
     discovery: Any, *, loss: float, latency: float, jitter: float, rng: random.Random
 ) -> ImpairedTransport | None:
-    """Wrap a listening Discovery's datagram transport; None if there is no hook."""
-    protocol = dht_protocol(discovery)
-    if protocol is None or getattr(protocol, "transport", None) is None:
-        return None
-    wrapper = ImpairedTransport(
-        protocol.transport, loss=loss, latency=latency, jitter=jitter, rng=rng
-    )
-    protocol.transport = wrapper
-    return wrapper
+    """Wrap a listening Discovery's datagram transport."""
+    made: list[ImpairedTransport] = []
+
+    def wrap(inner: Any) -> Any:
+        made.append(ImpairedTransport(inner, loss=loss, latency=latency, jitter=jitter, rng=rng))
+        return made[0]
+
+    discovery.wrap_transport(wrap)
+    return made[0]
