@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from blake3 import blake3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from p2pnode.errors import ProtocolError, UsageError, VerificationError
 from p2pnode.exchange.manifest import (
     HASH_LEN,
     MIN_PIECE_SIZE,
+    VERSION,
     Manifest,
     build_manifest,
     choose_piece_size,
@@ -31,8 +33,15 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-def _raw(kind: str, name: str, ps: int, entries: list[list[object]], hashes: bytes) -> bytes:
-    return msgpack.packb([1, kind, name, ps, entries, hashes], use_bin_type=True)
+def _raw(
+    kind: str,
+    name: str,
+    ps: int,
+    entries: list[list[object]],
+    hashes: bytes,
+    version: int = VERSION,
+) -> bytes:
+    return msgpack.packb([version, kind, name, ps, entries, hashes], use_bin_type=True)
 
 
 def _zero_hashes(total: int, ps: int = PS) -> bytes:
@@ -49,7 +58,7 @@ def test_file_manifest_pieces_match_content(tmp_path: Path) -> None:
     assert manifest.piece_count == 4
     for i in range(4):
         piece = data[i * PS : (i + 1) * PS]
-        assert manifest.piece_hash(i) == hashlib.sha256(piece).digest()
+        assert manifest.piece_hash(i) == blake3(piece).digest()
         assert manifest.verify_piece(i, piece)
     assert not manifest.verify_piece(0, data[1 : PS + 1])
     assert listing.stats[0].size == len(data)
@@ -103,12 +112,21 @@ def test_canonical_bytes_roundtrip(tmp_path: Path) -> None:
     _write(root / "b/c", b"world")
     manifest, _ = build_manifest(root, piece_size=PS)
     data = manifest.encode()
-    assert data == _raw(
-        "dir", "f", PS, [["a", 5], ["b/c", 5]], hashlib.sha256(b"helloworld").digest()
-    )
+    assert data == _raw("dir", "f", PS, [["a", 5], ["b/c", 5]], blake3(b"helloworld").digest())
     again = Manifest.decode(data, expected_id=manifest.resource_id)
     assert again == manifest
     assert again.canonical == data
+
+
+def test_version_1_manifests_still_verify_with_sha256() -> None:
+    data = b"hello"
+    raw = _raw("file", "x", PS, [["x", 5]], hashlib.sha256(data).digest(), version=1)
+    manifest = Manifest.decode(raw)
+    assert manifest.version == 1 and manifest.canonical == raw
+    assert manifest.verify_piece(0, data)
+    assert not manifest.verify_piece(0, b"hellO")
+    with pytest.raises(ProtocolError, match="version"):
+        Manifest.decode(_raw("file", "x", PS, [["x", 5]], bytes(32), version=3))
 
 
 def test_decode_checks_expected_id(tmp_path: Path) -> None:
@@ -206,7 +224,7 @@ def test_dangerous_names_rejected(name: str) -> None:
 @pytest.mark.parametrize(
     "obj",
     [
-        [2, "file", "x", PS, [["x", 1]], bytes(32)],
+        [3, "file", "x", PS, [["x", 1]], bytes(32)],
         [1, "link", "x", PS, [["x", 1]], bytes(32)],
         [1, "file", "x", PS + 1, [["x", 1]], bytes(32)],
         [1, "file", "x", 1024, [["x", 1]], bytes(32)],

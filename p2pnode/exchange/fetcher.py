@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -219,7 +218,7 @@ def recheck_pieces(manifest: Manifest, root: Path, indices: Sequence[int]) -> li
                 except OSError:
                     bad.append(index)
                     continue
-                if hashlib.sha256(view[:length]).digest() != manifest.piece_hash(index):
+                if manifest.hash_piece(view[:length]) != manifest.piece_hash(index):
                     bad.append(index)
     except OSError:
         return list(indices)

@@ -1,8 +1,8 @@
 """Manifests: what a shared file or folder is, piece by piece, and its resource id.
 
-Format (version 1), one canonical msgpack array::
+Format (version 2), one canonical msgpack array::
 
-    [1, kind, name, piece_size, [[path, size], ...], piece_hashes]
+    [2, kind, name, piece_size, [[path, size], ...], piece_hashes]
 
 - ``kind`` is ``"file"`` or ``"dir"``; ``name`` the top-level name (one path
   component); for a file the single entry's path equals ``name``; for a folder
@@ -15,9 +15,14 @@ Format (version 1), one canonical msgpack array::
   size, and a folder of many small files costs a few pieces instead of one
   request per file. A piece that spans files is read and written segment by
   segment (``Manifest.segments``).
-- ``piece_hashes`` is the concatenation of one SHA-256 per piece.
-- The resource id is SHA-256 over the canonical bytes, so it certifies the
-  manifest, and the manifest certifies every piece.
+- ``piece_hashes`` is the concatenation of one 32-byte hash per piece: BLAKE3 in
+  version 2 (what ``build_manifest`` makes), SHA-256 in version 1 (still read, so
+  resources shared before keep their ids). BLAKE3 because a downloader hashes every
+  byte it receives: ~0.17 CPU-s/GiB here against ~0.6 for SHA-256 (both release
+  the GIL).
+- The resource id is SHA-256 over the canonical bytes (small: the algorithm does
+  not matter for speed), so it certifies the manifest, and the manifest certifies
+  every piece.
 
 Parsing bytes from the network (``Manifest.decode``) applies size limits, strict
 types, re-encodes to check the bytes were canonical, and rejects any path that
@@ -40,10 +45,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgpack  # type: ignore[import-untyped]
+from blake3 import blake3
 
 from p2pnode.errors import ProtocolError, UsageError, VerificationError
 
-VERSION = 1
+VERSION = 2
+SUPPORTED_VERSIONS = frozenset({1, 2})
 HASH_LEN = 32
 RESOURCE_ID_LEN = 32
 RESOURCE_ID_PREFIX = "res"
@@ -99,6 +106,13 @@ def resource_id_from_str(text: str) -> bytes:
 def dht_key(resource_id: bytes) -> bytes:
     """The 20-byte DHT key under which providers of a resource are recorded."""
     return resource_id[:20]
+
+
+def piece_digest(version: int, data: bytes | bytearray | memoryview) -> bytes:
+    """The hash of one piece under manifest format ``version`` (2: BLAKE3, 1: SHA-256)."""
+    if version == 2:
+        return blake3(data).digest()
+    return hashlib.sha256(data).digest()
 
 
 # --- paths ----------------------------------------------------------------------
@@ -169,6 +183,7 @@ class Manifest:
     piece_size: int
     entries: tuple[Entry, ...]
     piece_hashes: bytes = field(repr=False)
+    version: int = VERSION
 
     # -- building ------------------------------------------------------------
 
@@ -180,6 +195,7 @@ class Manifest:
         piece_size: int,
         files: Sequence[tuple[str, int]],
         piece_hashes: bytes,
+        version: int = VERSION,
     ) -> Manifest:
         """Build and validate a manifest; raises ProtocolError when inconsistent."""
         entries: list[Entry] = []
@@ -187,11 +203,13 @@ class Manifest:
         for path, size in files:
             entries.append(Entry(path, size, offset))
             offset += size
-        manifest = cls(kind, name, piece_size, tuple(entries), piece_hashes)
+        manifest = cls(kind, name, piece_size, tuple(entries), piece_hashes, version)
         manifest._validate()
         return manifest
 
     def _validate(self) -> None:
+        if self.version not in SUPPORTED_VERSIONS:
+            raise ProtocolError(f"unsupported manifest version {self.version!r}")
         if self.kind not in ("file", "dir"):
             raise ProtocolError(f"unknown manifest kind {self.kind!r}")
         check_component(self.name)
@@ -282,7 +300,7 @@ class Manifest:
         if not isinstance(obj, list) or len(obj) != 6:
             raise ProtocolError("manifest must be a 6-element array")
         version, kind, name, piece_size, entries, hashes = obj
-        if type(version) is not int or version != VERSION:
+        if type(version) is not int or version not in SUPPORTED_VERSIONS:
             raise ProtocolError(f"unsupported manifest version {version!r}")
         if kind == "file":
             kind_: Kind = "file"
@@ -306,7 +324,7 @@ class Manifest:
             if not isinstance(path, str) or type(size) is not int:
                 raise ProtocolError("an entry is a [str, int] pair")
             files.append((path, size))
-        return cls.create(kind_, name, piece_size, files, hashes)
+        return cls.create(kind_, name, piece_size, files, hashes, version)
 
     # -- geometry ------------------------------------------------------------
 
@@ -331,8 +349,12 @@ class Manifest:
 
     def verify_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         return len(data) == self.piece_length(index) and (
-            hashlib.sha256(data).digest() == self.piece_hash(index)
+            piece_digest(self.version, data) == self.piece_hash(index)
         )
+
+    def hash_piece(self, data: bytes | bytearray | memoryview) -> bytes:
+        """The hash this manifest's format gives ``data`` (compare with ``piece_hash``)."""
+        return piece_digest(self.version, data)
 
     @cached_property
     def _offsets(self) -> list[int]:
@@ -382,7 +404,7 @@ class Manifest:
 
 def _canonical_bytes(manifest: Manifest) -> bytes:
     obj = [
-        VERSION,
+        manifest.version,
         manifest.kind,
         manifest.name,
         manifest.piece_size,
@@ -484,7 +506,7 @@ def _hash_range(
             for k in range(n):
                 piece = view[k * ps : min((k + 1) * ps, length)]
                 i = index + k
-                out[i * HASH_LEN : (i + 1) * HASH_LEN] = hashlib.sha256(piece).digest()
+                out[i * HASH_LEN : (i + 1) * HASH_LEN] = manifest.hash_piece(piece)
             index += n
 
 
@@ -555,7 +577,7 @@ def build_manifest(
 ) -> tuple[Manifest, Scan]:
     """Hash a file or folder into a manifest. Blocking: run it in a thread.
 
-    Pieces are independent, so several threads hash separate ranges (hashlib
+    Pieces are independent, so several threads hash separate ranges (blake3
     releases the GIL). Raises UsageError if a file changes while it is hashed.
     """
     listing = scan(path)
