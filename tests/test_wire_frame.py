@@ -165,3 +165,41 @@ def test_random_bytes_only_protocol_errors(data: bytes, step: int) -> None:
                 assert len(frame) <= 512
     except ProtocolError:
         pass
+
+
+def test_a_kept_view_of_a_body_is_not_overwritten_but_a_dropped_one_is_reused() -> None:
+    decoder = FrameDecoder(1 << 20)
+    size = 200_000
+    frames = [bytes([i]) * size for i in range(6)]
+    data = join_frames(frames)
+    kept: list[memoryview] = []
+    seen: list[int] = []
+
+    def receive(n: int) -> None:
+        for item in decoder.buffer_updated(n):
+            assert decoder.stable(item)
+            seen.append(id(item.obj))
+            if not kept:
+                kept.append(item)  # held past get_buffer: its buffer must not be reused
+
+    pos = 0
+    while pos < len(data):
+        buf = decoder.get_buffer()
+        n = min(len(buf), len(data) - pos, 50_000)
+        buf[:n] = data[pos : pos + n]
+        pos += n
+        receive(n)
+    assert bytes(kept[0]) == frames[0]
+    assert seen[0] not in seen[1:]  # the held buffer was never handed out again
+    assert len(set(seen[1:])) < len(seen) - 1  # the others were reused
+
+
+def test_views_of_the_read_scratch_are_not_stable() -> None:
+    decoder = FrameDecoder(1 << 20)
+    data = join_frames([b"small"])
+    buf = decoder.get_buffer()
+    buf[: len(data)] = data
+    (item,) = decoder.buffer_updated(len(data))
+    assert bytes(item) == b"small" and not decoder.stable(item)
+    (owned,) = decoder.feed_views(bytes(join_frames([b"in bytes"])))
+    assert decoder.stable(owned)

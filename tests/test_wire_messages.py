@@ -117,6 +117,38 @@ def test_large_piece_is_scattered_not_copied() -> None:
     assert len(small) == 1
 
 
+def test_views_decode_gives_piece_data_as_a_view_of_the_payload() -> None:
+    data = os.urandom(SCATTER_MIN + 5)
+    payload = bytearray(encode_envelope_bytes(response(9, PieceData(RID, 3, data))))
+    decoded = decode_envelope(payload, views=True)
+    assert decoded == decode_envelope(payload)
+    piece = decoded.message
+    assert isinstance(piece, PieceData) and isinstance(piece.data, memoryview)
+    assert piece.data.obj is payload and piece.data == data
+    # a plain bytes field is still copied; small blobs decode as before
+    manifest = encode_envelope_bytes(response(1, ManifestData(RID, data)))
+    assert type(decode_envelope(manifest, views=True).message.manifest) is bytes  # type: ignore[attr-defined]
+    small = encode_envelope_bytes(response(9, PieceData(RID, 3, b"abc")))
+    assert type(decode_envelope(small, views=True).message.data) is bytes  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda b: b[:-1],  # blob shorter than its header says
+        lambda b: b + b"x",  # trailing junk after the blob
+        lambda b: b[:1] + b"\xc0" + b[2:],  # nil as the kind
+    ],
+)
+def test_views_decode_rejects_what_the_copying_decode_rejects(mutate: Any) -> None:
+    good = encode_envelope_bytes(response(9, PieceData(RID, 3, os.urandom(SCATTER_MIN + 5))))
+    bad = mutate(good)
+    with pytest.raises(MessageDecodeError):
+        decode_envelope(bad)
+    with pytest.raises(MessageDecodeError):
+        decode_envelope(bad, views=True)
+
+
 def test_error_kind_requires_error_reply() -> None:
     env = response(1, ErrorReply("busy", "later"))
     assert env.kind is Kind.ERROR

@@ -5,6 +5,9 @@ Rules
 - The socket is read straight into the session's buffers (``get_buffer``);
   frames are decoded synchronously in ``buffer_updated``, so the zero-copy
   views the session hands out never outlive the call.
+- Piece data (a large trailing ``Blob``) of a frame received in its own
+  buffer is handed out as a view of that buffer, not a copy; the decoder does
+  not reuse the buffer while anything references it.
 - Requests from the peer run as handler tasks, at most
   ``max_inflight_per_connection`` at once; one more is answered at once with
   ``ErrorReply("busy")`` and counted. ``Ping`` is answered inline. With
@@ -55,6 +58,7 @@ from p2pnode.net.errors import ChannelAuthError, ConnectionClosed, RemoteError
 from p2pnode.net.session import Session
 from p2pnode.wire.frame import Buffer
 from p2pnode.wire.messages import (
+    SCATTER_MIN,
     DecodeLimits,
     Envelope,
     ErrorCode,
@@ -351,8 +355,13 @@ class PeerConnection(asyncio.BufferedProtocol):
     # -- frames in ---------------------------------------------------------
 
     def _on_frame(self, payload: memoryview) -> None:
+        # A large frame in its own buffer: piece data stays a view of it (no copy);
+        # the buffer is not reused while the message is referenced.
+        views = len(payload) >= SCATTER_MIN and self.session.stable(payload)
         try:
-            env = decode_envelope(payload, self.owner.decode_limits, self.owner.registry)
+            env = decode_envelope(
+                payload, self.owner.decode_limits, self.owner.registry, views=views
+            )
         except UnknownMessageType as exc:
             self._counters["unknown_messages"] += 1
             self._bad_message(exc, ErrorCode.UNSUPPORTED)

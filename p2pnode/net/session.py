@@ -340,6 +340,11 @@ class Session:
             self._hs_buf = None  # frames never point into it: see _handshake_bytes
         return frames
 
+    def stable(self, frame: memoryview) -> bool:
+        """Whether a frame just returned may be kept past the next ``get_buffer``
+        (it sits in its own pooled buffer, not reused while referenced)."""
+        return self._frames.stable(frame)
+
     def trim(self) -> None:
         """Give back buffers kept for speed; call when the connection is quiet."""
         self._chunks.trim()

@@ -23,12 +23,17 @@ Rules
     the same zero-copy contract for data that arrives in other buffers.
 
   Body buffers are pooled and reused, so a steady stream of large frames does
-  not allocate (and page-fault) a fresh buffer per frame.
+  not allocate (and page-fault) a fresh buffer per frame. A pooled body is
+  reused only once nothing else references it (CPython reference count): a
+  view of an item that sat in its own body buffer (:meth:`PrefixDecoder.stable`)
+  may therefore be kept past the next ``get_buffer()``, e.g. handed to a worker
+  thread, without a copy. Views into the read scratch are never stable.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Sequence
 
 from p2pnode.errors import LimitExceeded, ProtocolError
@@ -41,7 +46,12 @@ MAX_FRAME_LIMIT = 0xFFFFFFFF
 
 _DEFAULT_SCRATCH = 256 * 1024
 _DIRECT_THRESHOLD = 64 * 1024
-_POOL_KEEP = 2
+# Free body buffers kept for reuse (more are kept while consumers still hold
+# some); a quiet connection gives them back (trim).
+_POOL_KEEP = 8
+# sys.getrefcount of a pooled body nobody else holds: the pool list, the local
+# variable and getrefcount's own argument (checked by a test).
+_FREE_REFS = 3
 _INITIAL_SCRATCH = 64 * 1024
 
 
@@ -126,11 +136,22 @@ class PrefixDecoder:
         return (items[0] if items else None), used
 
     def release(self) -> None:
-        """Declare every view handed out so far dead; their buffers get reused."""
+        """Declare every view handed out so far dead; their buffers get reused (each
+        once nothing references it any more: see :meth:`stable`)."""
         if self._lent:
             self._pool.extend(self._lent)
             self._lent.clear()
             del self._pool[:-_POOL_KEEP]
+
+    def stable(self, item: memoryview) -> bool:
+        """Whether ``item`` (an item just handed out) may be kept past the next
+        ``get_buffer()``/``release()``: it lives in its own body buffer, which is not
+        reused while referenced, or in immutable bytes. Items in the read scratch
+        (or in a caller's buffer) are not."""
+        obj = item.obj
+        if type(obj) is bytes:
+            return True
+        return any(obj is buf for buf in self._lent)
 
     def get_buffer(self) -> memoryview:
         """Memory to receive into (``BufferedProtocol.get_buffer``); never empty."""
@@ -203,9 +224,14 @@ class PrefixDecoder:
     def _take_body(self, length: int) -> None:
         """Pick a free buffer of adequate size for an item of ``length`` bytes."""
         chosen = None
-        for i, buf in enumerate(self._pool):
-            if len(buf) >= length and len(buf) <= 2 * length + 65536:
-                chosen = self._pool.pop(i)
+        pool = self._pool
+        for i in range(len(pool)):
+            buf = pool[i]
+            if (
+                length <= len(buf) <= 2 * length + 65536
+                and sys.getrefcount(buf) <= _FREE_REFS  # nobody holds a view of it
+            ):
+                chosen = pool.pop(i)
                 break
         if chosen is None:
             chosen = bytearray(length)

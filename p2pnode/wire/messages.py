@@ -7,7 +7,10 @@ Rules
   order. Supported field types: ``bytes``, ``int``, ``bool``, ``str``,
   ``float`` and ``tuple[T, ...]`` of those. A ``bytes`` field may be
   declared ``Blob`` (``bytes | bytearray | memoryview``) so a sender can pass a
-  view of its piece buffer; decoding always yields ``bytes``.
+  view of its piece buffer; decoding yields ``bytes``, or, with
+  ``decode_envelope(..., views=True)``, a trailing ``Blob`` of at least
+  ``SCATTER_MIN`` bytes comes back as a ``memoryview`` of the payload (no copy:
+  the caller vouches that the payload outlives it).
 - One frame payload is one msgpack array (the envelope)::
 
       [kind, request_id, type_code, *fields]
@@ -426,14 +429,65 @@ def response(request_id: int, msg: Message) -> Envelope:
 
 
 _UNPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
+# Zero-copy decoding parses at most this much of the payload before the blob.
+_HEAD_MAX = 512
+_BIN_HEADERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _split_trailing_blob(payload: memoryview, limits: DecodeLimits) -> tuple[Any, ...] | None:
+    """``payload`` as an envelope tuple whose last item, a bin of at least
+    ``SCATTER_MIN`` bytes ending the payload, is a view of it; None when the payload
+    does not have that shape (the caller then decodes it the ordinary way)."""
+    n = len(payload)
+    if n < SCATTER_MIN:
+        return None
+    unpacker = msgpack.Unpacker(
+        use_list=False,
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=_HEAD_MAX,
+        max_bin_len=limits.max_bin_len,
+        max_str_len=limits.max_str_len,
+        max_array_len=limits.max_array_len,
+        max_map_len=limits.max_map_len,
+        max_ext_len=0,
+    )
+    unpacker.feed(payload[:_HEAD_MAX])
+    try:
+        count = unpacker.read_array_header()
+        if not 4 <= count <= limits.max_array_len:
+            return None
+        head = [unpacker.unpack() for _ in range(count - 1)]
+    except (msgpack.OutOfData, *_UNPACK_ERRORS):
+        return None
+    pos = unpacker.tell()
+    size_len = _BIN_HEADERS.get(payload[pos]) if pos < n else None
+    if size_len is None or pos + 1 + size_len > n:
+        return None
+    length = int.from_bytes(payload[pos + 1 : pos + 1 + size_len], "big")
+    start = pos + 1 + size_len
+    if start + length != n or length < SCATTER_MIN or length > limits.max_bin_len:
+        return None
+    return (*head, payload[start:])
 
 
 def decode_envelope(
     payload: Buffer,
     limits: DecodeLimits = DEFAULT_LIMITS,
     registry: MessageRegistry = DEFAULT_REGISTRY,
+    *,
+    views: bool = False,
 ) -> Envelope:
-    """Decode one frame payload; raise only :class:`MessageDecodeError`."""
+    """Decode one frame payload; raise only :class:`MessageDecodeError`.
+
+    ``views=True``: a large trailing ``Blob`` field is a view of ``payload`` rather
+    than a copy (see the module rules); the payload must stay unchanged while the
+    message is in use.
+    """
+    if views:
+        parts = _split_trailing_blob(memoryview(payload).cast("B"), limits)
+        if parts is not None:
+            return _envelope(parts, registry, view_blob=True)
     try:
         obj = msgpack.unpackb(
             payload,
@@ -448,6 +502,10 @@ def decode_envelope(
         )
     except _UNPACK_ERRORS as exc:
         raise MessageDecodeError(f"undecodable payload: {type(exc).__name__}: {exc}") from None
+    return _envelope(obj, registry)
+
+
+def _envelope(obj: Any, registry: MessageRegistry, *, view_blob: bool = False) -> Envelope:
     if type(obj) is not tuple or len(obj) < 3:
         raise MessageDecodeError("envelope must be an array [kind, request_id, type, fields...]")
     kind, request_id, code = obj[0], obj[1], obj[2]
@@ -462,7 +520,7 @@ def decode_envelope(
     cls = registry.get(code)
     if cls is None:
         raise UnknownMessageType(code, kind=kind, request_id=request_id)
-    msg = _build(cls, obj[3:], kind=kind, request_id=request_id)
+    msg = _build(cls, obj[3:], kind=kind, request_id=request_id, view_blob=view_blob)
     if kind == Kind.ERROR and not isinstance(msg, ErrorReply):
         raise MessageDecodeError(
             "an error envelope must carry an ErrorReply", kind=kind, request_id=request_id
@@ -471,8 +529,15 @@ def decode_envelope(
 
 
 def _build(
-    cls: type[Message], values: Sequence[object], *, kind: int | None, request_id: int | None
+    cls: type[Message],
+    values: Sequence[object],
+    *,
+    kind: int | None,
+    request_id: int | None,
+    view_blob: bool = False,
 ) -> Message:
+    """``view_blob``: the last value is a memoryview standing for a bin, acceptable
+    only where the message declares a ``Blob`` field."""
     specs = cls.WIRE_FIELDS
     if len(values) != len(specs):
         raise MessageDecodeError(
@@ -480,8 +545,16 @@ def _build(
             kind=kind,
             request_id=request_id,
         )
-    for spec, value in zip(specs, values, strict=True):
-        reason = spec.check(value, decoding=True)
+    if view_blob and memoryview not in specs[-1].send_types:
+        assert isinstance(values[-1], memoryview)
+        values = (*values[:-1], bytes(values[-1]))  # a plain bytes field: copy it
+        view_blob = False
+    last = len(specs) - 1
+    for i, (spec, value) in enumerate(zip(specs, values, strict=True)):
+        if view_blob and i == last:
+            reason = spec.check(value, decoding=False)  # a memoryview for a Blob
+        else:
+            reason = spec.check(value, decoding=True)
         if reason is not None:
             raise MessageDecodeError(f"{cls.__name__}.{reason}", kind=kind, request_id=request_id)
     return cls(*values)
