@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from p2pnode.errors import LimitExceeded, ProtocolError
 from p2pnode.wire.frame import (
     CHUNK_HEADER,
+    BufferPool,
     FrameDecoder,
     PrefixDecoder,
     encode_frame,
@@ -203,3 +204,16 @@ def test_views_of_the_read_scratch_are_not_stable() -> None:
     assert bytes(item) == b"small" and not decoder.stable(item)
     (owned,) = decoder.feed_views(bytes(join_frames([b"in bytes"])))
     assert decoder.stable(owned)
+
+
+def test_buffer_pool_reuses_only_unreferenced_buffers() -> None:
+    pool = BufferPool(keep=4)
+    first = pool.get(100_000)
+    assert len(first) >= 100_000
+    view = memoryview(first)[:10]
+    second = pool.get(100_000)
+    assert second is not first  # a view of the first is alive
+    del view, first
+    third = pool.get(100_000)
+    assert third is not second and len(third) >= 100_000  # the first, free again
+    assert pool.get(10) is not third  # much smaller requests get their own buffer

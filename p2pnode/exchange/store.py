@@ -39,6 +39,7 @@ from p2pnode.exchange.manifest import (
     file_paths,
     resource_id_to_str,
 )
+from p2pnode.wire.frame import BufferPool
 
 State = Literal["shared", "complete", "partial"]
 DB_NAME = "exchange.sqlite3"
@@ -70,6 +71,9 @@ CREATE TABLE IF NOT EXISTS pieces (
     PRIMARY KEY (resource_id, idx)
 ) WITHOUT ROWID;
 """
+
+# Buffers for pieces read to be served (a piece is at most 2 MiB).
+_READ_POOL = BufferPool(keep=16)
 
 
 class StaleError(P2PError):
@@ -106,13 +110,16 @@ class PieceSource:
     def partial(self) -> bool:
         return self.stats is None
 
-    def read(self, index: int) -> bytes:
+    def read(self, index: int) -> memoryview:
         """Read piece ``index`` (blocking). StaleError if a file changed since hashing.
 
         Each file is opened by path and checked with ``fstat`` before it is read, so
-        a file replaced or rewritten since sharing is noticed, not served.
+        a file replaced or rewritten since sharing is noticed, not served. The piece
+        lands in a pooled buffer (``os.preadv``), reused only once the returned view
+        and every view of it are gone.
         """
-        parts: list[bytes] = []
+        length = self.manifest.piece_length(index)
+        view = memoryview(_READ_POOL.get(length))[:length]
         for seg in self.manifest.piece_segments(index):
             path = self.paths[seg.entry]
             try:
@@ -127,20 +134,18 @@ class PieceSource:
                     st = os.fstat(fd)
                     if st.st_size != want.size or st.st_mtime_ns != want.mtime_ns:
                         raise StaleError(f"{str(path)!r} changed on disk since it was shared")
-                data = os.pread(fd, seg.length, seg.file_offset)
-                while len(data) < seg.length:
-                    more = os.pread(fd, seg.length - len(data), seg.file_offset + len(data))
-                    if not more:
+                part = view[seg.piece_offset : seg.piece_offset + seg.length]
+                done = 0
+                while done < seg.length:
+                    n = os.preadv(fd, [part[done:]], seg.file_offset + done)
+                    if n <= 0:
                         if self.stats is not None:
                             raise StaleError(f"{str(path)!r} is shorter than when shared")
                         raise OSError(f"{str(path)!r} is shorter than expected")
-                    data += more
+                    done += n
             finally:
                 os.close(fd)
-            parts.append(data)
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
+        return view
 
 
 @dataclass(frozen=True)

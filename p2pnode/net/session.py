@@ -77,7 +77,14 @@ from p2pnode.identity import (
     verify_signature,
 )
 from p2pnode.net.errors import ChannelAuthError
-from p2pnode.wire.frame import CHUNK_HEADER, Buffer, FrameDecoder, PrefixDecoder, frame_header
+from p2pnode.wire.frame import (
+    CHUNK_HEADER,
+    Buffer,
+    BufferPool,
+    FrameDecoder,
+    PrefixDecoder,
+    frame_header,
+)
 
 NOISE_PROTOCOL = b"Noise_XX_25519_AESGCM_SHA256"
 PROLOGUE = b"p2pnode secure channel"
@@ -90,6 +97,8 @@ TAG_LEN = 16
 MAX_CHUNK_PLAINTEXT = MAX_CHUNK - TAG_LEN
 CHUNK_OVERHEAD = 2 + TAG_LEN
 SIGNATURE_LEN = 64
+# Sealed frames at least this large go into pooled buffers.
+_POOLED_SEAL = 64 * 1024
 
 _NOISE_ERRORS = (
     InvalidTag,
@@ -284,6 +293,7 @@ class Session:
         )
         self._frames = FrameDecoder(max_frame)
         self._hs_buf: memoryview | None = memoryview(bytearray(MAX_CHUNK + 2))
+        self._seal_pool = BufferPool(keep=4)
         self._out: list[Buffer] = []
         self._enc: TransportCipher | None = None
         self._dec: TransportCipher | None = None
@@ -349,6 +359,7 @@ class Session:
         """Give back buffers kept for speed; call when the connection is quiet."""
         self._chunks.trim()
         self._frames.trim()
+        self._seal_pool.clear()
 
     def receive_data(self, data: Buffer) -> list[bytes]:
         """Convenience for tests and in-memory pairs: feed bytes, get owned frames."""
@@ -379,9 +390,10 @@ class Session:
     def seal(self, pieces: Sequence[Buffer], length: int) -> list[Buffer]:
         """Frame a payload given as ``pieces`` (``length`` bytes in all) for the wire.
 
-        Encrypted, the result is one fresh buffer per frame (handed over to the
-        transport, never touched again): chunk headers and ciphertext written
-        in place, bulk piece data read straight from the caller's views.
+        Encrypted, the result is one buffer per frame: chunk headers and
+        ciphertext written in place, bulk piece data read straight from the
+        caller's views. The buffer comes from a pool and is reused only once
+        nothing references it (the transport may keep it).
         """
         if self._state is not State.OPEN:
             raise RuntimeError("session is not open")
@@ -397,8 +409,9 @@ class Session:
         size = 0
         for chunk in plan:
             size += chunk[0] + CHUNK_OVERHEAD
-        out = bytearray(size)
-        view = memoryview(out)
+        big = size >= _POOLED_SEAL
+        view = memoryview(self._seal_pool.get(size) if big else bytearray(size))[:size]
+        out = view
         pack_into = CHUNK_HEADER.pack_into
         pos = 0
         for chunk in plan:
@@ -407,7 +420,7 @@ class Session:
             src = chunk[1] if len(chunk) == 2 else b"".join(chunk[1:])
             enc.encrypt_into(src, view[pos + 2 : pos + 2 + n + TAG_LEN])
             pos += n + CHUNK_OVERHEAD
-        return [out]
+        return [view]
 
     # -- internals ---------------------------------------------------------
 

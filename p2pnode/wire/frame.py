@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import threading
 from collections.abc import Sequence
 
 from p2pnode.errors import LimitExceeded, ProtocolError
@@ -53,6 +54,38 @@ _POOL_KEEP = 8
 # variable and getrefcount's own argument (checked by a test).
 _FREE_REFS = 3
 _INITIAL_SCRATCH = 64 * 1024
+
+
+class BufferPool:
+    """Reusable bytearrays for large, short-lived buffers (a piece read off disk, a
+    sealed frame): fresh multi-megabyte allocations are mmapped and page-faulted
+    every time. A buffer is handed out again only once nothing else references it
+    (CPython reference count), so a caller may pass views of it on freely. Thread-safe.
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self._keep = keep
+        self._items: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (at most about twice that); contents
+        undefined."""
+        with self._lock:
+            items = self._items
+            for i in range(len(items)):
+                buf = items[i]
+                if size <= len(buf) <= 2 * size + 65536 and sys.getrefcount(buf) <= _FREE_REFS:
+                    return buf
+            buf = bytearray(size)
+            items.append(buf)
+            if len(items) > self._keep:
+                del items[0]
+            return buf
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
 
 
 def frame_header(length: int) -> bytes:
