@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MiB = 1024 * 1024
@@ -217,9 +219,27 @@ def file_sha256(path: Path) -> bytes:
     return h.digest()
 
 
+def make_source(path: Path, size: int) -> None:
+    """A file of ``size`` random bytes whose 4 MiB blocks (and pieces) all differ."""
+    with open(path, "wb") as f:
+        block = os.urandom(4 * MiB)
+        for _ in range(size // len(block)):
+            f.write(block[:1] + os.urandom(15) + block[16:])  # distinct pieces
+        f.write(os.urandom(size % len(block)))
+
+
+During = Callable[[int, Path], contextlib.AbstractContextManager[object]]
+
+
 def download(
-    base: Path, src: Path, providers: int, common: list[str]
+    base: Path, src: Path, providers: int, common: list[str], during: During | None = None
 ) -> tuple[dict[str, object], float]:
+    """One download of ``src`` by a fresh node from ``providers`` fresh nodes.
+
+    ``during(port, home)`` (of the first provider), if given, is entered just
+    before the downloader starts and left once it has reported or failed:
+    bench_hostile.py attacks the provider meanwhile.
+    """
     base = Path(tempfile.mkdtemp(prefix=f"run-{providers}-", dir=base))
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -238,14 +258,16 @@ def download(
                 share_seconds = float(str(info["share_seconds"]))
         assert first is not None
         dest = base / f"out-{providers}.bin"
-        leech = _spawn(
-            "--role", "downloader", "--home", str(base / f"d{providers}"),
-            "--bootstrap", str(first["port"]), "--id", str(first["id"]),
-            "--dest", str(dest), "--want", str(providers), *common,
-        )  # fmt: skip
-        procs.append(leech)
-        result = _line(leech)
-        leech.wait()
+        home = base / f"p{providers}-0"
+        with during(int(str(first["port"])), home) if during else contextlib.nullcontext():
+            leech = _spawn(
+                "--role", "downloader", "--home", str(base / f"d{providers}"),
+                "--bootstrap", str(first["port"]), "--id", str(first["id"]),
+                "--dest", str(dest), "--want", str(providers), *common,
+            )  # fmt: skip
+            procs.append(leech)
+            result = _line(leech)
+            leech.wait()
         if file_sha256(dest) != file_sha256(src):
             raise RuntimeError("downloaded file differs from the source")
         dest.unlink()
@@ -311,11 +333,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-exchange-", dir=args.dir) as tmp:
         base = Path(tmp)
         src = base / "source.bin"
-        with open(src, "wb") as f:
-            block = os.urandom(4 * MiB)
-            for _ in range(size // len(block)):
-                f.write(block[:1] + os.urandom(15) + block[16:])  # distinct pieces
-            f.write(os.urandom(size % len(block)))
+        make_source(src, size)
         file_sha256(src)  # warm the page cache
         disk = copy_rate(src, base / "copy.bin")
 
