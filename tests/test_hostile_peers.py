@@ -835,7 +835,8 @@ async def test_peer_that_never_reads_cannot_grow_the_write_buffer(make_net: Make
 
 async def test_request_rate_limit_per_connection(make_net: MakeNet) -> None:
     """Requests past request_rate (after a burst of request_burst) on one connection
-    are answered ``busy`` and counted; another connection keeps its own budget.
+    are answered ``busy`` and counted, each a strike: a peer that keeps going is
+    dropped. Another connection keeps its own budget.
     (The limit is off by default, see NetLimits; here it is configured.)"""
     world = await make_net(net=replace(VICTIM_NET, request_rate=100.0, request_burst=200.0))
     victim = world.victim
@@ -845,11 +846,39 @@ async def test_request_rate_limit_per_connection(make_net: MakeNet) -> None:
         await asyncio.gather(peer.handshake(), other.handshake())
         count = 1000
         peer.send(b"".join(peer.sealed(Ping()) for _ in range(count)))
-        replies = [(await peer.reply()).message for _ in range(count)]
-        busy = sum(isinstance(m, ErrorReply) and m.code == ErrorCode.BUSY for m in replies)
-        assert busy >= count - 200 - 100  # past the burst, and what refilled meanwhile
-        assert net_stat(victim, "rate_limited") == busy
+        # Dropped with a reset (its unread answers are discarded with it).
+        assert await peer.closed_by_victim(timeout=10.0)
+        limited = net_stat(victim, "rate_limited")
+        assert VICTIM_NET.max_strikes < limited <= count - 200  # past the burst
+        assert net_stat(victim, "closed_misbehaving") == 1
+        # Past the limit, the rest of the flood was never even looked at.
+        assert net_stat(victim, "requests_in") < count
         assert (await other.ask(Ping())).message == Pong()
+        await world.healthy()
+
+
+async def test_authenticated_junk_frame_flood_is_dropped(make_net: MakeNet) -> None:
+    """A peer that passed the handshake and then sends junk frames as fast as it can
+    is dropped after its strike budget, instead of keeping the node decoding junk."""
+    world = await make_net()
+    victim = world.victim
+    async with attackers() as peers:
+        peer = await RawPeer.connect(victim.port)
+        peers.append(peer)
+        await peer.handshake()
+        junk = [
+            msgpack.packb([0, 7, 4000, "x"]),  # unknown type
+            b"\xc1",  # undecodable
+            msgpack.packb([1, 99, 0]),  # unasked-for response
+        ]
+        peer.send(b"".join(peer.sealed_payload(junk[i % 3]) for i in range(20_000)))
+        assert await peer.closed_by_victim(timeout=10.0)
+        assert net_stat(victim, "closed_misbehaving") == 1
+        bad = sum(
+            net_stat(victim, name)
+            for name in ("unknown_messages", "bad_messages", "unexpected_responses")
+        )
+        assert VICTIM_NET.max_strikes < bad < 20_000  # the rest was never decoded
         await world.healthy()
 
 

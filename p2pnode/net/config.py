@@ -27,6 +27,13 @@ class NetLimits:
     # needs 4000+ requests/s on one connection for 1 GB/s of 256 KiB pieces.
     request_rate: float = 0.0
     request_burst: float = 0.0
+    # Misbehaviour budget per connection: every undecodable or unknown message,
+    # unasked-for response and rate-limited request is a strike; strikes fade at
+    # strike_decay per second; past max_strikes the connection is dropped
+    # (closed_misbehaving). An honest peer never gets near it; a junk flood from an
+    # authenticated peer would otherwise keep the event loop busy decoding junk.
+    max_strikes: float = 64.0
+    strike_decay: float = 8.0
     # After this many seconds without traffic a connection gives back its read
     # buffers (up to 1 MiB) and pooled frame buffers; they regrow on demand.
     trim_after: float = 5.0

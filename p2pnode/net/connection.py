@@ -135,6 +135,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._burst = max(self._limits.request_burst or self._rate, 1.0)
         self._tokens = self._burst
         self._tokens_at = owner.clock.now()
+        self._strikes = 0.0
+        self._strikes_at = self._tokens_at
         self._cork: list[Buffer] = []
         self._trimmed_at: float | None = None
         self._cork_scheduled = False
@@ -364,11 +366,13 @@ class PeerConnection(asyncio.BufferedProtocol):
             )
         except UnknownMessageType as exc:
             self._counters["unknown_messages"] += 1
-            self._bad_message(exc, ErrorCode.UNSUPPORTED)
+            if self._strike():
+                self._bad_message(exc, ErrorCode.UNSUPPORTED)
             return
         except MessageDecodeError as exc:
             self._counters["bad_messages"] += 1
-            self._bad_message(exc, ErrorCode.BAD_REQUEST)
+            if self._strike():
+                self._bad_message(exc, ErrorCode.BAD_REQUEST)
             return
         if env.kind is Kind.REQUEST:
             self._on_request(env.request_id, env.message)
@@ -376,8 +380,24 @@ class PeerConnection(asyncio.BufferedProtocol):
         fut = self._pending.pop(env.request_id, None)
         if fut is None or fut.done():
             self._counters["unexpected_responses"] += 1
+            self._strike()
             return
         fut.set_result(env)
+
+    def _strike(self) -> bool:
+        """Count one misbehaviour; drop the connection past the budget.
+        True while the connection stays open."""
+        now = self.owner.clock.now()
+        decayed = self._strikes - (now - self._strikes_at) * self._limits.strike_decay
+        self._strikes = max(0.0, decayed) + 1.0
+        self._strikes_at = now
+        if self._strikes <= self._limits.max_strikes:
+            return True
+        self._counters["closed_misbehaving"] += 1
+        self.close(
+            ProtocolError(f"{self.describe()} sent too many bad messages; dropped"), abort=True
+        )
+        return False
 
     def _bad_message(self, exc: MessageDecodeError, code: str) -> None:
         log.debug("bad message from %s: %s", self.describe(), exc)
@@ -394,7 +414,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._counters["requests_in"] += 1
         if self._rate > 0 and not self._take_token():
             self._counters["rate_limited"] += 1
-            self._reply_inline(request_id, ErrorReply(ErrorCode.BUSY, "request rate limit"))
+            if self._strike():
+                self._reply_inline(request_id, ErrorReply(ErrorCode.BUSY, "request rate limit"))
             return
         if isinstance(msg, Ping):
             self._reply_inline(request_id, Pong())
