@@ -156,12 +156,13 @@ def test_empty_resources(tmp_path: Path) -> None:
 
 def test_piece_size_choice() -> None:
     assert choose_piece_size(0) == 256 * 1024
-    assert choose_piece_size(256 * 1024 * 1024) == 256 * 1024
-    assert choose_piece_size(512 * 1024 * 1024) == 512 * 1024
-    assert choose_piece_size(1024 * 1024 * 1024) == 1024 * 1024
+    assert choose_piece_size(64 * 1024 * 1024) == 256 * 1024
+    assert choose_piece_size(128 * 1024 * 1024) == 512 * 1024
+    assert choose_piece_size(256 * 1024 * 1024) == 1024 * 1024
+    assert choose_piece_size(512 * 1024 * 1024) == 2 * 1024 * 1024
     assert choose_piece_size(100 * 1024**3) == 2 * 1024 * 1024
-    for total in (1, 10**6, 10**9, 2 * 1024**3):
-        assert -(-total // choose_piece_size(total)) <= 1024
+    for total in (1, 10**6, 10**8, 512 * 1024**2):
+        assert -(-total // choose_piece_size(total)) <= 256
 
 
 def test_symlinks_in_folder_are_skipped(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ MIN_PIECE_SIZE = 16 * 1024
 DEFAULT_MIN_PIECE_SIZE = 256 * 1024
 # A piece travels in one frame (4 MiB by default), with room for the header.
 MAX_PIECE_SIZE = 2 * 1024 * 1024
-TARGET_PIECES = 1024
+TARGET_PIECES = 256
 
 # Limits on a manifest from the network: it must fit in one frame.
 MAX_MANIFEST_BYTES = 3 * 1024 * 1024 + 512 * 1024
@@ -415,11 +415,13 @@ def _canonical_bytes(manifest: Manifest) -> bytes:
 
 
 def choose_piece_size(total_size: int) -> int:
-    """A power of two in [256 KiB, 2 MiB], so a resource has at most ~1024 pieces up to
-    2 GiB (more past that: 100 GiB is 51200 pieces, a 1.6 MB manifest).
+    """A power of two in [256 KiB, 2 MiB]: at most ~256 pieces up to 512 MiB (2 MiB
+    pieces from there; 100 GiB is 51200 pieces, a 1.6 MB manifest).
 
-    Larger pieces cost less per byte (one request, one hash, one write each), which
-    matters in Python; ~1000 pieces still spread well over many providers.
+    Larger pieces cost less per byte (one request, one thread hand-off, one hash,
+    one write each), which matters in Python: 2 MiB pieces for 512 MiB took the
+    downloader from ~1.4 to ~1.15 CPU-s/GiB and the provider from ~1.0 to ~0.8
+    against 512 KiB. A few hundred pieces still spread well over many providers.
     """
     size = DEFAULT_MIN_PIECE_SIZE
     while size < MAX_PIECE_SIZE and size * TARGET_PIECES < total_size:
