@@ -7,6 +7,8 @@ test has a time limit (pyproject); real sockets and processes where they can run
 
 from __future__ import annotations
 
+import gc
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,3 +32,15 @@ def nodes() -> Iterator[list[RunningNode]]:
     yield started
     for node in started:
         node.kill()
+
+
+@pytest.fixture
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail a test that made anything log an error: a failed background task, a
+    handler crash, an asyncio 'exception never retrieved'. Use with
+    ``pytestmark = pytest.mark.usefixtures("no_errors_logged")``."""
+    caplog.set_level(logging.WARNING)
+    yield
+    gc.collect()
+    bad = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not bad, bad

@@ -4,11 +4,9 @@ with a deadline, never waited for with a fixed sleep."""
 from __future__ import annotations
 
 import asyncio
-import gc
-import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -19,13 +17,7 @@ from tests.helpers import eventually
 FAST = DhtConfig(ksize=8, rpc_timeout=0.5, lookup_timeout=5.0)
 
 
-@pytest.fixture(autouse=True)
-def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    caplog.set_level(logging.WARNING)
-    yield
-    gc.collect()
-    bad = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert not bad, bad
+pytestmark = pytest.mark.usefixtures("no_errors_logged")
 
 
 @pytest.fixture

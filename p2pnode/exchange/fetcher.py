@@ -310,8 +310,17 @@ class Fetcher:
             manifest = existing.manifest
         else:
             providers = await self._find_providers(rid)
+            for attempt in range(1, self._config.rediscover_attempts + 1):
+                if providers:
+                    break
+                # A lookup can miss under loss or churn: ask again before giving up.
+                await asyncio.sleep(self._config.rediscover_delay * attempt)
+                providers = await self._find_providers(rid)
             if not providers:
-                raise NotFoundError(f"no providers found for {rid_text}")
+                raise NotFoundError(
+                    f"no providers found for {rid_text} "
+                    f"({self._config.rediscover_attempts + 1} lookups)"
+                )
             manifest = await self._fetch_manifest(rid, providers)
         dest = self._resolve_dest(dest, manifest, existing, force=force)
         self._store.claim_dest(dest)

@@ -471,6 +471,24 @@ def _split_trailing_blob(payload: memoryview, limits: DecodeLimits) -> tuple[Any
     return (*head, payload[start:])
 
 
+def _unpack(payload: Buffer, limits: DecodeLimits) -> Any:
+    """msgpack with every size limit; raise only MessageDecodeError."""
+    try:
+        return msgpack.unpackb(
+            payload,
+            use_list=False,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=limits.max_bin_len,
+            max_str_len=limits.max_str_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except _UNPACK_ERRORS as exc:
+        raise MessageDecodeError(f"undecodable payload: {type(exc).__name__}: {exc}") from None
+
+
 def decode_envelope(
     payload: Buffer,
     limits: DecodeLimits = DEFAULT_LIMITS,
@@ -488,20 +506,7 @@ def decode_envelope(
         parts = _split_trailing_blob(memoryview(payload).cast("B"), limits)
         if parts is not None:
             return _envelope(parts, registry, view_blob=True)
-    try:
-        obj = msgpack.unpackb(
-            payload,
-            use_list=False,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=limits.max_bin_len,
-            max_str_len=limits.max_str_len,
-            max_array_len=limits.max_array_len,
-            max_map_len=limits.max_map_len,
-            max_ext_len=0,
-        )
-    except _UNPACK_ERRORS as exc:
-        raise MessageDecodeError(f"undecodable payload: {type(exc).__name__}: {exc}") from None
+    obj = _unpack(payload, limits)
     return _envelope(obj, registry)
 
 
@@ -574,20 +579,7 @@ def decode_message(
     registry: MessageRegistry = DEFAULT_REGISTRY,
 ) -> Message:
     """Decode a bare ``[type_code, *fields]`` message; raise only MessageDecodeError."""
-    try:
-        obj = msgpack.unpackb(
-            payload,
-            use_list=False,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=limits.max_bin_len,
-            max_str_len=limits.max_str_len,
-            max_array_len=limits.max_array_len,
-            max_map_len=limits.max_map_len,
-            max_ext_len=0,
-        )
-    except _UNPACK_ERRORS as exc:
-        raise MessageDecodeError(f"undecodable payload: {type(exc).__name__}: {exc}") from None
+    obj = _unpack(payload, limits)
     if type(obj) is not tuple or not obj or type(obj[0]) is not int:
         raise MessageDecodeError("message must be an array [type, fields...]")
     cls = registry.get(obj[0])
