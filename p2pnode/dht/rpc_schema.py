@@ -23,6 +23,7 @@ bytes; values are int, float, bool, str or bytes of at most ``max_value_bytes``
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -99,6 +100,13 @@ def normalize_host(host: object) -> str | None:
     """The canonical text of an IP literal (IPv4-mapped IPv6 → IPv4), or None."""
     if not isinstance(host, str) or not host or len(host) > MAX_HOST_LEN:
         return None
+    return _normalize_ip(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalize_ip(host: str) -> str | None:
+    # Every datagram's source goes through here: parsing with ipaddress costs more
+    # than the rest of the hot path, and a node hears from few distinct addresses.
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
