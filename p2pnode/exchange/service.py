@@ -158,7 +158,8 @@ class Exchange:
         self._tasks.clear()
         self._downloads.clear()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            # Waiting for in-flight disk work must not block the event loop.
+            await asyncio.to_thread(self._executor.shutdown, True)
             self._executor = None
         if self._store is not None:
             self._store.close()
@@ -197,7 +198,7 @@ class Exchange:
             raise UsageError(f"{resource_id_to_str(rid)} is being downloaded right now")
         store.add_shared(manifest, listing.root, listing.stats)
         await self._announce(rid)
-        res = store.get(rid)
+        res = self.store.get(rid)  # the exchange may have closed while we announced
         assert res is not None
         log.info("sharing %s as %s", listing.root, resource_id_to_str(rid))
         return ResourceInfo.from_stored(res)
