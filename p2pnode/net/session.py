@@ -97,6 +97,7 @@ TAG_LEN = 16
 MAX_CHUNK_PLAINTEXT = MAX_CHUNK - TAG_LEN
 CHUNK_OVERHEAD = 2 + TAG_LEN
 SIGNATURE_LEN = 64
+X25519_KEY_LEN = 32  # the XX first message: the initiator ephemeral key, no payload
 # Sealed frames at least this large go into pooled buffers.
 _POOLED_SEAL = 64 * 1024
 
@@ -494,6 +495,13 @@ class Session:
         state = self._state
         try:
             if state is State.AWAIT_MSG1:
+                # XX message 1 is the initiator's ephemeral key and our dialers send
+                # no payload with it: anything else is junk, refused now rather than
+                # at the handshake timeout.
+                if len(msg) != X25519_KEY_LEN:
+                    raise HandshakeError(
+                        f"first handshake message is {len(msg)} bytes, expected {X25519_KEY_LEN}"
+                    )
                 self._noise.read_message(msg)
                 self._send_chunk(self._noise.write_message(self._identity_payload()))
                 self._state = State.AWAIT_MSG3
