@@ -152,3 +152,33 @@ async def test_stalled_queries_stop_holding_alpha_slots() -> None:
     )
     assert reached == [goal]
     assert loop.time() - started < rpc_timeout / 2
+
+
+async def test_a_closest_lookup_ends_without_waiting_out_dead_nodes() -> None:
+    """With no done(), a lookup for the k closest treats stalled nodes as gone: the
+    next closest are asked instead, and it ends once only stalled queries remain."""
+    import asyncio as _asyncio
+
+    from kademlia.node import Node as _Node
+
+    from p2pnode.dht.lookup import iterative_lookup
+
+    target = bytes(20)
+    dead = [_Node(bytes([0] * 19 + [i]), "127.0.0.1", 1000 + i) for i in range(1, 4)]
+    live = [_Node(bytes([0] * 18 + [1, i]), "127.0.0.1", 2000 + i) for i in range(4)]
+    rpc_timeout = 3.0
+
+    async def query(node: _Node) -> list[_Node] | None:
+        if node in dead:
+            await _asyncio.sleep(rpc_timeout)  # stands for an RPC that times out
+            return None
+        return list(live)
+
+    loop = _asyncio.get_running_loop()
+    started = loop.time()
+    result = await iterative_lookup(
+        target, [*dead, *live], query, self_id=b"\xff" * 20, k=4, alpha=3,
+        timeout=30.0, max_queries=50, stall=0.05,
+    )  # fmt: skip
+    assert result == sorted(live, key=lambda n: n.long_id)
+    assert loop.time() - started < rpc_timeout / 3

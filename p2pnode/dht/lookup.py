@@ -47,10 +47,23 @@ class _Lookup:
         """Queries in flight that have not stalled yet."""
         return sum(1 for started in self.started.values() if now - started < stall)
 
+    def stalled(self, now: float, stall: float) -> set[bytes]:
+        """Ids of the nodes whose queries are in flight but stalled."""
+        return {
+            self.in_flight[task].id
+            for task, started in self.started.items()
+            if now - started >= stall
+        }
+
     def fill(self, max_queries: int, now: float, stall: float) -> None:
-        """Query the closest ``k`` not yet asked, up to ``alpha`` active queries."""
+        """Query the closest ``k`` not yet asked, up to ``alpha`` active queries.
+        Stalled nodes are left out of the ``k`` closest (as if they had failed), so
+        the next closest take their place."""
+        stalled = self.stalled(now, stall)
         while True:
-            live = (n for n in self.known.values() if n.id not in self.failed)
+            live = (
+                n for n in self.known.values() if n.id not in self.failed and n.id not in stalled
+            )
             skipped = False
             for node in sorted(live, key=self.distance)[: self.k]:
                 if self.active(now, stall) >= self.alpha or len(self.asked) >= max_queries:
@@ -114,8 +127,8 @@ async def iterative_lookup(
     stall: float = float("inf"),
 ) -> list[Node]:
     """Ask the nodes closest to ``target`` for closer ones until the ``k`` closest
-    known have all answered (or failed), ``done()`` is true, the deadline passes or
-    ``max_queries`` nodes were asked. Returns up to ``k`` nodes that answered,
+    known have all answered (or failed, or stalled), ``done()`` is true, the
+    deadline passes or ``max_queries`` nodes were asked. Returns up to ``k`` nodes that answered,
     closest first. ``query(node)`` returns the nodes it listed, or None."""
     lookup = _Lookup(target, query, self_id, k, alpha)
     lookup.learn(seeds)
@@ -127,6 +140,10 @@ async def iterative_lookup(
             lookup.fill(max_queries, now, stall)
             remaining = deadline - now
             if not lookup.in_flight or remaining <= 0:
+                break
+            if lookup.active(now, stall) == 0 and lookup.answered:
+                # Only stalled queries left, and some answered: the closest that
+                # answer have answered. (With no answer at all, wait for the slow.)
                 break
             wait = min(remaining, lookup.next_stall(now, stall))
             finished, _ = await asyncio.wait(

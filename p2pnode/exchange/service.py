@@ -261,7 +261,9 @@ class Exchange:
         finally:
             if task.done():
                 self._downloads.pop(resource_id, None)
-        await self._announce(resource_id)
+        # The file is complete: announcing (a DHT lookup plus stores, slow under
+        # churn) goes on in the background rather than delay the caller.
+        self._spawn(self._announce(resource_id), f"announce-{resource_id_to_str(resource_id)[:12]}")
         return ResourceInfo.from_stored(res)
 
     # -- announcing and staleness -------------------------------------------------
