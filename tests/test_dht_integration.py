@@ -258,3 +258,15 @@ async def test_lookups_stop_early_instead_of_waiting_on_dead_contacts(
     assert [r.port for r in providers] == [4321]
     # Both stopped once they had their answer, not after the dead contacts' timeouts.
     assert loop.time() - started < slow.rpc_timeout
+
+
+async def test_lookup_stall_follows_the_measured_round_trip(
+    make_node: Callable[..., object],
+) -> None:
+    a, b = await network(make_node, 2)
+    proto = a._protocol
+    assert proto is not None
+    assert proto.srtt is not None and proto.srtt < 0.1, "bootstrap ping measured the RTT"
+    for srtt, stall in ((None, FAST.lookup_stall), (0.001, 0.25), (0.2, 0.8), (5.0, 1.0)):
+        proto.srtt = srtt
+        assert a._stall(proto) == pytest.approx(stall)

@@ -38,6 +38,7 @@ class DhtConfig:
     max_lookup_queries: int = 200
     # A lookup query unanswered this long stops counting against alpha, so dead
     # contacts among the closest do not hold a lookup for a whole rpc_timeout.
+    # A ceiling: once round trips are measured, 4 smoothed RTTs (at least 0.25 s).
     lookup_stall: float = 1.0
     # Incoming requests: a token bucket per source IP (requests per second, burst),
     # remembered for at most rate_limit_table_size IPs (least recently seen dropped).

@@ -45,6 +45,8 @@ from p2pnode.errors import P2PError, UsageError
 log = logging.getLogger(__name__)
 
 MIN_INTERVAL = 0.05  # maintenance loops never spin
+MIN_STALL = 0.25  # seconds: a lookup query is never deemed stalled sooner
+STALL_RTTS = 4.0  # ... nor before this many smoothed round trips
 # A provider lookup may stop once this many nodes in a row reported only providers
 # already known: close nodes hold the same records; asking on waits on dead contacts.
 PROVIDER_REPEATS_ENOUGH = 2
@@ -262,6 +264,13 @@ class Discovery:
 
     # -- lookups -------------------------------------------------------------------
 
+    def _stall(self, protocol: DhtProtocol) -> float:
+        """When a lookup query counts as stalled: a few smoothed RTTs, within
+        [MIN_STALL, lookup_stall] (the ceiling until an RTT is known)."""
+        if protocol.srtt is None:
+            return self.config.lookup_stall
+        return min(self.config.lookup_stall, max(MIN_STALL, STALL_RTTS * protocol.srtt))
+
     async def _lookup(
         self,
         target: bytes,
@@ -282,7 +291,7 @@ class Discovery:
             timeout=self.config.lookup_timeout,
             max_queries=self.config.max_lookup_queries,
             done=done,
-            stall=self.config.lookup_stall,
+            stall=self._stall(protocol),
         )
 
     async def _lookup_nodes(self, target: bytes, seeds: Sequence[Node] = ()) -> list[Node]:

@@ -193,6 +193,7 @@ class DhtProtocol(KademliaProtocol):
             max_keys=config.rate_limit_table_size,
         )
         self._outstanding: dict[bytes, _Pending] = {}
+        self.srtt: float | None = None  # smoothed RTT of answered calls (seconds)
         self._failures: dict[bytes, int] = {}
         self._last_seen: dict[bytes, float] = {}
         self._pinging_heads: set[bytes] = set()
@@ -451,6 +452,10 @@ class DhtProtocol(KademliaProtocol):
 
     # -- outgoing ------------------------------------------------------------------
 
+    def _sample_rtt(self, rtt: float) -> None:
+        # Smoothed round-trip time of answered calls, as TCP keeps it (RFC 6298).
+        self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
+
     async def _call(self, address: Address, name: str, *args: object) -> object:
         """Send request ``name(*args)`` to ``address``; the raw decoded answer.
 
@@ -471,8 +476,11 @@ class DhtProtocol(KademliaProtocol):
         self.stats[f"rpc_sent.{name}"] += 1
         try:
             self._sendto(data, target)
+            sent_at = asyncio.get_running_loop().time()
             async with asyncio.timeout(self.config.rpc_timeout):
-                return await future
+                answer = await future
+            self._sample_rtt(asyncio.get_running_loop().time() - sent_at)
+            return answer
         except TimeoutError:
             self.stats[f"rpc_timeout.{name}"] += 1
             raise P2PTimeoutError(f"{name} to {host}:{port}: no answer") from None
