@@ -23,6 +23,11 @@ class DhtConfig:
     # Provider records (resource exchange).
     provider_ttl: float = 24 * 3600.0
     provider_republish: float = 12 * 3600.0
+    # The nodes that accepted our provider records are pinged this often (at most
+    # max_holder_pings per round); a key that lost half its holders is announced
+    # again at once, so churn among the k closest cannot hide a live provider.
+    provider_check_interval: float = 120.0
+    max_holder_pings: int = 256
     max_providers_per_key: int = 64
     max_provider_keys_per_sender: int = 4096
     max_provider_keys: int = 100_000

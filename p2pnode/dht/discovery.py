@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MIN_INTERVAL = 0.05  # maintenance loops never spin
 MIN_STALL = 0.25  # seconds: a lookup query is never deemed stalled sooner
 STALL_RTTS = 4.0  # ... nor before this many smoothed round trips
+LOOKUP_SEEDS_K = 3  # a lookup starts from this many times k routing-table contacts
 # A provider lookup may stop once this many nodes in a row reported only providers
 # already known: close nodes hold the same records; asking on waits on dead contacts.
 PROVIDER_REPEATS_ENOUGH = 2
@@ -153,6 +154,9 @@ class Discovery:
         self._local_host = "127.0.0.1"
         self._own_values: dict[bytes, Value] = {}
         self._announced: dict[bytes, int] = {}
+        # Who accepted each of our announcements: watched so that records lost with
+        # their holders are announced again long before provider_republish.
+        self._holders: dict[bytes, list[Node]] = {}
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------
@@ -176,6 +180,10 @@ class Discovery:
         self._tasks.spawn(
             self._every(self.config.provider_republish, self._republish_providers),
             "provider-republish",
+        )
+        self._tasks.spawn(
+            self._every(self.config.provider_check_interval, self._check_holders),
+            "provider-holders",
         )
         log.info("DHT listening on %s port %d", host, self._port)
         return self._port
@@ -280,7 +288,9 @@ class Discovery:
         done: Callable[[], bool] | None = None,
     ) -> list[Node]:
         protocol = self._proto()
-        start = list(seeds) + protocol.router.closest_to(target, self.config.ksize)
+        # More than k starting points: when the k closest we know are all dead, the
+        # lookup goes on from the next ones instead of ending empty.
+        start = list(seeds) + protocol.router.closest_to(target, LOOKUP_SEEDS_K * self.config.ksize)
         return await iterative_lookup(
             target,
             start,
@@ -414,11 +424,34 @@ class Discovery:
         protocol = self._proto()
         nodes = await self._lookup_nodes(key)
         results = await asyncio.gather(*(protocol.call_add_provider(n, key, port) for n in nodes))
-        return sum(1 for result in results if result is True)
+        holders = [n for n, result in zip(nodes, results, strict=True) if result is True]
+        if key in self._announced:
+            self._holders[key] = holders
+        return len(holders)
+
+    async def _check_holders(self) -> None:
+        """Ping the nodes holding our provider records (each once, a bounded number
+        per round); announce again every key that lost half its holders or more, or
+        that no node accepted last time."""
+        protocol = self._proto()
+        distinct: dict[bytes, Node] = {}
+        for holders in self._holders.values():
+            for node in holders:
+                distinct.setdefault(node.id, node)
+        checked = list(distinct.values())[: self.config.max_holder_pings]
+        answers = await asyncio.gather(*(protocol.call_ping(n) for n in checked))
+        dead = {n.id for n, answer in zip(checked, answers, strict=True) if answer is None}
+        for key, holders in list(self._holders.items()):  # no holder at all: retried too
+            lost = sum(1 for n in holders if n.id in dead)
+            port = self._announced.get(key)
+            if port is not None and (not holders or 2 * lost >= len(holders)):
+                protocol.stats["provider_reannounced"] += 1
+                await self._announce(key, port)
 
     def remove_provider(self, key: bytes) -> None:
         """Stop announcing ``key`` (remote records expire after provider_ttl)."""
         self._announced.pop(key, None)
+        self._holders.pop(key, None)
         if self._protocol is not None:
             self._protocol.providers.remove(key, self.node_id)
 
