@@ -263,7 +263,7 @@ async def test_lookups_stop_early_instead_of_waiting_on_dead_contacts(
 async def test_lookup_stall_follows_the_measured_round_trip(
     make_node: Callable[..., object],
 ) -> None:
-    a, b = await network(make_node, 2)
+    a, _ = await network(make_node, 2)
     proto = a._protocol
     assert proto is not None
     assert proto.srtt is not None and proto.srtt < 0.1, "bootstrap ping measured the RTT"
