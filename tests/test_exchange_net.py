@@ -169,8 +169,14 @@ async def test_share_then_get_through_dht(make_peer: Factory, tmp_path: Path) ->
     got3 = await third.exchange.get(info.resource_id, tmp_path / "exists", force=True)
     assert (tmp_path / "exists").read_bytes() == data
     assert got3.path == str(tmp_path / "exists")
-    with pytest.raises(UsageError, match="already here"):
-        await third.exchange.get(info.resource_id, out)
+    # Already here: a get elsewhere is a local copy; the same place is a no-op.
+    sent = third.host.stats().get("bytes_in", 0)
+    copy = await third.exchange.get(info.resource_id, tmp_path / "copy")
+    assert (tmp_path / "copy").read_bytes() == data and copy.path == str(tmp_path / "copy")
+    assert third.host.stats().get("bytes_in", 0) == sent, "no network for a local copy"
+    same = await third.exchange.get(info.resource_id, tmp_path / "exists")
+    assert same.path == str(tmp_path / "exists")
+    assert [r.to_json()["path"] for r in third.exchange.list()] == [str(tmp_path / "exists")]
 
 
 async def test_unknown_id_is_not_found(make_peer: Factory) -> None:

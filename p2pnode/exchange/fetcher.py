@@ -37,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -65,6 +65,7 @@ from p2pnode.exchange.store import (
     StorageError,
     Store,
     StoredResource,
+    copy_into_place,
     fsync_tree,
     partial_path,
     storage_error,
@@ -319,9 +320,7 @@ class Fetcher:
         existing = self._store.get(rid)
         if existing is not None and existing.state != "partial":
             if existing.served and existing.stale is None and _intact(self._store, rid):
-                raise UsageError(
-                    f"{rid_text} is already here ({existing.state}) at {str(existing.root)!r}"
-                )
+                return await self._copy_local(existing, dest, force=force)
             # We had it, but it changed or went away: forget that copy, fetch anew.
             self._store.remove(rid)
             self._discovery.remove_provider(dht_key(rid))
@@ -490,6 +489,27 @@ class Fetcher:
         raise NotFoundError(
             f"no provider sent the manifest of {resource_id_to_str(rid)}: " + "; ".join(errors)
         )
+
+    async def _copy_local(
+        self, existing: StoredResource, dest: Path, *, force: bool
+    ) -> StoredResource:
+        """The resource is already here: copy it to ``dest`` (no network), through a
+        partial name and an atomic rename like a download. The store keeps serving
+        the original; the copy is the caller's."""
+        if _same_place(dest, existing):
+            return existing
+        dest = self._resolve_dest(dest, existing.manifest, None, force=force)
+        partial = partial_path(dest)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self._executor, copy_into_place, existing.root, partial, dest, existing.manifest,
+                force, self._config.fsync,
+            )  # fmt: skip
+        except OSError as exc:
+            raise storage_error(exc, dest) from None
+        log.info("%s was already here: copied to %s", existing.id_str, dest)
+        return replace(existing, root=dest, dest=dest)
 
     def _resolve_dest(
         self, dest: Path, manifest: Manifest, existing: StoredResource | None, *, force: bool
@@ -803,6 +823,13 @@ class Fetcher:
                 state=state,
             )
         )
+
+
+def _same_place(dest: Path, existing: StoredResource) -> bool:
+    """Whether ``dest`` names where the resource already is (itself, or the folder
+    it would go into under its own name)."""
+    dest = dest.expanduser().absolute()
+    return existing.root in (dest, dest / existing.manifest.name)
 
 
 def _intact(store: Store, rid: bytes) -> bool:

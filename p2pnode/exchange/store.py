@@ -521,6 +521,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def copy_into_place(
+    src: Path, partial: Path, dest: Path, manifest: Manifest, force: bool, fsync: bool
+) -> None:
+    """Copy a complete resource to ``dest`` through ``partial`` (blocking)."""
+    _remove_path(partial)
+    try:
+        if manifest.kind == "file":
+            shutil.copyfile(src, partial)
+        else:
+            shutil.copytree(src, partial, symlinks=False)
+        if fsync:
+            fsync_tree(partial, manifest)
+        _move_into_place(partial, dest, manifest, force=force)
+    except BaseException:
+        _remove_path(partial)
+        raise
+
+
 def _move_into_place(partial: Path, dest: Path, manifest: Manifest, *, force: bool) -> None:
     if dest.exists() or dest.is_symlink():
         if not force:
