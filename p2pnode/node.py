@@ -42,6 +42,7 @@ from p2pnode.home import (
 )
 from p2pnode.identity import Identity, peer_id_to_str
 from p2pnode.net.host import PeerHost
+from p2pnode.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Node:
         self._host: PeerHost | None = None
         self._exchange: Exchange | None = None
         self._control: ControlServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("node")
         self._stop_requested = asyncio.Event()
         self._joined = asyncio.Event()
         self._started_at = 0.0
@@ -85,7 +86,7 @@ class Node:
             raise
         self._running = True
         self._started_at = time.monotonic()
-        self._spawn(self._join_and_maintain(), "join")
+        self._tasks.spawn(self._join_and_maintain(), "join")
         log.info("node %s ready on port %d", self.peer_id, self._port)
 
     async def _start_parts(self) -> None:
@@ -138,7 +139,7 @@ class Node:
             return
         self._running = False
         started = time.monotonic()
-        await self._cancel_tasks()
+        await self._tasks.close()
         log.debug("ended background tasks in %.3f s", time.monotonic() - started)
         self._save_contacts()
         await self._stop_parts()
@@ -152,7 +153,7 @@ class Node:
         if not self._running:
             return
         self._running = False
-        await self._cancel_tasks()
+        await self._tasks.close()
         await self._stop_parts()
         self._lock.release()
 
@@ -170,22 +171,6 @@ class Node:
 
     async def wait_stop_requested(self) -> None:
         await self._stop_requested.wait()
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=f"node-{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
-
-    async def _cancel_tasks(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- joining -------------------------------------------------------------------
 

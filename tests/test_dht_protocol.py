@@ -24,7 +24,7 @@ from p2pnode.dht.config import DhtConfig
 from p2pnode.dht.protocol import DhtProtocol
 from p2pnode.dht.rpc_schema import FoundValue
 from p2pnode.dht.storage import ValueStore
-from p2pnode.dht.tasks import TaskSet
+from p2pnode.tasks import TaskSet
 
 OWN_ID = b"\x80" + b"\x00" * 19
 PEER = ("10.0.0.2", 4002)

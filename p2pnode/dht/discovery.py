@@ -39,8 +39,8 @@ from p2pnode.dht.rpc_schema import (
     normalize_host,
 )
 from p2pnode.dht.storage import ValueStore
-from p2pnode.dht.tasks import TaskSet
 from p2pnode.errors import P2PError, UsageError
+from p2pnode.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 

@@ -74,8 +74,8 @@ from p2pnode.dht.rpc_schema import (
     parse_request,
 )
 from p2pnode.dht.storage import ProviderStore, ValueStore
-from p2pnode.dht.tasks import TaskSet
 from p2pnode.errors import P2PError, P2PTimeoutError, UsageError
+from p2pnode.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 

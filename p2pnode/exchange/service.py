@@ -34,6 +34,7 @@ from p2pnode.exchange.fetcher import DownloadError, Fetcher, Progress
 from p2pnode.exchange.manifest import build_manifest, dht_key, resource_id_to_str
 from p2pnode.exchange.server import PieceServer
 from p2pnode.exchange.store import StaleError, StorageError, Store, StoredResource
+from p2pnode.tasks import TaskSet
 from p2pnode.wire.messages import Message
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ class Exchange:
         self._store: Store | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._server: PieceServer | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("exchange")
         self._downloads: dict[bytes, asyncio.Task[StoredResource]] = {}
         self._announce_now = asyncio.Event()
 
@@ -146,16 +147,15 @@ class Exchange:
             min_per_peer=self._config.serve_min_per_peer,
         )
         self._host.set_handler(self.handle)
-        self._spawn(self._announce_loop(), "exchange-announce")
+        self._tasks.spawn(self._announce_loop(), "announce")
         if self._config.stale_check_interval > 0:
-            self._spawn(self._watch_stale(), "exchange-stale-check")
+            self._tasks.spawn(self._watch_stale(), "stale-check")
 
     async def close(self) -> None:
-        tasks = list(self._tasks) + list(self._downloads.values())
-        for task in tasks:
+        downloads = list(self._downloads.values())
+        for task in downloads:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*downloads, self._tasks.close(), return_exceptions=True)
         self._downloads.clear()
         if self._executor is not None:
             # Waiting for in-flight disk work must not block the event loop.
@@ -263,7 +263,9 @@ class Exchange:
                 self._downloads.pop(resource_id, None)
         # The file is complete: announcing (a DHT lookup plus stores, slow under
         # churn) goes on in the background rather than delay the caller.
-        self._spawn(self._announce(resource_id), f"announce-{resource_id_to_str(resource_id)[:12]}")
+        self._tasks.spawn(
+            self._announce(resource_id), f"announce-{resource_id_to_str(resource_id)[:12]}"
+        )
         return ResourceInfo.from_stored(res)
 
     # -- announcing and staleness -------------------------------------------------
@@ -319,16 +321,6 @@ class Exchange:
         while True:
             await asyncio.sleep(self._config.stale_check_interval)
             await self.check_stale()
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("exchange task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def _first_change(paths: Any, stats: Any) -> str | None:
