@@ -295,6 +295,7 @@ class DhtProtocol(KademliaProtocol):
         if data[:1] == b"\x00" and not self._allow_request(host):
             self._drop("rate_limited")
             return
+        pending: _Pending | None = None
         if data[:1] == b"\x01" and len(data) > codec.HEADER_LEN:
             # Answers are decoded only if we are waiting for them, from that address.
             pending = self._outstanding.get(bytes(data[1 : codec.HEADER_LEN]))
@@ -311,7 +312,9 @@ class DhtProtocol(KademliaProtocol):
             self._fail_pending(data, exc)
             return
         if isinstance(message, Response):
-            self._accept_response_message(message, host, port)
+            # Checked above, before decoding (a response always has a full header).
+            assert pending is not None
+            self._accept_response_message(message, pending)
         else:
             self._handle_request(message, host, port)
 
@@ -329,14 +332,7 @@ class DhtProtocol(KademliaProtocol):
             return True
         return self._limiter.allow(host)
 
-    def _accept_response_message(self, message: Response, host: str, port: int) -> None:
-        pending = self._outstanding.get(message.msg_id)
-        if pending is None:
-            self._drop("unsolicited_response")
-            return
-        if pending.address != (host, port):
-            self._drop("wrong_source")
-            return
+    def _accept_response_message(self, message: Response, pending: _Pending) -> None:
         del self._outstanding[message.msg_id]
         self.stats["responses_received"] += 1
         if not pending.future.done():
