@@ -18,7 +18,8 @@ In one run, on loopback, each side in its own process:
   seconds per GiB of the downloader and of the providers (on a 2-core machine
   their sum bounds the throughput). The downloader logs its phases (providers,
   pieces, fsync+rename). BENCH_PROFILE=downloader,provider writes cProfile files
-  to /tmp.
+  to /tmp; BENCH_PERF=downloader,provider records those roles with ``perf record``
+  (kernel and native frames, only while data moves) to /tmp/bench-perf-*.data.
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ async def _node_main(args: argparse.Namespace) -> None:
                 flush=True,
             )
             before = _cpu()
+            _perf_toggle(True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+            _perf_toggle(False)
             print(json.dumps({"serve_cpu": _cpu() - before}), flush=True)
         else:
             rid = resource_id_from_str(args.id)
@@ -126,7 +129,9 @@ async def _node_main(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.1)
             t0 = time.perf_counter()
             cpu0 = _cpu()
+            _perf_toggle(True)
             info = await node.exchange.get(rid, Path(args.dest))
+            _perf_toggle(False)
             cpu = _cpu() - cpu0
             seconds = time.perf_counter() - t0
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -149,9 +154,34 @@ async def _node_main(args: argparse.Namespace) -> None:
 # --- the parent -------------------------------------------------------------------
 
 
+def _perf_wrap(argv: tuple[str, ...]) -> list[str]:
+    """BENCH_PERF=downloader,provider: run those roles under ``perf record``,
+    sampling only while they move data (the role toggles perf through a fifo)."""
+    roles = os.environ.get("BENCH_PERF", "")
+    role = argv[argv.index("--role") + 1] if "--role" in argv else ""
+    if not role or role not in roles or shutil.which("perf") is None:
+        return []
+    tag = f"{role}-{time.monotonic_ns()}"
+    ctl = Path(tempfile.gettempdir()) / f"bench-perf-{tag}.ctl"
+    os.mkfifo(ctl)
+    os.environ["BENCH_PERF_CTL"] = str(ctl)  # inherited by this child only: reset below
+    out = Path(tempfile.gettempdir()) / f"bench-perf-{tag}.data"
+    print(f"  [perf] {role} -> {out}", file=sys.stderr)
+    return ["perf", "record", "-q", "-g", "-e", "cpu-clock", "-F", "2999", "-D", "-1",
+            "--control", f"fifo:{ctl}", "-o", str(out), "--"]  # fmt: skip
+
+
+def _perf_toggle(on: bool) -> None:
+    ctl = os.environ.get("BENCH_PERF_CTL")
+    if ctl:
+        with open(ctl, "w") as f:
+            f.write("enable\n" if on else "disable\n")
+
+
 def _spawn(*argv: str) -> subprocess.Popen[str]:
+    os.environ.pop("BENCH_PERF_CTL", None)
     return subprocess.Popen(
-        [sys.executable, __file__, *argv],
+        [*_perf_wrap(argv), sys.executable, __file__, *argv],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

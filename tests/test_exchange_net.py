@@ -475,8 +475,8 @@ async def test_disk_full_keeps_partial_for_resume(
 ) -> None:
     import errno
 
-    from p2pnode.exchange.fetcher import PieceWriter
     from p2pnode.exchange.store import StorageError
+    from p2pnode.exchange.writer import PieceWriter
 
     data = _random_file(tmp_path / "src.bin", PS * 20)
     seed = await make_peer("seed")

@@ -30,6 +30,9 @@ class ExchangeConfig:
     progress_interval: float = 0.25
     # fsync the finished download before it is renamed into place.
     fsync: bool = True
+    # Write downloads with O_DIRECT where the filesystem allows it (no page-cache
+    # copy; see exchange/writer.py); False: always through the page cache.
+    direct_io: bool = True
     # Threads for disk reads (serving), writes and hashing (downloads).
     io_threads: int = 4
     # Sharing: threads hashing a file (0: as many as cores, at most 4).

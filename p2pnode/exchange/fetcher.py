@@ -11,8 +11,9 @@ Rules:
   large pieces: ``inflight_bytes_per_peer``), as the ``Picker`` hands out pieces
   (rarest first; endgame races the last ones).
 - Each request task also checks the answer against the piece hash and writes it
-  (``os.pwrite``), both in a worker thread, so the network never waits on the
-  disk; verified pieces are committed to the store in small batches.
+  (``PieceWriter``: O_DIRECT where possible), both in a worker thread, so the
+  network never waits on the disk; verified pieces are committed to the store in
+  small batches.
 - A peer whose piece fails verification, or that answers out of protocol, is
   banned; a peer that times out gets strikes and is dropped after
   ``max_failures``; a peer that says busy is paused with a doubling backoff (no
@@ -28,11 +29,9 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import shutil
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -53,10 +52,8 @@ from p2pnode.errors import (
 )
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.manifest import (
-    ContentReader,
     Manifest,
     dht_key,
-    file_paths,
     resource_id_to_str,
 )
 from p2pnode.exchange.picker import Picker
@@ -70,6 +67,7 @@ from p2pnode.exchange.store import (
     partial_path,
     storage_error,
 )
+from p2pnode.exchange.writer import PieceWriter, recheck_pieces
 from p2pnode.identity import peer_id_to_str
 from p2pnode.net.errors import RemoteError
 from p2pnode.net.host import PeerAddress
@@ -137,114 +135,9 @@ class Progress:
         }
 
 
-# --- blocking disk work (runs in worker threads) ----------------------------------
-
-
-# With fsync on, writeback is started every this many bytes written (fdatasync
-# in the writer thread), so it overlaps the transfer instead of following it.
+# With fsync on, writeback of page-cached bytes is started every this many bytes
+# written, so it overlaps the transfer instead of following it.
 FLUSH_EVERY = 64 * 1024 * 1024
-
-
-class PieceWriter:
-    """Verifies pieces and writes them into the partial file(s). Thread-safe.
-
-    ``close`` waits for writes in progress (a cancelled request's thread may still
-    be writing) before closing the files, so no write lands on a reused fd.
-    """
-
-    MAX_OPEN = 64
-
-    def __init__(self, manifest: Manifest, root: Path, *, flush_every: int = 0) -> None:
-        self._manifest = manifest
-        self._flush_every = flush_every  # 0: never flush along the way
-        self._paths = file_paths(root, manifest)
-        self._fds: dict[int, int] = {}
-        self._cond = threading.Condition()
-        self._active = 0
-        self._closed = False
-        self._unflushed = 0
-
-    def verify_and_write(self, index: int, data: bytes | bytearray | memoryview) -> bool:
-        """False if ``data`` is not piece ``index``; OSError if the disk refuses."""
-        if not self._manifest.verify_piece(index, data):
-            return False
-        with self._cond:
-            if self._closed:
-                raise OSError(errno.EBADF, "download closed")
-            self._active += 1
-        try:
-            view = memoryview(data)
-            for seg in self._manifest.piece_segments(index):
-                fd, owned = self._fd(seg.entry)
-                try:
-                    chunk = view[seg.piece_offset : seg.piece_offset + seg.length]
-                    done = 0
-                    while done < seg.length:
-                        done += os.pwrite(fd, chunk[done:], seg.file_offset + done)
-                    self._flush_some(fd, seg.length)
-                finally:
-                    if owned:
-                        os.close(fd)
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
-        return True
-
-    def _flush_some(self, fd: int, written: int) -> None:
-        # Start writeback while the transfer goes on, so the final fsync has
-        # little left to do (it was ~20% of a fast download). Flushes one file; a
-        # folder's other files are left to the final fsync.
-        if not self._flush_every:
-            return
-        with self._cond:
-            self._unflushed += written
-            if self._unflushed < self._flush_every:
-                return
-            self._unflushed = 0
-        os.fdatasync(fd)
-
-    def _fd(self, entry: int) -> tuple[int, bool]:
-        """An fd for the entry and whether the caller must close it."""
-        with self._cond:
-            fd = self._fds.get(entry)
-            if fd is not None:
-                return fd, False
-            fd = os.open(self._paths[entry], os.O_WRONLY)
-            if len(self._fds) < self.MAX_OPEN:
-                self._fds[entry] = fd
-                return fd, False
-            return fd, True
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            while self._active:
-                self._cond.wait()
-            fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
-
-
-def recheck_pieces(manifest: Manifest, root: Path, indices: Sequence[int]) -> list[int]:
-    """Re-hash recorded pieces of a partial; returns those that no longer verify."""
-    bad: list[int] = []
-    buf = bytearray(manifest.piece_size)
-    view = memoryview(buf)
-    try:
-        with ContentReader(file_paths(root, manifest), manifest) as reader:
-            for index in sorted(indices):
-                length = manifest.piece_length(index)
-                try:
-                    reader.read_into(index * manifest.piece_size, view[:length])
-                except OSError:
-                    bad.append(index)
-                    continue
-                if manifest.hash_piece(view[:length]) != manifest.piece_hash(index):
-                    bad.append(index)
-    except OSError:
-        return list(indices)
-    return bad
 
 
 # --- the download -----------------------------------------------------------------
@@ -379,7 +272,10 @@ class Fetcher:
         )
         done_bytes = sum(manifest.piece_length(i) for i in verified)
         writer = PieceWriter(
-            manifest, resource.root, flush_every=FLUSH_EVERY if self._config.fsync else 0
+            manifest,
+            resource.root,
+            direct=self._config.direct_io,
+            flush_every=FLUSH_EVERY if self._config.fsync else 0,
         )
         d = _Download(rid, manifest, resource, picker, writer, manifest.name, done_bytes)
         self._emit(d, progress, force=True)
