@@ -40,7 +40,7 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from p2pnode.clock import Clock
 from p2pnode.errors import (
@@ -166,7 +166,7 @@ class PeerConnection(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol -----------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
