@@ -323,7 +323,8 @@ def cmd_providers(args: argparse.Namespace, client: ControlClient) -> int:
 
 
 class _ProgressBar:
-    """One line on stderr, redrawn in place on a terminal, every few seconds otherwise."""
+    """One line on stderr, redrawn in place on a terminal, every few seconds otherwise;
+    a change of state (finishing, done) is always drawn, so the last line says 100%."""
 
     def __init__(self) -> None:
         self._tty = sys.stderr.isatty()
@@ -331,7 +332,8 @@ class _ProgressBar:
 
     def show(self, p: dict[str, Any]) -> None:
         now = time.monotonic()
-        if not self._tty and now - self._last < 2.0:
+        state = str(p.get("state", "downloading"))
+        if state == "downloading" and not self._tty and now - self._last < 2.0:
             return
         self._last = now
         total = max(1, int(p.get("total_bytes", 0)))
@@ -340,7 +342,7 @@ class _ProgressBar:
         line = (
             f"{100 * done / total:5.1f}%  {_size(done)} / {_size(total)}  "
             f"{_size(float(p.get('rate', 0)))}/s  peers {p.get('peers', 0)}  "
-            f"ETA {'?' if eta is None else f'{eta:.0f}s'}"
+            + (f"ETA {'?' if eta is None else f'{eta:.0f}s'}" if state == "downloading" else state)
         )
         sys.stderr.write(("\r" + line.ljust(78)) if self._tty else line + "\n")
         sys.stderr.flush()

@@ -45,6 +45,9 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     got = run_cli("--home", str(n3), "get", rid, "-o", str(out / "big.bin"))
     assert "verified" in got.stdout
     assert (out / "big.bin").read_bytes() == big.read_bytes()
+    # Progress (stderr, not a terminal here): however fast, the last line says 100%.
+    last = got.stderr.strip().splitlines()[-1]
+    assert last.startswith("100.0%") and last.endswith("done"), got.stderr
     # Into an existing folder: the resource keeps its own name.
     run_cli("--home", str(n3), "get", fid, "-o", str(out))
     for rel in ("a.jpg", "2024/summer/b.jpg", "empty.txt"):
