@@ -16,7 +16,9 @@ In one run, on loopback, each side in its own process:
   compared with the source. Printed: best of ``--repeat`` runs as a ratio to raw
   TCP (target >= 40%), every run's rate, the downloader's peak RSS, and the CPU
   seconds per GiB of the downloader and of the providers (on a 2-core machine
-  their sum bounds the throughput). The downloader logs its phases (providers,
+  their sum bounds the throughput); last, the CPU floor (benchmarks/cpu_floor.py):
+  each step every byte must go through, timed alone, and the throughput those
+  steps alone would allow on this many cores. The downloader logs its phases (providers,
   pieces, fsync+rename). BENCH_PROFILE=downloader,provider writes cProfile files
   to /tmp; BENCH_PERF=downloader,provider records those roles with ``perf record``
   (kernel and native frames, only while data moves) to /tmp/bench-perf-*.data.
@@ -39,6 +41,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import cpu_floor
+from cpu_floor import thread_cpu
 
 MiB = 1024 * 1024
 
@@ -73,6 +78,7 @@ def role_tcp_sink() -> None:
     srv.listen(1)
     print(json.dumps({"port": srv.getsockname()[1]}), flush=True)
     conn, _ = srv.accept()
+    cpu0 = thread_cpu()
     buf = bytearray(MiB)
     view = memoryview(buf)
     total = 0
@@ -83,7 +89,7 @@ def role_tcp_sink() -> None:
         total += n
     conn.sendall(b"k")
     conn.close()
-    print(json.dumps({"received": total}), flush=True)
+    print(json.dumps({"received": total, "cpu": thread_cpu() - cpu0}), flush=True)
 
 
 async def _node_main(args: argparse.Namespace) -> None:
@@ -185,7 +191,7 @@ def _perf_wrap(argv: tuple[str, ...]) -> list[str]:
     os.environ["BENCH_PERF_CTL"] = str(ctl)  # inherited by this child only: reset below
     out = Path(tempfile.gettempdir()) / f"bench-perf-{tag}.data"
     print(f"  [perf] {role} -> {out}", file=sys.stderr)
-    return ["perf", "record", "-q", "-g", "-e", "cpu-clock", "-F", "2999", "-D", "-1",
+    return ["perf", "record", "-q", "-e", "cpu-clock", "-F", "2999", "-D", "-1",
             "--control", f"fifo:{ctl}", "-o", str(out), "--"]  # fmt: skip
 
 
@@ -214,11 +220,15 @@ def _line(proc: subprocess.Popen[str]) -> dict[str, object]:
     return dict(json.loads(line))
 
 
+RAW_CPU: dict[str, float] = {}  # the best raw run's CPU s/GiB: "send", "recv"
+
+
 def raw_tcp(size: int) -> float:
     sink = _spawn("--role", "tcp-sink")
     port = int(str(_line(sink)["port"]))
     chunk = memoryview(os.urandom(MiB))
     sock = socket.create_connection(("127.0.0.1", port))
+    cpu0 = thread_cpu()
     t0 = time.perf_counter()
     sent = 0
     while sent < size:
@@ -227,9 +237,13 @@ def raw_tcp(size: int) -> float:
     sock.shutdown(socket.SHUT_WR)
     sock.recv(1)
     seconds = time.perf_counter() - t0
+    send_cpu = thread_cpu() - cpu0
     sock.close()
-    _line(sink)
+    recv_cpu = float(str(_line(sink)["cpu"]))
     sink.wait()
+    if not RAW_CPU or seconds < RAW_CPU["seconds"]:
+        gib = sent / 1024**3
+        RAW_CPU.update(seconds=seconds, send=send_cpu / gib, recv=recv_cpu / gib)
     return sent / seconds
 
 
@@ -437,10 +451,12 @@ def main() -> None:
             f"{manifest.piece_count} pieces of {manifest.piece_size // 1024} KiB); "
             f"sha256sum {shown}" + (f" -> ratio {sha / ours:.2f}x" if sha else "")
         )
+        raw_rates = [tcp]
         for n in [int(x) for x in args.providers.split(",") if x]:
             runs = []
             for _ in range(max(1, args.repeat)):
                 tcp_now = raw_tcp(size)  # baseline next to each run: the box is shared
+                raw_rates.append(tcp_now)
                 result, share_seconds = download(base, src, n, common)
                 runs.append((float(str(result["seconds"])), tcp_now, result, share_seconds))
             seconds, tcp_now, result, share_seconds = min(runs, key=lambda r: r[0])
@@ -462,6 +478,9 @@ def main() -> None:
                 f"share in node {share_seconds:.2f} s\n"
                 f"    downloader CPU s by thread (best run): {result.get('threads')}"
             )
+        if not args.plaintext:
+            steps = cpu_floor.measure(src)
+            print(cpu_floor.report(steps, RAW_CPU["send"], RAW_CPU["recv"], max(raw_rates)))
 
 
 if __name__ == "__main__":

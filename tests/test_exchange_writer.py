@@ -65,6 +65,34 @@ def test_pieces_written_and_flushed_along_the_way(
     assert writer.direct_bytes == (len(data) if direct else 0)  # /tmp here is ext4
 
 
+def test_page_aligned_pieces_go_to_disk_without_a_copy(tmp_path: Path) -> None:
+    """A piece in page-aligned memory (as received: see test_net_session) is written
+    with O_DIRECT straight from there; one in ordinary memory is staged first."""
+    import mmap
+
+    data = os.urandom(4 * PIECE)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    manifest, _ = build_manifest(src, piece_size=PIECE)
+    root = tmp_path / "out.bin"
+    _prepare(root, manifest)
+    writer = PieceWriter(manifest, root)
+    try:
+        for index in range(manifest.piece_count):
+            piece = data[index * PIECE : (index + 1) * PIECE]
+            if index % 2:
+                assert writer.verify_and_write(index, piece)  # bytes: staged
+                continue
+            aligned = mmap.mmap(-1, PIECE)
+            aligned[:] = piece
+            assert writer.verify_and_write(index, memoryview(aligned))
+    finally:
+        writer.close()
+    assert root.read_bytes() == data
+    assert writer.direct_bytes == len(data)
+    assert writer.staged_bytes == len(data) // 2
+
+
 def test_folder_with_unaligned_files_round_trips(tmp_path: Path) -> None:
     """Files start and end mid-piece and mid-block: heads and tails go through the
     page cache, aligned middles through O_DIRECT, and every byte lands right."""
