@@ -114,7 +114,13 @@ async def test_queue_is_bounded_but_fair(
 
     monkeypatch.setattr(PieceSource, "read", gated)
     server = PieceServer(
-        store, None, on_stale=lambda rid, why: None, max_reads=1, max_queued=1, min_per_peer=2
+        store,
+        None,
+        on_stale=lambda rid, why: None,
+        max_reads=1,
+        max_queued=1,
+        min_per_peer=2,
+        cached_reads=False,  # the queue is for disk reads: make every read one
     )
     flooder, honest = b"f" * 20, b"h" * 20
     flood = [asyncio.ensure_future(server.handle(flooder, GetPiece(rid, i))) for i in range(4)]
@@ -133,3 +139,41 @@ async def test_queue_is_bounded_but_fair(
     stats = server.stats()
     assert stats["rejected_busy"] == 2 and stats["pieces_served"] >= 1
     await asyncio.gather(*flood)
+
+
+async def test_cached_pieces_are_read_on_the_loop_others_in_a_thread(
+    store: Store, tmp_path: Path
+) -> None:
+    """A piece in the page cache costs no thread hand-off; once the kernel drops
+    the file's pages (fadvise DONTNEED after fsync), the read goes to the executor
+    and still serves the right bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = os.urandom(PS * 4)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    manifest, listing = build_manifest(path, piece_size=PS)
+    store.add_shared(manifest, listing.root, listing.stats)
+    rid = manifest.resource_id
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            Counting.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    with Counting(1) as pool:
+        server = PieceServer(store, pool, on_stale=lambda rid, why: None)
+        hot = await server.handle(b"x" * 20, GetPiece(rid, 1))
+        assert isinstance(hot, PieceData) and hot.data == data[PS : 2 * PS]
+        assert Counting.submitted == 0
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        cold = await server.handle(b"x" * 20, GetPiece(rid, 2))
+        assert isinstance(cold, PieceData) and cold.data == data[2 * PS : 3 * PS]
+        assert Counting.submitted == 1

@@ -4,8 +4,9 @@ Rules:
 
 - A resource is answered for when the store serves it (shared or complete and
   not stale) or when it is a download in progress (only its verified pieces).
-- Pieces are read off disk in worker threads (``PieceSource.read``), never on the
-  event loop. At most ``max_reads`` reads run at once (FIFO). Past ``max_queued``
+- A piece all in the page cache is read on the event loop (``read_cached``: a
+  copy, no disk wait); others are read off disk in worker threads
+  (``PieceSource.read``), at most ``max_reads`` at once (FIFO). Past ``max_queued``
   requests queued in all, a request is answered ``busy`` (so the asker backs off or
   tries elsewhere) unless its peer has fewer than ``min_per_peer`` queued: one peer
   (or a few) flooding the queue cannot starve the others. The queue is therefore
@@ -79,11 +80,13 @@ class PieceServer:
         max_reads: int = 4,
         max_queued: int = 256,
         min_per_peer: int = 2,
+        cached_reads: bool = True,
     ) -> None:
         self._store = store
         self._executor = executor
         self._on_stale = on_stale
         self._reads = asyncio.Semaphore(max_reads)
+        self._cached_reads = cached_reads
         self._max_queued = max_queued
         self._min_per_peer = min_per_peer
         self._pending = 0
@@ -141,9 +144,11 @@ class PieceServer:
         self._pending += 1
         self._queued[remote] += 1
         try:
-            async with self._reads:
-                loop = asyncio.get_running_loop()
-                data = await loop.run_in_executor(self._executor, src.read, msg.index)
+            data = src.read_cached(msg.index) if self._cached_reads else None
+            if data is None:
+                async with self._reads:
+                    loop = asyncio.get_running_loop()
+                    data = await loop.run_in_executor(self._executor, src.read, msg.index)
         except StaleError as exc:
             self.counters["stale"] += 1
             self._on_stale(rid, str(exc))
