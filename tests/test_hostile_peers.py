@@ -653,9 +653,11 @@ class PieceFlood:
         await self.task
 
 
-async def flood_piece_server(world: Net, connections: int, max_requests: int) -> PieceFlood:
+async def flood_piece_server(
+    world: Net, connections: int, max_requests: int, *, until: str = "busy"
+) -> PieceFlood:
     """Start the flood; returns once every connection is authenticated and the victim
-    has answered ``busy`` at least once."""
+    has answered ``until`` ("busy" or "pieces") at least once."""
     victim = world.victim
     src = world.tmp / "bait.bin"
     src.write_bytes(os.urandom(16 * PIECE))
@@ -685,7 +687,7 @@ async def flood_piece_server(world: Net, connections: int, max_requests: int) ->
 
     flood.task = asyncio.gather(*(run(p) for p in peers))
     try:
-        await eventually(lambda: seen["busy"] > 0, timeout=10, what="the queue to overflow")
+        await eventually(lambda: seen[until] > 0, timeout=10, what=f"the flood to get {until}")
     except BaseException:
         flood.task.cancel()
         await asyncio.gather(flood.task, return_exceptions=True)
@@ -696,8 +698,9 @@ async def flood_piece_server(world: Net, connections: int, max_requests: int) ->
 async def test_piece_server_queue_is_bounded(make_net: MakeNet) -> None:
     """Piece requests from many connections at once: past serve_max_queued the victim
     answers ``busy`` (counted) instead of queueing disk reads without end, and an
-    honest download completes during the flood."""
-    exchange = replace(EXCHANGE, serve_max_reads=1, serve_max_queued=8)
+    honest download completes during the flood. (Every read is made a disk read:
+    cached pieces are served on the loop and never queue; see the next test.)"""
+    exchange = replace(EXCHANGE, serve_max_reads=1, serve_max_queued=8, serve_cached_reads=False)
     world = await make_net(exchange=exchange)
     victim = world.victim
     async with attackers() as peers:
@@ -717,11 +720,32 @@ async def test_piece_server_queue_is_bounded(make_net: MakeNet) -> None:
     await world.healthy()
 
 
+async def test_flood_of_cached_pieces_leaves_room_for_an_honest_download(
+    make_net: MakeNet,
+) -> None:
+    """The same flood against pieces in the page cache, which the victim reads on
+    its event loop: the flooders get their pieces (as fast as they read them), no
+    read queues, and an honest download and DHT queries still get through."""
+    world = await make_net(exchange=replace(EXCHANGE, serve_max_reads=1, serve_max_queued=8))
+    victim = world.victim
+    async with attackers() as peers:
+        flood = await flood_piece_server(world, connections=6, max_requests=20_000, until="pieces")
+        peers += flood.peers
+        try:
+            await world.still_answers()
+            await world.download_completes(size=8 * PIECE)
+        finally:
+            await flood.stop()
+    assert flood.seen["other"] == 0 and flood.seen["pieces"] > 0
+    assert status_stat(victim, "exchange", "piece_requests_queued") == 0
+    await world.healthy()
+
+
 async def test_download_survives_bursts_that_fill_the_piece_queue(make_net: MakeNet) -> None:
     """An attacker times a burst of piece requests (from a few connections) just before
     each of the honest peer's piece requests (the test lets it see them coming): the
     victim is briefly busy for everyone, and the download slows down but completes."""
-    exchange = replace(EXCHANGE, serve_max_reads=1, serve_max_queued=8)
+    exchange = replace(EXCHANGE, serve_max_reads=1, serve_max_queued=8, serve_cached_reads=False)
     world = await make_net(exchange=exchange)
     victim, honest = world.victim, world.honest
     src = world.tmp / "bait.bin"

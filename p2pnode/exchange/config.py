@@ -41,6 +41,9 @@ class ExchangeConfig:
     # contacts (checked every contact_poll_interval), then every announce_interval.
     announce_interval: float = 3600.0
     contact_poll_interval: float = 2.0
+    # A piece all in the page cache is read on the event loop (no thread hand-off);
+    # False: every read goes through the I/O threads and the queue below.
+    serve_cached_reads: bool = True
     serve_max_reads: int = 4
     serve_max_queued: int = 256
     # Past serve_max_queued, each peer may still queue this many (fairness under a flood).

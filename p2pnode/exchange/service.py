@@ -145,6 +145,7 @@ class Exchange:
             max_reads=self._config.serve_max_reads,
             max_queued=self._config.serve_max_queued,
             min_per_peer=self._config.serve_min_per_peer,
+            cached_reads=self._config.serve_cached_reads,
         )
         self._host.set_handler(self.handle)
         self._tasks.spawn(self._announce_loop(), "announce")
