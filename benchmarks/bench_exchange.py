@@ -4,9 +4,11 @@
         [--plaintext] [--no-fsync] [--window 8] [--dir /tmp]
 
 In one run, on loopback, each side in its own process:
-- raw TCP throughput (blocking sockets, 1 MiB sends, recv_into) as the baseline,
-  measured again beside every download (the machine may be shared: the best
-  figure of the run is the one ratios use, which is the conservative choice);
+- two raw TCP baselines, each measured again beside every download (the machine
+  may be shared: the best figure of the run is the one ratios use, which is the
+  conservative choice): our own loop of blocking 1 MiB sends into recv_into (the
+  highest figure here), and iperf3 with its defaults if installed (the usual
+  "raw TCP" figure, ~2.5 GB/s on these machines per DESIGN.md);
 - a plain file copy to the same disk (after one warm-up copy: a fresh VM pays
   for first-touched page-cache memory), for scale;
 - hashing: `sha256sum` on the file next to p2pnode's share (manifest build);
@@ -249,8 +251,8 @@ def raw_tcp(size: int) -> float:
 
 def iperf3_rate(seconds: int = 2) -> float | None:
     """iperf3 on loopback with its defaults (128 KiB writes), if installed: the
-    figure people quote for "raw TCP" (DESIGN.md's ~2.5 GB/s). Our own raw_tcp
-    (1 MiB sends) is higher here; ratios use ours, this is printed for context."""
+    usual "raw TCP" figure (DESIGN.md's ~2.5 GB/s, the one the issue quotes). Our
+    own raw_tcp (1 MiB sends) is higher; both ratios are printed."""
     tool = shutil.which("iperf3")
     if tool is None:
         return None
@@ -434,9 +436,9 @@ def main() -> None:
               f"{'PLAINTEXT' if args.plaintext else 'encrypted (Noise)'} channel")  # fmt: skip
         tcp = raw_tcp(size)
         print(f"raw TCP loopback (blocking sockets):       {tcp / 1e9:6.2f} GB/s")
-        iperf = iperf3_rate()
-        if iperf is not None:
-            print(f"iperf3 loopback, default 128 KiB writes:   {iperf / 1e9:6.2f} GB/s (context)")
+        iperf_rates = [r for r in [iperf3_rate()] if r is not None]
+        if iperf_rates:
+            print(f"iperf3 loopback (its defaults):            {iperf_rates[0] / 1e9:6.2f} GB/s")
         print(f"disk: copying the file (shutil.copyfile):  {disk / 1e9:6.2f} GB/s")
 
         sha = sha256sum_seconds(src)
@@ -455,12 +457,14 @@ def main() -> None:
         for n in [int(x) for x in args.providers.split(",") if x]:
             runs = []
             for _ in range(max(1, args.repeat)):
-                tcp_now = raw_tcp(size)  # baseline next to each run: the box is shared
+                tcp_now = raw_tcp(size)  # baselines next to each run: the box is shared
                 raw_rates.append(tcp_now)
+                iperf_rates += [r for r in [iperf3_rate(1)] if r is not None]
                 result, share_seconds = download(base, src, n, common)
                 runs.append((float(str(result["seconds"])), tcp_now, result, share_seconds))
             seconds, tcp_now, result, share_seconds = min(runs, key=lambda r: r[0])
             best_tcp = max(tcp, *(r[1] for r in runs))
+            iperf = max(iperf_rates, default=None)
             rate = size / seconds
             peak = max(int(str(r[2]["peak_rss"])) for r in runs)
             all_rates = ", ".join(f"{size / r[0] / 1e9:.2f}" for r in runs)
@@ -468,10 +472,14 @@ def main() -> None:
             print(
                 f"download from {n} provider(s): best {seconds:5.2f} s  {rate / 1e9:5.2f} GB/s "
                 f"= {100 * rate / best_tcp:5.1f}% of raw TCP (best of this run, "
-                f"{best_tcp / 1e9:.2f} GB/s; target >= 40%), "
-                f"{100 * rate / disk:5.1f}% of disk copy"
-                + (f", {100 * rate / iperf:4.1f}% of iperf3" if iperf else "")
-                + "\n"
+                f"{best_tcp / 1e9:.2f} GB/s; target >= 40%)"
+                + (
+                    f", {100 * rate / iperf:5.1f}% of iperf3 (best of this run, "
+                    f"{iperf / 1e9:.2f} GB/s)"
+                    if iperf
+                    else ""
+                )
+                + f", {100 * rate / disk:5.1f}% of disk copy\n"
                 f"    runs [{all_rates}] GB/s; downloader peak RSS {peak / MiB:.0f} MiB; "
                 f"CPU per GiB: downloader {float(str(result['cpu'])) / gib:.2f} s, "
                 f"provider(s) {float(str(result['serve_cpu'])) / gib:.2f} s; "
