@@ -792,6 +792,36 @@ async def test_download_survives_bursts_that_fill_the_piece_queue(make_net: Make
     await world.still_answers()
 
 
+async def test_peer_that_never_reads_gets_no_pieces_read_for_it(make_net: MakeNet) -> None:
+    """A peer asks for pieces (in the page cache: read at once) and reads nothing:
+    once the victim's transport is paused, its other requests wait unhandled, so
+    no piece is read and held for it; after write_stall_timeout it is dropped."""
+    limits = replace(VICTIM_NET, write_buffer_high=64 * KIB, write_stall_timeout=1.0)
+    world = await make_net(net=limits)
+    victim = world.victim
+    src = world.tmp / "bait.bin"
+    src.write_bytes(os.urandom(16 * PIECE))
+    bait = await victim.exchange.share(src)
+    async with attackers() as peers:
+        peer = await RawPeer.connect(victim.port)
+        peers.append(peer)
+        peer.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await peer.handshake()
+        for conn in victim.peer_host._conns:
+            assert conn.transport is not None
+            conn.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+            )
+        window = limits.max_inflight_per_connection
+        peer.send(b"".join(peer.sealed(GetPiece(bait.resource_id, i)) for i in range(window)))
+        await eventually(
+            lambda: net_stat(victim, "closed_slow_reader") == 1, timeout=10, what="the drop"
+        )
+    served = status_stat(victim, "exchange", "pieces_served")
+    assert served <= 2, f"{served} of {window} pieces read for a peer that reads nothing"
+    await world.healthy()
+
+
 async def test_peer_that_never_reads_cannot_grow_the_write_buffer(make_net: MakeNet) -> None:
     """Requests answered at once (Ping, busy, errors) from a peer that never reads
     its answers: the victim's buffered output stays bounded and the peer is dropped."""

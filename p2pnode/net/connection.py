@@ -23,7 +23,10 @@ Rules
   Framing, handshake and authentication failures close the connection (the
   stream cannot be resynchronised).
 - Writes: answers and requests wait while the transport is paused
-  (``pause_writing``), so a slow reader pushes back on the handlers. Small
+  (``pause_writing``), so a slow reader pushes back on the handlers; a request
+  that arrives meanwhile is not even handled until then, so a peer that does
+  not read cannot make us read pieces for it and hold them. A transport paused
+  for ``write_stall_timeout`` closes the connection (``closed_slow_reader``). Small
   sealed frames are corked until the end of the loop iteration, so requests
   issued together leave in one ``send()``; a large frame first flushes the
   cork (order is kept: the Noise nonces were assigned when sealing).
@@ -129,6 +132,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._can_write.set()
         self._hs_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._closing = False
         self._write_cap = self._limits.write_buffer_high + self._limits.max_frame
         self._rate = self._limits.request_rate
@@ -221,9 +225,29 @@ class PeerConnection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         self._counters["write_pauses"] += 1
         self._can_write.clear()
+        if self._stall_timer is None and not self._closing:
+            self._stall_timer = self.loop.call_later(
+                self._limits.write_stall_timeout, self._on_write_stall
+            )
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _on_write_stall(self) -> None:
+        self._stall_timer = None
+        if self._closing:
+            return
+        self._counters["closed_slow_reader"] += 1
+        self.close(
+            LimitExceeded(
+                f"{self.describe()} read nothing of our answers for "
+                f"{self._limits.write_stall_timeout:g}s"
+            ),
+            abort=True,
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -298,10 +322,10 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.handshake.exception()  # retrieved: accepted connections have no awaiter
 
     def _cancel_timers(self) -> None:
-        for timer in (self._hs_timer, self._idle_timer):
+        for timer in (self._hs_timer, self._idle_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._hs_timer = self._idle_timer = None
+        self._hs_timer = self._idle_timer = self._stall_timer = None
 
     def _on_handshake_timeout(self) -> None:
         self._hs_timer = None
@@ -461,6 +485,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._send_now(response(request_id, reply))
 
     async def _serve(self, request_id: int, msg: Message) -> None:
+        while not self._can_write.is_set():  # see the module rules: no work for
+            await self._can_write.wait()  # a peer that does not read its answers
         reply = await self._call_handler(msg)
         try:
             while not self._can_write.is_set():
