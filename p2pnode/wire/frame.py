@@ -28,13 +28,14 @@ Rules
   view of an item that sat in its own body buffer (:meth:`PrefixDecoder.stable`)
   may therefore be kept past the next ``get_buffer()``, e.g. handed to a worker
   thread, without a copy. Views into the read scratch are never stable.
-- A large body (``ALIGN_MIN`` bytes or more) sits in page-aligned memory and ends
-  on a page boundary, so a trailing blob whose length is a multiple of the page
-  size (a piece) starts on one: the disk writer hands it to ``O_DIRECT`` as is.
+- A large body (``ALIGN_MIN`` bytes or more) ends on a page boundary, so a
+  trailing blob whose length is a multiple of the page size (a piece) starts on
+  one: the disk writer hands it to ``O_DIRECT`` as is.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import struct
 import sys
@@ -58,17 +59,26 @@ _POOL_KEEP = 8
 # variable and getrefcount's own argument (checked by a test).
 _FREE_REFS = 3
 _INITIAL_SCRATCH = 64 * 1024
-# Bodies at least this large live in anonymous mmaps (page-aligned), placed to
-# end on a page boundary (see the module rules).
+# Bodies at least this large get a page of slack and are placed to end on a page
+# boundary (see the module rules). Plain bytearrays: malloc reuses freed heap
+# memory, where fresh mmaps would be page-faulted anew for every large frame.
 ALIGN_MIN = 64 * 1024
 _PAGE = mmap.PAGESIZE
-Body = bytearray | mmap.mmap
 
 
-def _new_body(length: int) -> Body:
+def _new_body(length: int) -> bytearray:
+    return bytearray(length + _PAGE if length >= ALIGN_MIN else length)
+
+
+def _body_view(buf: bytearray, length: int) -> memoryview:
+    """``length`` bytes of ``buf`` ending on a page boundary when there is room."""
+    view = memoryview(buf)
     if length >= ALIGN_MIN:
-        return mmap.mmap(-1, -(-length // _PAGE) * _PAGE)
-    return bytearray(length)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        start = ((addr + len(buf)) & ~(_PAGE - 1)) - addr - length
+        if start >= 0:
+            return view[start : start + length]
+    return view[:length]
 
 
 class BufferPool:
@@ -138,10 +148,10 @@ class PrefixDecoder:
         # Body of the item being assembled: _need >= 0 while in a body.
         self._need = -1
         self._fill = 0
-        self._body: Body | None = None
+        self._body: bytearray | None = None
         self._body_view: memoryview | None = None
-        self._pool: list[Body] = []
-        self._lent: list[Body] = []
+        self._pool: list[bytearray] = []
+        self._lent: list[bytearray] = []
         # Read buffer: allocated on first use, small while reads are small,
         # doubled (up to scratch_size) whenever a read fills it; see trim().
         self._scratch_max = max(scratch_size, self._hsize, 1)
@@ -284,7 +294,7 @@ class PrefixDecoder:
         if chosen is None:
             chosen = _new_body(length)
         self._body = chosen
-        self._body_view = memoryview(chosen)[len(chosen) - length :]  # ends at the end
+        self._body_view = _body_view(chosen, length)
 
     def _finish_body(self) -> memoryview:
         assert self._body is not None and self._body_view is not None
