@@ -31,6 +31,17 @@ def _write_all(manifest: Manifest, root: Path, data: bytes, writer: PieceWriter)
         writer.close()
 
 
+def _single_file(tmp_path: Path, pieces: int) -> tuple[bytes, Manifest, Path]:
+    """Random content of ``pieces`` pieces, its manifest, and an empty partial file."""
+    data = os.urandom(pieces * PIECE)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    manifest, _ = build_manifest(src, piece_size=PIECE)
+    root = tmp_path / "out.bin"
+    _prepare(root, manifest)
+    return data, manifest, root
+
+
 def _prepare(root: Path, manifest: Manifest) -> None:
     for path, entry in zip(file_paths(root, manifest), manifest.entries, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,12 +55,7 @@ def _prepare(root: Path, manifest: Manifest) -> None:
 def test_pieces_written_and_flushed_along_the_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, flush_every: int, flushes: int
 ) -> None:
-    data = os.urandom(8 * PIECE)
-    src = tmp_path / "src.bin"
-    src.write_bytes(data)
-    manifest, _ = build_manifest(src, piece_size=PIECE)
-    root = tmp_path / "out.bin"
-    _prepare(root, manifest)
+    data, manifest, root = _single_file(tmp_path, 8)
     synced: list[int] = []
     real = os.fdatasync
 
@@ -70,12 +76,7 @@ def test_page_aligned_pieces_go_to_disk_without_a_copy(tmp_path: Path) -> None:
     with O_DIRECT straight from there; one in ordinary memory is staged first."""
     import mmap
 
-    data = os.urandom(4 * PIECE)
-    src = tmp_path / "src.bin"
-    src.write_bytes(data)
-    manifest, _ = build_manifest(src, piece_size=PIECE)
-    root = tmp_path / "out.bin"
-    _prepare(root, manifest)
+    data, manifest, root = _single_file(tmp_path, 4)
     writer = PieceWriter(manifest, root)
     try:
         for index in range(manifest.piece_count):
@@ -120,12 +121,7 @@ def test_filesystem_refusing_o_direct_falls_back_to_the_page_cache(
 ) -> None:
     """Some filesystems (FUSE, older tmpfs) answer O_DIRECT with EINVAL, at open or
     at the first write; nothing is lost and the rest is written buffered."""
-    data = os.urandom(4 * PIECE)
-    src = tmp_path / "src.bin"
-    src.write_bytes(data)
-    manifest, _ = build_manifest(src, piece_size=PIECE)
-    root = tmp_path / "out.bin"
-    _prepare(root, manifest)
+    data, manifest, root = _single_file(tmp_path, 4)
     direct_fds: set[int] = set()
     real_open, real_pwrite = os.open, os.pwrite
 
@@ -154,12 +150,7 @@ def test_filesystem_refusing_o_direct_falls_back_to_the_page_cache(
 def test_disk_errors_other_than_einval_are_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = os.urandom(2 * PIECE)
-    src = tmp_path / "src.bin"
-    src.write_bytes(data)
-    manifest, _ = build_manifest(src, piece_size=PIECE)
-    root = tmp_path / "out.bin"
-    _prepare(root, manifest)
+    data, manifest, root = _single_file(tmp_path, 2)
 
     def full(fd: int, data: memoryview, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
