@@ -805,6 +805,51 @@ async def test_peer_that_never_reads_gets_no_pieces_read_for_it(make_net: MakeNe
     await world.healthy()
 
 
+async def test_peer_that_reads_slowly_is_not_dropped(make_net: MakeNet) -> None:
+    """The other side of the rule above: a peer on a slow link keeps the victim's
+    transport paused longer than write_stall_timeout, but it reads, so the buffer
+    keeps shrinking and the connection stays."""
+    stall = 1.0
+    limits = replace(VICTIM_NET, write_buffer_high=1024 * KIB, write_stall_timeout=stall)
+    world = await make_net(net=limits)
+    victim = world.victim
+    src = world.tmp / "bait.bin"
+    src.write_bytes(os.urandom(8 * PIECE))
+    bait = await victim.exchange.share(src)
+    async with attackers() as peers:
+        peer = await RawPeer.connect(victim.port)
+        peers.append(peer)
+        # Kernel buffers small enough that the victim's transport drains at our pace.
+        peer.writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KIB
+        )
+        await peer.handshake()
+        (conn,) = victim.peer_host._conns
+        assert conn.transport is not None
+        conn.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        window = limits.max_inflight_per_connection
+        peer.send(b"".join(peer.sealed(GetPiece(bait.resource_id, i)) for i in range(window)))
+        loop = asyncio.get_running_loop()
+        paused_since: float | None = None
+        longest = 0.0
+        received = 0
+        while received < window * PIECE:  # ~300 KB/s
+            data = await asyncio.wait_for(peer.reader.read(16 * KIB), timeout=5)
+            assert data, f"the victim closed the connection: {victim.peer_host.stats()}"
+            received += len(data)
+            if conn.writable:
+                paused_since = None
+            else:
+                paused_since = paused_since or loop.time()
+                longest = max(longest, loop.time() - paused_since)
+            await asyncio.sleep(0.05)
+        assert longest > stall, f"paused for at most {longest:.2f}s: the test proves nothing"
+        assert net_stat(victim, "closed_slow_reader") == 0
+    await world.healthy()
+
+
 async def test_peer_that_never_reads_cannot_grow_the_write_buffer(make_net: MakeNet) -> None:
     """Requests answered at once (Ping, busy, errors) from a peer that never reads
     its answers: the victim's buffered output stays bounded and the peer is dropped."""

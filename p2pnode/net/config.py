@@ -20,8 +20,9 @@ class NetLimits:
     # Transport write buffer high-water mark (low = high // 4): above it,
     # answers and requests wait (backpressure).
     write_buffer_high: int = 4 * 1024 * 1024
-    # A transport paused this long (the peer reads nothing of our answers) closes
-    # the connection, counted as closed_slow_reader.
+    # A paused transport whose buffer has not shrunk for this long (the peer reads
+    # nothing of our answers) closes the connection, counted as closed_slow_reader;
+    # a peer that reads slowly is never dropped for it.
     write_stall_timeout: float = 60.0
     # Requests a peer may send per second on one connection (token bucket of
     # request_burst, default = request_rate); past it: ErrorReply busy, counted

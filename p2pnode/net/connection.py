@@ -25,8 +25,9 @@ Rules
 - Writes: answers and requests wait while the transport is paused
   (``pause_writing``), so a slow reader pushes back on the handlers; a request
   that arrives meanwhile is not even handled until then, so a peer that does
-  not read cannot make us read pieces for it and hold them. A transport paused
-  for ``write_stall_timeout`` closes the connection (``closed_slow_reader``). Small
+  not read cannot make us read pieces for it and hold them. A transport that
+  stays paused for ``write_stall_timeout`` without its buffer shrinking (the
+  peer reads nothing) closes the connection (``closed_slow_reader``). Small
   sealed frames are corked until the end of the loop iteration, so requests
   issued together leave in one ``send()``; a large frame first flushes the
   cork (order is kept: the Noise nonces were assigned when sealing).
@@ -133,6 +134,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._hs_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_mark = 0  # transport buffer size when the stall check was armed
         self._closing = False
         self._write_cap = self._limits.write_buffer_high + self._limits.max_frame
         self._rate = self._limits.request_rate
@@ -162,6 +164,11 @@ class PeerConnection(asyncio.BufferedProtocol):
     @property
     def inflight(self) -> int:
         return len(self._handlers)
+
+    @property
+    def writable(self) -> bool:
+        """False while the transport is paused (the peer is behind on reading)."""
+        return self._can_write.is_set()
 
     def describe(self) -> str:
         who = peer_id_to_str(self.remote_node_id) if self.remote_node_id else "?"
@@ -226,9 +233,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._counters["write_pauses"] += 1
         self._can_write.clear()
         if self._stall_timer is None and not self._closing:
-            self._stall_timer = self.loop.call_later(
-                self._limits.write_stall_timeout, self._on_write_stall
-            )
+            self._arm_stall_check()
 
     def resume_writing(self) -> None:
         self._can_write.set()
@@ -236,9 +241,21 @@ class PeerConnection(asyncio.BufferedProtocol):
             self._stall_timer.cancel()
             self._stall_timer = None
 
-    def _on_write_stall(self) -> None:
+    def _arm_stall_check(self) -> None:
+        assert self.transport is not None
+        self._stall_mark = self.transport.get_write_buffer_size()
+        self._stall_timer = self.loop.call_later(
+            self._limits.write_stall_timeout, self._check_write_stall
+        )
+
+    def _check_write_stall(self) -> None:
+        """Still paused: fine while the peer reads something (a slow link), dropped
+        once a whole ``write_stall_timeout`` went by without any of it read."""
         self._stall_timer = None
-        if self._closing:
+        if self._closing or self.transport is None:
+            return
+        if self.transport.get_write_buffer_size() < self._stall_mark:
+            self._arm_stall_check()
             return
         self._counters["closed_slow_reader"] += 1
         self.close(
