@@ -177,3 +177,30 @@ async def test_cached_pieces_are_read_on_the_loop_others_in_a_thread(
         cold = await server.handle(b"x" * 20, GetPiece(rid, 2))
         assert isinstance(cold, PieceData) and cold.data == data[2 * PS : 3 * PS]
         assert Counting.submitted == 1
+
+
+async def test_a_piece_over_many_files_is_read_in_a_thread(store: Store, tmp_path: Path) -> None:
+    """Each file of a piece is opened and checked: a piece spread over many small
+    files would stall the event loop, so it goes to the I/O threads, cached or not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"f{i:02}").write_bytes(os.urandom(1000))
+    manifest, listing = build_manifest(folder, piece_size=PS)
+    store.add_shared(manifest, listing.root, listing.stats)
+    assert len(manifest.piece_segments(0)) > 4
+    submitted = 0
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            nonlocal submitted
+            submitted += 1
+            return super().submit(*args, **kwargs)
+
+    with Counting(1) as pool:
+        server = PieceServer(store, pool, on_stale=lambda rid, why: None)
+        reply = await server.handle(b"x" * 20, GetPiece(manifest.resource_id, 0))
+    assert isinstance(reply, PieceData) and len(reply.data) == manifest.piece_length(0)
+    assert submitted == 1

@@ -76,6 +76,8 @@ CREATE TABLE IF NOT EXISTS pieces (
 _READ_POOL = BufferPool(keep=16)
 # preadv flag: fail with EAGAIN instead of waiting for the disk (Linux only).
 _NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+# read_cached only takes pieces spread over at most this many files.
+_CACHED_MAX_FILES = 4
 
 
 class StaleError(P2PError):
@@ -129,8 +131,8 @@ class PieceSource:
         as the disk would be needed (``RWF_NOWAIT``), or where that flag is not
         supported. Cheap enough for the event loop: it saves two thread hand-offs a
         piece, which cost more than the copy on a busy machine."""
-        if not _NOWAIT:
-            return None
+        if not _NOWAIT or len(self.manifest.piece_segments(index)) > _CACHED_MAX_FILES:
+            return None  # (each file is opened and checked: many would stall the loop)
         try:
             return self._read(index, _NOWAIT)
         except OSError as exc:
