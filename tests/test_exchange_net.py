@@ -549,15 +549,19 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-async def test_kill_9_mid_download_then_resume(make_peer: Factory, tmp_path: Path) -> None:
-    """A downloader process killed with SIGKILL resumes from its recorded pieces."""
+@pytest.mark.parametrize("piece_size", [PS, 256 * 1024], ids=["page-cache", "o-direct"])
+async def test_kill_9_mid_download_then_resume(
+    make_peer: Factory, tmp_path: Path, piece_size: int
+) -> None:
+    """A downloader process killed with SIGKILL resumes from its recorded pieces
+    (small pieces are written through the page cache, large ones with O_DIRECT)."""
     import json
     import signal
     import sys
 
-    data = _random_file(tmp_path / "src.bin", PS * 200)
+    data = _random_file(tmp_path / "src.bin", piece_size * 200)
     seed = await make_peer("seed")
-    manifest, listing = build_manifest(tmp_path / "src.bin", piece_size=PS)
+    manifest, listing = build_manifest(tmp_path / "src.bin", piece_size=piece_size)
     seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
     rid = manifest.resource_id
     await seed.discovery.add_provider(dht_key(rid), seed.host_port)
