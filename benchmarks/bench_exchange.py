@@ -53,7 +53,7 @@ MiB = 1024 * 1024
 # --- roles (run in child processes) -----------------------------------------------
 
 
-def _thread_cpu() -> dict[str, float]:
+def _cpu_by_thread() -> dict[str, float]:
     """CPU seconds of the main thread and of all others (Linux /proc)."""
     out: dict[str, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
@@ -152,12 +152,12 @@ async def _node_main(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.1)
             t0 = time.perf_counter()
             cpu0 = _cpu()
-            threads0 = _thread_cpu()
+            threads0 = _cpu_by_thread()
             _perf_toggle(True)
             info = await node.exchange.get(rid, Path(args.dest))
             _perf_toggle(False)
             cpu = _cpu() - cpu0
-            threads = {k: v - threads0.get(k, 0.0) for k, v in _thread_cpu().items()}
+            threads = {k: v - threads0.get(k, 0.0) for k, v in _cpu_by_thread().items()}
             seconds = time.perf_counter() - t0
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             print(
@@ -180,21 +180,23 @@ async def _node_main(args: argparse.Namespace) -> None:
 # --- the parent -------------------------------------------------------------------
 
 
-def _perf_wrap(argv: tuple[str, ...]) -> list[str]:
+def _perf_wrap(argv: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
     """BENCH_PERF=downloader,provider: run those roles under ``perf record``,
-    sampling only while they move data (the role toggles perf through a fifo)."""
+    sampling only while they move data (the role toggles perf through the fifo
+    named in its BENCH_PERF_CTL). Returns the command prefix and the child's env."""
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_PERF_CTL"}
     roles = os.environ.get("BENCH_PERF", "")
     role = argv[argv.index("--role") + 1] if "--role" in argv else ""
     if not role or role not in roles or shutil.which("perf") is None:
-        return []
+        return [], env
     tag = f"{role}-{time.monotonic_ns()}"
     ctl = Path(tempfile.gettempdir()) / f"bench-perf-{tag}.ctl"
     os.mkfifo(ctl)
-    os.environ["BENCH_PERF_CTL"] = str(ctl)  # inherited by this child only: reset below
+    env["BENCH_PERF_CTL"] = str(ctl)
     out = Path(tempfile.gettempdir()) / f"bench-perf-{tag}.data"
     print(f"  [perf] {role} -> {out}", file=sys.stderr)
     return ["perf", "record", "-q", "-e", "cpu-clock", "-F", "2999", "-D", "-1",
-            "--control", f"fifo:{ctl}", "-o", str(out), "--"]  # fmt: skip
+            "--control", f"fifo:{ctl}", "-o", str(out), "--"], env  # fmt: skip
 
 
 def _perf_toggle(on: bool) -> None:
@@ -205,9 +207,10 @@ def _perf_toggle(on: bool) -> None:
 
 
 def _spawn(*argv: str) -> subprocess.Popen[str]:
-    os.environ.pop("BENCH_PERF_CTL", None)
+    prefix, env = _perf_wrap(argv)
     return subprocess.Popen(
-        [*_perf_wrap(argv), sys.executable, __file__, *argv],
+        [*prefix, sys.executable, __file__, *argv],
+        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -36,6 +36,7 @@ from p2pnode.errors import P2PError, UsageError
 from p2pnode.exchange.manifest import (
     FileStat,
     Manifest,
+    Segment,
     file_paths,
     resource_id_to_str,
 )
@@ -122,7 +123,7 @@ class PieceSource:
         lands in a pooled buffer (``os.preadv``), reused only once the returned view
         and every view of it are gone.
         """
-        view = self._read(index, 0)
+        view = self._read(index, self.manifest.piece_segments(index), 0)
         assert view is not None
         return view
 
@@ -131,19 +132,20 @@ class PieceSource:
         as the disk would be needed (``RWF_NOWAIT``), or where that flag is not
         supported. Cheap enough for the event loop: it saves two thread hand-offs a
         piece, which cost more than the copy on a busy machine."""
-        if not _NOWAIT or len(self.manifest.piece_segments(index)) > _CACHED_MAX_FILES:
+        segments = self.manifest.piece_segments(index)
+        if not _NOWAIT or len(segments) > _CACHED_MAX_FILES:
             return None  # (each file is opened and checked: many would stall the loop)
         try:
-            return self._read(index, _NOWAIT)
+            return self._read(index, segments, _NOWAIT)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
                 return None
             raise
 
-    def _read(self, index: int, flags: int) -> memoryview | None:
+    def _read(self, index: int, segments: list[Segment], flags: int) -> memoryview | None:
         length = self.manifest.piece_length(index)
         view = memoryview(_READ_POOL.get(length))[:length]
-        for seg in self.manifest.piece_segments(index):
+        for seg in segments:
             path = self.paths[seg.entry]
             try:
                 fd = os.open(path, os.O_RDONLY)

@@ -14,7 +14,6 @@ buffered writes for the rest of the download.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -23,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from p2pnode.exchange.manifest import ContentReader, Manifest, file_paths
+from p2pnode.wire.frame import buffer_address
 
 # Alignment O_DIRECT needs (buffer address, file offset, length) on every Linux
 # filesystem we expect; 4096 also covers 4Kn disks.
@@ -37,7 +37,13 @@ def _aligned(view: memoryview) -> bool:
     frame body does: see p2pnode/wire/frame.py), so O_DIRECT can take it as is."""
     if view.readonly or not view.c_contiguous or not len(view):
         return False
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % BLOCK == 0
+    return buffer_address(view) % BLOCK == 0
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 class _Scratch(threading.local):
@@ -144,9 +150,7 @@ class PieceWriter:
                 src[:] = chunk
             else:
                 src = chunk
-            done = 0
-            while done < len(src):
-                done += os.pwrite(fd, src[done:], offset + done)
+            _pwrite_all(fd, src, offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -165,9 +169,7 @@ class PieceWriter:
             return
         fd, owned = self._fd(entry, direct=False)
         try:
-            done = 0
-            while done < len(chunk):
-                done += os.pwrite(fd, chunk[done:], offset + done)
+            _pwrite_all(fd, chunk, offset)
             self._flush_some(fd, len(chunk))
         finally:
             if owned:

@@ -66,6 +66,11 @@ ALIGN_MIN = 64 * 1024
 _PAGE = mmap.PAGESIZE
 
 
+def buffer_address(buf: bytearray | memoryview) -> int:
+    """Where a writable buffer's first byte sits in memory (for alignment checks)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
 def _new_body(length: int) -> bytearray:
     return bytearray(length + _PAGE if length >= ALIGN_MIN else length)
 
@@ -74,7 +79,7 @@ def _body_view(buf: bytearray, length: int) -> memoryview:
     """``length`` bytes of ``buf`` ending on a page boundary when there is room."""
     view = memoryview(buf)
     if length >= ALIGN_MIN:
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        addr = buffer_address(buf)
         start = ((addr + len(buf)) & ~(_PAGE - 1)) - addr - length
         if start >= 0:
             return view[start : start + length]
