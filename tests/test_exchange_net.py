@@ -21,7 +21,7 @@ from p2pnode.dht import DhtConfig, Discovery
 from p2pnode.errors import NotFoundError, ProtocolError, UsageError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.fetcher import Progress
-from p2pnode.exchange.manifest import MIN_PIECE_SIZE, build_manifest, dht_key
+from p2pnode.exchange.manifest import MIN_PIECE_SIZE, Manifest, build_manifest, dht_key
 from p2pnode.exchange.service import Exchange
 from p2pnode.identity import Identity
 from p2pnode.net.config import NetLimits
@@ -123,6 +123,14 @@ def _random_file(path: Path, size: int) -> bytes:
     return data
 
 
+async def _provide(peer: Peer, path: Path, piece_size: int = PS) -> Manifest:
+    """Share ``path`` on ``peer`` (small pieces: many of them) and announce it."""
+    manifest, listing = build_manifest(path, piece_size=piece_size)
+    peer.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    await peer.discovery.add_provider(dht_key(manifest.resource_id), peer.host_port)
+    return manifest
+
+
 def _patch(path: Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as handle:
         handle.seek(offset)
@@ -200,9 +208,7 @@ async def test_nested_folder(make_peer: Factory, tmp_path: Path) -> None:
     for rel, blob in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(blob)
-    manifest, listing = build_manifest(root, piece_size=PS)
-    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
-    await seed.discovery.add_provider(dht_key(manifest.resource_id), seed.host_port)
+    manifest = await _provide(seed, root)
     dest_parent = tmp_path / "downloads"
     dest_parent.mkdir()
     # An existing folder as destination receives the folder under its own name.
@@ -339,10 +345,8 @@ async def test_resume_rechecks_damaged_partial(make_peer: Factory, tmp_path: Pat
     data = _random_file(tmp_path / "src.bin", PS * 8)
     seed = await make_peer("seed")
     leech = await make_peer("leech", bootstrap=seed)
-    manifest, listing = build_manifest(tmp_path / "src.bin", piece_size=PS)
-    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    manifest = await _provide(seed, tmp_path / "src.bin")
     rid = manifest.resource_id
-    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
     dest = tmp_path / "dest.bin"
     # Pretend an earlier run recorded pieces 0-3, but piece 2 never reached the disk.
     res = leech.exchange.store.begin_download(manifest, dest)
@@ -439,10 +443,8 @@ async def test_all_providers_gone(make_peer: Factory, tmp_path: Path) -> None:
     _random_file(tmp_path / "f.bin", PS * 30)
     seed = await make_peer("seed")
     leech = await make_peer("leech", bootstrap=seed)
-    manifest, listing = build_manifest(tmp_path / "f.bin", piece_size=PS)
-    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    manifest = await _provide(seed, tmp_path / "f.bin")
     rid = manifest.resource_id
-    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
     gone = asyncio.Event()
 
     def dying(inner: Handler) -> Handler:
@@ -481,10 +483,8 @@ async def test_disk_full_keeps_partial_for_resume(
     data = _random_file(tmp_path / "src.bin", PS * 20)
     seed = await make_peer("seed")
     leech = await make_peer("leech", bootstrap=seed)
-    manifest, listing = build_manifest(tmp_path / "src.bin", piece_size=PS)
-    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    manifest = await _provide(seed, tmp_path / "src.bin")
     rid = manifest.resource_id
-    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
 
     real = PieceWriter.verify_and_write
     writes = 0
@@ -561,10 +561,8 @@ async def test_kill_9_mid_download_then_resume(
 
     data = _random_file(tmp_path / "src.bin", piece_size * 200)
     seed = await make_peer("seed")
-    manifest, listing = build_manifest(tmp_path / "src.bin", piece_size=piece_size)
-    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    manifest = await _provide(seed, tmp_path / "src.bin", piece_size)
     rid = manifest.resource_id
-    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
     # Answer slowly once some pieces went out, so the kill lands mid-download.
     throttle = asyncio.Event()
 
@@ -649,10 +647,8 @@ async def test_busy_provider_is_waited_for_not_dropped(make_peer: Factory, tmp_p
     seed = await make_peer("seed")
     config = replace(CONFIG, busy_backoff=0.01, busy_backoff_max=0.05)
     leech = await make_peer("leech", bootstrap=seed, config=config)
-    manifest, listing = build_manifest(tmp_path / "f.bin", piece_size=PS)
-    seed.exchange.store.add_shared(manifest, listing.root, listing.stats)
+    manifest = await _provide(seed, tmp_path / "f.bin")
     rid = manifest.resource_id
-    await seed.discovery.add_provider(dht_key(rid), seed.host_port)
     refusals = 0
 
     def overloaded(inner: Handler) -> Handler:
