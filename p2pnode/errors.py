@@ -42,3 +42,36 @@ class P2PTimeoutError(P2PError):
 
 class NodeNotRunning(P2PError):
     """No running node answers for this home."""
+
+
+class RemoteError(P2PError):
+    """The peer answered our request with an ``ErrorReply``.
+
+    ``code`` is one of ``p2pnode.wire.messages.ErrorCode`` (``not_found``,
+    ``busy``, ``bad_request``, ``internal``, ``unsupported``) or a newer one.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"remote error {code}: {message}" if message else f"remote error {code}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionClosed(P2PError):
+    """A peer connection closed (or was dropped) before the answer arrived."""
+
+
+class PeerUnreachable(P2PError):
+    """The TCP connection to a peer could not be opened."""
+
+
+class ChannelAuthError(ProtocolError):
+    """A secure-channel chunk failed authentication (tampered, replayed or reordered)."""
+
+
+class DhtClosed(P2PError):
+    """The DHT was closed while a call was in flight (or before it started)."""
+
+
+class Unroutable(P2PError):
+    """No way to send to that address from this socket (bad literal, other family)."""

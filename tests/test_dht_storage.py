@@ -6,8 +6,8 @@ import pytest
 
 from p2pnode.clock import FakeClock
 from p2pnode.dht.codec import MessageError
-from p2pnode.dht.ratelimit import RateLimiter
 from p2pnode.dht.storage import ProviderStore, ValueStore
+from p2pnode.ratelimit import RateLimiter
 
 
 def key(i: int) -> bytes:

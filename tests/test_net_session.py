@@ -13,9 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pnode.errors import HandshakeError, LimitExceeded, ProtocolError
+from p2pnode.errors import ChannelAuthError, HandshakeError, LimitExceeded, ProtocolError
 from p2pnode.identity import Identity, peer_id_to_str
-from p2pnode.net.errors import ChannelAuthError
 from p2pnode.net.session import (
     MAX_CHUNK,
     MAX_CHUNK_PLAINTEXT,

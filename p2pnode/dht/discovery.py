@@ -39,6 +39,7 @@ from p2pnode.dht.rpc_schema import (
     normalize_host,
 )
 from p2pnode.dht.storage import ValueStore
+from p2pnode.endpoints import LOOP_ENDPOINTS, Endpoints
 from p2pnode.errors import P2PError, UsageError
 from p2pnode.tasks import TaskSet
 
@@ -128,7 +129,13 @@ def _check_key(key: bytes) -> bytes:
 
 
 class Discovery:
-    def __init__(self, node_id: bytes, config: DhtConfig, clock: Clock = MONOTONIC) -> None:
+    def __init__(
+        self,
+        node_id: bytes,
+        config: DhtConfig,
+        clock: Clock = MONOTONIC,
+        endpoints: Endpoints = LOOP_ENDPOINTS,
+    ) -> None:
         if not is_node_id(node_id):
             raise UsageError("a node id is 20 bytes")
         if config.ksize < 1 or config.alpha < 1 or config.max_failures < 1:
@@ -140,6 +147,7 @@ class Discovery:
         self.node_id = node_id
         self.config = config
         self.clock = clock
+        self.endpoints = endpoints
         self._tasks = TaskSet("dht")
         self._storage = ValueStore(
             clock,
@@ -168,10 +176,10 @@ class Discovery:
             raise UsageError("this Discovery is closed")
         if self._protocol is not None:
             raise UsageError("already listening")
-        await self._server.listen(port, interface=host)
-        protocol: DhtProtocol = self._server.protocol
-        self._protocol = protocol
-        self._port = int(self._server.transport.get_extra_info("sockname")[1])
+        protocol = self._server._create_protocol()
+        transport, self._port = await self.endpoints.datagram_endpoint(lambda: protocol, host, port)
+        self._server.transport = transport
+        self._server.protocol = self._protocol = protocol
         self._local_host = _local_host(host)
         self._tasks.spawn(self._every(self.config.refresh_interval, self._refresh), "refresh")
         self._tasks.spawn(

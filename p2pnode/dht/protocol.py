@@ -47,7 +47,6 @@ from p2pnode.clock import Clock
 from p2pnode.dht import codec
 from p2pnode.dht.codec import Limits, MessageError, Request, Response
 from p2pnode.dht.config import DhtConfig
-from p2pnode.dht.ratelimit import RateLimiter
 from p2pnode.dht.rpc_schema import (
     EXTRA_RPCS,
     RPC_NAMES,
@@ -74,7 +73,8 @@ from p2pnode.dht.rpc_schema import (
     parse_request,
 )
 from p2pnode.dht.storage import ProviderStore, ValueStore
-from p2pnode.errors import P2PError, P2PTimeoutError, UsageError
+from p2pnode.errors import DhtClosed, P2PTimeoutError, Unroutable, UsageError
+from p2pnode.ratelimit import RateLimiter
 from p2pnode.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,6 @@ DROP_REASONS = (
     "wrong_source",
     "reply_too_large",
 )
-
-
-class DhtClosed(P2PError):
-    """The DHT was closed while a call was in flight (or before it started)."""
-
-
-class Unroutable(P2PError):
-    """No way to send to that address from this socket (bad literal, other family)."""
 
 
 @dataclass

@@ -47,6 +47,7 @@ from p2pnode.errors import (
     P2PError,
     P2PTimeoutError,
     ProtocolError,
+    RemoteError,
     UsageError,
     VerificationError,
 )
@@ -69,7 +70,6 @@ from p2pnode.exchange.store import (
 )
 from p2pnode.exchange.writer import PieceWriter, recheck_pieces
 from p2pnode.identity import peer_id_to_str
-from p2pnode.net.errors import RemoteError
 from p2pnode.net.host import PeerAddress
 from p2pnode.wire.messages import (
     ErrorCode,

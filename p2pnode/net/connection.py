@@ -48,17 +48,19 @@ from typing import Protocol, cast
 
 from p2pnode.clock import Clock
 from p2pnode.errors import (
+    ChannelAuthError,
+    ConnectionClosed,
     HandshakeError,
     LimitExceeded,
     NotFoundError,
     P2PError,
     P2PTimeoutError,
     ProtocolError,
+    RemoteError,
     UsageError,
 )
 from p2pnode.identity import peer_id_to_str
 from p2pnode.net.config import NetLimits
-from p2pnode.net.errors import ChannelAuthError, ConnectionClosed, RemoteError
 from p2pnode.net.session import Session
 from p2pnode.wire.frame import Buffer
 from p2pnode.wire.messages import (

@@ -34,11 +34,18 @@ from collections import Counter
 from dataclasses import dataclass
 
 from p2pnode.clock import MONOTONIC, Clock
-from p2pnode.errors import LimitExceeded, P2PError, P2PTimeoutError, UsageError
+from p2pnode.endpoints import LOOP_ENDPOINTS, Endpoints, ListeningServer
+from p2pnode.errors import (
+    ConnectionClosed,
+    LimitExceeded,
+    P2PError,
+    P2PTimeoutError,
+    PeerUnreachable,
+    UsageError,
+)
 from p2pnode.identity import Identity, peer_id_to_str
 from p2pnode.net.config import NetLimits
 from p2pnode.net.connection import Handler, PeerConnection
-from p2pnode.net.errors import ConnectionClosed, PeerUnreachable
 from p2pnode.net.session import Credentials, Session
 from p2pnode.wire.messages import DEFAULT_REGISTRY, DecodeLimits, Message, MessageRegistry
 
@@ -64,8 +71,15 @@ _DialKey = bytes | tuple[str, int]
 
 
 class PeerHost:
-    def __init__(self, identity: Identity, limits: NetLimits, clock: Clock = MONOTONIC) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        limits: NetLimits,
+        clock: Clock = MONOTONIC,
+        endpoints: Endpoints = LOOP_ENDPOINTS,
+    ) -> None:
         self.identity = identity
+        self.endpoints = endpoints
         self._node_id = identity.node_id
         self.limits = limits
         self.clock = clock
@@ -85,7 +99,7 @@ class PeerHost:
         self._inbound: set[PeerConnection] = set()
         self._dials: dict[_DialKey, asyncio.Task[PeerConnection]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[ListeningServer] = []
         self._closing = False
         if not limits.encrypt:
             log.warning(
@@ -106,16 +120,9 @@ class PeerHost:
         """Accept peer connections on TCP ``host:port``; return the bound port."""
         if self._closing:
             raise UsageError("PeerHost is closed")
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            self._accepted_protocol,
-            host,
-            port,
-            reuse_address=True,
-        )
+        server, bound = await self.endpoints.server(self._accepted_protocol, host, port)
         self._servers.append(server)
-        sockets = server.sockets
-        return int(sockets[0].getsockname()[1]) if sockets else port
+        return bound
 
     async def request(
         self, peer: PeerAddress, msg: Message, timeout: float | None = None
@@ -290,11 +297,10 @@ class PeerHost:
         session = self._session(expected=peer.node_id, initiator=True)
         conn = PeerConnection(self, session, dialed=(peer.host, peer.port))
         self._conns.add(conn)
-        loop = asyncio.get_running_loop()
         try:
             try:
                 async with asyncio.timeout(self.limits.handshake_timeout):
-                    await loop.create_connection(lambda: conn, peer.host, peer.port)
+                    await self.endpoints.connect(lambda: conn, peer.host, peer.port)
                     await conn.handshake
             except TimeoutError:
                 self.counters["handshake_timeouts"] += 1

@@ -68,7 +68,7 @@ from noise.exceptions import (
     NoiseValueError,
 )
 
-from p2pnode.errors import HandshakeError, ProtocolError
+from p2pnode.errors import ChannelAuthError, HandshakeError, ProtocolError
 from p2pnode.identity import (
     PUBLIC_KEY_LEN,
     Identity,
@@ -76,7 +76,6 @@ from p2pnode.identity import (
     peer_id_to_str,
     verify_signature,
 )
-from p2pnode.net.errors import ChannelAuthError
 from p2pnode.wire.frame import (
     CHUNK_HEADER,
     Buffer,

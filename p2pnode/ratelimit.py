@@ -1,4 +1,4 @@
-"""Token buckets keyed by source address. Pure: the clock is injected."""
+"""Token buckets: one per connection, or one per source address (DHT). Pure: time is injected."""
 
 from __future__ import annotations
 
