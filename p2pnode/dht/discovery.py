@@ -62,6 +62,16 @@ class Contact:
     last_seen: float | None  # time.time() when we last heard from it, None if never
 
 
+@dataclass
+class LookupTrace:
+    """How one lookup went: find_node queries sent, and hops: through how many
+    successive answers the target was first learned (0: already in the table;
+    None: not found, or never named in an answer)."""
+
+    queries: int = 0
+    hops: int | None = None
+
+
 @dataclass(frozen=True)
 class ProviderRecord:
     node_id: bytes  # provider's 20-byte node id (peer id)
@@ -328,16 +338,28 @@ class Discovery:
 
     async def find_peer(self, node_id: bytes) -> Contact | None:
         """The contact with exactly this id, if it can be found and it answers."""
+        contact, _ = await self.find_peer_traced(node_id)
+        return contact
+
+    async def find_peer_traced(self, node_id: bytes) -> tuple[Contact | None, LookupTrace]:
+        """:meth:`find_peer`, plus how the lookup went (queries sent, hops)."""
         node_id = _check_key(node_id)
         protocol = self._proto()
+        trace = LookupTrace()
         known = protocol.router.node_for(node_id)
         if known is not None:
-            return self._contact(known)
+            trace.hops = 0
+            return self._contact(known), trace
         wanted = Node(node_id)
         answered: list[Node] = []
+        depth: dict[bytes, int] = {}
 
         async def query(node: Node) -> list[Node] | None:
             nodes = await protocol.call_find_node(node, wanted)
+            trace.queries += 1
+            level = depth.get(node.id, 0)
+            for found in nodes or ():
+                depth.setdefault(found.id, level + 1)
             if nodes is not None and node.id == node_id:
                 answered.append(node)
             return nodes
@@ -345,7 +367,10 @@ class Discovery:
         # Stop as soon as the target itself answered: waiting for the rest of the
         # k closest would only add the timeouts of dead contacts.
         await self._lookup(node_id, query, done=lambda: bool(answered))
-        return self._contact(answered[0]) if answered else None
+        if not answered:
+            return None, trace
+        trace.hops = depth.get(node_id)
+        return self._contact(answered[0]), trace
 
     # -- values --------------------------------------------------------------------
 

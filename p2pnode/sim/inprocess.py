@@ -2,9 +2,8 @@
 its own home and real loopback sockets (UDP + TCP on 127.0.0.1, port 0).
 
 Public hooks used: ``Discovery.wrap_transport`` (``netem.ImpairedTransport`` adds
-loss/latency and counts bytes) and ``Node.abort`` (an abrupt kill: nothing saved).
-One private hook remains: ``Discovery._protocol.call_find_node`` is wrapped per
-instance by ``LookupTracer`` to measure hops per lookup.
+loss/latency and counts bytes), ``Node.abort`` (an abrupt kill: nothing saved)
+and ``Discovery.find_peer_traced`` (queries and hops per lookup).
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import dataclasses
 import logging
 import random
 import resource
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,41 +44,6 @@ def fds_needed(nodes: int) -> int:
     # UDP + TCP listener + control listener + lock + SQLite (db, wal, shm) + slack for
     # peer connections, pieces being read and control clients.
     return 1024 + nodes * 16
-
-
-@dataclass
-class _Trace:
-    queries: int = 0
-    depth: dict[bytes, int] = field(default_factory=dict)
-
-
-class LookupTracer:
-    """Traces the find_node queries of a node's lookups for registered targets: how
-    many were sent and, for every node learned, through how many successive
-    answers (its depth). Hops of a lookup = the depth at which the target was first
-    learned; 0 when it was already in the routing table (no query at all)."""
-
-    def __init__(self, protocol: Any) -> None:
-        self._inner: Callable[[Any, Any], Awaitable[Any]] = protocol.call_find_node
-        self._traces: dict[bytes, _Trace] = {}
-        protocol.call_find_node = self._call_find_node
-
-    def begin(self, target: bytes) -> None:
-        self._traces[target] = _Trace()
-
-    def end(self, target: bytes) -> tuple[int, int | None]:
-        trace = self._traces.pop(target, _Trace())
-        return trace.queries, trace.depth.get(target)
-
-    async def _call_find_node(self, node_to_ask: Any, node_to_find: Any) -> Any:
-        result = await self._inner(node_to_ask, node_to_find)
-        trace = self._traces.get(node_to_find.id)
-        if trace is not None:
-            trace.queries += 1
-            depth = trace.depth.get(node_to_ask.id, 0)
-            for node in result or ():
-                trace.depth.setdefault(node.id, depth + 1)
-        return result
 
 
 def _find_node_sent(stats: dict[str, Any]) -> int:
@@ -123,7 +85,6 @@ class InprocessNode(SimNode):
         self._cluster = cluster
         self.node: Node | None = None
         self._wire: netem.ImpairedTransport | None = None
-        self._tracer: LookupTracer | None = None
 
     async def start(self, bootstrap: list[tuple[str, int]], port: int = 0) -> None:
         for d in (self.home, self.files, self.downloads):
@@ -143,8 +104,6 @@ class InprocessNode(SimNode):
                 raise NodeFailure(f"start: {exc2}") from None
         # Nothing has been sent yet: the join task only runs at our next await.
         self._wire = self._cluster.impair(node)
-        protocol = netem.dht_protocol(node.discovery)
-        self._tracer = LookupTracer(protocol) if protocol is not None else None
         self.node = node
         self.node_id = node.node_id
         self.port = node.port
@@ -206,21 +165,17 @@ class InprocessNode(SimNode):
     async def find_peer(self, node_id: bytes) -> LookupOutcome:
         node = self._node()
         before = _find_node_sent(node.discovery.stats())
-        if self._tracer is not None:
-            self._tracer.begin(node_id)
         try:
-            contact = await node.discovery.find_peer(node_id)
+            contact, trace = await node.discovery.find_peer_traced(node_id)
         except P2PError as exc:
             raise NodeFailure(f"lookup: {type(exc).__name__}: {exc}") from None
-        finally:
-            queries, depth = self._tracer.end(node_id) if self._tracer else (0, None)
         rpcs = _find_node_sent(node.discovery.stats()) - before
-        found = contact is not None
-        hops: float | None = None
-        if found:
-            hops = float(depth) if depth is not None else (0.0 if queries == 0 else None)
+        hops = float(trace.hops) if contact is not None and trace.hops is not None else None
         return LookupOutcome(
-            found=found, port=contact.port if contact else None, rpcs=float(rpcs), hops=hops
+            found=contact is not None,
+            port=contact.port if contact else None,
+            rpcs=float(rpcs),
+            hops=hops,
         )
 
     async def traffic(self) -> Traffic:
