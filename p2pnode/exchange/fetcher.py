@@ -14,13 +14,21 @@ Rules:
   (``PieceWriter``: O_DIRECT where possible), both in a worker thread, so the
   network never waits on the disk; verified pieces are committed to the store in
   small batches.
-- A peer whose piece fails verification, or that answers out of protocol, is
-  banned; a peer that times out gets strikes and is dropped after
-  ``max_failures``; a peer that says busy is paused with a doubling backoff (no
-  strike) and dropped only after ``busy_give_up`` seconds without a piece; a peer
-  whose connection fails is dropped. Its pieces go back to the others.
-- When the picker has no peers left, the DHT is asked again (``rediscover_attempts``
-  times); then the download fails with ``DownloadError``, keeping what it verified.
+- What follows each request is decided by the pure ``DownloadPolicy``
+  (exchange/policy.py); this module only classifies how the request ended
+  (``PieceOutcome`` for an answer, ``FailureKind`` for an exception) and carries
+  the decision out. In short: a peer whose piece fails verification, or that
+  answers out of protocol, is banned; a peer that times out gets strikes and is
+  dropped after ``max_failures``; a peer that says busy is paused with a doubling
+  backoff (no strike) and dropped only after ``busy_give_up`` seconds without a
+  piece; a peer whose connection fails is dropped. Its pieces go back to the
+  others.
+- When the picker has no peers left, the providers are looked up again
+  (``rediscover_attempts`` times); then the download fails with
+  ``DownloadError``, keeping what it verified.
+- The network is reached only through two small protocols: ``PeerRequester``
+  (``PeerHost.request``) and ``ProviderFinder`` (``Discovery.find_providers`` /
+  ``remove_provider``).
 - Disk errors (ENOSPC...) end the download with ``StorageError``; the partial
   file and its records are kept, so running the same get again resumes.
 - Only when every piece is verified is the partial moved to its destination.
@@ -38,7 +46,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from p2pnode.clock import Clock
 from p2pnode.errors import (
@@ -58,6 +66,13 @@ from p2pnode.exchange.manifest import (
     resource_id_to_str,
 )
 from p2pnode.exchange.picker import Picker
+from p2pnode.exchange.policy import (
+    Action,
+    DownloadPolicy,
+    FailureKind,
+    PieceOutcome,
+    rediscover_delay,
+)
 from p2pnode.exchange.server import bitfield_to_set
 from p2pnode.exchange.store import (
     StorageError,
@@ -84,8 +99,7 @@ from p2pnode.wire.messages import (
 )
 
 if TYPE_CHECKING:
-    from p2pnode.dht.discovery import Discovery, ProviderRecord
-    from p2pnode.net.host import PeerHost
+    from p2pnode.dht.discovery import ProviderRecord
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +119,23 @@ class _BadAnswer(Exception):
 
 class DownloadError(P2PError):
     """A download could not finish with the providers there are; what was verified is kept."""
+
+
+class PeerRequester(Protocol):
+    """Sends one request to a peer and returns its answer (``PeerHost``)."""
+
+    async def request(
+        self, peer: PeerAddress, msg: Message, timeout: float | None = None
+    ) -> Message: ...
+
+
+class ProviderFinder(Protocol):
+    """Finds who provides a key (``Discovery``); ``remove_provider`` stops our own
+    announcement of a copy we no longer have."""
+
+    async def find_providers(self, key: bytes, want: int = 20) -> list[ProviderRecord]: ...
+
+    def remove_provider(self, key: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -147,10 +178,6 @@ FLUSH_EVERY = 64 * 1024 * 1024
 class _PeerInfo:
     record: ProviderRecord
     last_error: str = ""
-    # "busy" answers: ask again after backoff_until; give up if busy for too long.
-    backoff_delay: float = 0.0
-    backoff_until: float = 0.0
-    busy_since: float | None = None
 
 
 @dataclass
@@ -159,11 +186,12 @@ class _Download:
     manifest: Manifest
     resource: StoredResource
     picker: Picker
+    policy: DownloadPolicy
     writer: PieceWriter
     name: str
     done_bytes: int
     peers: dict[bytes, _PeerInfo] = field(default_factory=dict)
-    tasks: dict[tuple[bytes, int], asyncio.Task[str]] = field(default_factory=dict)
+    tasks: dict[tuple[bytes, int], asyncio.Task[PieceOutcome]] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     samples: deque[tuple[float, int]] = field(default_factory=deque)
     last_progress: float = -1e18
@@ -182,16 +210,16 @@ class Fetcher:
         self,
         *,
         store: Store,
-        host: PeerHost,
-        discovery: Discovery,
+        requester: PeerRequester,
+        providers: ProviderFinder,
         config: ExchangeConfig,
         clock: Clock,
         executor: Executor | None,
         own_node_id: bytes | None = None,
     ) -> None:
         self._store = store
-        self._host = host
-        self._discovery = discovery
+        self._requester = requester
+        self._providers = providers
         self._config = config
         self._clock = clock
         self._executor = executor
@@ -216,24 +244,22 @@ class Fetcher:
                 return await self._copy_local(existing, dest, force=force)
             # We had it, but it changed or went away: forget that copy, fetch anew.
             self._store.remove(rid)
-            self._discovery.remove_provider(dht_key(rid))
+            self._providers.remove_provider(dht_key(rid))
             existing = None
         providers: list[ProviderRecord] | None = None
         if existing is not None:
             manifest = existing.manifest
         else:
             providers = await self._find_providers(rid)
-            for attempt in range(1, self._config.rediscover_attempts + 1):
-                if providers:
-                    break
+            lookups = 1
+            while not providers:
                 # A lookup can miss under loss or churn: ask again before giving up.
-                await asyncio.sleep(self._config.rediscover_delay * attempt)
+                delay = rediscover_delay(self._config, lookups - 1)
+                if delay is None:
+                    raise NotFoundError(f"no providers found for {rid_text} ({lookups} lookups)")
+                await asyncio.sleep(delay)
                 providers = await self._find_providers(rid)
-            if not providers:
-                raise NotFoundError(
-                    f"no providers found for {rid_text} "
-                    f"({self._config.rediscover_attempts + 1} lookups)"
-                )
+                lookups += 1
             manifest = await self._fetch_manifest(rid, providers)
         dest = self._resolve_dest(dest, manifest, existing, force=force)
         self._store.claim_dest(dest)
@@ -277,7 +303,8 @@ class Fetcher:
             direct=self._config.direct_io,
             flush_every=FLUSH_EVERY if self._config.fsync else 0,
         )
-        d = _Download(rid, manifest, resource, picker, writer, manifest.name, done_bytes)
+        policy = DownloadPolicy(self._config, picker)
+        d = _Download(rid, manifest, resource, picker, policy, writer, manifest.name, done_bytes)
         self._emit(d, progress, force=True)
         t_transfer = time.perf_counter()
         try:
@@ -326,7 +353,7 @@ class Fetcher:
     async def _find_providers(self, rid: bytes) -> list[ProviderRecord]:
         want = self._config.max_peers_per_download
         try:
-            found = await self._discovery.find_providers(dht_key(rid), want=want)
+            found = await self._providers.find_providers(dht_key(rid), want=want)
         except P2PError as exc:
             log.warning("provider lookup failed: %s", exc)
             return []
@@ -478,10 +505,11 @@ class Fetcher:
                     raise _first_p2p_error(group) from None
             if d.picker.done:
                 return
-            if attempts >= self._config.rediscover_attempts:
+            decision = d.policy.when_no_peers(attempts)
+            if decision.action is Action.GIVE_UP:
                 break
             attempts += 1
-            await asyncio.sleep(self._config.rediscover_delay * attempts)
+            await asyncio.sleep(decision.delay)
             providers = await self._find_providers(d.resource_id)
         missing = len(d.picker.missing)
         reasons = "; ".join(
@@ -498,15 +526,15 @@ class Fetcher:
     ) -> None:
         key = rec.node_id
         picker = d.picker
+        policy = d.policy
         usable, have = await self._ask_have(d, rec)
-        if not usable or not picker.add_peer(key, have):
+        if not usable or not policy.join(key, have):
             return
         d.wake()
-        inflight: dict[asyncio.Task[str], int] = {}
-        info = d.peers[key]
+        inflight: dict[asyncio.Task[PieceOutcome], int] = {}
         try:
             while not picker.done and key in picker.peers:
-                pause = info.backoff_until - self._clock.now()
+                pause = policy.pause_left(key, self._clock.now())
                 if pause <= 0:
                     for index in picker.next_requests(key, self._clock.now()):
                         task = asyncio.create_task(self._fetch_piece(d, rec, index))
@@ -516,11 +544,8 @@ class Fetcher:
                     if pause > 0:
                         await asyncio.sleep(pause)  # the peer said busy: back off
                         continue
-                    # Nothing this peer has is missing, and nothing may come back.
-                    if not picker.can_finish() and not any(
-                        picker.outstanding(p) for p in picker.peers
-                    ):
-                        break
+                    if not policy.keep_waiting():
+                        break  # nothing this peer has is missing, and none may come back
                     await d.changed.wait()
                     continue
                 done, _ = await asyncio.wait(
@@ -540,7 +565,7 @@ class Fetcher:
                 await asyncio.gather(*inflight, return_exceptions=True)
             for index in inflight.values():
                 d.tasks.pop((key, index), None)
-            picker.drop_peer(key)
+            policy.leave(key)
             d.wake()
 
     async def _ask_have(self, d: _Download, rec: ProviderRecord) -> tuple[bool, set[int] | None]:
@@ -556,30 +581,29 @@ class Fetcher:
             return False, None
         if not isinstance(reply, Have) or reply.resource_id != d.resource_id:
             info.last_error = "answered GetHave with something else"
-            d.picker.ban_peer(rec.node_id)
+            d.policy.ban(rec.node_id)
             return False, None
         if reply.complete:
             return True, None
         held = bitfield_to_set(reply.bitfield, d.manifest.piece_count)
         if held is None:
             info.last_error = "sent a malformed bitfield"
-            d.picker.ban_peer(rec.node_id)
+            d.policy.ban(rec.node_id)
             return False, None
         if not held:
             info.last_error = "has no pieces yet"
             return False, None
         return True, held
 
-    async def _fetch_piece(self, d: _Download, rec: ProviderRecord, index: int) -> str:
-        """Ask for a piece, verify it and write it. Returns "ok", "bad" (failed
-        verification) or "dup" (no longer needed); raises on request errors."""
+    async def _fetch_piece(self, d: _Download, rec: ProviderRecord, index: int) -> PieceOutcome:
+        """Ask for a piece, verify it and write it; raises on request errors."""
         reply = await self._request(rec, GetPiece(d.resource_id, index), self._config.piece_timeout)
         if not isinstance(reply, PieceData) or reply.resource_id != d.resource_id:
             raise _BadAnswer("answered GetPiece with something else")
         if reply.index != index:
             raise _BadAnswer(f"sent piece {reply.index} for {index}")
         if not d.picker.is_missing(index):
-            return "dup"
+            return PieceOutcome.DUPLICATE
         loop = asyncio.get_running_loop()
         try:
             ok = await loop.run_in_executor(
@@ -587,59 +611,43 @@ class Fetcher:
             )
         except OSError as exc:
             raise storage_error(exc, d.resource.root) from None
-        return "ok" if ok else "bad"
+        return PieceOutcome.OK if ok else PieceOutcome.BAD
 
     def _on_outcome(
         self,
         d: _Download,
         rec: ProviderRecord,
         index: int,
-        task: asyncio.Task[str],
+        task: asyncio.Task[PieceOutcome],
         progress: ProgressCallback | None,
     ) -> None:
         key = rec.node_id
-        picker = d.picker
         info = d.peers[key]
         if task.cancelled():
             return  # an endgame duplicate we no longer need
         failure = task.exception()
         if failure is not None:
             info.last_error = str(failure) or type(failure).__name__
-            if isinstance(failure, StorageError):
+            kind = _classify(failure)
+            if kind is None:
+                raise failure  # a bug, not a peer's doing
+            decision = d.policy.on_failure(key, index, kind, self._clock.now())
+            if decision.action is Action.FAIL:
                 raise failure
-            if isinstance(failure, RemoteError):
-                if failure.code == ErrorCode.BUSY:
-                    self._busy(d, info, key, index)
-                elif failure.code == ErrorCode.NOT_FOUND:
-                    picker.drop_peer(key)  # it no longer has the resource
-                else:
-                    picker.request_failed(key, index)  # internal, ...: strikes
-            elif isinstance(failure, P2PTimeoutError):
-                picker.request_failed(key, index)
-            elif isinstance(failure, LimitExceeded):
-                picker.drop_peer(key)
-            elif isinstance(failure, ProtocolError | _BadAnswer):
+            if decision.action is Action.BAN:
                 log.info("banning %s: %s", _who(rec), failure)
-                picker.ban_peer(key)
-            elif isinstance(failure, P2PError | OSError):
-                picker.drop_peer(key)
-            else:
-                raise failure
             d.wake()
             return
         outcome = task.result()
-        info.busy_since = None
-        info.backoff_delay = 0.0
-        if outcome == "bad":
+        decision = d.policy.on_piece(key, index, outcome)
+        if decision.action is Action.BAN:
             info.last_error = f"piece {index} failed verification"
             log.warning("banning %s: piece %d failed verification", _who(rec), index)
-            picker.ban_peer(key)
             d.wake()
             return
-        if outcome == "dup" or not picker.is_missing(index):
-            picker.piece_done(key, index)  # a late endgame duplicate
-            return
-        for other in picker.piece_done(key, index):
+        if decision.action is not Action.ACCEPT:
+            return  # a late endgame duplicate
+        for other in decision.cancel:
             dup = d.tasks.pop((cast(bytes, other), index), None)
             if dup is not None:
                 dup.cancel()
@@ -648,26 +656,9 @@ class Fetcher:
         now = self._clock.now()
         if len(d.unrecorded) >= RECORD_BATCH or now - d.last_record >= RECORD_INTERVAL:
             self._record(d)
-        if picker.done:
+        if d.picker.done:
             d.wake()
         self._emit(d, progress)
-
-    def _busy(self, d: _Download, info: _PeerInfo, key: bytes, index: int) -> None:
-        """The peer is overloaded: put the piece back and pause asking it (doubling the
-        pause each time); drop it only after busy_give_up seconds without a piece."""
-        now = self._clock.now()
-        if info.busy_since is None:
-            info.busy_since = now
-        if now - info.busy_since >= self._config.busy_give_up:
-            d.picker.drop_peer(key)
-            return
-        d.picker.request_refused(key, index)
-        if now >= info.backoff_until:
-            info.backoff_delay = min(
-                max(self._config.busy_backoff, info.backoff_delay * 2),
-                self._config.busy_backoff_max,
-            )
-            info.backoff_until = now + info.backoff_delay
 
     def _record(self, d: _Download) -> None:
         """Commit the pieces verified and written since the last commit."""
@@ -677,7 +668,8 @@ class Fetcher:
         d.last_record = self._clock.now()
 
     async def _request(self, rec: ProviderRecord, msg: Message, timeout: float) -> Message:
-        return await self._host.request(PeerAddress(rec.node_id, rec.host, rec.port), msg, timeout)
+        peer = PeerAddress(rec.node_id, rec.host, rec.port)
+        return await self._requester.request(peer, msg, timeout)
 
     # -- progress ------------------------------------------------------------------
 
@@ -757,6 +749,27 @@ def _first_p2p_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(exc, P2PError):
             return exc
     return group
+
+
+def _classify(failure: BaseException) -> FailureKind | None:
+    """How a piece request failed, for the policy; None: not a peer's or disk's doing."""
+    if isinstance(failure, StorageError):
+        return FailureKind.STORAGE
+    if isinstance(failure, RemoteError):
+        if failure.code == ErrorCode.BUSY:
+            return FailureKind.BUSY
+        if failure.code == ErrorCode.NOT_FOUND:
+            return FailureKind.NOT_FOUND
+        return FailureKind.REMOTE
+    if isinstance(failure, P2PTimeoutError):
+        return FailureKind.TIMEOUT
+    if isinstance(failure, LimitExceeded):  # a ProtocolError, but ours: checked first
+        return FailureKind.LIMIT
+    if isinstance(failure, ProtocolError | _BadAnswer):
+        return FailureKind.PROTOCOL
+    if isinstance(failure, P2PError | OSError):
+        return FailureKind.CONNECTION
+    return None
 
 
 def _who(rec: ProviderRecord) -> str:

@@ -233,8 +233,8 @@ class Exchange:
             raise UsageError(f"{resource_id_to_str(resource_id)} is already being downloaded")
         fetcher = Fetcher(
             store=store,
-            host=self._host,
-            discovery=self._discovery,
+            requester=self._host,
+            providers=self._discovery,
             config=self._config,
             clock=self._clock,
             executor=self._executor,
