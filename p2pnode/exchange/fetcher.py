@@ -292,7 +292,6 @@ class Fetcher:
             manifest.piece_count,
             done=verified,
             window=max(1, min(self._config.requests_per_peer, max(2, by_bytes))),
-            timeout=self._config.piece_timeout,
             max_failures=self._config.max_failures,
             endgame_copies=self._config.endgame_copies,
         )
@@ -536,7 +535,7 @@ class Fetcher:
             while not picker.done and key in picker.peers:
                 pause = policy.pause_left(key, self._clock.now())
                 if pause <= 0:
-                    for index in picker.next_requests(key, self._clock.now()):
+                    for index in picker.next_requests(key):
                         task = asyncio.create_task(self._fetch_piece(d, rec, index))
                         inflight[task] = index
                         d.tasks[(key, index)] = task

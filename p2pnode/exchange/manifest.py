@@ -382,15 +382,6 @@ class Manifest:
     def piece_segments(self, index: int) -> list[Segment]:
         return list(self.segments(index * self.piece_size, self.piece_length(index)))
 
-    def relative_paths(self) -> list[str]:
-        """Paths of the entries relative to the destination root.
-
-        For a file resource the root is the file itself, so the one path is "".
-        """
-        if self.kind == "file":
-            return [""]
-        return [e.path for e in self.entries]
-
     def summary(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

@@ -1,10 +1,10 @@
-"""Piece picking for one download: pure, clock-driven, no I/O.
+"""Piece picking for one download: pure, no clock, no I/O.
 
 State rules:
 
 - A piece is *missing* until ``piece_done``; a missing piece is *pending* when no
   peer has a request out for it, *in flight* otherwise.
-- ``next_requests(peer, now)`` hands a peer pending pieces it has, rarest first
+- ``next_requests(peer)`` hands a peer pending pieces it has, rarest first
   (fewest peers known to have it, then lowest index, for disk locality), until it
   has ``window`` requests out. In normal mode a piece is out to one peer at a time.
 - Endgame: once no piece is pending, a peer with spare slots is also given pieces
@@ -12,9 +12,10 @@ State rules:
   slow peer cannot hold up the end. The first copy to arrive wins; ``piece_done``
   returns the other peers still asked for that piece so the caller can cancel or
   ignore their answers.
-- A failed or timed-out request puts the piece back (pending unless still in flight
-  elsewhere) and counts a strike on the peer: its window halves; after
-  ``max_failures`` strikes in a row the peer is dropped. A refused one ("busy")
+- A failed or timed-out request (the caller's request carries the timeout) puts
+  the piece back (pending unless still in flight elsewhere) and counts a strike
+  on the peer: its window halves; after ``max_failures`` strikes in a row the
+  peer is dropped. A refused one ("busy")
   puts the piece back and halves the window without a strike. A success resets
   strikes and regrows the window by one.
 - A peer that sent a piece failing verification is banned: dropped, its requests
@@ -33,14 +34,8 @@ PeerKey = Hashable
 class _Peer:
     have: set[int] | None  # None: has every piece
     window: int
-    outstanding: dict[int, float] = field(default_factory=dict)  # index -> deadline
+    outstanding: set[int] = field(default_factory=set)
     strikes: int = 0
-
-
-@dataclass(frozen=True)
-class Expired:
-    peer: PeerKey
-    index: int
 
 
 class Picker:
@@ -50,7 +45,6 @@ class Picker:
         *,
         done: Iterable[int] = (),
         window: int = 8,
-        timeout: float = 20.0,
         max_failures: int = 3,
         endgame_copies: int = 2,
     ) -> None:
@@ -58,7 +52,6 @@ class Picker:
             raise ValueError("window, endgame_copies and max_failures must be >= 1")
         self.piece_count = piece_count
         self.window = window
-        self.timeout = timeout
         self.max_failures = max_failures
         self.endgame_copies = endgame_copies
         self._missing: set[int] = set(range(piece_count)) - set(done)
@@ -108,10 +101,6 @@ class Picker:
     def window_of(self, peer: PeerKey) -> int:
         return self._peers[peer].window
 
-    def next_deadline(self) -> float | None:
-        deadlines = [d for p in self._peers.values() for d in p.outstanding.values()]
-        return min(deadlines) if deadlines else None
-
     def can_finish(self) -> bool:
         """Whether the peers known now have every missing piece between them."""
         if self._complete_peers:
@@ -132,14 +121,6 @@ class Picker:
         self._count_have(self._peers[peer].have, +1)
         return True
 
-    def update_have(self, peer: PeerKey, have: Iterable[int] | None) -> None:
-        state = self._peers.get(peer)
-        if state is None:
-            return
-        self._count_have(state.have, -1)
-        state.have = None if have is None else set(have)
-        self._count_have(state.have, +1)
-
     def drop_peer(self, peer: PeerKey) -> list[int]:
         """Forget a peer (gone, or too many failures); returns the pieces it had out."""
         state = self._peers.pop(peer, None)
@@ -158,7 +139,7 @@ class Picker:
 
     # -- picking ----------------------------------------------------------------
 
-    def next_requests(self, peer: PeerKey, now: float) -> list[int]:
+    def next_requests(self, peer: PeerKey) -> list[int]:
         """Pieces to ask ``peer`` for now (already counted as requested)."""
         state = self._peers.get(peer)
         if state is None:
@@ -169,9 +150,8 @@ class Picker:
         picked = self._pick_pending(state, room)
         if len(picked) < room and len(self._inflight) == len(self._missing):
             picked += self._pick_endgame(peer, state, room - len(picked), set(picked))
-        deadline = now + self.timeout
         for index in picked:
-            state.outstanding[index] = deadline
+            state.outstanding.add(index)
             self._inflight.setdefault(index, set()).add(peer)
         return picked
 
@@ -259,30 +239,12 @@ class Picker:
         self._release(peer, index)
         state.window = max(1, state.window // 2)
 
-    def expire(self, now: float) -> list[Expired]:
-        """Requests past their deadline: each counts as a failure (see request_failed)."""
-        late = [
-            Expired(peer, index)
-            for peer, state in self._peers.items()
-            for index, deadline in state.outstanding.items()
-            if deadline <= now
-        ]
-        for item in late:
-            self.request_failed(item.peer, item.index)
-        return late
-
-    def piece_lost(self, index: int) -> None:
-        """A piece thought done must be fetched again (e.g. a write failed)."""
-        if 0 <= index < self.piece_count and index not in self._missing:
-            self._missing.add(index)
-            self._dirty = True
-
     # -- internals --------------------------------------------------------------
 
     def _release(self, peer: PeerKey, index: int) -> None:
         state = self._peers.get(peer)
         if state is not None:
-            state.outstanding.pop(index, None)
+            state.outstanding.discard(index)
         requesters = self._inflight.get(index)
         if requesters is not None:
             requesters.discard(peer)
