@@ -1,15 +1,60 @@
-"""p2pnode: a peer-to-peer node with Kademlia discovery and verified exchange."""
+"""p2pnode: a peer-to-peer node with Kademlia discovery and verified exchange.
 
+Every error it raises on purpose is a :class:`P2PError` subclass, importable from here.
+"""
+
+from typing import TYPE_CHECKING
+
+from p2pnode._version import __version__
 from p2pnode.config import NodeConfig
+from p2pnode.errors import (
+    ChannelAuthError,
+    ConnectionClosed,
+    DhtClosed,
+    HandshakeError,
+    LimitExceeded,
+    NodeNotRunning,
+    NotFoundError,
+    P2PError,
+    P2PTimeoutError,
+    PeerUnreachable,
+    ProtocolError,
+    RemoteError,
+    Unroutable,
+    UsageError,
+    VerificationError,
+)
 
-__version__ = "0.1.0"
-__all__ = ["Node", "NodeConfig", "__version__"]
+if TYPE_CHECKING:
+    from p2pnode.node import Node, NodeState
+
+__all__ = [
+    "ChannelAuthError",
+    "ConnectionClosed",
+    "DhtClosed",
+    "HandshakeError",
+    "LimitExceeded",
+    "Node",
+    "NodeConfig",
+    "NodeNotRunning",
+    "NodeState",
+    "NotFoundError",
+    "P2PError",
+    "P2PTimeoutError",
+    "PeerUnreachable",
+    "ProtocolError",
+    "RemoteError",
+    "Unroutable",
+    "UsageError",
+    "VerificationError",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> object:
     # Node pulls in the whole stack; import it lazily so `p2pnode.config` stays light.
-    if name == "Node":
-        from p2pnode.node import Node
+    if name in ("Node", "NodeState"):
+        from p2pnode import node
 
-        return Node
-    raise AttributeError(name)
+        return getattr(node, name)
+    raise AttributeError(f"module 'p2pnode' has no attribute {name!r}")

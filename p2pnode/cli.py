@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from p2pnode import __version__
+from p2pnode._version import __version__
 from p2pnode.config import NodeConfig, default_home, parse_host_port
 from p2pnode.control.client import ControlClient, raise_event_error
 from p2pnode.errors import P2PError, UsageError

@@ -41,7 +41,8 @@ class P2PTimeoutError(P2PError):
 
 
 class NodeNotRunning(P2PError):
-    """No running node answers for this home."""
+    """No running node: none answers for this home (CLI), or a ``Node``'s parts
+    were asked for before it started."""
 
 
 class RemoteError(P2PError):

@@ -20,17 +20,18 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
-from p2pnode import __version__
+from p2pnode._version import __version__
 from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.config import NodeConfig
 from p2pnode.control.server import ControlServer
 from p2pnode.dht import Discovery
-from p2pnode.errors import UsageError
+from p2pnode.errors import NodeNotRunning, UsageError
 from p2pnode.exchange.service import Exchange
 from p2pnode.home import (
     HomeLock,
@@ -48,8 +49,46 @@ log = logging.getLogger(__name__)
 
 BIND_ATTEMPTS = 20
 
+_Part = TypeVar("_Part")
+
+
+class NodeState(StrEnum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    # start() failed; its parts are closed and the home released.
+    FAILED = "failed"
+
 
 class Node:
+    """One p2pnode peer: the DHT, the peer host, the exchange and the control API
+    over one identity and one home folder.
+
+    It composes, in start order:
+
+    - :class:`~p2pnode.home.HomeLock`: one running node per home;
+    - :class:`~p2pnode.identity.Identity`: the Ed25519 key (peer id = node id);
+    - :class:`~p2pnode.dht.Discovery`: the Kademlia DHT on UDP port P;
+    - :class:`~p2pnode.net.host.PeerHost`: Noise-secured peer connections on TCP P;
+    - :class:`~p2pnode.exchange.service.Exchange`: sharing and downloading resources;
+    - :class:`~p2pnode.control.server.ControlServer`: the local HTTP API (its URL and
+      token are written to the home for the CLI).
+
+    Lifecycle (:attr:`state`): ``new`` -> ``starting`` -> ``running`` ->
+    ``stopping`` -> ``stopped``; a failed :meth:`start` closes what it opened and
+    ends ``failed``. A node is started once. :meth:`stop` ends every background
+    task, saves the routing table and closes the parts in reverse order;
+    :meth:`abort` ends it as a crash would. Use it as an async context manager::
+
+        async with Node(NodeConfig(home=Path("/tmp/n1"), port=0)) as node:
+            print(node.peer_id, node.port)
+
+    The parts (:attr:`discovery`, :attr:`peer_host`, :attr:`exchange`, ...) raise
+    :class:`~p2pnode.errors.NodeNotRunning` before the node has started.
+    """
+
     def __init__(self, config: NodeConfig, *, clock: Clock = MONOTONIC) -> None:
         self.config = config
         self.clock = clock
@@ -65,7 +104,7 @@ class Node:
         self._joined = asyncio.Event()
         self._started_at = 0.0
         self._port = 0
-        self._running = False
+        self._state = NodeState.NEW
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -76,15 +115,31 @@ class Node:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        return self._state is NodeState.RUNNING
+
     async def start(self) -> None:
-        self._lock.acquire()
+        if self._state is not NodeState.NEW:
+            raise UsageError(f"a node is started once (this one is {self._state})")
+        self._state = NodeState.STARTING
+        try:
+            self._lock.acquire()
+        except BaseException:
+            self._state = NodeState.FAILED
+            raise
         try:
             await self._start_parts()
         except BaseException:
             await self._stop_parts()
             self._lock.release()
+            self._state = NodeState.FAILED
             raise
-        self._running = True
+        self._state = NodeState.RUNNING
         self._started_at = time.monotonic()
         self._tasks.spawn(self._join_and_maintain(), "join")
         log.info("node %s ready on port %d", self.peer_id, self._port)
@@ -108,10 +163,10 @@ class Node:
 
     async def _bind_dht_and_tcp(self) -> tuple[Discovery, PeerHost]:
         """Bind UDP P for the DHT and TCP P for peers; with port 0, find a P free for both."""
-        assert self._identity is not None
+        identity = self.identity
         attempts = BIND_ATTEMPTS if self.config.port == 0 else 1
         for attempt in range(attempts):
-            discovery = Discovery(self._identity.node_id, self.config.dht, clock=self.clock)
+            discovery = Discovery(identity.node_id, self.config.dht, clock=self.clock)
             try:
                 port = await discovery.listen(self.config.host, self.config.port)
             except OSError as exc:
@@ -119,7 +174,7 @@ class Node:
                 raise UsageError(
                     f"cannot listen on UDP {self.config.host}:{self.config.port}: {exc.strerror}"
                 ) from None
-            host = PeerHost(self._identity, self.config.net, clock=self.clock)
+            host = PeerHost(identity, self.config.net, clock=self.clock)
             try:
                 await host.listen(self.config.host, port)
             except OSError as exc:
@@ -135,9 +190,9 @@ class Node:
         raise UsageError("no port free for both UDP and TCP")  # pragma: no cover
 
     async def stop(self) -> None:
-        if not self._running:
+        if self._state is not NodeState.RUNNING:
             return
-        self._running = False
+        self._state = NodeState.STOPPING
         started = time.monotonic()
         await self._tasks.close()
         log.debug("ended background tasks in %.3f s", time.monotonic() - started)
@@ -145,17 +200,19 @@ class Node:
         await self._stop_parts()
         clear_control(self.home)
         self._lock.release()
+        self._state = NodeState.STOPPED
         log.info("node %s stopped", self.peer_id)
 
     async def abort(self) -> None:
         """End the node abruptly, as a crash would: no routing table saved, nothing
         said to peers. For churn tests and simulations; data on disk stays valid."""
-        if not self._running:
+        if self._state is not NodeState.RUNNING:
             return
-        self._running = False
+        self._state = NodeState.STOPPING
         await self._tasks.close()
         await self._stop_parts()
         self._lock.release()
+        self._state = NodeState.STOPPED
 
     async def _stop_parts(self) -> None:
         parts = (self._control, self._exchange, self._host, self._discovery)
@@ -248,25 +305,26 @@ class Node:
 
     # -- views -----------------------------------------------------------------------
 
+    def _part(self, part: _Part | None, name: str) -> _Part:
+        if part is None:
+            raise NodeNotRunning(f"node.{name} is there once the node has started ({self._state})")
+        return part
+
     @property
     def identity(self) -> Identity:
-        assert self._identity is not None, "node not started"
-        return self._identity
+        return self._part(self._identity, "identity")
 
     @property
     def discovery(self) -> Discovery:
-        assert self._discovery is not None, "node not started"
-        return self._discovery
+        return self._part(self._discovery, "discovery")
 
     @property
     def peer_host(self) -> PeerHost:
-        assert self._host is not None, "node not started"
-        return self._host
+        return self._part(self._host, "peer_host")
 
     @property
     def exchange(self) -> Exchange:
-        assert self._exchange is not None, "node not started"
-        return self._exchange
+        return self._part(self._exchange, "exchange")
 
     @property
     def node_id(self) -> bytes:
@@ -282,8 +340,7 @@ class Node:
 
     @property
     def api_url(self) -> str:
-        assert self._control is not None, "node not started"
-        return self._control.url
+        return self._part(self._control, "api_url").url
 
     def listen_addresses(self) -> list[str]:
         host = self.config.host
@@ -322,6 +379,7 @@ class Node:
         proc = psutil.Process()
         return {
             "peer_id": self.peer_id,
+            "state": self._state,
             "uptime": round(time.monotonic() - self._started_at, 3),
             "joined": self._joined.is_set(),
             "routing_table_size": len(self.discovery.contacts()),

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from p2pnode.control.api import ErrorKind
 from p2pnode.errors import (
     NodeNotRunning,
     NotFoundError,
@@ -20,10 +21,11 @@ from p2pnode.errors import (
 from p2pnode.home import read_control
 
 _KINDS: dict[str, type[P2PError]] = {
-    "UsageError": UsageError,
-    "NotFoundError": NotFoundError,
-    "P2PTimeoutError": P2PTimeoutError,
-    "ProtocolError": ProtocolError,
+    ErrorKind.USAGE: UsageError,
+    ErrorKind.NOT_FOUND: NotFoundError,
+    ErrorKind.TIMEOUT: P2PTimeoutError,
+    ErrorKind.PROTOCOL: ProtocolError,
+    ErrorKind.NODE_NOT_RUNNING: NodeNotRunning,
 }
 
 

@@ -10,18 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from p2pnode.control.server import error_body, path_field, read_json
+from p2pnode.control.api import Jsonable, NodeAPI, StreamEvent
+from p2pnode.control.common import error_body, path_field, read_json
 from p2pnode.errors import P2PError, UsageError
 from p2pnode.exchange.manifest import resource_id_from_str, resource_id_to_str
 from p2pnode.identity import peer_id_to_str
-
-if TYPE_CHECKING:
-    from p2pnode.exchange.service import Progress
-    from p2pnode.node import Node
 
 log = logging.getLogger(__name__)
 PROGRESS_QUEUE = 64
@@ -34,7 +31,7 @@ def _id_field(body: dict[str, Any]) -> bytes:
     return resource_id_from_str(value)
 
 
-def exchange_routes(node: Node) -> list[web.RouteDef]:
+def exchange_routes(node: NodeAPI) -> list[web.RouteDef]:
     async def post_share(request: web.Request) -> web.Response:
         body = await read_json(request)
         info = await node.exchange.share(path_field(body, "path"))
@@ -66,10 +63,10 @@ def exchange_routes(node: Node) -> list[web.RouteDef]:
         await response.prepare(request)
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(PROGRESS_QUEUE)
 
-        def on_progress(progress: Progress) -> None:
+        def on_progress(progress: Jsonable) -> None:
             # Drop progress lines rather than block the download on a slow reader.
             if not queue.full():
-                queue.put_nowait({"event": "progress", **progress.to_json()})
+                queue.put_nowait({"event": StreamEvent.PROGRESS, **progress.to_json()})
 
         download = asyncio.create_task(
             node.exchange.get(rid, dest, force=force, progress=on_progress)
@@ -84,9 +81,9 @@ def exchange_routes(node: Node) -> list[web.RouteDef]:
                     getter.cancel()
             try:
                 info = download.result()
-                final: dict[str, Any] = {"event": "done", "resource": info.to_json()}
+                final: dict[str, Any] = {"event": StreamEvent.DONE, "resource": info.to_json()}
             except P2PError as exc:
-                final = {"event": "error", **error_body(exc)}
+                final = {"event": StreamEvent.ERROR, **error_body(exc)}
             await _send(response, final)
         finally:
             if not download.done():

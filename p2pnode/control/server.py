@@ -6,30 +6,24 @@ Rules:
 - the Host header must name the address we listen on (defeats DNS rebinding) and a
   request with an Origin header is refused (no browser page may drive the node);
 - errors are JSON ``{"error": message, "kind": ErrorClass}`` with a fitting status.
+
+It sees the node only through :class:`~p2pnode.control.api.NodeAPI`.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from p2pnode.errors import (
-    NotFoundError,
-    P2PError,
-    P2PTimeoutError,
-    ProtocolError,
-    UsageError,
-)
+from p2pnode.control.api import ErrorKind, NodeAPI
+from p2pnode.control.common import error_body, json_response, read_json, status_for
+from p2pnode.control.exchange_routes import exchange_routes
+from p2pnode.errors import NotFoundError, P2PError, UsageError
 from p2pnode.identity import peer_id_from_str, peer_id_to_str
-
-if TYPE_CHECKING:
-    from p2pnode.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +32,12 @@ MAX_BODY = 64 * 1024
 MAX_DHT_KEY = 256
 
 
-def _status_for(exc: P2PError) -> int:
-    if isinstance(exc, UsageError):
-        return 400
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, P2PTimeoutError):
-        return 504
-    if isinstance(exc, ProtocolError):
-        return 502
-    return 500
-
-
-def error_body(exc: P2PError) -> dict[str, str]:
-    return {"error": str(exc), "kind": type(exc).__name__}
+def _refusal(message: str, kind: ErrorKind, status: int) -> web.Response:
+    return json_response({"error": message, "kind": kind}, status)
 
 
 class ControlServer:
-    def __init__(self, node: Node, token: str) -> None:
+    def __init__(self, node: NodeAPI, token: str) -> None:
         self._node = node
         self._token = token.encode()
         self._runner: web.AppRunner | None = None
@@ -64,15 +46,16 @@ class ControlServer:
 
     async def start(self, host: str, port: int) -> str:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
-        routes = self._node_routes()
-        from p2pnode.control.exchange_routes import exchange_routes
-
-        routes += exchange_routes(self._node)
-        app.add_routes(routes)
+        app.add_routes(self._node_routes() + exchange_routes(self._node))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        try:
+            await web.TCPSite(self._runner, host, port).start()
+        except OSError as exc:
+            raise UsageError(f"cannot listen on control API {host}:{port}: {exc}") from None
+        if not self._runner.addresses:
+            # Seen when out of file descriptors: a typed error, not an IndexError.
+            raise UsageError(f"control API on {host}:{port} bound no socket")
         bound = self._runner.addresses[0]
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"http://{shown}:{bound[1]}"
@@ -87,33 +70,33 @@ class ControlServer:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.headers.get("Origin") is not None:
-            return _json({"error": "cross-origin requests are refused", "kind": "Forbidden"}, 403)
+            return _refusal("cross-origin requests are refused", ErrorKind.FORBIDDEN, 403)
         if request.host not in self._allowed_hosts:
-            return _json({"error": "bad Host header", "kind": "Forbidden"}, 403)
+            return _refusal("bad Host header", ErrorKind.FORBIDDEN, 403)
         auth = request.headers.get("Authorization", "")
         given = auth.removeprefix("Bearer ").encode()
         if not auth.startswith("Bearer ") or not hmac.compare_digest(given, self._token):
-            return _json({"error": "missing or wrong API token", "kind": "Unauthorized"}, 401)
+            return _refusal("missing or wrong API token", ErrorKind.UNAUTHORIZED, 401)
         try:
             return await handler(request)
         except P2PError as exc:
-            return _json(error_body(exc), _status_for(exc))
+            return json_response(error_body(exc), status_for(exc))
 
     def _node_routes(self) -> list[web.RouteDef]:
         node = self._node
 
         async def get_id(_: web.Request) -> web.Response:
-            return _json(node.describe())
+            return json_response(node.describe())
 
         async def get_peers(_: web.Request) -> web.Response:
-            return _json({"peers": node.peers()})
+            return json_response({"peers": node.peers()})
 
         async def get_status(_: web.Request) -> web.Response:
-            return _json(node.status())
+            return json_response(node.status())
 
         async def post_stop(_: web.Request) -> web.Response:
             node.request_stop()
-            return _json({"stopping": True})
+            return json_response({"stopping": True})
 
         async def post_dht_put(request: web.Request) -> web.Response:
             body = await read_json(request)
@@ -121,7 +104,7 @@ class ControlServer:
             if len(value.encode()) > node.config.dht.max_value_bytes:
                 raise UsageError(f"value longer than {node.config.dht.max_value_bytes} bytes")
             stored = await node.discovery.put(key, value)
-            return _json({"key": key, "stored": stored})
+            return json_response({"key": key, "stored": stored})
 
         async def get_dht_get(request: web.Request) -> web.Response:
             key = request.query.get("key", "")
@@ -132,14 +115,14 @@ class ControlServer:
                 raise NotFoundError(f"no value for key {key!r} in the DHT")
             if isinstance(value, bytes):
                 value = value.decode("utf-8", "replace")
-            return _json({"key": key, "value": value})
+            return json_response({"key": key, "value": value})
 
         async def get_find_peer(request: web.Request) -> web.Response:
             node_id = peer_id_from_str(request.query.get("id", ""))
             contact = await node.discovery.find_peer(node_id)
             if contact is None:
                 raise NotFoundError(f"peer {peer_id_to_str(node_id)} not found in the DHT")
-            return _json(
+            return json_response(
                 {
                     "peer_id": peer_id_to_str(contact.node_id),
                     "host": contact.host,
@@ -158,20 +141,6 @@ class ControlServer:
         ]
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
-
-
-async def read_json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError("request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise UsageError("request body must be a JSON object")
-    return body
-
-
 def _text_field(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value:
@@ -179,13 +148,3 @@ def _text_field(body: dict[str, Any], name: str) -> str:
     if name == "key" and len(value) > MAX_DHT_KEY:
         raise UsageError(f"key longer than {MAX_DHT_KEY} characters")
     return value
-
-
-def path_field(body: dict[str, Any], name: str) -> Path:
-    value = body.get(name)
-    if not isinstance(value, str) or not value:
-        raise UsageError(f"field {name!r} must be a path")
-    path = Path(value)
-    if not path.is_absolute():
-        raise UsageError(f"field {name!r} must be an absolute path")
-    return path

@@ -1,0 +1,89 @@
+"""What the control API needs from a node, and the names it puts on the wire.
+
+The server depends on these protocols, not on ``p2pnode.node``, so the node can
+import the server without an import cycle. Stdlib only: the CLI's client imports
+this module too, and must start fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from p2pnode.config import NodeConfig
+
+
+class ErrorKind(StrEnum):
+    """The ``kind`` of an error body: the guard's own refusals, or the name of the
+    P2PError class raised (those below are the ones clients map back; any other
+    P2PError subclass goes out under its own class name)."""
+
+    FORBIDDEN = "Forbidden"
+    UNAUTHORIZED = "Unauthorized"
+    USAGE = "UsageError"
+    NOT_FOUND = "NotFoundError"
+    TIMEOUT = "P2PTimeoutError"
+    PROTOCOL = "ProtocolError"
+    NODE_NOT_RUNNING = "NodeNotRunning"
+
+
+class StreamEvent(StrEnum):
+    """The ``event`` of each line of a streamed answer (``POST /v1/get``)."""
+
+    PROGRESS = "progress"
+    DONE = "done"
+    ERROR = "error"
+
+
+class Jsonable(Protocol):
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class PeerLocation(Protocol):
+    """A DHT contact or provider record: who, and where to reach it."""
+
+    @property
+    def node_id(self) -> bytes: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+
+
+class DhtAPI(Protocol):
+    async def put(self, key: str, value: str) -> bool: ...
+    async def get(self, key: str) -> object: ...
+    async def find_peer(self, node_id: bytes) -> PeerLocation | None: ...
+
+
+class ExchangeAPI(Protocol):
+    async def share(self, path: Path) -> Jsonable: ...
+    async def unshare(self, resource_id: bytes) -> None: ...
+    def list(self) -> Sequence[Jsonable]: ...
+    async def providers(self, resource_id: bytes) -> Sequence[PeerLocation]: ...
+    async def get(
+        self,
+        resource_id: bytes,
+        dest: Path,
+        *,
+        force: bool = ...,
+        progress: Callable[[Jsonable], None] | None = ...,
+    ) -> Jsonable: ...
+
+
+class NodeAPI(Protocol):
+    """The part of :class:`p2pnode.node.Node` the control server uses."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def discovery(self) -> DhtAPI: ...
+    @property
+    def exchange(self) -> ExchangeAPI: ...
+    def describe(self) -> dict[str, Any]: ...
+    def peers(self) -> list[dict[str, Any]]: ...
+    def status(self) -> dict[str, Any]: ...
+    def request_stop(self) -> None: ...
