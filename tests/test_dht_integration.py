@@ -51,7 +51,7 @@ async def test_listen_and_close() -> None:
         _ = node.port
     port = await node.listen("127.0.0.1", 0)
     assert node.port == port > 0
-    assert node.stats()["background_tasks"] == 6  # 4 maintenance loops, 2 workers
+    assert node.stats()["background_tasks"] == 4  # the maintenance loops (queues: the core)
     await node.close()
     await node.close()  # idempotent
     assert node.stats()["background_tasks"] == 0

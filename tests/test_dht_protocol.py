@@ -1,8 +1,10 @@
-"""DhtProtocol fed bytes through ``datagram_received`` with a fake transport.
+"""The DHT shell (DhtProtocol over a DhtCore) fed bytes through
+``datagram_received`` with a fake transport.
 
 No sockets: the transport records what would be sent. Calls we make are answered
 by feeding the response datagram back in. Rules: every bad input is dropped and
-counted, gets no reply, and leaves no error in the log.
+counted, gets no reply, and leaves no error in the log. (The core alone, with no
+asyncio at all: tests/unit/test_dht_core.py.)
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import random
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -17,10 +20,10 @@ import msgpack
 import pytest
 from kademlia.node import Node
 
-from p2pnode.clock import FakeClock
 from p2pnode.dht import codec
 from p2pnode.dht.codec import Limits, Request
 from p2pnode.dht.config import DhtConfig
+from p2pnode.dht.core import DhtCore
 from p2pnode.dht.protocol import DhtProtocol
 from p2pnode.dht.rpc_schema import FoundValue
 from p2pnode.dht.storage import ValueStore
@@ -67,9 +70,22 @@ class FakeTransport:
         return out
 
 
+class SteppedLoopClock:
+    """The event loop's time (so call timeouts fire), plus whatever a test adds."""
+
+    def __init__(self) -> None:
+        self._offset = 1000.0
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        self._offset += seconds
+
+
 class Harness:
     def __init__(self, config: DhtConfig) -> None:
-        self.clock = FakeClock()
+        self.clock = SteppedLoopClock()
         self.tasks = TaskSet("test")
         self.config = config
         self.storage = ValueStore(
@@ -78,14 +94,10 @@ class Harness:
             ttl=config.value_ttl,
             max_value_bytes=config.max_value_bytes,
         )
-        self.proto = DhtProtocol(
-            Node(OWN_ID),
-            self.storage,
-            config.ksize,
-            config=config,
-            clock=self.clock,
-            tasks=self.tasks,
+        self.core = DhtCore(
+            OWN_ID, config, clock=self.clock, rng=random.Random(1), storage=self.storage
         )
+        self.proto = DhtProtocol(self.core, self.clock)
         self.transport = FakeTransport()
         self.transport.protocol = self.proto
         self.proto.connection_made(self.transport)
@@ -534,16 +546,17 @@ async def test_full_bucket_pings_its_head_in_an_owned_task() -> None:
         await h.answered(h.proto.ping_address("10.0.2.3", 5000), ("10.0.2.3", 5000), third)
         assert h.proto.router.node_for(third) is None  # waits in the replacement list
         head_ping = await h.sent_request(("10.0.2.1", 5000), "ping")
-        assert h.stat("background_tasks") == 3  # two workers and the head ping
+        assert h.stat("head_pings") == 1  # the head ping, a call of the core's own
         # the head answers: it stays, moved to the tail
         h.feed(codec.encode_response(head_ping.msg_id, first), ("10.0.2.1", 5000))
         for _ in range(5):
             await asyncio.sleep(0)
-        assert h.stat("background_tasks") == 2
+        assert h.stat("head_pings") == 0
         assert [n.id for n in h.proto.router.all_nodes()] == [second, first]
     finally:
         await h.close()
-    assert h.stat("background_tasks") == 0
+    assert h.stat("head_pings") == 0
+    assert h.stat("outstanding_rpcs") == 0
 
 
 async def test_close_ends_calls_in_flight(harness: Harness) -> None:

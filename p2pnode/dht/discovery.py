@@ -1,15 +1,10 @@
 """Discovery: the typed facade the rest of p2pnode uses for the Kademlia DHT.
 
-It wraps a ``kademlia.network.Server`` whose protocol is our hardened
-:class:`~p2pnode.dht.protocol.DhtProtocol`. Nothing outside ``p2pnode.dht`` sees
-kademlia's ``(ok, value)`` tuples, its ``Node`` objects or rpcudp's remote calls:
-only :class:`Contact`, :class:`ProviderRecord` and plain values.
-
-Lifecycle: ``Discovery(...)`` → ``await listen(host, port)`` → calls →
-``await close()``. Every background job (bucket refresh, republishing our values and
-provider records, the protocol's workers) is an owned task that close() cancels and
-awaits. The injected clock drives expiry (stored values, provider records) and rate
-limits; network timeouts run on the event loop's clock.
+It drives a pure :class:`~p2pnode.dht.core.DhtCore` through the asyncio shell
+:class:`~p2pnode.dht.protocol.DhtProtocol`, and runs the iterative lookups
+(:mod:`.lookup`) and the maintenance loops. Nothing outside ``p2pnode.dht`` sees
+kademlia's ``Node`` objects or raw answers: only :class:`Contact`,
+:class:`ProviderRecord` and plain values.
 """
 
 from __future__ import annotations
@@ -17,17 +12,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.utils import digest
 
 from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.dht.codec import MessageError
 from p2pnode.dht.config import DhtConfig
+from p2pnode.dht.core import DhtCore
 from p2pnode.dht.lookup import iterative_lookup
 from p2pnode.dht.protocol import DhtProtocol
 from p2pnode.dht.rpc_schema import (
@@ -59,7 +55,9 @@ class Contact:
     node_id: bytes  # 20 bytes
     host: str
     port: int  # DHT UDP port == the peer's TCP port by convention
-    last_seen: float | None  # time.time() when we last heard from it, None if never
+    # When we last heard from it, on the Discovery's clock (Discovery.clock.now()'s
+    # scale, monotonic by default; not wall time), None if never.
+    last_seen: float | None
 
 
 @dataclass
@@ -77,48 +75,6 @@ class ProviderRecord:
     node_id: bytes  # provider's 20-byte node id (peer id)
     host: str  # the IP its announcement came from (never a claimed IP)
     port: int  # TCP port to dial
-
-
-class _KademliaServer(Server):
-    """kademlia's Server with our protocol and none of its own scheduling."""
-
-    protocol_class = DhtProtocol
-
-    def __init__(
-        self,
-        node_id: bytes,
-        config: DhtConfig,
-        clock: Clock,
-        tasks: TaskSet,
-        storage: ValueStore,
-    ) -> None:
-        super().__init__(ksize=config.ksize, alpha=config.alpha, node_id=node_id, storage=storage)
-        self.storage = storage  # (an empty store is falsy: Server would replace it)
-        self.config = config
-        self.clock = clock
-        self.tasks = tasks
-
-    def _create_protocol(self) -> DhtProtocol:
-        return DhtProtocol(
-            self.node,
-            self.storage,
-            self.ksize,
-            config=self.config,
-            clock=self.clock,
-            tasks=self.tasks,
-        )
-
-    def refresh_table(self, interval: float = 3600) -> None:
-        # Stock: ensure_future + call_later, never cancelled. Discovery runs an owned
-        # maintenance loop instead.
-        return None
-
-    def _unsupported(self, *args: object, **kwargs: object) -> Any:
-        raise NotImplementedError("use p2pnode.dht.Discovery")
-
-    # The stock high-level calls expect kademlia's tuples from the protocol.
-    bootstrap = bootstrap_node = get = set = set_digest = _unsupported
-    save_state = save_state_regularly = _unsupported
 
 
 def _local_host(listen_host: str) -> str:
@@ -139,12 +95,30 @@ def _check_key(key: bytes) -> bytes:
 
 
 class Discovery:
+    """One node's view of the Kademlia DHT (wire compatible with kademlia 2.2.3).
+
+    Lifecycle: ``Discovery(...)`` → ``await listen(host, port)`` → calls →
+    ``await close()``. Lookups: :meth:`bootstrap`, :meth:`closest`,
+    :meth:`find_peer` (:meth:`find_peer_traced`); values: :meth:`put`, :meth:`get`;
+    provider records: :meth:`add_provider`, :meth:`remove_provider`,
+    :meth:`find_providers`. Calls fail only on local misuse (``UsageError``); what
+    the network does not answer is ``None`` / empty.
+
+    Injected: ``clock`` (expiry, rate limits, call timeouts, last_seen),
+    ``endpoints`` (real sockets, or a simulated network) and ``rng`` (message ids,
+    refresh ids: a seeded ``random.Random`` makes a simulated run repeatable;
+    default seeded from os.urandom). Every background job (bucket refresh,
+    republishing our values and provider records, checking their holders) is an
+    owned task that close() cancels and awaits.
+    """
+
     def __init__(
         self,
         node_id: bytes,
         config: DhtConfig,
         clock: Clock = MONOTONIC,
         endpoints: Endpoints = LOOP_ENDPOINTS,
+        rng: random.Random | None = None,
     ) -> None:
         if not is_node_id(node_id):
             raise UsageError("a node id is 20 bytes")
@@ -166,7 +140,9 @@ class Discovery:
             max_value_bytes=config.max_value_bytes,
             max_per_sender=config.max_values_per_sender,
         )
-        self._server = _KademliaServer(node_id, config, clock, self._tasks, self._storage)
+        self.rng = rng if rng is not None else random.Random(os.urandom(16))
+        self._node = Node(node_id)
+        self._core = DhtCore(node_id, config, clock=clock, rng=self.rng, storage=self._storage)
         self._protocol: DhtProtocol | None = None
         self._port: int | None = None
         self._local_host = "127.0.0.1"
@@ -186,10 +162,9 @@ class Discovery:
             raise UsageError("this Discovery is closed")
         if self._protocol is not None:
             raise UsageError("already listening")
-        protocol = self._server._create_protocol()
-        transport, self._port = await self.endpoints.datagram_endpoint(lambda: protocol, host, port)
-        self._server.transport = transport
-        self._server.protocol = self._protocol = protocol
+        protocol = DhtProtocol(self._core, self.clock)
+        _, self._port = await self.endpoints.datagram_endpoint(lambda: protocol, host, port)
+        self._protocol = protocol
         self._local_host = _local_host(host)
         self._tasks.spawn(self._every(self.config.refresh_interval, self._refresh), "refresh")
         self._tasks.spawn(
@@ -220,8 +195,8 @@ class Discovery:
         await self._tasks.close()
         if self._protocol is not None:
             await self._protocol.close()
-        elif self._server.transport is not None:
-            self._server.transport.close()
+        else:
+            self._core.close()
 
     def wrap_transport(
         self, wrap: Callable[[asyncio.DatagramTransport], asyncio.DatagramTransport]
@@ -240,22 +215,28 @@ class Discovery:
             raise UsageError("call listen() first")
         return self._protocol
 
+    @property
+    def core(self) -> DhtCore:
+        """The protocol core (routing table, stores, counters): for simulators and
+        tests that look inside; calls go through Discovery."""
+        return self._core
+
     # -- contacts ------------------------------------------------------------------
 
     def _contact(self, node: Node) -> Contact:
-        last = self._protocol.last_seen(node.id) if self._protocol is not None else None
-        return Contact(node.id, node.ip, node.port, last)
+        return Contact(node.id, node.ip, node.port, self._core.last_seen(node.id))
 
     def contacts(self) -> list[Contact]:
         """The routing table's contents."""
         if self._protocol is None:
             return []
-        return [self._contact(node) for node in self._protocol.router.all_nodes()]
+        return [self._contact(node) for node in self._core.table.all_nodes()]
 
     def stats(self) -> dict[str, int]:
-        out = self._protocol.snapshot() if self._protocol is not None else {}
+        out = self._core.snapshot() if self._protocol is not None else {}
         out["own_values"] = len(self._own_values)
         out["announced_keys"] = len(self._announced)
+        out["background_tasks"] = len(self._tasks)
         return out
 
     async def ping(self, host: str, port: int) -> bytes | None:
@@ -308,7 +289,9 @@ class Discovery:
         protocol = self._proto()
         # More than k starting points: when the k closest we know are all dead, the
         # lookup goes on from the next ones instead of ending empty.
-        start = list(seeds) + protocol.router.closest_to(target, LOOKUP_SEEDS_K * self.config.ksize)
+        start = list(seeds) + self._core.table.closest_to(
+            target, LOOKUP_SEEDS_K * self.config.ksize, self.clock.now()
+        )
         return await iterative_lookup(
             target,
             start,
@@ -320,6 +303,7 @@ class Discovery:
             max_queries=self.config.max_lookup_queries,
             done=done,
             stall=self._stall(protocol),
+            clock=self.clock,
         )
 
     async def _lookup_nodes(self, target: bytes, seeds: Sequence[Node] = ()) -> list[Node]:
@@ -346,7 +330,7 @@ class Discovery:
         node_id = _check_key(node_id)
         protocol = self._proto()
         trace = LookupTrace()
-        known = protocol.router.node_for(node_id)
+        known = self._core.table.node_for(node_id)
         if known is not None:
             trace.hops = 0
             return self._contact(known), trace
@@ -402,7 +386,7 @@ class Discovery:
         nodes = await self._lookup_nodes(dkey)
         target = Node(dkey)
         stored_here = False
-        if len(nodes) < self.config.ksize or self._server.node.distance_to(target) < max(
+        if len(nodes) < self.config.ksize or self._node.distance_to(target) < max(
             n.distance_to(target) for n in nodes
         ):
             stored_here = self._storage.put(dkey, value)
@@ -478,7 +462,7 @@ class Discovery:
             lost = sum(1 for n in holders if n.id in dead)
             port = self._announced.get(key)
             if port is not None and (not holders or 2 * lost >= len(holders)):
-                protocol.stats["provider_reannounced"] += 1
+                self._core.stats["provider_reannounced"] += 1
                 await self._announce(key, port)
 
     def remove_provider(self, key: bytes) -> None:

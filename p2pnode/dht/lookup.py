@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from kademlia.node import Node
 
+from p2pnode.clock import Clock
+
 Query = Callable[[Node], Awaitable[list[Node] | None]]
 
 
@@ -125,18 +127,20 @@ async def iterative_lookup(
     max_queries: int,
     done: Callable[[], bool] | None = None,
     stall: float = float("inf"),
+    clock: Clock | None = None,
 ) -> list[Node]:
     """Ask the nodes closest to ``target`` for closer ones until the ``k`` closest
     known have all answered (or failed, or stalled), ``done()`` is true, the
     deadline passes or ``max_queries`` nodes were asked. Returns up to ``k`` nodes that answered,
-    closest first. ``query(node)`` returns the nodes it listed, or None."""
+    closest first. ``query(node)`` returns the nodes it listed, or None. Time is
+    ``clock`` (default: the event loop's), which must run at the loop's pace."""
     lookup = _Lookup(target, query, self_id, k, alpha)
     lookup.learn(seeds)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    now_of = clock.now if clock is not None else asyncio.get_running_loop().time
+    deadline = now_of() + timeout
     try:
         while done is None or not done():
-            now = loop.time()
+            now = now_of()
             lookup.fill(max_queries, now, stall)
             remaining = deadline - now
             if not lookup.in_flight or remaining <= 0:
