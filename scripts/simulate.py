@@ -4,6 +4,7 @@
     python scripts/simulate.py                                   # ~20 nodes, under a minute
     python scripts/simulate.py --nodes 200 --mode inprocess --churn 0.3 --seed 7 --out report/
     python scripts/simulate.py --nodes 20 --mode processes       # real `p2pnode start` children
+    python scripts/simulate.py --nodes 10000 --mode virtual      # in-memory network, virtual time
     python scripts/simulate.py --config scenario.toml --seed 3   # flags override the file
 
 Every scenario setting is a flag (``--join-rate``, ``--lookups``, ...; see --help)
@@ -15,15 +16,15 @@ PNG plots) and a summary table to stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from p2pnode.sim.run import EXIT_INTERRUPTED, configure_logging, print_summary, simulate
+from p2pnode.sim.run import EXIT_INTERRUPTED, configure_logging, print_summary, run_simulation
 from p2pnode.sim.scenario import (
     MODES,
     ScenarioConfig,
@@ -34,22 +35,26 @@ from p2pnode.sim.scenario import (
 
 HELP = {
     "nodes": "number of nodes",
-    "mode": "inprocess: Node objects in one event loop; processes: `p2pnode start` children",
+    "mode": "inprocess: Node objects in one event loop; processes: `p2pnode start` children; "
+    "virtual: DHT + peer hosts over an in-memory network in virtual time (deterministic)",
     "seed": "random seed: same seed and settings, same scenario",
     "seeds": "bootstrap (seed) nodes",
     "bootstrap_per_node": "seed addresses given to each joining node",
     "join_rate": "nodes started per second (0: as fast as --join-concurrency allows)",
     "churn": "fraction of non-seed nodes killed abruptly during the workload",
     "restart": "fraction of the killed nodes restarted after a downtime",
-    "loss": "DHT datagram loss probability (in-process mode)",
-    "latency_ms": "DHT datagram one-way delay in ms (in-process mode)",
+    "loss": "datagram loss probability (in-process: DHT only; virtual: every datagram)",
+    "latency_ms": "one-way delay in ms (in-process: DHT datagrams only, default 0; "
+    "virtual: every packet, default 20)",
+    "jitter_ms": "extra one-way delay, uniform 0..jitter ms",
+    "bandwidth_mbit": "virtual mode: each host's uplink in Mbit/s (0 = unlimited)",
     "duration": "workload phase length in seconds",
     "control_api": "in-process: run each node's control API (if NodeConfig can turn it off)",
 }
 
 
 def _flag_type(f: dataclasses.Field[Any]) -> Any:
-    if f.name == "rpc_timeout":
+    if f.name in ("rpc_timeout", "latency_ms"):
         return float
     default = f.default
     if isinstance(default, bool):
@@ -121,16 +126,19 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_mapping(overrides)
     except ScenarioError as exc:
         parser.error(str(exc))
-    configure_logging(args.out / "sim.log", args.log_level)
-    outcome = asyncio.run(
-        simulate(
-            config,
-            out=args.out,
-            workdir=args.workdir,
-            keep=args.keep,
-            progress=not args.quiet,
-            handle_signals=True,
+    if config.mode == "virtual" and os.environ.get("PYTHONHASHSEED") != "0":
+        # Same seed, same run: str/bytes hashing (set order) must not vary per process.
+        os.execve(
+            sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"}
         )
+    configure_logging(args.out / "sim.log", args.log_level)
+    outcome = run_simulation(
+        config,
+        out=args.out,
+        workdir=args.workdir,
+        keep=args.keep,
+        progress=not args.quiet,
+        handle_signals=True,
     )
     print_summary(outcome, args.out)
     return EXIT_INTERRUPTED if outcome.interrupted else 0

@@ -70,6 +70,7 @@ class SimNode(ABC):
         self.files = workdir / "files"
         self.downloads = workdir / "downloads"
         self.node_id: bytes | None = None
+        self.host = "127.0.0.1"  # the address its peers reach it at
         self.port = 0
         self.running = False
 
@@ -109,6 +110,14 @@ class SimNode(ABC):
     @abstractmethod
     async def traffic(self) -> Traffic:
         """Counters of the current life (reset by a restart)."""
+
+    async def write_file(self, path: Path, data: bytes) -> str:
+        """Put a file to share where the node can read it; its SHA-256 hex."""
+        return await asyncio.to_thread(_write_content, path, data)
+
+    async def file_digest(self, path: Path) -> str:
+        """SHA-256 hex of a file the node downloaded."""
+        return await asyncio.to_thread(_sha256_file, path)
 
 
 class Cluster(ABC):
@@ -216,7 +225,8 @@ class Simulation:
     # -- clock -----------------------------------------------------------------------
 
     def now(self) -> float:
-        return time.monotonic() - self._t0
+        # The loop's clock: real time in the socket modes, simulated time in virtual mode.
+        return asyncio.get_running_loop().time() - self._t0
 
     async def _sleep_until(self, t: float) -> None:
         delay = t - self.now()
@@ -228,7 +238,7 @@ class Simulation:
     async def run(self) -> Measurements:
         """Run every phase; on cancellation (Ctrl-C) stop early with partial figures.
         Nodes are stopped by ``close``, which the caller must await (also on errors)."""
-        self._t0 = time.monotonic()
+        self._t0 = asyncio.get_running_loop().time()
         self.m.started_at = time.time()
         rss, _ = self.cluster.rss()
         self.m.rss_baseline = rss
@@ -338,7 +348,7 @@ class Simulation:
     ) -> bool:
         node = self.cluster.node(index)
         addrs = [
-            ("127.0.0.1", self.cluster.nodes[b].port)
+            (self.cluster.nodes[b].host, self.cluster.nodes[b].port)
             for b in bootstrap
             if b in self.cluster.nodes and self.cluster.nodes[b].port
         ]
@@ -347,21 +357,22 @@ class Simulation:
         try:
             await asyncio.wait_for(node.start(addrs, port), self.config.start_timeout)
             self._mark_alive()
-            deadline = time.monotonic() + self.config.start_timeout
+            deadline = self.now() + self.config.start_timeout
             while not await node.joined():
-                if time.monotonic() > deadline:
+                if self.now() > deadline:
                     raise NodeFailure(f"join: not joined after {self.config.start_timeout} s")
                 await asyncio.sleep(JOIN_POLL)
             ok = True
             self.counters.joined += 1
-        except (NodeFailure, OSError, TimeoutError) as exc:
-            error = _describe(exc)
-            log.warning("node %d failed to start/join: %s", index, error)
+        except Exception as exc:
+            # Counted in the report with its category; one node must not end the run.
+            error = _describe(exc) if not _unexpected(exc) else _crash(exc)
+            log.warning("node %d failed to start/join: %s", index, error, exc_info=_unexpected(exc))
             if phase == "join":
                 self.m.join_failures += 1
                 self.counters.failed_starts += 1
             if node.running:
-                with contextlib.suppress(NodeFailure, OSError):
+                with contextlib.suppress(Exception):
                     await node.kill()
                 self._mark_alive()
         finally:
@@ -548,7 +559,7 @@ class Simulation:
             return self._skip(op.kind, op.node, op.arg, "down: sharer not running")
         plan = self.scenario.resources[op.arg]
         path = node.files / plan.name
-        digest = await asyncio.to_thread(_write_content, path, plan.content())
+        digest = await node.write_file(path, plan.content())
         r, rid = await self._timed(
             "share", op.node, op.arg, self.config.dht_timeout, lambda: node.share(path)
         )
@@ -570,7 +581,7 @@ class Simulation:
             "fetch", op.node, op.arg, self.config.download_timeout, lambda: node.fetch(rid, dest)
         )
         if r.ok and got is not None:
-            actual = await asyncio.to_thread(_sha256_file, got)
+            actual = await node.file_digest(got)
             r.verified = actual == digest
             r.nbytes = plan.size
             if not r.verified:
@@ -733,6 +744,14 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, NodeFailure):
         return text
     return f"{type(exc).__name__}: {text}"
+
+
+def _unexpected(exc: BaseException) -> bool:
+    return not isinstance(exc, NodeFailure | OSError | TimeoutError)
+
+
+def _crash(exc: BaseException) -> str:
+    return f"crash: {type(exc).__name__}: {exc}"
 
 
 def _add_counters(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

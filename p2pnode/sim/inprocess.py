@@ -40,6 +40,11 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
+def hard_fd_limit() -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 1 << 20 if hard == resource.RLIM_INFINITY else hard
+
+
 def fds_needed(nodes: int) -> int:
     # UDP + TCP listener + control listener + lock + SQLite (db, wal, shm) + slack for
     # peer connections, pieces being read and control clients.
@@ -79,6 +84,19 @@ def net_bytes(stats: dict[str, Any]) -> tuple[int, int]:
     return sent, received
 
 
+async def _start(node: Node) -> None:
+    """Start a node; any failure (ours or, e.g., out of file descriptors deep in a
+    library) becomes a NodeFailure the engine counts, not a traceback ending the run."""
+    try:
+        await node.start()
+    except P2PError as exc:
+        raise NodeFailure(f"start: {exc}") from None
+    except OSError as exc:
+        raise NodeFailure(f"start: OSError: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a crash in start-up is a finding, counted
+        raise NodeFailure(f"start: {type(exc).__name__}: {exc}") from None
+
+
 class InprocessNode(SimNode):
     def __init__(self, index: int, workdir: Path, cluster: InprocessCluster) -> None:
         super().__init__(index, workdir)
@@ -92,16 +110,13 @@ class InprocessNode(SimNode):
         config = self._cluster.node_config(self.home, bootstrap, port)
         node = Node(config)
         try:
-            await node.start()
-        except P2PError as exc:
+            await _start(node)
+        except NodeFailure:
             if port == 0:
-                raise NodeFailure(f"start: {exc}") from None
+                raise
             # The old port is taken: any port will do.
             node = Node(dataclasses.replace(config, port=0))
-            try:
-                await node.start()
-            except P2PError as exc2:
-                raise NodeFailure(f"start: {exc2}") from None
+            await _start(node)
         # Nothing has been sent yet: the join task only runs at our next await.
         self._wire = self._cluster.impair(node)
         self.node = node
@@ -213,14 +228,16 @@ class InprocessCluster(Cluster):
         self.config = config
         self._proc = psutil.Process()
         self._impair_seq = 0
-        self.impaired = config.loss > 0 or config.latency_ms > 0 or config.jitter_ms > 0
+        self.impaired = config.loss > 0 or config.link_latency_ms() > 0 or config.jitter_ms > 0
         self.hook_missing = False
 
     def _make_node(self, index: int, workdir: Path) -> SimNode:
         return InprocessNode(index, workdir, self)
 
     async def setup(self) -> None:
-        raise_fd_limit(fds_needed(self.config.nodes))
+        # Everything the hard limit allows: a node past the estimate (peer connections,
+        # pieces being read) must not be the one that fails.
+        raise_fd_limit(max(fds_needed(self.config.nodes), hard_fd_limit()))
 
     def node_config(self, home: Path, bootstrap: list[tuple[str, int]], port: int) -> NodeConfig:
         dht = DhtConfig()
@@ -242,7 +259,7 @@ class InprocessCluster(Cluster):
         wrapper = netem.install(
             node.discovery,
             loss=self.config.loss if self.impaired else 0.0,
-            latency=self.config.latency_ms / 1000 if self.impaired else 0.0,
+            latency=self.config.link_latency_ms() / 1000 if self.impaired else 0.0,
             jitter=self.config.jitter_ms / 1000 if self.impaired else 0.0,
             rng=rng,
         )

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pnode.sim import vloop
 from p2pnode.sim.engine import Cluster, Simulation
 from p2pnode.sim.report import build_report, format_table, write_report
-from p2pnode.sim.scenario import ScenarioConfig, generate
+from p2pnode.sim.scenario import ScenarioConfig, ScenarioError, generate
 from p2pnode.sim.stats import Measurements
+from p2pnode.sim.vloop import VirtualTimeLoop
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130
@@ -45,6 +47,10 @@ def make_cluster(config: ScenarioConfig, workdir: Path) -> Cluster:
         from p2pnode.sim.processes import ProcessCluster
 
         return ProcessCluster(workdir, config)
+    if config.mode == "virtual":
+        from p2pnode.sim.virtual import VirtualCluster
+
+        return VirtualCluster(workdir, config)
     from p2pnode.sim.inprocess import InprocessCluster
 
     return InprocessCluster(workdir, config)
@@ -67,6 +73,10 @@ async def simulate(
     cluster = make_cluster(config, work)
     sim = Simulation(scenario, cluster, progress=progress)
     loop = asyncio.get_running_loop()
+    if config.mode == "virtual" and not isinstance(loop, VirtualTimeLoop):
+        raise ScenarioError("virtual mode runs under a VirtualTimeLoop: use run_simulation()")
+    if isinstance(loop, VirtualTimeLoop):
+        wall0, events0, jumps0 = loop.wall_time(), loop.events, loop.jumps
     run_task = asyncio.create_task(sim.run(), name="sim-run")
     interrupts = 0
 
@@ -100,15 +110,35 @@ async def simulate(
         for sig in installed:
             loop.remove_signal_handler(sig)
         if not keep:
-            await asyncio.to_thread(_remove_homes, work, cluster, own_workdir)
+            if isinstance(loop, VirtualTimeLoop):  # no thread under virtual time
+                _remove_homes(work, cluster, own_workdir)
+            else:
+                await asyncio.to_thread(_remove_homes, work, cluster, own_workdir)
     m = sim.m
+    if isinstance(loop, VirtualTimeLoop):
+        wall = loop.wall_time() - wall0
+        m.wall = {
+            "wall_time": wall,
+            "events": loop.events - events0,
+            "events_per_second": (loop.events - events0) / wall if wall > 0 else None,
+            "clock_jumps": loop.jumps - jumps0,
+            "simulated_time": m.total_time,
+            "network": cluster.net.stats.to_json() if hasattr(cluster, "net") else {},
+        }
     if getattr(cluster, "hook_missing", False):
         m.notes.append("loss/latency requested but the DHT transport hook was not found")
     if config.mode == "processes" and (config.loss or config.latency_ms or config.jitter_ms):
-        m.notes.append("loss/latency/jitter apply to in-process mode only; ignored here")
+        m.notes.append("loss/latency/jitter apply to in-process and virtual modes; ignored here")
     report = build_report(scenario, m)
     files = write_report(report, out, m) if out is not None else []
     return Outcome(report, m, files, work if keep else None)
+
+
+def run_simulation(config: ScenarioConfig, **kwargs: Any) -> Outcome:
+    """Run ``simulate`` on the loop its mode needs (virtual time for virtual mode)."""
+    if config.mode == "virtual":
+        return vloop.run(lambda: simulate(config, **kwargs))  # type: ignore[no-any-return]
+    return asyncio.run(simulate(config, **kwargs))
 
 
 def _remove_homes(work: Path, cluster: Cluster, own_workdir: bool) -> None:

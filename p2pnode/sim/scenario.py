@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Mode = Literal["inprocess", "processes"]
-MODES: tuple[Mode, ...] = ("inprocess", "processes")
+Mode = Literal["inprocess", "processes", "virtual"]
+MODES: tuple[Mode, ...] = ("inprocess", "processes", "virtual")
+VIRTUAL_LATENCY_MS = 20.0  # virtual mode's one-way delay unless --latency-ms says
 
 OpKind = Literal["share", "fetch", "put", "get", "lookup", "kill", "restart"]
 
@@ -78,10 +79,14 @@ class ScenarioConfig:
     restart: float = 0.5
     downtime: float = 3.0
     downtime_max: float = 8.0
-    # Network impairment on the DHT (UDP) path, in-process mode only.
+    # Network: in-process mode impairs the DHT (UDP) path only; virtual mode's link
+    # model applies them to every datagram (loss: datagrams only; streams are
+    # reliable). latency_ms None: 0 in-process (loopback), VIRTUAL_LATENCY_MS virtual.
     loss: float = 0.0
-    latency_ms: float = 0.0
+    latency_ms: float | None = None
     jitter_ms: float = 0.0
+    # Virtual mode: each host's uplink in Mbit/s (0 = unlimited).
+    bandwidth_mbit: float = 100.0
     # Limits of the runner.
     max_inflight: int = 64
     lookup_timeout: float = 30.0
@@ -93,9 +98,10 @@ class ScenarioConfig:
     start_timeout: float = 60.0
     # DHT overrides (None: the node's defaults, DhtConfig).
     rpc_timeout: float | None = None
-    # In-process: run each node's control API (True, as `p2pnode start` does), or not
-    # when the node configuration allows it (saves a listener and memory per node).
-    control_api: bool = True
+    # In-process: run each node's control API, as `p2pnode start` does. Off by default:
+    # the runner calls nodes directly, and each API costs a listening socket (fds
+    # ran out past ~2,800 nodes) and memory. Needs NodeConfig to have the switch.
+    control_api: bool = False
 
     def validate(self) -> ScenarioConfig:
         def need(cond: bool, what: str) -> None:
@@ -129,7 +135,11 @@ class ScenarioConfig:
         need(0 <= self.restart <= 1, "restart must be a fraction 0..1")
         need(0 <= self.downtime <= self.downtime_max, "need 0 <= downtime <= downtime_max")
         need(0 <= self.loss < 1, "loss must be a probability 0..1 (exclusive)")
-        need(self.latency_ms >= 0 and self.jitter_ms >= 0, "latency and jitter must be >= 0")
+        need(
+            (self.latency_ms is None or self.latency_ms >= 0) and self.jitter_ms >= 0,
+            "latency and jitter must be >= 0",
+        )
+        need(self.bandwidth_mbit >= 0, "bandwidth_mbit must be >= 0")
         need(self.max_inflight >= 1, "max_inflight must be >= 1")
         for name in (
             "lookup_timeout",
@@ -143,17 +153,28 @@ class ScenarioConfig:
         need(self.rpc_timeout is None or self.rpc_timeout > 0, "rpc_timeout must be > 0")
         return self
 
+    def link_latency_ms(self) -> float:
+        """The one-way delay in effect for this mode."""
+        if self.latency_ms is not None:
+            return self.latency_ms
+        return VIRTUAL_LATENCY_MS if self.mode == "virtual" else 0.0
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ScenarioConfig)}
+_OPTIONAL_FLOATS = ("rpc_timeout", "latency_ms")
 
 
 def _coerce(name: str, value: Any) -> Any:
     default = _FIELDS[name].default
-    if name == "rpc_timeout":
-        return None if value is None else float(value)
+    if name in _OPTIONAL_FLOATS:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ScenarioError(f"{name} must be a number, got {value!r}")
+        return float(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ScenarioError(f"{name} must be true or false")

@@ -78,6 +78,8 @@ class Measurements:
     rpc_source: str = ""  # how OpResult.rpcs was obtained
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
+    # Virtual mode: what the run cost on the real machine (wall time, events, ...).
+    wall: dict[str, Any] = field(default_factory=dict)
 
     def of(self, *kinds: str, phase: str | None = None) -> list[OpResult]:
         return [r for r in self.ops if r.kind in kinds and (phase is None or r.phase == phase)]
