@@ -155,7 +155,8 @@ def junk_frame_payloads(rng: random.Random, count: int) -> list[bytes]:
     """Frame payloads a node must drop or refuse without closing the connection."""
     import msgpack  # type: ignore[import-untyped,unused-ignore]
 
-    from p2pnode.wire.messages import GetPiece, Pong, encode_envelope_bytes, response
+    from p2pnode.exchange.messages import GetPiece
+    from p2pnode.wire.messages import Pong, encode_envelope_bytes, response
 
     def rid() -> int:
         return rng.randrange(0, 2**32)

@@ -34,9 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 
+from p2pnode.exchange.messages import GetPiece, PieceData
 from p2pnode.identity import Identity
 from p2pnode.net import NetLimits, PeerAddress, PeerHost
-from p2pnode.wire.messages import GetPiece, Message, PieceData, Ping
+from p2pnode.wire.messages import Message, Ping
 
 RID = bytes(32)
 

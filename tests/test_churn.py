@@ -40,8 +40,9 @@ from p2pnode.dht.config import DhtConfig
 from p2pnode.errors import P2PError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.manifest import build_manifest, dht_key
+from p2pnode.exchange.messages import GetPiece
 from p2pnode.node import Node
-from p2pnode.wire.messages import GetPiece, Message
+from p2pnode.wire.messages import Message
 from tests.helpers import eventually, fast_config
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_errors_logged")]

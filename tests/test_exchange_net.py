@@ -22,19 +22,12 @@ from p2pnode.errors import NotFoundError, ProtocolError, UsageError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.fetcher import Progress
 from p2pnode.exchange.manifest import MIN_PIECE_SIZE, Manifest, build_manifest, dht_key
+from p2pnode.exchange.messages import GetManifest, GetPiece, ManifestData, PieceData
 from p2pnode.exchange.service import Exchange
 from p2pnode.identity import Identity
 from p2pnode.net.config import NetLimits
 from p2pnode.net.host import PeerHost
-from p2pnode.wire.messages import (
-    ErrorCode,
-    ErrorReply,
-    GetManifest,
-    GetPiece,
-    ManifestData,
-    Message,
-    PieceData,
-)
+from p2pnode.wire.messages import ErrorCode, ErrorReply, Message
 
 PS = MIN_PIECE_SIZE
 Handler = Callable[[bytes, Message], Awaitable[Message]]

@@ -9,19 +9,18 @@ from pathlib import Path
 import pytest
 
 from p2pnode.exchange.manifest import MIN_PIECE_SIZE, build_manifest
-from p2pnode.exchange.server import PieceServer, bitfield_from, bitfield_to_set
-from p2pnode.exchange.store import Store
-from p2pnode.wire.messages import (
-    ErrorCode,
-    ErrorReply,
+from p2pnode.exchange.messages import (
     GetHave,
     GetManifest,
     GetPiece,
     Have,
     ManifestData,
     PieceData,
-    Ping,
+    bitfield_to_set,
 )
+from p2pnode.exchange.server import PieceServer
+from p2pnode.exchange.store import Store
+from p2pnode.wire.messages import ErrorCode, ErrorReply, Ping
 
 PS = MIN_PIECE_SIZE
 
@@ -31,14 +30,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s = Store(tmp_path / "home")
     yield s
     s.close()
-
-
-def test_bitfields() -> None:
-    assert bitfield_from({0, 9}, 10) == bytes([0x80, 0x40])
-    assert bitfield_to_set(bytes([0x80, 0x40]), 10) == {0, 9}
-    assert bitfield_to_set(bytes([0x80]), 10) is None  # wrong length
-    assert bitfield_to_set(bytes([0x80, 0x20]), 10) is None  # bit past the end
-    assert bitfield_to_set(b"", 0) == set()
 
 
 async def test_answers_from_a_shared_file(store: Store, tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ import pytest
 from p2pnode.config import NodeConfig
 from p2pnode.dht.config import DhtConfig
 from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.exchange.messages import GetManifest, GetPiece, ManifestData, PieceData
 from p2pnode.identity import Identity
 from p2pnode.net.config import NetLimits
 from p2pnode.net.host import PeerAddress
@@ -48,12 +49,8 @@ from p2pnode.wire.messages import (
     Envelope,
     ErrorCode,
     ErrorReply,
-    GetManifest,
-    GetPiece,
     Kind,
-    ManifestData,
     Message,
-    PieceData,
     Ping,
     Pong,
     decode_envelope,

@@ -25,6 +25,7 @@ from p2pnode.errors import (
     ProtocolError,
     UsageError,
 )
+from p2pnode.exchange.messages import GetHave, GetManifest, GetPiece, Have, ManifestData, PieceData
 from p2pnode.identity import Identity, peer_id_to_str
 from p2pnode.net import (
     ConnectionClosed,
@@ -35,22 +36,7 @@ from p2pnode.net import (
     RemoteError,
 )
 from p2pnode.net.session import Credentials
-from p2pnode.wire.messages import (
-    ErrorCode,
-    ErrorReply,
-    GetHave,
-    GetManifest,
-    GetPiece,
-    Have,
-    ManifestData,
-    Message,
-    PieceData,
-    Ping,
-    Pong,
-    message,
-    request,
-    wire,
-)
+from p2pnode.wire.messages import ErrorCode, ErrorReply, Message, Ping, Pong, message, request, wire
 
 RID = bytes(range(32))
 FAST = NetLimits(handshake_timeout=5.0, request_timeout=10.0)

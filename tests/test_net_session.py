@@ -327,7 +327,8 @@ def test_received_piece_is_page_aligned(encrypt: bool, size: int) -> None:
     import ctypes
     import mmap
 
-    from p2pnode.wire.messages import PieceData, decode_envelope, encode_envelope, response
+    from p2pnode.exchange.messages import PieceData
+    from p2pnode.wire.messages import decode_envelope, encode_envelope, response
 
     a, b = make(True, encrypt=encrypt), make(False, encrypt=encrypt)
     handshake(a, b)

@@ -65,6 +65,15 @@ from p2pnode.exchange.manifest import (
     dht_key,
     resource_id_to_str,
 )
+from p2pnode.exchange.messages import (
+    GetHave,
+    GetManifest,
+    GetPiece,
+    Have,
+    ManifestData,
+    PieceData,
+    bitfield_to_set,
+)
 from p2pnode.exchange.picker import Picker
 from p2pnode.exchange.policy import (
     Action,
@@ -73,7 +82,6 @@ from p2pnode.exchange.policy import (
     PieceOutcome,
     rediscover_delay,
 )
-from p2pnode.exchange.server import bitfield_to_set
 from p2pnode.exchange.store import (
     StorageError,
     Store,
@@ -86,17 +94,7 @@ from p2pnode.exchange.store import (
 from p2pnode.exchange.writer import PieceWriter, recheck_pieces
 from p2pnode.identity import peer_id_to_str
 from p2pnode.net.host import PeerAddress
-from p2pnode.wire.messages import (
-    ErrorCode,
-    ErrorReply,
-    GetHave,
-    GetManifest,
-    GetPiece,
-    Have,
-    ManifestData,
-    Message,
-    PieceData,
-)
+from p2pnode.wire.messages import ErrorCode, ErrorReply, Message
 
 if TYPE_CHECKING:
     from p2pnode.dht.discovery import ProviderRecord

@@ -28,46 +28,19 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from p2pnode.exchange.manifest import resource_id_to_str
-from p2pnode.exchange.store import StaleError, Store
-from p2pnode.wire.messages import (
-    ErrorCode,
-    ErrorReply,
+from p2pnode.exchange.messages import (
     GetHave,
     GetManifest,
     GetPiece,
     Have,
     ManifestData,
-    Message,
     PieceData,
+    bitfield_from,
 )
+from p2pnode.exchange.store import StaleError, Store
+from p2pnode.wire.messages import ErrorCode, ErrorReply, Message
 
 log = logging.getLogger(__name__)
-
-
-def bitfield_from(indices: set[int], count: int) -> bytes:
-    """Bit i (MSB first in byte i // 8) is set when piece i is held."""
-    out = bytearray((count + 7) // 8)
-    for i in indices:
-        if 0 <= i < count:
-            out[i >> 3] |= 0x80 >> (i & 7)
-    return bytes(out)
-
-
-def bitfield_to_set(bitfield: bytes, count: int) -> set[int] | None:
-    """The pieces a bitfield says are held; None if its length does not fit ``count``."""
-    if len(bitfield) != (count + 7) // 8:
-        return None
-    held = set()
-    for byte_index, byte in enumerate(bitfield):
-        if not byte:
-            continue
-        for bit in range(8):
-            if byte & (0x80 >> bit):
-                index = byte_index * 8 + bit
-                if index >= count:
-                    return None  # bits past the end must be zero
-                held.add(index)
-    return held
 
 
 class PieceServer:

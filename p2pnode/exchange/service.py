@@ -32,6 +32,7 @@ from p2pnode.errors import NotFoundError, P2PError, UsageError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.fetcher import DownloadError, Fetcher, Progress
 from p2pnode.exchange.manifest import build_manifest, dht_key, resource_id_to_str
+from p2pnode.exchange.messages import register as register_messages
 from p2pnode.exchange.server import PieceServer
 from p2pnode.exchange.store import StaleError, StorageError, Store, StoredResource
 from p2pnode.tasks import TaskSet
@@ -109,6 +110,32 @@ class ResourceInfo:
 
 
 class Exchange:
+    """Content-addressed resources for one node: share, serve, find and download.
+
+    It owns the store (``home``), the I/O thread pool, the piece server and the
+    background task that announces what is served; a download runs as a
+    ``Fetcher`` per ``get``. It reaches the network only through the ``host``
+    (peer requests; it installs itself as the host's request handler and
+    registers the exchange messages in the host's registry) and ``discovery``
+    (provider records).
+
+    Rules:
+
+    - Nothing works before ``start`` or after ``close``: ``store`` (and so every
+      call that needs it) raises ``P2PError`` then. ``close`` cancels the
+      downloads (their verified pieces are kept), ends the background task,
+      waits for disk work and closes the store.
+    - A resource is served while it is shared or complete and unchanged on disk
+      (a download in progress serves its verified pieces); a change noticed (by a
+      read or ``check_stale``) stops serving and announcing it. ``unshare`` stops
+      serving without forgetting it.
+    - One download per resource id at a time; sharing an id being downloaded is
+      refused (``UsageError``). A finished download is served and announced.
+    - A ``get`` whose caller is cancelled stops its download; a download stopped
+      because the exchange closes raises ``P2PError`` (run the same get again to
+      resume).
+    """
+
     def __init__(
         self,
         home: Path,
@@ -122,6 +149,7 @@ class Exchange:
         self._config = config
         self._discovery = discovery
         self._host = host
+        register_messages(host.registry)
         self._port = tcp_port
         self._clock = clock
         self._store: Store | None = None

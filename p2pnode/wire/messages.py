@@ -28,8 +28,11 @@ Rules
 - An unknown type code raises :class:`UnknownMessageType`, which still carries
   the kind and request id, so a receiver can answer "unsupported" instead of
   dropping the connection: newer peers may speak types older ones do not.
-- Type code ranges: 1-15 core, 16-47 resource exchange, 48-95 services,
-  96-127 messaging, 128+ experiments. Codes never change meaning once used.
+- Type code ranges: 1-15 core (here), 16-47 resource exchange
+  (exchange/messages.py), 48-95 services, 96-127 messaging, 128+ experiments.
+  Codes never change meaning once used.
+- This module defines only the core messages (Ping, Pong, ErrorReply). A feature
+  defines its own and registers them (see exchange/messages.py ``register``).
 - Encoding a message whose last field is a large binary value returns it as
   its own buffer (scatter list) so piece data is not copied; the bytes are
   identical to ``msgpack.packb`` of the whole envelope.
@@ -55,7 +58,6 @@ Buffer = bytes | bytearray | memoryview
 Blob = bytes | bytearray | memoryview
 """Annotation for binary fields a sender may pass as a view (decoded as bytes)."""
 
-RESOURCE_ID_LEN = 32
 MAX_REQUEST_ID = 0xFFFFFFFF
 SCATTER_MIN = 16 * 1024
 """Trailing binary fields at least this long are emitted as a separate buffer."""
@@ -281,7 +283,7 @@ def message(
     return apply
 
 
-# -- the messages the exchange needs now ---------------------------------------
+# -- core messages (1-15) --------------------------------------------------------
 
 
 @message(2)
@@ -305,50 +307,6 @@ class ErrorReply(Message):
     message: str = wire(max_len=1024)
 
 
-@message(17)
-@dataclass(frozen=True, slots=True)
-class ManifestData(Message):
-    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
-    manifest: bytes = wire()
-
-
-@message(16, response=ManifestData)
-@dataclass(frozen=True, slots=True)
-class GetManifest(Message):
-    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
-
-
-@message(19)
-@dataclass(frozen=True, slots=True)
-class PieceData(Message):
-    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
-    index: int = wire(min_value=0, max_value=0xFFFFFFFF)
-    data: Blob = wire()  # noqa: RUF009 - wire() is a dataclasses.field
-
-
-@message(18, response=PieceData)
-@dataclass(frozen=True, slots=True)
-class GetPiece(Message):
-    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
-    index: int = wire(min_value=0, max_value=0xFFFFFFFF)
-
-
-@message(21)
-@dataclass(frozen=True, slots=True)
-class Have(Message):
-    """Which pieces a peer holds: bit i (MSB first in byte i // 8) is piece i."""
-
-    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
-    complete: bool = wire()
-    bitfield: bytes = wire()
-
-
-@message(20, response=Have)
-@dataclass(frozen=True, slots=True)
-class GetHave(Message):
-    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
-
-
 # -- envelope ------------------------------------------------------------------
 
 
@@ -367,10 +325,6 @@ class DecodeLimits:
     max_str_len: int = 64 * 1024
     max_array_len: int = 4096
     max_map_len: int = 64
-
-    @classmethod
-    def for_frame(cls, max_frame: int) -> DecodeLimits:
-        return cls(max_bin_len=max_frame)
 
 
 DEFAULT_LIMITS = DecodeLimits()
