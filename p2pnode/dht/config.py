@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from p2pnode import confcheck
+
+# A store request's bytes besides the value (ids, key, msgpack framing).
+DATAGRAM_OVERHEAD = 256
+
 
 @dataclass(frozen=True)
 class DhtConfig:
@@ -67,3 +72,58 @@ class DhtConfig:
     # table (their source address could be spoofed): a bounded queue, a few at a time.
     verify_queue_max: int = 64
     verify_concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        confcheck.check_types(self)
+        confcheck.at_least(self, 1, "ksize", "alpha", "max_failures", "max_lookup_queries")
+        confcheck.at_least(self, 1, "max_value_bytes", "max_stored_values", "max_values_per_sender")
+        confcheck.at_least(
+            self,
+            1,
+            "max_providers_per_key",
+            "max_provider_keys_per_sender",
+            "max_provider_keys",
+            "max_provider_records",
+            "max_providers_per_response",
+            "rate_limit_table_size",
+            "max_array_len",
+            "max_map_len",
+            "verify_concurrency",
+        )
+        confcheck.at_least(
+            self, 0, "max_holder_pings", "welcome_queue_max", "welcome_scan_max", "verify_queue_max"
+        )
+        confcheck.positive(
+            self,
+            "rpc_timeout",
+            "value_ttl",
+            "provider_ttl",
+            "lookup_timeout",
+            "lookup_stall",
+            "request_rate",
+        )
+        # Periodic jobs clamp a 0 interval to a floor (tests use 0 to run them often).
+        confcheck.at_least(
+            self,
+            0,
+            "refresh_interval",
+            "provider_republish",
+            "provider_check_interval",
+            "value_republish",
+            "welcome_store_rate",
+        )
+        # A bucket holding less than one token refuses every request.
+        confcheck.at_least(self, 1, "request_burst")
+        if self.max_value_bytes + DATAGRAM_OVERHEAD > self.max_datagram:
+            confcheck.fail(
+                self,
+                "max_datagram",
+                f"must leave {DATAGRAM_OVERHEAD} bytes beyond max_value_bytes "
+                f"({self.max_value_bytes}), got {self.max_datagram}",
+            )
+        if self.max_response_contacts < self.ksize:
+            confcheck.fail(
+                self,
+                "max_response_contacts",
+                f"must be at least ksize ({self.ksize}), got {self.max_response_contacts}",
+            )
