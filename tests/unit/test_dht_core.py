@@ -9,6 +9,7 @@ import random
 from dataclasses import replace
 
 import pytest
+
 from p2pnode.clock import FakeClock
 from p2pnode.dht import codec
 from p2pnode.dht.config import DhtConfig
@@ -340,7 +341,7 @@ def test_requests_are_rate_limited_per_source_ip() -> None:
     net = Net(replace(CONFIG, request_rate=1.0, request_burst=5.0))
     b = net.add(2)
     core = net.cores[b]
-    for i in range(20):
+    for _ in range(20):
         core.receive_datagram(codec.encode_request(b"r" * 20, "stun", []), ("10.0.0.5", 1), 0.0)
     core.receive_datagram(codec.encode_request(b"r" * 20, "stun", []), ("10.0.0.6", 1), 0.0)
     assert core.stats["dropped.rate_limited"] == 15
