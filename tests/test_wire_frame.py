@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pnode.errors import LimitExceeded, ProtocolError
+from p2pnode.wire.buffers import BufferPool
 from p2pnode.wire.frame import (
     CHUNK_HEADER,
-    BufferPool,
     FrameDecoder,
     PrefixDecoder,
     encode_frame,

@@ -40,7 +40,7 @@ from p2pnode.exchange.manifest import (
     file_paths,
     resource_id_to_str,
 )
-from p2pnode.wire.frame import BufferPool
+from p2pnode.wire.buffers import BufferPool
 
 State = Literal["shared", "complete", "partial"]
 DB_NAME = "exchange.sqlite3"
@@ -144,7 +144,7 @@ class PieceSource:
 
     def _read(self, index: int, segments: list[Segment], flags: int) -> memoryview | None:
         length = self.manifest.piece_length(index)
-        view = memoryview(_READ_POOL.get(length))[:length]
+        view = _READ_POOL.view(length)
         for seg in segments:
             path = self.paths[seg.entry]
             try:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from p2pnode.exchange.manifest import ContentReader, Manifest, file_paths
-from p2pnode.wire.frame import buffer_address
+from p2pnode.wire.buffers import buffer_address
 
 # Alignment O_DIRECT needs (buffer address, file offset, length) on every Linux
 # filesystem we expect; 4096 also covers 4Kn disks.
@@ -34,7 +34,7 @@ O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
 def _aligned(view: memoryview) -> bool:
     """Whether ``view`` starts on a BLOCK boundary (a piece received into a large
-    frame body does: see p2pnode/wire/frame.py), so O_DIRECT can take it as is."""
+    frame body does: see p2pnode/wire/buffers.py), so O_DIRECT can take it as is."""
     if view.readonly or not view.c_contiguous or not len(view):
         return False
     return buffer_address(view) % BLOCK == 0

@@ -76,14 +76,8 @@ from p2pnode.identity import (
     peer_id_to_str,
     verify_signature,
 )
-from p2pnode.wire.frame import (
-    CHUNK_HEADER,
-    Buffer,
-    BufferPool,
-    FrameDecoder,
-    PrefixDecoder,
-    frame_header,
-)
+from p2pnode.wire.buffers import Buffer, BufferPool
+from p2pnode.wire.frame import CHUNK_HEADER, FrameDecoder, PrefixDecoder, frame_header
 
 NOISE_PROTOCOL = b"Noise_XX_25519_AESGCM_SHA256"
 PROLOGUE = b"p2pnode secure channel"
@@ -410,7 +404,7 @@ class Session:
         for chunk in plan:
             size += chunk[0] + CHUNK_OVERHEAD
         big = size >= _POOLED_SEAL
-        view = memoryview(self._seal_pool.get(size) if big else bytearray(size))[:size]
+        view = self._seal_pool.view(size) if big else memoryview(bytearray(size))
         out = view
         pack_into = CHUNK_HEADER.pack_into
         pos = 0

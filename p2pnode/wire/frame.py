@@ -23,11 +23,13 @@ Rules
     the same zero-copy contract for data that arrives in other buffers.
 
   Body buffers are pooled and reused, so a steady stream of large frames does
-  not allocate (and page-fault) a fresh buffer per frame. A pooled body is
-  reused only once nothing else references it (CPython reference count): a
-  view of an item that sat in its own body buffer (:meth:`PrefixDecoder.stable`)
-  may therefore be kept past the next ``get_buffer()``, e.g. handed to a worker
-  thread, without a copy. Views into the read scratch are never stable.
+  not allocate (and page-fault) a fresh buffer per frame. A view of an item
+  is a lease on its body (see ``p2pnode.wire.buffers``): a body is reused
+  only once no view of it is alive, so a view of an item that sat in its own
+  body buffer (:meth:`PrefixDecoder.stable`) may be kept past the next
+  ``get_buffer()``, e.g. handed to a worker thread, without a copy; dropping
+  it (or ``memoryview.release()``) gives the body back. Views into the read
+  scratch are never stable.
 - A large body (``ALIGN_MIN`` bytes or more) ends on a page boundary, so a
   trailing blob whose length is a multiple of the page size (a piece) starts on
   one: the disk writer hands it to ``O_DIRECT`` as is.
@@ -35,16 +37,24 @@ Rules
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import struct
-import sys
-import threading
 from collections.abc import Sequence
 
 from p2pnode.errors import LimitExceeded, ProtocolError
+from p2pnode.wire.buffers import ALIGN_MIN, Buffer, body_view, new_body, take_free
 
-Buffer = bytes | bytearray | memoryview
+__all__ = [
+    "ALIGN_MIN",
+    "CHUNK_HEADER",
+    "FRAME_HEADER",
+    "MAX_FRAME_LIMIT",
+    "Buffer",
+    "FrameDecoder",
+    "PrefixDecoder",
+    "encode_frame",
+    "frame_header",
+    "join_frames",
+]
 
 FRAME_HEADER = struct.Struct(">I")
 CHUNK_HEADER = struct.Struct(">H")
@@ -55,67 +65,7 @@ _DIRECT_THRESHOLD = 64 * 1024
 # Free body buffers kept for reuse (more are kept while consumers still hold
 # some); a quiet connection gives them back (trim).
 _POOL_KEEP = 8
-# sys.getrefcount of a pooled body nobody else holds: the pool list, the local
-# variable and getrefcount's own argument (checked by a test).
-_FREE_REFS = 3
 _INITIAL_SCRATCH = 64 * 1024
-# Bodies at least this large get a page of slack and are placed to end on a page
-# boundary (see the module rules). Plain bytearrays: malloc reuses freed heap
-# memory, where fresh mmaps would be page-faulted anew for every large frame.
-ALIGN_MIN = 64 * 1024
-_PAGE = mmap.PAGESIZE
-
-
-def buffer_address(buf: bytearray | memoryview) -> int:
-    """Where a writable buffer's first byte sits in memory (for alignment checks)."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
-
-
-def _new_body(length: int) -> bytearray:
-    return bytearray(length + _PAGE if length >= ALIGN_MIN else length)
-
-
-def _body_view(buf: bytearray, length: int) -> memoryview:
-    """``length`` bytes of ``buf`` ending on a page boundary when there is room."""
-    view = memoryview(buf)
-    if length >= ALIGN_MIN:
-        addr = buffer_address(buf)
-        start = ((addr + len(buf)) & ~(_PAGE - 1)) - addr - length
-        if start >= 0:
-            return view[start : start + length]
-    return view[:length]
-
-
-class BufferPool:
-    """Reusable bytearrays for large, short-lived buffers (a piece read off disk, a
-    sealed frame): fresh multi-megabyte allocations are mmapped and page-faulted
-    every time. A buffer is handed out again only once nothing else references it
-    (CPython reference count), so a caller may pass views of it on freely. Thread-safe.
-    """
-
-    def __init__(self, keep: int = 8) -> None:
-        self._keep = keep
-        self._items: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def get(self, size: int) -> bytearray:
-        """A buffer of at least ``size`` bytes (at most about twice that); contents
-        undefined."""
-        with self._lock:
-            items = self._items
-            for i in range(len(items)):
-                buf = items[i]
-                if size <= len(buf) <= 2 * size + 65536 and sys.getrefcount(buf) <= _FREE_REFS:
-                    return buf
-            buf = bytearray(size)
-            items.append(buf)
-            if len(items) > self._keep:
-                del items[0]
-            return buf
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
 
 
 def frame_header(length: int) -> bytes:
@@ -200,7 +150,7 @@ class PrefixDecoder:
 
     def release(self) -> None:
         """Declare every view handed out so far dead; their buffers get reused (each
-        once nothing references it any more: see :meth:`stable`)."""
+        once no view of it is alive any more: see :meth:`stable`)."""
         if self._lent:
             self._pool.extend(self._lent)
             self._lent.clear()
@@ -209,7 +159,7 @@ class PrefixDecoder:
     def stable(self, item: memoryview) -> bool:
         """Whether ``item`` (an item just handed out) may be kept past the next
         ``get_buffer()``/``release()``: it lives in its own body buffer, which is not
-        reused while referenced, or in immutable bytes. Items in the read scratch
+        reused while a view of it is alive, or in immutable bytes. Items in the read scratch
         (or in a caller's buffer) are not."""
         obj = item.obj
         if type(obj) is bytes:
@@ -286,20 +236,11 @@ class PrefixDecoder:
 
     def _take_body(self, length: int) -> None:
         """Pick a free buffer of adequate size for an item of ``length`` bytes."""
-        chosen = None
-        pool = self._pool
-        for i in range(len(pool)):
-            buf = pool[i]
-            if (
-                length <= len(buf) <= 2 * length + 65536
-                and sys.getrefcount(buf) <= _FREE_REFS  # nobody holds a view of it
-            ):
-                chosen = pool.pop(i)
-                break
+        chosen = take_free(self._pool, length)  # one no view of is alive
         if chosen is None:
-            chosen = _new_body(length)
+            chosen = new_body(length)
         self._body = chosen
-        self._body_view = _body_view(chosen, length)
+        self._body_view = body_view(chosen, length)
 
     def _finish_body(self) -> memoryview:
         assert self._body is not None and self._body_view is not None
