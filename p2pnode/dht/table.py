@@ -9,13 +9,14 @@ DHT core) decides whether to ping it. Bucket freshness (``last_updated``) is the
 
 from __future__ import annotations
 
-import heapq
 from bisect import bisect_right
+from operator import itemgetter
 
 from kademlia.node import Node
 from kademlia.routing import KBucket
 
 ID_SPACE = 2**160
+_first = itemgetter(0)
 
 
 class RoutingTable:
@@ -87,8 +88,12 @@ class RoutingTable:
         key's bucket as looked up at ``now``."""
         goal = int.from_bytes(key, "big")
         self.buckets[bisect_right(self._uppers, goal)].last_updated = now
-        candidates = (n for b in self.buckets for n in b.nodes.values() if n.id != exclude)
-        return heapq.nsmallest(k, candidates, key=lambda n: n.long_id ^ goal)
+        # A sort in C beats heapq.nsmallest's Python loop at routing-table sizes.
+        scored = [
+            (n.long_id ^ goal, n) for b in self.buckets for n in b.nodes.values() if n.id != exclude
+        ]
+        scored.sort(key=_first)
+        return [n for _, n in scored[:k]]
 
     def lonely_buckets(self, cutoff: float) -> list[KBucket]:
         """Buckets not looked up since ``cutoff``."""
