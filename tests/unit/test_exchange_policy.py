@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -31,7 +32,7 @@ CONFIG = replace(
 
 
 def make(
-    count: int = 8, *, window: int = 4, peers: tuple[str, ...] = ("a", "b"), **config: object
+    count: int = 8, *, window: int = 4, peers: tuple[str, ...] = ("a", "b"), **config: Any
 ) -> DownloadPolicy:
     cfg = replace(CONFIG, **config)
     picker = Picker(
