@@ -321,7 +321,7 @@ class DhtCore:
         stats["datagrams_received"] += 1
         stats["bytes_received"] += len(data)
         host = normalize_host(addr[0]) if addr else None
-        port = addr[1] if len(addr) > 1 else 0
+        port = addr[1] if host is not None and len(addr) > 1 else 0
         if host is None or not is_port(port):
             self._drop("bad_source")
             return

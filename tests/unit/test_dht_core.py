@@ -513,3 +513,12 @@ def test_truncated_answers_end_the_call_as_malformed(net: Net) -> None:
             [(request, _)] = core.datagrams_to_send()
             core.receive_datagram(data[:1] + request[1:21] + data[21:cut], peer, 0.0)
             assert core.events() == [CallFailed(call_id, MALFORMED)]
+
+
+def test_bad_source_addresses_are_dropped(net: Net) -> None:
+    core = net.cores[net.add(1)]
+    request = codec.encode_request(b"r" * 20, "ping", [nid(5)])
+    for addr in [(), ("not-an-ip", 5), ("10.0.0.1", 0), ("10.0.0.1",), ("0.0.0.0", 5)]:
+        core.receive_datagram(request, addr, 0.0)
+    assert core.stats["dropped.bad_source"] == 5
+    assert core.datagrams_to_send() == []
