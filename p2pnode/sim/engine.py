@@ -72,7 +72,22 @@ class SimNode(ABC):
         self.node_id: bytes | None = None
         self.host = "127.0.0.1"  # the address its peers reach it at
         self.port = 0
-        self.running = False
+        self._running = False
+        self.alive_set: set[int] | None = None  # the cluster's, kept up to date
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @running.setter
+    def running(self, value: bool) -> None:
+        # The cluster keeps the set of running nodes, so counting them is not O(N).
+        self._running = value
+        if self.alive_set is not None:
+            if value:
+                self.alive_set.add(self.index)
+            else:
+                self.alive_set.discard(self.index)
 
     @abstractmethod
     async def start(self, bootstrap: list[tuple[str, int]], port: int = 0) -> None:
@@ -130,10 +145,15 @@ class Cluster(ABC):
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.nodes: dict[int, SimNode] = {}
+        self.running: set[int] = set()
 
     def node(self, index: int) -> SimNode:
         if index not in self.nodes:
-            self.nodes[index] = self._make_node(index, self.workdir / f"n{index:05d}")
+            node = self._make_node(index, self.workdir / f"n{index:05d}")
+            node.alive_set = self.running
+            if node.running:
+                self.running.add(index)
+            self.nodes[index] = node
         return self.nodes[index]
 
     @abstractmethod
@@ -293,10 +313,13 @@ class Simulation:
         return r
 
     def _alive(self) -> list[int]:
-        return sorted(i for i, n in self.cluster.nodes.items() if n.running)
+        return sorted(self.cluster.running)
+
+    def _n_alive(self) -> int:
+        return len(self.cluster.running)
 
     def _mark_alive(self) -> None:
-        n = len(self._alive())
+        n = self._n_alive()
         self.counters.up = n
         if not self.m.alive or self.m.alive[-1][1] != n:
             self.m.alive.append((self.now(), n))
@@ -389,14 +412,14 @@ class Simulation:
                 ok,
                 error,
                 phase=phase,
-                network_size=len(self._alive()),
+                network_size=self._n_alive(),
             )
         )
         return ok
 
     async def _converge_phase(self) -> None:
         self.counters.phase = "converge"
-        if self.config.probe_lookups == 0 or len(self._alive()) < 2:
+        if self.config.probe_lookups == 0 or self._n_alive() < 2:
             self.m.converge_time = self.m.bootstrap_time
             return
         deadline = self.now() + self.config.converge_timeout
@@ -491,7 +514,7 @@ class Simulation:
                 False,
                 why,
                 phase=phase,
-                network_size=len(self._alive()),
+                network_size=self._n_alive(),
                 skipped=True,
             )
         )
@@ -507,7 +530,7 @@ class Simulation:
         phase: str = "workload",
     ) -> tuple[OpResult, T | None]:
         started = self.now()
-        size = len(self._alive())
+        size = self._n_alive()
         value: T | None = None
         ok, error = True, ""
         inner: asyncio.Future[T] = asyncio.ensure_future(call())
@@ -672,7 +695,7 @@ class Simulation:
             self._mark_alive()
             self._record(
                 OpResult(
-                    "kill", op.node, -1, started, self.now(), True, network_size=len(self._alive())
+                    "kill", op.node, -1, started, self.now(), True, network_size=self._n_alive()
                 )
             )
             return
@@ -729,6 +752,9 @@ class Simulation:
 
     def _print_progress(self, final: bool = False) -> None:
         line = self.counters.line(self.now(), self.config.nodes)
+        wall = getattr(asyncio.get_running_loop(), "wall_time", None)
+        if wall is not None:  # virtual time: the line's clock is simulated
+            line += f" | wall {wall():.0f}s"
         if sys.stderr.isatty():
             width = shutil.get_terminal_size((120, 20)).columns - 1
             sys.stderr.write("\r" + line[:width].ljust(width) + ("\n" if final else ""))

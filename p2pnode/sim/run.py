@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ async def simulate(
         raise ScenarioError("virtual mode runs under a VirtualTimeLoop: use run_simulation()")
     if isinstance(loop, VirtualTimeLoop):
         wall0, events0, jumps0 = loop.wall_time(), loop.events, loop.jumps
+        cpu0 = time.process_time()
     run_task = asyncio.create_task(sim.run(), name="sim-run")
     interrupts = 0
 
@@ -119,6 +121,8 @@ async def simulate(
         wall = loop.wall_time() - wall0
         m.wall = {
             "wall_time": wall,
+            # CPU time of this process: the cost, whatever else the machine was running.
+            "cpu_time": time.process_time() - cpu0,
             "events": loop.events - events0,
             "events_per_second": (loop.events - events0) / wall if wall > 0 else None,
             "clock_jumps": loop.jumps - jumps0,

@@ -134,7 +134,6 @@ class VirtualNode(SimNode):
             raise NodeFailure(f"start: {type(exc).__name__}: {exc}") from None
         peer_host.set_handler(self._serve)
         self.discovery, self.peer_host, self.port = discovery, peer_host, bound
-        self.resources.clear()  # a killed process forgets what it served from memory
         self._joined = False
         self.running = True
         self._join = asyncio.get_running_loop().create_task(
@@ -154,6 +153,14 @@ class VirtualNode(SimNode):
             await asyncio.sleep(delay)
             delay = min(delay * 2, JOIN_RETRY_MAX)
         self._joined = True
+        # Back from a kill: what it holds is still "on disk"; announce it again, as
+        # a restarted node does.
+        for rid in sorted(self.resources):
+            await self._announce(rid)
+
+    async def _announce(self, rid: bytes) -> None:
+        assert self.discovery is not None
+        await self.discovery.add_provider(dht_key(rid), self.port)
 
     async def joined(self) -> bool:
         return self._joined
@@ -202,7 +209,7 @@ class VirtualNode(SimNode):
     # -- exchange ---------------------------------------------------------------------
 
     async def share(self, path: Path) -> str:
-        discovery, _ = self._live()
+        self._live()
         data = self._cluster.files.get(path)
         if data is None:
             raise NodeFailure(f"share: no file {path.name}")
@@ -210,7 +217,7 @@ class VirtualNode(SimNode):
         rid = hashlib.sha256(manifest).digest()
         self.resources[rid] = _Resource(data, manifest, PIECE_SIZE)
         try:
-            await discovery.add_provider(dht_key(rid), self.port)
+            await self._announce(rid)
         except P2PError as exc:
             raise NodeFailure(f"share: {type(exc).__name__}: {exc}") from None
         return rid.hex()
@@ -254,6 +261,9 @@ class VirtualNode(SimNode):
                 continue
             self.resources[resource_id] = _Resource(data, make_manifest(data), PIECE_SIZE)
             self._cluster.files[dest] = data
+            # A completed download is served and announced too, as the exchange does.
+            with contextlib.suppress(P2PError):
+                await self._announce(resource_id)
             return dest
         raise NodeFailure(f"fetch: every provider failed ({'; '.join(errors[:3])})")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,14 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self.events = 0  # callbacks run (task steps, timers, deliveries)
         self.jumps = 0  # clock advances
         self.wall_started = time.perf_counter()
+        # Network deliveries: (when, seq, fn, args) tuples, cheaper than TimerHandles
+        # (no Python-level __lt__, no context copy); the seq keeps ties in FIFO order.
+        self._net: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+
+    def call_net(self, when: float, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` at loop time ``when`` (a packet's arrival); not cancellable."""
+        heapq.heappush(self._net, (when, next(self._seq), fn, args))
 
     def time(self) -> float:
         return self._vnow
@@ -53,6 +62,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def _run_once(self) -> None:
         sched = self._scheduled  # type: ignore[attr-defined]
         ready = self._ready  # type: ignore[attr-defined]
+        net = self._net
         if (
             len(sched) > _MIN_SCHEDULED
             and self._timer_cancelled_count / len(sched) > _CANCELLED_FRACTION  # type: ignore[attr-defined]
@@ -75,8 +85,13 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             # Idle: real fds first (signals, threads), then jump to the next timer.
             self._process_events(self._selector.select(0))  # type: ignore[attr-defined]
             if not ready:
-                if sched:
-                    when = sched[0]._when
+                if sched or net:
+                    if not net:
+                        when = sched[0]._when
+                    elif not sched:
+                        when = net[0][0]
+                    else:
+                        when = min(sched[0]._when, net[0][0])
                     if when > self._vnow:
                         self._vnow = when
                         self.jumps += 1
@@ -102,6 +117,16 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             handle = popleft()
             if not handle._cancelled:
                 handle._run()
+
+        while net and net[0][0] <= now:
+            _, _, fn, args = heapq.heappop(net)
+            self.events += 1
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - reported, as asyncio does for a callback
+                self.call_exception_handler(
+                    {"message": f"exception in network delivery {fn!r}", "exception": exc}
+                )
 
     def wall_time(self) -> float:
         return time.perf_counter() - self.wall_started

@@ -26,6 +26,7 @@ import asyncio
 import errno
 import ipaddress
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,8 @@ class VirtualNetwork:
         self.seed = seed
         self.hosts: dict[str, VirtualHost] = {}
         self.stats = NetStats()
+        # Deliveries: the virtual loop's cheap timers when there is one.
+        self.at: Callable[..., Any] = getattr(loop, "call_net", loop.call_at)
 
     def host(self, index: int) -> VirtualHost:
         ip = address(index)
@@ -260,7 +263,7 @@ class VirtualDatagramTransport(asyncio.DatagramTransport):
         if host.lost():
             net.stats.datagrams_lost += 1
             return
-        net.loop.call_at(when, _deliver_datagram, net, addr[0], addr[1], bytes(data), self._src)
+        net.at(when, _deliver_datagram, net, addr[0], addr[1], bytes(data), self._src)
 
     def close(self) -> None:
         if self._closing:
@@ -298,6 +301,10 @@ def _deliver_datagram(
     transport._protocol.datagram_received(data, src)
 
 
+_FIN = "FIN"
+_RST = "RST"
+
+
 class VirtualStreamTransport(asyncio.Transport):
     """One end of a connected pair. Bytes written arrive at the other end after the
     link delay, in order; the write buffer counts bytes not yet delivered."""
@@ -306,6 +313,7 @@ class VirtualStreamTransport(asyncio.Transport):
         super().__init__({"sockname": (host.ip, port), "peername": (peer_ip, peer_port)})
         self._host = host
         self._loop = host.net.loop
+        self._at = host.net.at
         self.peer: VirtualStreamTransport | None = None
         self._protocol: Any = None
         self._buffered_proto = False
@@ -318,7 +326,10 @@ class VirtualStreamTransport(asyncio.Transport):
         self._high = DEFAULT_HIGH
         self._low = DEFAULT_HIGH // 4
         self._paused = False
-        self._last_arrival = 0.0  # keeps deliveries in order despite jitter
+        self._last_arrival = 0.0  # arrival times never decrease (in order despite jitter)
+        # What is on the wire, oldest first: bytes, or _FIN / _RST. Each timer takes the
+        # head, so segments due at the same instant still arrive in the order sent.
+        self._wire: deque[bytes | str] = deque()
         host.streams.add(self)
 
     # -- set-up -----------------------------------------------------------------------
@@ -356,10 +367,8 @@ class VirtualStreamTransport(asyncio.Transport):
         stats = host.net.stats
         stats.stream_writes += 1
         stats.stream_bytes += n
-        when = max(host.delay(n), self._last_arrival)
-        self._last_arrival = when
         self._buffer += n
-        self._loop.call_at(when, self._arrive, bytes(data))
+        self._send(bytes(data))
         if not self._paused and self._buffer > self._high and self._protocol is not None:
             self._paused = True
             self._protocol.pause_writing()
@@ -380,8 +389,7 @@ class VirtualStreamTransport(asyncio.Transport):
         self._host.streams.discard(self)
         if self._host.up and self.peer is not None:
             # FIN after the data already written.
-            when = max(self._host.delay(0), self._last_arrival)
-            self._loop.call_at(when, self._fin_arrives)
+            self._send(_FIN)
         self._loop.call_soon(self._connection_lost, None)
 
     def abort(self) -> None:
@@ -390,8 +398,7 @@ class VirtualStreamTransport(asyncio.Transport):
         self._closing = True
         self._host.streams.discard(self)
         if self.peer is not None:  # even from a dying host: its kernel sends the RST
-            when = max(self._host.delay(0), self._last_arrival)
-            self._loop.call_at(when, self._rst_arrives)
+            self._send(_RST)
         self._loop.call_soon(self._connection_lost, None)
 
     def is_closing(self) -> bool:
@@ -440,8 +447,25 @@ class VirtualStreamTransport(asyncio.Transport):
 
     # -- delivery ---------------------------------------------------------------------
 
-    def _arrive(self, data: bytes) -> None:
-        """Our bytes reach the peer (this runs on the sender's transport)."""
+    def _send(self, item: bytes | str) -> None:
+        when = self._host.delay(len(item) if isinstance(item, bytes) else 0)
+        if when < self._last_arrival:
+            when = self._last_arrival
+        self._last_arrival = when
+        self._wire.append(item)
+        self._at(when, self._arrive)
+
+    def _arrive(self) -> None:
+        """The oldest segment on the wire reaches the peer (runs on the sender's end)."""
+        item = self._wire.popleft()
+        if item is _FIN:
+            self._fin_arrives()
+            return
+        if item is _RST:
+            self._rst_arrives()
+            return
+        assert isinstance(item, bytes)
+        data = item
         self._buffer -= len(data)
         if self._paused and self._buffer <= self._low and not self._lost:
             self._paused = False
