@@ -24,8 +24,9 @@ Rules:
   piece; a peer whose connection fails is dropped. Its pieces go back to the
   others.
 - When the picker has no peers left, the providers are looked up again
-  (``rediscover_attempts`` times); then the download fails with
-  ``DownloadError``, keeping what it verified.
+  (``rediscover_attempts`` times, waiting longer each time); then the download
+  fails with ``DownloadError``, keeping what it verified. A first lookup that
+  finds nobody is repeated the same way, then ends in ``NotFoundError``.
 - The network is reached only through two small protocols: ``PeerRequester``
   (``PeerHost.request``) and ``ProviderFinder`` (``Discovery.find_providers`` /
   ``remove_provider``).
@@ -204,6 +205,8 @@ class _Download:
 
 
 class Fetcher:
+    """The asyncio shell of downloads (see the module rules); one per ``get``."""
+
     def __init__(
         self,
         *,
