@@ -2,29 +2,49 @@
 thin client of a running node's control API.
 
 Global options (--home, --json) work before or after the command name.
+
+Start-up time matters (every command is a process): what only `start` needs
+(asyncio, the node) and what only clients need (urllib) is imported on use.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from p2pnode._version import __version__
 from p2pnode.config import NodeConfig, default_home, parse_host_port
-from p2pnode.control.client import ControlClient, raise_event_error
+from p2pnode.control.api import StreamEvent
 from p2pnode.errors import P2PError, UsageError
 from p2pnode.home import read_config_file
 
+if TYPE_CHECKING:
+    from p2pnode.control.client import ControlClient
+
 log = logging.getLogger("p2pnode")
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    ERROR = 1  # a P2PError, explained on stderr
+    USAGE = 2  # bad arguments (argparse's own exit status)
+    INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
 
 # ---------------------------------------------------------------------------- parsing
 
@@ -85,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--log-level",
         default=None,
-        choices=["debug", "info", "warning", "error"],
+        choices=[level.value for level in LogLevel],
         help="stderr log level",
     )
 
@@ -169,7 +189,7 @@ def _start_config(args: argparse.Namespace, home: Path) -> tuple[NodeConfig, str
     host = args.host or str(file.get("host", "0.0.0.0"))
     boots = args.bootstrap if args.bootstrap is not None else list(file.get("bootstrap", []))
     api_port = args.api_port if args.api_port is not None else file.get("api_port")
-    level = args.log_level or str(file.get("log_level", "info"))
+    level = args.log_level or str(file.get("log_level", LogLevel.INFO))
     if not 0 <= port < 65536:
         raise UsageError(f"--port must be 0..65535, got {port}")
     config = NodeConfig(
@@ -183,6 +203,8 @@ def _start_config(args: argparse.Namespace, home: Path) -> tuple[NodeConfig, str
 
 
 def cmd_start(args: argparse.Namespace, home: Path) -> int:
+    import asyncio
+
     config, level = _start_config(args, home)
     logging.basicConfig(
         stream=sys.stderr,
@@ -193,6 +215,9 @@ def cmd_start(args: argparse.Namespace, home: Path) -> int:
 
 
 async def _run_node(config: NodeConfig) -> int:
+    import asyncio
+    import signal
+
     from p2pnode.node import Node
 
     node = Node(config)
@@ -213,7 +238,7 @@ async def _run_node(config: NodeConfig) -> int:
         log.info("stopping")
         await node.stop()
     print("stopped", flush=True)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_id(args: argparse.Namespace, client: ControlClient) -> int:
@@ -230,7 +255,7 @@ def cmd_id(args: argparse.Namespace, client: ControlClient) -> int:
         )
 
     _emit(args, client.call("GET", "/v1/id"), human)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_peers(args: argparse.Namespace, client: ControlClient) -> int:
@@ -239,7 +264,7 @@ def cmd_peers(args: argparse.Namespace, client: ControlClient) -> int:
         return _table(rows, ("PEER ID", "ADDRESS", "LAST SEEN")) + f"\n{len(rows)} peer(s)"
 
     _emit(args, client.call("GET", "/v1/peers"), human)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
@@ -259,7 +284,7 @@ def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
         return "\n".join(lines)
 
     _emit(args, client.call("GET", "/v1/status"), human)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_stop(args: argparse.Namespace, client: ControlClient, home: Path) -> int:
@@ -269,7 +294,7 @@ def cmd_stop(args: argparse.Namespace, client: ControlClient, home: Path) -> int
     while (home / "control.json").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     _emit(args, pid, lambda _: "stopped")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
@@ -282,7 +307,7 @@ def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
     else:
         res = client.call("GET", f"/v1/dht/get?key={quote(args.key)}")
         _emit(args, res, lambda d: str(d["value"]))
-    return 0
+    return ExitCode.OK
 
 
 def _resource_rows(resources: list[dict[str, Any]]) -> str:
@@ -299,18 +324,18 @@ def cmd_share(args: argparse.Namespace, client: ControlClient) -> int:
         raise UsageError(f"no such file or folder: {args.path}")
     res = client.call("POST", "/v1/share", {"path": str(path)})
     _emit(args, res, lambda d: d["id"])
-    return 0
+    return ExitCode.OK
 
 
 def cmd_unshare(args: argparse.Namespace, client: ControlClient) -> int:
     res = client.call("POST", "/v1/unshare", {"id": args.id})
     _emit(args, res, lambda d: f"unshared {d['id']}")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_ls(args: argparse.Namespace, client: ControlClient) -> int:
     _emit(args, client.call("GET", "/v1/ls"), lambda d: _resource_rows(d["resources"]))
-    return 0
+    return ExitCode.OK
 
 
 def cmd_providers(args: argparse.Namespace, client: ControlClient) -> int:
@@ -319,7 +344,7 @@ def cmd_providers(args: argparse.Namespace, client: ControlClient) -> int:
         return _table(rows, ("PEER ID", "ADDRESS")) + f"\n{len(rows)} provider(s)"
 
     _emit(args, client.call("GET", f"/v1/providers/{args.id}"), human)
-    return 0
+    return ExitCode.OK
 
 
 class _ProgressBar:
@@ -361,20 +386,22 @@ def cmd_get(args: argparse.Namespace, client: ControlClient) -> int:
     final: dict[str, Any] | None = None
     try:
         for event in client.stream("POST", "/v1/get", body):
-            if event.get("event") == "progress" and bar is not None:
+            if event.get("event") == StreamEvent.PROGRESS and bar is not None:
                 bar.show(event)
-            elif event.get("event") in ("done", "error"):
+            elif event.get("event") in (StreamEvent.DONE, StreamEvent.ERROR):
                 final = event
     finally:
         if bar is not None:
             bar.close()
     if final is None:
         raise P2PError("the node closed the download stream without a result")
-    if final["event"] == "error":
+    if final["event"] == StreamEvent.ERROR:
+        from p2pnode.control.client import raise_event_error
+
         raise_event_error(final)
     res = final["resource"]
     _emit(args, res, lambda r: f"{r['id']}  {_size(r['size'])}  verified -> {r['path']}")
-    return 0
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------------- main
@@ -386,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "start":
             return cmd_start(args, home)
+        from p2pnode.control.client import ControlClient
+
         client = ControlClient(home)
         handlers: dict[str, Callable[[], int]] = {
             "id": lambda: cmd_id(args, client),
@@ -402,9 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command]()
     except P2PError as exc:
         print(f"p2pnode: error: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.ERROR
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

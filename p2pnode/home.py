@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +140,8 @@ def read_control(home: Path) -> ControlInfo:
 
 def read_config_file(home: Path) -> dict[str, Any]:
     """Defaults for `start` from <home>/config.toml; absent file gives {}."""
+    import tomllib  # only `start` reads it: other commands skip the import
+
     path = home / CONFIG_FILE
     try:
         with path.open("rb") as handle:

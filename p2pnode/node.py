@@ -74,7 +74,7 @@ class Node:
     - :class:`~p2pnode.net.host.PeerHost`: Noise-secured peer connections on TCP P;
     - :class:`~p2pnode.exchange.service.Exchange`: sharing and downloading resources;
     - :class:`~p2pnode.control.server.ControlServer`: the local HTTP API (its URL and
-      token are written to the home for the CLI).
+      token are written to the home for the CLI); none with ``control_api=False``.
 
     Lifecycle (:attr:`state`): ``new`` -> ``starting`` -> ``running`` ->
     ``stopping`` -> ``stopped``; a failed :meth:`start` closes what it opened and
@@ -156,6 +156,9 @@ class Node:
             clock=self.clock,
         )
         await self._exchange.start()
+        if not self.config.control_api:
+            clear_control(self.home)  # a stale file would point the CLI at nothing
+            return
         token = secrets.token_urlsafe(32)
         self._control = ControlServer(self, token)
         url = await self._control.start(self.config.api_host, self.config.api_port or 0)
@@ -340,6 +343,8 @@ class Node:
 
     @property
     def api_url(self) -> str:
+        if self._control is None and self._state is NodeState.RUNNING:
+            raise NodeNotRunning("this node runs without a control API (control_api=False)")
         return self._part(self._control, "api_url").url
 
     def listen_addresses(self) -> list[str]:
@@ -360,7 +365,7 @@ class Node:
             "public_key": self.identity.public_key.hex(),
             "addresses": self.listen_addresses(),
             "port": self._port,
-            "api": self.api_url,
+            "api": self.api_url if self.config.control_api else None,
             "bootstrap": self.bootstrap_arg(),
             "version": __version__,
         }

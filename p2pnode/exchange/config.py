@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from p2pnode import confcheck
+
 
 @dataclass(frozen=True)
 class ExchangeConfig:
@@ -51,3 +53,37 @@ class ExchangeConfig:
     # Check shared files for changes this often (seconds; 0 disables) so a changed
     # file stops being announced even if nobody asks for it.
     stale_check_interval: float = 60.0
+
+    def __post_init__(self) -> None:
+        confcheck.check_types(self)
+        confcheck.at_least(
+            self,
+            1,
+            "requests_per_peer",
+            "inflight_bytes_per_peer",
+            "max_peers_per_download",
+            "max_failures",
+            "endgame_copies",
+            "io_threads",
+            "serve_max_reads",
+        )
+        confcheck.at_least(
+            self, 0, "rediscover_attempts", "hash_workers", "serve_max_queued", "serve_min_per_peer"
+        )
+        confcheck.positive(
+            self,
+            "piece_timeout",
+            "manifest_timeout",
+            "busy_backoff",
+            "busy_give_up",
+            "announce_interval",
+            "contact_poll_interval",
+        )
+        # 0: report every change / retry at once / never check (stale_check_interval).
+        confcheck.at_least(self, 0, "rediscover_delay", "progress_interval", "stale_check_interval")
+        if self.busy_backoff_max < self.busy_backoff:
+            confcheck.fail(
+                self,
+                "busy_backoff_max",
+                f"must be at least busy_backoff ({self.busy_backoff}), got {self.busy_backoff_max}",
+            )

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from p2pnode import confcheck
+
+# Smaller frames could not carry the handshake and ordinary messages.
+MIN_FRAME = 1024
+
 
 @dataclass(frozen=True)
 class NetLimits:
@@ -44,3 +49,30 @@ class NetLimits:
     # msgpack limits for one message (bin fields are bounded by max_frame).
     max_str_len: int = 64 * 1024
     max_array_len: int = 4096
+
+    def __post_init__(self) -> None:
+        confcheck.check_types(self)
+        confcheck.at_least(self, MIN_FRAME, "max_frame")
+        confcheck.at_least(
+            self,
+            1,
+            "max_connections",
+            "max_connections_per_ip",
+            "max_inflight_per_connection",
+            "write_buffer_high",
+            "max_str_len",
+            "max_array_len",
+        )
+        confcheck.positive(
+            self,
+            "handshake_timeout",
+            "idle_timeout",
+            "request_timeout",
+            "write_stall_timeout",
+            "trim_after",
+        )
+        confcheck.at_least(self, 0, "request_rate", "request_burst", "max_strikes", "strike_decay")
+        if self.request_burst and not self.request_rate:
+            confcheck.fail(
+                self, "request_burst", "is set but request_rate is 0 (no rate limit at all)"
+            )
