@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from p2pnode import Node
+from p2pnode import Node, NodeNotRunning, NodeState
 from p2pnode.errors import UsageError
 from p2pnode.home import read_control
 from tests.helpers import eventually, fast_config
@@ -120,3 +120,35 @@ async def test_control_file_removed_at_stop(homes: Callable[[str], Path]) -> Non
     async with Node(fast_config(homes("d"))) as node:
         assert (node.home / "control.json").exists()
     assert not (node.home / "control.json").exists()
+
+
+async def test_parts_before_start_are_a_typed_error(homes: Callable[[str], Path]) -> None:
+    node = Node(fast_config(homes("e")))
+    assert node.state is NodeState.NEW and not node.running
+    for part in ("identity", "discovery", "peer_host", "exchange", "api_url"):
+        with pytest.raises(NodeNotRunning, match="once the node has started"):
+            getattr(node, part)
+    async with node:
+        assert node.state is NodeState.RUNNING and node.status()["state"] == "running"
+        node.discovery  # noqa: B018 - no error once started
+        with pytest.raises(UsageError, match="started once"):
+            await node.start()
+    assert node.state is NodeState.STOPPED
+
+
+async def test_failed_start_leaves_a_failed_node(homes: Callable[[str], Path]) -> None:
+    async with Node(fast_config(homes("f"))):
+        second = Node(fast_config(homes("f")))
+        with pytest.raises(UsageError, match="already running"):
+            await second.start()
+        assert second.state is NodeState.FAILED
+        await second.stop()  # nothing to stop; no error
+
+
+async def test_node_without_control_api(homes: Callable[[str], Path]) -> None:
+    async with Node(fast_config(homes("g"), control_api=False)) as node:
+        assert not (node.home / "control.json").exists()
+        assert node.describe()["api"] is None
+        with pytest.raises(NodeNotRunning, match="without a control API"):
+            _ = node.api_url
+        assert node.discovery.contacts() == []
