@@ -163,6 +163,9 @@ class PeerConnection(asyncio.BufferedProtocol):
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peername = (str(peer[0]), int(peer[1]))
         self.core.address = f"{self.peername[0]}:{self.peername[1]}"
+        if self.core.closing:  # the dial was given up while the connect went on
+            transport.abort()
+            return
         if not self.owner.conn_made(self):
             self.core.close(ConnectionClosed("connection rejected by limits"), abort=True)
             self._pump()
@@ -180,7 +183,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         if core.paused and self.transport is not None:
             core.write_buffered(self.transport.get_write_buffer_size())
         core.receive_data(nbytes, self._clock.now())
-        self._pump()
+        if core.has_output:  # most reads only fill a piece's body
+            self._pump()
 
     def eof_received(self) -> bool | None:
         self.core.eof_received(self._clock.now())
@@ -246,30 +250,26 @@ class PeerConnection(asyncio.BufferedProtocol):
             self.loop.call_soon(self._flush)
 
     def _on_event(self, event: Event) -> None:
-        kind = type(event)
-        if kind is ResponseReceived:
-            assert isinstance(event, ResponseReceived)
+        # most frequent first: answers and requests are the data path
+        if isinstance(event, ResponseReceived):
             fut = self._futures.pop(event.request_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(event.envelope)
-        elif kind is RequestReceived:
-            assert isinstance(event, RequestReceived)
+        elif isinstance(event, RequestReceived):
             if self.core.closing:
                 return
             task = self.loop.create_task(self._serve(event.request_id, event.message))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
             self.owner.own_task(task)
-        elif kind is RequestFailed:
-            assert isinstance(event, RequestFailed)
+        elif isinstance(event, RequestFailed):
             fut = self._futures.pop(event.request_id, None)
             if fut is not None and not fut.done():
                 fut.set_exception(event.error)
-        elif kind is HandshakeCompleted:
+        elif isinstance(event, HandshakeCompleted):
             if self.owner.conn_established(self) and not self.handshake.done():
                 self.handshake.set_result(None)
-        elif kind is ConnectionTerminated:
-            assert isinstance(event, ConnectionTerminated)
+        else:
             self._terminated(event)
 
     def _terminated(self, event: ConnectionTerminated) -> None:

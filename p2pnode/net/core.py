@@ -267,6 +267,12 @@ class ConnectionCore:
 
     # -- outputs -------------------------------------------------------------------
 
+    @property
+    def has_output(self) -> bool:
+        """Whether :meth:`data_to_send` or :meth:`take_events` has something (when
+        neither has, the last input left :meth:`next_deadline` as it was)."""
+        return bool(self._events or self._out or self._cork)
+
     def data_to_send(self) -> list[Buffer]:
         """What to write to the transport now, in order (the cork joined)."""
         out = self._out

@@ -1,5 +1,10 @@
 """PeerHost: direct, authenticated peer connections and requests over them.
 
+Each connection is a :class:`~p2pnode.net.core.ConnectionCore` (the protocol:
+handshake, request mux, limits, deadlines; no I/O) under a
+:class:`~p2pnode.net.connection.PeerConnection` (the asyncio shell); the host
+keeps the pool and the limits that span connections.
+
 Rules
 -----
 - One pool of connections, keyed by the remote node id (and by the dialed
@@ -71,6 +76,33 @@ _DialKey = bytes | tuple[str, int]
 
 
 class PeerHost:
+    """This node's direct peer connections: it listens, dials, and carries requests.
+
+    A ``PeerHost`` owns every TCP peer connection of a node (Noise XX bound to
+    the node's Ed25519 identity, then the request mux of
+    :class:`~p2pnode.net.core.ConnectionCore`). :meth:`request` sends a
+    message to a peer and returns its answer, dialing (or reusing a pooled
+    connection) as needed; requests from peers go to the one handler set with
+    :meth:`set_handler` (the exchange installs itself). The module rules above
+    state its limits and errors.
+
+    Rules of use:
+
+    - Sockets come from ``endpoints`` (the running loop by default; a simulated
+      network's in-memory transports in ``--mode virtual``), times from
+      ``clock``: neither is read from anywhere else.
+    - One handler: it gets ``(peer node id, message)`` and returns the answer;
+      ``NotFoundError``, ``LimitExceeded``, ``ProtocolError``/``UsageError``
+      become ``not_found``, ``busy``, ``bad_request`` answers, anything else an
+      ``internal`` answer (logged). Without one, requests are answered
+      ``unsupported``.
+    - Messages are decoded with :attr:`registry`: a feature registers its
+      message types there before peers send them.
+    - :meth:`close` once, at the end: it ends every connection, dial and handler
+      task; later calls to :meth:`listen` or :meth:`request` raise
+      ``UsageError``.
+    """
+
     def __init__(
         self,
         identity: Identity,
