@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pnode.errors import LimitExceeded, ProtocolError
-from p2pnode.wire.buffers import BufferPool
+from p2pnode.wire.buffers import BufferPool, buffer_address, exported
 from p2pnode.wire.frame import (
     CHUNK_HEADER,
     FrameDecoder,
@@ -217,3 +217,55 @@ def test_buffer_pool_reuses_only_unreferenced_buffers() -> None:
     third = pool.get(100_000)
     assert third is not second and len(third) >= 100_000  # the first, free again
     assert pool.get(10) is not third  # much smaller requests get their own buffer
+
+
+def test_exported_is_exact_and_keeps_the_buffer_in_place() -> None:
+    buf = bytearray(b"abcdef")
+    view = memoryview(buf)[2:4]
+    derived = view[1:]
+    del view
+    assert exported(buf)  # a slice of a dropped view still holds the buffer
+    derived.release()
+    assert not exported(buf)
+    assert buf == b"abcdef"  # the probe left it as it was
+    addr = buffer_address(buf)
+    for _ in range(3):
+        assert not exported(buf)
+    assert buffer_address(buf) == addr and len(buf) == 6
+
+
+def receive_views(decoder: PrefixDecoder, data: bytes, step: int) -> list[memoryview]:
+    """Read ``data`` in through get_buffer, keeping the views handed out."""
+    out: list[memoryview] = []
+    pos = 0
+    while pos < len(data):
+        buf = decoder.get_buffer()
+        n = min(len(buf), len(data) - pos, step)
+        buf[:n] = data[pos : pos + n]
+        pos += n
+        out += decoder.buffer_updated(n)
+    return out
+
+
+def test_a_released_view_gives_its_body_back() -> None:
+    decoder = FrameDecoder(1 << 20)
+    frame = join_frames([bytes(200_000)])
+    (first,) = receive_views(decoder, frame, 50_000)
+    assert decoder.stable(first)
+    body = first.obj
+    (second,) = receive_views(decoder, frame, 50_000)
+    assert second.obj is not body  # a view of the first is alive: not reused
+    first.release()  # an explicit release (dropping the view does the same)
+    (third,) = receive_views(decoder, frame, 50_000)
+    assert third.obj is body
+
+
+def test_buffer_pool_views_are_leases() -> None:
+    pool = BufferPool(keep=4)
+    a = pool.view(100_000)
+    b = pool.view(100_000)
+    assert a.obj is not b.obj and len(a) == 100_000
+    base = a.obj
+    del a
+    c = pool.view(90_000)
+    assert c.obj is base and len(c) == 90_000

@@ -42,13 +42,15 @@ def exported(buf: bytearray) -> bool:
 
     Shrinking a bytearray with exports raises ``BufferError`` before changing
     anything; without exports, dropping and re-adding the last byte stays
-    within the allocation (the buffer does not move).
+    within the allocation (a buffer of two bytes or more neither moves nor
+    changes).
     """
+    last = buf[-1]
     try:
         del buf[-1:]
     except BufferError:
         return True
-    buf.append(0)
+    buf.append(last)
     return False
 
 
