@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -198,13 +199,10 @@ async def test_ipv6_dual_stack(make_node: Callable[..., object]) -> None:
 
 
 def test_config_checked() -> None:
-    for bad in (
-        DhtConfig(ksize=0),
-        DhtConfig(max_datagram=1000),
-        DhtConfig(ksize=80),
-    ):
-        with pytest.raises(UsageError):
-            Discovery(os.urandom(20), bad)
+    bad: dict[str, Any]
+    for bad in ({"ksize": 0}, {"max_datagram": 1000}, {"ksize": 80}):
+        with pytest.raises(UsageError):  # from DhtConfig itself, or from Discovery
+            Discovery(os.urandom(20), DhtConfig(**bad))
     with pytest.raises(UsageError):
         Discovery(b"short", FAST)
 
