@@ -310,7 +310,7 @@ class Node:
 
     def _part(self, part: _Part | None, name: str) -> _Part:
         if part is None:
-            raise NodeNotRunning(f"node.{name} is there once the node has started ({self._state})")
+            raise NodeNotRunning(f"node.{name}: the node has not started (it is {self._state})")
         return part
 
     @property
@@ -343,8 +343,8 @@ class Node:
 
     @property
     def api_url(self) -> str:
-        if self._control is None and self._state is NodeState.RUNNING:
-            raise NodeNotRunning("this node runs without a control API (control_api=False)")
+        if not self.config.control_api:
+            raise UsageError("this node runs without a control API (control_api=False)")
         return self._part(self._control, "api_url").url
 
     def listen_addresses(self) -> list[str]:
