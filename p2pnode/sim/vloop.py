@@ -32,6 +32,7 @@ _CANCELLED_FRACTION = 0.5
 # before giving up: nothing under the loop should use threads, but a stray one
 # must not be mistaken for a deadlock.
 DEADLOCK_GRACE = 1.0
+POLL_EVERY = 256  # idle steps between polls of the real fds (Ctrl-C within ~ms)
 START = 100_000.0  # virtual seconds at start: far from 0, which code may read as "never"
 
 
@@ -51,6 +52,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         # (no Python-level __lt__, no context copy); the seq keeps ties in FIFO order.
         self._net: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
+        self._idle = 0
 
     def call_net(self, when: float, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` at loop time ``when`` (a packet's arrival); not cancellable."""
@@ -82,8 +84,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                 heapq.heappop(sched)._scheduled = False
 
         if not ready and not self._stopping:  # type: ignore[attr-defined]
-            # Idle: real fds first (signals, threads), then jump to the next timer.
-            self._process_events(self._selector.select(0))  # type: ignore[attr-defined]
+            # Idle: real fds now and then (signals, threads: a syscall each time, so
+            # not at every jump), then jump to the next timer.
+            self._idle += 1
+            if self._idle >= POLL_EVERY:
+                self._idle = 0
+                self._process_events(self._selector.select(0))  # type: ignore[attr-defined]
             if not ready:
                 if sched or net:
                     if not net:
