@@ -11,8 +11,7 @@ from typing import Any
 
 from p2pnode.errors import UsageError
 
-# Field annotations as written (the config modules use `from __future__ import annotations`).
-_NUMBER = {"int": (int,), "float": (int, float)}
+_NUMBER: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float)}
 
 
 def _name(obj: object, field: str) -> str:
@@ -22,14 +21,14 @@ def _name(obj: object, field: str) -> str:
 def check_types(obj: Any) -> None:
     """Each int, float and bool field holds that type (bool is not a number here)."""
     for f in dataclasses.fields(obj):
+        # A string with `from __future__ import annotations`, else the type itself.
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         value = getattr(obj, f.name)
-        if f.type == "bool":
+        if kind == "bool":
             if not isinstance(value, bool):
                 raise UsageError(f"{_name(obj, f.name)} must be true or false, got {value!r}")
-        elif f.type in _NUMBER and (
-            isinstance(value, bool) or not isinstance(value, _NUMBER[str(f.type)])
-        ):
-            raise UsageError(f"{_name(obj, f.name)} must be {f.type}, got {value!r}")
+        elif kind in _NUMBER and (isinstance(value, bool) or not isinstance(value, _NUMBER[kind])):
+            raise UsageError(f"{_name(obj, f.name)} must be {kind}, got {value!r}")
 
 
 def at_least(obj: Any, low: float, *fields: str) -> None:
