@@ -78,7 +78,14 @@ class Decision:
     delay: float = 0.0
 
 
+# The decisions without parameters, built once: one per piece adds up.
+ACCEPT = Decision(Action.ACCEPT)
 IGNORE = Decision(Action.IGNORE)
+STRIKE = Decision(Action.STRIKE)
+DROP = Decision(Action.DROP)
+BAN = Decision(Action.BAN)
+FAIL = Decision(Action.FAIL)
+GIVE_UP = Decision(Action.GIVE_UP)
 
 
 @dataclass
@@ -117,7 +124,7 @@ class DownloadPolicy:
     def ban(self, peer: PeerKey) -> Decision:
         self._busy.pop(peer, None)
         self.picker.ban_peer(peer)
-        return Decision(Action.BAN)
+        return BAN
 
     def pause_left(self, peer: PeerKey, now: float) -> float:
         """Seconds the peer stays paused after a busy answer (<= 0: not paused)."""
@@ -145,26 +152,27 @@ class DownloadPolicy:
         if outcome is PieceOutcome.DUPLICATE or not self.picker.is_missing(index):
             self.picker.piece_done(peer, index)  # releases the request only
             return IGNORE
-        return Decision(Action.ACCEPT, cancel=tuple(self.picker.piece_done(peer, index)))
+        others = self.picker.piece_done(peer, index)
+        return Decision(Action.ACCEPT, cancel=tuple(others)) if others else ACCEPT
 
     def on_failure(self, peer: PeerKey, index: int, kind: FailureKind, now: float) -> Decision:
         """A request for ``index`` raised an error classified as ``kind``."""
         picker = self.picker
         if kind is FailureKind.STORAGE:
-            return Decision(Action.FAIL)
+            return FAIL
         if kind is FailureKind.BUSY:
             return self._on_busy(peer, index, now)
         if kind in (FailureKind.TIMEOUT, FailureKind.REMOTE):
             if picker.request_failed(peer, index):
                 self._busy.pop(peer, None)
-                return Decision(Action.DROP)
-            return Decision(Action.STRIKE)
+                return DROP
+            return STRIKE
         if kind is FailureKind.PROTOCOL:
             return self.ban(peer)
         # NOT_FOUND, LIMIT, CONNECTION: this peer is no use for now.
         self._busy.pop(peer, None)
         picker.drop_peer(peer)
-        return Decision(Action.DROP)
+        return DROP
 
     def _on_busy(self, peer: PeerKey, index: int, now: float) -> Decision:
         config = self.config
@@ -174,7 +182,7 @@ class DownloadPolicy:
         if now - state.since >= config.busy_give_up:
             del self._busy[peer]
             self.picker.drop_peer(peer)
-            return Decision(Action.DROP)
+            return DROP
         self.picker.request_refused(peer, index)
         # Answers to requests sent before the pause began do not lengthen it again.
         if now >= state.until:
@@ -186,5 +194,5 @@ class DownloadPolicy:
         """Every peer is gone and pieces are missing, after ``attempts`` lookups again."""
         delay = rediscover_delay(self.config, attempts)
         if delay is None:
-            return Decision(Action.GIVE_UP)
+            return GIVE_UP
         return Decision(Action.REDISCOVER, delay=delay)
