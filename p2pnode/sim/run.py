@@ -141,7 +141,7 @@ async def simulate(
 def run_simulation(config: ScenarioConfig, **kwargs: Any) -> Outcome:
     """Run ``simulate`` on the loop its mode needs (virtual time for virtual mode)."""
     if config.mode == "virtual":
-        return vloop.run(lambda: simulate(config, **kwargs))  # type: ignore[no-any-return]
+        return vloop.run(lambda: simulate(config, **kwargs))
     return asyncio.run(simulate(config, **kwargs))
 
 

@@ -284,7 +284,7 @@ class VirtualNode(SimNode):
                 or hashlib.sha256(reply.data).digest() != digests[i]
             ):
                 raise NodeFailure(f"verification: piece {i} does not match the manifest")
-            pieces[i] = bytes(reply.data)  # type: ignore[union-attr]
+            pieces[i] = bytes(reply.data)
 
         await asyncio.gather(*(piece(i) for i in range(len(digests))))
         data = b"".join(pieces)

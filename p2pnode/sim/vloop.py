@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import selectors
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +43,13 @@ class VirtualTimeDeadlock(RuntimeError):
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    # CPython's private fields this loop drives (BaseEventLoop, BaseSelectorEventLoop).
+    _scheduled: list[Any]  # TimerHandles (their private _when, _scheduled are used)
+    _ready: deque[Any]
+    _timer_cancelled_count: int
+    _stopping: bool
+    _selector: selectors.BaseSelector
+
     def __init__(self, start: float = START) -> None:
         super().__init__()
         self._vnow = start
@@ -62,12 +71,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         return self._vnow
 
     def _run_once(self) -> None:
-        sched = self._scheduled  # type: ignore[attr-defined]
-        ready = self._ready  # type: ignore[attr-defined]
+        sched = self._scheduled
+        ready = self._ready
         net = self._net
         if (
             len(sched) > _MIN_SCHEDULED
-            and self._timer_cancelled_count / len(sched) > _CANCELLED_FRACTION  # type: ignore[attr-defined]
+            and self._timer_cancelled_count / len(sched) > _CANCELLED_FRACTION
         ):
             kept = []
             for handle in sched:
@@ -76,20 +85,20 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                 else:
                     kept.append(handle)
             heapq.heapify(kept)
-            self._scheduled = sched = kept  # type: ignore[attr-defined]
-            self._timer_cancelled_count = 0  # type: ignore[attr-defined]
+            self._scheduled = sched = kept
+            self._timer_cancelled_count = 0
         else:
             while sched and sched[0]._cancelled:
-                self._timer_cancelled_count -= 1  # type: ignore[attr-defined]
+                self._timer_cancelled_count -= 1
                 heapq.heappop(sched)._scheduled = False
 
-        if not ready and not self._stopping:  # type: ignore[attr-defined]
+        if not ready and not self._stopping:
             # Idle: real fds now and then (signals, threads: a syscall each time, so
             # not at every jump), then jump to the next timer.
             self._idle += 1
             if self._idle >= POLL_EVERY:
                 self._idle = 0
-                self._process_events(self._selector.select(0))  # type: ignore[attr-defined]
+                self._poll_fds(0)
             if not ready:
                 if sched or net:
                     if not net:
@@ -102,8 +111,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                         self._vnow = when
                         self.jumps += 1
                 else:
-                    events = self._selector.select(DEADLOCK_GRACE)  # type: ignore[attr-defined]
-                    self._process_events(events)  # type: ignore[attr-defined]
+                    self._poll_fds(DEADLOCK_GRACE)
                     if not ready:
                         raise VirtualTimeDeadlock(
                             "virtual time: nothing is ready and no timer is pending, but the "
@@ -133,6 +141,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                 self.call_exception_handler(
                     {"message": f"exception in network delivery {fn!r}", "exception": exc}
                 )
+
+    def _poll_fds(self, timeout: float) -> None:
+        self._process_events(self._selector.select(timeout))  # type: ignore[attr-defined]
 
     def wall_time(self) -> float:
         return time.perf_counter() - self.wall_started

@@ -440,7 +440,7 @@ class VirtualStreamTransport(asyncio.Transport):
         return self._reading and not self._lost
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol  # type: ignore[no-any-return]
+        return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol

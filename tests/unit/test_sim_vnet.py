@@ -147,7 +147,7 @@ def test_datagrams_lost_and_delayed_the_same_way_for_one_seed() -> None:
             await asyncio.sleep(1)
             return got
 
-        return vloop.run(main)  # type: ignore[no-any-return]
+        return vloop.run(main)
 
     first = trial(5)
     assert first == trial(5)
