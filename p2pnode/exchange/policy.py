@@ -104,6 +104,9 @@ def rediscover_delay(config: ExchangeConfig, attempts: int) -> float | None:
 
 
 class DownloadPolicy:
+    """One download's policy (module rules): it makes the picker's outcome calls
+    and keeps each peer's busy spell."""
+
     def __init__(self, config: ExchangeConfig, picker: Picker) -> None:
         self.config = config
         self.picker = picker
