@@ -9,7 +9,8 @@ Why our own loop and not a package: looptime (PyPI) patches a loop for tests; it
 still polls real I/O every cycle and waits real time when idle, where a simulation
 wants no syscall per step, an exact count of events, and a hard error on deadlock.
 This is CPython's ``BaseEventLoop._run_once`` with the select replaced by a clock
-jump (it uses the same private fields; checked on 3.11-3.13).
+jump, and its timers and the network's deliveries in heaps of plain tuples (it
+drives the same private fields; checked on 3.11).
 
 Real file descriptors still work for the two things asyncio uses them for under
 us: signals (Ctrl-C, through the self-pipe) and ``call_soon_threadsafe``. They are
@@ -19,6 +20,7 @@ polled, without waiting, whenever the clock is about to jump.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import selectors
@@ -44,7 +46,6 @@ class VirtualTimeDeadlock(RuntimeError):
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
     # CPython's private fields this loop drives (BaseEventLoop, BaseSelectorEventLoop).
-    _scheduled: list[Any]  # TimerHandles (their private _when, _scheduled are used)
     _ready: deque[Any]
     _timer_cancelled_count: int
     _stopping: bool
@@ -61,6 +62,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         # (no Python-level __lt__, no context copy); the seq keeps ties in FIFO order.
         self._net: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
+        self._timers: list[tuple[float, int, Any]] = []  # instead of BaseEventLoop's
         self._idle = 0
 
     def call_net(self, when: float, fn: Callable[..., None], *args: Any) -> None:
@@ -70,43 +72,58 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self._vnow
 
+    def call_at(  # type: ignore[override]  # typeshed's TypeVarTuple signature, same calls
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        # Timers in a heap of (when, seq, handle) tuples: compared in C, FIFO on ties
+        # (TimerHandle's own __lt__ is Python and was a top cost at 10k nodes).
+        self._check_closed()  # type: ignore[attr-defined]
+        timer = asyncio.TimerHandle(when, callback, args, self, context)
+        heapq.heappush(self._timers, (when, next(self._seq), timer))
+        timer._scheduled = True  # type: ignore[attr-defined]
+        return timer
+
     def _run_once(self) -> None:
-        sched = self._scheduled
+        timers = self._timers
         ready = self._ready
         net = self._net
         if (
-            len(sched) > _MIN_SCHEDULED
-            and self._timer_cancelled_count / len(sched) > _CANCELLED_FRACTION
+            len(timers) > _MIN_SCHEDULED
+            and self._timer_cancelled_count / len(timers) > _CANCELLED_FRACTION
         ):
             kept = []
-            for handle in sched:
-                if handle._cancelled:
-                    handle._scheduled = False
+            for entry in timers:
+                if entry[2]._cancelled:
+                    entry[2]._scheduled = False
                 else:
-                    kept.append(handle)
+                    kept.append(entry)
             heapq.heapify(kept)
-            self._scheduled = sched = kept
+            self._timers = timers = kept
             self._timer_cancelled_count = 0
         else:
-            while sched and sched[0]._cancelled:
+            while timers and timers[0][2]._cancelled:
                 self._timer_cancelled_count -= 1
-                heapq.heappop(sched)._scheduled = False
+                heapq.heappop(timers)[2]._scheduled = False
 
         if not ready and not self._stopping:
             # Idle: real fds now and then (signals, threads: a syscall each time, so
-            # not at every jump), then jump to the next timer.
+            # not at every jump), then jump to the next timer or delivery.
             self._idle += 1
             if self._idle >= POLL_EVERY:
                 self._idle = 0
                 self._poll_fds(0)
             if not ready:
-                if sched or net:
+                if timers or net:
                     if not net:
-                        when = sched[0]._when
-                    elif not sched:
+                        when = timers[0][0]
+                    elif not timers:
                         when = net[0][0]
                     else:
-                        when = min(sched[0]._when, net[0][0])
+                        when = min(timers[0][0], net[0][0])
                     if when > self._vnow:
                         self._vnow = when
                         self.jumps += 1
@@ -119,8 +136,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
                         )
 
         now = self._vnow
-        while sched and sched[0]._when <= now:
-            handle = heapq.heappop(sched)
+        while timers and timers[0][0] <= now:
+            handle = heapq.heappop(timers)[2]
             handle._scheduled = False
             ready.append(handle)
 
