@@ -62,9 +62,11 @@ MAX_FRAME_LIMIT = 0xFFFFFFFF
 
 _DEFAULT_SCRATCH = 256 * 1024
 _DIRECT_THRESHOLD = 64 * 1024
-# Free body buffers kept for reuse (more are kept while consumers still hold
-# some); a quiet connection gives them back (trim).
-_POOL_KEEP = 8
+# Body buffers kept for reuse, oldest first. Twice the usual requests in
+# flight: each request's consumer typically holds the last answer's body while
+# the next one arrives, so fewer meant a fresh (zero-filled) body per frame. A
+# quiet connection gives them back (trim).
+_POOL_KEEP = 16
 _INITIAL_SCRATCH = 64 * 1024
 
 
@@ -152,9 +154,10 @@ class PrefixDecoder:
         """Declare every view handed out so far dead; their buffers get reused (each
         once no view of it is alive any more: see :meth:`stable`)."""
         if self._lent:
-            self._pool.extend(self._lent)
+            pool = self._pool
+            pool.extend(self._lent)
             self._lent.clear()
-            del self._pool[:-_POOL_KEEP]
+            del pool[:-_POOL_KEEP]  # the oldest go (no probing: see take_free)
 
     def stable(self, item: memoryview) -> bool:
         """Whether ``item`` (an item just handed out) may be kept past the next
