@@ -346,7 +346,7 @@ class Session:
 
     def stable(self, frame: memoryview) -> bool:
         """Whether a frame just returned may be kept past the next ``get_buffer``
-        (it sits in its own pooled buffer, not reused while referenced)."""
+        (it sits in its own pooled buffer, not reused while a view of it is alive)."""
         return self._frames.stable(frame)
 
     def trim(self) -> None:
