@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 from p2pnode.errors import (
@@ -165,7 +164,7 @@ class ConnectionCore:
         *,
         registry: MessageRegistry = DEFAULT_REGISTRY,
         decode_limits: DecodeLimits | None = None,
-        counters: MutableMapping[str, int] | None = None,
+        counters: Counter[str] | None = None,
         address: str = "?:0",
     ) -> None:
         self.session = session
@@ -176,7 +175,7 @@ class ConnectionCore:
             max_str_len=limits.max_str_len,
             max_array_len=limits.max_array_len,
         )
-        self.counters: MutableMapping[str, int] = Counter() if counters is None else counters
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self.address = address  # "host:port", for messages
         self.error: P2PError | None = None
         self.last_activity = now

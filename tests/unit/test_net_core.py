@@ -125,11 +125,11 @@ class Pair:
 
     @property
     def counters_a(self) -> Counter[str]:
-        return self.a.counters  # type: ignore[return-value]
+        return self.a.counters
 
     @property
     def counters_b(self) -> Counter[str]:
-        return self.b.counters  # type: ignore[return-value]
+        return self.b.counters
 
     def other(self, core: ConnectionCore) -> ConnectionCore:
         return self.b if core is self.a else self.a
