@@ -224,6 +224,9 @@ class PeerConnection(asyncio.BufferedProtocol):
                 self._write(out)
             events = core.take_events()
             if not events:
+                if core.has_held_answers and not core.paused:
+                    core.release_held(self._clock.now())  # one large answer at a time
+                    continue
                 break
             for event in events:
                 self._on_event(event)

@@ -44,7 +44,9 @@ Rules
 - Writes while the transport is paused: requests and answers wait here, and a
   request the peer sends meanwhile is accepted (it counts as in flight) but
   its :class:`RequestReceived` waits too, so a peer that does not read cannot
-  make us read pieces for it. Small replies made here (busy, pong, errors) are
+  make us read pieces for it. On resume, held answers leave up to one large
+  one at a time (:meth:`~ConnectionCore.release_held`: the transport may pause
+  again after each). Small replies made here (busy, pong, errors) are
   still written; past ``write_buffer_high + max_frame`` buffered (reported by
   the shell, :meth:`~ConnectionCore.write_buffered`), the connection is dropped
   (``closed_slow_reader``), as it is when the buffer has not shrunk for
@@ -392,14 +394,27 @@ class ConnectionCore:
         self._buffered = 0
         if self._closing:
             return
-        answers, self._held_answers = self._held_answers, []
-        for parts, length in answers:
-            self._inflight -= 1
-            self._seal(parts, length, now)
+        self.release_held(now)
         self._send_queued(now)
         if self._held_requests:
             self._events.extend(self._held_requests)
             self._held_requests = []
+
+    @property
+    def has_held_answers(self) -> bool:
+        return bool(self._held_answers)
+
+    def release_held(self, now: float) -> None:
+        """Seal the answers held while paused, up to the first large one: the shell
+        writes it (the transport may pause again) before it asks for the next, so
+        the transport's buffer stays under ``write_buffer_high + max_frame``."""
+        held = self._held_answers
+        while held and not self._paused and not self._closing:
+            parts, length = held.pop(0)
+            self._inflight -= 1
+            self._seal(parts, length, now)
+            if self.bulk_pending:
+                return
 
     def handle_timer(self, now: float) -> None:
         """Run what is due at ``now`` (see :meth:`next_deadline`)."""

@@ -565,6 +565,27 @@ def test_paused_transport_holds_requests_answers_and_handling(mode: str) -> None
     ]
 
 
+def test_held_large_answers_leave_one_at_a_time(mode: str) -> None:
+    pair = connected(mode)
+    ids = [pair.a.send_request(Echo(bytes([i])), pair.now) for i in range(3)]
+    pair.pump()
+    pair.b.pause_writing(LIMITS.write_buffer_high, pair.now)
+    for ev in pair.take(pair.b):
+        assert isinstance(ev, RequestReceived)
+        pair.b.send_response(ev.request_id, Echoed(bytes(40_000)), pair.now)
+    assert pair.b.data_to_send() == [] and pair.b.has_held_answers
+    pair.b.resume_writing(pair.now)
+    assert pair.b.bulk_pending and len(pair.b.data_to_send()) == 1  # the first only
+    pair.b.pause_writing(LIMITS.write_buffer_high, pair.now)  # the transport filled up
+    pair.b.release_held(pair.now)
+    assert pair.b.data_to_send() == []
+    pair.b.resume_writing(pair.now)
+    pair.b.release_held(pair.now)
+    assert not pair.b.has_held_answers and pair.b.inflight == 0
+    pair.b.data_to_send()
+    assert len(ids) == 3
+
+
 def test_paused_transport_of_a_peer_that_keeps_asking_is_dropped(mode: str) -> None:
     pair = connected(mode)
     cap = LIMITS.write_buffer_high + LIMITS.max_frame
