@@ -76,3 +76,42 @@ class DhtClosed(P2PError):
 
 class Unroutable(P2PError):
     """No way to send to that address from this socket (bad literal, other family)."""
+
+
+class DownloadError(P2PError):
+    """A download could not finish with the providers there are; what was verified is kept."""
+
+
+class StaleError(P2PError):
+    """A shared file changed on disk since it was hashed: it is no longer served."""
+
+
+class StorageError(P2PError):
+    """The local disk refused (full, read-only, ...); what was verified is kept."""
+
+
+class MessageDecodeError(ProtocolError):
+    """A peer-connection payload that is not a valid envelope/message.
+
+    ``kind`` and ``request_id`` are set when the envelope header itself was
+    readable, so the receiver can answer or fail just that one request.
+    """
+
+    def __init__(self, reason: str, *, kind: int | None = None, request_id: int | None = None):
+        super().__init__(reason)
+        self.kind = kind
+        self.request_id = request_id
+
+
+class UnknownMessageType(MessageDecodeError):
+    def __init__(self, type_code: int, *, kind: int, request_id: int):
+        super().__init__(f"unknown message type {type_code}", kind=kind, request_id=request_id)
+        self.type_code = type_code
+
+
+class MessageError(ProtocolError):
+    """A DHT datagram, request or response a remote sent is not acceptable."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason

@@ -371,11 +371,13 @@ class Node:
         }
 
     def peers(self) -> list[dict[str, Any]]:
+        # Contact.last_seen is on the node's clock; the API shows wall time.
+        offset = time.time() - self.clock.now()
         return [
             {
                 "peer_id": peer_id_to_str(c.node_id),
                 "address": f"[{c.host}]:{c.port}" if ":" in c.host else f"{c.host}:{c.port}",
-                "last_seen": c.last_seen,
+                "last_seen": None if c.last_seen is None else c.last_seen + offset,
             }
             for c in self.discovery.contacts()
         ]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
-from p2pnode.errors import ProtocolError
+from p2pnode.errors import MessageError
 
 REQUEST = 0x00
 RESPONSE = 0x01
@@ -34,14 +34,6 @@ OVERSIZED = "oversized"
 BAD_TYPE = "bad_type"
 UNDECODABLE = "undecodable"
 MALFORMED = "malformed"
-
-
-class MessageError(ProtocolError):
-    """A datagram, request or response a remote sent is not acceptable."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -122,12 +122,6 @@ class Discovery:
     ) -> None:
         if not is_node_id(node_id):
             raise UsageError("a node id is 20 bytes")
-        if config.ksize < 1 or config.alpha < 1 or config.max_failures < 1:
-            raise UsageError("ksize, alpha and max_failures must be at least 1")
-        if config.max_value_bytes + 256 > config.max_datagram:
-            raise UsageError("max_datagram must leave room for a value of max_value_bytes")
-        if config.max_response_contacts < config.ksize:
-            raise UsageError("max_response_contacts must be at least ksize")
         self.node_id = node_id
         self.config = config
         self.clock = clock

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from p2pnode.clock import Clock
 from p2pnode.errors import (
+    DownloadError,
     LimitExceeded,
     NotFoundError,
     P2PError,
@@ -114,10 +115,6 @@ MANIFEST_PARALLEL = 3
 
 class _BadAnswer(Exception):
     """A peer answered out of protocol (wrong type, resource or index)."""
-
-
-class DownloadError(P2PError):
-    """A download could not finish with the providers there are; what was verified is kept."""
 
 
 class PeerRequester(Protocol):

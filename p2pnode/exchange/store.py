@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from p2pnode.errors import P2PError, UsageError
+from p2pnode.errors import StaleError, StorageError, UsageError
 from p2pnode.exchange.manifest import (
     FileStat,
     Manifest,
@@ -79,14 +79,6 @@ _READ_POOL = BufferPool(keep=16)
 _NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 # read_cached only takes pieces spread over at most this many files.
 _CACHED_MAX_FILES = 4
-
-
-class StaleError(P2PError):
-    """A shared file changed on disk since it was hashed: it is no longer served."""
-
-
-class StorageError(P2PError):
-    """The local disk refused (full, read-only, ...); what was verified is kept."""
 
 
 def storage_error(exc: OSError, where: Path) -> StorageError:

@@ -47,12 +47,12 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any, ClassVar, TypeVar
 
 import msgpack  # type: ignore[import-untyped]  # no stubs; pyproject lacks an override
 
-from p2pnode.errors import ProtocolError, UsageError
+from p2pnode.errors import MessageDecodeError, UnknownMessageType, UsageError
 
 Buffer = bytes | bytearray | memoryview
 Blob = bytes | bytearray | memoryview
@@ -72,7 +72,7 @@ class Kind(IntEnum):
     ERROR = 2
 
 
-class ErrorCode:
+class ErrorCode(StrEnum):
     """Well-known :class:`ErrorReply` codes (others may be added; keep them short)."""
 
     NOT_FOUND = "not_found"
@@ -80,25 +80,6 @@ class ErrorCode:
     BAD_REQUEST = "bad_request"
     INTERNAL = "internal"
     UNSUPPORTED = "unsupported"
-
-
-class MessageDecodeError(ProtocolError):
-    """A payload that is not a valid envelope/message.
-
-    ``kind`` and ``request_id`` are set when the envelope header itself was
-    readable, so the receiver can answer or fail just that one request.
-    """
-
-    def __init__(self, reason: str, *, kind: int | None = None, request_id: int | None = None):
-        super().__init__(reason)
-        self.kind = kind
-        self.request_id = request_id
-
-
-class UnknownMessageType(MessageDecodeError):
-    def __init__(self, type_code: int, *, kind: int, request_id: int):
-        super().__init__(f"unknown message type {type_code}", kind=kind, request_id=request_id)
-        self.type_code = type_code
 
 
 # -- field specs -------------------------------------------------------------
@@ -155,7 +136,9 @@ class FieldSpec:
         if decoding:
             if type(value) is not self.wire_type:
                 return f"{self.name}: expected {_SCALARS.get(self.wire_type, 'array')}"
-        elif type(value) not in self.send_types:
+        elif type(value) not in self.send_types and not (
+            isinstance(value, str) and str in self.send_types  # a StrEnum such as ErrorCode
+        ):
             return f"{self.name}: expected {self.wire_type.__name__}, got {type(value).__name__}"
         if self.elem_type is not None:
             assert isinstance(value, tuple)
