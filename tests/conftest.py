@@ -3,6 +3,12 @@
 Test-suite rules (see DESIGN.md): 127.0.0.1 and port 0 only; no sleeps used as
 synchronisation (wait on an event or poll a condition with a deadline); every
 test has a time limit (pyproject); real sockets and processes where they can run.
+
+Layout: ``tests/unit`` (pure: no sockets, no processes; seconds in all),
+``tests/integration`` (real sockets on 127.0.0.1, real processes) and
+``tests/hostile`` (attacks; each fails without its fix). Each test is marked
+after its folder, so ``pytest -m unit`` (or ``pytest tests/unit``) runs the
+pure suite alone.
 """
 
 from __future__ import annotations
@@ -15,6 +21,16 @@ from pathlib import Path
 import pytest
 
 from tests.cli_helpers import RunningNode
+
+
+SUITES = ("unit", "integration", "hostile")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        suite = item.path.parent.name
+        if suite in SUITES:
+            item.add_marker(getattr(pytest.mark, suite))
 
 
 @pytest.fixture

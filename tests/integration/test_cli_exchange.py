@@ -1,0 +1,94 @@
+"""Share and get through the CLI, as a user does, between real node processes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.cli_helpers import RunningNode, poll, run_cli
+
+
+def _network(tmp_path: Path, nodes: list[RunningNode]) -> tuple[Path, Path]:
+    first = RunningNode(tmp_path / "n1")
+    nodes.append(first)
+    nodes.append(RunningNode(tmp_path / "n3", "--bootstrap", first.bootstrap))
+    return tmp_path / "n1", tmp_path / "n3"
+
+
+def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    n1, n3 = _network(tmp_path, nodes)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 * 1024 * 1024 + 123))
+    photos = tmp_path / "photos"
+    (photos / "2024" / "summer").mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(os.urandom(5000))
+    (photos / "2024" / "summer" / "b.jpg").write_bytes(os.urandom(70000))
+    (photos / "empty.txt").write_bytes(b"")
+
+    rid = run_cli("--home", str(n1), "share", str(big)).stdout.strip()
+    assert run_cli("--home", str(n1), "share", str(big)).stdout.strip() == rid, (
+        "same content, same id"
+    )
+    fid = json.loads(run_cli("--home", str(n1), "share", str(photos), "--json").stdout)["id"]
+
+    def found() -> bool:
+        out = run_cli("--home", str(n3), "providers", rid, "--json").stdout
+        return len(json.loads(out)["providers"]) == 1
+
+    poll(found)
+    table = run_cli("--home", str(n3), "providers", rid).stdout
+    assert "1 provider(s)" in table
+
+    out = tmp_path / "out"
+    out.mkdir()
+    got = run_cli("--home", str(n3), "get", rid, "-o", str(out / "big.bin"))
+    assert "verified" in got.stdout
+    assert (out / "big.bin").read_bytes() == big.read_bytes()
+    # Progress (stderr, not a terminal here): however fast, the last line says 100%.
+    last = got.stderr.strip().splitlines()[-1]
+    assert last.startswith("100.0%") and last.endswith("done"), got.stderr
+    # Into an existing folder: the resource keeps its own name.
+    run_cli("--home", str(n3), "get", fid, "-o", str(out))
+    for rel in ("a.jpg", "2024/summer/b.jpg", "empty.txt"):
+        assert (out / "photos" / rel).read_bytes() == (photos / rel).read_bytes()
+
+    # Asking again for something already here copies it locally.
+    run_cli("--home", str(n3), "get", rid, "-o", str(out / "copy.bin"))
+    assert (out / "copy.bin").read_bytes() == big.read_bytes()
+    (out / "copy.bin").unlink()
+
+    # An existing destination needs --force, and is left untouched without it.
+    small = tmp_path / "small.bin"
+    small.write_bytes(os.urandom(40000))
+    sid = run_cli("--home", str(n1), "share", str(small)).stdout.strip()
+    taken = out / "taken.bin"
+    taken.write_bytes(b"mine")
+    refused = run_cli("--home", str(n3), "get", sid, "-o", str(taken), check=False)
+    assert refused.returncode == 1 and "already exists" in refused.stderr
+    assert taken.read_bytes() == b"mine"
+    run_cli("--home", str(n3), "get", sid, "-o", str(taken), "--force")
+    assert taken.read_bytes() == small.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["big.bin", "photos", "taken.bin"]
+
+    listing = json.loads(run_cli("--home", str(n3), "ls", "--json").stdout)["resources"]
+    states = {r["id"]: (r["state"], r["served"]) for r in listing}
+    assert states[rid] == ("complete", True) and states[fid] == ("complete", True)
+    assert "big.bin" in run_cli("--home", str(n1), "ls").stdout
+
+    run_cli("--home", str(n1), "unshare", fid)
+    after = json.loads(run_cli("--home", str(n1), "ls", "--json").stdout)["resources"]
+    served = {r["id"]: r["served"] for r in after}
+    assert served.get(fid) in (None, False) and served[rid] is True
+
+
+def test_get_errors_are_clear(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    _, n3 = _network(tmp_path, nodes)
+    junk = run_cli("--home", str(n3), "get", "not-an-id", "-o", str(tmp_path / "x"), check=False)
+    assert junk.returncode == 1 and "error" in junk.stderr
+    unknown = "res" + "a" * 52
+    missing = run_cli("--home", str(n3), "get", unknown, "-o", str(tmp_path / "x"), check=False)
+    assert missing.returncode == 1 and "no providers" in missing.stderr
+    assert not (tmp_path / "x").exists()
+    nofile = run_cli("--home", str(n3), "share", str(tmp_path / "nope"), check=False)
+    assert nofile.returncode == 1 and "no such file" in nofile.stderr

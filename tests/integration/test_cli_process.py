@@ -1,0 +1,117 @@
+"""The CLI as a user runs it: `p2pnode start` as real subprocesses, driven by CLI commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.cli_helpers import CLI, RunningNode, cli_env, poll, run_cli
+
+
+def test_start_join_inspect_dht_and_stop(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    first = RunningNode(tmp_path / "n1")
+    nodes.append(first)
+    banner = "\n".join(first.banner)
+    assert "peer id:" in banner and "control:" in banner and "listening:" in banner
+    second = RunningNode(
+        tmp_path / "n2", "--bootstrap", first.bootstrap.replace("127.0.0.1", "localhost")
+    )
+    nodes.append(second)
+
+    ident = json.loads(run_cli("--home", str(tmp_path / "n1"), "id", "--json").stdout)
+    assert ident["peer_id"] in banner
+    # Global options after the command name work too.
+    human = run_cli("id", "--home", str(tmp_path / "n1")).stdout
+    assert ident["peer_id"] in human and "version" in human
+
+    def second_sees_first() -> bool:
+        out = run_cli("--home", str(tmp_path / "n2"), "peers", "--json").stdout
+        return any(p["peer_id"] == ident["peer_id"] for p in json.loads(out)["peers"])
+
+    poll(second_sees_first)
+    table = run_cli("--home", str(tmp_path / "n2"), "peers").stdout
+    assert ident["peer_id"] in table and "LAST SEEN" in table
+
+    status = json.loads(run_cli("--home", str(tmp_path / "n2"), "status", "--json").stdout)
+    assert status["routing_table_size"] >= 1 and status["uptime"] >= 0
+    assert "routing table" in run_cli("--home", str(tmp_path / "n2"), "status").stdout
+
+    run_cli("--home", str(tmp_path / "n1"), "dht", "put", "greeting", "hello p2p")
+    got = run_cli("--home", str(tmp_path / "n2"), "dht", "get", "greeting").stdout
+    assert got.strip() == "hello p2p"
+    missing = run_cli("--home", str(tmp_path / "n2"), "dht", "get", "nope", check=False)
+    assert missing.returncode == 1 and "no value" in missing.stderr
+
+    found = run_cli("--home", str(tmp_path / "n2"), "dht", "find-peer", ident["peer_id"], "--json")
+    assert json.loads(found.stdout)["port"] == ident["port"]
+    unknown = "a" * 32
+    lost = run_cli("--home", str(tmp_path / "n2"), "dht", "find-peer", unknown, check=False)
+    assert lost.returncode == 1 and "not found" in lost.stderr
+    bad = run_cli("--home", str(tmp_path / "n2"), "dht", "find-peer", "xyz!", check=False)
+    assert bad.returncode == 1 and "peer id" in bad.stderr
+
+    # A second start on a running home fails clearly.
+    dup = subprocess.run(
+        [*CLI, "start", "--home", str(tmp_path / "n1"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=cli_env(),
+    )
+    assert dup.returncode == 1 and "already running" in dup.stderr
+
+    run_cli("--home", str(tmp_path / "n2"), "stop")
+    assert second.wait() == 0
+    run_cli("--home", str(tmp_path / "n1"), "stop")
+    assert first.wait() == 0
+    assert (tmp_path / "n2" / "contacts.json").exists()
+
+
+def test_sigterm_stops_cleanly(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    node = RunningNode(tmp_path / "n")
+    nodes.append(node)
+    node.proc.terminate()
+    assert node.wait() == 0
+    assert not (tmp_path / "n" / "control.json").exists()
+
+
+def test_commands_without_a_node_fail_clearly(tmp_path: Path) -> None:
+    proc = run_cli("--home", str(tmp_path / "empty"), "status", check=False)
+    assert proc.returncode == 1
+    assert "no node is running" in proc.stderr
+
+
+def test_bad_bootstrap_argument_is_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*CLI, "start", "--home", str(tmp_path / "x"), "--bootstrap", "nonsense"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=cli_env(),
+    )
+    assert proc.returncode == 1 and "host:port" in proc.stderr
+
+
+def test_help_loads_neither_the_node_nor_the_http_client() -> None:
+    """Every command is a process: `--help` and the client commands must not pay for
+    asyncio, aiohttp or the network stack (measured: ~330 modules before, ~120 after)."""
+    code = (
+        "import sys, p2pnode.cli; "
+        "heavy = ('asyncio', 'aiohttp', 'kademlia', 'cryptography', 'urllib.request', "
+        "'p2pnode.node', 'p2pnode.control.server', 'p2pnode.dht.discovery'); "
+        "print(' '.join(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [*CLI[:1], "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == ""
+    shown = subprocess.run(
+        [*CLI, "--help"], capture_output=True, text=True, timeout=60, env=cli_env()
+    )
+    assert shown.returncode == 0 and "share" in shown.stdout
+
+
+def test_bad_port_is_a_usage_error(tmp_path: Path) -> None:
+    proc = run_cli("start", "--home", str(tmp_path / "p"), "--port", "70000", check=False)
+    assert proc.returncode == 1 and "--port must be 0..65535" in proc.stderr
