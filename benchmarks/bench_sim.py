@@ -78,9 +78,8 @@ def row(report: dict[str, Any]) -> dict[str, Any]:
     wall = report.get("wallclock", {})
     bench = report["_bench"]
     nodes = report["scenario"]["nodes"]
-    peak = (
-        bench["peak_rss"] or wall.get("rss_peak") or report.get("memory", {}).get("rss_peak_total")
-    )
+    memory = report.get("memory", {})
+    peak = bench["peak_rss"] or wall.get("rss_peak") or memory.get("rss_peak_total")
     return {
         "mode": report["scenario"]["mode"],
         "nodes": nodes,
@@ -89,7 +88,8 @@ def row(report: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": bench["cpu"],
         "sim_s": report["run"]["total_time"],
         "peak_rss_mib": peak / 2**20 if peak else None,
-        "rss_per_node_kib": (peak / nodes / 1024) if peak else None,
+        # RSS above the simulator's own before any node started (Python, matplotlib).
+        "rss_per_node_kib": _per_node(wall.get("rss_per_node") or memory.get("rss_per_node")),
         "events_per_s": wall.get("events_per_second"),
         "lookup_ok": f["lookup_success_rate"],
         "probe_ok": f["probe_success_rate"],
@@ -102,6 +102,10 @@ def row(report: dict[str, Any]) -> dict[str, Any]:
         "joined_s": report["join"]["bootstrap_time"],
         "join_failures": report["join"]["join_failures"],
     }
+
+
+def _per_node(value: float | None) -> float | None:
+    return value / 1024 if value else None
 
 
 COLUMNS = [
