@@ -104,6 +104,25 @@ def row(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _fits(previous: dict[str, Any], nodes: int) -> bool:
+    """Whether ``nodes`` should fit in memory, from the last run's per-node RSS."""
+    import psutil
+
+    per_node = (previous["rss_per_node_kib"] or 0) * 1024
+    need = 1.5 * per_node * nodes + 2**30  # routing tables grow with log N; slack
+    available = psutil.virtual_memory().available
+    print(
+        f"{nodes} nodes: ~{need / 2**30:.1f} GiB needed "
+        f"({per_node / 1024:.0f} KiB per node at {previous['nodes']}), "
+        f"{available / 2**30:.1f} GiB available",
+        flush=True,
+    )
+    if need > available:
+        print(f"skipping {nodes} nodes: not enough memory", flush=True)
+        return False
+    return True
+
+
 def _per_node(value: float | None) -> float | None:
     return value / 1024 if value else None
 
@@ -144,6 +163,8 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     print(f"virtual mode, seed {args.seed}, workload: {' '.join(WORKLOAD)}", flush=True)
     for n in sizes:
+        if n >= 100_000 and rows and not _fits(rows[-1], n):
+            continue
         rate = str(max(50, n // 40))  # joins per second: 50 at 1k, 250 at 10k
         rows.append(row(run("virtual", n, args.seed, ["--join-rate", rate], args.timeout)))
         print(table(rows), flush=True)
