@@ -89,6 +89,11 @@ def build_report(scenario: Scenario, m: Measurements) -> dict[str, Any]:
             "converge_time": m.converge_time,
             "converge_rounds": m.converge_rounds,
             "start_latency": distribution(r.latency for r in start_ops if r.ok),
+            # Nodes that failed to start or join, by category, and the first few messages.
+            "start_errors": success_summary([r for r in start_ops if r.phase == "join"])["errors"],
+            "start_error_examples": [
+                {"node": r.node, "error": r.error} for r in start_ops if not r.ok
+            ][:10],
         },
         "lookups": {
             **success_summary(lookups),
@@ -265,7 +270,12 @@ def format_table(r: dict[str, Any]) -> str:
             "mode / nodes / seed",
             f"{r['scenario']['mode']} / {r['join']['nodes']} / {r['scenario']['seed']}",
         ),
-        ("nodes started", f"{r['join']['started_ok']} ({r['join']['join_failures']} failed)"),
+        (
+            "nodes started",
+            f"{r['join']['started_ok']} ({r['join']['join_failures']} failed"
+            + "".join(f"; {n} {k}" for k, n in r["join"].get("start_errors", {}).items())
+            + ")",
+        ),
         (
             "time to bootstrap (all joined)",
             _fmt_s(r["join"]["bootstrap_time"])

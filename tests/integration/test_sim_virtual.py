@@ -8,9 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from p2pnode.sim.report import simulated_part
 from p2pnode.sim.run import run_simulation
 from p2pnode.sim.scenario import ScenarioConfig
+from p2pnode.sim.virtual import VirtualNode
 from tests.test_sim_smoke import TINY, check_consistent, check_files
 
 SMALL = dataclasses.replace(
@@ -54,3 +57,21 @@ def test_same_seed_same_simulated_report_other_seed_another() -> None:
     first = _bytes(_run(SMALL))
     assert first == _bytes(_run(SMALL))
     assert first != _bytes(_run(dataclasses.replace(SMALL, seed=SMALL.seed + 1)))
+
+
+def test_a_node_that_fails_to_start_is_counted_and_the_run_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    start = VirtualNode.start
+
+    async def failing(self: VirtualNode, bootstrap: list[tuple[str, int]], port: int = 0) -> None:
+        if self.index == 3:  # as the control API's listener did when fds ran out
+            raise IndexError("list index out of range")
+        await start(self, bootstrap, port)
+
+    monkeypatch.setattr(VirtualNode, "start", failing)
+    report = _run(dataclasses.replace(SMALL, nodes=8, churn=0.0, duration=3.0))
+    assert report["join"]["started_ok"] == 7
+    assert report["join"]["join_failures"] == 1
+    assert report["join"]["start_errors"] == {"crash": 1}
+    assert "IndexError" in report["join"]["start_error_examples"][0]["error"]
