@@ -197,6 +197,8 @@ class VirtualHost:
         if not self.up:
             server.abort()
             raise ConnectionResetError(errno.ECONNRESET, "host went down while connecting")
+        if client._lost:  # the server refused it at once (e.g. over its connection limit)
+            raise ConnectionResetError(errno.ECONNRESET, f"{host}:{port} reset the connection")
         client.attach(factory())
 
     # -- crash and recovery ------------------------------------------------------------
