@@ -32,6 +32,7 @@ from p2pnode.sim.scenario import (
     config_from_mapping,
     load_config,
 )
+from p2pnode.sim.vloop import VirtualTimeDeadlock
 
 HELP = {
     "nodes": "number of nodes",
@@ -132,14 +133,18 @@ def main(argv: list[str] | None = None) -> int:
             sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"}
         )
     configure_logging(args.out / "sim.log", args.log_level)
-    outcome = run_simulation(
-        config,
-        out=args.out,
-        workdir=args.workdir,
-        keep=args.keep,
-        progress=not args.quiet,
-        handle_signals=True,
-    )
+    try:
+        outcome = run_simulation(
+            config,
+            out=args.out,
+            workdir=args.workdir,
+            keep=args.keep,
+            progress=not args.quiet,
+            handle_signals=True,
+        )
+    except VirtualTimeDeadlock as exc:
+        print(f"simulate.py: {exc}", file=sys.stderr)
+        return 1
     print_summary(outcome, args.out)
     return EXIT_INTERRUPTED if outcome.interrupted else 0
 
