@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
+
 from p2pnode.sim.scenario import Op, Scenario, probe_pairs
 from p2pnode.sim.stats import Measurements, NodeSample, OpResult
 
@@ -141,6 +143,7 @@ class Cluster(ABC):
     mode = ""
     rpc_source = ""
     unsupported_why = ""
+    stop_batch = 0  # on close, stop this many nodes at a time (0: all at once)
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -169,10 +172,28 @@ class Cluster(ABC):
     async def close(self) -> None:
         """Stop every node that still runs; idempotent, safe after a Ctrl-C."""
         running = [n for n in self.nodes.values() if n.running]
-        await asyncio.gather(*(n.stop() for n in running), return_exceptions=True)
+        batch = self.stop_batch or max(len(running), 1)
+        for i in range(0, len(running), batch):
+            await asyncio.gather(
+                *(n.stop() for n in running[i : i + batch]), return_exceptions=True
+            )
 
     def kill_now(self) -> None:  # noqa: B027 - optional hook
         """Last resort, synchronous: kill what can be killed (second Ctrl-C)."""
+
+
+class OneProcessCluster(Cluster):
+    """Nodes that all live in this process: their memory is the process's."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self._proc = psutil.Process()
+
+    def rss(self) -> tuple[int, dict[int, int]]:
+        try:
+            return int(self._proc.memory_info().rss), {}
+        except psutil.Error:
+            return 0, {}
 
 
 class Counters:

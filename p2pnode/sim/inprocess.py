@@ -8,7 +8,6 @@ and ``Discovery.find_peer_traced`` (queries and hops per lookup).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import random
@@ -16,15 +15,19 @@ import resource
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from p2pnode.config import NodeConfig
 from p2pnode.dht.config import DhtConfig
 from p2pnode.errors import P2PError
 from p2pnode.exchange.manifest import resource_id_from_str
 from p2pnode.node import Node
 from p2pnode.sim import netem
-from p2pnode.sim.engine import Cluster, LookupOutcome, NodeFailure, SimNode, Traffic
+from p2pnode.sim.engine import (
+    LookupOutcome,
+    NodeFailure,
+    OneProcessCluster,
+    SimNode,
+    Traffic,
+)
 from p2pnode.sim.scenario import ScenarioConfig
 
 log = logging.getLogger(__name__)
@@ -215,18 +218,17 @@ class InprocessNode(SimNode):
         )
 
 
-class InprocessCluster(Cluster):
+class InprocessCluster(OneProcessCluster):
     mode = "inprocess"
     rpc_source = (
         "RPCs per lookup: delta of the source node's rpc_sent.find_node counter around "
-        "find_peer (one lookup at a time per source); hops: depth at which the target "
-        "was first learned, traced by wrapping the source's call_find_node"
+        "find_peer_traced (one lookup at a time per source); hops: from the lookup trace"
     )
+    stop_batch = 100  # a thousand simultaneous stops is a thundering herd of closes
 
     def __init__(self, workdir: Path, config: ScenarioConfig) -> None:
         super().__init__(workdir)
         self.config = config
-        self._proc = psutil.Process()
         self._impair_seq = 0
         self.impaired = config.loss > 0 or config.link_latency_ms() > 0 or config.jitter_ms > 0
         self.hook_missing = False
@@ -266,15 +268,3 @@ class InprocessCluster(Cluster):
         if wrapper is None:
             self.hook_missing = True
         return wrapper
-
-    def rss(self) -> tuple[int, dict[int, int]]:
-        try:
-            return int(self._proc.memory_info().rss), {}
-        except psutil.Error:
-            return 0, {}
-
-    async def close(self) -> None:
-        running = [n for n in self.nodes.values() if n.running]
-        # Stop in batches: a thousand simultaneous stops is a thundering herd of closes.
-        for i in range(0, len(running), 100):
-            await asyncio.gather(*(n.stop() for n in running[i : i + 100]), return_exceptions=True)

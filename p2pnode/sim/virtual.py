@@ -28,32 +28,28 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pnode.dht import Discovery
 from p2pnode.dht.config import DhtConfig
 from p2pnode.errors import P2PError
 from p2pnode.exchange.manifest import dht_key
+from p2pnode.exchange.messages import GetManifest, GetPiece, ManifestData, PieceData
 from p2pnode.identity import Identity
 from p2pnode.net.config import NetLimits
 from p2pnode.net.host import PeerAddress, PeerHost
-from p2pnode.sim.engine import Cluster, LookupOutcome, NodeFailure, SimNode, Traffic
+from p2pnode.sim.engine import (
+    LookupOutcome,
+    NodeFailure,
+    OneProcessCluster,
+    SimNode,
+    Traffic,
+)
 from p2pnode.sim.inprocess import net_bytes
 from p2pnode.sim.scenario import ScenarioConfig
 from p2pnode.sim.vloop import LoopClock
 from p2pnode.sim.vnet import LinkModel, VirtualHost, VirtualNetwork
 from p2pnode.wire.messages import ErrorCode, ErrorReply, Message
-
-try:  # the exchange messages are moving from wire/ to exchange/
-    from p2pnode.exchange.messages import GetManifest, GetPiece, ManifestData, PieceData
-except ImportError:  # pragma: no cover - before the move
-    from p2pnode.wire.messages import (  # type: ignore[attr-defined,no-redef]
-        GetManifest,
-        GetPiece,
-        ManifestData,
-        PieceData,
-    )
 
 log = logging.getLogger(__name__)
 
@@ -350,12 +346,13 @@ def _find_node_sent(stats: dict[str, Any]) -> int | None:
     return int(value) if value is not None else None
 
 
-class VirtualCluster(Cluster):
+class VirtualCluster(OneProcessCluster):
     mode = "virtual"
     rpc_source = (
         "RPCs per lookup: delta of the source node's rpc_sent.find_node counter around "
         "find_peer_traced (one lookup at a time per source); hops: from the lookup trace"
     )
+    stop_batch = 500
 
     def __init__(self, workdir: Path, config: ScenarioConfig) -> None:
         super().__init__(workdir)
@@ -369,21 +366,9 @@ class VirtualCluster(Cluster):
         self.dht_config = dht
         self.net_limits = NetLimits()
         self.files: dict[Path, bytes] = {}
-        self._proc = psutil.Process()
 
     def _make_node(self, index: int, workdir: Path) -> SimNode:
         return VirtualNode(index, workdir, self)
-
-    def rss(self) -> tuple[int, dict[int, int]]:
-        try:
-            return int(self._proc.memory_info().rss), {}
-        except psutil.Error:
-            return 0, {}
-
-    async def close(self) -> None:
-        running = [n for n in self.nodes.values() if n.running]
-        for i in range(0, len(running), 500):
-            await asyncio.gather(*(n.stop() for n in running[i : i + 500]), return_exceptions=True)
 
 
 def link_model(config: ScenarioConfig) -> LinkModel:

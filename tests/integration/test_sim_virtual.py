@@ -14,7 +14,7 @@ from p2pnode.sim.report import simulated_part
 from p2pnode.sim.run import run_simulation
 from p2pnode.sim.scenario import ScenarioConfig
 from p2pnode.sim.virtual import VirtualNode
-from tests.test_sim_smoke import TINY, check_consistent, check_files
+from tests.integration.test_sim_smoke import TINY, check_consistent, check_files
 
 SMALL = dataclasses.replace(
     TINY,

@@ -23,7 +23,7 @@ from p2pnode.sim.report import PLOTS, REPORT_FILE
 from p2pnode.sim.run import simulate
 from p2pnode.sim.scenario import ScenarioConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = ScenarioConfig(
     nodes=5,
