@@ -22,7 +22,6 @@ import pytest
 
 from tests.cli_helpers import RunningNode
 
-
 SUITES = ("unit", "integration", "hostile")
 
 
