@@ -46,6 +46,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -85,6 +86,7 @@ from p2pnode.exchange.policy import (
     rediscover_delay,
 )
 from p2pnode.exchange.store import (
+    ResourceState,
     StorageError,
     Store,
     StoredResource,
@@ -134,6 +136,12 @@ class ProviderFinder(Protocol):
     def remove_provider(self, key: bytes) -> None: ...
 
 
+class DownloadState(StrEnum):
+    DOWNLOADING = "downloading"  # pieces are arriving
+    FINISHING = "finishing"  # all verified: syncing and moving into place
+    DONE = "done"
+
+
 @dataclass(frozen=True)
 class Progress:
     resource_id: bytes
@@ -145,7 +153,7 @@ class Progress:
     rate: float  # bytes per second, over the last few seconds
     peers: int
     eta: float | None  # seconds
-    state: str = "downloading"  # "downloading", "verifying", "finishing", "done"
+    state: DownloadState = DownloadState.DOWNLOADING
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -237,7 +245,7 @@ class Fetcher:
         rid_text = resource_id_to_str(rid)
         t_start = time.perf_counter()
         existing = self._store.get(rid)
-        if existing is not None and existing.state != "partial":
+        if existing is not None and existing.state is not ResourceState.PARTIAL:
             if existing.served and existing.stale is None and _intact(self._store, rid):
                 return await self._copy_local(existing, dest, force=force)
             # We had it, but it changed or went away: forget that copy, fetch anew.
@@ -319,7 +327,7 @@ class Fetcher:
             self._record(d)
             writer.close()
         t_sync = time.perf_counter()
-        self._emit(d, progress, force=True, state="finishing")
+        self._emit(d, progress, force=True, state=DownloadState.FINISHING)
         if self._config.fsync:
             loop = asyncio.get_running_loop()
             try:
@@ -329,7 +337,7 @@ class Fetcher:
         self._store.finish_download(rid, force=force, fsync=False)
         final = self._store.get(rid)
         assert final is not None
-        self._emit(d, progress, force=True, state="done")
+        self._emit(d, progress, force=True, state=DownloadState.DONE)
         t_end = time.perf_counter()
         log.info(
             "got %s (%d bytes) to %s: lookup+manifest+recheck %.3fs, pieces %.3fs (%.1f MB/s), "
@@ -676,7 +684,7 @@ class Fetcher:
         progress: ProgressCallback | None,
         *,
         force: bool = False,
-        state: str = "downloading",
+        state: DownloadState = DownloadState.DOWNLOADING,
     ) -> None:
         now = self._clock.now()
         samples = d.samples

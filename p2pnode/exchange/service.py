@@ -34,7 +34,7 @@ from p2pnode.exchange.fetcher import DownloadError, Fetcher, Progress
 from p2pnode.exchange.manifest import build_manifest, dht_key, resource_id_to_str
 from p2pnode.exchange.messages import register as register_messages
 from p2pnode.exchange.server import PieceServer
-from p2pnode.exchange.store import StaleError, StorageError, Store, StoredResource
+from p2pnode.exchange.store import ResourceState, StaleError, StorageError, Store, StoredResource
 from p2pnode.tasks import TaskSet
 from p2pnode.wire.messages import Message
 
@@ -60,7 +60,7 @@ class ResourceInfo:
     name: str
     kind: str  # "file" or "dir"
     size: int
-    state: str  # "shared", "complete" or "partial"
+    state: ResourceState
     served: bool
     path: str  # where it is (shared path or destination; for partial: the destination)
     pieces_done: int
@@ -76,7 +76,9 @@ class ResourceInfo:
     @classmethod
     def from_stored(cls, res: StoredResource) -> ResourceInfo:
         m = res.manifest
-        where = res.dest if res.state == "partial" and res.dest is not None else res.root
+        where = (
+            res.dest if res.state is ResourceState.PARTIAL and res.dest is not None else res.root
+        )
         return cls(
             resource_id=res.resource_id,
             name=m.name,

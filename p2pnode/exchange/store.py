@@ -29,8 +29,8 @@ import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Literal
 
 from p2pnode.errors import StaleError, StorageError, UsageError
 from p2pnode.exchange.manifest import (
@@ -42,7 +42,13 @@ from p2pnode.exchange.manifest import (
 )
 from p2pnode.wire.buffers import BufferPool
 
-State = Literal["shared", "complete", "partial"]
+
+class ResourceState(StrEnum):
+    SHARED = "shared"  # a local file or folder, served in place
+    COMPLETE = "complete"  # downloaded and verified
+    PARTIAL = "partial"  # a download in progress
+
+
 DB_NAME = "exchange.sqlite3"
 PARTIAL_SUFFIX = ".p2pnode-partial"
 
@@ -171,7 +177,7 @@ class PieceSource:
 class StoredResource:
     resource_id: bytes
     manifest: Manifest
-    state: State
+    state: ResourceState
     served: bool
     root: Path  # where the content is now (shared path, destination, or partial)
     dest: Path | None  # downloads: where it goes / went
@@ -216,11 +222,13 @@ class Store:
         rid, blob, state, served, root, dest, stale = row
         assert isinstance(rid, bytes) and isinstance(blob, bytes)
         manifest = self._manifest(rid, blob)
-        done = len(self.verified_pieces(rid)) if state == "partial" else manifest.piece_count
+        state = ResourceState(str(state))
+        partial = state is ResourceState.PARTIAL
+        done = len(self.verified_pieces(rid)) if partial else manifest.piece_count
         return StoredResource(
             resource_id=rid,
             manifest=manifest,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             served=bool(served),
             root=Path(str(root)),
             dest=Path(str(dest)) if dest is not None else None,
@@ -274,10 +282,10 @@ class Store:
         if cached is not None:
             return cached
         res = self.get(rid)
-        if res is None or not (res.served or res.state == "partial"):
+        if res is None or not (res.served or res.state is ResourceState.PARTIAL):
             return None
         paths = tuple(file_paths(res.root, res.manifest))
-        stats = None if res.state == "partial" else self._stats(rid)
+        stats = None if res.state is ResourceState.PARTIAL else self._stats(rid)
         src = PieceSource(rid, res.manifest, paths, stats)
         self._sources[rid] = src
         return src
@@ -288,16 +296,16 @@ class Store:
         """Record a local file or folder served in place (same content: same row)."""
         rid = manifest.resource_id
         existing = self.get(rid)
-        if existing is not None and existing.state == "partial":
+        if existing is not None and existing.state is ResourceState.PARTIAL:
             # We were downloading what we now share: the local copy wins.
             self._discard_partial(existing)
-        self._put(rid, manifest, "shared", root, None, stats)
+        self._put(rid, manifest, ResourceState.SHARED, root, None, stats)
 
     def _put(
         self,
         rid: bytes,
         manifest: Manifest,
-        state: State,
+        state: ResourceState,
         root: Path,
         dest: Path | None,
         stats: Iterable[FileStat],
@@ -363,7 +371,7 @@ class Store:
         dest = dest.absolute()
         target = partial_path(dest)
         existing = self.get(rid)
-        if existing is not None and existing.state != "partial":
+        if existing is not None and existing.state is not ResourceState.PARTIAL:
             raise UsageError(
                 f"{existing.id_str} is already here ({existing.state}) at {str(existing.root)!r}"
             )
@@ -377,7 +385,7 @@ class Store:
                 self._discard_partial(existing)
             existing = None
         if existing is None:
-            self._put(rid, manifest, "partial", target, dest, ())
+            self._put(rid, manifest, ResourceState.PARTIAL, target, dest, ())
             self.set_served(rid, False)
         else:
             self._db.execute("UPDATE resources SET dest = ? WHERE id = ?", (str(dest), rid))
@@ -420,7 +428,7 @@ class Store:
     def finish_download(self, rid: bytes, *, force: bool = False, fsync: bool = True) -> None:
         """Move a fully verified partial into place and serve it from there."""
         res = self.get(rid)
-        if res is None or res.state != "partial" or res.dest is None:
+        if res is None or res.state is not ResourceState.PARTIAL or res.dest is None:
             raise UsageError("no such download in progress")
         if res.pieces_done != res.manifest.piece_count:
             raise UsageError("download is not complete")
@@ -444,7 +452,7 @@ class Store:
             ) from None
         except OSError as exc:
             raise storage_error(exc, dest) from None
-        self._put(rid, res.manifest, "complete", dest, dest, stats)
+        self._put(rid, res.manifest, ResourceState.COMPLETE, dest, dest, stats)
 
     def _discard_partial(self, res: StoredResource) -> None:
         _remove_path(res.root)

@@ -231,7 +231,7 @@ def _plan_chunks(header: bytes, pieces: Sequence[Buffer]) -> list[list[Any]]:
     return plan
 
 
-class State(enum.Enum):
+class State(enum.StrEnum):
     SEND_MSG1 = "send msg1"
     AWAIT_MSG1 = "await msg1"
     AWAIT_MSG2 = "await msg2"
