@@ -29,6 +29,7 @@ import psutil
 from p2pnode._version import __version__
 from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.config import NodeConfig
+from p2pnode.control.api import MetricsSnapshot
 from p2pnode.control.server import ControlServer
 from p2pnode.dht import Discovery
 from p2pnode.errors import NodeNotRunning, UsageError
@@ -396,6 +397,21 @@ class Node:
             "resources": len(self.exchange.list()),
             "rss_bytes": proc.memory_info().rss,
             "version": __version__,
+        }
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Raw counters for the control API's ``GET /metrics``, read at scrape time
+        only (nothing on the data path); the process figures come from elsewhere."""
+        return {
+            "node_id": self.node_id,
+            "peer_id": self.peer_id,
+            "version": __version__,
+            "uptime": time.monotonic() - self._started_at,
+            "joined": self._joined.is_set(),
+            "dht": self.discovery.stats(),
+            "dht_contact_ids": [c.node_id for c in self.discovery.contacts()],
+            "net": self.peer_host.stats(),
+            "exchange": self.exchange.stats(),
         }
 
 

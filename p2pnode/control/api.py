@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 if TYPE_CHECKING:
     from p2pnode.config import NodeConfig
@@ -74,6 +74,21 @@ class ExchangeAPI(Protocol):
     ) -> Jsonable: ...
 
 
+class MetricsSnapshot(TypedDict):
+    """The node's raw counters and gauges, read when ``GET /metrics`` is scraped
+    (p2pnode.control.metrics turns them into Prometheus metrics)."""
+
+    node_id: bytes
+    peer_id: str
+    version: str
+    uptime: float  # seconds since the node started
+    joined: bool
+    dht: dict[str, int]  # Discovery.stats()
+    dht_contact_ids: list[bytes]  # node ids in the routing table
+    net: dict[str, int]  # PeerHost.stats()
+    exchange: dict[str, int]  # Exchange.stats()
+
+
 class NodeAPI(Protocol):
     """The part of :class:`p2pnode.node.Node` the control server uses."""
 
@@ -86,4 +101,5 @@ class NodeAPI(Protocol):
     def describe(self) -> dict[str, Any]: ...
     def peers(self) -> list[dict[str, Any]]: ...
     def status(self) -> dict[str, Any]: ...
+    def metrics_snapshot(self) -> MetricsSnapshot: ...
     def request_stop(self) -> None: ...
