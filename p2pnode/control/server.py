@@ -5,7 +5,10 @@ Rules:
   compared in constant time;
 - the Host header must name the address we listen on (defeats DNS rebinding) and a
   request with an Origin header is refused (no browser page may drive the node);
-- errors are JSON ``{"error": message, "kind": ErrorClass}`` with a fitting status.
+- errors are JSON ``{"error": message, "kind": ErrorClass}`` with a fitting status;
+- ``GET /metrics`` answers in Prometheus' text format (OpenMetrics if the Accept
+  header asks for it), under the same token rule: Prometheus scrapes with
+  ``authorization: {type: Bearer, credentials_file: ...}``.
 
 It sees the node only through :class:`~p2pnode.control.api.NodeAPI`.
 """
@@ -14,14 +17,18 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.exposition import choose_encoder
 
 from p2pnode.control.api import ErrorKind, NodeAPI
 from p2pnode.control.common import error_body, json_response, read_json, status_for
 from p2pnode.control.exchange_routes import exchange_routes
+from p2pnode.control.metrics import NodeMetrics
 from p2pnode.errors import NotFoundError, P2PError, UsageError
 from p2pnode.identity import peer_id_from_str, peer_id_to_str
 
@@ -40,6 +47,7 @@ class ControlServer:
     def __init__(self, node: NodeAPI, token: str) -> None:
         self._node = node
         self._token = token.encode()
+        self.metrics = NodeMetrics(node.metrics_snapshot)
         self._runner: web.AppRunner | None = None
         self._allowed_hosts: set[str] = set()
         self.url = ""
@@ -82,8 +90,25 @@ class ControlServer:
         except P2PError as exc:
             return json_response(error_body(exc), status_for(exc))
 
+    @contextmanager
+    def _timed_lookup(self, operation: str) -> Iterator[None]:
+        """Observe the duration of a DHT lookup made for an API call (any outcome)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.api_lookup_seconds.labels(operation).observe(elapsed)
+
     def _node_routes(self) -> list[web.RouteDef]:
         node = self._node
+        timed = self._timed_lookup
+        registry = self.metrics.registry
+
+        async def get_metrics(request: web.Request) -> web.Response:
+            encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+            # Content-Type carries a version parameter: set the header itself.
+            return web.Response(body=encode(registry), headers={"Content-Type": content_type})
 
         async def get_id(_: web.Request) -> web.Response:
             return json_response(node.describe())
@@ -103,14 +128,16 @@ class ControlServer:
             key, value = _text_field(body, "key"), _text_field(body, "value")
             if len(value.encode()) > node.config.dht.max_value_bytes:
                 raise UsageError(f"value longer than {node.config.dht.max_value_bytes} bytes")
-            stored = await node.discovery.put(key, value)
+            with timed("put"):
+                stored = await node.discovery.put(key, value)
             return json_response({"key": key, "stored": stored})
 
         async def get_dht_get(request: web.Request) -> web.Response:
             key = request.query.get("key", "")
             if not key or len(key) > MAX_DHT_KEY:
                 raise UsageError(f"key must be 1..{MAX_DHT_KEY} characters")
-            value = await node.discovery.get(key)
+            with timed("get"):
+                value = await node.discovery.get(key)
             if value is None:
                 raise NotFoundError(f"no value for key {key!r} in the DHT")
             if isinstance(value, bytes):
@@ -119,7 +146,8 @@ class ControlServer:
 
         async def get_find_peer(request: web.Request) -> web.Response:
             node_id = peer_id_from_str(request.query.get("id", ""))
-            contact = await node.discovery.find_peer(node_id)
+            with timed("find_peer"):
+                contact = await node.discovery.find_peer(node_id)
             if contact is None:
                 raise NotFoundError(f"peer {peer_id_to_str(node_id)} not found in the DHT")
             return json_response(
@@ -131,6 +159,7 @@ class ControlServer:
             )
 
         return [
+            web.get("/metrics", get_metrics),
             web.get("/v1/id", get_id),
             web.get("/v1/dht/find_peer", get_find_peer),
             web.get("/v1/peers", get_peers),
