@@ -50,6 +50,15 @@ def peer_id_from_str(text: str) -> bytes:
     return raw
 
 
+def as_node_id(peer: str | bytes) -> bytes:
+    """A peer id as 20 raw bytes, given either form (users hold the text one)."""
+    if isinstance(peer, str):
+        return peer_id_from_str(peer)
+    if isinstance(peer, bytes | bytearray) and len(peer) == NODE_ID_LEN:
+        return bytes(peer)
+    raise UsageError(f"not a peer id (text or {NODE_ID_LEN} bytes expected): {peer!r}")
+
+
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)

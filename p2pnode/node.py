@@ -31,7 +31,7 @@ from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.config import NodeConfig
 from p2pnode.control.api import MetricsSnapshot
 from p2pnode.control.server import ControlServer
-from p2pnode.dht import Discovery
+from p2pnode.dht import Contact, Discovery
 from p2pnode.errors import NodeNotRunning, UsageError
 from p2pnode.exchange.service import Exchange
 from p2pnode.home import (
@@ -42,7 +42,7 @@ from p2pnode.home import (
     save_contacts,
     write_control,
 )
-from p2pnode.identity import Identity, peer_id_to_str
+from p2pnode.identity import Identity, as_node_id, peer_id_to_str
 from p2pnode.net.host import PeerHost
 from p2pnode.tasks import TaskSet
 
@@ -296,6 +296,10 @@ class Node:
 
     async def wait_joined(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._joined.wait(), timeout)
+
+    async def find_peer(self, peer_id: str | bytes) -> Contact | None:
+        """A peer's DHT contact by its peer id (the text form or the 20 bytes)."""
+        return await self.discovery.find_peer(as_node_id(peer_id))
 
     def _save_contacts(self) -> None:
         if self._discovery is None:

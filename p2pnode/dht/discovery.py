@@ -37,6 +37,7 @@ from p2pnode.dht.rpc_schema import (
 from p2pnode.dht.storage import ValueStore
 from p2pnode.endpoints import LOOP_ENDPOINTS, Endpoints
 from p2pnode.errors import P2PError, UsageError
+from p2pnode.identity import as_node_id
 from p2pnode.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -314,14 +315,15 @@ class Discovery:
         key = _check_key(key)
         return [self._contact(node) for node in await self._lookup_nodes(key)]
 
-    async def find_peer(self, node_id: bytes) -> Contact | None:
-        """The contact with exactly this id, if it can be found and it answers."""
+    async def find_peer(self, node_id: str | bytes) -> Contact | None:
+        """The contact with exactly this id (text peer id or 20 bytes), if it can be
+        found and it answers."""
         contact, _ = await self.find_peer_traced(node_id)
         return contact
 
-    async def find_peer_traced(self, node_id: bytes) -> tuple[Contact | None, LookupTrace]:
+    async def find_peer_traced(self, peer_id: str | bytes) -> tuple[Contact | None, LookupTrace]:
         """:meth:`find_peer`, plus how the lookup went (queries sent, hops)."""
-        node_id = _check_key(node_id)
+        node_id = _check_key(as_node_id(peer_id))
         protocol = self._proto()
         trace = LookupTrace()
         known = self._core.table.node_for(node_id)

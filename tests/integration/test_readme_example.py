@@ -1,0 +1,51 @@
+"""The README's Python API example, run as written against a real bootstrap node."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.cli_helpers import RunningNode, cli_env, run_cli
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _python_api_block() -> str:
+    text = README.read_text()
+    section = text[text.index("## Python API") :]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "no python block under '## Python API'"
+    return match.group(1)
+
+
+def test_readme_python_example_finds_the_bootstrap_peer(
+    tmp_path: Path, nodes: list[RunningNode]
+) -> None:
+    boot = RunningNode(tmp_path / "boot")
+    nodes.append(boot)
+    ident = json.loads(run_cli("--home", str(tmp_path / "boot"), "id", "--json").stdout)
+    code = _python_api_block()
+    # Only the two settings the README tells the reader to fill in are replaced.
+    code, n_boot = re.subn(
+        r"^BOOTSTRAP = .*$", f"BOOTSTRAP = ('127.0.0.1', {ident['port']})", code, flags=re.M
+    )
+    code, n_peer = re.subn(r"^PEER_ID = .*$", f"PEER_ID = {ident['peer_id']!r}", code, flags=re.M)
+    assert n_boot == 1 and n_peer == 1, code
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert len(out) == 2, proc.stdout
+    # The contact found is the bootstrap node itself, by its text peer id.
+    assert f"port={ident['port']}" in out[1] and "Contact(" in out[1], out[1]
