@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,10 @@ class ExitCode(IntEnum):
     ERROR = 1  # a P2PError, explained on stderr
     USAGE = 2  # bad arguments (argparse's own exit status)
     INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT
+    # The reader of stdout went away (`| head`): 128 + SIGPIPE, the status a shell
+    # shows for `cat`, `ls`, ... killed by SIGPIPE, so `set -o pipefail` scripts see
+    # the output was cut, as with those tools.
+    BROKEN_PIPE = 141
 
 
 class LogLevel(StrEnum):
@@ -408,6 +413,21 @@ def cmd_get(args: argparse.Namespace, client: ControlClient) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        # Flush here, not at exit: a reader gone away (`| head`) shows up as a
+        # BrokenPipeError below instead of a traceback during interpreter shutdown.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The Python docs' recipe: point stdout at devnull so the final flush at
+        # exit cannot fail again, and leave quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     home: Path = (args.home or default_home()).expanduser().resolve()
     try:

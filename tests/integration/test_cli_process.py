@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -115,3 +116,24 @@ def test_help_loads_neither_the_node_nor_the_http_client() -> None:
 def test_bad_port_is_a_usage_error(tmp_path: Path) -> None:
     proc = run_cli("start", "--home", str(tmp_path / "p"), "--port", "70000", check=False)
     assert proc.returncode == 1 and "--port must be 0..65535" in proc.stderr
+
+
+def test_a_closed_stdout_pipe_exits_quietly(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    """`p2pnode status | head -1` with head already gone: no traceback, rc 141
+    (128 + SIGPIPE, as `cat` or `ls` killed by SIGPIPE)."""
+    node = RunningNode(tmp_path / "n")
+    nodes.append(node)
+    for command in (["status"], ["ls", "--json"], ["id"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before anything is written
+        proc = subprocess.run(
+            [*CLI, "--home", str(tmp_path / "n"), *command],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=cli_env(),
+        )
+        os.close(write_end)
+        assert proc.returncode == 141, proc.stderr
+        assert proc.stderr == "", proc.stderr
