@@ -44,6 +44,45 @@ class ExitCode(IntEnum):
     BROKEN_PIPE = 141
 
 
+class ErrorCode(StrEnum):
+    """The ``code`` of a ``--json`` error on stderr: ``{"error": ..., "code": ...}``.
+    Stable: scripts match on these, the message is for people."""
+
+    USAGE = "usage"
+    NOT_FOUND = "not_found"
+    NODE_NOT_RUNNING = "node_not_running"
+    TIMEOUT = "timeout"
+    PROTOCOL = "protocol"
+    DOWNLOAD = "download"
+    STALE = "stale"
+    STORAGE = "storage"
+    INTERRUPTED = "interrupted"
+    ERROR = "error"
+
+
+def _error_code(exc: P2PError) -> ErrorCode:
+    from p2pnode import errors
+
+    kinds: tuple[tuple[type[P2PError], ErrorCode], ...] = (
+        (errors.UsageError, ErrorCode.USAGE),
+        (errors.NotFoundError, ErrorCode.NOT_FOUND),
+        (errors.NodeNotRunning, ErrorCode.NODE_NOT_RUNNING),
+        (errors.P2PTimeoutError, ErrorCode.TIMEOUT),
+        (errors.DownloadError, ErrorCode.DOWNLOAD),
+        (errors.StaleError, ErrorCode.STALE),
+        (errors.StorageError, ErrorCode.STORAGE),
+        (errors.ProtocolError, ErrorCode.PROTOCOL),
+    )
+    return next((code for cls, code in kinds if isinstance(exc, cls)), ErrorCode.ERROR)
+
+
+def _report_error(json_mode: bool, message: str, code: ErrorCode) -> None:
+    if json_mode:
+        print(json.dumps({"error": message, "code": code}), file=sys.stderr)
+    else:
+        print(f"p2pnode: error: {message}", file=sys.stderr)
+
+
 class LogLevel(StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -71,8 +110,20 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    # Set by main() when --json is anywhere on the line: argparse fails before
+    # the options are known.
+    json_errors = False
+
+    def error(self, message: str) -> Any:
+        if _Parser.json_errors:
+            body = {"error": f"{self.prog}: {message}", "code": ErrorCode.USAGE}
+            self.exit(ExitCode.USAGE, json.dumps(body) + "\n")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="p2pnode", description="A peer-to-peer node: Kademlia discovery, verified exchange."
     )
     parser.add_argument("--version", action="version", version=f"p2pnode {__version__}")
@@ -134,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     share = add("share", "share a file or folder; prints its resource id")
     share.add_argument("path", type=Path)
+    share.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="share what symbolic links inside the folder point to, as regular files and "
+        "folders (links out of the folder and cycles are refused); without it, a folder "
+        "holding a symbolic link is refused",
+    )
     unshare = add("unshare", "stop sharing a resource")
     unshare.add_argument("id")
     fetch = add("get", "download a resource by id (verified, resumable)")
@@ -194,7 +252,8 @@ def _start_config(args: argparse.Namespace, home: Path) -> tuple[NodeConfig, str
     host = args.host or str(file.get("host", "0.0.0.0"))
     boots = args.bootstrap if args.bootstrap is not None else list(file.get("bootstrap", []))
     api_port = args.api_port if args.api_port is not None else file.get("api_port")
-    level = args.log_level or str(file.get("log_level", LogLevel.INFO))
+    # Warnings only by default: the banner says what a user needs.
+    level = args.log_level or str(file.get("log_level", LogLevel.WARNING))
     if not 0 <= port < 65536:
         raise UsageError(f"--port must be 0..65535, got {port}")
     config = NodeConfig(
@@ -216,10 +275,10 @@ def cmd_start(args: argparse.Namespace, home: Path) -> int:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return asyncio.run(_run_node(config))
+    return asyncio.run(_run_node(config, json_mode=args.json))
 
 
-async def _run_node(config: NodeConfig) -> int:
+async def _run_node(config: NodeConfig, *, json_mode: bool = False) -> int:
     import asyncio
     import signal
 
@@ -230,19 +289,23 @@ async def _run_node(config: NodeConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.request_stop)
-    info = node.describe()
-    print(f"p2pnode {__version__} started", flush=False)
-    print(f"  peer id:   {info['peer_id']}")
-    print(f"  listening: {', '.join(info['addresses'])} (UDP DHT + TCP peers)")
-    print(f"  control:   {info['api']} (token in {config.home / 'api.token'})")
-    print(f"  join with: p2pnode start --home <other home> {info['bootstrap']}")
-    print("ready", flush=True)
     try:
+        info = node.describe()
+        if json_mode:
+            # One JSON object per line: this one when ready, one more when stopped.
+            print(json.dumps({"event": "ready", **info}), flush=True)
+        else:
+            print(f"p2pnode {__version__} started", flush=False)
+            print(f"  peer id:   {info['peer_id']}")
+            print(f"  listening: {', '.join(info['addresses'])} (UDP DHT + TCP peers)")
+            print(f"  control:   {info['api']} (token in {config.home / 'api.token'})")
+            print(f"  join with: p2pnode start --home <other home> {info['bootstrap']}")
+            print("ready", flush=True)
         await node.wait_stop_requested()
     finally:
         log.info("stopping")
         await node.stop()
-    print("stopped", flush=True)
+    print(json.dumps({"event": "stopped"}) if json_mode else "stopped", flush=True)
     return ExitCode.OK
 
 
@@ -327,8 +390,11 @@ def cmd_share(args: argparse.Namespace, client: ControlClient) -> int:
     path = args.path.expanduser().resolve()
     if not path.exists():
         raise UsageError(f"no such file or folder: {args.path}")
-    res = client.call("POST", "/v1/share", {"path": str(path)})
+    body = {"path": str(path), "follow_links": args.follow_links}
+    res = client.call("POST", "/v1/share", body)
     _emit(args, res, lambda d: d["id"])
+    if not args.json and res.get("links"):  # the id alone on stdout; the policy on stderr
+        print(f"symbolic links: {res['links']}", file=sys.stderr)
     return ExitCode.OK
 
 
@@ -428,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--json" in argv
     args = build_parser().parse_args(argv)
     home: Path = (args.home or default_home()).expanduser().resolve()
     try:
@@ -450,9 +518,11 @@ def _main(argv: Sequence[str] | None) -> int:
         }
         return handlers[args.command]()
     except P2PError as exc:
-        print(f"p2pnode: error: {exc}", file=sys.stderr)
+        _report_error(args.json, str(exc), _error_code(exc))
         return ExitCode.ERROR
     except KeyboardInterrupt:
+        if args.json:
+            _report_error(True, "interrupted", ErrorCode.INTERRUPTED)
         return ExitCode.INTERRUPTED
 
 

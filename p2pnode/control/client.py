@@ -11,11 +11,14 @@ from typing import Any
 
 from p2pnode.control.api import ErrorKind
 from p2pnode.errors import (
+    DownloadError,
     NodeNotRunning,
     NotFoundError,
     P2PError,
     P2PTimeoutError,
     ProtocolError,
+    StaleError,
+    StorageError,
     UsageError,
 )
 from p2pnode.home import read_control
@@ -26,6 +29,9 @@ _KINDS: dict[str, type[P2PError]] = {
     ErrorKind.TIMEOUT: P2PTimeoutError,
     ErrorKind.PROTOCOL: ProtocolError,
     ErrorKind.NODE_NOT_RUNNING: NodeNotRunning,
+    # The server names any P2PError by its class: these keep their meaning (and
+    # their --json code) on this side too.
+    **{cls.__name__: cls for cls in (DownloadError, StaleError, StorageError)},
 }
 
 

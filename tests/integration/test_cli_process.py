@@ -137,3 +137,96 @@ def test_a_closed_stdout_pipe_exits_quietly(tmp_path: Path, nodes: list[RunningN
         os.close(write_end)
         assert proc.returncode == 141, proc.stderr
         assert proc.stderr == "", proc.stderr
+
+
+def _json_error(proc: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    body = json.loads(lines[0])
+    assert set(body) == {"error", "code"}, body
+    return body
+
+
+def test_json_errors_are_json_on_stderr(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    bad_port = run_cli(
+        "start", "--home", str(tmp_path / "p"), "--port", "70000", "--json", check=False
+    )
+    assert bad_port.returncode == 1 and bad_port.stdout == ""
+    assert _json_error(bad_port)["code"] == "usage"
+    no_node = run_cli("--json", "--home", str(tmp_path / "empty"), "status", check=False)
+    assert no_node.returncode == 1 and _json_error(no_node)["code"] == "node_not_running"
+    bad_arg = run_cli("--json", "start", "--port", "x", check=False)
+    assert bad_arg.returncode == 2 and _json_error(bad_arg)["code"] == "usage"
+
+    node = RunningNode(tmp_path / "n")
+    nodes.append(node)
+    port = json.loads(run_cli("--home", str(tmp_path / "n"), "id", "--json").stdout)["port"]
+    busy = run_cli(
+        "start",
+        "--json",
+        "--home",
+        str(tmp_path / "b"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        check=False,
+    )
+    assert busy.returncode == 1 and _json_error(busy)["code"] == "usage"
+    assert "listening on" not in busy.stderr  # no log line before the error (item 7)
+    lost = run_cli(
+        "--home", str(tmp_path / "n"), "dht", "find-peer", "a" * 32, "--json", check=False
+    )
+    assert lost.returncode == 1 and _json_error(lost)["code"] == "not_found"
+
+
+def test_start_json_prints_json_lines(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "start",
+            "--json",
+            "--home",
+            str(tmp_path / "j"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())
+        assert ready["event"] == "ready" and ready["peer_id"] and ready["port"] > 0
+        run_cli("--home", str(tmp_path / "j"), "stop")
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert json.loads(out) == {"event": "stopped"}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_start_logs_warnings_only_unless_asked(tmp_path: Path) -> None:
+    """The banner, then warnings only: no INFO lines (ours or kademlia's) by default;
+    --log-level info brings them back."""
+
+    def stderr_of(home: str, *extra: str) -> str:
+        node = RunningNode(tmp_path / home, *extra)
+        try:
+            run_cli("--home", str(tmp_path / home), "stop")
+            assert node.wait() == 0
+            assert node.proc.stderr is not None
+            return node.proc.stderr.read()
+        finally:
+            node.kill()
+
+    quiet = stderr_of("q")
+    assert " INFO " not in quiet, quiet
+    loud = stderr_of("l", "--log-level", "info")
+    assert " INFO " in loud, loud
