@@ -56,11 +56,13 @@ class _Subsystem:
     ``keys``: a stats key -> (family, label value or None); ``prefixes``: keys
     ``<prefix><value>`` -> (family, label value); any other key is a counter of the
     catch-all ``events`` family. Keys named here are exported even when the part
-    has not counted them yet (a Counter holds a key only once it is incremented)."""
+    has not counted them yet (a Counter holds a key only once it is incremented);
+    ``optional`` keys only when the part reports them (counters it may not keep)."""
 
     name: str
     keys: dict[str, tuple[_Family, str | None]]
     prefixes: dict[str, _Family] = field(default_factory=dict)
+    optional: dict[str, tuple[_Family, str | None]] = field(default_factory=dict)
 
     def events(self) -> _Family:
         return _Family(
@@ -222,6 +224,17 @@ _EXCHANGE = _Subsystem(
             ("rejected_busy", "busy"),
         ),
     },
+    # The download side: exported once Exchange.stats() reports these counters.
+    optional=_plain(
+        ("pieces_fetched", "fetched_pieces_total", "Pieces downloaded and verified", False),
+        ("bytes_fetched", "fetched_bytes_total", "Bytes of pieces downloaded and verified", False),
+        (
+            "pieces_failed_verification",
+            "verification_failures_total",
+            "Pieces downloaded that failed verification",
+            False,
+        ),
+    ),
 )
 
 
@@ -233,6 +246,10 @@ def _families(sub: _Subsystem, stats: dict[str, int]) -> Iterator[Metric]:
     events = sub.events()
     for key, value in stats.items():
         if key in sub.keys:
+            continue
+        if key in sub.optional:
+            family, label = sub.optional[key]
+            values.setdefault(family, []).append((label, value))
             continue
         for prefix, family in sub.prefixes.items():
             if key.startswith(prefix):

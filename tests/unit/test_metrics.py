@@ -130,6 +130,18 @@ def test_counters_not_known_yet_go_to_the_events_family() -> None:
     assert "p2pnode_exchange_events" not in fams, "no family without samples"
 
 
+def test_download_counters_appear_once_the_exchange_reports_them() -> None:
+    assert "p2pnode_exchange_fetched_bytes" not in scrape(snapshot)
+    exchange = {"pieces_fetched": 3, "bytes_fetched": 3 << 18, "pieces_failed_verification": 1}
+    fams = scrape(lambda: snapshot(exchange=exchange))
+    fetched = "p2pnode_exchange_fetched_bytes"
+    assert fams[fetched].type == "counter"
+    assert sample(fams, fetched, f"{fetched}_total") == 3 << 18
+    failed = "p2pnode_exchange_verification_failures"
+    assert sample(fams, failed, f"{failed}_total") == 1
+    assert "p2pnode_exchange_events" not in fams
+
+
 def test_every_name_is_prefixed_unique_and_counters_end_in_total() -> None:
     registry = CollectorRegistry()
     registry.register(NodeCollector(snapshot))
