@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from urllib.parse import quote
 from p2pnode._version import __version__
 from p2pnode.config import NodeConfig, default_home, parse_host_port
 from p2pnode.control.api import StreamEvent
-from p2pnode.errors import P2PError, UsageError
+from p2pnode.errors import DownloadError, P2PError, UsageError
 from p2pnode.home import read_config_file
 
 if TYPE_CHECKING:
@@ -455,17 +456,24 @@ def cmd_get(args: argparse.Namespace, client: ControlClient) -> int:
     body: dict[str, Any] = {"id": args.id, "force": args.force, "dest": str(dest)}
     bar = None if args.json else _ProgressBar()
     final: dict[str, Any] | None = None
+    again = shlex.join(
+        ["p2pnode", "get", args.id, *(["-o", str(args.output)] if args.output else [])]
+    )
+    kept = f"verified pieces are kept; run `{again}` again to resume"
     try:
         for event in client.stream("POST", "/v1/get", body):
             if event.get("event") == StreamEvent.PROGRESS and bar is not None:
                 bar.show(event)
             elif event.get("event") in (StreamEvent.DONE, StreamEvent.ERROR):
                 final = event
+    except KeyboardInterrupt:
+        # The node stops the download when we go away; say what is left of it.
+        raise KeyboardInterrupt(f"download interrupted: {kept}") from None
     finally:
         if bar is not None:
             bar.close()
     if final is None:
-        raise P2PError("the node closed the download stream without a result")
+        raise DownloadError(f"the node stopped before the download finished: {kept}")
     if final["event"] == StreamEvent.ERROR:
         from p2pnode.control.client import raise_event_error
 
@@ -520,9 +528,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except P2PError as exc:
         _report_error(args.json, str(exc), _error_code(exc))
         return ExitCode.ERROR
-    except KeyboardInterrupt:
-        if args.json:
-            _report_error(True, "interrupted", ErrorCode.INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        if args.json or exc.args:
+            _report_error(args.json, str(exc) or "interrupted", ErrorCode.INTERRUPTED)
         return ExitCode.INTERRUPTED
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -65,10 +66,15 @@ class ControlClient:
             return json.loads(resp.read())
 
     def stream(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
+        """The answer's lines as they come; a stream cut short (the node killed)
+        just ends, so the caller sees that no final event came."""
         with self._open(self._request(method, path, body)) as resp:
-            for line in resp:
-                if line.strip():
-                    yield json.loads(line)
+            try:
+                for line in resp:
+                    if line.strip():
+                        yield json.loads(line)
+            except (http.client.HTTPException, ConnectionError, json.JSONDecodeError):
+                return
 
 
 def _error_from(exc: urllib.error.HTTPError) -> P2PError:

@@ -1,0 +1,67 @@
+"""What the CLI says, with a fake control client (no node, no sockets)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import p2pnode.control.client as client_module
+from p2pnode import cli
+
+RID = "r" * 10
+
+
+class FakeClient:
+    events: list[dict[str, Any]] = []
+    interrupt = False
+
+    def __init__(self, home: Path, timeout: float = 120.0) -> None:
+        self.home = home
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        raise AssertionError(f"unexpected call {method} {path}")
+
+    def stream(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
+        yield from self.events
+        if self.interrupt:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeClient]:
+    monkeypatch.setattr(client_module, "ControlClient", FakeClient)
+    FakeClient.events = [
+        {"event": "progress", "total_bytes": 100, "done_bytes": 40, "state": "downloading"}
+    ]
+    FakeClient.interrupt = False
+    return FakeClient
+
+
+def test_get_cut_short_by_a_killed_node_says_it_resumes(
+    fake: type[FakeClient], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = cli.main(["--home", str(tmp_path), "get", RID, "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == cli.ExitCode.ERROR
+    assert "verified pieces are kept" in err and f"p2pnode get {RID} -o" in err, err
+    assert "again to resume" in err
+
+
+def test_get_interrupted_by_ctrl_c_says_it_resumes(
+    fake: type[FakeClient], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.interrupt = True
+    rc = cli.main(["--home", str(tmp_path), "get", RID])
+    err = capsys.readouterr().err
+    assert rc == cli.ExitCode.INTERRUPTED
+    assert "interrupted" in err and "verified pieces are kept" in err, err
+    assert f"p2pnode get {RID}` again to resume" in err
+
+    rc = cli.main(["--home", str(tmp_path), "--json", "get", RID])
+    body = json.loads(capsys.readouterr().err)
+    assert rc == cli.ExitCode.INTERRUPTED and body["code"] == "interrupted"
+    assert "resume" in body["error"]
