@@ -379,12 +379,26 @@ def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
     return ExitCode.OK
 
 
+def _shown_state(r: dict[str, Any]) -> str:
+    # "shared" alone would hide that it is no longer served, and why.
+    if r.get("stale"):
+        return "stale"
+    if r["state"] == "shared" and not r["served"]:
+        return "unshared"
+    return str(r["state"])
+
+
 def _resource_rows(resources: list[dict[str, Any]]) -> str:
     rows = [
-        (r["id"], r["name"], _size(r["size"]), r["state"], "yes" if r["served"] else "no")
+        (r["id"], r["name"], _size(r["size"]), _shown_state(r), "yes" if r["served"] else "no")
         for r in resources
     ]
-    return _table(rows, ("ID", "NAME", "SIZE", "STATE", "SERVED"))
+    notes = [
+        f"{r['id']}: not served: {r['stale']} (share it again to serve the new content)"
+        for r in resources
+        if r.get("stale")
+    ]
+    return "\n".join([_table(rows, ("ID", "NAME", "SIZE", "STATE", "SERVED")), *notes])
 
 
 def cmd_share(args: argparse.Namespace, client: ControlClient) -> int:

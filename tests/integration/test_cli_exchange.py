@@ -80,6 +80,9 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     after = json.loads(run_cli("--home", str(n1), "ls", "--json").stdout)["resources"]
     served = {r["id"]: r["served"] for r in after}
     assert served.get(fid) in (None, False) and served[rid] is True
+    # The table says so too, not "shared".
+    row = next(line for line in run_cli("--home", str(n1), "ls").stdout.splitlines() if fid in line)
+    assert "unshared" in row and " shared " not in row, row
 
 
 def test_get_errors_are_clear(tmp_path: Path, nodes: list[RunningNode]) -> None:

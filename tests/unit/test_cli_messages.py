@@ -65,3 +65,36 @@ def test_get_interrupted_by_ctrl_c_says_it_resumes(
     body = json.loads(capsys.readouterr().err)
     assert rc == cli.ExitCode.INTERRUPTED and body["code"] == "interrupted"
     assert "resume" in body["error"]
+
+
+def _resource(**over: Any) -> dict[str, Any]:
+    base = {"id": "abc", "name": "f.bin", "size": 10, "state": "shared", "served": True}
+    return {**base, **over}
+
+
+def test_ls_says_unshared_and_stale_not_shared(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    resources = [
+        _resource(id="served1"),
+        _resource(id="gone1", served=False),
+        _resource(id="changed1", served=False, stale="f.bin: size changed"),
+        _resource(id="fetched1", state="complete", served=True),
+    ]
+
+    class LsClient(FakeClient):
+        def call(self, method: str, path: str, body: Any = None) -> Any:
+            assert path == "/v1/ls"
+            return {"resources": resources}
+
+    monkeypatch.setattr(client_module, "ControlClient", LsClient)
+    assert cli.main(["--home", str(tmp_path), "ls"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    state = {line.split()[0]: line.split()[4] for line in lines[1:5]}  # SIZE is "10 B"
+    assert state == {
+        "served1": "shared",
+        "gone1": "unshared",
+        "changed1": "stale",
+        "fetched1": "complete",
+    }
+    assert "changed1: not served: f.bin: size changed" in lines[5]
