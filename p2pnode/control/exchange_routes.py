@@ -34,7 +34,10 @@ def _id_field(body: dict[str, Any]) -> bytes:
 def exchange_routes(node: NodeAPI) -> list[web.RouteDef]:
     async def post_share(request: web.Request) -> web.Response:
         body = await read_json(request)
-        info = await node.exchange.share(path_field(body, "path"))
+        follow_links = body.get("follow_links", False)
+        if not isinstance(follow_links, bool):
+            raise UsageError("field 'follow_links' must be true or false")
+        info = await node.exchange.share(path_field(body, "path"), follow_links=follow_links)
         return web.json_response(info.to_json())
 
     async def post_unshare(request: web.Request) -> web.Response:

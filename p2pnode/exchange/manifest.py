@@ -3,6 +3,7 @@
 Format (version 2), one canonical msgpack array::
 
     [2, kind, name, piece_size, [[path, size], ...], piece_hashes]
+    [2, kind, name, piece_size, [[path, size], ...], piece_hashes, [empty_dir, ...]]
 
 - ``kind`` is ``"file"`` or ``"dir"``; ``name`` the top-level name (one path
   component); for a file the single entry's path equals ``name``; for a folder
@@ -15,6 +16,15 @@ Format (version 2), one canonical msgpack array::
   size, and a folder of many small files costs a few pieces instead of one
   request per file. A piece that spans files is read and written segment by
   segment (``Manifest.segments``).
+- The optional 7th element lists a folder's empty folders (leaves only: a folder
+  holding a file or another listed folder is implied by that path), relative POSIX
+  paths sorted by their UTF-8 bytes. It is present only when there is at least
+  one, so a manifest without empty folders encodes exactly as before and keeps its
+  resource id; a node older than this field rejects a manifest that has it.
+- Symbolic links are never recorded: ``scan`` refuses a folder holding one, or
+  with ``follow_links`` records what a link inside the folder points to (a file
+  or a folder inside the shared tree) as regular files and folders. A downloader
+  therefore only ever creates regular files and folders.
 - ``piece_hashes`` is the concatenation of one 32-byte hash per piece: BLAKE3 in
   version 2 (what ``build_manifest`` makes), SHA-256 in version 1 (still read, so
   resources shared before keep their ids). BLAKE3 because a downloader hashes every
@@ -184,6 +194,7 @@ class Manifest:
     entries: tuple[Entry, ...]
     piece_hashes: bytes = field(repr=False)
     version: int = VERSION
+    empty_dirs: tuple[str, ...] = ()  # a folder's empty folders (leaves), sorted
 
     # -- building ------------------------------------------------------------
 
@@ -196,6 +207,7 @@ class Manifest:
         files: Sequence[tuple[str, int]],
         piece_hashes: bytes,
         version: int = VERSION,
+        empty_dirs: Sequence[str] = (),
     ) -> Manifest:
         """Build and validate a manifest; raises ProtocolError when inconsistent."""
         entries: list[Entry] = []
@@ -203,7 +215,9 @@ class Manifest:
         for path, size in files:
             entries.append(Entry(path, size, offset))
             offset += size
-        manifest = cls(kind, name, piece_size, tuple(entries), piece_hashes, version)
+        manifest = cls(
+            kind, name, piece_size, tuple(entries), piece_hashes, version, tuple(empty_dirs)
+        )
         manifest._validate()
         return manifest
 
@@ -241,6 +255,7 @@ class Manifest:
                 if prefix in seen:
                     raise ProtocolError(f"{prefix!r} is both a file and a folder")
                 dirs.add(prefix)
+        self._validate_empty_dirs(seen, dirs)
         if self.total_size > MAX_TOTAL_SIZE:
             raise ProtocolError("resource too large")
         if len(self.piece_hashes) != HASH_LEN * self.piece_count:
@@ -248,6 +263,39 @@ class Manifest:
                 f"piece hashes do not match the size: {len(self.piece_hashes)} bytes "
                 f"for {self.piece_count} pieces"
             )
+
+    def _validate_empty_dirs(self, files: set[str], dirs: set[str]) -> None:
+        """Empty folders: safe paths, canonical order, no duplicates, leaves only,
+        and no clash with a file (as itself or as one of its parent folders)."""
+        if not self.empty_dirs:
+            return
+        if self.kind != "dir":
+            raise ProtocolError("only a folder manifest lists empty folders")
+        if len(self.entries) + len(self.empty_dirs) > MAX_ENTRIES:
+            raise ProtocolError("too many entries")
+        listed: set[str] = set()
+        previous: bytes | None = None
+        for path in self.empty_dirs:
+            if not isinstance(path, str):
+                raise ProtocolError("an empty folder is a string path")
+            parts = check_relative_path(path)
+            key = _path_sort_key(path)
+            if previous is not None and key <= previous:
+                if key == previous:
+                    raise ProtocolError(f"duplicate empty folder {path!r}")
+                raise ProtocolError("empty folders not in canonical order")
+            previous = key
+            if path in files:
+                raise ProtocolError(f"{path!r} is both a file and a folder")
+            if path in dirs:
+                raise ProtocolError(f"empty folder {path!r} holds files")
+            for i in range(1, len(parts)):
+                prefix = "/".join(parts[:i])
+                if prefix in files:
+                    raise ProtocolError(f"{prefix!r} is both a file and a folder")
+                if prefix in listed:
+                    raise ProtocolError(f"empty folder {prefix!r} holds a folder")
+            listed.add(path)
 
     # -- encoding ------------------------------------------------------------
 
@@ -297,9 +345,17 @@ class Manifest:
 
     @classmethod
     def _from_obj(cls, obj: Any) -> Manifest:
-        if not isinstance(obj, list) or len(obj) != 6:
-            raise ProtocolError("manifest must be a 6-element array")
-        version, kind, name, piece_size, entries, hashes = obj
+        if not isinstance(obj, list) or len(obj) not in (6, 7):
+            raise ProtocolError("manifest must be a 6- or 7-element array")
+        version, kind, name, piece_size, entries, hashes = obj[:6]
+        empty_dirs: list[str] = []
+        if len(obj) == 7:
+            if not isinstance(obj[6], list):
+                raise ProtocolError("empty folders must be an array")
+            for item in obj[6]:
+                if not isinstance(item, str):
+                    raise ProtocolError("an empty folder is a string path")
+                empty_dirs.append(item)
         if type(version) is not int or version not in SUPPORTED_VERSIONS:
             raise ProtocolError(f"unsupported manifest version {version!r}")
         if kind == "file":
@@ -324,7 +380,7 @@ class Manifest:
             if not isinstance(path, str) or type(size) is not int:
                 raise ProtocolError("an entry is a [str, int] pair")
             files.append((path, size))
-        return cls.create(kind_, name, piece_size, files, hashes, version)
+        return cls.create(kind_, name, piece_size, files, hashes, version, empty_dirs)
 
     # -- geometry ------------------------------------------------------------
 
@@ -388,13 +444,14 @@ class Manifest:
             "name": self.name,
             "size": self.total_size,
             "files": len(self.entries),
+            "empty_folders": len(self.empty_dirs),
             "piece_size": self.piece_size,
             "pieces": self.piece_count,
         }
 
 
 def _canonical_bytes(manifest: Manifest) -> bytes:
-    obj = [
+    obj: list[Any] = [
         manifest.version,
         manifest.kind,
         manifest.name,
@@ -402,6 +459,8 @@ def _canonical_bytes(manifest: Manifest) -> bytes:
         [[e.path, e.size] for e in manifest.entries],
         manifest.piece_hashes,
     ]
+    if manifest.empty_dirs:  # absent when there are none: older ids stay as they were
+        obj.append(list(manifest.empty_dirs))
     return msgpack.packb(obj, use_bin_type=True)
 
 
@@ -437,6 +496,11 @@ def file_paths(root: Path, manifest: Manifest) -> list[Path]:
     if manifest.kind == "file":
         return [root]
     return [root.joinpath(*e.path.split("/")) for e in manifest.entries]
+
+
+def empty_dir_paths(root: Path, manifest: Manifest) -> list[Path]:
+    """Absolute paths of a folder manifest's empty folders under ``root``."""
+    return [root.joinpath(*d.split("/")) for d in manifest.empty_dirs]
 
 
 class ContentReader:
@@ -512,15 +576,111 @@ class Scan:
     name: str
     paths: tuple[Path, ...]
     stats: tuple[FileStat, ...]
+    empty_dirs: tuple[str, ...] = ()
+    links_followed: int = 0  # symbolic links inside the folder (only with follow_links)
 
     @property
     def total_size(self) -> int:
         return sum(s.size for s in self.stats)
 
 
-def scan(path: Path) -> Scan:
+LINKS_REFUSED_HINT = (
+    "symbolic links are refused; --follow-links shares what links inside the folder "
+    "point to as regular files and folders"
+)
+
+
+class _Walk:
+    """Lists a folder for ``scan``: regular files, empty folders, and (when asked)
+    what symbolic links inside the folder point to."""
+
+    def __init__(self, root: Path, follow_links: bool) -> None:
+        self.root = root
+        self.root_real = os.path.realpath(root)
+        self.follow_links = follow_links
+        self.files: list[tuple[bytes, str, Path, os.stat_result]] = []
+        self.empty: list[str] = []
+        self.links = 0
+
+    def _fail(self, what: Path, why: str) -> UsageError:
+        return UsageError(f"cannot share {str(self.root)!r}: {str(what)!r} {why}")
+
+    def _rel(self, full: Path) -> str:
+        rel = full.relative_to(self.root).as_posix()
+        try:
+            check_relative_path(rel)
+        except ProtocolError as exc:
+            raise self._fail(full, f"has an unusable name ({exc})") from None
+        return rel
+
+    def _count(self) -> None:
+        if len(self.files) + len(self.empty) > MAX_ENTRIES:
+            raise UsageError(f"cannot share {str(self.root)!r}: more than {MAX_ENTRIES} entries")
+
+    def _follow(self, full: Path, chain: frozenset[str]) -> tuple[str, os.stat_result]:
+        """Where the link ``full`` leads (a real path inside the shared tree)."""
+        if not self.follow_links:
+            raise self._fail(full, f"is a symbolic link: {LINKS_REFUSED_HINT}")
+        try:
+            target = os.path.realpath(full, strict=True)
+            tst = os.stat(target)
+        except (OSError, RuntimeError) as exc:
+            raise self._fail(full, f"is a broken symbolic link ({exc})") from None
+        if os.path.commonpath([self.root_real, target]) != self.root_real:
+            raise self._fail(
+                full, f"is a symbolic link to {target!r}, outside the shared folder: refused"
+            )
+        if stat.S_ISDIR(tst.st_mode) and target in chain:
+            raise self._fail(full, f"is a symbolic link to {target!r}, a cycle: refused")
+        self.links += 1
+        return target, tst
+
+    def walk(self, logical: Path, real: str, chain: frozenset[str]) -> bool:
+        """List the folder ``real`` (the real path of ``logical``); ``chain`` holds
+        the real paths of the folders above it, to find cycles through links.
+        Returns whether anything was listed (a folder with nothing listed in it is
+        recorded as an empty folder)."""
+        chain = chain | {real}
+        try:
+            with os.scandir(real) as it:
+                names = sorted(e.name for e in it)
+        except OSError as exc:
+            raise self._fail(logical, f"cannot be listed ({exc})") from None
+        listed = False
+        for fname in names:
+            full = logical / fname
+            src = os.path.join(real, fname)
+            try:
+                fst = os.lstat(src)
+            except OSError:
+                continue  # vanished meanwhile
+            target = src
+            if stat.S_ISLNK(fst.st_mode):
+                target, fst = self._follow(full, chain)
+            if stat.S_ISDIR(fst.st_mode):
+                self.walk(full, target, chain)
+                listed = True
+            elif stat.S_ISREG(fst.st_mode):
+                rel = self._rel(full)
+                self.files.append((_path_sort_key(rel), rel, full, fst))
+                self._count()
+                listed = True
+            # Other special files (FIFOs, sockets, devices) are not content: skipped.
+        if not listed and logical != self.root:
+            self.empty.append(self._rel(logical))
+            self._count()
+        return listed
+
+
+def scan(path: Path, *, follow_links: bool = False) -> Scan:
     """List what sharing ``path`` would cover: a regular file, or the regular files
-    under a folder (symlinks and special files inside a folder are skipped)."""
+    and empty folders under a folder (special files inside it are skipped).
+
+    A symbolic link inside the folder is refused (UsageError naming it), unless
+    ``follow_links``: then what it points to is listed as regular files and
+    folders under the link's name, provided it is inside the shared folder (a link
+    out of it, a broken link or a cycle is refused). ``path`` itself may be a link.
+    """
     try:
         root = path.expanduser().resolve(strict=True)
     except (OSError, RuntimeError) as exc:
@@ -535,52 +695,45 @@ def scan(path: Path) -> Scan:
         return Scan(root, "file", name, (root,), (FileStat(name, st.st_size, st.st_mtime_ns),))
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"cannot share {str(root)!r}: not a regular file or folder")
-    found: list[tuple[bytes, str, Path, os.stat_result]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        base = Path(dirpath)
-        for fname in filenames:
-            full = base / fname
-            try:
-                fst = full.lstat()
-            except OSError:
-                continue
-            if not stat.S_ISREG(fst.st_mode):
-                continue
-            rel = full.relative_to(root).as_posix()
-            try:
-                check_relative_path(rel)
-            except ProtocolError as exc:
-                raise UsageError(f"cannot share {str(full)!r}: unusable name ({exc})") from None
-            found.append((_path_sort_key(rel), rel, full, fst))
-    if len(found) > MAX_ENTRIES:
-        raise UsageError(f"cannot share {str(root)!r}: more than {MAX_ENTRIES} files")
-    found.sort(key=lambda item: item[0])
+    walker = _Walk(root, follow_links)
+    walker.walk(root, walker.root_real, frozenset())
+    found = sorted(walker.files, key=lambda item: item[0])
+    empty = sorted(walker.empty, key=_path_sort_key)
     return Scan(
         root,
         "dir",
         name,
         tuple(item[2] for item in found),
         tuple(FileStat(item[1], item[3].st_size, item[3].st_mtime_ns) for item in found),
+        tuple(empty),
+        walker.links,
     )
 
 
 def build_manifest(
-    path: Path, *, piece_size: int | None = None, workers: int | None = None
+    path: Path,
+    *,
+    piece_size: int | None = None,
+    workers: int | None = None,
+    follow_links: bool = False,
 ) -> tuple[Manifest, Scan]:
     """Hash a file or folder into a manifest. Blocking: run it in a thread.
+
+    Symbolic links inside a folder are refused unless ``follow_links`` (see ``scan``).
 
     Pieces are independent, so several threads hash separate ranges (blake3
     releases the GIL). Raises UsageError if a file changes while it is hashed.
     """
-    listing = scan(path)
+    listing = scan(path, follow_links=follow_links)
     total = listing.total_size
     ps = piece_size if piece_size is not None else choose_piece_size(total)
     files = [(s.path, s.size) for s in listing.stats]
     count = -(-total // ps)
     hashes = bytearray(HASH_LEN * count)
     # Geometry only: hashes are filled in below, then checked by Manifest.create.
-    draft = Manifest.create(listing.kind, listing.name, ps, files, bytes(hashes))
+    draft = Manifest.create(
+        listing.kind, listing.name, ps, files, bytes(hashes), empty_dirs=listing.empty_dirs
+    )
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     n_workers = max(1, min(n_workers, count))
     try:
@@ -604,5 +757,7 @@ def build_manifest(
             raise UsageError(f"{str(file_path)!r} vanished while hashing: {exc}") from None
         if after.st_size != before.size or after.st_mtime_ns != before.mtime_ns:
             raise UsageError(f"{str(file_path)!r} changed while it was hashed; share it again")
-    manifest = Manifest.create(listing.kind, listing.name, ps, files, bytes(hashes))
+    manifest = Manifest.create(
+        listing.kind, listing.name, ps, files, bytes(hashes), empty_dirs=listing.empty_dirs
+    )
     return manifest, listing

@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +68,9 @@ class ResourceInfo:
     piece_size: int
     files: int
     stale: str | None = None
+    empty_folders: int = 0
+    # Set by ``share`` for a folder: how its symbolic links were handled.
+    links: str | None = None
 
     @property
     def id(self) -> str:
@@ -92,10 +95,11 @@ class ResourceInfo:
             piece_size=m.piece_size,
             files=len(m.entries),
             stale=res.stale,
+            empty_folders=len(m.empty_dirs),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "kind": self.kind,
@@ -107,8 +111,12 @@ class ResourceInfo:
             "pieces_total": self.pieces_total,
             "piece_size": self.piece_size,
             "files": self.files,
+            "empty_folders": self.empty_folders,
             "stale": self.stale,
         }
+        if self.links is not None:
+            out["links"] = self.links
+        return out
 
 
 class Exchange:
@@ -217,11 +225,14 @@ class Exchange:
 
     # -- sharing ------------------------------------------------------------------
 
-    async def share(self, path: Path) -> ResourceInfo:
+    async def share(self, path: Path, *, follow_links: bool = False) -> ResourceInfo:
+        """Hash and serve a file or folder. Symbolic links inside a folder are
+        refused (UsageError naming the first one) unless ``follow_links``: then what
+        a link inside the folder points to is shared as regular files and folders."""
         self.store  # noqa: B018 - fail early if not started
         workers = self._config.hash_workers or None
         manifest, listing = await asyncio.to_thread(
-            partial(build_manifest, Path(path), workers=workers)
+            partial(build_manifest, Path(path), workers=workers, follow_links=follow_links)
         )
         store = self.store  # the exchange may have closed while we hashed
         rid = manifest.resource_id
@@ -232,7 +243,17 @@ class Exchange:
         res = self.store.get(rid)  # the exchange may have closed while we announced
         assert res is not None
         log.info("sharing %s as %s", listing.root, resource_id_to_str(rid))
-        return ResourceInfo.from_stored(res)
+        info = ResourceInfo.from_stored(res)
+        if manifest.kind == "dir":
+            links = (
+                f"followed: {listing.links_followed} link(s) inside the folder, shared as "
+                "regular files and folders"
+                if follow_links
+                else "refused (none here); --follow-links shares what links inside the "
+                "folder point to"
+            )
+            info = replace(info, links=links)
+        return info
 
     async def unshare(self, resource_id: bytes) -> None:
         store = self.store

@@ -37,6 +37,7 @@ from p2pnode.exchange.manifest import (
     FileStat,
     Manifest,
     Segment,
+    empty_dir_paths,
     file_paths,
     resource_id_to_str,
 )
@@ -523,7 +524,21 @@ def _layout_partial(manifest: Manifest, target: Path) -> bool:
                 os.ftruncate(fd, entry.size)
             finally:
                 os.close(fd)
+    _make_empty_dirs(manifest, target)
     return lost
+
+
+def _make_empty_dirs(manifest: Manifest, target: Path) -> None:
+    """Create a folder resource's empty folders under ``target`` (real folders:
+    anything else in their place, a link included, is replaced)."""
+    for path in empty_dir_paths(target, manifest):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
 
 
 def fsync_tree(root: Path, manifest: Manifest) -> None:
@@ -557,7 +572,14 @@ def copy_into_place(
         if manifest.kind == "file":
             shutil.copyfile(src, partial)
         else:
-            shutil.copytree(src, partial, symlinks=False)
+            # What the manifest lists, nothing else: regular files and folders only.
+            partial.mkdir(parents=True)
+            for s_path, d_path in zip(
+                file_paths(src, manifest), file_paths(partial, manifest), strict=True
+            ):
+                d_path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(s_path, d_path)
+            _make_empty_dirs(manifest, partial)
         if fsync:
             fsync_tree(partial, manifest)
         _move_into_place(partial, dest, manifest, force=force)

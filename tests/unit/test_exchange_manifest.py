@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pnode.errors import ProtocolError, UsageError, VerificationError
+from p2pnode.exchange import manifest as manifest_module
 from p2pnode.exchange.manifest import (
     HASH_LEN,
     MIN_PIECE_SIZE,
@@ -165,13 +166,14 @@ def test_piece_size_choice() -> None:
         assert -(-total // choose_piece_size(total)) <= 256
 
 
-def test_symlinks_in_folder_are_skipped(tmp_path: Path) -> None:
+def test_symlinks_in_folder_are_refused(tmp_path: Path) -> None:
+    # Was test_symlinks_in_folder_are_skipped: the silent drop was issue 14's defect 3.
     root = tmp_path / "r"
     _write(root / "real", b"data")
     _write(tmp_path / "outside", b"secret")
     (root / "link").symlink_to(tmp_path / "outside")
-    manifest, _ = build_manifest(root)
-    assert [e.path for e in manifest.entries] == ["real"]
+    with pytest.raises(UsageError, match=r"r/link' is a symbolic link.*--follow-links"):
+        build_manifest(root)
 
 
 def test_share_missing_path_is_usage_error(tmp_path: Path) -> None:
@@ -335,3 +337,189 @@ def test_resource_id_parser_junk_usage_error(text: str) -> None:
     except UsageError:
         return
     assert len(rid) == 32
+
+
+# --- empty folders and symbolic links (issue 14, defect 3) ----------------------
+
+
+def _tree_with_empty_folders(root: Path) -> None:
+    _write(root / "e" / "f.txt", b"f")
+    _write(root / "top.bin", os.urandom(PS + 3))
+    for d in ("a/b/c", "d", "e/g", "\u00e9t\u00e9"):
+        (root / d).mkdir(parents=True)
+
+
+def test_empty_folders_round_trip(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    _tree_with_empty_folders(root)
+    manifest, listing = build_manifest(root, piece_size=PS)
+    assert [e.path for e in manifest.entries] == ["e/f.txt", "top.bin"]
+    assert manifest.empty_dirs == ("a/b/c", "d", "e/g", "\u00e9t\u00e9")
+    assert listing.empty_dirs == manifest.empty_dirs
+    obj = msgpack.unpackb(manifest.canonical, raw=False)
+    assert len(obj) == 7 and obj[6] == list(manifest.empty_dirs)
+    again = Manifest.decode(manifest.canonical, expected_id=manifest.resource_id)
+    assert again == manifest and again.empty_dirs == manifest.empty_dirs
+    assert manifest.summary()["empty_folders"] == 4
+    # The same files without the empty folders: another resource.
+    for d in ("a", "d", "e/g", "\u00e9t\u00e9"):
+        (root / d).rename(tmp_path / d.replace("/", "_"))
+    bare, _ = build_manifest(root, piece_size=PS)
+    assert bare.empty_dirs == () and bare.resource_id != manifest.resource_id
+
+
+def test_manifest_without_empty_folders_keeps_its_bytes_and_id() -> None:
+    # No 7th element when there are no empty folders: ids made before stay the same.
+    data = _raw("dir", "root", PS, [["a", 1], ["b/c", 2]], bytes(32))
+    manifest = Manifest.decode(data)
+    assert manifest.empty_dirs == ()
+    assert manifest.canonical == data
+    assert manifest.resource_id == hashlib.sha256(data).digest()
+    v1 = _raw("file", "x", PS, [["x", 1]], bytes(32), version=1)
+    assert Manifest.decode(v1).canonical == v1
+
+
+def _raw_with_dirs(entries: list[list[object]], dirs: object, kind: str = "dir") -> bytes:
+    sizes = sum(int(e[1]) for e in entries)  # type: ignore[call-overload]
+    obj = [VERSION, kind, "root", PS, entries, _zero_hashes(sizes), dirs]
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def test_valid_empty_folders_accepted() -> None:
+    data = _raw_with_dirs([["a/f", 1], ["b", 1]], ["a/x/y", "c", "c0/d"])
+    assert Manifest.decode(data).empty_dirs == ("a/x/y", "c", "c0/d")
+
+
+@pytest.mark.parametrize(
+    ("entries", "dirs"),
+    [
+        ([["f", 1]], []),  # an empty list is not canonical: the element is left out
+        ([["f", 1]], ["../x"]),
+        ([["f", 1]], ["a/../../x"]),
+        ([["f", 1]], ["/etc"]),
+        ([["f", 1]], ["a\\b"]),
+        ([["f", 1]], ["C:evil"]),
+        ([["f", 1]], ["."]),
+        ([["f", 1]], [".."]),
+        ([["f", 1]], [""]),
+        ([["f", 1]], ["a//b"]),
+        ([["f", 1]], ["a/"]),
+        ([["f", 1]], ["a\x00b"]),
+        ([["f", 1]], ["d", "d"]),  # duplicate
+        ([["f", 1]], ["e", "d"]),  # not in canonical order
+        ([["f", 1]], ["f"]),  # a file and a folder
+        ([["f", 1]], ["f/x"]),  # under a file
+        ([["d/f", 1]], ["d"]),  # holds a file: not empty
+        ([["f", 1]], ["d", "d/e"]),  # holds a listed folder: not empty
+        ([["f", 1]], [1]),
+        ([["f", 1]], [b"d"]),
+        ([["f", 1]], [["d"]]),
+        ([["f", 1]], "d"),
+        ([["f", 1]], {"d": 1}),
+        ([["f", 1]], None),
+    ],
+)
+def test_bad_empty_folders_rejected(entries: list[list[object]], dirs: object) -> None:
+    with pytest.raises(ProtocolError):
+        Manifest.decode(_raw_with_dirs(entries, dirs))
+
+
+def test_empty_folders_in_a_file_manifest_rejected() -> None:
+    obj = [VERSION, "file", "x", PS, [["x", 1]], bytes(32), ["d"]]
+    with pytest.raises(ProtocolError):
+        Manifest.decode(msgpack.packb(obj, use_bin_type=True))
+    too_long = [VERSION, "dir", "x", PS, [["x", 1]], bytes(32), ["d"], ["e"]]
+    with pytest.raises(ProtocolError):
+        Manifest.decode(msgpack.packb(too_long, use_bin_type=True))
+
+
+def test_empty_folder_count_is_bounded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(manifest_module, "MAX_ENTRIES", 8)
+    ok = _raw_with_dirs([["z", 1]], list("abcdefg"))
+    assert len(Manifest.decode(ok).empty_dirs) == 7
+    with pytest.raises(ProtocolError, match="too many"):
+        Manifest.decode(_raw_with_dirs([["z", 1]], list("abcdefgh")))
+    root = tmp_path / "r"
+    for d in "abcdefghi":
+        (root / d).mkdir(parents=True)
+    with pytest.raises(UsageError, match="more than 8"):
+        build_manifest(root)
+
+
+def test_refusal_names_the_first_link_even_to_a_folder_inside(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    _write(root / "sub" / "x", b"x")
+    (root / "a-link").symlink_to(root / "sub")
+    (root / "b-link").symlink_to(root / "sub" / "x")
+    with pytest.raises(UsageError, match="a-link' is a symbolic link"):
+        build_manifest(root)
+
+
+def test_follow_links_inside_the_tree(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    _write(root / "sub" / "x", b"xx")
+    (root / "hollow").mkdir()
+    _write(root / "deep" / "y", b"yyy")
+    (root / "deep" / "up").symlink_to("../sub/x")  # relative, to a file
+    (root / "to-sub").symlink_to(root / "sub")  # absolute, to a folder
+    (root / "to-hollow").symlink_to("hollow")  # to an empty folder
+    (root / "chain").symlink_to("to-sub")  # a link to a link
+    manifest, listing = build_manifest(root, piece_size=PS, follow_links=True)
+    assert [e.path for e in manifest.entries] == [
+        "chain/x",
+        "deep/up",
+        "deep/y",
+        "sub/x",
+        "to-sub/x",
+    ]
+    assert [e.size for e in manifest.entries] == [2, 2, 3, 2, 2]
+    assert manifest.empty_dirs == ("hollow", "to-hollow")
+    assert listing.links_followed == 4
+    assert Manifest.decode(manifest.canonical) == manifest
+    # The content is what the links point to.
+    from p2pnode.exchange.manifest import ContentReader, file_paths
+
+    buf = bytearray(manifest.total_size)
+    with ContentReader(file_paths(root, manifest), manifest) as reader:
+        reader.read_into(0, memoryview(buf))
+    assert bytes(buf) == b"xx" + b"xx" + b"yyy" + b"xx" + b"xx"
+
+
+def test_follow_links_refuses_links_out_of_the_tree(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    _write(root / "real", b"data")
+    _write(tmp_path / "outside", b"secret")
+    (root / "leak").symlink_to(tmp_path / "outside")
+    with pytest.raises(UsageError, match=r"leak' is a symbolic link to .*outside the shared"):
+        build_manifest(root, follow_links=True)
+    (root / "leak").unlink()
+    (root / "leak").symlink_to("../r/../outside")
+    with pytest.raises(UsageError, match="outside the shared folder"):
+        build_manifest(root, follow_links=True)
+    # A sibling whose name starts like the root's is still outside.
+    _write(tmp_path / "r2" / "z", b"z")
+    (root / "leak").unlink()
+    (root / "leak").symlink_to(tmp_path / "r2")
+    with pytest.raises(UsageError, match="outside the shared folder"):
+        build_manifest(root, follow_links=True)
+
+
+def test_follow_links_refuses_cycles_and_broken_links(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    _write(root / "a" / "f", b"f")
+    (root / "a" / "loop").symlink_to(root)
+    with pytest.raises(UsageError, match=r"loop' is a symbolic link to .*a cycle"):
+        build_manifest(root, follow_links=True)
+    (root / "a" / "loop").unlink()
+    (root / "a" / "b").mkdir()
+    (root / "a" / "b" / "back").symlink_to("..")
+    with pytest.raises(UsageError, match=r"back' is a symbolic link to .*a cycle"):
+        build_manifest(root, follow_links=True)
+    (root / "a" / "b" / "back").unlink()
+    (root / "a" / "b" / "self").symlink_to("self")
+    with pytest.raises(UsageError, match="self' is a broken symbolic link"):
+        build_manifest(root, follow_links=True)
+    (root / "a" / "b" / "self").unlink()
+    (root / "a" / "b" / "gone").symlink_to("nowhere")
+    with pytest.raises(UsageError, match="gone' is a broken symbolic link"):
+        build_manifest(root, follow_links=True)
