@@ -123,6 +123,10 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+# Base32 is case-insensitive: any case is accepted, the canonical lower case is shown.
+_RID_HELP = "a resource id, as `share` prints it (any letter case)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="p2pnode", description="A peer-to-peer node: Kademlia discovery, verified exchange."
@@ -173,19 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     dht = add("dht", "put or get a small text value in the DHT")
     dht_sub = dht.add_subparsers(dest="dht_command", required=True, metavar="ACTION")
-    put = dht_sub.add_parser("put", help="store KEY=VALUE in the DHT")
+    put = dht_sub.add_parser("put", help="store a text VALUE under KEY in the DHT")
     _global_options(put, top=False)
-    put.add_argument("key")
-    put.add_argument("value")
+    put.add_argument("key", help="any text; it is hashed to a 160-bit DHT key")
+    put.add_argument("value", help="the text to store (quote it if it has spaces)")
     get = dht_sub.add_parser("get", help="look KEY up in the DHT")
     _global_options(get, top=False)
-    get.add_argument("key")
+    get.add_argument("key", help="the key given to `dht put`")
     find = dht_sub.add_parser("find-peer", help="find a peer's address by its peer id")
     _global_options(find, top=False)
-    find.add_argument("peer_id")
+    find.add_argument("peer_id", help="a peer id, as `p2pnode id` prints it")
 
     share = add("share", "share a file or folder; prints its resource id")
-    share.add_argument("path", type=Path)
+    share.add_argument("path", type=Path, help="the file or folder to share")
     share.add_argument(
         "--follow-links",
         action="store_true",
@@ -194,20 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
         "holding a symbolic link is refused",
     )
     unshare = add("unshare", "stop sharing a resource")
-    unshare.add_argument("id")
+    unshare.add_argument("id", help=_RID_HELP)
     fetch = add("get", "download a resource by id (verified, resumable)")
-    fetch.add_argument("id")
+    fetch.add_argument("id", help=_RID_HELP)
     fetch.add_argument(
         "-o",
         "--output",
         type=Path,
         default=None,
-        help="destination (default: the resource's name in the current folder)",
+        help="destination; an existing folder receives the resource under its own name "
+        "(default: the current folder)",
     )
     fetch.add_argument("--force", action="store_true", help="replace an existing destination")
     add("ls", "list local resources")
     providers = add("providers", "find who provides a resource, through the DHT")
-    providers.add_argument("id")
+    providers.add_argument("id", help=_RID_HELP)
     return parser
 
 
@@ -371,7 +376,13 @@ def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
         res = client.call("POST", "/v1/dht/put", {"key": args.key, "value": args.value})
         _emit(args, res, lambda d: "stored" if d["stored"] else "stored locally only (no peers)")
     elif args.dht_command == "find-peer":
-        res = client.call("GET", f"/v1/dht/find_peer?id={quote(args.peer_id)}")
+        me = client.call("GET", "/v1/id")
+        if args.peer_id.strip().lower().rstrip("=") == me["peer_id"]:
+            # The DHT never lists a node in its own table: answer from here.
+            host, _, port = me["addresses"][0].rpartition(":")
+            res = {"peer_id": me["peer_id"], "host": host.strip("[]"), "port": int(port)}
+        else:
+            res = client.call("GET", f"/v1/dht/find_peer?id={quote(args.peer_id)}")
         _emit(args, res, lambda d: f"{d['peer_id']}  {_addr(d['host'], d['port'])}")
     else:
         res = client.call("GET", f"/v1/dht/get?key={quote(args.key)}")
@@ -491,6 +502,8 @@ def cmd_get(args: argparse.Namespace, client: ControlClient) -> int:
     if final["event"] == StreamEvent.ERROR:
         from p2pnode.control.client import raise_event_error
 
+        # The exchange names its Python parameter; on the command line it is --force.
+        final["error"] = str(final.get("error", "")).replace("(use force", "(use --force")
         raise_event_error(final)
     res = final["resource"]
     _emit(args, res, lambda r: f"{r['id']}  {_size(r['size'])}  verified -> {r['path']}")

@@ -299,7 +299,11 @@ class Node:
 
     async def find_peer(self, peer_id: str | bytes) -> Contact | None:
         """A peer's DHT contact by its peer id (the text form or the 20 bytes)."""
-        return await self.discovery.find_peer(as_node_id(peer_id))
+        node_id = as_node_id(peer_id)
+        if node_id == self.node_id:  # never in its own routing table
+            host, _, port = self.listen_addresses()[0].rpartition(":")
+            return Contact(node_id, host.strip("[]"), int(port), None)
+        return await self.discovery.find_peer(node_id)
 
     def _save_contacts(self) -> None:
         if self._discovery is None:

@@ -66,6 +66,7 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     taken.write_bytes(b"mine")
     refused = run_cli("--home", str(n3), "get", sid, "-o", str(taken), check=False)
     assert refused.returncode == 1 and "already exists" in refused.stderr
+    assert "use --force" in refused.stderr, refused.stderr
     assert taken.read_bytes() == b"mine"
     run_cli("--home", str(n3), "get", sid, "-o", str(taken), "--force")
     assert taken.read_bytes() == small.read_bytes()

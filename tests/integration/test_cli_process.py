@@ -230,3 +230,16 @@ def test_start_logs_warnings_only_unless_asked(tmp_path: Path) -> None:
     assert " INFO " not in quiet, quiet
     loud = stderr_of("l", "--log-level", "info")
     assert " INFO " in loud, loud
+
+
+def test_find_peer_of_itself_and_help_texts(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    node = RunningNode(tmp_path / "n")
+    nodes.append(node)
+    ident = json.loads(run_cli("--home", str(tmp_path / "n"), "id", "--json").stdout)
+    for typed in (ident["peer_id"], ident["peer_id"].upper()):
+        own = run_cli("--home", str(tmp_path / "n"), "dht", "find-peer", typed, "--json")
+        assert json.loads(own.stdout)["port"] == ident["port"]
+    put_help = run_cli("dht", "put", "--help").stdout
+    assert "KEY=VALUE" not in put_help and "the text to store" in put_help
+    for command in ("get", "unshare", "providers"):
+        assert "a resource id" in run_cli(command, "--help").stdout
