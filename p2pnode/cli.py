@@ -306,6 +306,9 @@ async def _run_node(config: NodeConfig, *, json_mode: bool = False) -> int:
             print(f"  listening: {', '.join(info['addresses'])} (UDP DHT + TCP peers)")
             print(f"  control:   {info['api']} (token in {config.home / 'api.token'})")
             print(f"  join with: p2pnode start --home <other home> {info['bootstrap']}")
+            others = info["join_addresses"][1:]
+            if others:  # other interfaces: which one works depends on where the peer is
+                print(f"             (or --bootstrap {' / '.join(others)})")
             print("ready", flush=True)
         await node.wait_stop_requested()
     finally:

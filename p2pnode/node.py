@@ -364,8 +364,19 @@ class Node:
             shown = [host]
         return [f"[{h}]:{self._port}" if ":" in h else f"{h}:{self._port}" for h in shown]
 
+    def join_addresses(self) -> list[str]:
+        """The addresses another machine would join through, best first: on a
+        wildcard host, the interfaces' own (public before private, IPv4 first);
+        loopback only when there is nothing else."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::"):
+            shown = join_candidates(_local_addresses(v6=host == "::")) or ["127.0.0.1"]
+        else:
+            shown = [host]
+        return [f"[{h}]:{self._port}" if ":" in h else f"{h}:{self._port}" for h in shown]
+
     def bootstrap_arg(self) -> str:
-        return f"--bootstrap {self.listen_addresses()[0]}"
+        return f"--bootstrap {self.join_addresses()[0]}"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -376,6 +387,7 @@ class Node:
             "port": self._port,
             "api": self.api_url if self.config.control_api else None,
             "bootstrap": self.bootstrap_arg(),
+            "join_addresses": self.join_addresses(),
             "version": __version__,
         }
 
@@ -421,6 +433,20 @@ class Node:
             "net": self.peer_host.stats(),
             "exchange": self.exchange.stats(),
         }
+
+
+def join_candidates(addresses: Sequence[str]) -> list[str]:
+    """Non-loopback, non-link-local addresses, public ones first, then IPv4 first."""
+    ips = []
+    for text in addresses:
+        try:
+            ip = ipaddress.ip_address(text.split("%")[0])
+        except ValueError:
+            continue
+        if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
+            ips.append(ip)
+    ips.sort(key=lambda ip: (not ip.is_global, ip.version))
+    return [str(ip) for ip in dict.fromkeys(ips)]
 
 
 def _local_addresses(*, v6: bool) -> list[str]:

@@ -243,3 +243,27 @@ def test_find_peer_of_itself_and_help_texts(tmp_path: Path, nodes: list[RunningN
     assert "KEY=VALUE" not in put_help and "the text to store" in put_help
     for command in ("get", "unshare", "providers"):
         assert "a resource id" in run_cli(command, "--help").stdout
+
+
+def test_join_with_shows_an_address_other_machines_can_use(
+    tmp_path: Path, nodes: list[RunningNode]
+) -> None:
+    node = RunningNode(tmp_path / "n", "--host", "0.0.0.0")
+    nodes.append(node)
+    import psutil
+
+    from p2pnode.node import join_candidates
+
+    here = join_candidates(
+        [
+            a.address
+            for addrs in psutil.net_if_addrs().values()
+            for a in addrs
+            if ":" not in a.address
+        ]
+    )
+    join = next(line for line in node.banner if "join with:" in line)
+    if here:
+        assert f"--bootstrap {here[0]}:" in join, join
+    else:  # a host with loopback only
+        assert "--bootstrap 127.0.0.1:" in join, join
