@@ -172,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("id", "show this node's peer id, addresses and version")
     add("peers", "list the contacts in the routing table")
-    add("status", "uptime, routing-table size, traffic counters")
+    status = add("status", "a summary: uptime, peers, reachability, transfers, DHT traffic")
+    status.add_argument(
+        "-v", "--verbose", action="store_true", help="also every raw counter (as --json has)"
+    )
     add("stop", "stop the running node cleanly")
 
     dht = add("dht", "put or get a small text value in the DHT")
@@ -344,16 +347,50 @@ def cmd_peers(args: argparse.Namespace, client: ControlClient) -> int:
     return ExitCode.OK
 
 
+def _duration(secs: float) -> str:
+    secs = int(secs)
+    days, rest = divmod(secs, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    shown = [f"{n}{unit}" for n, unit in parts if n] or ["0s"]
+    return " ".join(shown[:2])
+
+
+def _sum(counters: dict[str, int], prefix: str) -> int:
+    return sum(v for k, v in counters.items() if k.startswith(prefix))
+
+
+def _status_summary(d: dict[str, Any]) -> list[str]:
+    dht, net, ex = d["dht"], d["net"], d["exchange"]
+    requests_in = _sum(dht, "rpc_received.")
+    # No probe exists: requests that others started are the evidence we have.
+    if requests_in or net.get("connections_inbound", 0):
+        reachable = f"yes ({requests_in} DHT request(s) came in from other nodes)"
+    else:
+        reachable = "not known yet (no other node has contacted this one)"
+    stale = f" ({ex['stale']} stale)" if ex.get("stale") else ""
+    return [
+        f"peer id:    {d['peer_id']}",
+        f"uptime:     {_duration(d['uptime'])}",
+        f"joined:     {'yes' if d['joined'] else 'not yet'}",
+        f"peers:      {d['routing_table_size']} in the routing table, "
+        f"{net.get('peers', 0)} connected",
+        f"reachable:  {reachable}",
+        f"transfers:  {ex.get('downloads_active', 0)} download(s) active; served "
+        f"{ex.get('pieces_served', 0)} piece(s), {_size(ex.get('bytes_served', 0))}",
+        f"DHT:        {requests_in} request(s) in, {_sum(dht, 'rpc_sent.')} out, "
+        f"{_sum(dht, 'rpc_timeout.')} timed out, {_sum(dht, 'dropped.')} datagram(s) dropped",
+        f"resources:  {d['resources']}{stale}",
+        f"memory:     {_size(d['rss_bytes'])} RSS",
+    ]
+
+
 def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
     def human(d: dict[str, Any]) -> str:
-        lines = [
-            f"peer id:       {d['peer_id']}",
-            f"uptime:        {d['uptime']:.0f} s",
-            f"joined:        {'yes' if d['joined'] else 'not yet'}",
-            f"routing table: {d['routing_table_size']} contact(s)",
-            f"resources:     {d['resources']}",
-            f"memory (RSS):  {_size(d['rss_bytes'])}",
-        ]
+        lines = _status_summary(d)
+        if not args.verbose:
+            return "\n".join([*lines, "(every counter: --verbose or --json)"])
         sections = (("dht", "DHT"), ("net", "peer connection"), ("exchange", "exchange"))
         for key, title in sections:
             lines.append(f"{title} counters:")

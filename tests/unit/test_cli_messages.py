@@ -98,3 +98,42 @@ def test_ls_says_unshared_and_stale_not_shared(
         "fetched1": "complete",
     }
     assert "changed1: not served: f.bin: size changed" in lines[5]
+
+
+def _status(**dht: int) -> dict[str, Any]:
+    return {
+        "peer_id": "me",
+        "uptime": 3725.2,
+        "joined": True,
+        "routing_table_size": 7,
+        "dht": {"rpc_sent.ping": 5, "rpc_timeout.ping": 1, "dropped.bad_type": 2, **dht},
+        "net": {"peers": 2, "connections_inbound": 0},
+        "exchange": {"downloads_active": 1, "pieces_served": 3, "bytes_served": 3 * 65536},
+        "resources": 4,
+        "rss_bytes": 50 * 2**20,
+    }
+
+
+def test_status_is_a_short_summary_unless_verbose(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answer = _status()
+
+    class StatusClient(FakeClient):
+        def call(self, method: str, path: str, body: Any = None) -> Any:
+            return answer
+
+    monkeypatch.setattr(client_module, "ControlClient", StatusClient)
+    assert cli.main(["--home", str(tmp_path), "status"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) <= 12, out
+    assert "uptime:     1h 2m" in out and "7 in the routing table, 2 connected" in out
+    assert "reachable:  not known yet" in out
+    assert "0 request(s) in, 5 out, 1 timed out, 2 datagram(s) dropped" in out
+    assert "1 download(s) active; served 3 piece(s), 192.0 KiB" in out
+    assert "rpc_sent.ping" not in out
+
+    answer = _status(**{"rpc_received.find_node": 9})
+    assert cli.main(["--home", str(tmp_path), "status", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "reachable:  yes (9 DHT request(s)" in out and "  rpc_sent.ping: 5" in out
