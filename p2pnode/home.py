@@ -7,6 +7,8 @@ Files (all written atomically; secrets 0600):
   control.json   the running node's control API address and pid (removed at stop)
   api.token      the control API token
   node.lock      held (flock) while a node runs on this home
+  exchange.sqlite3 (+ -wal, -shm)  the resource index (p2pnode.exchange.store);
+                 downloads in progress sit next to their destination, not here
 """
 
 from __future__ import annotations

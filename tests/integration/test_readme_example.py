@@ -49,3 +49,23 @@ def test_readme_python_example_finds_the_bootstrap_peer(
     assert len(out) == 2, proc.stdout
     # The contact found is the bootstrap node itself, by its text peer id.
     assert f"port={ident['port']}" in out[1] and "Contact(" in out[1], out[1]
+
+
+def test_readme_home_table_names_every_file_a_node_writes(
+    tmp_path: Path, nodes: list[RunningNode]
+) -> None:
+    text = README.read_text()
+    table = text[text.index("## The home folder") : text.index("## Python API")]
+    first = RunningNode(tmp_path / "a")
+    nodes.append(first)
+    second = RunningNode(tmp_path / "b", "--bootstrap", first.bootstrap)
+    nodes.append(second)
+    running = {p.name for p in (tmp_path / "b").iterdir()}
+    run_cli("--home", str(tmp_path / "b"), "stop")
+    assert second.wait() == 0
+    seen = running | {p.name for p in (tmp_path / "b").iterdir()}
+    assert "exchange.sqlite3" in seen and "node.lock" in seen, seen
+    for name in seen:
+        # The SQLite companions are named in the table as "-wal" and "-shm".
+        base, _, suffix = name.partition("-")
+        assert f"`{base}`" in table and (not suffix or f"`-{suffix}`" in table), name
