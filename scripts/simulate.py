@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from p2pnode.sim.report import format_table
 from p2pnode.sim.run import EXIT_INTERRUPTED, configure_logging, print_summary, run_simulation
 from p2pnode.sim.scenario import (
     MODES,
@@ -92,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="level of <out>/sim.log",
+        help="level of the nodes' lines in <out>/sim.log (the simulator's own, at INFO, "
+        "are always there)",
     )
     group = parser.add_argument_group("scenario (also settable in --config)")
     defaults = ScenarioConfig()
@@ -133,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"}
         )
     configure_logging(args.out / "sim.log", args.log_level)
+    # The simulator's own lines (scenario, phases, outcome) at INFO whatever the
+    # nodes' level: a quiet run used to leave sim.log empty.
+    simlog = logging.getLogger("p2pnode.sim")
+    simlog.setLevel(min(logging.INFO, logging.getLevelName(args.log_level)))
+    simlog.info("scenario: %s", json.dumps(dataclasses.asdict(config), default=str))
+    simlog.info("node log lines at %s and above", args.log_level)
     try:
         outcome = run_simulation(
             config,
@@ -146,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulate.py: {exc}", file=sys.stderr)
         return 1
     print_summary(outcome, args.out)
+    simlog.info(
+        "%s; report: %s",
+        "interrupted" if outcome.interrupted else "done",
+        ", ".join(str(p) for p in outcome.files) or "none",
+    )
+    simlog.info("summary:\n%s", format_table(outcome.report))
     return EXIT_INTERRUPTED if outcome.interrupted else 0
 
 
