@@ -47,6 +47,8 @@ def exchange_routes(node: NodeAPI) -> list[web.RouteDef]:
         return web.json_response({"id": resource_id_to_str(rid), "unshared": True})
 
     async def get_ls(_: web.Request) -> web.Response:
+        # A file changed since the last periodic check must not still show as shared.
+        await node.exchange.check_stale()
         return web.json_response({"resources": [r.to_json() for r in node.exchange.list()]})
 
     async def get_providers(request: web.Request) -> web.Response:

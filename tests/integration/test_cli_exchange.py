@@ -85,6 +85,12 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     row = next(line for line in run_cli("--home", str(n1), "ls").stdout.splitlines() if fid in line)
     assert "unshared" in row and " shared " not in row, row
 
+    # A shared file changed on disk: the next ls says stale, and why.
+    small.write_bytes(os.urandom(40001))
+    listing = run_cli("--home", str(n1), "ls").stdout
+    row = next(line for line in listing.splitlines() if line.startswith(sid))
+    assert "stale" in row and f"{sid}: not served:" in listing, listing
+
 
 def test_get_errors_are_clear(tmp_path: Path, nodes: list[RunningNode]) -> None:
     _, n3 = _network(tmp_path, nodes)
