@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from p2pnode import Node, UsageError
 from tests.cli_helpers import RunningNode, cli_env, run_cli
+from tests.helpers import fast_config
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -69,3 +73,21 @@ def test_readme_home_table_names_every_file_a_node_writes(
         # The SQLite companions are named in the table as "-wal" and "-shm".
         base, _, suffix = name.partition("-")
         assert f"`{base}`" in table and (not suffix or f"`-{suffix}`" in table), name
+
+
+async def test_every_peer_id_call_takes_the_text_form(tmp_path: Path) -> None:
+    async with Node(fast_config(tmp_path / "a")) as first:
+        seed = (("127.0.0.1", first.port),)
+        async with Node(fast_config(tmp_path / "b", bootstrap=seed)) as second:
+            await second.wait_joined(timeout=10)
+            for peer in (first.peer_id, first.peer_id.upper(), first.node_id):
+                for found in (
+                    await second.find_peer(peer),
+                    await second.discovery.find_peer(peer),
+                    (await second.discovery.find_peer_traced(peer))[0],
+                ):
+                    assert found is not None and found.port == first.port
+            own = await second.find_peer(second.peer_id)
+            assert own is not None and own.port == second.port
+            with pytest.raises(UsageError):
+                await second.find_peer("not a peer id!")
