@@ -42,7 +42,7 @@ import logging
 import os
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
@@ -222,7 +222,10 @@ class Fetcher:
         clock: Clock,
         executor: Executor | None,
         own_node_id: bytes | None = None,
+        counters: Counter[str] | None = None,
     ) -> None:
+        # pieces_fetched, bytes_fetched, pieces_failed_verification (the node's metrics)
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self._store = store
         self._requester = requester
         self._providers = providers
@@ -645,6 +648,8 @@ class Fetcher:
             return
         outcome = task.result()
         decision = d.policy.on_piece(key, index, outcome)
+        if outcome is PieceOutcome.BAD:
+            self.counters["pieces_failed_verification"] += 1
         if decision.action is Action.BAN:
             info.last_error = f"piece {index} failed verification"
             log.warning("banning %s: piece %d failed verification", _who(rec), index)
@@ -657,6 +662,8 @@ class Fetcher:
             if dup is not None:
                 dup.cancel()
         d.done_bytes += d.manifest.piece_length(index)
+        self.counters["pieces_fetched"] += 1
+        self.counters["bytes_fetched"] += d.manifest.piece_length(index)
         d.unrecorded.append(index)
         now = self._clock.now()
         if len(d.unrecorded) >= RECORD_BATCH or now - d.last_record >= RECORD_INTERVAL:

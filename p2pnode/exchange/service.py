@@ -20,6 +20,7 @@ import asyncio
 import builtins
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -166,6 +167,10 @@ class Exchange:
         self._executor: ThreadPoolExecutor | None = None
         self._server: PieceServer | None = None
         self._tasks = TaskSet("exchange")
+        # Summed over every download; named from the start, so metrics always list them.
+        self._fetch_counters: Counter[str] = Counter(
+            pieces_fetched=0, bytes_fetched=0, pieces_failed_verification=0
+        )
         self._downloads: dict[bytes, asyncio.Task[StoredResource]] = {}
         self._announce_now = asyncio.Event()
 
@@ -218,6 +223,7 @@ class Exchange:
     def stats(self) -> dict[str, int]:
         """Counters for node.status(): pieces/bytes served, busy rejections, ..."""
         out = self._server.stats() if self._server is not None else {}
+        out.update(self._fetch_counters)
         out["downloads_active"] = len(self._downloads)
         if self._store is not None:
             out["resources"] = len(self._store.resources())
@@ -290,6 +296,7 @@ class Exchange:
             clock=self._clock,
             executor=self._executor,
             own_node_id=self._host.node_id,
+            counters=self._fetch_counters,
         )
         task = asyncio.create_task(
             fetcher.fetch(resource_id, Path(dest), force=force, progress=progress),

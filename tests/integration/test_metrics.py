@@ -147,6 +147,9 @@ async def test_metrics_scraped_with_a_real_parser_move_with_dht_and_exchange_wor
     assert value(got_fams, "p2pnode_net_connections_opened_total", direction="outbound") >= 1
     assert value(after, "p2pnode_net_connections_opened_total", direction="inbound") >= 1
     assert value(got_fams, "p2pnode_exchange_active_downloads") == 0
+    assert value(got_fams, "p2pnode_exchange_fetched_bytes_total") == len(data)
+    assert value(got_fams, "p2pnode_exchange_fetched_pieces_total") >= 1
+    assert value(got_fams, "p2pnode_exchange_verification_failures_total") == 0
     assert value(after, "p2pnode_joined") == 1
 
     contacts = value(after, "p2pnode_dht_routing_table_contacts")
