@@ -49,6 +49,9 @@ LOOKUP_SEEDS_K = 3  # a lookup starts from this many times k routing-table conta
 # A provider lookup may stop once this many nodes in a row reported only providers
 # already known: close nodes hold the same records; asking on waits on dead contacts.
 PROVIDER_REPEATS_ENOUGH = 2
+# After joining, each range of distances farther than our closest neighbour is
+# looked up until it holds this many contacts (see Discovery._refresh_far_ranges).
+JOIN_RANGE_CONTACTS = 3
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,51 @@ class Discovery:
         ]
         if answered:
             await self._lookup_nodes(self.node_id, seeds=answered)
+            await self._refresh_far_ranges()
         return [self._contact(node) for node in answered]
+
+    async def _refresh_far_ranges(self) -> None:
+        """After the lookup of our own id, look up a random id at each distance
+        farther than our closest neighbour (section 2.3 of the paper: a joining node
+        "refreshes all k-buckets further away than its closest neighbor").
+
+        The own-id lookup only meets nodes on the way to our own neighbourhood, so
+        without this the ranges far from our id hold a handful of contacts or none
+        (the refresh loop runs only every refresh_interval), and lookups from here,
+        or through here, toward those ranges can end among nodes that know nothing
+        closer. A range already holding JOIN_RANGE_CONTACTS contacts is skipped, and
+        each lookup stops once its range holds that many (every node that answers
+        enters the table): the stock full lookups would cost about ten lookups per
+        join. They run concurrently, so joining takes about one lookup longer.
+        Bucket refresh fills the ranges further later."""
+        mine = self._node.long_id
+        counts: dict[int, int] = {}
+        for node in self._core.table.all_nodes():
+            bit = (node.long_id ^ mine).bit_length()  # 160: differs in the top bit
+            counts[bit] = counts.get(bit, 0) + 1
+        if not counts:
+            return
+        closest = min(counts)
+        targets = []
+        enough = min(JOIN_RANGE_CONTACTS, self.config.ksize)
+        for bit in range(160, closest, -1):
+            if counts.get(bit, 0) >= enough:
+                continue
+            # Same prefix as ours above this bit, that bit flipped, the rest random.
+            low = self.rng.getrandbits(bit - 1) if bit > 1 else 0
+            goal = ((mine >> bit) << bit) | ((~mine >> (bit - 1) & 1) << (bit - 1)) | low
+            targets.append((bit, goal.to_bytes(20, "big")))
+        self._core.stats["join_refresh_lookups"] += len(targets)
+        table = self._core.table
+
+        def filled(bit: int) -> Callable[[], bool]:
+            def done() -> bool:
+                nodes = table.all_nodes()
+                return sum(1 for n in nodes if (n.long_id ^ mine).bit_length() == bit) >= enough
+
+            return done
+
+        await asyncio.gather(*(self._lookup_nodes(t, done=filled(bit)) for bit, t in targets))
 
     # -- lookups -------------------------------------------------------------------
 
@@ -301,14 +348,19 @@ class Discovery:
             clock=self.clock,
         )
 
-    async def _lookup_nodes(self, target: bytes, seeds: Sequence[Node] = ()) -> list[Node]:
+    async def _lookup_nodes(
+        self,
+        target: bytes,
+        seeds: Sequence[Node] = (),
+        done: Callable[[], bool] | None = None,
+    ) -> list[Node]:
         protocol = self._proto()
         wanted = Node(target)
 
         async def query(node: Node) -> list[Node] | None:
             return await protocol.call_find_node(node, wanted)
 
-        return await self._lookup(target, query, seeds=seeds)
+        return await self._lookup(target, query, seeds=seeds, done=done)
 
     async def closest(self, key: bytes) -> list[Contact]:
         """The k closest nodes to a 20-byte key that answered a lookup."""
