@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--force", action="store_true", help="replace an existing destination")
     add("ls", "list local resources")
+    ui = add("ui", "print a one-time login link to the node's live status page")
+    ui.add_argument("--open", action="store_true", help="open the link in a web browser")
     providers = add("providers", "find who provides a resource, through the DHT")
     providers.add_argument("id", help=_RID_HELP)
     return parser
@@ -411,6 +413,17 @@ def cmd_stop(args: argparse.Namespace, client: ControlClient, home: Path) -> int
     return ExitCode.OK
 
 
+def cmd_ui(args: argparse.Namespace, client: ControlClient) -> int:
+    # A one-time link (60 s, one use): the API token itself never goes to the browser.
+    link = client.call("POST", "/v1/ui/login-link", {})
+    _emit(args, link, lambda d: f"{d['url']}\n(one use, valid {d['expires_in']:.0f} s)")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(link["url"])
+    return ExitCode.OK
+
+
 def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
     if args.dht_command == "put":
         res = client.call("POST", "/v1/dht/put", {"key": args.key, "value": args.value})
@@ -590,6 +603,7 @@ def _main(argv: Sequence[str] | None) -> int:
             "ls": lambda: cmd_ls(args, client),
             "providers": lambda: cmd_providers(args, client),
             "get": lambda: cmd_get(args, client),
+            "ui": lambda: cmd_ui(args, client),
         }
         return handlers[args.command]()
     except P2PError as exc:

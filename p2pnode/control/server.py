@@ -6,6 +6,9 @@ Rules:
 - the Host header must name the address we listen on (defeats DNS rebinding) and a
   request with an Origin header is refused (no browser page may drive the node);
 - errors are JSON ``{"error": message, "kind": ErrorClass}`` with a fitting status;
+- ``/ui/*`` is the status page (p2pnode.control.ui): a session cookie from a one-time
+  login link instead of the token, and same-origin browser requests are let in
+  there only;
 - ``GET /metrics`` answers in Prometheus' text format (OpenMetrics if the Accept
   header asks for it), under the same token rule: Prometheus scrapes with
   ``authorization: {type: Bearer, credentials_file: ...}``.
@@ -29,6 +32,7 @@ from p2pnode.control.api import ErrorKind, NodeAPI
 from p2pnode.control.common import error_body, json_response, read_json, status_for
 from p2pnode.control.exchange_routes import exchange_routes
 from p2pnode.control.metrics import NodeMetrics
+from p2pnode.control.ui import StatusPage, page_refusal
 from p2pnode.errors import NotFoundError, P2PError, UsageError
 from p2pnode.identity import peer_id_from_str, peer_id_to_str
 
@@ -48,13 +52,19 @@ class ControlServer:
         self._node = node
         self._token = token.encode()
         self.metrics = NodeMetrics(node.metrics_snapshot)
+        self.page = StatusPage(node)
         self._runner: web.AppRunner | None = None
         self._allowed_hosts: set[str] = set()
         self.url = ""
 
     async def start(self, host: str, port: int) -> str:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
-        app.add_routes(self._node_routes() + exchange_routes(self._node))
+        app.add_routes(
+            self._node_routes()
+            + exchange_routes(self._node)
+            + self.page.api_routes()
+            + self.page.page_routes()
+        )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         try:
@@ -68,15 +78,20 @@ class ControlServer:
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"http://{shown}:{bound[1]}"
         self._allowed_hosts = {f"{shown}:{bound[1]}", f"localhost:{bound[1]}"}
+        self.page.start(self.url)
         return self.url
 
     async def close(self) -> None:
+        # First: open event streams end now, not at the runner's shutdown timeout.
+        await self.page.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/ui" or request.path.startswith("/ui/"):
+            return await self._page_guard(request, handler)
         if request.headers.get("Origin") is not None:
             return _refusal("cross-origin requests are refused", ErrorKind.FORBIDDEN, 403)
         if request.host not in self._allowed_hosts:
@@ -85,6 +100,28 @@ class ControlServer:
         given = auth.removeprefix("Bearer ").encode()
         if not auth.startswith("Bearer ") or not hmac.compare_digest(given, self._token):
             return _refusal("missing or wrong API token", ErrorKind.UNAUTHORIZED, 401)
+        try:
+            return await handler(request)
+        except P2PError as exc:
+            return json_response(error_body(exc), status_for(exc))
+
+    async def _page_guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The status page: same Host rule; an Origin header, if any, must be our own
+        (the page's fetches), so other sites still cannot drive the node; the
+        session cookie instead of the token."""
+        if request.host not in self._allowed_hosts:
+            return _refusal("bad Host header", ErrorKind.FORBIDDEN, 403)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"http://{request.host}":
+            return _refusal("cross-origin requests are refused", ErrorKind.FORBIDDEN, 403)
+        if request.headers.get("Sec-Fetch-Site", "same-origin") not in {"same-origin", "none"}:
+            return _refusal("cross-site requests are refused", ErrorKind.FORBIDDEN, 403)
+        if request.path != "/ui/login" and not self.page.authenticated(request):
+            if request.path in {"/ui", "/ui/"}:
+                return page_refusal("You are not logged in.", 401)
+            return _refusal(
+                "not logged in: run `p2pnode ui` for a login link", ErrorKind.UNAUTHORIZED, 401
+            )
         try:
             return await handler(request)
         except P2PError as exc:

@@ -1,0 +1,116 @@
+"""The status page's authentication and guard, without sockets: one-time links,
+session cookies, Origin rules on /ui only, and where the page may write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from p2pnode.control import ui
+from p2pnode.control.server import ControlServer
+from p2pnode.errors import UsageError
+
+HOST = "127.0.0.1:4000"
+TOKEN = "the-long-lived-api-token"
+
+
+class FakeNode:
+    def __init__(self, home: Path) -> None:
+        self.config = SimpleNamespace(home=home)
+
+    def metrics_snapshot(self) -> Any:
+        return {}
+
+
+def _server(tmp_path: Path) -> ControlServer:
+    server = ControlServer(FakeNode(tmp_path), TOKEN)  # type: ignore[arg-type]
+    server._allowed_hosts = {HOST}
+    server.page.url = f"http://{HOST}"
+    server.page.cookie = "p2pnode_ui_4000"
+    return server
+
+
+async def _ok(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _call(server: ControlServer, method: str, path: str, **headers: str) -> int:
+    request = make_mocked_request(method, path, headers={"Host": HOST, **headers})
+    response = await server._guard(request, _ok)
+    return response.status
+
+
+def test_a_login_link_works_once_and_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    links = ui._Expiring(ttl=60, limit=4)
+    once = links.issue()
+    assert not links.check("wrong")
+    assert links.check(once, consume=True)
+    assert not links.check(once, consume=True)
+    late = links.issue()
+    now = ui.time.monotonic()
+    monkeypatch.setattr(ui.time, "monotonic", lambda: now + 61)
+    assert not links.check(late)
+
+
+def test_secrets_are_bounded() -> None:
+    links = ui._Expiring(ttl=60, limit=2)
+    first = links.issue()
+    links.issue()
+    links.issue()
+    assert not links.check(first)
+
+
+async def test_ui_routes_want_the_cookie_not_the_token(tmp_path: Path) -> None:
+    server = _server(tmp_path)
+    session = server.page._sessions.issue()
+    cookie = f"p2pnode_ui_4000={session}"
+    assert await _call(server, "GET", "/ui/api/state") == 401
+    assert await _call(server, "GET", "/ui/api/state", Authorization=f"Bearer {TOKEN}") == 401
+    assert await _call(server, "GET", "/ui/api/state", Cookie=cookie) == 200
+    assert await _call(server, "GET", "/ui/api/state", Cookie="p2pnode_ui_4000=guess") == 401
+    # The login link itself needs no cookie (its one-time secret is checked by the route).
+    assert await _call(server, "GET", "/ui/login") == 200
+    # The cookie opens nothing outside /ui.
+    assert await _call(server, "GET", "/v1/status", Cookie=cookie) == 401
+
+
+async def test_same_origin_passes_on_ui_only_and_other_origins_are_refused(
+    tmp_path: Path,
+) -> None:
+    server = _server(tmp_path)
+    cookie = f"p2pnode_ui_4000={server.page._sessions.issue()}"
+    own = f"http://{HOST}"
+    assert await _call(server, "POST", "/ui/api/get", Cookie=cookie, Origin=own) == 200
+    assert await _call(server, "POST", "/ui/api/get", Cookie=cookie, Origin="http://evil") == 403
+    assert await _call(server, "POST", "/ui/api/get", Cookie=cookie, Origin="null") == 403
+    cross = {"Cookie": cookie, "Sec-Fetch-Site": "cross-site"}
+    assert await _call(server, "POST", "/ui/api/get", **cross) == 403
+    assert await _call(server, "GET", "/ui/", Cookie=cookie, Host="evil:4000") == 403
+    bearer = f"Bearer {TOKEN}"
+    assert await _call(server, "GET", "/v1/status", Authorization=bearer) == 200
+    assert await _call(server, "GET", "/v1/status", Authorization=bearer, Origin=own) == 403
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "/etc/passwd", "a\\b", "x\0", 7])
+def test_the_page_writes_only_plain_names_in_the_downloads_folder(
+    tmp_path: Path, name: object
+) -> None:
+    page = ui.StatusPage(FakeNode(tmp_path))  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        page._destination(name)
+
+
+def test_a_plain_name_lands_in_the_downloads_folder(tmp_path: Path) -> None:
+    page = ui.StatusPage(FakeNode(tmp_path))  # type: ignore[arg-type]
+    assert page._destination("copy.bin") == tmp_path / "downloads" / "copy.bin"
+
+
+def test_the_static_files_ship_with_the_package() -> None:
+    assert b"/ui/static/app.js" in ui._static("index.html")
+    for name in ui.STATIC:
+        assert ui._static(name)
