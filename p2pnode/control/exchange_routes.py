@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -31,7 +33,14 @@ def _id_field(body: dict[str, Any]) -> bytes:
     return resource_id_from_str(value)
 
 
-def exchange_routes(node: NodeAPI) -> list[web.RouteDef]:
+class DownloadWatcher(Protocol):
+    """Who else follows downloads (the status page): progress, then the outcome."""
+
+    def watch(self, rid: bytes, dest: Path) -> Callable[[Jsonable], None]: ...
+    def finished(self, rid: bytes, error: str | None) -> None: ...
+
+
+def exchange_routes(node: NodeAPI, watcher: DownloadWatcher | None = None) -> list[web.RouteDef]:
     async def post_share(request: web.Request) -> web.Response:
         body = await read_json(request)
         follow_links = body.get("follow_links", False)
@@ -67,8 +76,11 @@ def exchange_routes(node: NodeAPI) -> list[web.RouteDef]:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(PROGRESS_QUEUE)
+        watched = watcher.watch(rid, dest) if watcher is not None else None
 
         def on_progress(progress: Jsonable) -> None:
+            if watched is not None:
+                watched(progress)
             # Drop progress lines rather than block the download on a slow reader.
             if not queue.full():
                 queue.put_nowait({"event": StreamEvent.PROGRESS, **progress.to_json()})
@@ -89,8 +101,12 @@ def exchange_routes(node: NodeAPI) -> list[web.RouteDef]:
                 final: dict[str, Any] = {"event": StreamEvent.DONE, "resource": info.to_json()}
             except P2PError as exc:
                 final = {"event": StreamEvent.ERROR, **error_body(exc)}
+            if watcher is not None:
+                watcher.finished(rid, final.get("error"))
             await _send(response, final)
         finally:
+            if watcher is not None and not download.done():
+                watcher.finished(rid, "interrupted (the client went away)")
             if not download.done():
                 # The CLI went away: stop the download; what it verified is kept for resume.
                 download.cancel()

@@ -61,7 +61,7 @@ class ControlServer:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         app.add_routes(
             self._node_routes()
-            + exchange_routes(self._node)
+            + exchange_routes(self._node, self.page)
             + self.page.api_routes()
             + self.page.page_routes()
         )

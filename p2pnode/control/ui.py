@@ -194,6 +194,10 @@ class StatusPage:
 
         return on_progress
 
+    def downloading(self, rid: bytes) -> bool:
+        entry = self._downloads.get(resource_id_to_str(rid))
+        return entry is not None and entry["state"] not in {"done", "failed"}
+
     def finished(self, rid: bytes, error: str | None) -> None:
         entry = self._downloads.get(resource_id_to_str(rid))
         if entry is not None:
@@ -289,6 +293,8 @@ class StatusPage:
                 raise UsageError("field 'id' must be a resource id")
             rid = resource_id_from_str(rid_text)
             dest = self._destination(body.get("name"))
+            if self.downloading(rid):
+                raise UsageError(f"{resource_id_to_str(rid)} is already being downloaded")
             on_progress = self.watch(rid, dest)
             task = asyncio.create_task(self._download(rid, dest, on_progress))
             self._tasks.add(task)

@@ -114,3 +114,27 @@ def test_the_static_files_ship_with_the_package() -> None:
     assert b"/ui/static/app.js" in ui._static("index.html")
     for name in ui.STATIC:
         assert ui._static(name)
+
+
+class FakeProgress:
+    def __init__(self, done: int) -> None:
+        self.done = done
+
+    def to_json(self) -> dict[str, Any]:
+        return {"done_bytes": self.done, "total_bytes": 100, "state": "downloading"}
+
+
+def test_downloads_keep_their_latest_progress_then_their_outcome(tmp_path: Path) -> None:
+    page = ui.StatusPage(FakeNode(tmp_path))  # type: ignore[arg-type]
+    rid = bytes(32)
+    on_progress = page.watch(rid, tmp_path / "x")
+    on_progress(FakeProgress(40))
+    assert page.downloading(rid)
+    (entry,) = page._downloads.values()
+    assert entry["done_bytes"] == 40
+    page.finished(rid, None)
+    assert not page.downloading(rid)
+    assert entry["state"] == "done" and entry["done_bytes"] == 100
+    page.watch(bytes(31) + b"\1", tmp_path / "y")
+    page.finished(bytes(31) + b"\1", "no provider")
+    assert [d["state"] for d in page._downloads.values()] == ["done", "failed"]
