@@ -51,7 +51,7 @@ LOOKUP_SEEDS_K = 3  # a lookup starts from this many times k routing-table conta
 PROVIDER_REPEATS_ENOUGH = 2
 # After joining, each range of distances farther than our closest neighbour is
 # looked up until it holds this many contacts (see Discovery._refresh_far_ranges).
-JOIN_RANGE_CONTACTS = 3
+JOIN_RANGE_CONTACTS = 1
 
 
 @dataclass(frozen=True)
