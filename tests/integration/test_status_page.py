@@ -1,7 +1,8 @@
 """The status page end to end, in headless Chromium (Debian's, driven by Playwright):
 log in with a one-time link, start a download from the page, watch its progress
 bar move and complete; the API token never reaches the browser. The screenshot
-goes to docs/status-page.png (shown in the README); the figures are printed."""
+goes to the test's tmp folder, or to docs/status-page.png (shown in the README)
+with P2PNODE_UPDATE_SCREENSHOT=1; the figures are printed."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ async def test_status_page_logs_in_once_and_shows_a_download_to_completion(
                 executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
             )
             try:
-                figures = await _drive(browser, link, token, shared.id)
+                figures = await _drive(browser, link, token, shared.id, tmp_path)
             finally:
                 await browser.close()
         copy = getter.home / "downloads" / "copy.bin"
@@ -100,7 +101,7 @@ async def test_status_page_logs_in_once_and_shows_a_download_to_completion(
     )
 
 
-async def _drive(browser: Any, link: str, token: str, rid: str) -> dict[str, float]:
+async def _drive(browser: Any, link: str, token: str, rid: str, shots: Path) -> dict[str, float]:
     context = await browser.new_context(viewport={"width": 1280, "height": 900})
     page = await context.new_page()
     urls: list[str] = []
@@ -145,7 +146,9 @@ async def _drive(browser: Any, link: str, token: str, rid: str) -> dict[str, flo
     assert "100%" in await page.inner_text("#downloads")
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
-    await page.screenshot(path=str(SCREENSHOT), full_page=True)
+    shot = SCREENSHOT if os.environ.get("P2PNODE_UPDATE_SCREENSHOT") else shots / "page.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 0
 
     # The link is one use; the token is nowhere the browser could see or keep.
     second = await (await context.new_page()).goto(link)
