@@ -399,6 +399,7 @@ class Node:
                 "peer_id": peer_id_to_str(c.node_id),
                 "address": f"[{c.host}]:{c.port}" if ":" in c.host else f"{c.host}:{c.port}",
                 "last_seen": None if c.last_seen is None else c.last_seen + offset,
+                "rtt_ms": None if c.rtt is None else round(c.rtt * 1000, 1),
             }
             for c in self.discovery.contacts()
         ]

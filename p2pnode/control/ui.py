@@ -231,8 +231,7 @@ class StatusPage:
                 "connected": status["net"].get("peers", 0),
                 "rss_bytes": status["rss_bytes"],
             },
-            # The DHT keeps no round-trip times per contact: the page says n/a.
-            "peers": [{**p, "rtt_ms": None} for p in node.peers()],
+            "peers": node.peers(),  # rtt_ms: None until a contact answered us
             "buckets": bucket_sizes(snap["node_id"], snap["dht_contact_ids"]),
             "downloads": list(reversed(self._downloads.values())),
             "resources": [r.to_json() for r in node.exchange.list()],

@@ -225,6 +225,7 @@ class DhtCore:
         self.srtt: float | None = None  # smoothed RTT of answered calls (seconds)
         self._failures: dict[bytes, int] = {}
         self._last_seen: dict[bytes, float] = {}
+        self._rtt: dict[bytes, float] = {}  # smoothed round trip per contact (seconds)
         self._pinging_heads: set[bytes] = set()
         self._welcomed: OrderedDict[bytes, None] = OrderedDict()  # ids already welcomed
         self._welcome: deque[tuple[Node, bytes]] = deque()
@@ -559,9 +560,9 @@ class DhtCore:
             assert isinstance(result, bytes)
             if call.node_id is not None and result != call.node_id:
                 self._record_failure(Node(call.node_id, host, port))
-            self.node_answered(Node(result, host, port), now)
+            self.node_answered(Node(result, host, port), now, rtt)
         elif call.node_id is not None:
-            self.node_answered(Node(call.node_id, host, port), now)
+            self.node_answered(Node(call.node_id, host, port), now, rtt)
         if call.origin == _API:
             self._events.append(CallAnswered(call.call_id, result))
         else:
@@ -609,12 +610,16 @@ class DhtCore:
 
     # -- routing table -------------------------------------------------------------
 
-    def node_answered(self, node: Node, now: float) -> None:
-        """``node`` answered one of our requests at its address: it is alive."""
+    def node_answered(self, node: Node, now: float, rtt: float | None = None) -> None:
+        """``node`` answered one of our requests at its address (after ``rtt``
+        seconds, when known): it is alive."""
         if node.id == self.node_id:
             return
         self._failures.pop(node.id, None)
         self._last_seen[node.id] = now
+        if rtt is not None:
+            prev = self._rtt.get(node.id)
+            self._rtt[node.id] = rtt if prev is None else 0.75 * prev + 0.25 * rtt
         if len(self._last_seen) > 16 * self.config.ksize * 160:
             self._prune_last_seen()
         table = self.table
@@ -697,6 +702,7 @@ class DhtCore:
             return
         self._failures.pop(node.id, None)
         self._last_seen.pop(node.id, None)
+        self._rtt.pop(node.id, None)
         promoted = self.table.remove_contact(known)
         self.stats["evictions"] += 1
         self._events.append(ContactRemoved(known))
@@ -706,10 +712,15 @@ class DhtCore:
     def _prune_last_seen(self) -> None:
         keep = {n.id for n in self.table.all_nodes()} | self.table.replacement_ids()
         self._last_seen = {k: v for k, v in self._last_seen.items() if k in keep}
+        self._rtt = {k: v for k, v in self._rtt.items() if k in keep}
 
     def last_seen(self, node_id: bytes) -> float | None:
         """When ``node_id`` last answered us or asked us (clock time), or None."""
         return self._last_seen.get(node_id)
+
+    def rtt(self, node_id: bytes) -> float | None:
+        """The smoothed round-trip time of ``node_id``'s answers (seconds), or None."""
+        return self._rtt.get(node_id)
 
     def failures(self, node_id: bytes) -> int:
         return self._failures.get(node_id, 0)

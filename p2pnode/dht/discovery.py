@@ -62,6 +62,7 @@ class Contact:
     # When we last heard from it, on the Discovery's clock (Discovery.clock.now()'s
     # scale, monotonic by default; not wall time), None if never.
     last_seen: float | None
+    rtt: float | None = None  # smoothed round trip of its answers, seconds
 
 
 @dataclass
@@ -222,7 +223,8 @@ class Discovery:
     # -- contacts ------------------------------------------------------------------
 
     def _contact(self, node: Node) -> Contact:
-        return Contact(node.id, node.ip, node.port, self._core.last_seen(node.id))
+        core = self._core
+        return Contact(node.id, node.ip, node.port, core.last_seen(node.id), core.rtt(node.id))
 
     def contacts(self) -> list[Contact]:
         """The routing table's contents."""

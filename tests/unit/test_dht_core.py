@@ -522,3 +522,20 @@ def test_bad_source_addresses_are_dropped(net: Net) -> None:
         core.receive_datagram(request, addr, 0.0)
     assert core.stats["dropped.bad_source"] == 5
     assert core.datagrams_to_send() == []
+
+
+def test_each_contact_keeps_a_smoothed_round_trip_time(net: Net) -> None:
+    a, b = net.add(1), net.add(2)
+    core_a, core_b = net.cores[a], net.cores[b]
+    for one_way in (0.02, 0.06):
+        core_a.start_call(b, "ping", (), net.clock.now(), node_id=nid(2))
+        [(ping, _)] = core_a.datagrams_to_send()
+        net.clock.advance(one_way)
+        core_b.receive_datagram(ping, a, net.clock.now())
+        answer = next(d for d, to in core_b.datagrams_to_send() if to == a)
+        net.clock.advance(one_way)
+        core_a.receive_datagram(answer, b, net.clock.now())
+        core_a.events()
+    # 40 ms, then 120 ms smoothed in at a quarter's weight
+    assert core_a.rtt(nid(2)) == pytest.approx(0.75 * 0.04 + 0.25 * 0.12)
+    assert core_a.rtt(nid(3)) is None
