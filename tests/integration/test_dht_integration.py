@@ -75,7 +75,9 @@ async def test_nodes_bootstrap_and_find_each_other(make_node: Callable[..., obje
             if target is asker:
                 continue
             contact = await asker.find_peer(target.node_id)
-            assert contact == Contact(target.node_id, "127.0.0.1", target.port, contact.last_seen)
+            assert contact == Contact(
+                target.node_id, "127.0.0.1", target.port, contact.last_seen, contact.rtt
+            )
             assert contact.last_seen is not None
     assert await nodes[3].find_peer(os.urandom(20)) is None
     closest = await nodes[2].closest(nodes[5].node_id)
