@@ -34,7 +34,6 @@ from p2pnode.dht.rpc_schema import (
     is_port,
     normalize_host,
 )
-from p2pnode.dht.storage import ValueStore
 from p2pnode.endpoints import LOOP_ENDPOINTS, Endpoints
 from p2pnode.errors import P2PError, UsageError
 from p2pnode.identity import as_node_id
@@ -132,16 +131,10 @@ class Discovery:
         self.clock = clock
         self.endpoints = endpoints
         self._tasks = TaskSet("dht")
-        self._storage = ValueStore(
-            clock,
-            max_values=config.max_stored_values,
-            ttl=config.value_ttl,
-            max_value_bytes=config.max_value_bytes,
-            max_per_sender=config.max_values_per_sender,
-        )
         self.rng = rng if rng is not None else random.Random(os.urandom(16))
         self._node = Node(node_id)
-        self._core = DhtCore(node_id, config, clock=clock, rng=self.rng, storage=self._storage)
+        self._core = DhtCore(node_id, config, clock=clock, rng=self.rng)
+        self._storage = self._core.storage  # the core builds it from the config
         self._protocol: DhtProtocol | None = None
         self._port: int | None = None
         self._local_host = "127.0.0.1"
