@@ -368,7 +368,7 @@ def download(
             leech.wait()
         if file_sha256(dest) != file_sha256(src):
             raise RuntimeError("downloaded file differs from the source")
-        dest.unlink()
+        shutil.rmtree(dest) if dest.is_dir() else dest.unlink()  # a folder: bench_small_files
         serve_cpu = 0.0
         for proc in procs[:-1]:
             assert proc.stdin is not None
