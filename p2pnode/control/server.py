@@ -26,10 +26,18 @@ from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import Counter
 from prometheus_client.exposition import choose_encoder
 
 from p2pnode.control.api import ErrorKind, NodeAPI
-from p2pnode.control.common import error_body, json_response, read_json, status_for
+from p2pnode.control.common import (
+    MAX_BODY,
+    REFUSED_BODIES,
+    error_body,
+    json_response,
+    read_json,
+    status_for,
+)
 from p2pnode.control.exchange_routes import exchange_routes
 from p2pnode.control.metrics import NodeMetrics
 from p2pnode.control.ui import StatusPage, page_refusal
@@ -39,7 +47,6 @@ from p2pnode.identity import peer_id_from_str, peer_id_to_str
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MAX_BODY = 64 * 1024
 MAX_DHT_KEY = 256
 
 
@@ -53,12 +60,19 @@ class ControlServer:
         self._token = token.encode()
         self.metrics = NodeMetrics(node.metrics_snapshot)
         self.page = StatusPage(node)
+        self.refused_bodies = Counter(
+            "p2pnode_control_refused_bodies",
+            "Control API request bodies refused before any handler saw them, by reason",
+            ["reason"],
+            registry=self.metrics.registry,
+        )
         self._runner: web.AppRunner | None = None
         self._allowed_hosts: set[str] = set()
         self.url = ""
 
     async def start(self, host: str, port: int) -> str:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
+        app[REFUSED_BODIES] = self.refused_bodies
         app.add_routes(
             self._node_routes()
             + exchange_routes(self._node, self.page)
