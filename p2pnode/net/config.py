@@ -13,8 +13,16 @@ MIN_FRAME = 1024
 @dataclass(frozen=True)
 class NetLimits:
     max_frame: int = 4 * 1024 * 1024
+    # Connection budgets (see p2pnode/net/budget.py): inbound connections in all
+    # (handshakes included), per address and per subnet (IPv4 /24, IPv6 /64);
+    # inbound handshakes in progress (full: the oldest is evicted) and per subnet;
+    # outbound connections, counted apart so a node can always dial out.
     max_connections: int = 256
     max_connections_per_ip: int = 32
+    max_connections_per_subnet: int = 64
+    max_handshakes: int = 64
+    max_handshakes_per_subnet: int = 16
+    max_outbound: int = 128
     max_inflight_per_connection: int = 64
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
@@ -58,6 +66,10 @@ class NetLimits:
             1,
             "max_connections",
             "max_connections_per_ip",
+            "max_connections_per_subnet",
+            "max_handshakes",
+            "max_handshakes_per_subnet",
+            "max_outbound",
             "max_inflight_per_connection",
             "write_buffer_high",
             "max_str_len",

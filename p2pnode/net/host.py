@@ -12,10 +12,11 @@ Rules
   symmetric: either side may send requests on any open connection, inbound
   or outbound. Concurrent requests to a peer we are not connected to share
   one dial.
-- Bounded: at most ``max_connections`` in all (an outbound dial at the limit
-  first evicts the least recently used idle connection; an inbound one at
-  the limit is refused), at most ``max_connections_per_ip`` inbound from one
-  address, ``max_inflight_per_connection`` handler tasks per connection, an
+- Bounded by the budgets of :class:`~p2pnode.net.budget.ConnectionBudget`:
+  inbound handshakes (full: the oldest is evicted), inbound connections in
+  all, per address and per subnet (refused), outbound connections apart (a
+  dial at the limit first evicts the least recently used idle outbound
+  connection); then ``max_inflight_per_connection`` handler tasks per connection, an
   idle timeout, a handshake timeout, a request timeout, ``max_frame``, an
   optional per-connection request rate, and a cap on answers buffered for a
   peer that does not read them. Every limit that trips is counted in
@@ -49,6 +50,7 @@ from p2pnode.errors import (
     UsageError,
 )
 from p2pnode.identity import Identity, peer_id_to_str
+from p2pnode.net.budget import ConnectionBudget
 from p2pnode.net.config import NetLimits
 from p2pnode.net.connection import Handler, PeerConnection
 from p2pnode.net.session import Credentials, Session
@@ -127,8 +129,7 @@ class PeerHost:
         self._conns: set[PeerConnection] = set()
         self._by_peer: dict[bytes, list[PeerConnection]] = {}
         self._by_addr: dict[tuple[str, int], PeerConnection] = {}
-        self._inbound_per_ip: Counter[str] = Counter()
-        self._inbound: set[PeerConnection] = set()
+        self._budget: ConnectionBudget[PeerConnection] = ConnectionBudget(limits, self.counters)
         self._dials: dict[_DialKey, asyncio.Task[PeerConnection]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._servers: list[ListeningServer] = []
@@ -180,7 +181,9 @@ class PeerHost:
         open_conns = [c for c in self._conns if c.is_open]
         out["connections_open"] = len(open_conns)
         out["connections_handshaking"] = len(self._conns) - len(open_conns)
-        out["connections_inbound"] = len(self._inbound)
+        out["connections_inbound"] = self._budget.inbound
+        out["connections_outbound"] = self._budget.outbound
+        out["handshakes_inbound"] = self._budget.handshaking
         out["handlers_inflight"] = sum(c.inflight for c in self._conns)
         out["peers"] = len(self._by_peer)
         return out
@@ -224,23 +227,21 @@ class PeerHost:
             return not self._closing  # outbound: counted when the dial began
         if self._closing:
             return False
-        if len(self._conns) >= self.limits.max_connections:
-            self.counters["rejected_max_connections"] += 1
-            return False
-        ip = conn.peername[0]
-        if self._inbound_per_ip[ip] >= self.limits.max_connections_per_ip:
-            self.counters["rejected_per_ip"] += 1
+        admitted, evicted = self._budget.admit_inbound(conn, conn.peername[0])
+        if evicted is not None:
+            evicted.close(
+                P2PTimeoutError("handshake evicted to make room for a newer one"), abort=True
+            )
+        if not admitted:
             return False
         self._conns.add(conn)
-        self._inbound.add(conn)
-        self._inbound_per_ip[ip] += 1
-        self.counters["connections_accepted"] += 1
         return True
 
     def conn_established(self, conn: PeerConnection) -> bool:
         if self._closing:
             conn.close(ConnectionClosed("host closing"), abort=True)
             return False
+        self._budget.established(conn)
         node_id = conn.remote_node_id
         assert node_id is not None
         self._by_peer.setdefault(node_id, []).append(conn)
@@ -250,12 +251,7 @@ class PeerHost:
 
     def conn_lost(self, conn: PeerConnection) -> None:
         self._conns.discard(conn)
-        if conn in self._inbound:
-            self._inbound.discard(conn)
-            ip = conn.peername[0]
-            self._inbound_per_ip[ip] -= 1
-            if self._inbound_per_ip[ip] <= 0:
-                del self._inbound_per_ip[ip]
+        self._budget.release(conn)
         node_id = conn.remote_node_id
         if node_id is not None:
             conns = self._by_peer.get(node_id)
@@ -310,24 +306,29 @@ class PeerHost:
         if not task.cancelled():
             task.exception()  # retrieved even if every waiter gave up
 
-    def _evict_idle(self) -> bool:
-        idle = [c for c in self._conns if c.is_open and not c.busy]
+    def _evict_idle(self) -> None:
+        """Close the least recently used idle outbound connection, if any (the
+        outbound budget is full; runs only then, so the scan costs nothing usually)."""
+        budget = self._budget
+        idle = [c for c in self._conns if c.is_open and not c.busy and not budget.is_inbound(c)]
         if not idle:
-            return False
+            return
         victim = min(idle, key=lambda c: c.last_activity)
         self.counters["evicted_idle"] += 1
         victim.close(ConnectionClosed("evicted to make room for a new connection"))
         self._conns.discard(victim)
-        return True
+        budget.release(victim)
 
     async def _dial(self, peer: PeerAddress) -> PeerConnection:
-        if len(self._conns) >= self.limits.max_connections and not self._evict_idle():
-            self.counters["rejected_max_connections_out"] += 1
-            raise LimitExceeded(
-                f"cannot dial {peer}: {self.limits.max_connections} connections open, none idle"
-            )
         session = self._session(expected=peer.node_id, initiator=True)
         conn = PeerConnection(self, session, dialed=(peer.host, peer.port))
+        if self._budget.outbound_full:
+            self._evict_idle()
+        if not self._budget.add_outbound(conn):
+            raise LimitExceeded(
+                f"cannot dial {peer}: {self.limits.max_outbound} outbound connections open, "
+                "none idle"
+            )
         self._conns.add(conn)
         try:
             try:
@@ -351,6 +352,7 @@ class PeerHost:
                 conn.close(ConnectionClosed("dial abandoned"), abort=True)
             if conn.transport is None:
                 self._conns.discard(conn)
+                self._budget.release(conn)
             raise
         self.counters["connections_dialed"] += 1
         return conn

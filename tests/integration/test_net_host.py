@@ -401,7 +401,7 @@ async def test_max_connections_total_and_outbound_eviction(hosts: MakeHost) -> N
     assert server.stats()["rejected_max_connections"] == 1
     # outbound: at the limit, the least recently used idle connection is evicted
     _s2, addr2 = await serving(hosts)
-    dialer = hosts(replace(FAST, max_connections=1))
+    dialer = hosts(replace(FAST, max_outbound=1))
     assert await dialer.request(addr2, Ping()) == Pong()
     s3, addr3 = await serving(hosts)
     assert await dialer.request(addr3, Ping()) == Pong()

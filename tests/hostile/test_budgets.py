@@ -1,0 +1,134 @@
+"""Budgets under attack: connection slots, memory, reference cycles (issue 11).
+
+Real sockets on 127.0.0.0/8 (other loopback addresses as attacker sources);
+every socket is closed at the end; no sleeps as synchronisation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from p2pnode.identity import Identity
+from p2pnode.net import NetLimits, PeerAddress, PeerHost
+from p2pnode.wire.messages import Message, Ping, Pong
+from tests.helpers import eventually
+
+# Long enough that the silent sockets are still held while the test runs.
+VICTIM = NetLimits(handshake_timeout=30.0, request_timeout=10.0)
+HONEST = NetLimits(handshake_timeout=5.0, request_timeout=10.0)
+
+
+def can_bind(host: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
+
+
+needs_loopback_range = pytest.mark.skipif(
+    not can_bind("127.0.3.1"), reason="127.0.3.1 cannot be bound here"
+)
+
+MakeHost = Callable[[NetLimits], PeerHost]
+
+
+@pytest.fixture
+async def hosts() -> AsyncIterator[MakeHost]:
+    made: list[PeerHost] = []
+
+    def make(limits: NetLimits) -> PeerHost:
+        host = PeerHost(Identity.generate(), limits)
+        made.append(host)
+        return host
+
+    yield make
+    for host in made:
+        await host.close()
+
+
+async def pong(node_id: bytes, msg: Message) -> Message:
+    return Pong()
+
+
+async def serving(make: MakeHost, limits: NetLimits) -> tuple[PeerHost, PeerAddress]:
+    host = make(limits)
+    host.set_handler(pong)
+    port = await host.listen("127.0.0.1", 0)
+    return host, PeerAddress(host.node_id, "127.0.0.1", port)
+
+
+@contextlib.asynccontextmanager
+async def silent_sockets(
+    victim: PeerHost, port: int, sources: list[str], each: int
+) -> AsyncIterator[list[asyncio.StreamWriter]]:
+    """``each`` TCP connections from every source address that never send a byte.
+
+    Made in batches under the listen backlog, each seen by the victim before the
+    next (past the backlog the kernel holds connects back for seconds).
+    """
+    writers: list[asyncio.StreamWriter] = []
+
+    async def one(source: str) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        writers.append(writer)
+
+    todo = [src for src in sources for _ in range(each)]
+    try:
+        for start in range(0, len(todo), 64):
+            await asyncio.gather(*(one(src) for src in todo[start : start + 64]))
+            await eventually(settled(victim, len(writers)), timeout=10, what="connects seen")
+        yield writers
+    finally:
+        for writer in writers:
+            writer.transport.abort()
+
+
+def settled(host: PeerHost, total: int) -> Callable[[], bool]:
+    """Every one of ``total`` inbound connects was admitted or refused."""
+
+    def check() -> bool:
+        stats = host.stats()
+        seen = stats.get("connections_accepted", 0)
+        seen += sum(v for k, v in stats.items() if k.startswith("rejected_"))
+        return seen >= total
+
+    return check
+
+
+@needs_loopback_range
+async def test_silent_sockets_from_one_subnet_leave_the_node_usable(hosts: MakeHost) -> None:
+    """256 silent sockets, 32 from each of 127.0.3.1-8: an honest peer still
+    connects and is answered, and the node still dials out."""
+    victim, victim_addr = await serving(hosts, VICTIM)
+    _other, other_addr = await serving(hosts, HONEST)
+    sources = [f"127.0.3.{i}" for i in range(1, 9)]
+    async with silent_sockets(victim, victim_addr.port, sources, 32):
+        stats = victim.stats()
+        assert stats["handshakes_inbound"] <= VICTIM.max_handshakes_per_subnet
+        assert stats["rejected_handshakes_per_subnet"] == 256 - stats["handshakes_inbound"]
+        honest = hosts(HONEST)
+        assert await honest.request(victim_addr, Ping()) == Pong()
+        assert await victim.request(other_addr, Ping()) == Pong()
+        assert victim.stats()["connections_outbound"] == 1
+
+
+@needs_loopback_range
+async def test_handshake_flood_from_many_subnets_evicts_the_oldest(hosts: MakeHost) -> None:
+    """Silent sockets from more subnets than the handshake budget: the oldest
+    handshakes are evicted (counted), and an honest handshake still gets in."""
+    victim, victim_addr = await serving(hosts, VICTIM)
+    flood = VICTIM.max_handshakes + 16
+    sources = [f"127.0.{10 + i}.1" for i in range(flood)]
+    async with silent_sockets(victim, victim_addr.port, sources, 1):
+        assert victim.stats()["evicted_handshakes"] == 16
+        assert victim.stats()["handshakes_inbound"] == VICTIM.max_handshakes
+        honest = hosts(HONEST)
+        assert await honest.request(victim_addr, Ping()) == Pong()
+        assert victim.stats()["evicted_handshakes"] == 17
