@@ -8,6 +8,10 @@ from p2pnode import confcheck
 
 # A store request's bytes besides the value (ids, key, msgpack framing).
 DATAGRAM_OVERHEAD = 256
+# What a stored entry costs besides its value / host text (key, bookkeeping), for
+# the stores' byte budgets.
+VALUE_OVERHEAD = 64
+PROVIDER_RECORD_BYTES = 96
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,11 @@ class DhtConfig:
     # Stored values last written by one sender (source IP), so one address cannot
     # fill the store and have everyone else's values refused.
     max_values_per_sender: int = 1_000
+    # Past a quota (per sender, per IPv4 /24 or IPv6 /64) the holder's own oldest
+    # values go; a full store (in values or bytes) evicts from its heaviest user.
+    # Nothing is refused to a newcomer, so a flood cannot lock new values out.
+    max_values_per_subnet: int = 2_000
+    max_value_store_bytes: int = 16 * 1024 * 1024
     value_ttl: float = 24 * 3600.0
     refresh_interval: float = 3600.0
     # Provider records (resource exchange).
@@ -33,11 +42,18 @@ class DhtConfig:
     # again at once, so churn among the k closest cannot hide a live provider.
     provider_check_interval: float = 120.0
     max_holder_pings: int = 256
+    # A full key evicts its least deserving record (from the subnet and address
+    # holding most of the key, then the oldest) instead of refusing a newcomer;
+    # the per key, per sender and per subnet quotas evict the holder's own oldest.
     max_providers_per_key: int = 64
+    max_providers_per_key_per_ip: int = 8
+    max_providers_per_key_per_subnet: int = 16
     max_provider_keys_per_sender: int = 4096
+    max_provider_records_per_subnet: int = 8192
     max_provider_keys: int = 100_000
-    # Total provider records over all keys.
+    # Total provider records over all keys, and their bytes.
     max_provider_records: int = 200_000
+    max_provider_bytes: int = 32 * 1024 * 1024
     # At most this many provider records in one get_providers answer.
     max_providers_per_response: int = 32
     # Values this node put are published again this often (seconds).
@@ -76,7 +92,17 @@ class DhtConfig:
     def __post_init__(self) -> None:
         confcheck.check_types(self)
         confcheck.at_least(self, 1, "ksize", "alpha", "max_failures", "max_lookup_queries")
-        confcheck.at_least(self, 1, "max_value_bytes", "max_stored_values", "max_values_per_sender")
+        confcheck.at_least(
+            self,
+            1,
+            "max_value_bytes",
+            "max_stored_values",
+            "max_values_per_sender",
+            "max_values_per_subnet",
+            "max_providers_per_key_per_ip",
+            "max_providers_per_key_per_subnet",
+            "max_provider_records_per_subnet",
+        )
         confcheck.at_least(
             self,
             1,
@@ -120,6 +146,21 @@ class DhtConfig:
                 "max_datagram",
                 f"must leave {DATAGRAM_OVERHEAD} bytes beyond max_value_bytes "
                 f"({self.max_value_bytes}), got {self.max_datagram}",
+            )
+        # One value or provider record must always fit the byte budgets.
+        if self.max_value_store_bytes < self.max_value_bytes + VALUE_OVERHEAD:
+            confcheck.fail(
+                self,
+                "max_value_store_bytes",
+                f"must hold one value of max_value_bytes ({self.max_value_bytes}) "
+                f"plus {VALUE_OVERHEAD}, got {self.max_value_store_bytes}",
+            )
+        if self.max_provider_bytes < PROVIDER_RECORD_BYTES + 64:
+            confcheck.fail(
+                self,
+                "max_provider_bytes",
+                f"must hold one record ({PROVIDER_RECORD_BYTES + 64}), "
+                f"got {self.max_provider_bytes}",
             )
         if self.max_response_contacts < self.ksize:
             confcheck.fail(

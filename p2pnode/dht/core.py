@@ -195,6 +195,8 @@ class DhtCore:
                 ttl=config.value_ttl,
                 max_value_bytes=config.max_value_bytes,
                 max_per_sender=config.max_values_per_sender,
+                max_per_subnet=config.max_values_per_subnet,
+                max_bytes=config.max_value_store_bytes,
             )
         self.storage = storage
         if providers is None:
@@ -205,6 +207,10 @@ class DhtCore:
                 max_per_sender=config.max_provider_keys_per_sender,
                 max_keys=config.max_provider_keys,
                 max_records=config.max_provider_records,
+                max_per_key_per_sender=config.max_providers_per_key_per_ip,
+                max_per_key_per_subnet=config.max_providers_per_key_per_subnet,
+                max_per_subnet=config.max_provider_records_per_subnet,
+                max_bytes=config.max_provider_bytes,
             )
         self.providers = providers
         self._limits = Limits(config.max_datagram, config.max_array_len, config.max_map_len)
@@ -392,23 +398,24 @@ class DhtCore:
         if isinstance(request, PingRequest):
             return self.node_id
         if isinstance(request, FindValueRequest):
-            value = self.storage.get(request.key)
+            value = self.storage.get(request.key, now)
             if value is None:
                 return self._neighbors_wire(request.key, request.node_id, (host, port), now)
             return {"value": value}
         if isinstance(request, StoreRequest):
-            stored = self.storage.put(request.key, request.value, sender=host)
+            stored = self.storage.put(request.key, request.value, sender=host, now=now)
             self.stats["stores_accepted" if stored else "stores_refused"] += 1
             return stored
         if isinstance(request, StunRequest):
             return [host, port]
         if isinstance(request, AddProviderRequest):
             # The host is the address the announcement came from, never a claimed one.
-            added = self.providers.add(request.key, request.node_id, host, request.port, host)
+            added = self.providers.add(request.key, request.node_id, host, request.port, host, now)
             self.stats["providers_accepted" if added else "providers_refused"] += 1
             return added
         assert isinstance(request, GetProvidersRequest)
-        records = self.providers.get(request.key, limit=self.config.max_providers_per_response)
+        # A fair sample: one record per address before any gets a second.
+        records = self.providers.get(request.key, self.config.max_providers_per_response, now)
         return {
             "providers": [[r.node_id, r.host, r.port] for r in records],
             "nodes": self._neighbors_wire(request.key, request.node_id, (host, port), now),
@@ -757,6 +764,12 @@ class DhtCore:
         out["stored_values"] = len(self.storage)
         out["provider_records"] = len(self.providers)
         out["provider_keys"] = self.providers.key_count
+        out["stored_value_bytes"] = self.storage.bytes_used
+        out["provider_record_bytes"] = self.providers.bytes_used
+        for name, count in self.storage.stats.items():
+            out[f"value_store.{name}"] = count
+        for name, count in self.providers.stats.items():
+            out[f"provider_store.{name}"] = count
         out["outstanding_rpcs"] = len(self._calls)
         out["welcome_queue"] = len(self._welcome)
         out["verify_queue"] = len(self._verify)

@@ -2,19 +2,30 @@
 
 Both stores keep entries in refresh order (an ``OrderedDict``, a refresh moves the
 entry to the end), so expiry only ever looks at the front: O(1) amortised per call.
-Limits refuse new entries rather than evict old ones, so a flood cannot push out
-records that are kept fresh by their owners.
+
+A limit never locks newcomers out: a sender (source IP) or subnet over its quota
+evicts its own oldest entries, and a full store evicts from its heaviest user (the
+heaviest sender of the heaviest subnet, see :mod:`.quota`), so a flood only pushes
+out the flooder's records. Our own entries (sender None) are never evicted by
+remote writes, and a remote store never replaces our own value under the same key.
+Every eviction and refusal is counted in ``stats`` (``evicted.<why>``,
+``refused.<why>``).
+
+Methods take ``now`` (default: the injected clock).
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from itertools import islice
 
 from p2pnode.clock import Clock
 from p2pnode.dht.codec import MessageError
+from p2pnode.dht.config import PROVIDER_RECORD_BYTES, VALUE_OVERHEAD
+from p2pnode.dht.quota import Ledger, subnet_of
 from p2pnode.dht.rpc_schema import BAD_ARGS, Value, check_value, is_node_id, is_port
+
+_BIG = 1 << 62
 
 
 def _check_key(key: object) -> bytes:
@@ -24,11 +35,27 @@ def _check_key(key: object) -> bytes:
     return key
 
 
+def value_size(value: Value) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8")) + VALUE_OVERHEAD
+    if isinstance(value, bytes):
+        return len(value) + VALUE_OVERHEAD
+    return 8 + VALUE_OVERHEAD
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    stored_at: float
+    value: Value
+    sender: str | None
+    size: int
+
+
 class ValueStore:
-    """key (20 bytes) -> value, at most ``max_values`` entries, each for ``ttl`` seconds
-    after its last store, and at most ``max_per_sender`` of them last stored by one
-    sender (source IP; our own values have none), so that one address cannot fill
-    the store and have everyone else's values refused."""
+    """key (20 bytes) -> value for ``ttl`` seconds after its last store. Bounded in
+    entries (``max_values``) and bytes (``max_bytes``); one sender holds at most
+    ``max_per_sender`` entries and one subnet ``max_per_subnet``, past which their
+    own oldest go."""
 
     def __init__(
         self,
@@ -38,78 +65,130 @@ class ValueStore:
         ttl: float,
         max_value_bytes: int,
         max_per_sender: int | None = None,
+        max_per_subnet: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self._clock = clock
         self.max_values = max_values
         self.ttl = ttl
         self.max_value_bytes = max_value_bytes
         self.max_per_sender = max_values if max_per_sender is None else max_per_sender
-        self._data: OrderedDict[bytes, tuple[float, Value, str | None]] = OrderedDict()
-        self._per_sender: Counter[str] = Counter()
+        self.max_per_subnet = max_values if max_per_subnet is None else max_per_subnet
+        self.max_bytes = _BIG if max_bytes is None else max_bytes
+        self._data: OrderedDict[bytes, _Stored] = OrderedDict()
+        self._ledger: Ledger[bytes] = Ledger()
+        self._bytes = 0
+        self.stats: Counter[str] = Counter()
 
-    def put(self, key: bytes, value: object, sender: str | None = None) -> bool:
-        """Store (or refresh) a value. False when full; MessageError when invalid."""
+    def put(
+        self, key: bytes, value: object, sender: str | None = None, now: float | None = None
+    ) -> bool:
+        """Store (or refresh) a value; ``sender`` None means our own. False when
+        refused (counted): a remote write to our own value, or no room that a
+        remote entry could give up. MessageError when invalid."""
         key = _check_key(key)
         checked = check_value(value, self.max_value_bytes)
-        self.cull()
+        now = self._clock.now() if now is None else now
+        self.cull(now)
         old = self._data.get(key)
-        if old is None and len(self._data) >= self.max_values:
+        if old is not None and old.sender is None and sender is not None:
+            if old.value == checked:
+                return True  # it holds what was asked; our copy keeps its own ttl
+            self.stats["refused.own_value"] += 1
             return False
-        old_sender = None if old is None else old[2]
-        if (
-            sender is not None
-            and sender != old_sender
-            and self._per_sender[sender] >= self.max_per_sender
-        ):
-            return False
-        self._uncount(old_sender)
-        self._data[key] = (self._clock.now(), checked, sender)
-        self._data.move_to_end(key)
+        size = value_size(checked)
+        if old is not None:
+            self._drop(key)
         if sender is not None:
-            self._per_sender[sender] += 1
+            self._make_quota_room(sender)
+        while len(self._data) >= self.max_values or self._bytes + size > self.max_bytes:
+            victim = self._ledger.heaviest()
+            if victim is None:
+                if old is not None:  # nothing was taken: put back what was there
+                    self._insert(key, old)
+                self.stats["refused.full"] += 1
+                return False
+            self._evict_oldest(victim, "full")
+        self._insert(key, _Stored(now, checked, sender, size))
         return True
 
-    def get(self, key: bytes) -> Value | None:
-        self.cull()
-        entry = self._data.get(key)
-        return None if entry is None else entry[1]
+    def _make_quota_room(self, sender: str) -> None:
+        while self._ledger.count(sender) >= self.max_per_sender:
+            self._evict_oldest(sender, "sender_quota")
+        subnet = subnet_of(sender)
+        while self._ledger.subnet_count(subnet) >= self.max_per_subnet:
+            victim = self._ledger.heaviest_in(subnet)
+            assert victim is not None
+            self._evict_oldest(victim, "subnet_quota")
 
-    def remove(self, key: bytes) -> None:
+    def _evict_oldest(self, sender: str, why: str) -> None:
+        key = self._ledger.oldest(sender)
+        assert key is not None
+        self._drop(key)
+        self.stats[f"evicted.{why}"] += 1
+
+    def _insert(self, key: bytes, entry: _Stored) -> None:
+        self._data[key] = entry
+        self._data.move_to_end(key)
+        self._bytes += entry.size
+        if entry.sender is not None:
+            self._ledger.add(entry.sender, key, entry.size)
+
+    def _drop(self, key: bytes) -> _Stored | None:
         entry = self._data.pop(key, None)
         if entry is not None:
-            self._uncount(entry[2])
+            self._bytes -= entry.size
+            if entry.sender is not None:
+                self._ledger.remove(entry.sender, key)
+        return entry
 
-    def items(self) -> list[tuple[bytes, Value]]:
+    def get(self, key: bytes, now: float | None = None) -> Value | None:
+        self.cull(now)
+        entry = self._data.get(key)
+        return None if entry is None else entry.value
+
+    def is_own(self, key: bytes) -> bool:
+        """Whether ``key`` holds a value we put ourselves."""
+        entry = self._data.get(key)
+        return entry is not None and entry.sender is None
+
+    def remove(self, key: bytes) -> None:
+        self._drop(key)
+
+    def items(self, now: float | None = None) -> list[tuple[bytes, Value]]:
         """Live entries, least recently stored first."""
-        self.cull()
-        return [(key, entry[1]) for key, entry in self._data.items()]
+        self.cull(now)
+        return [(key, entry.value) for key, entry in self._data.items()]
 
-    def newest(self, limit: int) -> list[tuple[bytes, Value]]:
+    def newest(self, limit: int, now: float | None = None) -> list[tuple[bytes, Value]]:
         """At most ``limit`` live entries, most recently stored first."""
-        self.cull()
-        return [(key, entry[1]) for key, entry in islice(reversed(self._data.items()), limit)]
+        self.cull(now)
+        out: list[tuple[bytes, Value]] = []
+        for key in reversed(self._data):
+            if len(out) >= limit:
+                break
+            out.append((key, self._data[key].value))
+        return out
 
-    def cull(self) -> int:
-        deadline = self._clock.now() - self.ttl
+    def cull(self, now: float | None = None) -> int:
+        now = self._clock.now() if now is None else now
+        deadline = now - self.ttl
         removed = 0
         while self._data:
-            key, (stored_at, _, sender) = next(iter(self._data.items()))
-            if stored_at > deadline:
+            key, entry = next(iter(self._data.items()))
+            if entry.stored_at > deadline:
                 break
-            del self._data[key]
-            self._uncount(sender)
+            self._drop(key)
             removed += 1
         return removed
 
     def sender_count(self, sender: str) -> int:
         self.cull()
-        return self._per_sender[sender]
+        return self._ledger.count(sender)
 
-    def _uncount(self, sender: str | None) -> None:
-        if sender is not None:
-            self._per_sender[sender] -= 1
-            if self._per_sender[sender] <= 0:
-                del self._per_sender[sender]
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
         self.cull()
@@ -120,7 +199,7 @@ class ValueStore:
         return key in self._data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProviderEntry:
     key: bytes
     node_id: bytes
@@ -129,12 +208,20 @@ class ProviderEntry:
     sender: str | None  # source IP it came from; None for our own records
     expires: float
 
+    @property
+    def size(self) -> int:
+        return PROVIDER_RECORD_BYTES + len(self.host)
+
 
 class ProviderStore:
     """Who provides which 20-byte key: records expire ``ttl`` seconds after their last
-    announcement and are bounded per key, per sender (source IP), in distinct keys and
-    in total. A record is identified by (key, node id); announcing again refreshes it
-    (last writer wins for host and port)."""
+    announcement. A record is identified by (key, node id); announcing again
+    refreshes it (last writer wins for host and port).
+
+    Bounds, each evicting rather than refusing: per key (``max_per_key``; the
+    least deserving record goes: from the subnet, then the address, holding most of
+    the key, then the oldest), per key and sender / subnet, per sender and subnet
+    overall, in total records, bytes and distinct keys."""
 
     def __init__(
         self,
@@ -145,6 +232,10 @@ class ProviderStore:
         max_per_sender: int,
         max_keys: int,
         max_records: int,
+        max_per_key_per_sender: int | None = None,
+        max_per_key_per_subnet: int | None = None,
+        max_per_subnet: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self._clock = clock
         self.ttl = ttl
@@ -152,49 +243,158 @@ class ProviderStore:
         self.max_per_sender = max_per_sender
         self.max_keys = max_keys
         self.max_records = max_records
+        self.max_per_key_per_sender = (
+            max_per_key if max_per_key_per_sender is None else max_per_key_per_sender
+        )
+        self.max_per_key_per_subnet = (
+            max_per_key if max_per_key_per_subnet is None else max_per_key_per_subnet
+        )
+        self.max_per_subnet = max_records if max_per_subnet is None else max_per_subnet
+        self.max_bytes = _BIG if max_bytes is None else max_bytes
         self._order: OrderedDict[tuple[bytes, bytes], ProviderEntry] = OrderedDict()
         self._by_key: dict[bytes, dict[bytes, ProviderEntry]] = {}
-        self._per_sender: Counter[str] = Counter()
+        self._ledger: Ledger[tuple[bytes, bytes]] = Ledger()
+        self._bytes = 0
+        self.stats: Counter[str] = Counter()
 
-    def add(self, key: bytes, node_id: bytes, host: str, port: int, sender: str | None) -> bool:
-        """Record (or refresh) a provider. False when a limit refuses it."""
+    def add(
+        self,
+        key: bytes,
+        node_id: bytes,
+        host: str,
+        port: int,
+        sender: str | None,
+        now: float | None = None,
+    ) -> bool:
+        """Record (or refresh) a provider. False (counted) only when no remote
+        record could make room (the limits are filled with our own records)."""
         key = _check_key(key)
         if not is_node_id(node_id) or not is_port(port):
             raise MessageError(BAD_ARGS, "provider needs a 20-byte id and a port")
-        self.cull()
-        records = self._by_key.get(key)
-        old = records.get(node_id) if records is not None else None
-        sender_changes = old is None or old.sender != sender
-        if (
-            sender_changes
-            and sender is not None
-            and self._per_sender[sender] >= self.max_per_sender
-        ):
-            return False
-        if old is None:
-            if records is None and len(self._by_key) >= self.max_keys:
-                return False
-            if records is not None and len(records) >= self.max_per_key:
-                return False
-            if len(self._order) >= self.max_records:
-                return False
-        else:
+        now = self._clock.now() if now is None else now
+        self.cull(now)
+        old = self._by_key.get(key, {}).get(node_id)
+        if old is not None:
             self._forget(old)
-        entry = ProviderEntry(key, node_id, host, port, sender, self._clock.now() + self.ttl)
-        self._by_key.setdefault(key, {})[node_id] = entry
-        self._order[(key, node_id)] = entry
+        entry = ProviderEntry(key, node_id, host, port, sender, now + self.ttl)
         if sender is not None:
-            self._per_sender[sender] += 1
+            self._make_quota_room(key, sender)
+        if not self._make_key_room(key) or not self._make_total_room(key, entry.size):
+            if old is not None:
+                self._insert(old)
+            return False
+        self._insert(entry)
         return True
 
-    def get(self, key: bytes, limit: int | None = None) -> list[ProviderEntry]:
-        """Live records for ``key``, most recently announced first."""
-        self.cull()
+    def _make_quota_room(self, key: bytes, sender: str) -> None:
+        subnet = subnet_of(sender)
+        records = self._by_key.get(key, {})
+        mine = [e for e in records.values() if e.sender == sender]
+        while len(mine) >= self.max_per_key_per_sender:
+            self._evict(min(mine, key=lambda e: e.expires), "key_sender_quota")
+            mine = [e for e in self._by_key.get(key, {}).values() if e.sender == sender]
+        while True:
+            ours = [
+                e
+                for e in self._by_key.get(key, {}).values()
+                if e.sender is not None and subnet_of(e.sender) == subnet
+            ]
+            if len(ours) < self.max_per_key_per_subnet:
+                break
+            self._evict(self._least_deserving(ours), "key_subnet_quota")
+        while self._ledger.count(sender) >= self.max_per_sender:
+            self._evict_oldest(sender, "sender_quota")
+        while self._ledger.subnet_count(subnet) >= self.max_per_subnet:
+            victim = self._ledger.heaviest_in(subnet)
+            assert victim is not None
+            self._evict_oldest(victim, "subnet_quota")
+
+    def _make_key_room(self, key: bytes) -> bool:
+        records = self._by_key.get(key)
+        if records is None:
+            # A new key: the heaviest users' oldest records go until a key is free
+            # (a few rounds at most; then refused).
+            for _ in range(16):
+                if len(self._by_key) < self.max_keys:
+                    return True
+                victim = self._ledger.heaviest()
+                if victim is None:
+                    break
+                self._evict_oldest(victim, "keys_full")
+            if len(self._by_key) < self.max_keys:
+                return True
+            self.stats["refused.keys_full"] += 1
+            return False
+        while len(records) >= self.max_per_key:
+            remote = [e for e in records.values() if e.sender is not None]
+            if not remote:
+                self.stats["refused.key_full"] += 1
+                return False
+            self._evict(self._least_deserving(remote), "key_full")
+        return True
+
+    def _make_total_room(self, key: bytes, size: int) -> bool:
+        while len(self._order) >= self.max_records or self._bytes + size > self.max_bytes:
+            victim = self._ledger.heaviest()
+            if victim is None:
+                self.stats["refused.full"] += 1
+                return False
+            self._evict_oldest(victim, "full")
+        return True
+
+    @staticmethod
+    def _least_deserving(records: list[ProviderEntry]) -> ProviderEntry:
+        """From the subnet, then the address, with most of ``records``; then the oldest."""
+        subnets = Counter(subnet_of(e.sender or "") for e in records)
+        senders = Counter(e.sender for e in records)
+        return min(
+            records,
+            key=lambda e: (-subnets[subnet_of(e.sender or "")], -senders[e.sender], e.expires),
+        )
+
+    def _evict_oldest(self, sender: str, why: str) -> None:
+        ident = self._ledger.oldest(sender)
+        assert ident is not None
+        self._evict(self._order[ident], why)
+
+    def _evict(self, entry: ProviderEntry, why: str) -> None:
+        self._forget(entry)
+        self.stats[f"evicted.{why}"] += 1
+
+    def _insert(self, entry: ProviderEntry) -> None:
+        ident = (entry.key, entry.node_id)
+        self._by_key.setdefault(entry.key, {})[entry.node_id] = entry
+        self._order[ident] = entry
+        self._order.move_to_end(ident)
+        self._bytes += entry.size
+        if entry.sender is not None:
+            self._ledger.add(entry.sender, ident, entry.size)
+
+    def get(
+        self, key: bytes, limit: int | None = None, now: float | None = None
+    ) -> list[ProviderEntry]:
+        """A fair sample of the live records for ``key``: one record per address
+        (its freshest) before any address gets a second, addresses whose freshest
+        record is freshest first; at most ``limit``."""
+        self.cull(now)
         records = self._by_key.get(key)
         if not records:
             return []
-        newest = sorted(records.values(), key=lambda e: e.expires, reverse=True)
-        return newest if limit is None else newest[:limit]
+        by_host: dict[str, list[ProviderEntry]] = {}
+        for entry in sorted(records.values(), key=lambda e: e.expires, reverse=True):
+            by_host.setdefault(entry.host, []).append(entry)
+        groups = list(by_host.values())  # in order of each host's freshest record
+        out: list[ProviderEntry] = []
+        limit = len(records) if limit is None else limit
+        depth = 0
+        while len(out) < limit and groups:
+            groups = [g for g in groups if len(g) > depth]
+            for group in groups:
+                if len(out) >= limit:
+                    break
+                out.append(group[depth])
+            depth += 1
+        return out
 
     def remove(self, key: bytes, node_id: bytes) -> None:
         records = self._by_key.get(key)
@@ -202,19 +402,20 @@ class ProviderStore:
             self._forget(records[node_id])
 
     def _forget(self, entry: ProviderEntry) -> None:
-        self._order.pop((entry.key, entry.node_id), None)
+        ident = (entry.key, entry.node_id)
+        if self._order.pop(ident, None) is None:
+            return
+        self._bytes -= entry.size
         records = self._by_key.get(entry.key)
         if records is not None:
             records.pop(entry.node_id, None)
             if not records:
                 del self._by_key[entry.key]
         if entry.sender is not None:
-            self._per_sender[entry.sender] -= 1
-            if self._per_sender[entry.sender] <= 0:
-                del self._per_sender[entry.sender]
+            self._ledger.remove(entry.sender, ident)
 
-    def cull(self) -> int:
-        now = self._clock.now()
+    def cull(self, now: float | None = None) -> int:
+        now = self._clock.now() if now is None else now
         removed = 0
         while self._order:
             entry = next(iter(self._order.values()))
@@ -226,7 +427,11 @@ class ProviderStore:
 
     def sender_count(self, sender: str) -> int:
         self.cull()
-        return self._per_sender[sender]
+        return self._ledger.count(sender)
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
 
     @property
     def key_count(self) -> int:

@@ -240,12 +240,14 @@ async def test_remote_store_bounded(harness: Harness) -> None:
     try:
         for i in range(3):
             h.request("store", nid(5), nid(100 + i), i)
-        assert [p for p, _ in h.transport.responses()] == [True, True, False]
-        assert h.stat("stores_refused") == 1
+        # Full: the heaviest sender's oldest value is evicted, nothing refused.
+        assert [p for p, _ in h.transport.responses()] == [True, True, True]
+        assert h.stat("stores_refused") == 0
+        assert h.storage.get(nid(100)) is None
         h.clock.advance(10)
         h.request("store", nid(5), nid(103), 3)
         assert h.storage.get(nid(103)) == 3
-        assert h.storage.get(nid(100)) is None
+        assert h.storage.get(nid(101)) is None
     finally:
         await h.close()
 
@@ -303,10 +305,12 @@ async def test_provider_records_use_the_source_ip() -> None:
         answers = [p for p, _ in h.transport.responses()]
         assert answers[0] is True
         assert answers[1] == {"providers": [[nid(5), "10.0.0.9", 4001]], "nodes": []}
-        # per sender (source IP) bound
+        # per sender (source IP) bound: its oldest record makes room
         h.request("add_provider", nid(5), nid(51), 4001, addr=("10.0.0.9", 7777))
         h.request("add_provider", nid(7), nid(52), 4001, addr=("10.0.0.9", 7778))
-        assert [p for p, _ in h.transport.responses()][2:] == [True, False]
+        assert [p for p, _ in h.transport.responses()][2:] == [True, True]
+        assert h.stat("provider_store.evicted.sender_quota") == 1
+        assert h.proto.providers.sender_count("10.0.0.9") == 2
         # expiry
         h.clock.advance(100)
         h.transport.sent.clear()
