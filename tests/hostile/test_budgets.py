@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from p2pnode.identity import Identity
 from p2pnode.net import NetLimits, PeerAddress, PeerHost
+from p2pnode.wire.frame import frame_header
 from p2pnode.wire.messages import Message, Ping, Pong
 from tests.helpers import eventually
+from tests.hostile.test_hostile_peers import RawPeer, attackers
 
 # Long enough that the silent sockets are still held while the test runs.
 VICTIM = NetLimits(handshake_timeout=30.0, request_timeout=10.0)
@@ -132,3 +135,38 @@ async def test_handshake_flood_from_many_subnets_evicts_the_oldest(hosts: MakeHo
         honest = hosts(HONEST)
         assert await honest.request(victim_addr, Ping()) == Pong()
         assert victim.stats()["evicted_handshakes"] == 17
+
+
+# -- memory: announced frames --------------------------------------------------------
+
+
+@needs_loopback_range
+async def test_announced_frames_that_never_arrive_cost_little(hosts: MakeHost) -> None:
+    """Authenticated peers each announce a max_frame frame and send a few bytes of
+    it: the node holds a small start of each body, not max_frame each."""
+    victim, victim_addr = await serving(hosts, VICTIM)
+    count = 64
+    tracemalloc.start()
+    try:
+        async with attackers() as peers:
+            peers += await asyncio.gather(
+                # from 8 subnets, under the per-address and per-subnet limits
+                *(RawPeer.connect(victim_addr.port, f"127.0.{20 + i % 8}.1") for i in range(count))
+            )
+            await asyncio.gather(*(p.handshake() for p in peers))
+            await eventually(lambda: victim.stats()["connections_open"] == count, timeout=10)
+            before = tracemalloc.get_traced_memory()[0]
+            target = victim.counters["bytes_in"]
+            for peer in peers:
+                data = peer.chunk(frame_header(VICTIM.max_frame) + b"abcd")
+                peer.send(data)
+                target += len(data)
+            await eventually(
+                lambda: victim.counters["bytes_in"] >= target, timeout=10, what="bytes read"
+            )
+            grown = tracemalloc.get_traced_memory()[0] - before
+            assert victim.stats()["connections_open"] == count  # held, not dropped
+    finally:
+        tracemalloc.stop()
+    # before: count * max_frame (256 MiB); now GROW_START and change per connection
+    assert grown < count * 256 * 1024, grown

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pnode.errors import LimitExceeded, ProtocolError
-from p2pnode.wire.buffers import BufferPool, buffer_address, exported
+from p2pnode.wire.buffers import PAGE, BufferPool, buffer_address, exported
 from p2pnode.wire.frame import (
     CHUNK_HEADER,
+    GROW_START,
     FrameDecoder,
     PrefixDecoder,
     encode_frame,
@@ -269,3 +270,47 @@ def test_buffer_pool_views_are_leases() -> None:
     del a
     c = pool.view(90_000)
     assert c.obj is base and len(c) == 90_000
+
+
+def test_an_announced_body_is_not_allocated_up_front() -> None:
+    """A header announcing max_len and a few bytes cost GROW_START, not max_len."""
+    decoder = FrameDecoder(4 << 20)
+    assert decoder.feed(frame_header(4 << 20) + b"abc") == []
+    assert decoder.buffered == 3
+    assert decoder.held <= GROW_START + 256 * 1024  # the body started small, plus the read buffer
+    decoder = FrameDecoder(4 << 20)
+    buf = decoder.get_buffer()
+    header = frame_header(4 << 20) + b"abc"
+    buf[: len(header)] = header
+    assert decoder.buffer_updated(len(header)) == []
+    assert decoder.held < 256 * 1024
+
+
+@pytest.mark.parametrize("sizes", [[1 << 20], [7, 70_000, 3, 100_000], [65_536], [1_000_003]])
+def test_bodies_grow_to_the_whole_item_in_any_split(sizes: list[int]) -> None:
+    big = [bytes([i]) * ((4 << 20) - i) for i in range(3)] + [bytes(300_000)]
+    data = join_frames([b"x", *big, b"y"])
+    assert feed_buffered(FrameDecoder(4 << 20), data, sizes) == [b"x", *big, b"y"]
+    assert feed_split(FrameDecoder(4 << 20), data, [5, 70_000, 1 << 20, 3 << 20]) == [
+        b"x",
+        *big,
+        b"y",
+    ]
+
+
+def test_reserve_grows_the_body_and_the_whole_body_is_page_aligned() -> None:
+    length = (2 << 20) + 4096
+    payload = bytes(range(256)) * (length // 256)
+    decoder = FrameDecoder(4 << 20)
+    assert decoder.feed_views(frame_header(length) + payload[:10]) == []
+    pos, items = 10, []
+    while not items:
+        n = min(50_000, length - pos)
+        dest = decoder.reserve(n)
+        assert dest is not None and len(dest) == n
+        dest[:] = payload[pos : pos + n]
+        pos += n
+        items = decoder.commit(n)
+    (item,) = items
+    assert bytes(item) == payload
+    assert (buffer_address(item) + len(item)) % PAGE == 0
