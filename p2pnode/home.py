@@ -1,6 +1,10 @@
 """The node's home folder: what lives there and who may use it.
 
-Files (all written atomically; secrets 0600):
+Only its owner: the home is 0700 and every file in it 0600, whatever the umask
+(:func:`secure_home`, at start, before anything else is written; a home found
+with looser modes is tightened, and a log line says so).
+
+Files (written atomically):
   identity.key   Ed25519 private key (PEM)
   config.toml    optional defaults for `start` (host, port, bootstrap, api_port, log_level)
   contacts.json  routing-table contacts saved at the last run, used to rejoin
@@ -16,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,81 @@ TOKEN_FILE = "api.token"
 LOCK_FILE = "node.lock"
 CONFIG_FILE = "config.toml"
 MAX_SAVED_CONTACTS = 200
+# p2pnode.exchange.store.DB_NAME (not imported: the CLI client imports this module).
+# Created 0600 here before SQLite opens it: SQLite gives its -wal and -shm files the
+# mode of the database file, but creates that one 0644 minus the umask.
+INDEX_FILE = "exchange.sqlite3"
+HOME_MODE = 0o700
+FILE_MODE = 0o600
+# Entries looked at when tightening an existing home (downloads may sit inside).
+MAX_TIGHTEN = 10_000
+
+log = logging.getLogger(__name__)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents, without recursion: a path can have
+    thousands of parts) and make ``path`` itself 0700 whatever the umask."""
+    missing: list[Path] = []
+    here = path
+    while not here.is_dir() and here != here.parent:
+        missing.append(here)
+        here = here.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=HOME_MODE)
+        except FileExistsError:
+            pass  # made meanwhile by someone else: checked below
+        except OSError as exc:
+            raise UsageError(f"cannot create folder {folder}: {exc.strerror}") from None
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a folder")
+    os.chmod(path, HOME_MODE)
+
+
+def secure_home(home: Path) -> None:
+    """Make the home private: the folder 0700, the SQLite index created 0600, and
+    group/other bits taken off everything already inside (logged)."""
+    existed = home.is_dir()
+    make_private_dir(home)
+    # O_NOFOLLOW: never create or open through a link planted in an old home.
+    fd = os.open(home / INDEX_FILE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+    os.close(fd)
+    if existed:
+        tightened = _tighten(home)
+        if tightened:
+            shown = ", ".join(tightened[:5]) + (", ..." if len(tightened) > 5 else "")
+            log.warning(
+                "home %s: others could read %d entries; made them owner-only: %s",
+                home,
+                len(tightened),
+                shown,
+            )
+
+
+def _tighten(home: Path) -> list[str]:
+    """Take group/other bits off every entry under ``home`` (owner bits kept, links
+    skipped, at most MAX_TIGHTEN entries, no recursion). The home is 0700 already,
+    so no one else can swap an entry for a link meanwhile."""
+    tightened: list[str] = []
+    pending = [home]
+    seen = 0
+    while pending and seen < MAX_TIGHTEN:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                seen += 1
+                if seen > MAX_TIGHTEN:
+                    log.warning("home %s: stopped tightening after %d entries", home, MAX_TIGHTEN)
+                    break
+                if entry.is_symlink():
+                    continue
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                if stat.S_IMODE(mode) & 0o077:
+                    os.chmod(entry.path, stat.S_IMODE(mode) & ~0o077)
+                    tightened.append(os.path.relpath(entry.path, home))
+    return tightened
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -55,7 +136,8 @@ class HomeLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        # The first thing a node does with its home: make it private first.
+        secure_home(self._path.parent)
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,7 +179,7 @@ def load_contacts(home: Path) -> list[SavedContact]:
     try:
         data = json.loads(path.read_text())
         rows = data["contacts"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return []
     out: list[SavedContact] = []
     for row in rows[:MAX_SAVED_CONTACTS] if isinstance(rows, list) else []:
@@ -136,7 +218,7 @@ def read_control(home: Path) -> ControlInfo:
         return ControlInfo(url=str(info["url"]), token=token, pid=int(info["pid"]))
     except FileNotFoundError:
         raise NodeNotRunning(f"no node is running for home {home}") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise NodeNotRunning(f"control file in {home} is unreadable: {exc}") from None
 
 
@@ -152,3 +234,5 @@ def read_config_file(home: Path) -> dict[str, Any]:
         return {}
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or table
+        raise UsageError(f"{path}: nested too deeply") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from p2pnode.errors import UsageError
+from p2pnode.home import make_private_dir, write_atomic
 
 NODE_ID_LEN = 20
 PUBLIC_KEY_LEN = 32
@@ -111,17 +111,12 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, home: Path) -> Identity:
-        """Load the key from ``home``, creating it (mode 0600) on first use."""
+        """Load the key from ``home``, creating it (mode 0600, in a 0700 home) on
+        first use."""
         path = home / KEY_FILE
         if path.exists():
             return cls.from_pem(path.read_bytes())
         identity = cls.generate()
-        home.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(identity.to_pem())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        make_private_dir(home)
+        write_atomic(path, identity.to_pem())
         return identity

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -10,17 +11,22 @@ import pytest
 
 from p2pnode.config import default_home, parse_host_port
 from p2pnode.errors import NodeNotRunning, UsageError
+from p2pnode.exchange.store import DB_NAME
 from p2pnode.home import (
     CONTACTS_FILE,
+    INDEX_FILE,
     HomeLock,
     SavedContact,
     clear_control,
     load_contacts,
+    make_private_dir,
     read_config_file,
     read_control,
     save_contacts,
+    write_atomic,
     write_control,
 )
+from p2pnode.identity import KEY_FILE, Identity
 
 
 @pytest.mark.parametrize(
@@ -96,3 +102,64 @@ def test_config_file(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("port = = 1")
     with pytest.raises(UsageError):
         read_config_file(tmp_path)
+
+
+def _remove_deep(top: Path) -> None:
+    """rmtree recurses once per level: remove a deep chain of folders bottom-up."""
+    chain = [top]
+    while True:
+        inner = [p for p in chain[-1].iterdir() if p.is_dir()]
+        if not inner:
+            break
+        chain.append(inner[0])
+    for folder in reversed(chain):
+        for entry in folder.iterdir():
+            if not entry.is_dir():
+                entry.unlink()
+        folder.rmdir()
+
+
+def test_a_home_1500_folders_deep_is_created_without_recursion(tmp_path: Path) -> None:
+    # Path.mkdir(parents=True) recursed once per missing folder: a RecursionError.
+    home = tmp_path.joinpath("d", *["d"] * 1499)
+    assert len(str(home)) < 4000
+    try:
+        identity = Identity.load_or_create(home)
+        assert Identity.load_or_create(home).node_id == identity.node_id
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+        assert stat.S_IMODE((home / KEY_FILE).stat().st_mode) == 0o600
+    finally:
+        _remove_deep(tmp_path / "d")
+
+
+def test_private_dir_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        make_private_dir(tmp_path / "a" / "b")
+        write_atomic(tmp_path / "a" / "b" / "f", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a" / "b" / "f").stat().st_mode) == 0o600
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="not a folder"):
+        make_private_dir(tmp_path / "file")
+    with pytest.raises(UsageError, match="cannot create"):
+        make_private_dir(tmp_path / "file" / "home")
+
+
+def test_index_file_name_is_the_stores() -> None:
+    assert INDEX_FILE == DB_NAME
+
+
+def test_deeply_nested_home_files_give_clear_errors(tmp_path: Path) -> None:
+    """Local files, but a RecursionError from the parsers must not escape as a crash."""
+    (tmp_path / "config.toml").write_text("a = " + "[" * 5000 + "]" * 5000)
+    with pytest.raises(UsageError, match="nested too deeply"):
+        read_config_file(tmp_path)
+    (tmp_path / CONTACTS_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    assert load_contacts(tmp_path) == []
+    write_control(tmp_path, "http://127.0.0.1:1", "t")
+    (tmp_path / "control.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(NodeNotRunning, match="unreadable"):
+        read_control(tmp_path)
