@@ -303,7 +303,8 @@ def test_reserve_grows_the_body_and_the_whole_body_is_page_aligned() -> None:
     payload = bytes(range(256)) * (length // 256)
     decoder = FrameDecoder(4 << 20)
     assert decoder.feed_views(frame_header(length) + payload[:10]) == []
-    pos, items = 10, []
+    pos = 10
+    items: list[memoryview] = []
     while not items:
         n = min(50_000, length - pos)
         dest = decoder.reserve(n)
