@@ -63,6 +63,7 @@ from p2pnode.errors import (
     VerificationError,
 )
 from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.exchange.durable import TreeSync
 from p2pnode.exchange.manifest import (
     Manifest,
     dht_key,
@@ -91,7 +92,6 @@ from p2pnode.exchange.store import (
     Store,
     StoredResource,
     copy_into_place,
-    fsync_tree,
     partial_path,
     storage_error,
 )
@@ -290,7 +290,6 @@ class Fetcher:
         progress: ProgressCallback | None,
         t_start: float,
     ) -> StoredResource:
-        rid_text = resource_id_to_str(rid)
         self._check_space(dest, manifest, existing)
         resource = self._store.begin_download(manifest, dest)
         await self._recheck(resource)
@@ -305,6 +304,35 @@ class Fetcher:
             endgame_copies=self._config.endgame_copies,
         )
         done_bytes = sum(manifest.piece_length(i) for i in verified)
+        # Opened before any piece is written, so the final sync reports any writeback
+        # error of this download (exchange/durable.py).
+        try:
+            durable = TreeSync(resource.root)
+        except OSError as exc:
+            raise storage_error(exc, resource.root) from None
+        try:
+            return await self._transfer(
+                rid, manifest, resource, verified, picker, done_bytes, durable,
+                providers, force, progress, t_start,
+            )  # fmt: skip
+        finally:
+            durable.close()
+
+    async def _transfer(
+        self,
+        rid: bytes,
+        manifest: Manifest,
+        resource: StoredResource,
+        verified: set[int],
+        picker: Picker,
+        done_bytes: int,
+        durable: TreeSync,
+        providers: list[ProviderRecord] | None,
+        force: bool,
+        progress: ProgressCallback | None,
+        t_start: float,
+    ) -> StoredResource:
+        rid_text = resource_id_to_str(rid)
         writer = PieceWriter(
             manifest,
             resource.root,
@@ -334,7 +362,7 @@ class Fetcher:
         if self._config.fsync:
             loop = asyncio.get_running_loop()
             try:
-                await loop.run_in_executor(self._executor, fsync_tree, resource.root, manifest)
+                await loop.run_in_executor(self._executor, durable.sync, resource.root, manifest)
             except OSError as exc:
                 raise storage_error(exc, resource.root) from None
         self._store.finish_download(rid, force=force, fsync=False)

@@ -33,6 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from p2pnode.errors import StaleError, StorageError, UsageError
+from p2pnode.exchange.durable import TreeSync, sync_tree
 from p2pnode.exchange.manifest import (
     FileStat,
     Manifest,
@@ -499,13 +500,14 @@ def _layout_partial(manifest: Manifest, target: Path) -> bool:
         if target.exists() and not target.is_dir():
             target.unlink()
             lost = True
-        target.mkdir(parents=True, exist_ok=True)
-    elif target.is_dir():
-        shutil.rmtree(target)
-        lost = True
+        target.mkdir(parents=True, exist_ok=True)  # a local path, not the manifest's
+    else:
+        if target.is_dir():
+            shutil.rmtree(target)
+            lost = True
+        target.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(target, _parent_dirs(manifest))
     for entry, path in zip(manifest.entries, paths, strict=True):
-        if path.parent != target:
-            path.parent.mkdir(parents=True, exist_ok=True)
         try:
             st = path.lstat()
         except FileNotFoundError:
@@ -538,16 +540,41 @@ def _make_empty_dirs(manifest: Manifest, target: Path) -> None:
             st = None
         if st is not None and not stat.S_ISDIR(st.st_mode):
             path.unlink()
-        path.mkdir(parents=True, exist_ok=True)
+    _make_dirs(target, manifest.empty_dirs)
+
+
+def _parent_dirs(manifest: Manifest) -> list[str]:
+    """The folders holding a folder resource's files (relative POSIX paths)."""
+    if manifest.kind != "dir":
+        return []
+    return list({e.path.rpartition("/")[0] for e in manifest.entries} - {""})
+
+
+def _make_dirs(root: Path, rels: Iterable[str]) -> None:
+    """Create the folders ``rels`` (relative POSIX paths) under ``root`` and their
+    parents, shallowest first, in a loop: no recursion however deep a path from a
+    manifest is (``Path.mkdir(parents=True)`` recurses once per missing level).
+    An existing folder is kept; anything else in the way raises FileExistsError."""
+    wanted: set[tuple[str, ...]] = set()
+    for rel in rels:
+        parts = tuple(rel.split("/"))
+        for depth in range(len(parts), 0, -1):
+            prefix = parts[:depth]
+            if prefix in wanted:
+                break  # its parents are already in
+            wanted.add(prefix)
+    for parts in sorted(wanted, key=len):
+        path = root.joinpath(*parts)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise
 
 
 def fsync_tree(root: Path, manifest: Manifest) -> None:
-    for path in file_paths(root, manifest):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Make a written file or folder durable (syncfs for many files: see durable.py)."""
+    sync_tree(root, manifest)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -570,22 +597,63 @@ def copy_into_place(
     _remove_path(partial)
     try:
         if manifest.kind == "file":
-            shutil.copyfile(src, partial)
+            _copy_file(src, partial)
+            if fsync:
+                sync_tree(partial, manifest)
         else:
             # What the manifest lists, nothing else: regular files and folders only.
-            partial.mkdir(parents=True)
-            for s_path, d_path in zip(
-                file_paths(src, manifest), file_paths(partial, manifest), strict=True
-            ):
-                d_path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(s_path, d_path)
-            _make_empty_dirs(manifest, partial)
-        if fsync:
-            fsync_tree(partial, manifest)
+            os.mkdir(partial)
+            with TreeSync(partial) as durable:  # before writing: see durable.py
+                _make_dirs(partial, [*_parent_dirs(manifest), *manifest.empty_dirs])
+                for s_path, d_path in zip(
+                    file_paths(src, manifest), file_paths(partial, manifest), strict=True
+                ):
+                    _copy_file(s_path, d_path)
+                if fsync:
+                    durable.sync(partial, manifest)
         _move_into_place(partial, dest, manifest, force=force)
     except BaseException:
         _remove_path(partial)
         raise
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy one file's bytes to a new file: ``copy_file_range`` (in the kernel, and
+    a reflink where the filesystem shares blocks: btrfs, XFS), else ``sendfile``."""
+    sfd = os.open(src, os.O_RDONLY)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if not _copy_fds(sfd, dfd):
+                os.lseek(sfd, 0, os.SEEK_SET)
+                os.lseek(dfd, 0, os.SEEK_SET)
+                os.ftruncate(dfd, 0)
+                while os.sendfile(dfd, sfd, None, _COPY_CHUNK):
+                    pass
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+_COPY_CHUNK = 1 << 30
+_HAS_COPY_RANGE = hasattr(os, "copy_file_range")
+
+
+def _copy_fds(sfd: int, dfd: int) -> bool:
+    """``copy_file_range`` to the end; False if unsupported here (nothing copied)."""
+    global _HAS_COPY_RANGE
+    if not _HAS_COPY_RANGE:
+        return False
+    try:
+        while os.copy_file_range(sfd, dfd, _COPY_CHUNK):
+            pass
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        _HAS_COPY_RANGE = exc.errno != errno.ENOSYS
+        return False
+    return True
 
 
 def _move_into_place(partial: Path, dest: Path, manifest: Manifest, *, force: bool) -> None:
