@@ -7,8 +7,10 @@ import asyncio
 import logging
 import os
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -184,3 +186,152 @@ async def test_a_lookup_through_only_liars_ends(
         await node.close()
     assert node.stats()["background_tasks"] == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- issue 10: storage floods from a few cheap addresses -------------------------------
+
+
+def can_bind(host: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
+
+
+ATTACKERS = [f"127.0.0.{i}" for i in range(2, 13)]  # 11 addresses, as in attack 5
+needs_other_loopbacks = pytest.mark.skipif(
+    not all(can_bind(a) for a in ATTACKERS), reason="127.0.0.2-12 cannot be bound here"
+)
+
+
+class Flooder(asyncio.DatagramProtocol):
+    """Sends raw DHT requests from one address; ``sync`` waits for a ping answer from
+    a node, which reads datagrams in order: everything sent before was read."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.waiting: dict[bytes, asyncio.Future[object]] = {}
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        future = self.waiting.pop(data[1:21], None)
+        if data[:1] == b"\x01" and future is not None and not future.done():
+            future.set_result(msgpack.unpackb(data[21:]))
+
+    def send(self, port: int, name: str, *args: object) -> bytes:
+        msg_id = os.urandom(20)
+        packed = msgpack.packb([name, list(args)], use_bin_type=True)
+        self.transport.sendto(b"\x00" + msg_id + packed, ("127.0.0.1", port))
+        return msg_id
+
+    async def ask(self, port: int, name: str, *args: object) -> object:
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self.waiting[self.send(port, name, *args)] = future
+        async with asyncio.timeout(5):
+            return await future
+
+    async def flood(self, port: int, requests: list[tuple[object, ...]], batch: int = 16) -> None:
+        for start in range(0, len(requests), batch):
+            for request in requests[start : start + batch]:
+                name, *args = request
+                assert isinstance(name, str)
+                self.send(port, name, *args)
+            await self.ask(port, "ping", os.urandom(20))
+
+
+@pytest.fixture
+async def flooders() -> AsyncIterator[list[Flooder]]:
+    loop = asyncio.get_running_loop()
+    out: list[Flooder] = []
+    transports = []
+    try:
+        for host in ATTACKERS:
+            transport, proto = await loop.create_datagram_endpoint(Flooder, local_addr=(host, 0))
+            transports.append(transport)
+            out.append(proto)
+        yield out
+    finally:
+        for transport in transports:
+            transport.close()
+
+
+async def joined(nodes: list[Discovery]) -> None:
+    entry = [("127.0.0.1", nodes[0].port)]
+    for node in nodes[1:]:
+        await node.bootstrap(entry)
+    for node in nodes:
+        await node.bootstrap([("127.0.0.1", n.port) for n in nodes if n is not node])
+
+
+@needs_other_loopbacks
+async def test_provider_spam_does_not_hide_the_honest_provider(
+    honest: list[Discovery], flooders: list[Flooder]
+) -> None:
+    """Attack 2 of issue 10: 64 add_provider datagrams per node from 127.0.0.2, each
+    with a random node id and port 9, before and after the honest provider announces.
+    The honest record is still stored and in every get_providers answer."""
+    await joined(honest)
+    spammer = flooders[0]
+    key = os.urandom(20)
+
+    def spam() -> list[tuple[object, ...]]:
+        return [("add_provider", os.urandom(20), key, 9) for _ in range(64)]
+
+    for node in honest:
+        await spammer.flood(node.port, spam())
+    provider, asker = honest[3], honest[4]
+    assert await provider.add_provider(key, 4003) > 0
+    for node in honest:
+        await spammer.flood(node.port, spam())
+    for node in honest:
+        answer = await spammer.ask(node.port, "get_providers", os.urandom(20), key)
+        assert isinstance(answer, dict)
+        listed = answer["providers"]
+        assert provider.node_id in [p[0] for p in listed]
+        assert len(listed) <= CONFIG.max_providers_per_response
+        assert sum(1 for p in listed if p[1] == "127.0.0.1") == 1  # one per address first
+    found = await asker.find_providers(key)
+    assert provider.node_id in [r.node_id for r in found]
+    stats = honest[0].stats()
+    assert stats["providers_accepted"] >= 128
+    assert stats.get("providers_refused", 0) == 0
+    assert stats["provider_store.evicted.key_sender_quota"] > 0
+
+
+@needs_other_loopbacks
+async def test_value_store_flood_does_not_lock_out_new_values(flooders: list[Flooder]) -> None:
+    """Attack 5 of issue 10, scaled down: 4 KiB stores from each of 11 addresses,
+    more than the store holds. A value put afterwards is stored (here and on the
+    others) and found, and an earlier honest value survives."""
+    config = replace(CONFIG, max_stored_values=120, max_values_per_sender=20)
+    nodes = [Discovery(os.urandom(20), config) for _ in range(3)]
+    for node in nodes:
+        await node.listen("127.0.0.1", 0)
+    try:
+        await joined(nodes)
+        assert await nodes[0].put("early", "honest value")
+        per_address = 30  # 11 x 30 > 120: full before anyone else comes
+        for node in nodes:
+            for flooder in flooders:
+                stores = [
+                    ("store", os.urandom(20), os.urandom(20), os.urandom(4096))
+                    for _ in range(per_address)
+                ]
+                await flooder.flood(node.port, stores, batch=8)
+        assert await nodes[1].put("fresh", "new value")
+        for node in nodes:
+            assert await node.get("fresh") == "new value"
+            assert await node.get("early") == "honest value"
+        for node in nodes:
+            stats = node.stats()
+            assert stats["rpc_received.store"] >= len(flooders) * per_address
+            assert stats["stored_values"] <= config.max_stored_values
+            assert stats.get("stores_refused", 0) == 0
+            assert stats["value_store.evicted.sender_quota"] > 0
+    finally:
+        for node in nodes:
+            await node.close()
