@@ -4,7 +4,7 @@ A request body is read whole (at most :data:`MAX_BODY` bytes), its nesting check
 by a flat scan (:func:`json_depth_exceeds`) before ``json.loads`` may recurse on
 it, and decoded as UTF-8 whatever charset the header names (RFC 8259). Every body
 refused before it reaches a handler is a 400 and is counted by reason in
-``p2pnode_control_refused_bodies_total`` (the app's :data:`REFUSED_BODIES`).
+``p2pnode_control_refused_inputs_total`` (the app's :data:`REFUSED_INPUTS`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ MAX_BODY = 64 * 1024
 MAX_JSON_DEPTH = 32
 # Path.mkdir(parents=True) and other path walks recurse once per component.
 MAX_PATH_DEPTH = 256
-REFUSED_BODIES = web.AppKey("refused_bodies", Counter)
+REFUSED_INPUTS = web.AppKey("refused_inputs", Counter)
 
 _JSON_SPECIAL = re.compile(rb'[\[\]{}"\\]')
 
@@ -87,10 +87,14 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
 
 
-def _refused(request: web.Request, reason: str, message: str) -> UsageError:
-    counter = request.app.get(REFUSED_BODIES)
+def count_refused(request: web.Request, reason: str) -> None:
+    counter = request.app.get(REFUSED_INPUTS)
     if counter is not None:
         counter.labels(reason).inc()
+
+
+def _refused(request: web.Request, reason: str, message: str) -> UsageError:
+    count_refused(request, reason)
     return UsageError(message)
 
 

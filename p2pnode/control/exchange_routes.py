@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from p2pnode.control.api import Jsonable, NodeAPI, StreamEvent
-from p2pnode.control.common import error_body, path_field, read_json
+from p2pnode.control.api import ErrorKind, Jsonable, NodeAPI, StreamEvent
+from p2pnode.control.common import count_refused, error_body, path_field, read_json
 from p2pnode.errors import P2PError, UsageError
 from p2pnode.exchange.manifest import resource_id_from_str, resource_id_to_str
 from p2pnode.identity import peer_id_to_str
@@ -101,6 +101,15 @@ def exchange_routes(node: NodeAPI, watcher: DownloadWatcher | None = None) -> li
                 final: dict[str, Any] = {"event": StreamEvent.DONE, "resource": info.to_json()}
             except P2PError as exc:
                 final = {"event": StreamEvent.ERROR, **error_body(exc)}
+            except RecursionError:
+                # As the guard does for other routes (the stream has started here).
+                log.warning("download of %s: RecursionError", resource_id_to_str(rid))
+                count_refused(request, "recursion")
+                final = {
+                    "event": StreamEvent.ERROR,
+                    "error": "input nested too deeply",
+                    "kind": ErrorKind.USAGE,
+                }
             if watcher is not None:
                 watcher.finished(rid, final.get("error"))
             await _send(response, final)

@@ -32,7 +32,7 @@ from prometheus_client.exposition import choose_encoder
 from p2pnode.control.api import ErrorKind, NodeAPI
 from p2pnode.control.common import (
     MAX_BODY,
-    REFUSED_BODIES,
+    REFUSED_INPUTS,
     error_body,
     json_response,
     read_json,
@@ -60,9 +60,10 @@ class ControlServer:
         self._token = token.encode()
         self.metrics = NodeMetrics(node.metrics_snapshot)
         self.page = StatusPage(node)
-        self.refused_bodies = Counter(
-            "p2pnode_control_refused_bodies",
-            "Control API request bodies refused before any handler saw them, by reason",
+        self.refused_inputs = Counter(
+            "p2pnode_control_refused_inputs",
+            "Control API requests refused for their input (body too large, too deep, not"
+            " JSON; recursion too deep in a handler), by reason",
             ["reason"],
             registry=self.metrics.registry,
         )
@@ -72,7 +73,7 @@ class ControlServer:
 
     async def start(self, host: str, port: int) -> str:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
-        app[REFUSED_BODIES] = self.refused_bodies
+        app[REFUSED_INPUTS] = self.refused_inputs
         app.add_routes(
             self._node_routes()
             + exchange_routes(self._node, self.page)
@@ -114,10 +115,7 @@ class ControlServer:
         given = auth.removeprefix("Bearer ").encode()
         if not auth.startswith("Bearer ") or not hmac.compare_digest(given, self._token):
             return _refusal("missing or wrong API token", ErrorKind.UNAUTHORIZED, 401)
-        try:
-            return await handler(request)
-        except P2PError as exc:
-            return json_response(error_body(exc), status_for(exc))
+        return await self._call(request, handler)
 
     async def _page_guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """The status page: same Host rule; an Origin header, if any, must be our own
@@ -136,10 +134,20 @@ class ControlServer:
             return _refusal(
                 "not logged in: run `p2pnode ui` for a login link", ErrorKind.UNAUTHORIZED, 401
             )
+        return await self._call(request, handler)
+
+    async def _call(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except P2PError as exc:
             return json_response(error_body(exc), status_for(exc))
+        except RecursionError:
+            # Input deeper than some code under the handler can recurse (a shared
+            # folder tree, say): refused and counted, not a 500; logged, as that code
+            # should have refused it itself.
+            log.warning("control API %s %s: RecursionError", request.method, request.path)
+            self.refused_inputs.labels("recursion").inc()
+            return _refusal("input nested too deeply", ErrorKind.USAGE, 400)
 
     @contextmanager
     def _timed_lookup(self, operation: str) -> Iterator[None]:

@@ -46,7 +46,7 @@ async def refused_count(info: ControlInfo) -> dict[str, float]:
     ):
         text = await r.text()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
-    family = fams["p2pnode_control_refused_bodies"]
+    family = fams["p2pnode_control_refused_inputs"]
     return {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
 
 
@@ -115,3 +115,25 @@ async def test_deep_path_field_gives_400(control: ControlInfo) -> None:
     status, body = await post(control, "/v1/get", f'{{"id": "{rid}", "dest": "{dest}"}}'.encode())
     assert status == 400, body
     assert "deep" in body["error"]
+
+
+async def test_sharing_a_folder_tree_1100_deep_is_refused_not_a_500(
+    control: ControlInfo, tmp_path: Path
+) -> None:
+    """Whatever the exchange does with a tree deeper than Python recurses, the API
+    answers a JSON 400 (a RecursionError in a handler is refused at the boundary)."""
+    top = tmp_path / "deep"
+    here = top
+    for _ in range(1100):
+        here.mkdir()
+        here = here / "d"
+    try:
+        status, body = await post(control, "/v1/share", f'{{"path": "{top}"}}'.encode())
+        assert status == 400, body
+        assert body["kind"] == "UsageError"
+        status, _ = await post(control, "/v1/dht/put", b'{"key": "k", "value": "v"}')
+        assert status in {200, 504}  # still answering (no peer to store on)
+    finally:
+        while here != top:  # rmtree recurses once per level
+            here = here.parent
+            here.rmdir()
