@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import socket
 import struct
@@ -280,14 +281,16 @@ class PeerConnection(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
             self._timer_at = None
+        # Waiters get copies: a raised exception gains a traceback whose frames
+        # may hold this connection; the core's own stays without one (no cycle).
         error = event.error
         if not self.handshake.done():
-            self.handshake.set_exception(error)
+            self.handshake.set_exception(_copy_error(error))
             self.handshake.exception()  # retrieved: accepted connections have no awaiter
         futures, self._futures = self._futures, {}
         for fut in futures.values():
             if not fut.done():
-                fut.set_exception(error)
+                fut.set_exception(_copy_error(error))
         transport = self.transport
         if transport is None or self._lost:
             return
@@ -395,6 +398,14 @@ class PeerConnection(asyncio.BufferedProtocol):
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _copy_error(error: P2PError) -> P2PError:
+    """A copy of ``error`` for one waiter (the error itself if it cannot be copied)."""
+    try:
+        return copy.copy(error)
+    except TypeError:
+        return error
 
 
 def _reset_on_close(transport: asyncio.Transport) -> None:

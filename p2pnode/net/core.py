@@ -515,7 +515,7 @@ class ConnectionCore:
 
     def _terminate(self, error: P2PError, abort: bool) -> None:
         self._closing = True
-        self.error = error
+        self.error = _without_traceback(error)
         self._handshake_at = self._idle_at = self._stall_at = None
         self._waiting.clear()
         self._held_requests.clear()
@@ -744,6 +744,19 @@ class ConnectionCore:
                 size += len(chunk)
             self.counters["bytes_out"] += size
             self._out.extend(out)
+
+
+def _without_traceback(error: P2PError) -> P2PError:
+    """``error`` and its causes, stripped of their tracebacks: a closed connection
+    keeps its error, and a traceback's frames (``self``) would keep the connection
+    alive in a reference cycle, freed by the cyclic GC only."""
+    exc: BaseException | None = error
+    for _ in range(8):  # a chain is short; never loop on a cyclic one
+        if exc is None:
+            break
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+    return error
 
 
 __all__ = [

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
+import struct
 import tracemalloc
+import weakref
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -170,3 +173,41 @@ async def test_announced_frames_that_never_arrive_cost_little(hosts: MakeHost) -
         tracemalloc.stop()
     # before: count * max_frame (256 MiB); now GROW_START and change per connection
     assert grown < count * 256 * 1024, grown
+
+
+# -- no reference cycles -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["reset", "bad_frame"])
+async def test_a_closed_connection_is_freed_without_the_cyclic_gc(
+    hosts: MakeHost, how: str
+) -> None:
+    """A connection closed by an error (the peer's reset, a frame over the limit)
+    is freed by reference counting alone: nothing it owns points back to it."""
+    victim, victim_addr = await serving(hosts, VICTIM)
+    gc.collect()
+    gc.disable()
+    try:
+        async with attackers() as peers:
+            peer = await RawPeer.connect(victim_addr.port)
+            peers.append(peer)
+            await peer.handshake()
+            assert (await peer.ask(Ping())).message == Pong()
+            (conn,) = victim._conns
+            ref = weakref.ref(conn)
+            core_ref = weakref.ref(conn.core)
+            del conn
+            if how == "reset":
+                sock = peer.writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                peer.writer.transport.abort()
+            else:
+                peer.send(peer.chunk(frame_header(VICTIM.max_frame + 1)))
+            await eventually(lambda: not victim._conns, timeout=5, what="the victim to drop it")
+            await eventually(
+                lambda: ref() is None and core_ref() is None,
+                timeout=2,
+                what="the closed connection to be freed",
+            )
+    finally:
+        gc.enable()
