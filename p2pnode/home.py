@@ -1,8 +1,10 @@
 """The node's home folder: what lives there and who may use it.
 
 Only its owner: the home is 0700 and every file in it 0600, whatever the umask
-(:func:`secure_home`, at start, before anything else is written; a home found
-with looser modes is tightened, and a log line says so).
+(:func:`secure_home`, at start, before anything else is written). A home found
+with looser modes is tightened, with a log line: the folder, the node's own files
+and its downloads folder; anything else a user keeps there is left as it is,
+behind the 0700 folder.
 
 Files (written atomically):
   identity.key   Ed25519 private key (PEM)
@@ -13,6 +15,7 @@ Files (written atomically):
   node.lock      held (flock) while a node runs on this home
   exchange.sqlite3 (+ -wal, -shm)  the resource index (p2pnode.exchange.store);
                  downloads in progress sit next to their destination, not here
+  downloads/     where the status page saves downloads
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 from p2pnode.errors import NodeNotRunning, UsageError
 
+KEY_FILE = "identity.key"
 CONTACTS_FILE = "contacts.json"
 CONTROL_FILE = "control.json"
 TOKEN_FILE = "api.token"
@@ -39,9 +43,17 @@ MAX_SAVED_CONTACTS = 200
 # Created 0600 here before SQLite opens it: SQLite gives its -wal and -shm files the
 # mode of the database file, but creates that one 0644 minus the umask.
 INDEX_FILE = "exchange.sqlite3"
+# p2pnode.control.ui.DOWNLOADS_DIR: where the status page saves downloads.
+DOWNLOADS_DIR = "downloads"
 HOME_MODE = 0o700
 FILE_MODE = 0o600
-# Entries looked at when tightening an existing home (downloads may sit inside).
+# What an older home gets tightened: the node's own files and folders. Anything else
+# a user keeps in the home is left as it is (the 0700 home keeps others out).
+OWN_NAMES = frozenset(
+    {KEY_FILE, CONTACTS_FILE, CONTROL_FILE, TOKEN_FILE, LOCK_FILE, CONFIG_FILE, DOWNLOADS_DIR}
+    | {INDEX_FILE + suffix for suffix in ("", "-wal", "-shm", "-journal")}
+)
+# Entries looked at in the downloads folder when tightening it.
 MAX_TIGHTEN = 10_000
 
 log = logging.getLogger(__name__)
@@ -69,45 +81,57 @@ def make_private_dir(path: Path) -> None:
 
 def secure_home(home: Path) -> None:
     """Make the home private: the folder 0700, the SQLite index created 0600, and
-    group/other bits taken off everything already inside (logged)."""
-    existed = home.is_dir()
+    group/other bits taken off the node's files already there (logged)."""
+    try:
+        loose = stat.S_IMODE(home.stat().st_mode) & 0o077 != 0
+    except FileNotFoundError:
+        loose = False
     make_private_dir(home)
     # O_NOFOLLOW: never create or open through a link planted in an old home.
     fd = os.open(home / INDEX_FILE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
     os.close(fd)
-    if existed:
-        tightened = _tighten(home)
-        if tightened:
-            shown = ", ".join(tightened[:5]) + (", ..." if len(tightened) > 5 else "")
-            log.warning(
-                "home %s: others could read %d entries; made them owner-only: %s",
-                home,
-                len(tightened),
-                shown,
-            )
+    # After the chmod above no one else can reach inside, so no entry can be
+    # swapped for a link while we look.
+    tightened = (["."] if loose else []) + _tighten(home)
+    if tightened:
+        shown = ", ".join(tightened[:8]) + (", ..." if len(tightened) > 8 else "")
+        log.warning(
+            "home %s: others could read %d entries; made them owner-only: %s",
+            home,
+            len(tightened),
+            shown,
+        )
+
+
+def _is_own(name: str) -> bool:
+    # write_atomic's temporary files: .<name>.<pid>.tmp
+    return name in OWN_NAMES or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def _tighten(home: Path) -> list[str]:
-    """Take group/other bits off every entry under ``home`` (owner bits kept, links
-    skipped, at most MAX_TIGHTEN entries, no recursion). The home is 0700 already,
-    so no one else can swap an entry for a link meanwhile."""
+    """Take group/other bits off the node's entries in ``home`` and everything in its
+    downloads folder (owner bits kept, links skipped, at most MAX_TIGHTEN entries,
+    no recursion). Returns their paths relative to the home."""
     tightened: list[str] = []
     pending = [home]
     seen = 0
-    while pending and seen < MAX_TIGHTEN:
-        with os.scandir(pending.pop()) as entries:
+    while pending:
+        folder = pending.pop()
+        with os.scandir(folder) as entries:
             for entry in entries:
+                if folder == home and not _is_own(entry.name):
+                    continue
                 seen += 1
                 if seen > MAX_TIGHTEN:
                     log.warning("home %s: stopped tightening after %d entries", home, MAX_TIGHTEN)
-                    break
+                    return tightened
                 if entry.is_symlink():
                     continue
-                mode = entry.stat(follow_symlinks=False).st_mode
+                mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(Path(entry.path))
-                if stat.S_IMODE(mode) & 0o077:
-                    os.chmod(entry.path, stat.S_IMODE(mode) & ~0o077)
+                if mode & 0o077:
+                    os.chmod(entry.path, mode & ~0o077)
                     tightened.append(os.path.relpath(entry.path, home))
     return tightened
 

@@ -20,11 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from p2pnode.errors import UsageError
-from p2pnode.home import make_private_dir, write_atomic
+from p2pnode.home import KEY_FILE, make_private_dir, write_atomic
 
 NODE_ID_LEN = 20
 PUBLIC_KEY_LEN = 32
-KEY_FILE = "identity.key"
 
 
 def node_id_from_public_key(public_key: bytes) -> bytes:

@@ -92,10 +92,15 @@ async def test_an_old_loose_home_is_tightened_at_start_and_says_so(
     for name in modes(home):
         if not (home / name).is_symlink():
             (home / name).chmod(0o777 if (home / name).is_dir() else 0o644)
+    # Not the node's: left as they are (the 0700 home keeps others out).
+    (home / "mine").mkdir(mode=0o755)
+    (home / "mine" / "notes.txt").write_text("x")
+    (home / "mine" / "notes.txt").chmod(0o644)
     caplog.set_level(logging.WARNING, logger="p2pnode.home")
     async with Node(fast_config(home, exchange=EXCHANGE)):
         found = modes(home)
     assert found.pop("downloads/link") == 0o777  # a link: its own bits mean nothing
+    assert (found.pop("mine"), found.pop("mine/notes.txt")) == (0o755, 0o644)
     loose = {n: oct(m) for n, m in found.items() if m & 0o077}
     assert not loose, loose
     assert found["."] == 0o700
@@ -103,3 +108,4 @@ async def test_an_old_loose_home_is_tightened_at_start_and_says_so(
     assert stat.S_IMODE(outside.stat().st_mode) == 0o644  # not followed
     lines = [r.getMessage() for r in caplog.records if r.name == "p2pnode.home"]
     assert any("made them owner-only" in line and KEY_FILE in line for line in lines), lines
+    assert not any("mine" in line for line in lines)

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from p2pnode.config import default_home, parse_host_port
+from p2pnode.control import ui
 from p2pnode.errors import NodeNotRunning, UsageError
 from p2pnode.exchange.store import DB_NAME
 from p2pnode.home import (
     CONTACTS_FILE,
+    DOWNLOADS_DIR,
     INDEX_FILE,
     HomeLock,
     SavedContact,
@@ -148,8 +150,9 @@ def test_private_dir_whatever_the_umask(tmp_path: Path) -> None:
         make_private_dir(tmp_path / "file" / "home")
 
 
-def test_index_file_name_is_the_stores() -> None:
+def test_names_kept_in_step_with_their_owners() -> None:
     assert INDEX_FILE == DB_NAME
+    assert DOWNLOADS_DIR == ui.DOWNLOADS_DIR
 
 
 def test_deeply_nested_home_files_give_clear_errors(tmp_path: Path) -> None:
