@@ -17,6 +17,7 @@ from p2pnode import Node
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.home import CONTACTS_FILE, CONTROL_FILE, INDEX_FILE, LOCK_FILE, TOKEN_FILE
 from p2pnode.identity import KEY_FILE
+from tests.cli_helpers import RunningNode, run_cli
 from tests.helpers import eventually, fast_config
 
 EXCHANGE = ExchangeConfig(fsync=False, stale_check_interval=0, progress_interval=0.0)
@@ -109,3 +110,17 @@ async def test_an_old_loose_home_is_tightened_at_start_and_says_so(
     lines = [r.getMessage() for r in caplog.records if r.name == "p2pnode.home"]
     assert any("made them owner-only" in line and KEY_FILE in line for line in lines), lines
     assert not any("mine" in line for line in lines)
+
+
+def test_the_cli_node_under_umask_0_keeps_its_home_private(
+    tmp_path: Path, nodes: list[RunningNode]
+) -> None:
+    home = tmp_path / "cli-home"
+    with umask(0o000):  # inherited by the `p2pnode start` process
+        node = RunningNode(home)
+    nodes.append(node)
+    running = assert_private(home)
+    assert {KEY_FILE, INDEX_FILE, TOKEN_FILE, CONTROL_FILE} <= running.keys(), running
+    run_cli("--home", str(home), "stop")
+    assert node.wait() == 0
+    assert_private(home)
