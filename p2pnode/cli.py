@@ -424,10 +424,29 @@ def cmd_ui(args: argparse.Namespace, client: ControlClient) -> int:
     return ExitCode.OK
 
 
+def _put_text(d: dict[str, Any]) -> str:
+    """Where a put landed, exactly (``here`` None: this node is not among the closest)."""
+    here, remote, asked = d.get("here"), int(d.get("remote", 0)), int(d.get("asked", 0))
+    if not d["stored"]:
+        why = ["refused by this node's store"] if here is False else []
+        why.append(f"refused by all {asked} nodes asked" if asked else "no peers to ask")
+        return "not stored: " + ", ".join(why)
+    if remote == 0:
+        return "stored on this node only (" + (
+            f"none of the {asked} nodes asked accepted it)" if asked else "no peers)"
+        )
+    text = f"stored on {remote} of {asked} nodes"
+    if here is True:
+        return text + " and on this node"
+    return text + (" (refused by this node's store)" if here is False else "")
+
+
 def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
     if args.dht_command == "put":
         res = client.call("POST", "/v1/dht/put", {"key": args.key, "value": args.value})
-        _emit(args, res, lambda d: "stored" if d["stored"] else "stored locally only (no peers)")
+        if not res["stored"]:
+            raise P2PError(_put_text(res))  # exit 1: nothing holds the value
+        _emit(args, res, _put_text)
     elif args.dht_command == "find-peer":
         me = client.call("GET", "/v1/id")
         if args.peer_id.strip().lower().rstrip("=") == me["peer_id"]:

@@ -188,8 +188,9 @@ class ControlServer:
             if len(value.encode()) > node.config.dht.max_value_bytes:
                 raise UsageError(f"value longer than {node.config.dht.max_value_bytes} bytes")
             with timed("put"):
-                stored = await node.discovery.put(key, value)
-            return json_response({"key": key, "stored": stored})
+                outcome = await node.discovery.put_outcome(key, value)
+            # stored (anywhere), here (True / False: refused / None: not tried), remote, asked
+            return json_response({"key": key, **outcome.to_json()})
 
         async def get_dht_get(request: web.Request) -> web.Response:
             key = request.query.get("key", "")

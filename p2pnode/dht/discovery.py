@@ -81,6 +81,29 @@ class ProviderRecord:
     port: int  # TCP port to dial
 
 
+@dataclass(frozen=True)
+class PutOutcome:
+    """Where a put landed. ``here``: stored in this node's own store (True), refused
+    by it (False), or not tried (None: this node is not among the k closest);
+    ``remote`` of the ``asked`` closest nodes accepted it."""
+
+    here: bool | None
+    remote: int
+    asked: int
+
+    @property
+    def stored(self) -> bool:
+        return bool(self.here) or self.remote > 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "stored": self.stored,
+            "here": self.here,
+            "remote": self.remote,
+            "asked": self.asked,
+        }
+
+
 def _local_host(listen_host: str) -> str:
     """The address we record for our own provider records."""
     try:
@@ -417,6 +440,12 @@ class Discovery:
     async def put(self, key: str | bytes, value: str | bytes | int | float | bool) -> bool:
         """Store ``value`` under sha1(key) on the k closest nodes (and here if we are
         one of them); republished every value_republish. True if stored anywhere."""
+        return (await self.put_outcome(key, value)).stored
+
+    async def put_outcome(
+        self, key: str | bytes, value: str | bytes | int | float | bool
+    ) -> PutOutcome:
+        """:meth:`put`, saying where the value was stored."""
         checked = self._check_value(value)
         dkey = self._digest(key)
         self._proto()
@@ -424,17 +453,18 @@ class Discovery:
             self._own_values[dkey] = checked
         return await self._publish(dkey, checked)
 
-    async def _publish(self, dkey: bytes, value: Value) -> bool:
+    async def _publish(self, dkey: bytes, value: Value) -> PutOutcome:
         protocol = self._proto()
         nodes = await self._lookup_nodes(dkey)
         target = Node(dkey)
-        stored_here = False
+        stored_here: bool | None = None
         if len(nodes) < self.config.ksize or self._node.distance_to(target) < max(
             n.distance_to(target) for n in nodes
         ):
             stored_here = self._storage.put(dkey, value)
         results = await asyncio.gather(*(protocol.call_store(n, dkey, value) for n in nodes))
-        return stored_here or any(result is True for result in results)
+        remote = sum(1 for result in results if result is True)
+        return PutOutcome(stored_here, remote, len(nodes))
 
     async def get(self, key: str | bytes) -> str | bytes | int | float | bool | None:
         """The value stored under sha1(key), here or on the network; None if none."""

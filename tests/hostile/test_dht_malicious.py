@@ -9,7 +9,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -234,7 +234,9 @@ class Flooder(asyncio.DatagramProtocol):
         async with asyncio.timeout(5):
             return await future
 
-    async def flood(self, port: int, requests: list[tuple[object, ...]], batch: int = 16) -> None:
+    async def flood(
+        self, port: int, requests: Sequence[tuple[object, ...]], batch: int = 16
+    ) -> None:
         for start in range(0, len(requests), batch):
             for request in requests[start : start + batch]:
                 name, *args = request
