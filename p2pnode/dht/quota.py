@@ -8,6 +8,8 @@ more than that, so quotas per subnet bound what one cheap attacker can take.
 
 from __future__ import annotations
 
+import functools
+import heapq
 import ipaddress
 from collections import Counter, OrderedDict
 from collections.abc import Hashable
@@ -16,6 +18,7 @@ from typing import Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 
 
+@functools.lru_cache(maxsize=4096)  # a few µs each, asked per record on a full key
 def subnet_of(ip: str) -> str:
     """The /24 (IPv4) or /64 (IPv6) holding ``ip``; ``ip`` itself if unparsable."""
     try:
@@ -29,30 +32,59 @@ def subnet_of(ip: str) -> str:
     return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
 
 
+class _Heaviest:
+    """Weights by name with the heaviest found in O(log n): a max-heap whose stale
+    entries (the weight changed since) are skipped lazily and purged when they
+    outnumber the live ones."""
+
+    def __init__(self) -> None:
+        self.weight: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []
+
+    def set(self, name: str, weight: int) -> None:
+        if weight <= 0:
+            self.weight.pop(name, None)
+        else:
+            self.weight[name] = weight
+            heapq.heappush(self._heap, (-weight, name))
+        if len(self._heap) > 2 * len(self.weight) + 64:
+            self._heap = [(-w, n) for n, w in self.weight.items()]
+            heapq.heapify(self._heap)
+
+    def top(self) -> str | None:
+        heap = self._heap
+        while heap:
+            weight, name = heap[0]
+            if self.weight.get(name) == -weight:
+                return name
+            heapq.heappop(heap)
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self.weight)
+
+
 class Ledger(Generic[K]):
     """Entries (any hashable) of each sender, oldest first, with their weights (bytes),
-    and totals per sender and per subnet. Finding the heaviest user scans the users
-    (bounded by the number of entries); stores call it only when a limit is hit."""
+    and totals per sender and per subnet; the heaviest subnet, and the heaviest
+    sender in a subnet, in O(log n)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, OrderedDict[K, int]] = {}
-        self._weight: Counter[str] = Counter()  # per sender
         self._subnet: dict[str, str] = {}  # sender -> subnet
-        self._subnet_senders: dict[str, set[str]] = {}
-        self._subnet_weight: Counter[str] = Counter()
+        self._senders: dict[str, _Heaviest] = {}  # subnet -> its senders' weights
+        self._subnets = _Heaviest()
         self._subnet_count: Counter[str] = Counter()
 
     def add(self, sender: str, entry: K, weight: int) -> None:
         entries = self._entries.get(sender)
         if entries is None:
             entries = self._entries[sender] = OrderedDict()
-            subnet = self._subnet[sender] = subnet_of(sender)
-            self._subnet_senders.setdefault(subnet, set()).add(sender)
+            self._subnet[sender] = subnet_of(sender)
         subnet = self._subnet[sender]
+        old = entries.pop(entry, 0)
         entries[entry] = weight
-        self._weight[sender] += weight
-        self._subnet_weight[subnet] += weight
-        self._subnet_count[subnet] += 1
+        self._shift(sender, subnet, weight - old, 0 if old else 1)
 
     def remove(self, sender: str, entry: K) -> None:
         entries = self._entries.get(sender)
@@ -60,16 +92,19 @@ class Ledger(Generic[K]):
             return
         weight = entries.pop(entry)
         subnet = self._subnet[sender]
-        self._weight[sender] -= weight
-        self._subnet_weight[subnet] -= weight
-        self._subnet_count[subnet] -= 1
+        self._shift(sender, subnet, -weight, -1)
         if not entries:
-            del self._entries[sender], self._weight[sender], self._subnet[sender]
-            senders = self._subnet_senders[subnet]
-            senders.discard(sender)
-            if not senders:
-                del self._subnet_senders[subnet]
-                del self._subnet_weight[subnet], self._subnet_count[subnet]
+            del self._entries[sender], self._subnet[sender]
+        if not self._subnet_count[subnet]:
+            del self._subnet_count[subnet], self._senders[subnet]
+
+    def _shift(self, sender: str, subnet: str, weight: int, count: int) -> None:
+        senders = self._senders.get(subnet)
+        if senders is None:
+            senders = self._senders[subnet] = _Heaviest()
+        senders.set(sender, senders.weight.get(sender, 0) + weight)
+        self._subnets.set(subnet, self._subnets.weight.get(subnet, 0) + weight)
+        self._subnet_count[subnet] += count
 
     def count(self, sender: str) -> int:
         entries = self._entries.get(sender)
@@ -83,16 +118,14 @@ class Ledger(Generic[K]):
         return next(iter(entries)) if entries else None
 
     def heaviest_in(self, subnet: str) -> str | None:
-        senders = self._subnet_senders.get(subnet)
-        return max(senders, key=self._weight.__getitem__) if senders else None
+        senders = self._senders.get(subnet)
+        return None if senders is None else senders.top()
 
     def heaviest(self) -> str | None:
         """The heaviest sender of the heaviest subnet: a flood from many addresses of
         one subnet pays before a lone address beside it does."""
-        if not self._subnet_weight:
-            return None
-        subnet = max(self._subnet_weight, key=self._subnet_weight.__getitem__)
-        return self.heaviest_in(subnet)
+        subnet = self._subnets.top()
+        return None if subnet is None else self.heaviest_in(subnet)
 
     def __len__(self) -> int:
         return sum(len(e) for e in self._entries.values())
