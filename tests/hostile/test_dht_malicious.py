@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from kademlia.utils import digest
 
 from p2pnode.dht import DhtConfig, Discovery
 
@@ -337,3 +338,20 @@ async def test_value_store_flood_does_not_lock_out_new_values(flooders: list[Flo
     finally:
         for node in nodes:
             await node.close()
+
+
+@needs_other_loopbacks
+async def test_a_remote_store_does_not_replace_the_owners_value(
+    honest: list[Discovery], flooders: list[Flooder]
+) -> None:
+    """Attack 1 of issue 10, the part storage can refuse: one unsigned store of
+    sha1("greeting") from 127.0.0.2 no longer overwrites the value the node put
+    itself (its own copy is read first). Other holders still take it: signed
+    records are the fix for those."""
+    await joined(honest)
+    owner = honest[0]
+    assert await owner.put("greeting", "hello")
+    answer = await flooders[0].ask(owner.port, "store", os.urandom(20), digest("greeting"), "pwned")
+    assert answer is False
+    assert await owner.get("greeting") == "hello"
+    assert owner.stats()["value_store.refused.own_value"] == 1
