@@ -11,6 +11,12 @@ Rules:
   tries elsewhere) unless its peer has fewer than ``min_per_peer`` queued: one peer
   (or a few) flooding the queue cannot starve the others. The queue is therefore
   bounded by ``max_queued + min_per_peer * connected peers``.
+- With a ``memory`` budget (the PeerHost's, see ``p2pnode/net/memory.py``) a piece
+  is read only once its size is reserved there for its peer; over the budget,
+  in all or for that peer, the request is answered ``busy`` at once
+  (``rejected_memory``): peers that read their answers slowly cannot make the
+  node hold pieces without end. The reservation ends when the answer is handed
+  to the connection, which counts it from then on (its write buffer).
 - Before a shared file's piece is read its size and mtime are checked; if they
   changed the resource stops being served (``on_stale``) and the asker gets
   ``not_found``: a stale piece is never sent.
@@ -38,6 +44,7 @@ from p2pnode.exchange.messages import (
     bitfield_from,
 )
 from p2pnode.exchange.store import StaleError, Store
+from p2pnode.net.memory import MemoryBudget
 from p2pnode.wire.messages import ErrorCode, ErrorReply, Message
 
 log = logging.getLogger(__name__)
@@ -54,7 +61,9 @@ class PieceServer:
         max_queued: int = 256,
         min_per_peer: int = 2,
         cached_reads: bool = True,
+        memory: MemoryBudget | None = None,
     ) -> None:
+        self._memory = memory
         self._store = store
         self._executor = executor
         self._on_stale = on_stale
@@ -114,6 +123,11 @@ class PieceServer:
         if self._pending >= self._max_queued and self._queued[remote] >= self._min_per_peer:
             self.counters["rejected_busy"] += 1
             return ErrorReply(ErrorCode.BUSY, "too many piece requests queued")
+        memory = self._memory
+        size = src.manifest.piece_size  # the last piece is smaller: an upper bound
+        if memory is not None and not memory.try_reserve(remote, size):
+            self.counters["rejected_memory"] += 1
+            return ErrorReply(ErrorCode.BUSY, "node memory budget for peers is full")
         self._pending += 1
         self._queued[remote] += 1
         try:
@@ -130,6 +144,8 @@ class PieceServer:
             log.warning("cannot read piece %d of %s: %s", msg.index, resource_id_to_str(rid), exc)
             return ErrorReply(ErrorCode.INTERNAL, "cannot read the piece")
         finally:
+            if memory is not None:
+                memory.release(remote, size)
             self._pending -= 1
             self._queued[remote] -= 1
             if self._queued[remote] <= 0:

@@ -189,6 +189,7 @@ class Exchange:
             max_queued=self._config.serve_max_queued,
             min_per_peer=self._config.serve_min_per_peer,
             cached_reads=self._config.serve_cached_reads,
+            memory=self._host.memory,
         )
         self._host.set_handler(self.handle)
         self._tasks.spawn(self._announce_loop(), "announce")

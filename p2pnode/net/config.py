@@ -23,6 +23,11 @@ class NetLimits:
     max_handshakes: int = 64
     max_handshakes_per_subnet: int = 16
     max_outbound: int = 128
+    # Node-wide memory budget for what peers make us hold (pieces read for them,
+    # write and receive buffers) and each peer's share; the numbers and why are
+    # in p2pnode/net/memory.py. Past it, GetPiece is answered busy (rejected_memory).
+    memory_budget: int = 256 * 1024 * 1024
+    memory_per_peer: int = 48 * 1024 * 1024
     max_inflight_per_connection: int = 64
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
@@ -70,6 +75,8 @@ class NetLimits:
             "max_handshakes",
             "max_handshakes_per_subnet",
             "max_outbound",
+            "memory_budget",
+            "memory_per_peer",
             "max_inflight_per_connection",
             "write_buffer_high",
             "max_str_len",

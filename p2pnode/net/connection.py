@@ -23,6 +23,11 @@ Rules
   ``max_inflight_per_connection`` per connection (the core answers the rest
   busy). The handler boundary turns exceptions into ``ErrorReply`` answers.
 - ``connection_lost`` cancels the timer and the handlers and fails what waits.
+- Memory: after every pump the bytes this connection holds for its peer (the
+  transport's write buffer, answers held while paused, receive buffers) are
+  counted in the owner's :class:`~p2pnode.net.memory.MemoryBudget` under the
+  peer's node id (a delta, O(1)); all of it is given back when the connection
+  is lost.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from p2pnode.net.core import (
     RequestReceived,
     ResponseReceived,
 )
+from p2pnode.net.memory import MemoryBudget
 from p2pnode.net.session import Session
 from p2pnode.wire.messages import (
     DecodeLimits,
@@ -79,6 +85,7 @@ class ConnectionOwner(Protocol):
     registry: MessageRegistry
     decode_limits: DecodeLimits
     counters: Counter[str]
+    memory: MemoryBudget
 
     def handler(self) -> Handler | None: ...
     def conn_made(self, conn: PeerConnection) -> bool: ...
@@ -120,6 +127,9 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._timer_at: float | None = None
         self._flush_scheduled = False
         self._lost = False
+        # what this connection holds, as last counted in owner.memory (under _mem_key)
+        self._mem_key: bytes | None = None
+        self._mem_held = 0
 
     # -- properties --------------------------------------------------------
 
@@ -212,6 +222,10 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._can_write.set()
         if not self.closed.done():
             self.closed.set_result(None)
+        if self._mem_key is not None:
+            self.owner.memory.release(self._mem_key, self._mem_held)
+            self._mem_key = None
+            self._mem_held = 0
         self.owner.conn_lost(self)
 
     # -- the core's outputs -------------------------------------------------
@@ -231,7 +245,22 @@ class PeerConnection(asyncio.BufferedProtocol):
                 break
             for event in events:
                 self._on_event(event)
+        if self._mem_key is not None:
+            self._account()
         self._arm_timer()
+
+    def _account(self) -> None:
+        """Count what this connection holds now in the owner's memory budget."""
+        key = self._mem_key
+        assert key is not None
+        held = self.core.held_bytes + self.session.held
+        transport = self.transport
+        if transport is not None and not self._lost:
+            held += transport.get_write_buffer_size()
+        delta = held - self._mem_held
+        if delta:
+            self._mem_held = held
+            self.owner.memory.track(key, delta)
 
     def _write(self, out: list[bytes | bytearray | memoryview]) -> None:
         transport = self.transport
@@ -271,6 +300,8 @@ class PeerConnection(asyncio.BufferedProtocol):
             if fut is not None and not fut.done():
                 fut.set_exception(event.error)
         elif isinstance(event, HandshakeCompleted):
+            if not self._lost:
+                self._mem_key = event.remote_node_id
             if self.owner.conn_established(self) and not self.handshake.done():
                 self.handshake.set_result(None)
         else:

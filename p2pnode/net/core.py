@@ -198,6 +198,7 @@ class ConnectionCore:
         self._inflight = 0
         self._held_requests: list[RequestReceived] = []
         self._held_answers: list[tuple[list[Buffer], int]] = []
+        self._held_bytes = 0
         self._paused = False
         self._buffered = 0  # the transport's write buffer, as last reported
         self._write_cap = limits.write_buffer_high + limits.max_frame
@@ -401,6 +402,11 @@ class ConnectionCore:
             self._held_requests = []
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes of our answers held while the transport is paused."""
+        return self._held_bytes
+
+    @property
     def has_held_answers(self) -> bool:
         return bool(self._held_answers)
 
@@ -411,6 +417,7 @@ class ConnectionCore:
         held = self._held_answers
         while held and not self._paused and not self._closing:
             parts, length = held.pop(0)
+            self._held_bytes -= length
             self._inflight -= 1
             self._seal(parts, length, now)
             if self.bulk_pending:
@@ -494,6 +501,7 @@ class ConnectionCore:
         self.last_activity = now
         if self._paused:
             self._held_answers.append((parts, length))
+            self._held_bytes += length
             return
         self._inflight -= 1
         self._seal(parts, length, now)
@@ -520,6 +528,7 @@ class ConnectionCore:
         self._waiting.clear()
         self._held_requests.clear()
         self._held_answers.clear()
+        self._held_bytes = 0
         if abort:
             self._out = []
             self._cork.clear()

@@ -53,6 +53,7 @@ from p2pnode.identity import Identity, peer_id_to_str
 from p2pnode.net.budget import ConnectionBudget
 from p2pnode.net.config import NetLimits
 from p2pnode.net.connection import Handler, PeerConnection
+from p2pnode.net.memory import MemoryBudget
 from p2pnode.net.session import Credentials, Session
 from p2pnode.wire.messages import DEFAULT_REGISTRY, DecodeLimits, Message, MessageRegistry
 
@@ -130,6 +131,8 @@ class PeerHost:
         self._by_peer: dict[bytes, list[PeerConnection]] = {}
         self._by_addr: dict[tuple[str, int], PeerConnection] = {}
         self._budget: ConnectionBudget[PeerConnection] = ConnectionBudget(limits, self.counters)
+        # what peers make this node hold; the piece server reserves in it too
+        self.memory = MemoryBudget(limits.memory_budget, limits.memory_per_peer, self.counters)
         self._dials: dict[_DialKey, asyncio.Task[PeerConnection]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._servers: list[ListeningServer] = []
@@ -186,6 +189,9 @@ class PeerHost:
         out["handshakes_inbound"] = self._budget.handshaking
         out["handlers_inflight"] = sum(c.inflight for c in self._conns)
         out["peers"] = len(self._by_peer)
+        out["memory_used"] = self.memory.used
+        out["memory_peak"] = self.memory.peak
+        out["memory_budget"] = self.memory.total
         return out
 
     def connected_peers(self) -> list[bytes]:

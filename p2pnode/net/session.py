@@ -306,6 +306,12 @@ class Session:
     def max_frame(self) -> int:
         return self._frames.max_len
 
+    @property
+    def held(self) -> int:
+        """Bytes of receive buffers held now (frames and chunks being received,
+        read buffers, pooled bodies)."""
+        return self._chunks.held + self._frames.held
+
     def take_outgoing(self) -> list[Buffer]:
         out, self._out = self._out, []
         return out

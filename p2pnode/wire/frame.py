@@ -118,6 +118,7 @@ class PrefixDecoder:
         self._body_view: memoryview | None = None
         self._cap = 0  # writable length of _body_view (== _need once grown)
         self._pool: list[bytearray] = []
+        self._pool_bytes = 0
         self._lent: list[bytearray] = []
         # Read buffer: allocated on first use, small while reads are small,
         # doubled (up to scratch_size) whenever a read fills it; see trim().
@@ -138,11 +139,11 @@ class PrefixDecoder:
     def held(self) -> int:
         """Bytes of memory this decoder holds now: the body being filled, the read
         buffer and pooled bodies (lent ones belong to whoever holds their views)."""
-        n = len(self._body) if self._body is not None else 0
+        n = self._pool_bytes
+        if self._body is not None:
+            n += len(self._body)
         if self._scratch is not None:
             n += len(self._scratch)
-        for buf in self._pool:
-            n += len(buf)
         return n
 
     @property
@@ -179,6 +180,7 @@ class PrefixDecoder:
             pool.extend(self._lent)
             self._lent.clear()
             del pool[:-_POOL_KEEP]  # the oldest go (no probing: see take_free)
+            self._pool_bytes = sum(map(len, pool))
 
     def stable(self, item: memoryview) -> bool:
         """Whether ``item`` (an item just handed out) may be kept past the next
@@ -230,6 +232,7 @@ class PrefixDecoder:
         """
         self.release()
         self._pool.clear()
+        self._pool_bytes = 0
         self._scratch = None
 
     def reserve(self, n: int) -> memoryview | None:
@@ -265,7 +268,9 @@ class PrefixDecoder:
     def _take_body(self, length: int) -> None:
         """Pick a free buffer of adequate size for an item of ``length`` bytes."""
         chosen = take_free(self._pool, length)  # one no view of is alive
-        if chosen is None:
+        if chosen is not None:
+            self._pool_bytes -= len(chosen)
+        else:
             if length > GROW_START:
                 self._body = bytearray(GROW_START)  # grows with the bytes: see the rules
                 self._body_view = memoryview(self._body)

@@ -9,20 +9,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import socket
 import struct
 import tracemalloc
 import weakref
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import pytest
 
+from p2pnode.exchange.messages import GetPiece
 from p2pnode.identity import Identity
 from p2pnode.net import NetLimits, PeerAddress, PeerHost
+from p2pnode.node import Node
 from p2pnode.wire.frame import frame_header
 from p2pnode.wire.messages import Message, Ping, Pong
 from tests.helpers import eventually
-from tests.hostile.test_hostile_peers import RawPeer, attackers
+from tests.hostile.test_hostile_peers import (
+    PIECE,
+    VICTIM_NET,
+    MakeNet,
+    RawPeer,
+    attackers,
+    make_net,  # noqa: F401  (a fixture)
+    net_stat,
+)
 
 # Long enough that the silent sockets are still held while the test runs.
 VICTIM = NetLimits(handshake_timeout=30.0, request_timeout=10.0)
@@ -211,3 +223,69 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_gc(
             )
     finally:
         gc.enable()
+
+
+# -- memory: slow readers ------------------------------------------------------------
+
+
+def buffered_for_peers(node: Node) -> int:
+    """What the node's connections hold to send, measured on the transports."""
+    total = 0
+    for conn in node.peer_host._conns:
+        if conn.transport is not None and not conn.transport.is_closing():
+            total += conn.transport.get_write_buffer_size()
+        total += conn.core.held_bytes
+    return total
+
+
+async def test_slow_readers_stay_within_the_memory_budget(make_net: MakeNet) -> None:  # noqa: F811
+    """32 peers pipeline 64 GetPiece each and read nothing: what the node buffers
+    for them stays under its memory budget (the rest is answered busy), and it
+    is all given back when they leave."""
+    # Without the budget each connection holds write_buffer_high plus a piece:
+    # 32 x 512 KiB = 16 MiB, four times the budget.
+    budget = 4 * 1024 * 1024
+    limits = replace(
+        VICTIM_NET, memory_budget=budget, memory_per_peer=1024 * 1024, write_buffer_high=PIECE
+    )
+    world = await make_net(net=limits)
+    victim = world.victim
+    src = world.tmp / "bait.bin"
+    src.write_bytes(os.urandom(64 * PIECE))
+    bait = await victim.exchange.share(src)
+    count, window = 32, limits.max_inflight_per_connection
+    async with attackers() as peers:
+        peers += await asyncio.gather(
+            *(RawPeer.connect(victim.port, f"127.0.{40 + i % 4}.1") for i in range(count))
+        )
+        for peer in peers:
+            peer.writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 4096
+            )
+        await asyncio.gather(*(p.handshake() for p in peers))
+        for conn in victim.peer_host._conns:
+            assert conn.transport is not None
+            conn.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+            )
+        target = net_stat(victim, "requests_in") + count * window
+        for peer in peers:
+            peer.send(b"".join(peer.sealed(GetPiece(bait.resource_id, i)) for i in range(window)))
+        await eventually(
+            lambda: net_stat(victim, "requests_in") >= target, timeout=20, what="requests read"
+        )
+        # every connection is either paused (the rest of its requests wait,
+        # unhandled) or has answered everything
+        await eventually(
+            lambda: all(not c.writable or c.inflight == 0 for c in victim.peer_host._conns),
+            timeout=20,
+            what="the victim to settle",
+        )
+        held = buffered_for_peers(victim)
+        # (framing adds a few hundred bytes to each piece reserved)
+        slack = count * 4096
+        assert held <= budget + slack, f"{held} bytes buffered for slow readers, budget {budget}"
+        assert net_stat(victim, "rejected_memory") > 0
+        assert net_stat(victim, "memory_peak") <= budget + count * PIECE
+    await eventually(lambda: net_stat(victim, "memory_used") < PIECE, timeout=10)
+    await world.healthy()

@@ -6,6 +6,7 @@ from collections import Counter
 
 from p2pnode.net.budget import ConnectionBudget, subnet_of
 from p2pnode.net.config import NetLimits
+from p2pnode.net.memory import MemoryBudget
 
 
 def test_subnets() -> None:
@@ -70,3 +71,21 @@ def test_total_inbound_and_outbound_apart() -> None:
     assert counters["rejected_max_connections_out"] == 1
     budget.release(3)
     assert budget.add_outbound(4)
+
+
+def test_memory_budget_system_and_peer_scopes() -> None:
+    counters: Counter[str] = Counter()
+    memory = MemoryBudget(total=100, per_peer=60, counters=counters)
+    assert memory.try_reserve(b"a", 60)
+    assert not memory.try_reserve(b"a", 1)  # a's share is used up
+    assert memory.try_reserve(b"b", 40)
+    assert not memory.try_reserve(b"c", 1)  # the system is full
+    assert counters["rejected_memory"] == 2
+    memory.track(b"c", 30)  # accounting only (a write buffer): may go over
+    assert (memory.used, memory.peak, memory.peer_used(b"c")) == (130, 130, 30)
+    memory.release(b"a", 60)
+    memory.track(b"c", -30)
+    assert not memory.try_reserve(b"b", 21)
+    assert memory.try_reserve(b"b", 20)
+    memory.release(b"b", 60)
+    assert (memory.used, memory.peer_used(b"b"), memory.peak) == (0, 0, 130)
