@@ -27,6 +27,27 @@ from p2pnode.dht.rpc_schema import BAD_ARGS, Value, check_value, is_node_id, is_
 
 _BIG = 1 << 62
 
+# Why entries went or were refused (the stores' ``stats``; shown from the start).
+VALUE_COUNTERS = (
+    "evicted.sender_quota",
+    "evicted.subnet_quota",
+    "evicted.full",
+    "refused.full",
+    "refused.own_value",
+)
+PROVIDER_COUNTERS = (
+    "evicted.key_sender_quota",
+    "evicted.key_subnet_quota",
+    "evicted.sender_quota",
+    "evicted.subnet_quota",
+    "evicted.key_full",
+    "evicted.keys_full",
+    "evicted.full",
+    "refused.key_full",
+    "refused.keys_full",
+    "refused.full",
+)
+
 
 def _check_key(key: object) -> bytes:
     if not is_node_id(key):
@@ -78,7 +99,7 @@ class ValueStore:
         self._data: OrderedDict[bytes, _Stored] = OrderedDict()
         self._ledger: Ledger[bytes] = Ledger()
         self._bytes = 0
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter(dict.fromkeys(VALUE_COUNTERS, 0))
 
     def put(
         self, key: bytes, value: object, sender: str | None = None, now: float | None = None
@@ -255,7 +276,7 @@ class ProviderStore:
         self._by_key: dict[bytes, dict[bytes, ProviderEntry]] = {}
         self._ledger: Ledger[tuple[bytes, bytes]] = Ledger()
         self._bytes = 0
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter(dict.fromkeys(PROVIDER_COUNTERS, 0))
 
     def add(
         self,
