@@ -76,6 +76,10 @@ MAX_MANIFEST_BYTES = 3 * 1024 * 1024 + 512 * 1024
 MAX_ENTRIES = 100_000
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
+# Folders a path may go down (components - 1 for a file): far beyond real trees,
+# and it keeps every walk over a path short (issue 11: a 1,500-level path crashed
+# a download with RecursionError and left a row and a folder behind).
+MAX_PATH_DEPTH = 64
 MAX_TOTAL_SIZE = 1 << 50
 
 Kind = Literal["file", "dir"]
@@ -156,6 +160,10 @@ def check_relative_path(path: str) -> tuple[str, ...]:
         raise ProtocolError("path too long")
     if path.startswith("/"):
         raise ProtocolError(f"absolute path {path!r}")
+    if path.count("/") >= MAX_PATH_DEPTH:
+        raise ProtocolError(
+            f"path {path[:60]!r}... is {path.count('/') + 1} levels deep (at most {MAX_PATH_DEPTH})"
+        )
     parts = tuple(path.split("/"))
     for part in parts:
         check_component(part)

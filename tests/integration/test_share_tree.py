@@ -143,3 +143,30 @@ async def test_links_refused_by_default_followed_inside_when_asked(
     _same_tree(src, dest)  # dircmp follows the source's links, as diff -r does
     _no_links(dest)
     assert (dest / "to-b" / "deep.bin").read_bytes() == (src / "a/b/deep.bin").read_bytes()
+
+
+async def test_manifest_path_1500_levels_deep_refused_cleanly(
+    make_node: Factory, tmp_path: Path
+) -> None:
+    """Issue 11, hostile: a provider serves a manifest whose one path is 1,500
+    levels deep. The download fails with a clear ProtocolError (it used to crash
+    with RecursionError), leaving no row in the store and nothing on disk."""
+    from blake3 import blake3
+
+    from p2pnode.errors import ProtocolError
+    from p2pnode.exchange.manifest import Entry, FileStat, Manifest
+
+    seed, seed_udp = await make_node("seed")
+    leech, _ = await make_node("leech", bootstrap_udp=seed_udp)
+    rel = "/".join(["d"] * 1499 + ["f"])
+    # Built unchecked (the dataclass, not Manifest.create): what a hostile node sends.
+    bad = Manifest("dir", "deep", 16 * 1024, (Entry(rel, 1, 0),), blake3(b"x").digest())
+    seed.store.add_shared(bad, tmp_path / "nowhere", [FileStat(rel, 1, 0)])
+    await seed._announce(bad.resource_id)  # what share() does once the row is in
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with pytest.raises(ProtocolError, match="1500 levels deep"):
+        await leech.get(bad.resource_id, downloads)
+    assert leech.store.get(bad.resource_id) is None
+    assert list(downloads.iterdir()) == []

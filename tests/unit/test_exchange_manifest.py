@@ -523,3 +523,21 @@ def test_follow_links_refuses_cycles_and_broken_links(tmp_path: Path) -> None:
     (root / "a" / "b" / "gone").symlink_to("nowhere")
     with pytest.raises(UsageError, match="gone' is a broken symbolic link"):
         build_manifest(root, follow_links=True)
+
+
+def _deep_manifest_bytes(levels: int) -> bytes:
+    """Canonical bytes of a folder manifest whose one file is ``levels`` deep."""
+    path = "/".join(["d"] * (levels - 1) + ["f"])
+    obj = [2, "dir", "deep", 16 * 1024, [[path, 1]], blake3(b"x").digest()]
+    return bytes(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_path_depth_is_limited() -> None:
+    """Issue 11: a 1,500-level path is refused with a clear error when decoded
+    (it crashed a download with RecursionError); the limit itself is accepted."""
+    with pytest.raises(ProtocolError, match="1500 levels deep"):
+        Manifest.decode(_deep_manifest_bytes(1500))
+    limit = manifest_module.MAX_PATH_DEPTH
+    assert Manifest.decode(_deep_manifest_bytes(limit)).entries[0].path.count("/") == limit - 1
+    with pytest.raises(ProtocolError, match="levels deep"):
+        Manifest.decode(_deep_manifest_bytes(limit + 1))

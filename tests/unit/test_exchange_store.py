@@ -215,3 +215,27 @@ def test_corrupt_database_is_a_usage_error(tmp_path: Path) -> None:
     (home / "exchange.sqlite3").write_bytes(b"this is not a database" * 100)
     with pytest.raises(UsageError, match="resource store"):
         Store(home)
+
+
+def test_deep_folders_created_without_recursion(tmp_path: Path) -> None:
+    """Issue 11: folders are created in a loop, not by recursing once per level
+    (Path.mkdir(parents=True) hit RecursionError at 1,500 levels). The manifest is
+    built unchecked here, as if the decoder's depth limit were ever bypassed."""
+    from blake3 import blake3
+
+    from p2pnode.exchange.manifest import Entry
+
+    levels = 1500
+    rel = "/".join(["d"] * (levels - 1) + ["f"])
+    manifest = Manifest("dir", "deep", MIN_PIECE_SIZE, (Entry(rel, 1, 0),), blake3(b"x").digest())
+    store = Store(tmp_path / "home")
+    res = store.begin_download(manifest, tmp_path / "deep")
+    deepest = res.root.joinpath(*rel.split("/"))
+    assert deepest.stat().st_size == 1
+    store.close()
+    # Cleaned up here, in a loop: pytest's own cleanup (shutil.rmtree) recurses.
+    deepest.unlink()
+    for folder in deepest.parents:
+        if folder == tmp_path:
+            break
+        folder.rmdir()
