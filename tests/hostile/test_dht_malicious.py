@@ -341,6 +341,32 @@ async def test_value_store_flood_does_not_lock_out_new_values(flooders: list[Flo
 
 
 @needs_other_loopbacks
+async def test_value_store_flood_at_full_scale(flooders: list[Flooder]) -> None:
+    """Attack 5 of issue 10 as reported: 1,000 x 4 KiB stores from each of 11
+    addresses to a node with the default store limits (10,000 values). A value put
+    afterwards is still accepted by that node."""
+    victim, putter = (Discovery(os.urandom(20), CONFIG) for _ in range(2))
+    for node in (victim, putter):
+        await node.listen("127.0.0.1", 0)
+    try:
+        await joined([victim, putter])
+        value = os.urandom(4096)
+        for flooder in flooders:
+            stores = [("store", os.urandom(20), os.urandom(20), value) for _ in range(1000)]
+            await flooder.flood(victim.port, stores, batch=16)
+        outcome = await putter.put_outcome("fresh", "new value")
+        assert (outcome.remote, outcome.asked) == (1, 1), outcome
+        stats = victim.stats()
+        assert stats["rpc_received.store"] >= 11_000
+        assert stats["stored_values"] <= CONFIG.max_values_per_subnet + 1
+        assert stats["stored_value_bytes"] <= CONFIG.max_value_store_bytes
+        assert stats.get("stores_refused", 0) == 0
+    finally:
+        for node in (victim, putter):
+            await node.close()
+
+
+@needs_other_loopbacks
 async def test_a_remote_store_does_not_replace_the_owners_value(
     honest: list[Discovery], flooders: list[Flooder]
 ) -> None:
