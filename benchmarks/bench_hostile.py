@@ -29,7 +29,20 @@ process:
                          undecodable payloads, bad envelopes, unknown message types,
                          requests with bad fields, unexpected answers (the attacker
                          reads and discards the node's error replies);
-  ``all``                every attacker above at once (not in the default list).
+  ``all``                every attacker above at once (not in the default list);
+
+  and the budget attacks (issue 11), each holding connections rather than churning:
+
+  ``tcp-silent``         256 TCP sockets from 127.0.3.1-8 (32 each) that send nothing,
+                         reopened as the node closes them;
+  ``tcp-announced``      256 authenticated connections (from 127.0.20-27.1), each
+                         sending a header announcing a 4 MiB frame and 4 bytes of it;
+  ``tcp-slow-reader``    64 authenticated connections (from 127.0.40-43.1) that
+                         pipeline 64 GetPiece of the file being downloaded and read
+                         nothing (a 4 KiB receive buffer).
+
+  For these the provider's RSS is sampled during the window (peak) and after the
+  attackers have gone (after), beside its configured ``memory_budget``.
 
   What the node absorbed is read from the provider's own counters (control API
   ``GET /v1/status``: "dht", "net", "exchange"), before and after the attack
@@ -86,6 +99,8 @@ from p2pnode.errors import P2PError
 
 MiB = 1024 * 1024
 ATTACKS = ("udp", "tcp-garbage", "tcp-half-handshake", "tcp-oversized", "tcp-junk-frames")
+HOLDING = ("tcp-silent", "tcp-announced", "tcp-slow-reader")  # one worker, many sockets
+HOLD_COUNTS = {"tcp-silent": 256, "tcp-announced": 256, "tcp-slow-reader": 64}
 MAX_OPS = 50_000_000  # per attacker worker, besides the time bounds
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends a RST: no TIME_WAIT pile-up
@@ -323,11 +338,104 @@ class Attacker:
             reader.join(SOCK_TIMEOUT)
         return sent
 
+    # -- holding attacks (budgets) ----------------------------------------------------
+
+    def _source(self, kind: str, i: int) -> str:
+        if kind == "tcp-silent":
+            return f"127.0.3.{1 + i % 8}"
+        if kind == "tcp-announced":
+            return f"127.0.{20 + i % 8}.1"
+        return f"127.0.{40 + i % 4}.1"
+
+    def _open(self, kind: str, i: int, creds: Any) -> socket.socket:
+        from p2pnode.exchange.manifest import resource_id_from_str
+        from p2pnode.exchange.messages import GetPiece
+        from p2pnode.net.session import CHUNK_HEADER
+        from p2pnode.wire.frame import frame_header
+        from p2pnode.wire.messages import encode_envelope, request
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            if kind == "tcp-slow-reader":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.bind((self._source(kind, i), 0))
+            sock.settimeout(SOCK_TIMEOUT)
+            sock.connect(self.target)
+            self.tally.add(connections=1)
+            if kind == "tcp-silent":
+                return sock
+            session = self.handshake(sock, creds)
+            assert session._enc is not None
+            if kind == "tcp-announced":
+                body = session._enc.encrypt(frame_header(4 * MiB) + b"abcd")
+                sock.sendall(CHUNK_HEADER.pack(len(body)) + body)
+            else:
+                rid = resource_id_from_str(self.args.rid)
+                out: list[Any] = []
+                for n in range(64):
+                    parts = encode_envelope(request(n + 1, GetPiece(rid, n)))
+                    data = b"".join(bytes(p) for p in parts)
+                    out.extend(session.seal([data], len(data)))
+                sock.sendall(b"".join(bytes(c) for c in out))
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def hold_loop(self, kind: str, pace: Pace) -> None:
+        """Keep HOLD_COUNTS[kind] connections open; reopen those the node closes."""
+        import select
+
+        from p2pnode.identity import Identity
+        from p2pnode.net.session import Credentials
+
+        creds = Credentials.create(Identity.generate())
+        slots: list[socket.socket | None] = [None] * HOLD_COUNTS[kind]
+        rounds = 0
+        try:
+            while self.running(rounds):
+                rounds += 1
+                for i, sock in enumerate(slots):
+                    if sock is None and self.running(rounds):
+                        try:
+                            slots[i] = self._open(kind, i, creds)
+                            self.tally.add(ops=1)
+                        except (OSError, P2PError):
+                            self.tally.add(errors=1)
+                live = [s for s in slots if s is not None]
+                if not live:
+                    self.stop.wait(0.05)
+                    continue
+                # a readable socket was closed (or answered: slow readers read nothing)
+                readable, _, _ = select.select(live, [], [], 0.2)
+                for sock in readable:
+                    if kind == "tcp-slow-reader":
+                        continue  # it never reads; the node closes it in time
+                    try:
+                        gone = not sock.recv(65536, socket.MSG_PEEK)
+                    except OSError:
+                        gone = True
+                    if gone:
+                        sock.close()
+                        slots[slots.index(sock)] = None
+                if kind == "tcp-slow-reader":
+                    for i, sock in enumerate(slots):
+                        if sock is not None and sock.fileno() != -1:
+                            with contextlib.suppress(OSError):
+                                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                                    sock.close()
+                                    slots[i] = None
+        finally:
+            for sock in slots:
+                if sock is not None:
+                    sock.close()
+
     # -- the process ------------------------------------------------------------------
 
     def run(self) -> None:
         kind = self.args.kind
-        workers = 1 if kind == "udp" else self.args.tcp_threads
+        workers = 1 if kind == "udp" or kind in HOLDING else self.args.tcp_threads
         pace = Pace(self.args.rate, workers)
         pool = udp_pool(self.rng, 4096) if kind == "udp" else []
         if kind != "udp":
@@ -342,7 +450,9 @@ class Attacker:
         threads = [
             threading.Thread(
                 target=self._guard,
-                args=(self.udp, pool, pace) if kind == "udp" else (self.tcp_loop, kind, pace),
+                args=(self.udp, pool, pace)
+                if kind == "udp"
+                else (self.hold_loop if kind in HOLDING else self.tcp_loop, kind, pace),
             )
             for _ in range(workers)
         ]
@@ -374,16 +484,41 @@ class Attacker:
 # --- the parent --------------------------------------------------------------------
 
 
-def _spawn_attacker(kind: str, port: int, args: argparse.Namespace) -> subprocess.Popen[str]:
+def _spawn_attacker(
+    kind: str, port: int, args: argparse.Namespace, rid: str | None
+) -> subprocess.Popen[str]:
     argv = [
         "--role", "attack", "--kind", kind, "--target-port", str(port),
         "--attacker-ip", args.attacker_ip, "--tcp-threads", str(args.tcp_threads),
         "--rate", str(args.rate), "--attack-max-seconds", str(args.attack_max_seconds),
-        "--seed", str(random.randrange(2**31)),
+        "--seed", str(random.randrange(2**31)), "--rid", rid or "-",
     ]  # fmt: skip
     return subprocess.Popen(
         [sys.executable, __file__, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
+
+
+def _provider_process() -> psutil.Process | None:
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if "provider" in child.cmdline():
+                return child
+    return None
+
+
+def _rss(proc: psutil.Process | None) -> int:
+    if proc is None:
+        return 0
+    with contextlib.suppress(psutil.Error):
+        return int(proc.memory_info().rss)
+    return 0
+
+
+def _shared_id(home: Path) -> str:
+    from p2pnode.control.client import ControlClient
+
+    listing = ControlClient(home, timeout=30).call("GET", "/v1/ls")
+    return str(listing["resources"][0]["id"])
 
 
 def _status(home: Path) -> dict[str, Any]:
@@ -414,6 +549,9 @@ class Case:
     timed_out: bool = False
     deltas: dict[str, int] = field(default_factory=dict)
     attackers: list[dict[str, Any]] = field(default_factory=list)
+    rss_before: int = 0  # the provider's, just before the attack
+    rss_peak: int = 0  # sampled during the window
+    rss_after: int = 0  # once the attackers have gone
 
     def delta(self, *names: str) -> int:
         return sum(self.deltas.get(n, 0) for n in names)
@@ -443,7 +581,13 @@ class Harness:
 
     @contextlib.contextmanager
     def _during(self, case: Case, port: int, home: Path) -> Iterator[None]:
-        procs = [_spawn_attacker(k, port, self.args) for k in case.kinds]
+        rid = _shared_id(home) if "tcp-slow-reader" in case.kinds else None
+        procs = [_spawn_attacker(k, port, self.args, rid) for k in case.kinds]
+        provider = _provider_process()
+        sampling = threading.Event()
+        sampler = threading.Thread(target=self._sample_rss, args=(case, provider, sampling))
+        case.rss_before = _rss(provider)
+        sampler.start()
         watchdog = threading.Timer(self.args.download_timeout, self._kill_downloader, (case,))
         try:
             for proc in procs:
@@ -478,6 +622,21 @@ class Harness:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            sampling.set()
+            sampler.join()
+            if procs:
+                # the node notices the resets, drops the connections and their buffers
+                with contextlib.suppress(OSError, RuntimeError, ValueError, P2PError):
+                    for _ in range(50):
+                        if not _flat(_status(home)).get("net.connections_inbound", 0) > 1:
+                            break
+                        time.sleep(0.1)
+                case.rss_after = _rss(provider)
+
+    @staticmethod
+    def _sample_rss(case: Case, provider: psutil.Process | None, stop: threading.Event) -> None:
+        while not stop.wait(0.05):
+            case.rss_peak = max(case.rss_peak, _rss(provider))
 
     def _kill_downloader(self, case: Case) -> None:
         for child in psutil.Process().children():
@@ -499,7 +658,13 @@ def _explain(exc: Exception, case: Case, timeout: float) -> str:
 
 # --- report ----------------------------------------------------------------------------
 
-TCP_CONNS = ("net.connections_accepted", "net.rejected_per_ip", "net.rejected_max_connections")
+TCP_CONNS = (
+    "net.connections_accepted",
+    "net.rejected_per_ip",
+    "net.rejected_max_connections",
+    "net.rejected_per_subnet",
+    "net.rejected_handshakes_per_subnet",
+)
 TCP_DROPPED = (
     "net.handshake_failures",
     "net.handshake_timeouts",
@@ -507,12 +672,15 @@ TCP_DROPPED = (
     "net.tampered_chunks",
     "net.protocol_errors",
     "net.closed_slow_reader",
+    "net.evicted_handshakes",
 )
 JUNK_FRAMES = ("net.bad_messages", "net.unknown_messages", "net.unexpected_responses")
 SHOWN_PREFIXES = (
     "dht.rpc_received.",  # honest requests answered
     "exchange.pieces_served",
     "exchange.rejected_busy",
+    "exchange.rejected_memory",
+    "net.memory_peak",
     "dht.dropped.",
     "dht.datagrams_received",
     "dht.socket_errors",
@@ -568,13 +736,14 @@ def main() -> None:
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--target-port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--rid", default="-", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "attack":
         Attacker(args).run()
         return
 
     kinds = [k for k in args.attacks.split(",") if k]
-    unknown = set(kinds) - {*ATTACKS, "all"}
+    unknown = set(kinds) - {*ATTACKS, *HOLDING, "all"}
     if unknown:
         parser.error(f"unknown attack(s): {', '.join(sorted(unknown))}")
     size = args.size_mib * MiB
@@ -653,6 +822,17 @@ def main() -> None:
         errors = sum(int(a["errors"]) for a in c.attackers)
         shown = ", ".join(f"{k} {v:,}" for k, v in moved.items())
         print(f"  {c.label}: {shown or '-'}; attacker socket errors {errors:,}")
+    held = [c for c in cases if c.rss_peak]
+    if held:
+        from p2pnode.net.config import NetLimits
+
+        budget = NetLimits().memory_budget
+        print(f"\nprovider RSS (MiB; configured memory_budget {budget / MiB:.0f} MiB):")
+        for c in held:
+            print(
+                f"  {c.label:24s} before {c.rss_before / MiB:6.0f}  peak {c.rss_peak / MiB:6.0f}"
+                f"  after {c.rss_after / MiB:6.0f}"
+            )
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\ntotal {time.monotonic() - t_start:.0f} s; load average {load} at the end")
     failed = [c.label for c in cases if not c.ok]

@@ -14,7 +14,8 @@ Rules
   one dial.
 - Bounded by the budgets of :class:`~p2pnode.net.budget.ConnectionBudget`:
   inbound handshakes (full: the oldest is evicted), inbound connections in
-  all, per address and per subnet (refused), outbound connections apart (a
+  all (full: the least recently used idle one is evicted, else refused), per
+  address and per subnet (refused), outbound connections apart (a
   dial at the limit first evicts the least recently used idle outbound
   connection); then ``max_inflight_per_connection`` handler tasks per connection, an
   idle timeout, a handshake timeout, a request timeout, ``max_frame``, an
@@ -233,7 +234,10 @@ class PeerHost:
             return not self._closing  # outbound: counted when the dial began
         if self._closing:
             return False
-        admitted, evicted = self._budget.admit_inbound(conn, conn.peername[0])
+        budget = self._budget
+        if budget.inbound >= self.limits.max_connections:
+            self._evict_idle(inbound=True)
+        admitted, evicted = budget.admit_inbound(conn, conn.peername[0])
         if evicted is not None:
             evicted.close(
                 P2PTimeoutError("handshake evicted to make room for a newer one"), abort=True
@@ -312,15 +316,19 @@ class PeerHost:
         if not task.cancelled():
             task.exception()  # retrieved even if every waiter gave up
 
-    def _evict_idle(self) -> None:
-        """Close the least recently used idle outbound connection, if any (the
-        outbound budget is full; runs only then, so the scan costs nothing usually)."""
+    def _evict_idle(self, *, inbound: bool = False) -> None:
+        """Close the least recently used idle connection of one direction, if any
+        (its budget is full; runs only then, so the scan costs nothing usually).
+        Inbound, it keeps authenticated peers that hold slots and do nothing
+        from locking out the rest."""
         budget = self._budget
-        idle = [c for c in self._conns if c.is_open and not c.busy and not budget.is_inbound(c)]
+        idle = [
+            c for c in self._conns if c.is_open and not c.busy and budget.is_inbound(c) == inbound
+        ]
         if not idle:
             return
         victim = min(idle, key=lambda c: c.last_activity)
-        self.counters["evicted_idle"] += 1
+        self.counters["evicted_idle_inbound" if inbound else "evicted_idle"] += 1
         victim.close(ConnectionClosed("evicted to make room for a new connection"))
         self._conns.discard(victim)
         budget.release(victim)
