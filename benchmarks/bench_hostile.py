@@ -822,7 +822,7 @@ def main() -> None:
         errors = sum(int(a["errors"]) for a in c.attackers)
         shown = ", ".join(f"{k} {v:,}" for k, v in moved.items())
         print(f"  {c.label}: {shown or '-'}; attacker socket errors {errors:,}")
-    held = [c for c in cases if c.rss_peak]
+    held = [c for c in cases if c.kinds and c.rss_peak]
     if held:
         from p2pnode.net.config import NetLimits
 
