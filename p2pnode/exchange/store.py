@@ -496,6 +496,9 @@ def _layout_partial(manifest: Manifest, target: Path) -> bool:
     """
     lost = False
     paths = file_paths(target, manifest)
+    # A new partial folder holds nothing yet: its files are created without first
+    # looking for them (one lstat per file saved), and empty ones left at size 0.
+    fresh = manifest.kind == "dir" and not os.path.lexists(target)
     if manifest.kind == "dir":
         if target.exists() and not target.is_dir():
             target.unlink()
@@ -507,6 +510,16 @@ def _layout_partial(manifest: Manifest, target: Path) -> bool:
             lost = True
         target.parent.mkdir(parents=True, exist_ok=True)
     _make_dirs(target, _parent_dirs(manifest))
+    if fresh:
+        for entry, path in zip(manifest.entries, paths, strict=True):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                if entry.size:
+                    os.ftruncate(fd, entry.size)
+            finally:
+                os.close(fd)
+        _make_empty_dirs(manifest, target)
+        return manifest.piece_count > 0
     for entry, path in zip(manifest.entries, paths, strict=True):
         try:
             st = path.lstat()
