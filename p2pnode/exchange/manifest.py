@@ -49,7 +49,7 @@ import re
 import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +85,9 @@ MAX_TOTAL_SIZE = 1 << 50
 Kind = Literal["file", "dir"]
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# One regex search instead of a Python loop per character: checking 10,000 paths
+# was a third of sharing 10,000 small files.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _READ_CHUNK = 8 * 1024 * 1024
 
 
@@ -140,7 +143,7 @@ def check_component(part: str) -> None:
         raise ProtocolError(f"path component {part!r} not allowed")
     if "/" in part or "\\" in part:
         raise ProtocolError(f"separator in path component {part!r}")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in part):
+    if _CONTROL.search(part):
         raise ProtocolError(f"control character in path component {part!r}")
     if _DRIVE.match(part):
         raise ProtocolError(f"drive letter in path component {part!r}")
@@ -765,7 +768,6 @@ def build_manifest(
             raise UsageError(f"{str(file_path)!r} vanished while hashing: {exc}") from None
         if after.st_size != before.size or after.st_mtime_ns != before.mtime_ns:
             raise UsageError(f"{str(file_path)!r} changed while it was hashed; share it again")
-    manifest = Manifest.create(
-        listing.kind, listing.name, ps, files, bytes(hashes), empty_dirs=listing.empty_dirs
-    )
+    # Same geometry as the draft, already validated: only the hashes change.
+    manifest = replace(draft, piece_hashes=bytes(hashes))
     return manifest, listing
