@@ -15,6 +15,14 @@ Rules:
   the same file system. Each verified piece is recorded (committed) as it is
   written; after a crash the download resumes from the recorded pieces. The
   destination appears only when every piece is verified (``finish_download``).
+- Crash safety without an fsync per piece or per file: a piece is recorded once
+  written, not once on disk, so a record is only a hint until the data is
+  durable. A resumed download re-hashes every recorded piece from disk before
+  trusting it (``Fetcher._recheck``): a piece lost in a crash is fetched again.
+  The partial becomes the destination only after it is made durable
+  (exchange/durable.py: one ``syncfs`` for a folder, ``fsync`` for a file) and
+  renamed, and the parent folder is then fsynced: a crash at any point leaves
+  either the old state or the whole verified resource, never a half one.
 - Only the event-loop thread touches the database. ``PieceSource`` objects are
   immutable snapshots that worker threads use to read pieces.
 """
