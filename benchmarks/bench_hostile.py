@@ -626,9 +626,16 @@ class Harness:
             sampler.join()
             if procs:
                 # the node notices the resets, drops the connections and their buffers
+                # and, a second later, gives the freed heap back (net.heap_trims)
                 with contextlib.suppress(OSError, RuntimeError, ValueError, P2PError):
+                    trims = _flat(_status(home)).get("net.heap_trims", 0)
                     for _ in range(50):
-                        if not _flat(_status(home)).get("net.connections_inbound", 0) > 1:
+                        now = _flat(_status(home))
+                        if now.get("net.connections_inbound", 0) <= 1:
+                            break
+                        time.sleep(0.1)
+                    for _ in range(30):
+                        if _flat(_status(home)).get("net.heap_trims", 0) > trims:
                             break
                         time.sleep(0.1)
                 case.rss_after = _rss(provider)

@@ -54,6 +54,7 @@ from p2pnode.identity import Identity, peer_id_to_str
 from p2pnode.net.budget import ConnectionBudget
 from p2pnode.net.config import NetLimits
 from p2pnode.net.connection import Handler, PeerConnection
+from p2pnode.net.heap import trim_heap
 from p2pnode.net.memory import MemoryBudget
 from p2pnode.net.session import Credentials, Session
 from p2pnode.wire.messages import DEFAULT_REGISTRY, DecodeLimits, Message, MessageRegistry
@@ -77,6 +78,9 @@ class PeerAddress:
 
 
 _DialKey = bytes | tuple[str, int]
+
+# A burst of this many closed connections gives the freed heap back (heap.py).
+TRIM_AFTER_LOST = 32
 
 
 class PeerHost:
@@ -134,6 +138,9 @@ class PeerHost:
         self._budget: ConnectionBudget[PeerConnection] = ConnectionBudget(limits, self.counters)
         # what peers make this node hold; the piece server reserves in it too
         self.memory = MemoryBudget(limits.memory_budget, limits.memory_per_peer, self.counters)
+        # connections lost since the heap was last trimmed (see p2pnode/net/heap.py)
+        self._lost_since_trim = 0
+        self._trim_timer: asyncio.TimerHandle | None = None
         self._dials: dict[_DialKey, asyncio.Task[PeerConnection]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._servers: list[ListeningServer] = []
@@ -201,6 +208,9 @@ class PeerHost:
     async def close(self) -> None:
         """Stop listening, close every connection, end every task it owns."""
         self._closing = True
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+            self._trim_timer = None
         for server in self._servers:
             server.close()
         for task in list(self._dials.values()):
@@ -262,6 +272,10 @@ class PeerHost:
     def conn_lost(self, conn: PeerConnection) -> None:
         self._conns.discard(conn)
         self._budget.release(conn)
+        self._lost_since_trim += 1
+        lost = self._lost_since_trim
+        if lost >= TRIM_AFTER_LOST and self._trim_timer is None and not self._closing:
+            self._trim_timer = asyncio.get_running_loop().call_later(1.0, self._trim)
         node_id = conn.remote_node_id
         if node_id is not None:
             conns = self._by_peer.get(node_id)
@@ -273,6 +287,12 @@ class PeerHost:
             del self._by_addr[conn.dialed]
 
     # -- internals ---------------------------------------------------------
+
+    def _trim(self) -> None:
+        self._trim_timer = None
+        self._lost_since_trim = 0
+        if trim_heap():
+            self.counters["heap_trims"] += 1
 
     def _session(self, *, expected: bytes | None, initiator: bool) -> Session:
         return Session(
