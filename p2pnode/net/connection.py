@@ -23,7 +23,7 @@ Rules
   ``max_inflight_per_connection`` per connection (the core answers the rest
   busy). The handler boundary turns exceptions into ``ErrorReply`` answers.
 - ``connection_lost`` cancels the timer and the handlers and fails what waits.
-- Memory: after every pump the bytes this connection holds for its peer (the
+- Memory: after every pump and read the bytes this connection holds for its peer (the
   transport's write buffer, answers held while paused, receive buffers) are
   counted in the owner's :class:`~p2pnode.net.memory.MemoryBudget` under the
   peer's node id (a delta, O(1)); all of it is given back when the connection
@@ -196,6 +196,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         core.receive_data(nbytes, self._clock.now())
         if core.has_output:  # most reads only fill a piece's body
             self._pump()
+        elif self._mem_key is not None:
+            self._account()  # a body growing as it arrives
 
     def eof_received(self) -> bool | None:
         self.core.eof_received(self._clock.now())
@@ -253,7 +255,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         """Count what this connection holds now in the owner's memory budget."""
         key = self._mem_key
         assert key is not None
-        held = self.core.held_bytes + self.session.held
+        # pooled receive bodies are left out: our own downloads keep them for speed
+        held = self.core.held_bytes + self.session.receiving
         transport = self.transport
         if transport is not None and not self._lost:
             held += transport.get_write_buffer_size()

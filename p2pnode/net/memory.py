@@ -13,8 +13,10 @@ What is counted (by the connection shells and the piece server):
 - a connection's write side: its transport's buffer and the answers held for
   it while the transport is paused (:meth:`MemoryBudget.track`, accounting only:
   it was already admitted);
-- a connection's receive buffers (the frame being received, the read buffer,
-  pooled bodies), tracked the same way.
+- a connection's receive buffers (the frame being received, which grows only
+  with the bytes that arrive, and the read buffer), tracked the same way;
+  pooled bodies are not (our own downloads keep them for speed; a quiet
+  connection gives them back).
 
 New work that would take the system or its peer over budget is refused:
 ``GetPiece`` is answered ``busy`` (counted ``rejected_memory``), so the asker

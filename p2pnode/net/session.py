@@ -312,6 +312,11 @@ class Session:
         read buffers, pooled bodies)."""
         return self._chunks.held + self._frames.held
 
+    @property
+    def receiving(self) -> int:
+        """Bytes held for frames being received (``held`` without pooled bodies)."""
+        return self._chunks.receiving + self._frames.receiving
+
     def take_outgoing(self) -> list[Buffer]:
         out, self._out = self._out, []
         return out

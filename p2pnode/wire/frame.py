@@ -147,6 +147,15 @@ class PrefixDecoder:
         return n
 
     @property
+    def receiving(self) -> int:
+        """Bytes held for what is being received: the body being filled and the read
+        buffer (pooled bodies are memory kept for speed, given back by trim)."""
+        n = len(self._body) if self._body is not None else 0
+        if self._scratch is not None:
+            n += len(self._scratch)
+        return n
+
+    @property
     def at_boundary(self) -> bool:
         """True when no partial header or item is buffered."""
         return self._hfill == 0 and self._need < 0

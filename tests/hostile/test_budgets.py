@@ -181,6 +181,8 @@ async def test_announced_frames_that_never_arrive_cost_little(hosts: MakeHost) -
             )
             grown = tracemalloc.get_traced_memory()[0] - before
             assert victim.stats()["connections_open"] == count  # held, not dropped
+            # and the node's memory budget counts what they hold
+            assert 0 < victim.stats()["memory_used"] <= count * 256 * 1024
     finally:
         tracemalloc.stop()
     # before: count * max_frame (256 MiB); now GROW_START and change per connection
