@@ -291,3 +291,26 @@ async def test_slow_readers_stay_within_the_memory_budget(make_net: MakeNet) -> 
         assert net_stat(victim, "memory_peak") <= budget + count * PIECE
     await eventually(lambda: net_stat(victim, "memory_used") < PIECE, timeout=10)
     await world.healthy()
+
+
+@needs_loopback_range
+async def test_downloads_both_ways_while_silent_sockets_hold_the_port(
+    make_net: MakeNet,  # noqa: F811
+) -> None:
+    """The issue's case on real nodes: while 256 silent sockets from 8 addresses
+    hold the port, an honest node downloads from the victim and the victim
+    downloads from it (it dials out)."""
+    world = await make_net(net=replace(VICTIM_NET, handshake_timeout=30.0))
+    victim, honest = world.victim, world.honest
+    sources = [f"127.0.3.{i}" for i in range(1, 9)]
+    async with silent_sockets(victim.peer_host, victim.port, sources, 32):
+        await world.download_completes()
+        data = os.urandom(3 * PIECE + 5)
+        src = world.tmp / "from-honest.bin"
+        src.write_bytes(data)
+        info = await honest.exchange.share(src)
+        dest = world.tmp / "victim-got.bin"
+        async with asyncio.timeout(15):
+            got = await victim.exchange.get(info.resource_id, dest)
+        assert got.state == "complete" and dest.read_bytes() == data
+        assert net_stat(victim, "rejected_handshakes_per_subnet") > 0
