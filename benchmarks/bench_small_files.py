@@ -1,7 +1,7 @@
 """Many small files (a benchmark, not a test).
 
     python benchmarks/bench_small_files.py [--files 10000] [--repeat 2] [--dir /tmp]
-        [--no-libtorrent]
+        [--no-libtorrent] [--durability]
 
 Generates, with a fixed seed, a folder of ``--files`` files of 2-5 KB in 100
 subfolders (~31 MiB for 10,000), then in the same run, alternating, measures:
@@ -14,8 +14,9 @@ subfolders (~31 MiB for 10,000), then in the same run, alternating, measures:
   hash of every file's bytes (``b3sum`` if installed, else the blake3 module);
 - a local copy (``get`` of an id that is already here) against ``cp -r``.
 
-Prints every run and the ratios of the best runs. Figures are noisy on a shared
-machine: run it twice.
+Prints every run and the ratios of the best runs. ``--durability`` instead times
+the ways to make a fresh copy of the tree durable (exchange/durable.py's choice).
+Figures are noisy on a shared machine: run it twice.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -225,6 +227,66 @@ def cp_r_seconds(base: Path, src: Path) -> float:
     return seconds
 
 
+def durability_options(base: Path, src: Path) -> None:
+    """How long making a just-written copy of the tree durable takes, per option
+    (exchange/durable.py chose from these): fsync per file in a row, fsyncs from
+    thread pools, sync_file_range(WRITE) per file then syncfs, syncfs alone."""
+    import ctypes
+
+    from p2pnode.exchange.durable import syncfs
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def fsync_one(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def in_a_row(paths: list[Path], fd: int) -> None:
+        for path in paths:
+            fsync_one(path)
+
+    def pool(n: int) -> Callable[[list[Path], int], None]:
+        def run(paths: list[Path], fd: int) -> None:
+            with ThreadPoolExecutor(n) as ex:
+                list(ex.map(fsync_one, paths, chunksize=16))
+
+        return run
+
+    def range_then_syncfs(paths: list[Path], fd: int) -> None:
+        for path in paths:
+            f = os.open(path, os.O_RDONLY)
+            libc.sync_file_range(f, ctypes.c_longlong(0), ctypes.c_longlong(0), 2)
+            os.close(f)
+        syncfs(fd)
+
+    options: dict[str, Callable[[list[Path], int], None]] = {
+        "fsync per file, in a row": in_a_row,
+        "fsyncs from 16 threads": pool(16),
+        "fsyncs from 64 threads": pool(64),
+        "sync_file_range + syncfs": range_then_syncfs,
+        "syncfs": lambda paths, fd: (syncfs(fd), None)[1],
+    }
+    print("durability of a fresh copy of the tree (best of 2, alternating):")
+    best: dict[str, float] = {}
+    for _ in range(2):
+        for name, run in options.items():
+            dest = base / "durable"
+            shutil.copytree(src, dest)
+            paths = [p for p in dest.rglob("*") if p.is_file()]
+            fd = os.open(dest, os.O_RDONLY)
+            t0 = time.perf_counter()
+            run(paths, fd)
+            seconds = time.perf_counter() - t0
+            os.close(fd)
+            shutil.rmtree(dest)
+            best[name] = min(best.get(name, seconds), seconds)
+    for name, seconds in best.items():
+        print(f"  {name:28s} {seconds:6.3f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--role", default="main")
@@ -232,6 +294,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs per case (best is used)")
     parser.add_argument("--dir", default=None, help="where to put the files (default: /tmp)")
     parser.add_argument("--no-libtorrent", action="store_true")
+    parser.add_argument(
+        "--durability", action="store_true", help="only time the ways to make a copy durable"
+    )
     parser.add_argument("--torrent")
     parser.add_argument("--save")
     parser.add_argument("--port", type=int, default=0)
@@ -254,6 +319,9 @@ def main() -> None:
         base = Path(tmp)
         src = base / "tree"
         total = make_tree(src, args.files)
+        if args.durability:
+            durability_options(base, src)
+            return
         torrent = base / "tree.torrent"
         if lt_ok:
             make_torrent(src, torrent)

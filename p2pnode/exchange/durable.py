@@ -1,13 +1,13 @@
 """Making a written file or folder durable before it is renamed into place.
 
 One ``fsync`` per file, in a row, costs a journal commit each: 10,000 small files
-took 2.7 s here. Measured on this ext4 VM (10,000 files of 3.5 KB just written,
-best of 2; /tmp/fsx-style microbenchmark, see the issue-15 report):
+took 2.7 s here. Measured on this ext4 VM (10,000 files of 2-5 KB just written,
+best of 2: ``python benchmarks/bench_small_files.py --durability``):
 
-    fsync each file in a row          2.71 s
-    fsyncs from 4 / 16 / 64 threads   1.58 / 1.22 / 1.02 s (commits get batched)
-    sync_file_range(WRITE) + syncfs   0.47 s (starting writeback early did not help)
-    syncfs on the destination's fs    0.26 s
+    fsync each file in a row          2.6-2.7 s
+    fsyncs from 4 / 16 / 64 threads   1.6 / 1.2-1.4 / 1.0-1.5 s (commits get batched)
+    sync_file_range(WRITE) + syncfs   0.47-0.54 s (starting writeback early: no help)
+    syncfs on the destination's fs    0.26-0.28 s
 
 So a folder of more than a few files is made durable with ``syncfs`` (one call:
 every dirty page and inode of that filesystem, the new folders' entries
