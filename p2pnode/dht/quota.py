@@ -8,28 +8,14 @@ more than that, so quotas per subnet bound what one cheap attacker can take.
 
 from __future__ import annotations
 
-import functools
 import heapq
-import ipaddress
 from collections import Counter, OrderedDict
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
+from p2pnode.subnets import subnet_of
+
 K = TypeVar("K", bound=Hashable)
-
-
-@functools.lru_cache(maxsize=4096)  # a few µs each, asked per record on a full key
-def subnet_of(ip: str) -> str:
-    """The /24 (IPv4) or /64 (IPv6) holding ``ip``; ``ip`` itself if unparsable."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if isinstance(addr, ipaddress.IPv4Address):
-        return str(ipaddress.IPv4Network((int(addr) & ~0xFF, 24)))
-    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
 
 
 class _Heaviest:

@@ -22,30 +22,16 @@ counted in ``counters`` by name.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 from p2pnode.net.config import NetLimits
+from p2pnode.subnets import subnet_of
 
 K = TypeVar("K", bound=Hashable)
 
-__all__ = ["ConnectionBudget", "subnet_of"]
-
-
-def subnet_of(ip: str) -> str:
-    """``ip``'s subnet as a key: IPv4 /24, IPv6 /64; the text itself if not an address."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        mapped = addr.ipv4_mapped
-        if mapped is None:
-            return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
-        addr = mapped
-    return str(ipaddress.IPv4Network((int(addr) >> 8 << 8, 24)))
+__all__ = ["ConnectionBudget"]
 
 
 class ConnectionBudget(Generic[K]):

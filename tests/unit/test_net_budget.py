@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from p2pnode.net.budget import ConnectionBudget, subnet_of
+from p2pnode.net.budget import ConnectionBudget
 from p2pnode.net.config import NetLimits
 from p2pnode.net.memory import MemoryBudget
+from p2pnode.subnets import subnet_of
 
 
 def test_subnets() -> None:
