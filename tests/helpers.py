@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -44,3 +45,14 @@ def fast_config(
         dht=DhtConfig(rpc_timeout=1.0),
         **kw,  # type: ignore[arg-type]
     )
+
+
+def can_bind(host: str, kind: socket.SocketKind = socket.SOCK_DGRAM) -> bool:
+    """Whether this machine lets a socket bind ``host`` (other 127.x addresses, for
+    tests that need attackers with addresses of their own)."""
+    with socket.socket(socket.AF_INET, kind) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True

@@ -25,7 +25,7 @@ from p2pnode.net import NetLimits, PeerAddress, PeerHost
 from p2pnode.node import Node
 from p2pnode.wire.frame import frame_header
 from p2pnode.wire.messages import Message, Ping, Pong
-from tests.helpers import eventually
+from tests.helpers import can_bind, eventually
 from tests.hostile.test_hostile_peers import (
     PIECE,
     VICTIM_NET,
@@ -41,17 +41,8 @@ VICTIM = NetLimits(handshake_timeout=30.0, request_timeout=10.0)
 HONEST = NetLimits(handshake_timeout=5.0, request_timeout=10.0)
 
 
-def can_bind(host: str) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, 0))
-        except OSError:
-            return False
-    return True
-
-
 needs_loopback_range = pytest.mark.skipif(
-    not can_bind("127.0.3.1"), reason="127.0.3.1 cannot be bound here"
+    not can_bind("127.0.3.1", socket.SOCK_STREAM), reason="127.0.3.1 cannot be bound here"
 )
 
 MakeHost = Callable[[NetLimits], PeerHost]

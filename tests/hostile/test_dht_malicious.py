@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import random
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
@@ -18,6 +17,7 @@ import pytest
 from kademlia.utils import digest
 
 from p2pnode.dht import DhtConfig, Discovery
+from tests.helpers import can_bind
 
 CONFIG = DhtConfig(ksize=8, rpc_timeout=0.3, lookup_timeout=4.0, max_failures=2)
 
@@ -190,15 +190,6 @@ async def test_a_lookup_through_only_liars_ends(
 
 
 # -- issue 10: storage floods from a few cheap addresses -------------------------------
-
-
-def can_bind(host: str) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((host, 0))
-        except OSError:
-            return False
-    return True
 
 
 ATTACKERS = [f"127.0.0.{i}" for i in range(2, 13)]  # 11 addresses, as in attack 5

@@ -57,7 +57,7 @@ from p2pnode.wire.messages import (
     encode_envelope,
     request,
 )
-from tests.helpers import eventually, fast_config
+from tests.helpers import can_bind, eventually, fast_config
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("no_errors_logged")]
 
@@ -112,15 +112,6 @@ def dht_stat(node: Node, name: str) -> int:
 def status_stat(node: Node, part: str, name: str) -> int:
     """A counter as the control API shows it (``node.status()``)."""
     return int(node.status()[part].get(name, 0))
-
-
-def can_bind(host: str) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((host, 0))
-        except OSError:
-            return False
-    return True
 
 
 needs_other_loopback = pytest.mark.skipif(
