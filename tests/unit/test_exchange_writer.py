@@ -25,7 +25,9 @@ def _write_all(manifest: Manifest, root: Path, data: bytes, writer: PieceWriter)
     try:
         for index in order:
             piece = data[index * manifest.piece_size : (index + 1) * manifest.piece_size]
-            assert not writer.verify_and_write(index, b"x" + piece[1:])  # corrupt: refused
+            assert not writer.verify_and_write(
+                index, bytes([piece[0] ^ 0xFF]) + piece[1:]
+            )  # corrupt: refused
             assert writer.verify_and_write(index, piece)
     finally:
         writer.close()
