@@ -67,7 +67,7 @@ def syncfs(fd: int) -> bool:
     return True
 
 
-def _fsync_path(path: Path) -> None:
+def _fsync_path(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

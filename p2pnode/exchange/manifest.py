@@ -502,11 +502,14 @@ class FileStat:
     mtime_ns: int
 
 
-def file_paths(root: Path, manifest: Manifest) -> list[Path]:
-    """Absolute paths of a manifest's entries under ``root``."""
+def file_paths(root: Path, manifest: Manifest) -> list[str]:
+    """Absolute paths of a manifest's entries under ``root``, as text: a ``Path``
+    each costs ~25 µs to build, which is most of a local copy of 10,000 small
+    files. Entry paths are validated POSIX paths, so joining the text is safe."""
+    base = os.fspath(root)
     if manifest.kind == "file":
-        return [root]
-    return [root.joinpath(*e.path.split("/")) for e in manifest.entries]
+        return [base]
+    return [os.path.join(base, e.path) for e in manifest.entries]
 
 
 def empty_dir_paths(root: Path, manifest: Manifest) -> list[Path]:
@@ -520,7 +523,7 @@ class ContentReader:
     Blocking; meant to run in a worker thread. Keeps files open until ``close``.
     """
 
-    def __init__(self, paths: Sequence[Path], manifest: Manifest) -> None:
+    def __init__(self, paths: Sequence[str | Path], manifest: Manifest) -> None:
         self._paths = paths
         self._manifest = manifest
         self._fds: dict[int, int] = {}

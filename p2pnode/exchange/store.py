@@ -116,7 +116,7 @@ class PieceSource:
 
     resource_id: bytes
     manifest: Manifest
-    paths: tuple[Path, ...]
+    paths: tuple[str, ...]
     stats: tuple[FileStat, ...] | None  # None: our own partial files, not checked
 
     @property
@@ -451,7 +451,7 @@ class Store:
                 FileStat(e.path, st.st_size, st.st_mtime_ns)
                 for e, st in zip(
                     res.manifest.entries,
-                    (p.stat() for p in file_paths(dest, res.manifest)),
+                    (os.stat(p) for p in file_paths(dest, res.manifest)),
                     strict=True,
                 )
             ]
@@ -530,7 +530,7 @@ def _layout_partial(manifest: Manifest, target: Path) -> bool:
         return manifest.piece_count > 0
     for entry, path in zip(manifest.entries, paths, strict=True):
         try:
-            st = path.lstat()
+            st = os.lstat(path)
         except FileNotFoundError:
             st = None
         if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
@@ -539,7 +539,7 @@ def _layout_partial(manifest: Manifest, target: Path) -> bool:
                 if stat.S_ISDIR(st.st_mode):
                     shutil.rmtree(path)
                 else:
-                    path.unlink()
+                    os.unlink(path)
             else:
                 lost = lost or manifest.piece_count > 0
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -638,7 +638,7 @@ def copy_into_place(
         raise
 
 
-def _copy_file(src: Path, dst: Path) -> None:
+def _copy_file(src: str | Path, dst: str | Path) -> None:
     """Copy one file's bytes to a new file: ``copy_file_range`` (in the kernel, and
     a reflink where the filesystem shares blocks: btrfs, XFS), else ``sendfile``."""
     sfd = os.open(src, os.O_RDONLY)

@@ -23,8 +23,8 @@ def _count_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     seen: list[Path] = []
     real = durable._fsync_path
 
-    def counting(path: Path) -> None:
-        seen.append(path)
+    def counting(path: str | Path) -> None:
+        seen.append(Path(path))
         real(path)
 
     monkeypatch.setattr(durable, "_fsync_path", counting)

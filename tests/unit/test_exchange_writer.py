@@ -46,7 +46,7 @@ def _single_file(tmp_path: Path, pieces: int) -> tuple[bytes, Manifest, Path]:
 
 def _prepare(root: Path, manifest: Manifest) -> None:
     for path, entry in zip(file_paths(root, manifest), manifest.entries, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             f.truncate(entry.size)
 
