@@ -218,10 +218,14 @@ def share_and_copy(base: Path, src: Path) -> tuple[float, float]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def cp_r_seconds(base: Path, src: Path) -> float:
+def cp_r_seconds(base: Path, src: Path, *, sync: bool = False) -> float:
+    """``cp -r``; with ``sync``, then ``sync -f`` (syncfs), the durability a local
+    copy promises."""
     dest = base / "cp-r"
     t0 = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dest)], check=True)
+    if sync:
+        subprocess.run(["sync", "-f", str(dest)], check=True)
     seconds = time.perf_counter() - t0
     shutil.rmtree(dest)
     return seconds
@@ -336,6 +340,7 @@ def main() -> None:
             seconds, hash_tool = blake3_seconds(src)
             runs.setdefault("blake3", []).append(seconds)
             runs.setdefault("cp -r", []).append(cp_r_seconds(base, src))
+            runs.setdefault("cp -r + sync -f", []).append(cp_r_seconds(base, src, sync=True))
             share, copy = share_and_copy(base, src)
             runs.setdefault("share", []).append(share)
             runs.setdefault("local copy", []).append(copy)
@@ -358,6 +363,10 @@ def main() -> None:
         print(
             f"  local copy / cp -r             {best['local copy'] / best['cp -r']:5.2f}x"
             "  (target <= ~3)"
+        )
+        print(
+            f"  local copy / cp -r + sync -f   "
+            f"{best['local copy'] / best['cp -r + sync -f']:5.2f}x  (both durable)"
         )
 
 

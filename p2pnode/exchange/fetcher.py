@@ -92,6 +92,7 @@ from p2pnode.exchange.store import (
     Store,
     StoredResource,
     copy_into_place,
+    lay_out_partial,
     partial_path,
     storage_error,
 )
@@ -291,7 +292,12 @@ class Fetcher:
         t_start: float,
     ) -> StoredResource:
         self._check_space(dest, manifest, existing)
-        resource = self._store.begin_download(manifest, dest)
+        resource = self._store.begin_download(manifest, dest, lay_out=False)
+        # Creating thousands of files can take seconds on a slow disk: not on the loop.
+        loop = asyncio.get_running_loop()
+        lost = await loop.run_in_executor(self._executor, lay_out_partial, manifest, resource.root)
+        if lost:
+            self._store.forget_pieces(rid, self._store.verified_pieces(rid))
         await self._recheck(resource)
         resource = self._store.get(rid) or resource
         verified = self._store.verified_pieces(rid)

@@ -375,8 +375,12 @@ class Store:
     def release_dest(self, dest: Path) -> None:
         self._claimed.discard(dest.absolute())
 
-    def begin_download(self, manifest: Manifest, dest: Path) -> StoredResource:
-        """Start or resume a download to ``dest``; lays out the partial file(s)."""
+    def begin_download(
+        self, manifest: Manifest, dest: Path, *, lay_out: bool = True
+    ) -> StoredResource:
+        """Start or resume a download to ``dest``; lays out the partial file(s) unless
+        ``lay_out`` is False (then the caller runs ``lay_out_partial`` off the event
+        loop and forgets the recorded pieces if it says some were lost)."""
         rid = manifest.resource_id
         dest = dest.absolute()
         target = partial_path(dest)
@@ -400,11 +404,7 @@ class Store:
         else:
             self._db.execute("UPDATE resources SET dest = ? WHERE id = ?", (str(dest), rid))
         self._sources.pop(rid, None)
-        try:
-            lost = _layout_partial(manifest, target)
-        except OSError as exc:
-            raise storage_error(exc, target) from None
-        if lost:
+        if lay_out and lay_out_partial(manifest, target):
             self.forget_pieces(rid, self.verified_pieces(rid))
         res = self.get(rid)
         assert res is not None
@@ -562,6 +562,15 @@ def _make_empty_dirs(manifest: Manifest, target: Path) -> None:
         if st is not None and not stat.S_ISDIR(st.st_mode):
             path.unlink()
     _make_dirs(target, manifest.empty_dirs)
+
+
+def lay_out_partial(manifest: Manifest, target: Path) -> bool:
+    """Create or repair a download's partial file(s) at ``target`` (blocking: 10,000
+    small files can take seconds on a slow disk); True if recorded data was lost."""
+    try:
+        return _layout_partial(manifest, target)
+    except OSError as exc:
+        raise storage_error(exc, target) from None
 
 
 def _parent_dirs(manifest: Manifest) -> list[str]:
