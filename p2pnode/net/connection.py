@@ -130,6 +130,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         # what this connection holds, as last counted in owner.memory (under _mem_key)
         self._mem_key: bytes | None = None
         self._mem_held = 0
+        # over budget, a receive buffer larger than a fair share of it is shed
+        self._shed_above = owner.memory.total // max(1, owner.limits.max_connections)
 
     # -- properties --------------------------------------------------------
 
@@ -198,6 +200,11 @@ class PeerConnection(asyncio.BufferedProtocol):
             self._pump()
         elif self._mem_key is not None:
             self._account()  # a body growing as it arrives
+            if self.owner.memory.over and self.session.receiving > self._shed_above:
+                # Shed the newest work: the frame whose growth took the node over its
+                # budget (a small one is let through: control messages must pass).
+                self.owner.counters["closed_memory"] += 1
+                self.close(ConnectionClosed("receive buffer over the memory budget"), abort=True)
 
     def eof_received(self) -> bool | None:
         self.core.eof_received(self._clock.now())

@@ -20,10 +20,12 @@ What is counted (by the connection shells and the piece server):
 
 New work that would take the system or its peer over budget is refused:
 ``GetPiece`` is answered ``busy`` (counted ``rejected_memory``), so the asker
-backs off or goes to another provider. Nothing in flight is dropped, so the
-overshoot is bounded by what was already admitted: one piece per request in
-flight plus each connection's transport buffer (``write_buffer_high +
-max_frame``).
+backs off or goes to another provider. A frame being received that grows past
+a fair share (``total / max_connections``) while the system is over budget is
+shed: its connection is closed (``closed_memory``). Otherwise nothing in flight
+is dropped, so the overshoot is bounded by what was already admitted: one piece
+per request in flight, each connection's transport buffer (``write_buffer_high +
+max_frame``), and a receive body's last growth step.
 
 The numbers (:class:`~p2pnode.net.config.NetLimits` ``memory_budget``,
 ``memory_per_peer``): libp2p's defaults give the system scope 128 MiB plus
@@ -67,6 +69,11 @@ class MemoryBudget:
             return False
         self._add(peer, held, n)
         return True
+
+    @property
+    def over(self) -> bool:
+        """Whether the system scope holds more than its budget."""
+        return self.used > self.total
 
     def track(self, peer: Hashable, n: int) -> None:
         """Count ``n`` more (or, negative, fewer) bytes held for ``peer``, no check."""

@@ -180,6 +180,41 @@ async def test_announced_frames_that_never_arrive_cost_little(hosts: MakeHost) -
     assert grown < count * 256 * 1024, grown
 
 
+@needs_loopback_range
+async def test_frames_that_do_arrive_are_shed_over_the_memory_budget(hosts: MakeHost) -> None:
+    """Peers that really send most of a max_frame body each: past the node-wide
+    budget the connection whose frame grows is closed (counted), so the receive
+    buffers stay near the budget instead of count * max_frame."""
+    budget = 8 * 1024 * 1024
+    limits = replace(VICTIM, memory_budget=budget, memory_per_peer=budget)
+    victim, victim_addr = await serving(hosts, limits)
+    count, sent_each, piece = 16, 2 * 1024 * 1024, 60_000
+    async with attackers() as peers:
+        peers += await asyncio.gather(
+            *(RawPeer.connect(victim_addr.port, f"127.0.{20 + i % 8}.1") for i in range(count))
+        )
+        await asyncio.gather(*(p.handshake() for p in peers))
+        await eventually(lambda: victim.stats()["connections_open"] == count, timeout=10)
+        for peer in peers:
+            peer.send(peer.chunk(frame_header(limits.max_frame)))
+            for _ in range(sent_each // piece):
+                peer.send(peer.chunk(b"x" * piece))
+        await asyncio.gather(*(p.writer.drain() for p in peers), return_exceptions=True)
+        await eventually(
+            lambda: (
+                victim.counters["bytes_in"] >= count * 1024 * 1024
+                or victim.counters["closed_memory"] >= count // 2
+            ),
+            timeout=20,
+            what="bodies received or shed",
+        )
+        # Without shedding the peak was 85 MiB (16 bodies grown to max_frame); with it
+        # 20 MiB: bodies grow 4x per step, so a few can jump in one read before the
+        # budget sees them.
+        assert victim.counters["closed_memory"] > 0
+        assert victim.memory.peak <= budget + 4 * limits.max_frame, victim.memory.peak
+
+
 # -- no reference cycles -------------------------------------------------------------
 
 
