@@ -50,6 +50,10 @@ def snapshot(**over: object) -> MetricsSnapshot:
             "bytes_in": 4096,
             "idle_closed": 6,
             "write_pauses": 8,
+            "evicted_handshakes": 5,
+            "rejected_per_subnet": 9,
+            "rejected_memory": 11,
+            "memory_used": 1 << 20,
         },
         "exchange": {"pieces_served": 10, "bytes_served": 2_621_440, "downloads_active": 1},
     }
@@ -112,6 +116,14 @@ def test_known_counters_and_gauges_get_their_names_types_and_labels() -> None:
     closed = "p2pnode_net_connections_closed"
     assert sample(fams, closed, f"{closed}_total", reason="idle") == 6
     assert sample(fams, closed, f"{closed}_total", reason="slow_reader") == 0
+    # the budgets' counters (issue 11) have names of their own
+    assert sample(fams, closed, f"{closed}_total", reason="evicted_handshake") == 5
+    refused = "p2pnode_net_connections_refused"
+    assert sample(fams, refused, f"{refused}_total", reason="per_subnet") == 9
+    requests = "p2pnode_net_requests_refused"
+    assert sample(fams, requests, f"{requests}_total", reason="memory") == 11
+    assert fams["p2pnode_net_memory_used_bytes"].type == "gauge"
+    assert sample(fams, "p2pnode_net_memory_used_bytes") == 1 << 20
 
     assert sample(fams, "p2pnode_exchange_served_pieces", "p2pnode_exchange_served_pieces_total")
     assert sample(fams, "p2pnode_exchange_active_downloads") == 1
