@@ -88,6 +88,29 @@ class DhtConfig:
     # table (their source address could be spoofed): a bounded queue, a few at a time.
     verify_queue_max: int = 64
     verify_concurrency: int = 8
+    # ...and at most this many of those queued come from one /24 or /64, so spoofed
+    # sources cannot fill the queue and starve honest newcomers.
+    verify_queue_per_subnet: int = 4
+
+    # -- the open network (ids proven, diversity, tokens, disjoint lookups) --------
+    # A contact proves its id (the hash of its Ed25519 key) by signing a challenge
+    # (the identify RPC). Contacts that cannot (stock kademlia nodes) are lookup
+    # hints only: at most max_unproven_per_bucket of a bucket, never asked to store.
+    accept_unproven_contacts: bool = True
+    max_unproven_per_bucket: int = 2
+    # Routing-table diversity: contacts per IPv4 /24 or IPv6 /64, per bucket and in
+    # the whole table. Loopback peers are exempt unless told otherwise (a test
+    # network on one machine); when not exempt, each loopback address is a group.
+    max_contacts_per_subnet_bucket: int = 2
+    max_contacts_per_subnet_table: int = 6
+    diversity_exempt_loopback: bool = True
+    # Store and add_provider need a token the sender's address earned from one of
+    # our identify or get_providers answers (BEP 5): a keyed hash of the address;
+    # the key rotates this often, and a token of the previous key is still good.
+    token_rotation: float = 300.0
+    # Lookups follow this many disjoint paths (S/Kademlia): a node answers on one
+    # path only, so an adversary on one path cannot steer the others.
+    lookup_paths: int = 3
 
     def __post_init__(self) -> None:
         confcheck.check_types(self)
@@ -115,9 +138,19 @@ class DhtConfig:
             "max_array_len",
             "max_map_len",
             "verify_concurrency",
+            "verify_queue_per_subnet",
+            "max_contacts_per_subnet_bucket",
+            "max_contacts_per_subnet_table",
+            "lookup_paths",
         )
         confcheck.at_least(
-            self, 0, "max_holder_pings", "welcome_queue_max", "welcome_scan_max", "verify_queue_max"
+            self,
+            0,
+            "max_holder_pings",
+            "welcome_queue_max",
+            "welcome_scan_max",
+            "verify_queue_max",
+            "max_unproven_per_bucket",
         )
         confcheck.positive(
             self,
@@ -127,6 +160,7 @@ class DhtConfig:
             "lookup_timeout",
             "lookup_stall",
             "request_rate",
+            "token_rotation",
         )
         # Periodic jobs clamp a 0 interval to a floor (tests use 0 to run them often).
         confcheck.at_least(
