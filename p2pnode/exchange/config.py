@@ -15,8 +15,18 @@ class ExchangeConfig:
     requests_per_peer: int = 8
     inflight_bytes_per_peer: int = 8 * 1024 * 1024
     piece_timeout: float = 20.0
+    # Peers a download keeps open at once (manifest and pieces).
     max_peers_per_download: int = 16
     manifest_timeout: float = 20.0
+    # Providers: up to max_providers_considered are asked of the DHT and tried in
+    # turn, the most promising first (exchange/ranking.py). Of the open attempts,
+    # at most dial_window may still be waiting for their first answer and younger
+    # than dial_timeout: a fake record at a silent address holds a slot for
+    # dial_timeout, then the next candidate is dialed (the attempt itself still
+    # gets manifest_timeout / piece_timeout, unless a slot is needed).
+    max_providers_considered: int = 200
+    dial_window: int = 6
+    dial_timeout: float = 3.0
     # Consecutive failed/timed-out requests before a peer is dropped from a download.
     max_failures: int = 3
     # A peer answering "busy" is not a failure: we back off (busy_backoff doubling up
@@ -62,6 +72,8 @@ class ExchangeConfig:
             "requests_per_peer",
             "inflight_bytes_per_peer",
             "max_peers_per_download",
+            "max_providers_considered",
+            "dial_window",
             "max_failures",
             "endgame_copies",
             "io_threads",
@@ -74,6 +86,7 @@ class ExchangeConfig:
             self,
             "piece_timeout",
             "manifest_timeout",
+            "dial_timeout",
             "busy_backoff",
             "busy_give_up",
             "announce_interval",

@@ -47,16 +47,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
+from weakref import WeakKeyDictionary
 
 from p2pnode.clock import Clock
 from p2pnode.errors import (
     DownloadError,
+    HandshakeError,
     LimitExceeded,
     NotFoundError,
     P2PError,
     P2PTimeoutError,
+    PeerUnreachable,
     ProtocolError,
     RemoteError,
     UsageError,
@@ -86,6 +90,7 @@ from p2pnode.exchange.policy import (
     PieceOutcome,
     rediscover_delay,
 )
+from p2pnode.exchange.ranking import DialSlots, Failure, ProviderRanking
 from p2pnode.exchange.store import (
     ResourceState,
     StorageError,
@@ -112,8 +117,8 @@ RATE_WINDOW = 5.0
 # old (seconds). A crash loses at most that much work, never correctness.
 RECORD_BATCH = 32
 RECORD_INTERVAL = 0.5
-# Providers asked for the manifest at the same time.
-MANIFEST_PARALLEL = 3
+# Examples of failed attempts quoted in an error message (the rest are counted).
+QUOTED_FAILURES = 3
 
 
 class _BadAnswer(Exception):
@@ -183,6 +188,8 @@ FLUSH_EVERY = 64 * 1024 * 1024
 class _PeerInfo:
     record: ProviderRecord
     last_error: str = ""
+    why: str = ""  # last_error's label (_attempt_failure), counted in the final message
+    gave_up: bool = False  # we stopped its dial to give the slot to another candidate
 
 
 @dataclass
@@ -224,6 +231,7 @@ class Fetcher:
         executor: Executor | None,
         own_node_id: bytes | None = None,
         counters: Counter[str] | None = None,
+        ranking: ProviderRanking | None = None,
     ) -> None:
         # pieces_fetched, bytes_fetched, pieces_failed_verification (the node's metrics)
         self.counters: Counter[str] = Counter() if counters is None else counters
@@ -234,6 +242,8 @@ class Fetcher:
         self._clock = clock
         self._executor = executor
         self._own = own_node_id
+        # Node-wide: what past downloads learned of each provider.
+        self._ranking = ranking_for(requester) if ranking is None else ranking
 
     # -- entry point ------------------------------------------------------------------
 
@@ -393,7 +403,7 @@ class Fetcher:
     # -- providers and manifest -------------------------------------------------------
 
     async def _find_providers(self, rid: bytes) -> list[ProviderRecord]:
-        want = self._config.max_peers_per_download
+        want = self._config.max_providers_considered
         try:
             found = await self._providers.find_providers(dht_key(rid), want=want)
         except P2PError as exc:
@@ -409,51 +419,92 @@ class Fetcher:
         return out[:want]
 
     async def _fetch_manifest(self, rid: bytes, providers: Sequence[ProviderRecord]) -> Manifest:
-        """Ask providers for the manifest of ``rid``, a few at a time (so one that
-        never answers costs nothing), until one sends bytes that hash to ``rid``."""
-        errors: list[str] = []
-        queue = list(providers)
-        running: dict[asyncio.Task[Message], ProviderRecord] = {}
+        """Ask providers for the manifest of ``rid``, most promising first and several
+        at once (``DialSlots``: one that never answers holds a slot for
+        ``dial_timeout`` only), until one sends bytes that hash to ``rid``."""
+        config = self._config
+        queue = deque(self._rank(providers))
+        slots = DialSlots(
+            window=config.dial_window,
+            dial_timeout=config.dial_timeout,
+            limit=config.max_peers_per_download,
+        )
+        tally = _Tally()
+        running: dict[asyncio.Task[Message], tuple[ProviderRecord, float]] = {}
+        given_up: list[asyncio.Task[Message]] = []
         try:
             while queue or running:
-                while queue and len(running) < MANIFEST_PARALLEL:
-                    rec = queue.pop(0)
+                now = self._clock.now()
+                if queue and slots.open >= slots.limit:
+                    stale = slots.stale(now)
+                    if stale is not None:
+                        # Every slot is taken and a dial is past dial_timeout: let the
+                        # next candidate have its slot.
+                        task = cast(asyncio.Task[Message], stale)
+                        rec, _ = running.pop(task)
+                        slots.end(task)
+                        task.cancel()
+                        given_up.append(task)
+                        self._note_failure(rec, _gave_up(config), tally)
+                while queue and slots.may_start(now):
+                    rec = queue.popleft()
                     task = asyncio.create_task(
-                        self._request(rec, GetManifest(rid), self._config.manifest_timeout)
+                        self._request(rec, GetManifest(rid), config.manifest_timeout)
                     )
-                    running[task] = rec
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    running[task] = (rec, now)
+                    slots.start(task, now)
+                done, _ = await asyncio.wait(
+                    running,
+                    timeout=slots.next_change(now) if queue else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 for task in done:
-                    rec = running.pop(task)
-                    who = _who(rec)
+                    rec, started = running.pop(task)
+                    slots.end(task)
                     failure = task.exception()
                     if failure is not None:
                         if not isinstance(failure, P2PError):
                             raise failure
-                        errors.append(f"{who}: {failure}")
+                        self._note_failure(rec, failure, tally)
                         continue
                     reply = task.result()
                     if not isinstance(reply, ManifestData) or reply.resource_id != rid:
-                        errors.append(f"{who}: answered with something else")
+                        self._note_failure(rec, _BadAnswer("answered with something else"), tally)
                         continue
                     try:
-                        return Manifest.decode(reply.manifest, expected_id=rid)
+                        manifest = Manifest.decode(reply.manifest, expected_id=rid)
                     except VerificationError as exc:
-                        errors.append(f"{who}: {exc}")
+                        self._note_failure(rec, exc, tally)
+                        continue
                     except ProtocolError as exc:
                         # Bytes that hash to the id but are unsafe (a path escape...): the
                         # resource itself is bad, every provider would send the same.
                         raise ProtocolError(
                             f"the manifest of {resource_id_to_str(rid)} is rejected: {exc}"
                         ) from None
+                    self._ranking.succeeded(rec.node_id, self._clock.now() - started)
+                    return manifest
         finally:
             for task in running:
                 task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+            if running or given_up:
+                await asyncio.gather(*running, *given_up, return_exceptions=True)
         raise NotFoundError(
-            f"no provider sent the manifest of {resource_id_to_str(rid)}: " + "; ".join(errors)
+            f"no provider sent the manifest of {resource_id_to_str(rid)}: tried "
+            f"{tally.total} provider(s): {tally.summary()}"
         )
+
+    def _rank(self, providers: Sequence[ProviderRecord]) -> list[ProviderRecord]:
+        return self._ranking.order(providers, self._clock.now(), key=_node_id)
+
+    def _note_failure(self, rec: ProviderRecord, failure: BaseException, tally: _Tally) -> str:
+        """Count a failed attempt with ``rec`` (for the error message) and remember it
+        in the ranking; returns its label."""
+        label, kind = _attempt_failure(failure)
+        if kind is not None:
+            self._ranking.failed(rec.node_id, kind, self._clock.now())
+        tally.add(label, f"{_who(rec)}: {str(failure) or type(failure).__name__}")
+        return label
 
     async def _copy_local(
         self, existing: StoredResource, dest: Path, *, force: bool
@@ -534,17 +585,7 @@ class Fetcher:
     ) -> None:
         attempts = 0
         while True:
-            for rec in providers:
-                if rec.node_id not in d.picker.banned:
-                    d.peers[rec.node_id] = _PeerInfo(rec)
-            candidates = [r for r in providers if r.node_id not in d.picker.banned]
-            if candidates:
-                try:
-                    async with asyncio.TaskGroup() as tg:
-                        for rec in candidates:
-                            tg.create_task(self._peer_worker(d, rec, progress))
-                except BaseExceptionGroup as group:
-                    raise _first_p2p_error(group) from None
+            await self._work_through(d, providers, progress)
             if d.picker.done:
                 return
             decision = d.policy.when_no_peers(attempts)
@@ -554,23 +595,113 @@ class Fetcher:
             await asyncio.sleep(decision.delay)
             providers = await self._find_providers(d.resource_id)
         missing = len(d.picker.missing)
-        reasons = "; ".join(
-            f"{_who(p.record)}: {p.last_error}" for p in d.peers.values() if p.last_error
-        )
+        tally = _Tally()
+        for info in d.peers.values():
+            if info.last_error:
+                tally.add(info.why or "other", f"{_who(info.record)}: {info.last_error}")
+        reasons = f" (tried {tally.total} provider(s): {tally.summary()})" if tally.total else ""
         raise DownloadError(
             f"all providers of {resource_id_to_str(d.resource_id)} failed or went away "
             f"with {missing} of {d.manifest.piece_count} pieces missing; the verified pieces "
-            f"are kept, run the same get again to resume" + (f" ({reasons})" if reasons else "")
+            f"are kept, run the same get again to resume{reasons}"
         )
 
+    async def _work_through(
+        self,
+        d: _Download,
+        providers: list[ProviderRecord],
+        progress: ProgressCallback | None,
+    ) -> None:
+        """One worker per provider, most promising first: at most
+        ``max_peers_per_download`` at once, at most ``dial_window`` of them waiting for
+        their first answer (``DialSlots``); returns when the download is complete
+        (workers still dialing are stopped) or every candidate was tried and ended."""
+        config = self._config
+        queue = deque(r for r in self._rank(providers) if r.node_id not in d.picker.banned)
+        slots = DialSlots(
+            window=config.dial_window,
+            dial_timeout=config.dial_timeout,
+            limit=config.max_peers_per_download,
+        )
+        workers: dict[asyncio.Task[None], bytes] = {}
+        waiter: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                now = self._clock.now()
+                if d.picker.done:
+                    # Complete: peers still dialing would only hold the end up.
+                    for task, key in workers.items():
+                        if slots.is_dialing(key):
+                            task.cancel()
+                elif queue:
+                    stale = slots.stale(now) if slots.open >= slots.limit else None
+                    if stale is not None:
+                        # Every slot is taken and a dial is past dial_timeout: let the
+                        # next candidate have its slot.
+                        slots.answered(stale)
+                        d.peers[cast(bytes, stale)].gave_up = True
+                        next(t for t, k in workers.items() if k == stale).cancel()
+                    while queue and slots.may_start(now):
+                        rec = queue.popleft()
+                        key = rec.node_id
+                        if key in d.picker.banned or key in workers.values():
+                            continue
+                        d.peers[key] = _PeerInfo(rec)
+                        slots.start(key, now)
+                        task = asyncio.create_task(
+                            self._peer_worker(d, rec, progress, partial(slots.answered, key))
+                        )
+                        workers[task] = key
+                if not workers:
+                    return
+                waiter = asyncio.create_task(d.changed.wait())
+                done, _ = await asyncio.wait(
+                    [*workers, waiter],
+                    timeout=slots.next_change(now) if queue else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waiter.cancel()
+                for task in done:
+                    if task is waiter:
+                        continue
+                    key = workers.pop(task)
+                    slots.end(key)
+                    if task.cancelled():
+                        info = d.peers[key]
+                        if info.gave_up:
+                            self._note_peer_failure(d, info.record, _gave_up(config))
+                        continue
+                    failure = task.exception()
+                    if failure is not None:
+                        raise failure
+        except BaseException as exc:
+            for task in workers:
+                task.cancel()
+            results = await asyncio.gather(*workers, return_exceptions=True)
+            workers.clear()
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if not isinstance(exc, asyncio.CancelledError) and errors:
+                group = BaseExceptionGroup("download workers failed", [exc, *errors])
+                raise _first_p2p_error(group) from None
+            raise
+        finally:
+            if waiter is not None:
+                waiter.cancel()
+
     async def _peer_worker(
-        self, d: _Download, rec: ProviderRecord, progress: ProgressCallback | None
+        self,
+        d: _Download,
+        rec: ProviderRecord,
+        progress: ProgressCallback | None,
+        answered: Callable[[], None],
     ) -> None:
         key = rec.node_id
         picker = d.picker
         policy = d.policy
         usable, have = await self._ask_have(d, rec)
+        answered()
         if not usable or not policy.join(key, have):
+            d.wake()
             return
         d.wake()
         inflight: dict[asyncio.Task[PieceOutcome], int] = {}
@@ -612,30 +743,41 @@ class Fetcher:
 
     async def _ask_have(self, d: _Download, rec: ProviderRecord) -> tuple[bool, set[int] | None]:
         """Whether the peer can serve this download, and its pieces (None: all)."""
-        info = d.peers[rec.node_id]
+        started = self._clock.now()
         try:
             reply = await self._request(rec, GetHave(d.resource_id), self._config.piece_timeout)
         except P2PError as exc:
-            info.last_error = str(exc) or type(exc).__name__
+            self._note_peer_failure(d, rec, exc)
             return False, None
         if isinstance(reply, ErrorReply):
-            info.last_error = f"{reply.code}: {reply.message}"
+            self._note_peer_failure(d, rec, RemoteError(reply.code, reply.message))
             return False, None
         if not isinstance(reply, Have) or reply.resource_id != d.resource_id:
-            info.last_error = "answered GetHave with something else"
+            self._note_peer_failure(d, rec, _BadAnswer("answered GetHave with something else"))
             d.policy.ban(rec.node_id)
             return False, None
+        self._ranking.succeeded(rec.node_id, self._clock.now() - started)
         if reply.complete:
             return True, None
         held = bitfield_to_set(reply.bitfield, d.manifest.piece_count)
         if held is None:
-            info.last_error = "sent a malformed bitfield"
+            self._note_peer_failure(d, rec, _BadAnswer("sent a malformed bitfield"))
             d.policy.ban(rec.node_id)
             return False, None
         if not held:
-            info.last_error = "has no pieces yet"
+            d.peers[rec.node_id].last_error = "has no pieces yet"
+            d.peers[rec.node_id].why = "has no pieces yet"
             return False, None
         return True, held
+
+    def _note_peer_failure(self, d: _Download, rec: ProviderRecord, failure: BaseException) -> None:
+        """A download's peer failed: its last error (for the final message), the ranking."""
+        info = d.peers[rec.node_id]
+        info.last_error = str(failure) or type(failure).__name__
+        label, kind = _attempt_failure(failure)
+        info.why = label
+        if kind is not None:
+            self._ranking.failed(rec.node_id, kind, self._clock.now())
 
     async def _fetch_piece(self, d: _Download, rec: ProviderRecord, index: int) -> PieceOutcome:
         """Ask for a piece, verify it and write it; raises on request errors."""
@@ -676,6 +818,8 @@ class Fetcher:
             decision = d.policy.on_failure(key, index, kind, self._clock.now())
             if decision.action is Action.FAIL:
                 raise failure
+            if decision.action in (Action.DROP, Action.BAN):
+                self._note_peer_failure(d, rec, failure)
             if decision.action is Action.BAN:
                 log.info("banning %s: %s", _who(rec), failure)
             d.wake()
@@ -685,7 +829,7 @@ class Fetcher:
         if outcome is PieceOutcome.BAD:
             self.counters["pieces_failed_verification"] += 1
         if decision.action is Action.BAN:
-            info.last_error = f"piece {index} failed verification"
+            self._note_peer_failure(d, rec, _BadAnswer(f"piece {index} failed verification"))
             log.warning("banning %s: piece %d failed verification", _who(rec), index)
             d.wake()
             return
@@ -820,3 +964,74 @@ def _classify(failure: BaseException) -> FailureKind | None:
 
 def _who(rec: ProviderRecord) -> str:
     return f"{peer_id_to_str(rec.node_id)[:8]}@{rec.host}:{rec.port}"
+
+
+def _node_id(rec: ProviderRecord) -> bytes:
+    return rec.node_id
+
+
+def _gave_up(config: ExchangeConfig) -> P2PTimeoutError:
+    return P2PTimeoutError(
+        f"no answer within dial_timeout ({config.dial_timeout:g}s) while others waited"
+    )
+
+
+def _attempt_failure(failure: BaseException) -> tuple[str, Failure | None]:
+    """A failed attempt's label (counted in error messages) and what the ranking
+    remembers of it (None: nothing, it was not the peer's doing)."""
+    if isinstance(failure, PeerUnreachable):
+        return "cannot connect", Failure.UNREACHABLE
+    if isinstance(failure, HandshakeError):
+        return "handshake failed", Failure.UNREACHABLE
+    if isinstance(failure, P2PTimeoutError):
+        return "timed out", Failure.TIMEOUT
+    if isinstance(failure, RemoteError):
+        if failure.code == ErrorCode.NOT_FOUND:
+            return "does not have it", Failure.UNAVAILABLE
+        if failure.code == ErrorCode.BUSY:
+            return "busy", None
+        return "error answer", Failure.UNAVAILABLE
+    if isinstance(failure, LimitExceeded):
+        return "our limits", None
+    if isinstance(failure, VerificationError | ProtocolError | _BadAnswer):
+        return "bad answer", Failure.BAD
+    if isinstance(failure, StorageError):
+        return "our disk", None
+    return "connection lost", Failure.UNREACHABLE
+
+
+class _Tally:
+    """Failed attempts counted by label, with the first few quoted."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.quoted: list[str] = []
+
+    @property
+    def total(self) -> int:
+        return self.counts.total()
+
+    def add(self, label: str, detail: str) -> None:
+        self.counts[label] += 1
+        if len(self.quoted) < QUOTED_FAILURES:
+            self.quoted.append(detail)
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {label}" for label, n in self.counts.most_common())
+        return f"{counts}; first: " + "; ".join(self.quoted) if self.quoted else counts
+
+
+# One ranking per PeerHost (per node) for the callers that do not pass their own:
+# a second get on the node benefits from what the first one learned.
+_RANKINGS: WeakKeyDictionary[object, ProviderRanking] = WeakKeyDictionary()
+
+
+def ranking_for(requester: object) -> ProviderRanking:
+    """The node-wide ranking of ``requester`` (a fresh one if it cannot be keyed)."""
+    try:
+        ranking = _RANKINGS.get(requester)
+        if ranking is None:
+            ranking = _RANKINGS[requester] = ProviderRanking()
+    except TypeError:
+        return ProviderRanking()
+    return ranking
