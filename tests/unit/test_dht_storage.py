@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from p2pnode.clock import FakeClock
 from p2pnode.dht.codec import MessageError
 from p2pnode.dht.config import VALUE_OVERHEAD
+from p2pnode.dht.records import (
+    ImmutableRecord,
+    ProviderRecord,
+    immutable_key,
+    mutable_key,
+    sign_mutable,
+    sign_provider_record,
+    to_value,
+)
 from p2pnode.dht.storage import ProviderStore, ValueStore
+from p2pnode.identity import Identity
 from p2pnode.ratelimit import RateLimiter
 
 
@@ -286,3 +298,296 @@ def test_rate_limiter_per_source() -> None:
     assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]  # capped
     limiter.allow("c")  # forgets the least recently seen ("b")
     assert len(limiter) == 2
+
+
+# -- signed records -----------------------------------------------------------------------
+
+NOW = 1_700_000_000.0
+ALICE = Identity.generate()
+MALLORY = Identity.generate()
+NAME_KEY = mutable_key(ALICE.node_id, "greeting")
+
+
+def signed(
+    value: object = "hello", seq: int = 1, expires: float = NOW + 3000, **kw: object
+) -> bytes:
+    identity = kw.get("identity", ALICE)
+    name = kw.get("name", "greeting")
+    return to_value(sign_mutable(identity, name, value, seq, int(expires)))  # type: ignore[arg-type]
+
+
+def record_store(clock: FakeClock, **kw: int) -> ValueStore:
+    limits: dict[str, int] = {"max_values": 100}
+    limits.update(kw)
+    return ValueStore(clock, ttl=3600.0, max_value_bytes=4096, **limits)
+
+
+def flip_last_byte(value: bytes) -> bytes:
+    return value[:-1] + bytes([value[-1] ^ 1])
+
+
+def test_an_envelope_is_stored_only_if_it_verifies_for_its_key() -> None:
+    clock = FakeClock(NOW)
+    store = record_store(clock)
+    hostile = {
+        "bad_signature": (NAME_KEY, flip_last_byte(signed())),
+        "wrong_key": (mutable_key(ALICE.node_id, "other"), signed()),
+        "expired": (NAME_KEY, signed(expires=NOW)),
+        "too_far_future": (NAME_KEY, signed(expires=NOW + 3600 + 61)),
+        "bad_record": (NAME_KEY, signed()[:-3]),
+    }
+    for reason, (k, value) in hostile.items():
+        assert not store.put(k, value, sender="10.0.0.1")
+        assert store.stats[f"invalid_record.{reason}"] == 1
+        assert store.last_refused == "invalid_record"
+        assert not store.put(k, value)  # not even our own
+    assert store.stats["refused.invalid_record"] == 2 * len(hostile)
+    assert len(store) == 0
+    # Another publisher's record under Alice's name: the wrong key.
+    assert not store.put(NAME_KEY, signed(identity=MALLORY), sender="10.0.0.1")
+    assert store.put(NAME_KEY, signed(), sender="10.0.0.1")
+    assert store.record(NAME_KEY).value == "hello"  # type: ignore[union-attr]
+    immutable = ImmutableRecord(b"data")
+    assert store.put(immutable_key(immutable), to_value(immutable), sender="10.0.0.1")
+    assert not store.put(immutable_key(ImmutableRecord(b"x")), to_value(immutable), "10.0.0.1")
+    assert store.stats["invalid_record.wrong_key"] == 4
+
+
+def test_a_mutable_record_is_replaced_only_by_a_higher_seq() -> None:
+    clock = FakeClock(NOW)
+    store = record_store(clock)
+    v1, v2, v3 = signed("one", 1), signed("two", 2), signed("three", 3)
+    assert store.put(NAME_KEY, v2, sender="10.0.0.1")
+    assert not store.put(NAME_KEY, v1, sender="10.0.0.2")  # replay of an older record
+    assert not store.put(NAME_KEY, signed("other two", 2), sender="10.0.0.2")  # equal seq
+    assert store.stats["refused.stale_seq"] == 2 and store.last_refused == "stale_seq"
+    assert store.get(NAME_KEY) == v2
+    assert store.put(NAME_KEY, v3, sender="10.0.0.2")
+    assert store.get(NAME_KEY) == v3
+    # Huge seqs are fine; the bound is the format's.
+    top = signed("top", 2**63 - 1)
+    assert store.put(NAME_KEY, top, sender="10.0.0.2")
+    assert not store.put(NAME_KEY, signed("after top", 5), sender="10.0.0.2")
+
+
+def test_the_same_record_refreshes_its_ttl_but_never_past_its_expiry() -> None:
+    clock = FakeClock(NOW)
+    store = record_store(clock, max_record_ttl=10_000)  # records may outlive the ttl
+    value = signed(expires=NOW + 5000)
+    assert store.put(NAME_KEY, value, sender="10.0.0.1")
+    clock.advance(3000)
+    assert store.put(NAME_KEY, value, sender="10.0.0.2")  # a refresh: same bytes
+    clock.advance(1000)
+    assert store.get(NAME_KEY) == value  # 4000 s after the first store: ttl restarted
+    clock.advance(999)
+    assert store.get(NAME_KEY) == value
+    clock.advance(1)  # its own expiry, before the ttl runs out
+    assert store.get(NAME_KEY) is None
+    assert len(store) == 0 and store.bytes_used == 0
+    # An early expiry also goes behind fresher entries in refresh order.
+    assert store.put(key(1), "plain", sender="10.0.0.1")
+    clock.advance(1)
+    short = signed(expires=clock.now() + 10, seq=9)
+    assert store.put(NAME_KEY, short, sender="10.0.0.1")
+    assert store.put(key(2), "plain", sender="10.0.0.1")
+    clock.advance(10)
+    assert store.get(NAME_KEY) is None
+    assert [k for k, _ in store.items()] == [key(1), key(2)]
+    assert store.newest(10) == [(key(2), "plain"), (key(1), "plain")]
+
+
+def test_unsigned_never_replaces_signed_but_signed_replaces_unsigned() -> None:
+    clock = FakeClock(NOW)
+    store = record_store(clock)
+    assert store.put(NAME_KEY, "pwned", sender="10.0.0.9")  # squatting before the record
+    assert store.put(NAME_KEY, signed(), sender="10.0.0.1")
+    assert store.get(NAME_KEY) == signed()
+    for plain in ("pwned", b"pwned", 1):
+        assert not store.put(NAME_KEY, plain, sender="10.0.0.9")
+        assert not store.put(NAME_KEY, plain)
+    assert store.stats["refused.unsigned_over_signed"] == 6
+    assert store.get(NAME_KEY) == signed()
+    immutable = ImmutableRecord("data")
+    ikey = immutable_key(immutable)
+    assert store.put(ikey, to_value(immutable), sender="10.0.0.1")
+    assert not store.put(ikey, "pwned", sender="10.0.0.9")
+    assert store.put(ikey, to_value(immutable), sender="10.0.0.2")  # a refresh
+
+
+def test_own_records_keep_the_own_value_rule() -> None:
+    clock = FakeClock(NOW)
+    store = record_store(clock)
+    v1 = signed("one", 1)
+    assert store.put(NAME_KEY, v1)
+    assert store.put(NAME_KEY, v1, sender="10.0.0.1")  # an echo of ours
+    assert store.is_own(NAME_KEY)
+    # Even a newer valid record from elsewhere leaves ours alone (we republish ours).
+    assert not store.put(NAME_KEY, signed("two", 2), sender="10.0.0.1")
+    assert store.last_refused == "own_value"
+    assert store.put(NAME_KEY, signed("two", 2))  # our own newer one
+    assert not store.put(NAME_KEY, v1)  # our own stale one
+    assert store.stats["refused.stale_seq"] == 1
+    # A plain value equal in Python but not in type is not "what we hold".
+    assert store.put(key(1), 1)
+    assert not store.put(key(1), True, sender="10.0.0.1")
+
+
+def test_early_expiries_are_bounded_in_memory() -> None:
+    clock = FakeClock(NOW)
+    store = record_store(clock)
+    for seq in range(1, 400):
+        assert store.put(NAME_KEY, signed(seq=seq, expires=NOW + 60), sender="10.0.0.1")
+    assert len(store) == 1
+    assert len(store._deadlines) <= 2 * len(store) + 64 + 1
+    clock.advance(60)
+    assert len(store) == 0
+
+
+# -- signed provider records ----------------------------------------------------------------
+
+
+def provider_record(
+    identity: Identity = ALICE,
+    host: str = "10.0.0.1",
+    seq: int = 1,
+    expires: float = NOW + 3000,
+    k: bytes = b"",
+) -> ProviderRecord:
+    return sign_provider_record(identity, k or key(1), [(host, 4001)], seq, int(expires))
+
+
+def signed_provider_store(clock: FakeClock, **kw: int) -> ProviderStore:
+    limits = {"max_per_key": 8, "max_per_sender": 100, "max_keys": 100, "max_records": 100}
+    limits.update(kw)
+    return ProviderStore(clock, ttl=3600.0, **limits)
+
+
+def test_provider_records_are_verified_inside_the_store() -> None:
+    clock = FakeClock(NOW)
+    store = signed_provider_store(clock)
+    good = provider_record()
+    hostile = {
+        "bad_signature": dataclasses.replace(good, signature=flip_last_byte(good.signature)),
+        "id_mismatch": dataclasses.replace(good, peer_id=MALLORY.node_id),
+        "expired": provider_record(expires=NOW),
+        "too_far_future": provider_record(expires=NOW + 3600 + 61),
+    }
+    wrong_key = dataclasses.replace(good, key=key(2))  # replayed under another key
+    for reason, record in hostile.items():
+        assert not store.add_record(record, "10.0.0.1")
+        assert store.stats[f"invalid_record.{reason}"] == 1
+        assert store.last_refused == "invalid_record"
+    assert not store.add_record(wrong_key, None)
+    assert store.stats["invalid_record.bad_signature"] == 2
+    assert len(store) == 0 and store.get_records(key(1), 10) == []
+    assert store.add_record(good, "10.0.0.1")
+    assert store.get_records(key(1), 10) == [good]
+
+
+def test_a_newer_provider_record_replaces_the_older() -> None:
+    clock = FakeClock(NOW)
+    store = signed_provider_store(clock)
+    first = provider_record(seq=5)
+    assert store.add_record(first, "10.0.0.1")
+    assert not store.add_record(provider_record(seq=4, host="10.0.0.66"), "10.0.0.66")
+    assert not store.add_record(provider_record(seq=5, host="10.0.0.66"), "10.0.0.66")
+    assert store.stats["refused.stale_seq"] == 2
+    clock.advance(10)
+    assert store.add_record(first, "10.0.0.1")  # the same record: a refresh
+    newer = provider_record(seq=6, host="10.0.0.2")
+    assert store.add_record(newer, "10.0.0.2")
+    assert store.get_records(key(1)) == [newer] and len(store) == 1
+    # The old unsigned path never replaces a signed record.
+    assert not store.add(key(1), ALICE.node_id, "10.0.0.66", 9, sender="10.0.0.66")
+    assert store.stats["refused.unsigned_over_signed"] == 1
+    # A signed record replaces an unsigned entry of the same peer.
+    assert store.add(key(2), MALLORY.node_id, "10.0.0.7", 9, sender="10.0.0.7")
+    signed_mallory = provider_record(MALLORY, "10.0.0.7", k=key(2))
+    assert store.add_record(signed_mallory, "10.0.0.7")
+    assert store.get_records(key(2)) == [signed_mallory]
+
+
+def test_provider_records_go_at_their_own_expiry() -> None:
+    clock = FakeClock(NOW)
+    store = signed_provider_store(clock)
+    short = provider_record(expires=NOW + 100)
+    assert store.add_record(short, "10.0.0.1")
+    later = provider_record(MALLORY, "10.0.0.2")
+    assert store.add_record(later, "10.0.0.2")
+    clock.advance(99)
+    assert store.get_records(key(1)) == [later, short]
+    clock.advance(1)
+    assert store.get_records(key(1)) == [later]
+    assert len(store) == 1 and [e.node_id for e in store.get(key(1))] == [MALLORY.node_id]
+
+
+def test_provider_record_answers_one_per_host_fresh_first_subnets_in_turn() -> None:
+    clock = FakeClock(NOW)
+    store = signed_provider_store(clock, max_per_key=64, max_per_key_per_sender=64)
+    own = provider_record(host="192.0.2.1", k=key(3))
+    flood = [Identity.generate() for _ in range(12)]
+    honest = [Identity.generate() for _ in range(3)]
+    for i, identity in enumerate(flood):
+        host = "10.9.0.1" if i < 6 else f"10.9.0.{i}"  # six claim the same host
+        assert store.add_record(provider_record(identity, host, k=key(3)), f"10.9.0.{i}")
+        clock.advance(1)
+    for i, identity in enumerate(honest):
+        clock.advance(-10)  # announced before the flood's latest
+        assert store.add_record(provider_record(identity, f"10.{i}.1.1", k=key(3)), f"10.{i}.1.1")
+        clock.advance(10)
+    assert store.add_record(own, None)
+    answer = store.get_records(key(3), 8)
+    hosts = [r.host for r in answer]
+    assert len(set(hosts)) == len(hosts) == 8  # one per host
+    assert answer[0] == own  # ours first
+    assert {r.peer_id for r in answer} >= {i.node_id for i in honest}  # every subnet a turn
+    flood_hosts = [h for h in hosts if h.startswith("10.9.")]
+    assert flood_hosts == ["10.9.0.11", "10.9.0.10", "10.9.0.9", "10.9.0.8"]  # fresh first
+    assert len(store.get_records(key(3))) == 1 + 3 + 7  # 6 share one host
+    assert store.get_records(key(4), 8) == []
+
+
+def test_a_full_key_evicts_unsigned_then_the_least_deserving_record() -> None:
+    clock = FakeClock(NOW)
+    store = signed_provider_store(clock, max_per_key=4)
+    assert store.add(key(1), key(500), "10.5.0.1", 1, sender="10.5.0.1")  # unsigned, fresh
+    people = [Identity.generate() for _ in range(6)]
+    clock.advance(1)
+    for i in range(3):
+        assert store.add_record(provider_record(people[i], f"10.{i}.0.1"), f"10.{i}.0.1")
+        clock.advance(1)
+    # Full: the unverifiable one goes first, although it is not the oldest.
+    assert store.add_record(provider_record(people[3], "10.3.0.1"), "10.3.0.1")
+    assert key(500) not in {e.node_id for e in store.get(key(1))}
+    clock.advance(1)
+    # Then the oldest (all in distinct subnets).
+    assert store.add_record(provider_record(people[4], "10.4.0.1"), "10.4.0.1")
+    assert people[0].node_id not in {r.peer_id for r in store.get_records(key(1))}
+    # A subnet holding two goes before an older lone record (people[2]).
+    clock.advance(1)
+    assert store.add_record(provider_record(people[5], "10.4.0.2"), "10.4.0.2")
+    clock.advance(1)
+    newcomer = provider_record(Identity.generate(), "10.7.0.1")
+    assert store.add_record(newcomer, "10.7.0.1")
+    peers = {r.peer_id for r in store.get_records(key(1))}
+    assert peers == {people[2].node_id, people[3].node_id, people[5].node_id, newcomer.peer_id}
+    assert store.stats["evicted.key_full"] == 4 and store.stats["refused.key_full"] == 0
+
+
+def test_a_provider_record_flood_does_not_lock_out_newcomers() -> None:
+    """Attack 2 of issue 10 with valid signatures: 64 fresh key pairs from one address."""
+    clock = FakeClock(NOW)
+    store = signed_provider_store(
+        clock, max_per_key=16, max_per_key_per_sender=4, max_per_key_per_subnet=8
+    )
+    real = provider_record(host="192.0.2.7")
+    assert store.add_record(real, "192.0.2.7")
+    for i in range(64):
+        spam = provider_record(Identity.generate(), f"198.51.100.{i}")
+        assert store.add_record(spam, "198.51.100.1")
+        clock.advance(1)
+    late = provider_record(MALLORY, "203.0.113.5")
+    assert store.add_record(late, "203.0.113.5")
+    answer = store.get_records(key(1), 16)
+    assert answer[0] == late and real in answer[:3]
+    assert store.sender_count("198.51.100.1") == 4
