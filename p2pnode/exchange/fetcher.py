@@ -485,8 +485,12 @@ class Fetcher:
                     self._ranking.succeeded(rec.node_id, self._clock.now() - started)
                     return manifest
         finally:
-            for task in running:
+            now = self._clock.now()
+            for task, (rec, started) in running.items():
                 task.cancel()
+                if now - started >= config.dial_timeout:
+                    # Silent past the dial timeout: the next get tries it later.
+                    self._ranking.failed(rec.node_id, Failure.TIMEOUT, now)
             if running or given_up:
                 await asyncio.gather(*running, *given_up, return_exceptions=True)
         raise NotFoundError(
@@ -629,10 +633,13 @@ class Fetcher:
             while True:
                 now = self._clock.now()
                 if d.picker.done:
-                    # Complete: peers still dialing would only hold the end up.
+                    # Complete: peers still dialing would only hold the end up (those
+                    # silent past the dial timeout are remembered as such).
                     for task, key in workers.items():
                         if slots.is_dialing(key):
                             task.cancel()
+                            if slots.is_stale(key, now):
+                                self._ranking.failed(key, Failure.TIMEOUT, now)
                 elif queue:
                     stale = slots.stale(now) if slots.open >= slots.limit else None
                     if stale is not None:

@@ -190,6 +190,11 @@ class DialSlots:
     def is_dialing(self, key: Hashable) -> bool:
         return key in self._dialing
 
+    def is_stale(self, key: Hashable, now: float) -> bool:
+        """Still dialing, past ``dial_timeout``."""
+        started = self._dialing.get(key)
+        return started is not None and now - started >= self.dial_timeout
+
     def end(self, key: Hashable) -> None:
         self._open.discard(key)
         self._dialing.pop(key, None)
