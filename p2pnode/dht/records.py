@@ -67,6 +67,7 @@ __all__ = [
     "Record",
     "RecordError",
     "best_record",
+    "check_lifetime",
     "immutable_key",
     "mutable_key",
     "open_value",
@@ -232,7 +233,10 @@ def parse_provider_record(key: bytes, wire: object) -> ProviderRecord:
     return ProviderRecord(key, peer_id, public_key, checked, seq, expires, signature)
 
 
-def _check_lifetime(expires: int, now: float, max_ttl: float) -> None:
+def check_lifetime(expires: int, now: float, max_ttl: float) -> None:
+    """RecordError ``expired`` or ``too_far_future`` unless ``expires`` is in
+    (now, now + max_ttl + FUTURE_SLACK]: all a holder re-checks for a record it
+    already verified."""
     if expires <= now:
         raise RecordError("expired", f"expired {now - expires:.0f} s ago")
     if expires > now + max_ttl + FUTURE_SLACK:
@@ -244,7 +248,7 @@ def verify_provider_record(record: ProviderRecord, now: float, max_ttl: float) -
     ``expired``, ``too_far_future``, ``bad_signature`` (cheap checks first)."""
     if node_id_from_public_key(record.public_key) != record.peer_id:
         raise RecordError("id_mismatch", "peer id is not the hash of the public key")
-    _check_lifetime(record.expires, now, max_ttl)
+    check_lifetime(record.expires, now, max_ttl)
     signed = _provider_signed_bytes(
         record.key, record.peer_id, record.addrs, record.seq, record.expires
     )
@@ -409,7 +413,7 @@ def open_value(key: bytes, value: object, now: float, max_ttl: float) -> Record 
         return record
     if mutable_key(record.peer_id, record.name) != key:
         raise RecordError("wrong_key", "the key is not this publisher's name")
-    _check_lifetime(record.expires, now, max_ttl)
+    check_lifetime(record.expires, now, max_ttl)
     signed = _mutable_signed_bytes(key, record.name, record.value, record.seq, record.expires)
     if not verify_signature(record.public_key, record.signature, signed):
         raise RecordError("bad_signature", "mutable record")

@@ -591,3 +591,18 @@ def test_a_provider_record_flood_does_not_lock_out_newcomers() -> None:
     answer = store.get_records(key(1), 16)
     assert answer[0] == late and real in answer[:3]
     assert store.sender_count("198.51.100.1") == 4
+
+
+def test_our_own_provider_record_is_not_taken_over() -> None:
+    clock = FakeClock(NOW)
+    store = signed_provider_store(clock)
+    ours = provider_record(seq=1)
+    assert store.add_record(ours, None)
+    assert store.add_record(ours, "10.0.0.9")  # an echo: nothing changes
+    assert store.get(key(1))[0].sender is None
+    assert not store.add_record(provider_record(seq=2, host="10.0.0.9"), "10.0.0.9")
+    assert store.last_refused == "own_value"
+    assert store.get_records(key(1)) == [ours]
+    clock.advance(3000)  # the same record once it has expired is refused, even ours
+    assert not store.add_record(ours, None)
+    assert store.stats["invalid_record.expired"] == 1
