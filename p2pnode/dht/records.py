@@ -299,13 +299,19 @@ def _check_name(name: object) -> str:
 
 
 def _check_record_value(value: object) -> Value:
-    kind = type(value)
-    if kind is int:
-        if not MIN_INT <= value <= MAX_INT:  # type: ignore[operator]
+    if type(value) is int:
+        if not MIN_INT <= value <= MAX_INT:
             raise RecordError("bad_record", "integer out of range")
-    elif kind not in (str, bytes, float, bool):
-        raise RecordError("bad_record", f"a value of type {kind.__name__}")
-    return value  # type: ignore[return-value]
+        return value
+    if type(value) is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError("bad_record", "text is not valid UTF-8") from None
+        return value
+    if type(value) is bytes or type(value) is float or type(value) is bool:
+        return value
+    raise RecordError("bad_record", f"a value of type {type(value).__name__}")
 
 
 def mutable_key(peer_id: bytes, name: str) -> bytes:

@@ -329,7 +329,7 @@ def test_sign_mutable_refuses_bad_arguments() -> None:
     for name in ("", "x" * 65, "a/b", "tab\there"):
         with pytest.raises(RecordError):
             sign_mutable(ALICE, name, "v", 1, NOW + 60)
-    for value in (None, [1], 2**64, -(2**63) - 1):
+    for value in (None, [1], 2**64, -(2**63) - 1, "\ud800", bytearray(b"x")):
         with pytest.raises(RecordError):
             sign_mutable(ALICE, "n", value, 1, NOW + 60)  # type: ignore[arg-type]
     for seq in (-1, 2**63, True):
