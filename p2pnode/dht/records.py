@@ -70,6 +70,7 @@ __all__ = [
     "check_lifetime",
     "immutable_key",
     "mutable_key",
+    "names_host",
     "open_value",
     "parse_address",
     "parse_provider_record",
@@ -156,6 +157,14 @@ class ProviderRecord:
     def host(self) -> str:
         """The first address's host: one answer lists one record per host."""
         return self.addrs[0][0]
+
+
+def names_host(record: ProviderRecord, host: str) -> bool:
+    """Whether one of ``record``'s addresses is at ``host`` (an announcement's
+    source ip): a holder that takes only such records cannot be made to send
+    downloaders to a third party's address."""
+    normalized = normalize_host(host)
+    return normalized is not None and any(h == normalized for h, _ in record.addrs)
 
 
 def _provider_signed_bytes(

@@ -175,6 +175,13 @@ def test_provider_record_wrong_types_at_every_position() -> None:
             parse_provider_record(bad_key, wire)  # type: ignore[arg-type]
 
 
+def test_provider_record_names_its_hosts() -> None:
+    record = provider(addrs=[("10.0.0.1", 1), ("2001:db8::1", 2)])
+    assert rec.names_host(record, "10.0.0.1") and rec.names_host(record, "::ffff:10.0.0.1")
+    assert rec.names_host(record, "2001:db8:0::1")
+    assert not rec.names_host(record, "10.0.0.2") and not rec.names_host(record, "nonsense")
+
+
 def test_provider_record_huge_seq_is_accepted_up_to_the_bound() -> None:
     record = provider(seq=MAX_SEQ)
     verify_provider_record(parse_provider_record(KEY, record.to_wire()), NOW, TTL)
