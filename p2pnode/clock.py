@@ -8,13 +8,18 @@ from typing import Protocol
 
 class Clock(Protocol):
     def now(self) -> float:
-        """Seconds on a monotonic scale."""
+        """Seconds on a monotonic scale (the real clock reads as Unix seconds)."""
         ...
+
+
+# Monotonic time shifted to the Unix epoch once, at start: it never jumps, and it
+# still reads as Unix seconds, which signed DHT records' expiry times need.
+_EPOCH_SHIFT = time.time() - time.monotonic()
 
 
 class MonotonicClock:
     def now(self) -> float:
-        return time.monotonic()
+        return time.monotonic() + _EPOCH_SHIFT
 
 
 class FakeClock:

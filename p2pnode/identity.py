@@ -74,6 +74,14 @@ class Identity:
     def generate(cls) -> Identity:
         return cls(Ed25519PrivateKey.generate())
 
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        """The identity whose private key is these 32 bytes (simulations and tests
+        that must be repeatable; a real node uses :meth:`generate`)."""
+        if len(seed) != 32:
+            raise UsageError("an identity seed is 32 bytes")
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
     @property
     def public_key(self) -> bytes:
         return self.private_key.public_key().public_bytes(

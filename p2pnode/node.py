@@ -170,7 +170,7 @@ class Node:
         identity = self.identity
         attempts = BIND_ATTEMPTS if self.config.port == 0 else 1
         for attempt in range(attempts):
-            discovery = Discovery(identity.node_id, self.config.dht, clock=self.clock)
+            discovery = Discovery(identity, self.config.dht, clock=self.clock)
             try:
                 port = await discovery.listen(self.config.host, self.config.port)
             except OSError as exc:

@@ -29,8 +29,17 @@ Rules kept from the hardened protocol:
   malformed answer to a kademlia RPC); any answer resets the count. Timeouts of our
   own RPCs (add_provider, get_providers) do not count: stock nodes never answer them.
 - Nodes enter the routing table only after answering one of our requests. A node
-  that sends us a request is pinged first (a bounded queue, a few at a time), so a
-  spoofed source address cannot enter the table.
+  that sends us a request is pinged first (a bounded queue, a few at a time, a few
+  per subnet), so a spoofed source address cannot enter the table.
+- A node's id is the hash of its Ed25519 key, and it proves it (identify: it signs
+  a fresh challenge of ours) before it counts as proven. Until then, or if it never
+  can (a stock kademlia node), it is a lookup hint: the table keeps only a few
+  unproven contacts per bucket (none if ``accept_unproven_contacts`` is off), and
+  only proven nodes are welcomed with values.
+- The table keeps only a few contacts per /24 or /64, per bucket and in all.
+- Store and add_provider are accepted only with a token the sender's IP earned
+  from our identify or get_providers answer (BEP 5); a provider record must be
+  validly signed and dial only the address it came from.
 - Kademlia's "welcome" (push stored values to a new node) goes through a bounded
   queue drained at ``welcome_store_rate``.
 - A full bucket that may not split pings its head (at most MAX_HEAD_PINGS at once).
@@ -46,14 +55,20 @@ import heapq
 import random
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from kademlia.node import Node
 
 from p2pnode.clock import Clock
-from p2pnode.dht import codec
+from p2pnode.dht import codec, proof
 from p2pnode.dht.codec import Limits, MessageError, Request, Response
 from p2pnode.dht.config import DhtConfig
+from p2pnode.dht.records import (
+    ProviderRecord,
+    RecordError,
+    parse_provider_record,
+    verify_provider_record,
+)
 from p2pnode.dht.rpc_schema import (
     EXTRA_RPCS,
     RPC_NAMES,
@@ -62,7 +77,8 @@ from p2pnode.dht.rpc_schema import (
     FindValueRequest,
     FoundValue,
     GetProvidersRequest,
-    NodeAddr,
+    IdentifyAnswer,
+    IdentifyRequest,
     NodeList,
     PingRequest,
     RpcRequest,
@@ -74,21 +90,30 @@ from p2pnode.dht.rpc_schema import (
     parse_bool_response,
     parse_find_value_response,
     parse_get_providers_response,
+    parse_identify_response,
     parse_node_list,
     parse_ping_response,
     parse_request,
     parse_stun_response,
 )
 from p2pnode.dht.storage import ProviderStore, ValueStore
-from p2pnode.dht.table import RoutingTable
+from p2pnode.dht.table import RoutingTable, diversity_group
+from p2pnode.dht.tokens import TokenIssuer
 from p2pnode.errors import DhtClosed, UsageError
+from p2pnode.identity import Identity
 from p2pnode.ratelimit import RateLimiter
+from p2pnode.subnets import subnet_of
 
 Address = tuple[str, int]
+_V = TypeVar("_V")
 
 MAX_ID = 2**160 - 1
 MAX_HEAD_PINGS = 16
 WELCOMED_MEMORY = 4096
+MAX_PROOFS = 64  # identify calls of our own in flight
+CHALLENGE_LEN = 16
+# A node that could not prove its id is not asked again for this long.
+UNPROVABLE_RETRY = 600.0
 
 # Why a call failed (CallFailed.reason).
 TIMEOUT: Final = "timeout"
@@ -111,18 +136,20 @@ DROP_REASONS = (
     "unsolicited_response",
     "wrong_source",
     "reply_too_large",
+    "bad_proof",
 )
 
 # Who started a call: the API (its outcome is an event) or the core itself.
-_API, _VERIFY, _HEAD, _WELCOME = range(4)
+_API, _VERIFY, _HEAD, _WELCOME, _PROVE = range(5)
 
 
 @dataclass(frozen=True, slots=True)
 class CallAnswered:
     """A call of ours was answered. ``result`` by RPC: ping → the answering node id
     (bytes); store, add_provider → bool; find_node → list[Node]; find_value →
-    FoundValue or list[Node]; get_providers → (list[NodeAddr], list[Node]);
-    stun → (host, port)."""
+    FoundValue or list[Node]; get_providers → (list[ProviderRecord], list[Node],
+    token), the records verified; identify → IdentifyAnswer, the proof checked
+    against the node id the call named; stun → (host, port)."""
 
     call_id: int
     result: object
@@ -161,6 +188,7 @@ class _Call:
     deadline: float
     origin: int
     item: tuple[bytes, str, int] | None = None  # the requester a verify ping checks
+    challenge: bytes = b""  # what an identify call asked to be signed
 
 
 class DhtCore:
@@ -173,7 +201,7 @@ class DhtCore:
 
     def __init__(
         self,
-        node_id: bytes,
+        identity: Identity,
         config: DhtConfig,
         *,
         clock: Clock,
@@ -181,13 +209,27 @@ class DhtCore:
         storage: ValueStore | None = None,
         providers: ProviderStore | None = None,
     ) -> None:
+        node_id = identity.node_id
+        self.identity = identity
         self.node = Node(node_id)
         self.node_id = node_id
         self.config = config
         self.clock = clock
         self.rng = rng
         self.ipv6_socket = False
-        self.table = RoutingTable(self.node, config.ksize, clock.now())
+        exempt = config.diversity_exempt_loopback
+        self.table = RoutingTable(
+            self.node,
+            config.ksize,
+            clock.now(),
+            max_per_group_bucket=config.max_contacts_per_subnet_bucket,
+            max_per_group_table=config.max_contacts_per_subnet_table,
+            max_unproven_per_bucket=(
+                config.max_unproven_per_bucket if config.accept_unproven_contacts else 0
+            ),
+            group_of=lambda ip: diversity_group(ip, exempt),
+        )
+        self.tokens = TokenIssuer(rng, clock.now(), config.token_rotation)
         if storage is None:
             storage = ValueStore(
                 clock,
@@ -238,6 +280,13 @@ class DhtCore:
         self._welcome_next = 0.0  # when the next welcome store may go
         self._verify: deque[tuple[bytes, str, int]] = deque()
         self._verify_pending: set[tuple[bytes, str, int]] = set()
+        self._verify_subnets: Counter[str] = Counter()  # queued verify work per subnet
+        # Proven ids → the address they proved it at; ids that could not prove → when.
+        self._proven: OrderedDict[bytes, Address] = OrderedDict()
+        self._unprovable: OrderedDict[bytes, float] = OrderedDict()
+        self._proving: set[bytes] = set()
+        # Tokens nodes gave us (identify answers): what a store to them must carry.
+        self._tokens_from: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._verifying = 0
         self._queued_at = 0.0  # when verify work last became possible (due at once)
         self.closed = False
@@ -403,23 +452,50 @@ class DhtCore:
                 return self._neighbors_wire(request.key, request.node_id, (host, port), now)
             return {"value": value}
         if isinstance(request, StoreRequest):
+            if request.token is None or not self.tokens.check(host, request.token, now):
+                # No proof that the sender receives at its address (or a stock store).
+                self.stats["stores_refused_token"] += 1
+                return False
             stored = self.storage.put(request.key, request.value, sender=host, now=now)
             self.stats["stores_accepted" if stored else "stores_refused"] += 1
             return stored
         if isinstance(request, StunRequest):
             return [host, port]
+        if isinstance(request, IdentifyRequest):
+            signature = proof.prove(self.identity, request.node_id, request.challenge)
+            self.stats["identify_answered"] += 1
+            return [self.identity.public_key, signature, self.tokens.token_for(host, now), host]
         if isinstance(request, AddProviderRequest):
-            # The host is the address the announcement came from, never a claimed one.
-            added = self.providers.add(request.key, request.node_id, host, request.port, host, now)
-            self.stats["providers_accepted" if added else "providers_refused"] += 1
-            return added
+            return self._add_provider(request, host, now)
         assert isinstance(request, GetProvidersRequest)
-        # A fair sample: one record per address before any gets a second.
-        records = self.providers.get(request.key, self.config.max_providers_per_response, now)
+        # A fair sample: at most one record per IP, freshest first.
+        records = self.providers.get_records(
+            request.key, self.config.max_providers_per_response, now
+        )
         return {
-            "providers": [[r.node_id, r.host, r.port] for r in records],
+            "providers": [r.to_wire() for r in records],
             "nodes": self._neighbors_wire(request.key, request.node_id, (host, port), now),
+            "token": self.tokens.token_for(host, now),
         }
+
+    def _add_provider(self, request: AddProviderRequest, host: str, now: float) -> bool:
+        stats = self.stats
+        if not self.tokens.check(host, request.token, now):
+            stats["providers_refused_token"] += 1
+            return False
+        try:
+            record = parse_provider_record(request.key, request.record)
+        except RecordError as exc:
+            stats[f"providers_refused_{exc.reason}"] += 1
+            return False
+        # A record may only send downloaders to the address it came from: otherwise
+        # anyone could make every downloader dial a victim.
+        if any(addr_host != host for addr_host, _ in record.addrs):
+            stats["providers_refused_foreign_address"] += 1
+            return False
+        added = self.providers.add_record(record, host, now)
+        stats["providers_accepted" if added else "providers_refused"] += 1
+        return added
 
     def _encode_reply(self, msg_id: bytes, reply: object) -> bytes | None:
         data = codec.encode_response(msg_id, reply)
@@ -453,6 +529,12 @@ class DhtCore:
         if len(self._verify) >= max(1, self.config.verify_queue_max):
             self.stats["verify_dropped"] += 1
             return
+        # Spoofed sources are cheap: one subnet may hold only a few queued checks.
+        subnet = subnet_of(host)
+        if self._verify_subnets[subnet] >= self.config.verify_queue_per_subnet:
+            self.stats["verify_dropped_subnet"] += 1
+            return
+        self._verify_subnets[subnet] += 1
         self._verify.append(item)
         self._verify_pending.add(item)
         self.stats["verify_queued"] += 1
@@ -474,6 +556,9 @@ class DhtCore:
         ``args`` follow our own node id (prepended here, except for stun).
         ``node_id``: the node expected to answer; it is counted alive on an answer
         and failing on no or a bad one (ping: the answer names who answered).
+        identify takes no args (the core makes the challenge) and needs
+        ``node_id``: the id the answer must prove. store and add_provider end with
+        the token the node gave us (:meth:`token_from`).
         Raises DhtClosed after close(), UsageError for an unknown RPC or a request
         too large for a datagram; an unroutable address ends as CallFailed.
         """
@@ -481,6 +566,8 @@ class DhtCore:
             raise DhtClosed("the DHT is closed")
         if rpc not in RPC_NAMES:
             raise UsageError(f"unknown DHT RPC {rpc!r}")
+        if rpc == "identify" and node_id is None:
+            raise UsageError("identify needs the node id it must prove")
         call_id = self._next_call_id
         self._next_call_id += 1
         host, port = normalize_host(address[0]), address[1]
@@ -508,14 +595,20 @@ class DhtCore:
         msg_id = self.rng.randbytes(codec.MSG_ID_LEN)
         while msg_id in self._calls:  # (only ever with a rigged rng)
             msg_id = self.rng.randbytes(codec.MSG_ID_LEN)
+        challenge = b""
+        if rpc == "identify":
+            challenge = self.rng.randbytes(CHALLENGE_LEN)
+            args = (challenge,)
         full_args = args if rpc == "stun" else (self.node_id, *args)
         data = codec.encode_request(msg_id, rpc, full_args)
         if len(data) > self.config.max_datagram:
             raise UsageError(f"{rpc} request of {len(data)} bytes is too large")
         deadline = now + self.config.rpc_timeout
         self._calls[msg_id] = _Call(
-            call_id, msg_id, address, rpc, node_id, now, deadline, origin, item
+            call_id, msg_id, address, rpc, node_id, now, deadline, origin, item, challenge
         )
+        if rpc == "get_providers" and args and isinstance(args[0], bytes):
+            self._calls[msg_id].challenge = args[0]  # the key its records must be for
         self._call_ids[call_id] = msg_id
         heapq.heappush(self._timeouts, (deadline, msg_id))
         self.stats[f"rpc_sent.{rpc}"] += 1
@@ -557,13 +650,22 @@ class DhtCore:
         rtt = now - call.sent_at
         self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
         try:
-            result = self._parse(call.name, payload)
+            result = self._parse(call, payload, now)
         except MessageError as exc:
             self._drop(exc.reason)
             self._failed(call, MALFORMED, now)
             return
         host, port = call.address
-        if call.name == "ping":
+        if call.name == "identify":
+            assert isinstance(result, IdentifyAnswer) and call.node_id is not None
+            if not proof.check_proof(
+                call.node_id, self.node_id, call.challenge, result.public_key, result.signature
+            ):
+                self._drop("bad_proof")
+                self._failed(call, MALFORMED, now)
+                return
+            self._proved(Node(call.node_id, host, port), result.token, now, rtt)
+        elif call.name == "ping":
             assert isinstance(result, bytes)
             if call.node_id is not None and result != call.node_id:
                 self._record_failure(Node(call.node_id, host, port))
@@ -585,7 +687,12 @@ class DhtCore:
             self._internal_done(call, now)
 
     def _internal_done(self, call: _Call, now: float) -> None:
-        if call.origin == _VERIFY:
+        if call.origin == _PROVE and call.node_id is not None:
+            self._proving.discard(call.node_id)
+            if call.node_id not in self._proven:
+                self._remember(self._unprovable, call.node_id, now)
+                self.stats["proofs_failed"] += 1
+        elif call.origin == _VERIFY:
             self._verifying -= 1
             if call.item is not None:
                 self._verify_pending.discard(call.item)
@@ -593,7 +700,10 @@ class DhtCore:
         elif call.origin == _HEAD and call.node_id is not None:
             self._pinging_heads.discard(call.node_id)
 
-    def _parse(self, name: str, payload: object) -> object:
+    def _parse(self, call: _Call, payload: object, now: float) -> object:
+        name = call.name
+        if name == "identify":
+            return parse_identify_response(payload)
         if name == "find_node":
             return self._nodes(parse_node_list(payload, self._schema))
         if name == "ping":
@@ -603,11 +713,27 @@ class DhtCore:
             return answer if isinstance(answer, FoundValue) else self._nodes(answer)
         if name == "get_providers":
             both = parse_get_providers_response(payload, self._schema)
-            providers: list[NodeAddr] = both.providers.nodes
-            return providers, self._nodes(both.nodes)
+            records = self._records(call.challenge, both.records, now)
+            return records, self._nodes(both.nodes), both.token
         if name == "stun":
             return parse_stun_response(payload)
         return parse_bool_response(payload)  # store, add_provider
+
+    def _records(self, key: bytes, wires: list[list[object]], now: float) -> list[ProviderRecord]:
+        """The provider records of an answer that verify, one per peer (bad ones
+        are dropped and counted: a holder may relay anything)."""
+        records: dict[bytes, ProviderRecord] = {}
+        for wire in wires:
+            try:
+                record = parse_provider_record(key, wire)
+                verify_provider_record(record, now, self.config.provider_ttl)
+            except RecordError as exc:
+                self.stats[f"provider_records_dropped.{exc.reason}"] += 1
+                continue
+            known = records.get(record.peer_id)
+            if known is None or record.seq > known.seq:
+                records[record.peer_id] = record
+        return list(records.values())
 
     def _nodes(self, listed: NodeList) -> list[Node]:
         if listed.skipped:
@@ -629,15 +755,67 @@ class DhtCore:
             self._rtt[node.id] = rtt if prev is None else 0.75 * prev + 0.25 * rtt
         if len(self._last_seen) > 16 * self.config.ksize * 160:
             self._prune_last_seen()
+        proven = self._proven.get(node.id) == (node.ip, node.port)
+        if not proven:
+            self._start_proof(node, now)
+        self._add(node, now, proven)
+
+    def _add(self, node: Node, now: float, proven: bool) -> None:
         table = self.table
         new = table.is_new_node(node)
-        if new:
-            self._welcome_if_new(node, now)
-        head = table.add_contact(node, now)
+        head = table.add_contact(node, now, proven=proven)
         if head is not None:
             self._ping_head(head, now)
-        elif new:
+        elif new and table.contains(node):
+            if proven:
+                self._welcome_if_new(node, now)
             self._events.append(ContactAdded(node))
+
+    def _start_proof(self, node: Node, now: float) -> None:
+        """Ask ``node`` to prove its id (bounded; not again soon after a failure)."""
+        node_id = node.id
+        if node_id in self._proving:
+            return
+        failed_at = self._unprovable.get(node_id)
+        if failed_at is not None and now - failed_at < UNPROVABLE_RETRY:
+            return
+        if len(self._proving) >= MAX_PROOFS:
+            self.stats["proofs_dropped"] += 1
+            return
+        if self._start_internal(node.ip, node.port, "identify", (), now, node_id, _PROVE):
+            self._proving.add(node_id)
+            self.stats["proofs_started"] += 1
+
+    def _proved(self, node: Node, token: bytes, now: float, rtt: float) -> None:
+        """``node`` proved its id at its address: it may now hold a full place in
+        the table and receive values; its token is kept for our stores to it."""
+        self.stats["proofs_ok"] += 1
+        self._unprovable.pop(node.id, None)
+        self._remember(self._proven, node.id, (node.ip, node.port))
+        self._remember(self._tokens_from, node.id, (token, now))
+        self._failures.pop(node.id, None)
+        self._last_seen[node.id] = now
+        self._add(node, now, proven=True)
+
+    def _remember(self, table: OrderedDict[bytes, _V], key: bytes, value: _V) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > 16 * self.config.ksize * 160:
+            table.popitem(last=False)
+
+    def is_proven(self, node: Node) -> bool:
+        """``node`` proved its id at this address."""
+        return self._proven.get(node.id) == (node.ip, node.port)
+
+    def token_from(self, node: Node, now: float) -> bytes | None:
+        """The token ``node`` gave us, if it proved its id at this address and the
+        token is young enough to still be accepted (tokens rotate)."""
+        if not self.is_proven(node):
+            return None
+        entry = self._tokens_from.get(node.id)
+        if entry is None or now - entry[1] > self.config.token_rotation:
+            return None
+        return entry[0]
 
     def _welcome_if_new(self, node: Node, now: float) -> None:
         """Queue the values ``node`` should store (section 2.5 of the paper), bounded:
@@ -675,8 +853,13 @@ class DhtCore:
             value = self.storage.get(key)
             if value is None:
                 continue
+            token = self.token_from(node, now)
+            if token is None:
+                continue
             self.stats["welcome_sent"] += 1
-            self._start_internal(node.ip, node.port, "store", (key, value), now, node.id, _WELCOME)
+            self._start_internal(
+                node.ip, node.port, "store", (key, value, token), now, node.id, _WELCOME
+            )
             self._welcome_next = now + interval
 
     def _drain_verify(self, now: float) -> None:
@@ -684,6 +867,10 @@ class DhtCore:
         while self._verify and self._verifying < slots:
             item = self._verify.popleft()
             _, host, port = item
+            subnet = subnet_of(host)
+            self._verify_subnets[subnet] -= 1
+            if self._verify_subnets[subnet] <= 0:
+                del self._verify_subnets[subnet]
             if self._start_internal(host, port, "ping", (), now, None, _VERIFY, item):
                 self._verifying += 1
             else:
@@ -754,6 +941,8 @@ class DhtCore:
         self._welcome.clear()
         self._verify.clear()
         self._verify_pending.clear()
+        self._verify_subnets.clear()
+        self._proving.clear()
         self._pinging_heads.clear()
         self._verifying = 0
         self._out.clear()

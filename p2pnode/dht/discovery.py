@@ -10,10 +10,12 @@ kademlia's ``Node`` objects or raw answers: only :class:`Contact`,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ from kademlia.node import Node
 from kademlia.utils import digest
 
 from p2pnode.clock import MONOTONIC, Clock
+from p2pnode.dht import records as rec
 from p2pnode.dht.codec import MessageError
 from p2pnode.dht.config import DhtConfig
 from p2pnode.dht.core import DhtCore
@@ -36,7 +39,7 @@ from p2pnode.dht.rpc_schema import (
 )
 from p2pnode.endpoints import LOOP_ENDPOINTS, Endpoints
 from p2pnode.errors import P2PError, UsageError
-from p2pnode.identity import as_node_id
+from p2pnode.identity import Identity, as_node_id
 from p2pnode.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,10 @@ PROVIDER_REPEATS_ENOUGH = 2
 # After joining, each range of distances farther than our closest neighbour is
 # looked up until it holds this many contacts (see Discovery._refresh_far_ranges).
 JOIN_RANGE_CONTACTS = 1
+# A record lookup may stop once this many holders sent a valid record (the best of
+# them wins): one forged or stale answer cannot decide it.
+RECORD_ANSWERS_ENOUGH = 3
+PROOF_CACHE = 4096  # identify answers kept for our writes (token, observed address)
 
 
 @dataclass(frozen=True)
@@ -85,23 +92,31 @@ class ProviderRecord:
 class PutOutcome:
     """Where a put landed. ``here``: stored in this node's own store (True), refused
     by it (False), or not tried (None: this node is not among the k closest);
-    ``remote`` of the ``asked`` closest nodes accepted it."""
+    ``remote`` of the ``asked`` closest nodes accepted it; ``unproven`` of the
+    closest could not prove their id and were not asked. ``address``: a signed
+    record's address (what ``get_record`` takes), None for a plain value."""
 
     here: bool | None
     remote: int
     asked: int
+    unproven: int = 0
+    address: str | None = None
 
     @property
     def stored(self) -> bool:
         return bool(self.here) or self.remote > 0
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "stored": self.stored,
             "here": self.here,
             "remote": self.remote,
             "asked": self.asked,
+            "unproven": self.unproven,
         }
+        if self.address is not None:
+            out["address"] = self.address
+        return out
 
 
 def _local_host(listen_host: str) -> str:
@@ -113,6 +128,11 @@ def _local_host(listen_host: str) -> str:
     if ip.is_unspecified:
         return "::1" if ip.version == 6 else "127.0.0.1"
     return normalize_host(listen_host) or "127.0.0.1"
+
+
+def _provider(record: rec.ProviderRecord) -> ProviderRecord:
+    host, port = record.addrs[0]
+    return ProviderRecord(record.peer_id, host, port)
 
 
 def _check_key(key: bytes) -> bytes:
@@ -141,14 +161,16 @@ class Discovery:
 
     def __init__(
         self,
-        node_id: bytes,
+        identity: Identity,
         config: DhtConfig,
         clock: Clock = MONOTONIC,
         endpoints: Endpoints = LOOP_ENDPOINTS,
         rng: random.Random | None = None,
     ) -> None:
-        if not is_node_id(node_id):
-            raise UsageError("a node id is 20 bytes")
+        if not isinstance(identity, Identity):
+            raise UsageError("Discovery takes the node's Identity (its id is proven with it)")
+        node_id = identity.node_id
+        self.identity = identity
         self.node_id = node_id
         self.config = config
         self.clock = clock
@@ -156,12 +178,17 @@ class Discovery:
         self._tasks = TaskSet("dht")
         self.rng = rng if rng is not None else random.Random(os.urandom(16))
         self._node = Node(node_id)
-        self._core = DhtCore(node_id, config, clock=clock, rng=self.rng)
+        self._core = DhtCore(identity, config, clock=clock, rng=self.rng)
         self._storage = self._core.storage  # the core builds it from the config
         self._protocol: DhtProtocol | None = None
         self._port: int | None = None
         self._local_host = "127.0.0.1"
-        self._own_values: dict[bytes, Value] = {}
+        self._own_values: dict[bytes, Value] = {}  # plain values and immutable records
+        self._own_names: dict[str, Value] = {}  # our mutable records, re-signed each time
+        self._seq = 0  # the last sequence number we signed
+        # Identify answers of the nodes we write to: (token, our address as they see
+        # it, their address, when); a token is good for one to two rotations.
+        self._proofs: OrderedDict[bytes, tuple[bytes, str, tuple[str, int], float]] = OrderedDict()
         self._announced: dict[bytes, int] = {}
         # Who accepted each of our announcements: watched so that records lost with
         # their holders are announced again long before provider_republish.
@@ -439,7 +466,9 @@ class Discovery:
 
     async def put(self, key: str | bytes, value: str | bytes | int | float | bool) -> bool:
         """Store ``value`` under sha1(key) on the k closest nodes (and here if we are
-        one of them); republished every value_republish. True if stored anywhere."""
+        one of them); republished every value_republish. True if stored anywhere.
+        A plain kademlia value: unauthenticated, any node can overwrite it (except
+        here); see :meth:`put_mutable` and :meth:`put_immutable`."""
         return (await self.put_outcome(key, value)).stored
 
     async def put_outcome(
@@ -449,12 +478,82 @@ class Discovery:
         checked = self._check_value(value)
         dkey = self._digest(key)
         self._proto()
-        if dkey in self._own_values or len(self._own_values) < self.config.max_stored_values:
-            self._own_values[dkey] = checked
+        self._keep_own(dkey, checked)
         return await self._publish(dkey, checked)
 
+    async def put_mutable(self, name: str, value: Value) -> PutOutcome:
+        """Publish ``value`` as our signed record ``name`` (BEP 44 / IPNS style): it
+        lives at ``<our peer id>/<name>``, only we can sign it, and a newer one (a
+        higher sequence number) replaces the old everywhere. Republished, re-signed,
+        every value_republish."""
+        checked = self._check_value(value)
+        self._proto()
+        record = self._sign_mutable(name, checked)
+        if name in self._own_names or len(self._own_names) < self.config.max_stored_values:
+            self._own_names[name] = checked
+        outcome = await self._publish(rec.mutable_key(self.node_id, name), rec.to_value(record))
+        return dataclasses.replace(outcome, address=rec.record_address(record))
+
+    async def put_immutable(self, value: Value) -> PutOutcome:
+        """Publish ``value`` under the hash of its record: anyone can check it, no one
+        can change it. The outcome's address is what :meth:`get_record` takes."""
+        checked = self._check_value(value)
+        self._proto()
+        record = rec.ImmutableRecord(checked)
+        envelope = rec.to_value(record)
+        if len(envelope) > self.config.max_value_bytes:
+            raise UsageError(
+                f"cannot store this value: its record is over {self.config.max_value_bytes} bytes"
+            )
+        key = rec.immutable_key(record)
+        self._keep_own(key, envelope)
+        outcome = await self._publish(key, envelope)
+        return dataclasses.replace(outcome, address=rec.record_address(record))
+
+    def _keep_own(self, dkey: bytes, value: Value) -> None:
+        if dkey in self._own_values or len(self._own_values) < self.config.max_stored_values:
+            self._own_values[dkey] = value
+
+    def _next_seq(self) -> int:
+        # Milliseconds of the clock, so a restarted node still signs higher numbers.
+        self._seq = max(self._seq + 1, int(self.clock.now() * 1000))
+        return self._seq
+
+    def _sign_mutable(self, name: str, value: Value) -> rec.MutableRecord:
+        expires = int(self.clock.now() + self.config.value_ttl)
+        try:
+            return rec.sign_mutable(self.identity, name, value, self._next_seq(), expires)
+        except rec.RecordError as exc:
+            raise UsageError(f"cannot publish {name!r}: {exc}") from None
+
+    async def _proof(self, node: Node) -> tuple[bytes, str] | None:
+        """(token, our address as ``node`` sees it) for a write to ``node``, once it
+        proved its id; None if it cannot (a stock node, or a liar)."""
+        now = self.clock.now()
+        cached = self._proofs.get(node.id)
+        if (
+            cached is not None
+            and cached[2] == (node.ip, node.port)
+            and now - cached[3] < self.config.token_rotation / 2
+        ):
+            return cached[0], cached[1]
+        answer = await self._proto().call_identify(node)
+        if answer is None:
+            return None
+        self._proofs[node.id] = (answer.token, answer.observed_host, (node.ip, node.port), now)
+        self._proofs.move_to_end(node.id)
+        while len(self._proofs) > PROOF_CACHE:
+            self._proofs.popitem(last=False)
+        return answer.token, answer.observed_host
+
+    async def _store_at(self, node: Node, dkey: bytes, value: Value) -> bool | None:
+        """Store at a proven node with its token; None if it could not prove its id."""
+        proof = await self._proof(node)
+        if proof is None:
+            return None
+        return await self._proto().call_store(node, dkey, value, proof[0])
+
     async def _publish(self, dkey: bytes, value: Value) -> PutOutcome:
-        protocol = self._proto()
         nodes = await self._lookup_nodes(dkey)
         target = Node(dkey)
         stored_here: bool | None = None
@@ -462,12 +561,15 @@ class Discovery:
             n.distance_to(target) for n in nodes
         ):
             stored_here = self._storage.put(dkey, value)
-        results = await asyncio.gather(*(protocol.call_store(n, dkey, value) for n in nodes))
+        results = await asyncio.gather(*(self._store_at(n, dkey, value) for n in nodes))
         remote = sum(1 for result in results if result is True)
-        return PutOutcome(stored_here, remote, len(nodes))
+        unproven = sum(1 for result in results if result is None)
+        return PutOutcome(stored_here, remote, len(nodes) - unproven, unproven)
 
     async def get(self, key: str | bytes) -> str | bytes | int | float | bool | None:
-        """The value stored under sha1(key), here or on the network; None if none."""
+        """The plain value stored under sha1(key), here or on the network; None if
+        none. Unauthenticated (kademlia's get): the first answer wins. Signed
+        records are read with :meth:`get_record`."""
         dkey = self._digest(key)
         protocol = self._proto()
         local = self._storage.get(dkey)
@@ -490,31 +592,98 @@ class Discovery:
         if not found:
             return None
         value = found[0]
-        if without:
-            # Cache it on the closest node that did not have it (section 2.3).
-            nearest = min(without, key=lambda n: n.distance_to(wanted))
-            self._tasks.spawn(protocol.call_store(nearest, dkey, value), "cache-store")
+        self._cache_at_nearest(dkey, value, without)
         return value
+
+    def _cache_at_nearest(self, dkey: bytes, value: Value, without: list[Node]) -> None:
+        # Cache it on the closest node that did not have it (section 2.3).
+        if without:
+            wanted = Node(dkey)
+            nearest = min(without, key=lambda n: n.distance_to(wanted))
+            self._tasks.spawn(self._store_at(nearest, dkey, value), "cache-store")
+
+    async def get_record(self, address: str) -> Value | None:
+        """The value of the signed record at ``address`` (``<peer id>/<name>`` or
+        ``imm:<hex>``), or None if no valid one was found. Every record found is
+        verified; the valid one with the highest sequence number wins, so forged,
+        unsigned or stale answers are passed over (counted in the DHT stats)."""
+        try:
+            dkey, _kind = rec.parse_address(address)
+        except rec.RecordError as exc:
+            raise UsageError(str(exc)) from None
+        protocol = self._proto()
+        wanted = Node(dkey)
+        found: list[Value] = []
+        valid = 0
+        without: list[Node] = []
+        local = self._storage.get(dkey)
+        if local is not None:
+            found.append(local)
+
+        async def query(node: Node) -> list[Node] | None:
+            nonlocal valid
+            answer = await protocol.call_find_value(node, wanted)
+            if isinstance(answer, FoundValue):
+                found.append(answer.value)
+                try:
+                    if rec.open_value(dkey, answer.value, self.clock.now(), self.config.value_ttl):
+                        valid += 1
+                except rec.RecordError:
+                    pass
+                return []
+            if answer is not None:
+                without.append(node)
+            return answer
+
+        await self._lookup(dkey, query, done=lambda: valid >= RECORD_ANSWERS_ENOUGH)
+        record, envelope, rejected = rec.best_record(
+            dkey, found, self.clock.now(), self.config.value_ttl, allow_unsigned=False
+        )
+        stats = self._core.stats
+        for reason, count in rejected.items():
+            stats[f"records_rejected.{reason}"] += count
+        if record is None or envelope is None:
+            return None
+        self._cache_at_nearest(dkey, envelope, without)
+        return record.value
 
     # -- providers -----------------------------------------------------------------
 
+    def _provider_record(self, key: bytes, host: str, port: int) -> rec.ProviderRecord:
+        expires = int(self.clock.now() + self.config.provider_ttl)
+        return rec.sign_provider_record(
+            self.identity, key, [(host, port)], self._next_seq(), expires
+        )
+
     async def add_provider(self, key: bytes, port: int) -> int:
         """Announce this node as a provider of ``key`` (TCP ``port``) on the k closest
-        nodes and locally; re-announced every provider_republish until
-        remove_provider(key). Returns how many remote nodes accepted."""
+        nodes and locally, as records signed with our identity; re-announced every
+        provider_republish until remove_provider(key). Returns how many remote nodes
+        accepted."""
         key = _check_key(key)
         if not is_port(port):
             raise UsageError("port must be in 1..65535")
         protocol = self._proto()
         self._announced[key] = port
-        protocol.providers.add(key, self.node_id, self._local_host, port, sender=None)
+        own = self._provider_record(key, self._local_host, port)
+        protocol.providers.add_record(own, None, self.clock.now())
         return await self._announce(key, port)
 
     async def _announce(self, key: bytes, port: int) -> int:
         protocol = self._proto()
         nodes = await self._lookup_nodes(key)
-        results = await asyncio.gather(*(protocol.call_add_provider(n, key, port) for n in nodes))
-        holders = [n for n, result in zip(nodes, results, strict=True) if result is True]
+
+        async def announce_to(node: Node) -> bool:
+            proof = await self._proof(node)
+            if proof is None:
+                return False
+            token, seen_as = proof
+            # Holders keep a record only if it dials the address it came from.
+            record = self._provider_record(key, seen_as, port)
+            return await protocol.call_add_provider(node, key, record, token) is True
+
+        results = await asyncio.gather(*(announce_to(n) for n in nodes))
+        holders = [n for n, result in zip(nodes, results, strict=True) if result]
         if key in self._announced:
             self._holders[key] = holders
         return len(holders)
@@ -553,8 +722,8 @@ class Discovery:
         key = _check_key(key)
         protocol = self._proto()
         found: dict[bytes, ProviderRecord] = {}
-        for entry in protocol.providers.get(key):
-            found.setdefault(entry.node_id, ProviderRecord(entry.node_id, entry.host, entry.port))
+        for entry in protocol.providers.get_records(key, max(1, want), self.clock.now()):
+            found.setdefault(entry.peer_id, _provider(entry))
         sources = repeats = 0
 
         async def query(node: Node) -> list[Node] | None:
@@ -562,12 +731,12 @@ class Discovery:
             answer = await protocol.call_get_providers(node, key)
             if answer is None:
                 return None
-            providers, nodes = answer
-            if providers:
+            records, nodes, _token = answer  # (records were verified by the core)
+            if records:
                 sources += 1
                 before = len(found)
-                for p in providers:
-                    found.setdefault(p.node_id, ProviderRecord(p.node_id, p.host, p.port))
+                for record in records:
+                    found.setdefault(record.peer_id, _provider(record))
                 repeats = repeats + 1 if len(found) == before else 0
             return nodes
 
@@ -603,9 +772,13 @@ class Discovery:
     async def _republish_values(self) -> None:
         for dkey, value in list(self._own_values.items()):
             await self._publish(dkey, value)
+        for name, plain in list(self._own_names.items()):
+            record = self._sign_mutable(name, plain)  # a fresh expiry needs a new seq
+            await self._publish(rec.mutable_key(self.node_id, name), rec.to_value(record))
 
     async def _republish_providers(self) -> None:
         protocol = self._proto()
         for key, port in list(self._announced.items()):
-            protocol.providers.add(key, self.node_id, self._local_host, port, sender=None)
+            own = self._provider_record(key, self._local_host, port)
+            protocol.providers.add_record(own, None, self.clock.now())
             await self._announce(key, port)

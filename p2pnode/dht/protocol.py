@@ -21,7 +21,8 @@ from kademlia.node import Node
 
 from p2pnode.clock import Clock
 from p2pnode.dht.core import CallAnswered, CallFailed, DhtCore
-from p2pnode.dht.rpc_schema import FoundValue, NodeAddr, Value, is_port, normalize_host
+from p2pnode.dht.records import ProviderRecord
+from p2pnode.dht.rpc_schema import FoundValue, IdentifyAnswer, Value, is_port, normalize_host
 from p2pnode.dht.storage import ProviderStore, ValueStore
 from p2pnode.dht.table import RoutingTable
 
@@ -188,12 +189,21 @@ class DhtProtocol(asyncio.DatagramProtocol):
     async def call_ping(self, node_to_ask: Node) -> bytes | None:
         return await self.ping_address(node_to_ask.ip, node_to_ask.port, node_to_ask.id)
 
-    async def call_store(self, node_to_ask: Node, key: bytes, value: Value) -> bool | None:
-        """True stored, False refused, None no (valid) answer."""
-        answer = await self._call(
-            (node_to_ask.ip, node_to_ask.port), "store", (key, value), node_to_ask.id
-        )
+    async def call_store(
+        self, node_to_ask: Node, key: bytes, value: Value, token: bytes | None = None
+    ) -> bool | None:
+        """True stored, False refused, None no (valid) answer. Without a token this
+        is a stock kademlia store (other p2pnode nodes refuse it)."""
+        args: tuple[object, ...] = (key, value) if token is None else (key, value, token)
+        answer = await self._call((node_to_ask.ip, node_to_ask.port), "store", args, node_to_ask.id)
         return answer if isinstance(answer, bool) else None
+
+    async def call_identify(self, node_to_ask: Node) -> IdentifyAnswer | None:
+        """The node's proof of its id, checked by the core (None: no valid proof)."""
+        answer = await self._call(
+            (node_to_ask.ip, node_to_ask.port), "identify", (), node_to_ask.id
+        )
+        return answer if isinstance(answer, IdentifyAnswer) else None
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> list[Node] | None:
         answer = await self._call(
@@ -209,18 +219,24 @@ class DhtProtocol(asyncio.DatagramProtocol):
         )
         return answer if isinstance(answer, FoundValue | list) else None
 
-    async def call_add_provider(self, node_to_ask: Node, key: bytes, port: int) -> bool | None:
+    async def call_add_provider(
+        self, node_to_ask: Node, key: bytes, record: ProviderRecord, token: bytes
+    ) -> bool | None:
         answer = await self._call(
-            (node_to_ask.ip, node_to_ask.port), "add_provider", (key, port), node_to_ask.id
+            (node_to_ask.ip, node_to_ask.port),
+            "add_provider",
+            (key, record.to_wire(), token),
+            node_to_ask.id,
         )
         return answer if isinstance(answer, bool) else None
 
     async def call_get_providers(
         self, node_to_ask: Node, key: bytes
-    ) -> tuple[list[NodeAddr], list[Node]] | None:
+    ) -> tuple[list[ProviderRecord], list[Node], bytes] | None:
+        """(verified records, closer nodes, a token for our writes to it), or None."""
         answer = await self._call(
             (node_to_ask.ip, node_to_ask.port), "get_providers", (key,), node_to_ask.id
         )
         if not isinstance(answer, tuple):
             return None
-        return cast(tuple[list[NodeAddr], list[Node]], answer)
+        return cast(tuple[list[ProviderRecord], list[Node], bytes], answer)

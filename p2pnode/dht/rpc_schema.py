@@ -7,18 +7,26 @@ name           args                               answer
 =============  =================================  =====================================
 ping           nodeid                             our node id
 stun           (none)                             [sender ip, sender port]
-store          nodeid, key, value                 true if stored, false if refused
+store          nodeid, key, value[, token]        true if stored, false if refused
 find_node      nodeid, key                        [[id, ip, port], ...]
 find_value     nodeid, key                        {"value": v} or [[id, ip, port], ...]
-add_provider   nodeid, key, port                  true if recorded, false if refused
-get_providers  nodeid, key                        {"providers": [[id, ip, port], ...],
-                                                   "nodes": [[id, ip, port], ...]}
+identify       nodeid, challenge                  [public key, signature, token,
+                                                   sender ip]
+add_provider   nodeid, key, record, token         true if recorded, false if refused
+get_providers  nodeid, key                        {"providers": [record, ...],
+                                                   "nodes": [[id, ip, port], ...],
+                                                   "token": token}
 =============  =================================  =====================================
 
-The first five are kademlia's own (wire compatible with ``kademlia.protocol``); the
-last two are ours and a stock node simply never answers them. Ids and keys are 20
-bytes; values are int, float, bool, str or bytes of at most ``max_value_bytes``
-(str measured in UTF-8). Anything else raises :class:`MessageError`.
+The first five are kademlia's own (wire compatible with ``kademlia.protocol``; a
+stock store has no token, and we refuse it); the last three are ours and a stock
+node simply never answers them. ``identify`` proves the answering node's id (the
+hash of its Ed25519 key, :mod:`.proof`) and hands out a token for the asker's IP
+(:mod:`.tokens`), which store and add_provider must carry. A provider ``record``
+is a signed record's wire list (:mod:`.records`), checked by the core. Ids and keys
+are 20 bytes; values are int, float, bool, str or bytes of at most
+``max_value_bytes`` (str measured in UTF-8). Anything else raises
+:class:`MessageError`.
 """
 
 from __future__ import annotations
@@ -42,7 +50,11 @@ BAD_ARGS = "bad_args"
 BAD_RESPONSE = "bad_response"
 
 KADEMLIA_RPCS = ("ping", "stun", "store", "find_node", "find_value")
-EXTRA_RPCS = ("add_provider", "get_providers")
+EXTRA_RPCS = ("identify", "add_provider", "get_providers")
+
+MIN_CHALLENGE, MAX_CHALLENGE = 16, 64
+MAX_TOKEN = 32
+PUBLIC_KEY_LEN, SIGNATURE_LEN = 32, 64
 RPC_NAMES = KADEMLIA_RPCS + EXTRA_RPCS
 
 
@@ -186,6 +198,13 @@ class StoreRequest:
     node_id: bytes
     key: bytes
     value: Value
+    token: bytes | None  # None: a stock kademlia store (refused: no return routability)
+
+
+@dataclass(frozen=True)
+class IdentifyRequest:
+    node_id: bytes
+    challenge: bytes
 
 
 @dataclass(frozen=True)
@@ -204,7 +223,8 @@ class FindValueRequest:
 class AddProviderRequest:
     node_id: bytes
     key: bytes
-    port: int
+    record: list[object]  # a provider record's wire list, not yet checked
+    token: bytes
 
 
 @dataclass(frozen=True)
@@ -219,6 +239,7 @@ RpcRequest = (
     | StoreRequest
     | FindNodeRequest
     | FindValueRequest
+    | IdentifyRequest
     | AddProviderRequest
     | GetProvidersRequest
 )
@@ -239,11 +260,16 @@ def parse_request(name: str, args: tuple[object, ...], limits: SchemaLimits) -> 
         "store": 3,
         "find_node": 2,
         "find_value": 2,
-        "add_provider": 3,
+        "identify": 2,
+        "add_provider": 4,
         "get_providers": 2,
     }.get(name)
     if arity is None:
         raise MessageError(UNKNOWN_RPC, name[:32])
+    if name == "store" and len(args) == 4:
+        node_id, key = _ids(args, 2)
+        value = check_value(args[2], limits.max_value_bytes)
+        return StoreRequest(node_id, key, value, _token(args[3]))
     if len(args) != arity:
         raise MessageError(BAD_ARGS, f"{name} takes {arity} arguments, got {len(args)}")
     if name == "ping":
@@ -252,19 +278,30 @@ def parse_request(name: str, args: tuple[object, ...], limits: SchemaLimits) -> 
         return StunRequest()
     if name == "store":
         node_id, key = _ids(args, 2)
-        return StoreRequest(node_id, key, check_value(args[2], limits.max_value_bytes))
+        return StoreRequest(node_id, key, check_value(args[2], limits.max_value_bytes), None)
     if name == "find_node":
         return FindNodeRequest(*_ids(args, 2))
     if name == "find_value":
         return FindValueRequest(*_ids(args, 2))
+    if name == "identify":
+        (node_id,) = _ids(args, 1)
+        challenge = args[1]
+        if type(challenge) is not bytes or not MIN_CHALLENGE <= len(challenge) <= MAX_CHALLENGE:
+            raise MessageError(BAD_ARGS, f"a challenge is {MIN_CHALLENGE}..{MAX_CHALLENGE} bytes")
+        return IdentifyRequest(node_id, challenge)
     if name == "add_provider":
         node_id, key = _ids(args, 2)
-        port = args[2]
-        if not is_port(port):
-            raise MessageError(BAD_ARGS, "port must be an int in 1..65535")
-        assert isinstance(port, int)
-        return AddProviderRequest(node_id, key, port)
+        record = args[2]
+        if not isinstance(record, list):
+            raise MessageError(BAD_ARGS, "a provider record is a list")
+        return AddProviderRequest(node_id, key, record, _token(args[3]))
     return GetProvidersRequest(*_ids(args, 2))
+
+
+def _token(token: object) -> bytes:
+    if type(token) is not bytes or not 0 < len(token) <= MAX_TOKEN:
+        raise MessageError(BAD_ARGS, f"a token is 1..{MAX_TOKEN} bytes")
+    return token
 
 
 # -- answers ---------------------------------------------------------------------------
@@ -312,14 +349,50 @@ def parse_find_value_response(payload: object, limits: SchemaLimits) -> FoundVal
 
 @dataclass(frozen=True)
 class ProvidersAnswer:
-    providers: NodeList
+    records: list[list[object]]  # provider records' wire lists, not yet checked
     nodes: NodeList
+    token: bytes
 
 
 def parse_get_providers_response(payload: object, limits: SchemaLimits) -> ProvidersAnswer:
-    if not isinstance(payload, dict) or set(payload) != {"providers", "nodes"}:
-        raise MessageError(BAD_RESPONSE, "get_providers answers {providers, nodes}")
+    if not isinstance(payload, dict) or set(payload) != {"providers", "nodes", "token"}:
+        raise MessageError(BAD_RESPONSE, "get_providers answers {providers, nodes, token}")
+    records = payload["providers"]
+    if not isinstance(records, list) or len(records) > limits.max_response_contacts:
+        raise MessageError(BAD_RESPONSE, "providers: a list of at most max_response_contacts")
+    token = payload["token"]
+    if type(token) is not bytes or not 0 < len(token) <= MAX_TOKEN:
+        raise MessageError(BAD_RESPONSE, "a token is 1..32 bytes")
     return ProvidersAnswer(
-        parse_node_list(payload["providers"], limits),
+        [r for r in records if isinstance(r, list)],
         parse_node_list(payload["nodes"], limits),
+        token,
     )
+
+
+@dataclass(frozen=True)
+class IdentifyAnswer:
+    """What identify answers: unchecked until the core verifies the signature."""
+
+    public_key: bytes
+    signature: bytes
+    token: bytes
+    observed_host: str  # our IP as the answering node saw it
+
+
+def parse_identify_response(payload: object) -> IdentifyAnswer:
+    if not isinstance(payload, list) or len(payload) != 4:
+        raise MessageError(BAD_RESPONSE, "identify answers [key, signature, token, ip]")
+    public_key, signature, token, host = payload
+    clean = normalize_host(host)
+    if (
+        type(public_key) is not bytes
+        or len(public_key) != PUBLIC_KEY_LEN
+        or type(signature) is not bytes
+        or len(signature) != SIGNATURE_LEN
+        or type(token) is not bytes
+        or not 0 < len(token) <= MAX_TOKEN
+        or clean is None
+    ):
+        raise MessageError(BAD_RESPONSE, "identify answers [key, signature, token, ip]")
+    return IdentifyAnswer(public_key, signature, token, clean)

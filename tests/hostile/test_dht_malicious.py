@@ -17,6 +17,7 @@ import pytest
 from kademlia.utils import digest
 
 from p2pnode.dht import DhtConfig, Discovery
+from p2pnode.identity import Identity
 from tests.helpers import can_bind
 
 CONFIG = DhtConfig(ksize=8, rpc_timeout=0.3, lookup_timeout=4.0, max_failures=2)
@@ -113,7 +114,7 @@ async def liars() -> AsyncIterator[list[tuple[Liar, int]]]:
 
 @pytest.fixture
 async def honest() -> AsyncIterator[list[Discovery]]:
-    nodes = [Discovery(os.urandom(20), CONFIG) for _ in range(5)]
+    nodes = [Discovery(Identity.generate(), CONFIG) for _ in range(5)]
     for node in nodes:
         await node.listen("127.0.0.1", 0)
     yield nodes
@@ -170,7 +171,7 @@ async def test_a_lookup_through_only_liars_ends(
     liars: list[tuple[Liar, int]], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    node = Discovery(os.urandom(20), CONFIG)
+    node = Discovery(Identity.generate(), CONFIG)
     await node.listen("127.0.0.1", 0)
     try:
         await node.bootstrap([("127.0.0.1", port) for _, port in liars])
@@ -302,7 +303,7 @@ async def test_value_store_flood_does_not_lock_out_new_values(flooders: list[Flo
     more than the store holds. A value put afterwards is stored (here and on the
     others) and found, and an earlier honest value survives."""
     config = replace(CONFIG, max_stored_values=120, max_values_per_sender=20)
-    nodes = [Discovery(os.urandom(20), config) for _ in range(3)]
+    nodes = [Discovery(Identity.generate(), config) for _ in range(3)]
     for node in nodes:
         await node.listen("127.0.0.1", 0)
     try:
@@ -336,7 +337,7 @@ async def test_value_store_flood_at_full_scale(flooders: list[Flooder]) -> None:
     """Attack 5 of issue 10 as reported: 1,000 x 4 KiB stores from each of 11
     addresses to a node with the default store limits (10,000 values). A value put
     afterwards is still accepted by that node."""
-    victim, putter = (Discovery(os.urandom(20), CONFIG) for _ in range(2))
+    victim, putter = (Discovery(Identity.generate(), CONFIG) for _ in range(2))
     for node in (victim, putter):
         await node.listen("127.0.0.1", 0)
     try:

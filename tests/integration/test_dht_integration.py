@@ -13,6 +13,7 @@ import pytest
 
 from p2pnode.dht import Contact, DhtConfig, Discovery, ProviderRecord
 from p2pnode.errors import UsageError
+from p2pnode.identity import Identity
 from tests.helpers import eventually
 
 FAST = DhtConfig(ksize=8, rpc_timeout=0.5, lookup_timeout=5.0)
@@ -26,7 +27,7 @@ async def make_node() -> AsyncIterator[Callable[..., object]]:
     made: list[Discovery] = []
 
     async def make(config: DhtConfig = FAST, host: str = "127.0.0.1") -> Discovery:
-        node = Discovery(os.urandom(20), config)
+        node = Discovery(Identity.generate(), config)
         await node.listen(host, 0)
         made.append(node)
         return node
@@ -47,7 +48,7 @@ async def network(
 
 
 async def test_listen_and_close() -> None:
-    node = Discovery(os.urandom(20), FAST)
+    node = Discovery(Identity.generate(), FAST)
     with pytest.raises(UsageError):
         _ = node.port
     port = await node.listen("127.0.0.1", 0)
@@ -204,13 +205,13 @@ def test_config_checked() -> None:
     bad: dict[str, Any]
     for bad in ({"ksize": 0}, {"max_datagram": 1000}, {"ksize": 80}):
         with pytest.raises(UsageError):  # from DhtConfig itself, or from Discovery
-            Discovery(os.urandom(20), DhtConfig(**bad))
+            Discovery(Identity.generate(), DhtConfig(**bad))
     with pytest.raises(UsageError):
         Discovery(b"short", FAST)
 
 
 async def test_misuse_is_a_usage_error(make_node: Callable[..., object]) -> None:
-    unstarted = Discovery(os.urandom(20), FAST)
+    unstarted = Discovery(Identity.generate(), FAST)
     with pytest.raises(UsageError):
         await unstarted.closest(os.urandom(20))
     await unstarted.close()  # closing a never started node is fine

@@ -11,6 +11,7 @@ from kademlia.network import Server
 from kademlia.utils import digest
 
 from p2pnode.dht import DhtConfig, Discovery
+from p2pnode.identity import Identity
 from tests.helpers import eventually
 
 CONFIG = DhtConfig(ksize=20, rpc_timeout=1.0, lookup_timeout=10.0)
@@ -27,7 +28,7 @@ async def stock() -> AsyncIterator[Server]:
 
 @pytest.fixture
 async def ours() -> AsyncIterator[Discovery]:
-    node = Discovery(os.urandom(20), CONFIG)
+    node = Discovery(Identity.generate(), CONFIG)
     await node.listen("127.0.0.1", 0)
     yield node
     await node.close()
@@ -81,7 +82,7 @@ async def test_a_stock_server_bootstraps_off_us(stock: Server, ours: Discovery) 
 
 async def test_mixed_network(ours: Discovery) -> None:
     stocks = [Server() for _ in range(2)]
-    others = [Discovery(os.urandom(20), CONFIG) for _ in range(2)]
+    others = [Discovery(Identity.generate(), CONFIG) for _ in range(2)]
     try:
         for server in stocks:
             await server.listen(0, interface="127.0.0.1")

@@ -91,7 +91,7 @@ async def make_peer(tmp_path: Path) -> AsyncIterator[Factory]:
         name: str, bootstrap: Peer | None = None, config: ExchangeConfig = CONFIG
     ) -> Peer:
         identity = Identity.generate()
-        discovery = Discovery(identity.node_id, DHT)
+        discovery = Discovery(identity, DHT)
         udp = await discovery.listen("127.0.0.1", 0)
         host = PeerHost(identity, NetLimits(request_timeout=10.0))
         tcp = await host.listen("127.0.0.1", 0)
@@ -526,7 +526,7 @@ from p2pnode.net.host import PeerHost
 
 async def main(home, udp, rid, dest):
     identity = Identity.generate()
-    discovery = Discovery(identity.node_id, DhtConfig(rpc_timeout=1.0))
+    discovery = Discovery(identity, DhtConfig(rpc_timeout=1.0))
     await discovery.listen("127.0.0.1", 0)
     host = PeerHost(identity, NetLimits())
     port = await host.listen("127.0.0.1", 0)

@@ -41,7 +41,7 @@ async def make_node(tmp_path: Path) -> AsyncIterator[Factory]:
 
     async def factory(name: str, bootstrap_udp: int | None = None) -> tuple[Exchange, int]:
         identity = Identity.generate()
-        discovery = Discovery(identity.node_id, DHT)
+        discovery = Discovery(identity, DHT)
         udp = await discovery.listen("127.0.0.1", 0)
         host = PeerHost(identity, NetLimits(request_timeout=10.0))
         tcp = await host.listen("127.0.0.1", 0)

@@ -12,6 +12,7 @@ import asyncio
 import random
 
 from p2pnode.dht import DhtConfig, Discovery
+from p2pnode.identity import Identity
 from p2pnode.sim import vloop
 from p2pnode.sim.vnet import LinkModel, VirtualNetwork
 
@@ -32,8 +33,8 @@ async def _network() -> list[Discovery]:
     config = DhtConfig(ksize=8, rpc_timeout=1.0, lookup_timeout=10.0)
     nodes: list[Discovery] = []
     for i in range(NODES):
-        node_id = rng.randbytes(20)
-        d = Discovery(node_id, config, clock=clock, endpoints=net.host(i), rng=random.Random(i))
+        identity = Identity.from_seed(rng.randbytes(32))
+        d = Discovery(identity, config, clock=clock, endpoints=net.host(i), rng=random.Random(i))
         await d.listen(net.host(i).ip, PORT)
         if nodes:
             await d.bootstrap([(net.host(0).ip, PORT)])
