@@ -178,15 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("stop", "stop the running node cleanly")
 
-    dht = add("dht", "put or get a small text value in the DHT")
+    dht = add("dht", "publish or read a small signed text record in the DHT")
     dht_sub = dht.add_subparsers(dest="dht_command", required=True, metavar="ACTION")
-    put = dht_sub.add_parser("put", help="store a text VALUE under KEY in the DHT")
+    put = dht_sub.add_parser(
+        "put",
+        help="publish VALUE as this node's signed record NAME; prints its address",
+        description="`dht put NAME VALUE` signs VALUE with this node's key as record NAME "
+        "(address <peer id>/NAME; a later put of NAME replaces it everywhere). "
+        "`dht put --immutable VALUE` stores VALUE under its hash (address imm:<hex>). "
+        "`dht put --plain KEY VALUE` stores an unauthenticated kademlia value "
+        "(interop only: anyone can overwrite it).",
+    )
     _global_options(put, top=False)
-    put.add_argument("key", help="any text; it is hashed to a 160-bit DHT key")
-    put.add_argument("value", help="the text to store (quote it if it has spaces)")
-    get = dht_sub.add_parser("get", help="look KEY up in the DHT")
+    put.add_argument("name", help="the record's name (or, with --immutable, the value)")
+    put.add_argument("value", nargs="?", help="the text to store (quote it if it has spaces)")
+    kind = put.add_mutually_exclusive_group()
+    kind.add_argument("--immutable", action="store_true", help="store VALUE under its hash")
+    kind.add_argument("--plain", action="store_true", help="unauthenticated kademlia value")
+    get = dht_sub.add_parser(
+        "get", help="read a record by its address (<peer id>/NAME or imm:<hex>)"
+    )
     _global_options(get, top=False)
-    get.add_argument("key", help="the key given to `dht put`")
+    get.add_argument("key", help="the address `dht put` printed (with --plain: the key)")
+    get.add_argument("--plain", action="store_true", help="read an unauthenticated kademlia value")
     find = dht_sub.add_parser("find-peer", help="find a peer's address by its peer id")
     _global_options(find, top=False)
     find.add_argument("peer_id", help="a peer id, as `p2pnode id` prints it")
@@ -425,25 +439,42 @@ def cmd_ui(args: argparse.Namespace, client: ControlClient) -> int:
 
 
 def _put_text(d: dict[str, Any]) -> str:
-    """Where a put landed, exactly (``here`` None: this node is not among the closest)."""
+    """Where a put landed, exactly (``here`` None: this node is not among the closest),
+    after the record's address when it has one."""
     here, remote, asked = d.get("here"), int(d.get("remote", 0)), int(d.get("asked", 0))
     if not d["stored"]:
         why = ["refused by this node's store"] if here is False else []
         why.append(f"refused by all {asked} nodes asked" if asked else "no peers to ask")
         return "not stored: " + ", ".join(why)
     if remote == 0:
-        return "stored on this node only (" + (
+        text = "stored on this node only (" + (
             f"none of the {asked} nodes asked accepted it)" if asked else "no peers)"
         )
-    text = f"stored on {remote} of {asked} nodes"
-    if here is True:
-        return text + " and on this node"
-    return text + (" (refused by this node's store)" if here is False else "")
+    else:
+        text = f"stored on {remote} of {asked} nodes"
+        if here is True:
+            text += " and on this node"
+        elif here is False:
+            text += " (refused by this node's store)"
+    if d.get("kind") == "plain":
+        text += " (plain value: unauthenticated, anyone can overwrite it)"
+    if d.get("address"):
+        text = f"{d['address']}\n{text}"
+    return text
 
 
 def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
     if args.dht_command == "put":
-        res = client.call("POST", "/v1/dht/put", {"key": args.key, "value": args.value})
+        if args.immutable:
+            if args.value is not None:
+                raise UsageError("`dht put --immutable VALUE` takes the value only")
+            body = {"kind": "immutable", "value": args.name}
+        else:
+            if args.value is None:
+                raise UsageError("`dht put NAME VALUE` needs a value")
+            body = {"kind": "plain" if args.plain else "mutable", "key": args.name}
+            body["value"] = args.value
+        res = client.call("POST", "/v1/dht/put", body)
         if not res["stored"]:
             raise P2PError(_put_text(res))  # exit 1: nothing holds the value
         _emit(args, res, _put_text)
@@ -457,7 +488,8 @@ def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
             res = client.call("GET", f"/v1/dht/find_peer?id={quote(args.peer_id)}")
         _emit(args, res, lambda d: f"{d['peer_id']}  {_addr(d['host'], d['port'])}")
     else:
-        res = client.call("GET", f"/v1/dht/get?key={quote(args.key)}")
+        plain = "&plain=1" if args.plain else ""
+        res = client.call("GET", f"/v1/dht/get?key={quote(args.key)}{plain}")
         _emit(args, res, lambda d: str(d["value"]))
     return ExitCode.OK
 

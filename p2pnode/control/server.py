@@ -184,25 +184,55 @@ class ControlServer:
 
         async def post_dht_put(request: web.Request) -> web.Response:
             body = await read_json(request)
-            key, value = _text_field(body, "key"), _text_field(body, "value")
+            kind = body.get("kind", "mutable")
+            if kind not in ("mutable", "immutable", "plain"):
+                raise UsageError("kind must be mutable, immutable or plain")
+            value = _text_field(body, "value")
             if len(value.encode()) > node.config.dht.max_value_bytes:
                 raise UsageError(f"value longer than {node.config.dht.max_value_bytes} bytes")
+            discovery = node.discovery
+            key = None if kind == "immutable" else _text_field(body, "key")
             with timed("put"):
-                outcome = await node.discovery.put_outcome(key, value)
-            # stored (anywhere), here (True / False: refused / None: not tried), remote, asked
-            return json_response({"key": key, **outcome.to_json()})
+                if kind == "immutable":
+                    outcome = await discovery.put_immutable(value)
+                elif kind == "plain":
+                    assert key is not None
+                    outcome = await discovery.put_outcome(key, value)
+                else:
+                    assert key is not None
+                    outcome = await discovery.put_mutable(key, value)
+            # stored (anywhere), here (True / False: refused / None: not tried), remote,
+            # asked, unproven; address (a record's, what `dht get` takes)
+            return json_response({"key": key, "kind": kind, **outcome.to_json()})
 
         async def get_dht_get(request: web.Request) -> web.Response:
             key = request.query.get("key", "")
+            plain = request.query.get("plain", "") in ("1", "true")
             if not key or len(key) > MAX_DHT_KEY:
                 raise UsageError(f"key must be 1..{MAX_DHT_KEY} characters")
+            discovery = node.discovery
             with timed("get"):
-                value = await node.discovery.get(key)
+                if plain:
+                    value = await discovery.get(key)
+                else:
+                    try:
+                        value = await discovery.get_record(key)
+                    except UsageError as exc:  # not an address: say how to read plain values
+                        raise UsageError(
+                            f"{exc}; an unauthenticated plain kademlia value is read with "
+                            "`dht get --plain`"
+                        ) from None
             if value is None:
-                raise NotFoundError(f"no value for key {key!r} in the DHT")
+                what = "plain value" if plain else "valid signed record"
+                raise NotFoundError(f"no {what} for {key!r} in the DHT")
             if isinstance(value, bytes):
                 value = value.decode("utf-8", "replace")
-            return json_response({"key": key, "value": value})
+            out: dict[str, object] = {"key": key, "value": value}
+            if plain:
+                out["unauthenticated"] = True
+            else:
+                out["address"] = key
+            return json_response(out)
 
         async def get_find_peer(request: web.Request) -> web.Response:
             node_id = peer_id_from_str(request.query.get("id", ""))

@@ -38,11 +38,32 @@ def test_start_join_inspect_dht_and_stop(tmp_path: Path, nodes: list[RunningNode
     assert status["routing_table_size"] >= 1 and status["uptime"] >= 0
     assert "routing table" in run_cli("--home", str(tmp_path / "n2"), "status").stdout
 
-    run_cli("--home", str(tmp_path / "n1"), "dht", "put", "greeting", "hello p2p")
-    got = run_cli("--home", str(tmp_path / "n2"), "dht", "get", "greeting").stdout
+    # A signed record: put prints its address, get takes exactly that text.
+    put = run_cli("--home", str(tmp_path / "n1"), "dht", "put", "greeting", "hello p2p")
+    address = f"{ident['peer_id']}/greeting"
+    assert put.stdout.splitlines()[0] == address
+    got = run_cli("--home", str(tmp_path / "n2"), "dht", "get", address).stdout
     assert got.strip() == "hello p2p"
-    missing = run_cli("--home", str(tmp_path / "n2"), "dht", "get", "nope", check=False)
-    assert missing.returncode == 1 and "no value" in missing.stderr
+    as_json = run_cli("--home", str(tmp_path / "n1"), "dht", "put", "greeting", "v2", "--json")
+    assert json.loads(as_json.stdout)["address"] == address
+    got = run_cli("--home", str(tmp_path / "n2"), "dht", "get", address, "--json").stdout
+    assert json.loads(got)["value"] == "v2"
+    imm = run_cli("--home", str(tmp_path / "n1"), "dht", "put", "--immutable", "fixed", "--json")
+    imm_address = json.loads(imm.stdout)["address"]
+    assert imm_address.startswith("imm:")
+    got = run_cli("--home", str(tmp_path / "n2"), "dht", "get", imm_address).stdout
+    assert got.strip() == "fixed"
+    missing = run_cli(
+        "--home", str(tmp_path / "n2"), "dht", "get", f"{ident['peer_id']}/nope", check=False
+    )
+    assert missing.returncode == 1 and "no valid signed record" in missing.stderr
+    # A plain name is not an address: the error says how to read plain values.
+    plain_name = run_cli("--home", str(tmp_path / "n2"), "dht", "get", "greeting", check=False)
+    assert plain_name.returncode != 0 and "--plain" in plain_name.stderr
+    plain = run_cli("--home", str(tmp_path / "n1"), "dht", "put", "--plain", "legacy", "x")
+    assert "unauthenticated" in plain.stdout
+    got = run_cli("--home", str(tmp_path / "n2"), "dht", "get", "--plain", "legacy").stdout
+    assert got.strip() == "x"
 
     found = run_cli("--home", str(tmp_path / "n2"), "dht", "find-peer", ident["peer_id"], "--json")
     assert json.loads(found.stdout)["port"] == ident["port"]

@@ -40,18 +40,26 @@ async def test_put_reports_where_the_value_went(homes: Callable[[str], Path]) ->
     config = replace(config, dht=replace(config.dht, max_stored_values=1))
     async with Node(config) as node:
         home = str(node.home)
-        code, out, err = await cli("--home", home, "dht", "put", "first", "one", "--json")
+        code, out, err = await cli(
+            "--home", home, "dht", "put", "--plain", "first", "one", "--json"
+        )
         assert code == 0, err
         assert json.loads(out) == {
             "key": "first",
+            "kind": "plain",
             "stored": True,
             "here": True,
             "remote": 0,
             "asked": 0,
+            "unproven": 0,
         }
-        code, out, _ = await cli("--home", home, "dht", "put", "first", "again")
-        assert (code, out.strip()) == (0, "stored on this node only (no peers)")
-        code, out, err = await cli("--home", home, "dht", "put", "second", "two")
+        code, out, _ = await cli("--home", home, "dht", "put", "--plain", "first", "again")
+        assert (code, out.strip()) == (
+            0,
+            "stored on this node only (no peers)"
+            " (plain value: unauthenticated, anyone can overwrite it)",
+        )
+        code, out, err = await cli("--home", home, "dht", "put", "--plain", "second", "two")
         assert code == 1 and out == ""
         assert "not stored: refused by this node's store, no peers to ask" in err
         assert "stored on" not in err
