@@ -30,6 +30,7 @@ from p2pnode.sim.report import format_table
 from p2pnode.sim.run import EXIT_INTERRUPTED, configure_logging, print_summary, run_simulation
 from p2pnode.sim.scenario import (
     MODES,
+    OPTIONAL_INTS,
     ScenarioConfig,
     ScenarioError,
     config_from_mapping,
@@ -54,12 +55,21 @@ HELP = {
     "bandwidth_mbit": "virtual mode: each host's uplink in Mbit/s (0 = unlimited)",
     "duration": "workload phase length in seconds",
     "control_api": "in-process: run each node's control API (if NodeConfig can turn it off)",
+    "adversarial": "virtual mode: fraction 0..0.5 of the nodes that are colluding Sybils "
+    "(ids ground next to the workload's keys; eclipse, forge, spam providers, drop stores)",
+    "dht_records": "signed records put (first, then latest version) and got (default: "
+    "10 with --adversarial, else 0)",
+    "provider_lookups_per_resource": "find_providers per resource by non-holders (default: "
+    "3 with --adversarial, else 0)",
+    "adv_grind_tries": "Ed25519 keys tried in all to place Sybil ids next to target keys",
 }
 
 
 def _flag_type(f: dataclasses.Field[Any]) -> Any:
     if f.name in ("rpc_timeout", "latency_ms"):
         return float
+    if f.name in OPTIONAL_INTS:
+        return int
     default = f.default
     if isinstance(default, bool):
         return lambda s: s.lower() in ("1", "true", "yes", "on")

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RSS_SAMPLE_INTERVAL = 0.5
 JOIN_POLL = 0.05
+# Values the simulated adversaries forge start with this text, so a get that
+# returned one is counted as "forged accepted", apart from other wrong values.
+FORGED_MARK = "forged-by-sybil:"
 
 
 class NodeFailure(Exception):
@@ -46,6 +49,7 @@ class LookupOutcome:
     found: bool
     port: int | None = None
     rpcs: float | None = None
+    host: str | None = None  # where the found contact is (None: not reported)
     hops: float | None = None
 
 
@@ -127,6 +131,18 @@ class SimNode(ABC):
     @abstractmethod
     async def traffic(self) -> Traffic:
         """Counters of the current life (reset by a restart)."""
+
+    async def dht_put_record(self, name: str, value: str) -> str:
+        """Publish a signed (mutable) record; its address (``<peer id>/<name>``)."""
+        raise Unsupported("signed records")
+
+    async def dht_get_record(self, address: str) -> str | None:
+        """The verified value of the record at ``address``, or None."""
+        raise Unsupported("signed records")
+
+    async def find_provider_ids(self, rid: str) -> list[tuple[bytes, str]]:
+        """find_providers only: (node id, host) of each provider record found."""
+        raise Unsupported("provider lookups")
 
     async def write_file(self, path: Path, data: bytes) -> str:
         """Put a file to share where the node can read it; its SHA-256 hex."""
@@ -258,6 +274,9 @@ class Simulation:
         }
         self._shared: dict[int, asyncio.Future[tuple[str, str] | None]] = {}
         self._put: dict[int, asyncio.Future[bool]] = {}
+        self._record_put: dict[int, asyncio.Future[str | None]] = {}
+        self._adversaries = scenario.adversaries
+        self._by_id: dict[bytes, int] = {}  # node id -> index, for provider records
         self._rss_peak_nodes: dict[int, int] = {}
         self._unsupported: set[str] = set()
         # Calls in flight on each node, cancelled when the node is killed.
@@ -335,6 +354,9 @@ class Simulation:
 
     def _alive(self) -> list[int]:
         return sorted(self.cluster.running)
+
+    def _alive_honest(self) -> list[int]:
+        return sorted(self.cluster.running - self._adversaries)
 
     def _n_alive(self) -> int:
         return len(self.cluster.running)
@@ -440,7 +462,7 @@ class Simulation:
 
     async def _converge_phase(self) -> None:
         self.counters.phase = "converge"
-        if self.config.probe_lookups == 0 or self._n_alive() < 2:
+        if self.config.probe_lookups == 0 or len(self._alive_honest()) < 2:
             self.m.converge_time = self.m.bootstrap_time
             return
         deadline = self.now() + self.config.converge_timeout
@@ -456,7 +478,7 @@ class Simulation:
         self.m.converge_rounds = round_no
 
     async def _probe_round(self, label: str, phase: str) -> list[OpResult]:
-        alive = self._alive()
+        alive = self._alive_honest()  # honest requesters and targets only
         pairs = probe_pairs(self.config, label, alive, self.config.probe_lookups)
         tasks = [
             self._spawn(self._lookup(src, dst, "probe", phase), f"probe-{label}-{i}")
@@ -473,6 +495,8 @@ class Simulation:
             self._shared[r] = loop.create_future()
         for v in range(len(self.scenario.values)):
             self._put[v] = loop.create_future()
+        for v in range(len(self.scenario.records)):
+            self._record_put[v] = loop.create_future()
         tasks = []
         for i, op in enumerate(self.scenario.ops):
             await self._sleep_until(w0 + op.at)
@@ -500,6 +524,9 @@ class Simulation:
         for put in self._put.values():
             if not put.done():
                 put.set_result(False)
+        for record in self._record_put.values():
+            if not record.done():
+                record.set_result(None)
         self.m.workload_ended = self.now()
 
     async def _guarded(self, op: Op) -> OpResult | None:
@@ -521,6 +548,12 @@ class Simulation:
             return await self._dht_get(op)
         if op.kind == "lookup":
             return await self._lookup(op.node, op.arg, "lookup", "workload")
+        if op.kind == "put_record":
+            return await self._record_put_op(op)
+        if op.kind == "get_record":
+            return await self._record_get_op(op)
+        if op.kind == "providers":
+            return await self._providers_op(op)
         raise AssertionError(op.kind)
 
     def _skip(self, kind: str, node: int, arg: int, why: str, phase: str = "workload") -> OpResult:
@@ -664,8 +697,98 @@ class Simulation:
         )
         if r.ok and value != plan.value:
             r.ok = False
-            r.error = "not-found: no value" if value is None else "wrong-value: value differs"
+            if value is None:
+                r.error = "not-found: no value"
+            elif value.startswith(FORGED_MARK):
+                r.error = "forged: a value forged by an adversary was accepted"
+            else:
+                r.error = "wrong-value: value differs"
         return self._record(r)
+
+    async def _record_put_op(self, op: Op) -> OpResult:
+        """Put the first version of a record, then the latest: a holder that kept the
+        first one can replay it (a stale record, validly signed)."""
+        node = self.cluster.node(op.node)
+        future = self._record_put[op.arg]
+        if not node.running:
+            future.set_result(None)
+            return self._skip(op.kind, op.node, op.arg, "down: putter not running")
+        plan = self.scenario.records[op.arg]
+
+        async def both() -> str:
+            await node.dht_put_record(plan.name, plan.first)
+            return await node.dht_put_record(plan.name, plan.latest)
+
+        r, address = await self._timed(
+            "put_record", op.node, op.arg, 2 * self.config.dht_timeout, both
+        )
+        future.set_result(address if r.ok and address else None)
+        return self._record(r)
+
+    async def _record_get_op(self, op: Op) -> OpResult:
+        address = await self._await_dependency(op, self._record_put[op.arg])
+        node = self.cluster.node(op.node)
+        if address is None:
+            return self._skip(op.kind, op.node, op.arg, "no-source: the put failed or never ran")
+        if not node.running:
+            return self._skip(op.kind, op.node, op.arg, "down: getter not running")
+        plan = self.scenario.records[op.arg]
+        r, value = await self._timed(
+            "get_record",
+            op.node,
+            op.arg,
+            self.config.dht_timeout,
+            lambda: node.dht_get_record(address),
+        )
+        if r.ok and value != plan.latest:
+            r.ok = False
+            if value is None:
+                r.error = "not-found: no record"
+            elif value == plan.first:
+                r.error = "stale: an older version of the record was accepted"
+            elif value.startswith(FORGED_MARK):
+                r.error = "forged: a record forged by an adversary was accepted"
+            else:
+                r.error = "wrong-value: value differs"
+        if r.error.startswith("unsupported"):
+            r.skipped = True
+        return self._record(r)
+
+    async def _providers_op(self, op: Op) -> OpResult:
+        """find_providers alone: ok if a record names an honest node at its address."""
+        shared = await self._await_dependency(op, self._shared[op.arg])
+        node = self.cluster.node(op.node)
+        if shared is None:
+            return self._skip(op.kind, op.node, op.arg, "no-source: the share failed or never ran")
+        if not node.running:
+            return self._skip(op.kind, op.node, op.arg, "down: requester not running")
+        rid, _ = shared
+        r, found = await self._timed(
+            "providers",
+            op.node,
+            op.arg,
+            self.config.dht_timeout,
+            lambda: node.find_provider_ids(rid),
+        )
+        if r.ok and found is not None:
+            honest = sum(1 for node_id, host in found if self._honest_at(node_id, host))
+            if not found:
+                r.ok, r.error = False, "no-providers: none found"
+            elif not honest:
+                r.ok = False
+                r.error = f"only-fake: {len(found)} record(s), none from an honest provider"
+        if r.error.startswith("unsupported"):
+            r.skipped = True
+        return self._record(r)
+
+    def _honest_at(self, node_id: bytes, host: str) -> bool:
+        """Whether (node id, host) is an honest node at its own address."""
+        if len(self._by_id) != len(self.cluster.nodes):
+            self._by_id = {n.node_id: i for i, n in self.cluster.nodes.items() if n.node_id}
+        index = self._by_id.get(node_id)
+        if index is None or index in self._adversaries:
+            return False
+        return self.cluster.nodes[index].host == host
 
     async def _lookup(self, source: int, target: int, kind: str, phase: str) -> OpResult:
         src = self.cluster.node(source)
@@ -674,7 +797,7 @@ class Simulation:
             return self._skip(kind, source, target, "unsupported: no peer lookup", phase)
         if not src.running or not dst.running or dst.node_id is None:
             return self._skip(kind, source, target, "down: source or target not running", phase)
-        target_id, target_port = dst.node_id, dst.port
+        target_id, target_port, target_host = dst.node_id, dst.port, dst.host
         lock = self._lookup_locks.setdefault(source, asyncio.Lock())
         try:
             await lock.acquire()
@@ -696,6 +819,9 @@ class Simulation:
             r.rpcs, r.hops = outcome.rpcs, outcome.hops
             if r.ok and not outcome.found:
                 r.ok, r.error = False, "not-found: lookup ended without the target"
+            elif r.ok and outcome.host is not None and outcome.host != target_host:
+                # Another node answered under the target's id (an impersonation).
+                r.ok, r.error = False, f"impersonated: found at {outcome.host}, not {target_host}"
             elif r.ok and outcome.port != target_port:
                 r.ok, r.error = False, f"stale: found port {outcome.port}, not {target_port}"
         if r.error.startswith("unsupported"):

@@ -35,7 +35,9 @@ PLOTS = {
 }
 
 
-def build_report(scenario: Scenario, m: Measurements) -> dict[str, Any]:
+def build_report(
+    scenario: Scenario, m: Measurements, adversary: dict[str, Any] | None = None
+) -> dict[str, Any]:
     config = scenario.config
     lookups = m.of("lookup", phase="workload")
     ok_lookups = [r for r in lookups if r.ok and not r.skipped]
@@ -166,6 +168,8 @@ def build_report(scenario: Scenario, m: Measurements) -> dict[str, Any]:
         },
         "ops": [r.to_json() for r in m.ops],
     }
+    if adversary is not None or scenario.records or scenario.count("providers"):
+        report["adversarial"] = _adversarial(scenario, m, adversary)
     report["figures"] = _headline(report)
     if config.mode == "virtual":
         _split_wallclock(report, m)
@@ -189,6 +193,46 @@ def _split_wallclock(report: dict[str, Any], m: Measurements) -> None:
     for row in report["nodes"]["per_node"]:
         row.pop("rss_peak", None)
     report["wallclock"] = wall
+
+
+def _count_errors(results: Sequence[OpResult], category: str) -> int:
+    return sum(1 for r in results if not r.skipped and r.error.split(":", 1)[0] == category)
+
+
+def _adversarial(
+    scenario: Scenario, m: Measurements, adversary: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Success of honest requesters (every workload actor is honest) against the
+    Sybils: peer lookups, signed-record gets, provider lookups; forged answers
+    accepted, by kind."""
+    config = scenario.config
+    lookups = m.of("lookup", phase="workload")
+    record_gets = m.of("get_record")
+    providers = m.of("providers")
+    gets = m.of("get")
+    return {
+        "fraction": config.adversarial,
+        "adversaries": len(scenario.adversaries),
+        "honest_nodes": config.nodes - len(scenario.adversaries),
+        "success": {
+            "lookup": success_summary(lookups)["success_rate"],
+            "record_get": success_summary(record_gets)["success_rate"],
+            "provider_lookup": success_summary(providers)["success_rate"],
+            "value_get": success_summary(gets)["success_rate"],
+            "download": success_summary(m.of("fetch"))["success_rate"],
+        },
+        "record_puts": success_summary(m.of("put_record")),
+        "record_gets": success_summary(record_gets),
+        "provider_lookups": success_summary(providers),
+        "forged_accepted": {
+            "values": _count_errors(gets, "forged"),
+            "records": _count_errors(record_gets, "forged"),
+            "stale_records": _count_errors(record_gets, "stale"),
+        },
+        "lookups_impersonated": _count_errors(lookups, "impersonated"),
+        "provider_lookups_only_fake": _count_errors(providers, "only-fake"),
+        "adversary": adversary,
+    }
 
 
 def simulated_part(report: dict[str, Any]) -> dict[str, Any]:
@@ -222,6 +266,20 @@ def _headline(r: dict[str, Any]) -> dict[str, Any]:
         "rss_per_node_bytes": r["memory"]["rss_per_node"],
         "killed": r["churn"]["killed"],
         "restarted": r["churn"]["restarted"],
+        **_adversarial_headline(r.get("adversarial")),
+    }
+
+
+def _adversarial_headline(a: dict[str, Any] | None) -> dict[str, Any]:
+    if a is None:
+        return {}
+    return {
+        "adversarial_fraction": a["fraction"],
+        "record_get_success_rate": a["success"]["record_get"],
+        "provider_lookup_success_rate": a["success"]["provider_lookup"],
+        "forged_values_accepted": a["forged_accepted"]["values"],
+        "forged_records_accepted": a["forged_accepted"]["records"]
+        + a["forged_accepted"]["stale_records"],
     }
 
 
@@ -322,6 +380,9 @@ def format_table(r: dict[str, Any]) -> str:
         ),
         ("total time", _fmt_s(r["run"]["total_time"])),
     ]
+    adv = r.get("adversarial")
+    if adv is not None:
+        rows[-1:-1] = _adversarial_rows(adv)
     wall = r.get("wallclock")
     if wall is not None:
         rows[-1] = ("total time (simulated)", _fmt_s(r["run"]["total_time"]))
@@ -339,6 +400,45 @@ def format_table(r: dict[str, Any]) -> str:
     for note in r["run"]["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _adversarial_rows(a: dict[str, Any]) -> list[tuple[str, str]]:
+    forged = a["forged_accepted"]
+    rows = [
+        (
+            "adversarial nodes (Sybils)",
+            f"{a['adversaries']} of {a['adversaries'] + a['honest_nodes']} "
+            f"({_fmt_pct(a['fraction'])})",
+        ),
+        ("signed-record puts ok", _count(a["record_puts"])),
+        ("signed-record gets ok", _count(a["record_gets"])),
+        ("provider lookups ok (an honest one)", _count(a["provider_lookups"])),
+        (
+            "forged accepted: values / records / stale",
+            f"{forged['values']} / {forged['records']} / {forged['stale_records']}",
+        ),
+        ("lookups answered by an impostor", str(a["lookups_impersonated"])),
+    ]
+    adversary = a.get("adversary")
+    if adversary:
+        acts = adversary["actions"]
+        grinding = adversary["grinding"]
+        bits = grinding.get("prefix_bits", {})
+        rows.append(
+            (
+                "Sybil ids: tries / prefix bits mean",
+                f"{grinding.get('tries', 0)} / {_fmt_num(bits.get('mean'))}",
+            )
+        )
+        rows.append(
+            (
+                "Sybils sent: forged / stale / fake providers",
+                f"{acts.get('forged_values_sent', 0) + acts.get('forged_records_sent', 0)} / "
+                f"{acts.get('stale_records_sent', 0)} / "
+                f"{acts.get('fake_provider_records_sent', 0)}",
+            )
+        )
+    return rows
 
 
 # ---------------------------------------------------------------------------- files

@@ -23,7 +23,7 @@ from typing import Any
 from p2pnode.sim import vloop
 from p2pnode.sim.engine import Cluster, Simulation
 from p2pnode.sim.report import build_report, format_table, write_report
-from p2pnode.sim.scenario import ScenarioConfig, ScenarioError, generate
+from p2pnode.sim.scenario import Scenario, ScenarioConfig, ScenarioError, generate
 from p2pnode.sim.stats import Measurements
 from p2pnode.sim.vloop import VirtualTimeLoop
 
@@ -43,7 +43,9 @@ class Outcome:
         return bool(self.report["run"]["interrupted"])
 
 
-def make_cluster(config: ScenarioConfig, workdir: Path) -> Cluster:
+def make_cluster(
+    config: ScenarioConfig, workdir: Path, scenario: Scenario | None = None
+) -> Cluster:
     if config.mode == "processes":
         from p2pnode.sim.processes import ProcessCluster
 
@@ -51,7 +53,7 @@ def make_cluster(config: ScenarioConfig, workdir: Path) -> Cluster:
     if config.mode == "virtual":
         from p2pnode.sim.virtual import VirtualCluster
 
-        return VirtualCluster(workdir, config)
+        return VirtualCluster(workdir, config, scenario)
     from p2pnode.sim.inprocess import InprocessCluster
 
     return InprocessCluster(workdir, config)
@@ -71,7 +73,7 @@ async def simulate(
     own_workdir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="p2pnode-sim-")) if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
-    cluster = make_cluster(config, work)
+    cluster = make_cluster(config, work, scenario)
     sim = Simulation(scenario, cluster, progress=progress)
     loop = asyncio.get_running_loop()
     if config.mode == "virtual" and not isinstance(loop, VirtualTimeLoop):
@@ -129,11 +131,16 @@ async def simulate(
             "simulated_time": m.total_time,
             "network": cluster.net.stats.to_json() if hasattr(cluster, "net") else {},
         }
+        adversary_wall = getattr(cluster, "adversary_wallclock", lambda: None)()
+        if adversary_wall:
+            m.wall["adversary"] = adversary_wall
     if getattr(cluster, "hook_missing", False):
         m.notes.append("loss/latency requested but the DHT transport hook was not found")
     if config.mode == "processes" and (config.loss or config.latency_ms or config.jitter_ms):
         m.notes.append("loss/latency/jitter apply to in-process and virtual modes; ignored here")
-    report = build_report(scenario, m)
+    report = build_report(
+        scenario, m, adversary=getattr(cluster, "adversary_report", lambda: None)()
+    )
     files = write_report(report, out, m) if out is not None else []
     return Outcome(report, m, files, work if keep else None)
 

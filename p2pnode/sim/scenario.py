@@ -34,7 +34,23 @@ Mode = Literal["inprocess", "processes", "virtual"]
 MODES: tuple[Mode, ...] = ("inprocess", "processes", "virtual")
 VIRTUAL_LATENCY_MS = 20.0  # virtual mode's one-way delay unless --latency-ms says
 
-OpKind = Literal["share", "fetch", "put", "get", "lookup", "kill", "restart"]
+OpKind = Literal[
+    "share",
+    "fetch",
+    "put",
+    "get",
+    "lookup",
+    "kill",
+    "restart",
+    "put_record",
+    "get_record",
+    "providers",
+]
+MAX_ADVERSARIAL = 0.5
+# With adversaries, the workload also has signed records and provider lookups
+# unless told otherwise (None: this many when adversarial > 0, else none).
+ADVERSARIAL_RECORDS = 10
+ADVERSARIAL_PROVIDER_LOOKUPS = 3
 
 # Resource sizes are bounded so one simulation cannot fill a disk by accident.
 MAX_RESOURCE_SIZE = 1 << 30
@@ -72,6 +88,23 @@ class ScenarioConfig:
     dht_gets_per_value: int = 2
     value_size: int = 64
     lookups: int = 200
+    # Signed (mutable) records: each is put twice by one node (a first version, then
+    # the latest one) and got by others, who must see the latest (None: see above).
+    dht_records: int | None = None
+    record_gets_per_record: int = 2
+    # find_providers by nodes that do not hold the resource (None: see above).
+    provider_lookups_per_resource: int | None = None
+    # Adversaries (virtual mode): this fraction of the nodes are Sybils with ids
+    # ground next to the workload's target keys (p2pnode.sim.adversary); every
+    # workload actor and target is honest. Each behaviour can be switched off.
+    adversarial: float = 0.0
+    adv_eclipse: bool = True  # answer lookups with colluders only
+    adv_impersonate: bool = True  # list itself under the id a find_node seeks
+    adv_forge: bool = True  # find_value answers forged values / records
+    adv_spam_providers: bool = True  # fake provider records, answered and pushed
+    adv_drop_stores: bool = True  # accept stores and add_provider, keep nothing
+    # Grinding ids: Ed25519 keys tried in all (one pool shared by every target).
+    adv_grind_tries: int = 65536
     # Churn: this fraction of the non-seed nodes is killed abruptly during the
     # workload (between 10% and 70% of it); this fraction of those comes back after
     # a downtime drawn from [downtime, downtime_max].
@@ -141,6 +174,19 @@ class ScenarioConfig:
         )
         need(self.bandwidth_mbit >= 0, "bandwidth_mbit must be >= 0")
         need(self.max_inflight >= 1, "max_inflight must be >= 1")
+        for name in ("dht_records", "provider_lookups_per_resource"):
+            count = getattr(self, name)
+            need(count is None or count >= 0, f"{name} must be >= 0")
+        need(self.record_gets_per_record >= 0, "record_gets_per_record must be >= 0")
+        need(
+            0 <= self.adversarial <= MAX_ADVERSARIAL,
+            f"adversarial must be a fraction 0..{MAX_ADVERSARIAL}",
+        )
+        need(
+            self.adversarial == 0 or self.mode == "virtual",
+            "adversarial nodes run in virtual mode only",
+        )
+        need(self.adv_grind_tries >= 1, "adv_grind_tries must be >= 1")
         for name in (
             "lookup_timeout",
             "dht_timeout",
@@ -152,6 +198,16 @@ class ScenarioConfig:
             need(getattr(self, name) > 0, f"{name} must be > 0")
         need(self.rpc_timeout is None or self.rpc_timeout > 0, "rpc_timeout must be > 0")
         return self
+
+    def records(self) -> int:
+        if self.dht_records is not None:
+            return self.dht_records
+        return ADVERSARIAL_RECORDS if self.adversarial > 0 else 0
+
+    def provider_lookups(self) -> int:
+        if self.provider_lookups_per_resource is not None:
+            return self.provider_lookups_per_resource
+        return ADVERSARIAL_PROVIDER_LOOKUPS if self.adversarial > 0 else 0
 
     def link_latency_ms(self) -> float:
         """The one-way delay in effect for this mode."""
@@ -165,6 +221,7 @@ class ScenarioConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ScenarioConfig)}
 _OPTIONAL_FLOATS = ("rpc_timeout", "latency_ms")
+OPTIONAL_INTS = ("dht_records", "provider_lookups_per_resource")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -175,6 +232,12 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ScenarioError(f"{name} must be a number, got {value!r}")
         return float(value)
+    if name in OPTIONAL_INTS:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScenarioError(f"{name} must be an integer, got {value!r}")
+        return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ScenarioError(f"{name} must be true or false")
@@ -255,10 +318,21 @@ class ValuePlan:
     value: str
 
 
+@dataclass(frozen=True)
+class RecordPlan:
+    """A signed record: put as ``first`` then ``latest``; gets must see ``latest``."""
+
+    index: int
+    name: str
+    first: str
+    latest: str
+
+
 @dataclass(frozen=True, order=True)
 class Op:
-    """One scheduled action. ``arg`` is a resource index (share, fetch), a value
-    index (put, get), a target node index (lookup) and unused (-1) for churn."""
+    """One scheduled action. ``arg`` is a resource index (share, fetch, providers),
+    a value index (put, get), a record index (put_record, get_record), a target
+    node index (lookup) and unused (-1) for churn."""
 
     at: float
     kind: OpKind
@@ -275,6 +349,8 @@ class Scenario:
     ops: tuple[Op, ...]  # sorted by time
     checkpoints: tuple[int, ...]  # network sizes at which a probe round runs
     digest: str = field(default="")  # a fingerprint of the whole plan
+    records: tuple[RecordPlan, ...] = ()
+    adversaries: frozenset[int] = frozenset()  # indices of the Sybil nodes
 
     def count(self, kind: OpKind) -> int:
         return sum(1 for op in self.ops if op.kind == kind)
@@ -335,11 +411,13 @@ def generate(config: ScenarioConfig) -> Scenario:
     config.validate()
     n = config.nodes
     nodes = _plan_nodes(config)
-    churn = _plan_churn(config)
+    adversaries = plan_adversaries(config)
+    churn = _plan_churn(config, adversaries)
     window = max(config.duration, 1e-3)
 
     def alive(t: float) -> list[int]:
-        return sorted(_alive_at(n, churn, t))
+        # The workload's actors and targets: honest nodes running at time t.
+        return sorted(_alive_at(n, churn, t) - adversaries)
 
     ops: list[Op] = list(churn)
 
@@ -385,6 +463,30 @@ def generate(config: ScenarioConfig) -> Scenario:
             source, target = rng.sample(live, 2)
             ops.append(Op(round(t, 6), "lookup", source, target))
 
+    # Provider lookups by nodes that neither shared nor fetched the resource; signed
+    # records, each put (first then latest version) by one node and got by others.
+    # Their own random streams: the plan above is the same with or without them.
+    rng = _rng(config, "provider-lookups")
+    shares = {op.arg: op for op in ops if op.kind == "share"}
+    for r in range(config.resources):
+        share = shares[r]
+        for _ in range(config.provider_lookups()):
+            t = rng.uniform(share.at, window)
+            candidates = [i for i in alive(t) if i != share.node]
+            if candidates:
+                ops.append(Op(round(t, 6), "providers", rng.choice(candidates), r))
+    rng = _rng(config, "records")
+    records = []
+    for v in range(config.records()):
+        body = rng.randbytes(16).hex()
+        name = f"sim-{config.seed}-record-{v}"
+        records.append(RecordPlan(v, name, f"{body}-first", f"{body}-latest"))
+        t_put = rng.uniform(0, 0.4 * window)
+        ops.append(Op(round(t_put, 6), "put_record", rng.choice(alive(t_put)), v))
+        for _ in range(config.record_gets_per_record):
+            t_get = rng.uniform(t_put, window)
+            ops.append(Op(round(t_get, 6), "get_record", rng.choice(alive(t_get)), v))
+
     ops.sort()
     scenario = Scenario(
         config=config,
@@ -393,6 +495,8 @@ def generate(config: ScenarioConfig) -> Scenario:
         values=tuple(values),
         ops=tuple(ops),
         checkpoints=checkpoints(n),
+        records=tuple(records),
+        adversaries=adversaries,
     )
     return dataclasses.replace(scenario, digest=_digest(scenario))
 
@@ -414,9 +518,20 @@ def _plan_nodes(config: ScenarioConfig) -> tuple[NodePlan, ...]:
     return tuple(plans)
 
 
-def _plan_churn(config: ScenarioConfig) -> list[Op]:
-    rng = _rng(config, "churn")
+def plan_adversaries(config: ScenarioConfig) -> frozenset[int]:
+    """Which nodes are Sybils: round(adversarial * nodes) of the non-seed nodes, so
+    they join interleaved with honest ones, through honest seeds."""
+    count = round(config.adversarial * config.nodes)
+    if count == 0:
+        return frozenset()
     candidates = list(range(config.seeds, config.nodes))
+    rng = _rng(config, "adversaries")
+    return frozenset(rng.sample(candidates, min(count, len(candidates))))
+
+
+def _plan_churn(config: ScenarioConfig, adversaries: frozenset[int] = frozenset()) -> list[Op]:
+    rng = _rng(config, "churn")
+    candidates = [i for i in range(config.seeds, config.nodes) if i not in adversaries]
     victims = rng.sample(candidates, round(config.churn * len(candidates)))
     restarting = set(rng.sample(victims, round(config.restart * len(victims))))
     window = config.duration
@@ -435,4 +550,6 @@ def _digest(scenario: Scenario) -> str:
     h = hashlib.sha256()
     for part in (scenario.nodes, scenario.resources, scenario.values, scenario.ops):
         h.update(repr(part).encode())
+    if scenario.records or scenario.adversaries:  # (older plans keep their digest)
+        h.update(repr((scenario.records, sorted(scenario.adversaries))).encode())
     return h.hexdigest()[:16]

@@ -38,15 +38,17 @@ from p2pnode.exchange.messages import GetManifest, GetPiece, ManifestData, Piece
 from p2pnode.identity import Identity
 from p2pnode.net.config import NetLimits
 from p2pnode.net.host import PeerAddress, PeerHost
+from p2pnode.sim.adversary import AdversaryNode, SybilRegistry, Target, grind, records
 from p2pnode.sim.engine import (
     LookupOutcome,
     NodeFailure,
     OneProcessCluster,
     SimNode,
     Traffic,
+    Unsupported,
 )
 from p2pnode.sim.inprocess import net_bytes
-from p2pnode.sim.scenario import ScenarioConfig
+from p2pnode.sim.scenario import Scenario, ScenarioConfig, generate
 from p2pnode.sim.vloop import LoopClock
 from p2pnode.sim.vnet import LinkModel, VirtualHost, VirtualNetwork
 from p2pnode.wire.messages import ErrorCode, ErrorReply, Message
@@ -59,7 +61,10 @@ PIECES_IN_FLIGHT = 4
 JOIN_RETRY = 1.0
 JOIN_RETRY_MAX = 16.0
 _MANIFEST_HEAD = struct.Struct(">QI")  # total size, piece size; then SHA-256 per piece
-_DISCOVERY_TAKES_RNG = "rng" in inspect.signature(Discovery).parameters
+_DISCOVERY_PARAMS = inspect.signature(Discovery).parameters
+_DISCOVERY_TAKES_RNG = "rng" in _DISCOVERY_PARAMS
+# Discovery takes the node's Identity (ids proven with it), or its node id (older).
+_DISCOVERY_TAKES_IDENTITY = next(iter(_DISCOVERY_PARAMS)) == "identity"
 
 
 def identity_for(seed: int, index: int) -> Identity:
@@ -117,7 +122,8 @@ class VirtualNode(SimNode):
             kwargs["rng"] = random.Random(
                 f"p2pnode-sim:{cluster.config.seed}:dht:{self.index}:{self._lives}"
             )
-        discovery = Discovery(self.identity.node_id, cluster.dht_config, **kwargs)
+        who: Any = self.identity if _DISCOVERY_TAKES_IDENTITY else self.identity.node_id
+        discovery = Discovery(who, cluster.dht_config, **kwargs)
         peer_host = PeerHost(
             self.identity, cluster.net_limits, clock=cluster.clock, endpoints=self.vhost
         )
@@ -323,7 +329,42 @@ class VirtualNode(SimNode):
             port=contact.port if contact else None,
             rpcs=float(rpcs),
             hops=hops,
+            host=contact.host if contact else None,
         )
+
+    async def dht_put_record(self, name: str, value: str) -> str:
+        discovery, _ = self._live()
+        put_mutable = getattr(discovery, "put_mutable", None)
+        if put_mutable is None:
+            raise Unsupported("signed records: Discovery has no put_mutable")
+        try:
+            outcome = await put_mutable(name, value)
+        except P2PError as exc:
+            raise NodeFailure(f"put: {type(exc).__name__}: {exc}") from None
+        if not outcome.stored:
+            raise NodeFailure("not-stored: no node stored the record")
+        return str(outcome.address)
+
+    async def dht_get_record(self, address: str) -> str | None:
+        discovery, _ = self._live()
+        get_record = getattr(discovery, "get_record", None)
+        if get_record is None:
+            raise Unsupported("signed records: Discovery has no get_record")
+        try:
+            value = await get_record(address)
+        except P2PError as exc:
+            raise NodeFailure(f"get: {type(exc).__name__}: {exc}") from None
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace")
+        return None if value is None else str(value)
+
+    async def find_provider_ids(self, rid: str) -> list[tuple[bytes, str]]:
+        discovery, _ = self._live()
+        try:
+            found = await discovery.find_providers(dht_key(bytes.fromhex(rid)))
+        except P2PError as exc:
+            raise NodeFailure(f"providers: {type(exc).__name__}: {exc}") from None
+        return [(p.node_id, p.host) for p in found if p.node_id != self.node_id]
 
     async def traffic(self) -> Traffic:
         discovery, peer_host = self._live()
@@ -354,9 +395,14 @@ class VirtualCluster(OneProcessCluster):
     )
     stop_batch = 500
 
-    def __init__(self, workdir: Path, config: ScenarioConfig) -> None:
+    def __init__(
+        self, workdir: Path, config: ScenarioConfig, scenario: Scenario | None = None
+    ) -> None:
         super().__init__(workdir)
         self.config = config
+        self.scenario = scenario if scenario is not None else generate(config)
+        self.adversaries = self.scenario.adversaries
+        self.registry: SybilRegistry | None = None
         loop = asyncio.get_running_loop()
         self.clock = LoopClock(loop)
         self.net = VirtualNetwork(loop, link_model(config), config.seed)
@@ -367,8 +413,71 @@ class VirtualCluster(OneProcessCluster):
         self.net_limits = NetLimits()
         self.files: dict[Path, bytes] = {}
 
+    async def setup(self) -> None:
+        if self.adversaries:
+            self.registry = make_registry(self.scenario)
+
     def _make_node(self, index: int, workdir: Path) -> SimNode:
+        if index in self.adversaries:
+            registry = self.registry
+            if registry is None:
+                registry = self.registry = make_registry(self.scenario)
+            slot = sorted(self.adversaries).index(index)
+            return AdversaryNode(
+                index,
+                workdir,
+                self.net.host(index),
+                registry.specs[slot],
+                registry,
+                self.clock,
+                self.config.seed,
+            )
         return VirtualNode(index, workdir, self)
+
+    def adversary_report(self) -> dict[str, Any] | None:
+        return None if self.registry is None else self.registry.report()
+
+    def adversary_wallclock(self) -> dict[str, Any] | None:
+        if self.registry is None:
+            return None
+        return {"grinding_wall_seconds": self.registry.grind_cost.get("wall_seconds")}
+
+
+def workload_targets(scenario: Scenario) -> list[Target]:
+    """The keys the workload uses, in the order Sybils are given to them: signed
+    records, plain values, resources' provider keys, then the lookups' targets."""
+    seed = scenario.config.seed
+    targets: list[Target] = []
+    for op in scenario.ops:
+        if op.kind == "put_record" and records is not None:
+            publisher = identity_for(seed, op.node)
+            name = scenario.records[op.arg].name
+            key = records.mutable_key(publisher.node_id, name)
+            targets.append(Target("record", key, publisher.public_key, name))
+    for value in scenario.values:
+        targets.append(Target("value", hashlib.sha1(value.key.encode()).digest()))
+    for res in scenario.resources:
+        rid = hashlib.sha256(make_manifest(res.content())).digest()
+        targets.append(Target("provider", dht_key(rid)))
+    seen: set[int] = set()
+    for op in scenario.ops:
+        if op.kind == "lookup" and op.arg not in seen:
+            seen.add(op.arg)
+            targets.append(Target("node", identity_for(seed, op.arg).node_id))
+    return targets
+
+
+def make_registry(scenario: Scenario) -> SybilRegistry:
+    """Grind the Sybils' ids around the workload's keys; their shared registry."""
+    config = scenario.config
+    targets = workload_targets(scenario)
+    specs, cost = grind(config.seed, targets, len(scenario.adversaries), config.adv_grind_tries)
+    honest = [
+        identity_for(config.seed, i).node_id
+        for i in range(config.nodes)
+        if i not in scenario.adversaries
+    ]
+    return SybilRegistry(config, targets, specs, cost, honest)
 
 
 def link_model(config: ScenarioConfig) -> LinkModel:
