@@ -388,6 +388,7 @@ class Discovery:
             alpha=self.config.alpha,
             timeout=self.config.lookup_timeout,
             max_queries=self.config.max_lookup_queries,
+            paths=self.config.lookup_paths,
             done=done,
             stall=self._stall(protocol),
             clock=self.clock,
