@@ -24,6 +24,7 @@ shell (:func:`disjoint_lookup`) runs the queries as tasks.
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -184,7 +185,7 @@ class _Lookup(Generic[V]):
                 and self.claimed.get(n.id, mine) == mine
             )
             skipped = False
-            for node in sorted(live, key=self.distance)[: self.k]:
+            for node in heapq.nsmallest(self.k, live, key=self.distance):
                 if path.active(now, stall) >= path.alpha or len(path.asked) >= budget:
                     return out
                 if node.id in self.claimed:
