@@ -959,6 +959,11 @@ class DhtCore:
             out[f"value_store.{name}"] = count
         for name, count in self.providers.stats.items():
             out[f"provider_store.{name}"] = count
+        for reason, count in self.table.refused.items():
+            out[f"table_refused.{reason}"] = count
+        out["unproven_contacts"] = sum(
+            1 for n in self.table.all_nodes() if not self.table.is_proven(n.id)
+        )
         out["outstanding_rpcs"] = len(self._calls)
         out["welcome_queue"] = len(self._welcome)
         out["verify_queue"] = len(self._verify)
