@@ -2,11 +2,20 @@
 
 Rules:
 
-- The manifest is asked of up to three providers at once and accepted only if it
+- Providers (up to ``max_providers_considered`` from the DHT, which a flood can
+  fill with fakes) are tried most promising first, as the node-wide
+  ``ProviderRanking`` orders them (exchange/ranking.py: past success, round-trip
+  time, back-off after failures); every outcome is fed back to it. At most
+  ``max_peers_per_download`` attempts are open at once, at most ``dial_window``
+  of them still waiting for a first answer (``DialSlots``): a refused dial frees
+  its slot at once, a silent one after ``dial_timeout``. When all fail, the
+  error says how many were tried and counts why.
+- The manifest is asked that way and accepted only if it
   hashes to the resource id (a provider sending other bytes is skipped). Bytes that
   hash to the id but fail parsing (a path escape...) end the download with
   ProtocolError: the resource itself is unsafe.
-- Every provider gets one worker. It asks GetHave once (complete, or which pieces),
+- Every provider gets one worker, started the same way (workers still dialing
+  when the last piece arrives are stopped). It asks GetHave once (complete, or which pieces),
   then keeps up to ``requests_per_peer`` GetPiece requests in flight (fewer for
   large pieces: ``inflight_bytes_per_peer``), as the ``Picker`` hands out pieces
   (rarest first; endgame races the last ones).

@@ -11,18 +11,21 @@ asked the lookup for 16 providers and tried only those, in the order found:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from p2pnode.dht import DhtConfig, Discovery
-from p2pnode.errors import NotFoundError
+from p2pnode.errors import NotFoundError, P2PError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.manifest import MIN_PIECE_SIZE, build_manifest, dht_key
 from p2pnode.exchange.service import Exchange
@@ -66,54 +69,68 @@ class Node:
         await self.discovery.close()
 
 
-@pytest.fixture
-async def network(tmp_path: Path) -> AsyncIterator[list[Node]]:
+@asynccontextmanager
+async def started_network(
+    home: Path, config: ExchangeConfig = CONFIG, dht: DhtConfig = DHT
+) -> AsyncIterator[list[Node]]:
     """A sharer and a downloader, joined."""
     nodes: list[Node] = []
-    for name in ("seed", "leech"):
-        identity = Identity.generate()
-        discovery = Discovery(identity.node_id, DHT)
-        udp = await discovery.listen("127.0.0.1", 0)
-        host = PeerHost(identity, NetLimits(request_timeout=10.0, handshake_timeout=10.0))
-        tcp = await host.listen("127.0.0.1", 0)
-        exchange = Exchange(tmp_path / name, CONFIG, discovery, host, tcp)
-        await exchange.start()
-        nodes.append(Node(discovery, host, exchange, udp, tcp))
-        if len(nodes) > 1:
-            assert await discovery.bootstrap([("127.0.0.1", nodes[0].udp_port)])
     try:
+        for name in ("seed", "leech"):
+            identity = Identity.generate()
+            discovery = Discovery(identity.node_id, dht)
+            udp = await discovery.listen("127.0.0.1", 0)
+            host = PeerHost(identity, NetLimits(request_timeout=10.0, handshake_timeout=10.0))
+            tcp = await host.listen("127.0.0.1", 0)
+            exchange = Exchange(home / name, config, discovery, host, tcp)
+            await exchange.start()
+            nodes.append(Node(discovery, host, exchange, udp, tcp))
+            if len(nodes) > 1:
+                assert await discovery.bootstrap([("127.0.0.1", nodes[0].udp_port)])
         yield nodes
     finally:
         for node in reversed(nodes):
             await node.close()
 
 
-@pytest.fixture
-def fake_addresses() -> Iterator[list[tuple[str, int]]]:
+@contextmanager
+def fake_listeners(refusing: list[str], silent: list[str]) -> Iterator[list[tuple[str, int]]]:
     """(host, port) of every fake: closed ports first found free, then listening
     sockets that never accept or read (the kernel completes the TCP handshake,
-    the Noise one never comes)."""
+    the Noise one never comes); the silent ones spread among the others, as a
+    real flood would mix them."""
     closed = []
-    for host in REFUSING:
+    for host in refusing:
         with socket.socket() as probe:
             probe.bind((host, 0))
             closed.append((host, probe.getsockname()[1]))
     silent_socks = []
-    for host in SILENT:
-        sock = socket.socket()
-        sock.bind((host, 0))
-        sock.listen(64)
-        silent_socks.append(sock)
-    silent = [s.getsockname() for s in silent_socks]
-    # Silent ones spread among the refusing ones, as a real flood would mix them.
-    mixed = closed[:]
-    for i, addr in enumerate(silent):
-        mixed.insert(i * 4, addr)
     try:
+        for host in silent:
+            sock = socket.socket()
+            silent_socks.append(sock)
+            sock.bind((host, 0))
+            sock.listen(64)
+        mixed = closed[:]
+        step = max(1, len(mixed) // max(1, len(silent)))
+        for i, sock in enumerate(silent_socks):
+            mixed.insert(i * (step + 1), sock.getsockname())
         yield mixed
     finally:
         for sock in silent_socks:
             sock.close()
+
+
+@pytest.fixture
+async def network(tmp_path: Path) -> AsyncIterator[list[Node]]:
+    async with started_network(tmp_path) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def fake_addresses() -> Iterator[list[tuple[str, int]]]:
+    with fake_listeners(REFUSING, SILENT) as fakes:
+        yield fakes
 
 
 def insert_fakes(nodes: list[Node], key: bytes, fakes: list[tuple[str, int]]) -> None:
@@ -182,3 +199,46 @@ async def test_when_every_provider_is_fake_the_error_counts_them(
         await asyncio.wait_for(leech.exchange.get(rid, tmp_path / "x"), 15)
     message = str(failed.value)
     assert "tried 24 provider(s): 18 cannot connect, 6 timed out" in message, message
+
+
+# -- measuring: python -m tests.hostile.test_provider_flood_fetch --fakes 16 64 ----
+
+
+async def measure(fakes: int, home: Path) -> str:
+    """One get of a shared file with ``fakes`` fake providers (a quarter silent)
+    ahead of the honest one, with the default download settings."""
+    silent = fakes // 4
+    refusing = [f"127.0.{i}.2" for i in range(1, fakes - silent + 1)]
+    quiet = [f"127.1.{i}.3" for i in range(1, silent + 1)]
+    config = ExchangeConfig(fsync=False, stale_check_interval=0)
+    # Room for all the fakes and the honest record in the downloader's store: this
+    # measures the fetcher, not the DHT's own defences.
+    dht = DhtConfig(rpc_timeout=1.0, lookup_timeout=5.0, max_providers_per_key=1024)
+    with fake_listeners(refusing, quiet) as addresses:
+        async with started_network(home, config, dht) as nodes:
+            seed, leech = nodes
+            rid = await share(seed, write(home / "file.bin", os.urandom(1 << 20)))
+            insert_fakes(nodes, dht_key(rid), addresses)
+            found = await leech.discovery.find_providers(dht_key(rid), want=1000)
+            at = [r.node_id for r in found].index(seed.host.node_id)
+            t0 = time.monotonic()
+            try:
+                await leech.exchange.get(rid, home / "out.bin")
+                outcome = "ok"
+            except P2PError as exc:
+                outcome = f"FAILED: {str(exc)[:160]}"
+            took = time.monotonic() - t0
+    return f"{fakes} fakes ({silent} silent), honest provider at {at + 1}: {took:.2f}s {outcome}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=measure.__doc__)
+    parser.add_argument("--fakes", type=int, nargs="+", default=[16, 64])
+    args = parser.parse_args()
+    for n in args.fakes:
+        with tempfile.TemporaryDirectory() as home:
+            print(asyncio.run(measure(n, Path(home))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -134,3 +134,12 @@ def test_silent_dials_cost_one_timeout_per_window() -> None:
             assert wait is not None
             now += wait
     assert now == pytest.approx(6.0)  # the third window starts at 6 s, ends by 9 s
+
+
+def test_dial_slots_name_each_stale_dial() -> None:
+    slots = DialSlots(window=4, dial_timeout=1.0, limit=8)
+    slots.start("old", 0.0)
+    slots.start("new", 0.5)
+    assert slots.is_stale("old", 1.0) and not slots.is_stale("new", 1.0)
+    slots.answered("old")
+    assert not slots.is_stale("old", 5.0) and slots.open == 2
