@@ -366,7 +366,7 @@ class SybilProtocol(asyncio.DatagramProtocol):
             return
         try:
             reply = self._answer(message, addr)
-        except (MessageError, ValueError, TypeError):
+        except (MessageError, ValueError, TypeError, IndexError):
             self.registry.stats["dropped_bad_request"] += 1
             return
         if reply is not _SILENT and self.transport is not None:
@@ -386,10 +386,10 @@ class SybilProtocol(asyncio.DatagramProtocol):
             return self.node_id
         if name == "stun":
             return [addr[0], addr[1]]
-        if name == "identify" and len(args) == 2 and isinstance(args[1], bytes):
-            assert isinstance(sender, bytes)
+        challenge = args[1] if len(args) == 2 else None
+        if name == "identify" and isinstance(sender, bytes) and isinstance(challenge, bytes):
             stats["identify_answered"] += 1
-            signed = IDENTIFY_DOMAIN + sender + args[1] + self.node_id
+            signed = IDENTIFY_DOMAIN + sender + challenge + self.node_id
             answer: list[object] = [
                 self.identity.public_key,
                 self.identity.sign(signed),
@@ -408,9 +408,10 @@ class SybilProtocol(asyncio.DatagramProtocol):
         if name == "add_provider":
             stats["provider_announcements_dropped"] += 1
             return True
-        if len(args) != 2 or not isinstance(args[1], bytes):
+        if len(args) != 2 or not rpc_schema.is_node_id(args[1]):
             return _SILENT
         key = args[1]
+        assert isinstance(key, bytes)
         if name == "find_node":
             return self._nodes(key, impersonate=self.config.adv_impersonate)
         if name == "find_value":
