@@ -17,8 +17,12 @@ from hypothesis import strategies as st
 from p2pnode.dht import codec, rpc_schema
 from p2pnode.dht.codec import Limits, MessageError, Request, Response
 from p2pnode.dht.rpc_schema import (
+    RPC_NAMES,
     AddProviderRequest,
     FoundValue,
+    GetProvidersRequest,
+    IdentifyAnswer,
+    IdentifyRequest,
     NodeAddr,
     PingRequest,
     SchemaLimits,
@@ -31,6 +35,9 @@ SCHEMA = SchemaLimits(max_value_bytes=4096, max_response_contacts=64)
 MSG_ID = b"m" * 20
 NID = b"n" * 20
 KEY = b"k" * 20
+TOKEN = b"t" * 8
+CHALLENGE = b"c" * 16
+RECORD = [NID, b"p" * 32, [["10.0.0.2", 4001]], 1, 2000, b"s" * 64]  # checked by the core
 
 
 def reason_of(data: bytes) -> str:
@@ -160,6 +167,7 @@ def test_fuzz_answers_never_raise_other_errors(payload: object) -> None:
         lambda p: rpc_schema.parse_node_list(p, SCHEMA),
         lambda p: rpc_schema.parse_find_value_response(p, SCHEMA),
         lambda p: rpc_schema.parse_get_providers_response(p, SCHEMA),
+        rpc_schema.parse_identify_response,
     ):
         try:
             parse(payload)
@@ -168,7 +176,7 @@ def test_fuzz_answers_never_raise_other_errors(payload: object) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=20), st.lists(json_like, max_size=4))
+@given(st.sampled_from(RPC_NAMES) | st.text(max_size=20), st.lists(json_like, max_size=5))
 def test_fuzz_requests_never_raise_other_errors(name: str, args: list[object]) -> None:
     try:
         rpc_schema.parse_request(name, tuple(args), SCHEMA)
@@ -191,10 +199,18 @@ def test_parse_good_requests() -> None:
     parse = rpc_schema.parse_request
     assert parse("ping", (NID,), SCHEMA) == PingRequest(NID)
     assert parse("stun", (), SCHEMA) == StunRequest()
-    assert parse("store", (NID, KEY, b"v"), SCHEMA) == StoreRequest(NID, KEY, b"v")
-    assert parse("add_provider", (NID, KEY, 4001), SCHEMA) == AddProviderRequest(NID, KEY, 4001)
+    # A stock kademlia store has no token (parsed, then refused by the core).
+    assert parse("store", (NID, KEY, b"v"), SCHEMA) == StoreRequest(NID, KEY, b"v", None)
+    assert parse("store", (NID, KEY, b"v", TOKEN), SCHEMA) == StoreRequest(NID, KEY, b"v", TOKEN)
+    assert parse("identify", (NID, CHALLENGE), SCHEMA) == IdentifyRequest(NID, CHALLENGE)
+    assert parse("identify", (NID, b"c" * 64), SCHEMA) == IdentifyRequest(NID, b"c" * 64)
+    assert parse("add_provider", (NID, KEY, RECORD, TOKEN), SCHEMA) == AddProviderRequest(
+        NID, KEY, RECORD, TOKEN
+    )
+    assert parse("get_providers", (NID, KEY), SCHEMA) == GetProvidersRequest(NID, KEY)
     for value in (0, -1, 2**64 - 1, 1.5, True, False, "", "x" * 4096, b"\x00" * 4096):
         assert parse("store", (NID, KEY, value), SCHEMA).value == value  # type: ignore[union-attr]
+        assert parse("store", (NID, KEY, value, TOKEN), SCHEMA).value == value  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -216,10 +232,25 @@ def test_parse_good_requests() -> None:
         ("store", (NID, KEY, b"x" * 4097), rpc_schema.BAD_ARGS),
         ("store", (NID, KEY, "é" * 2049), rpc_schema.BAD_ARGS),
         ("store", (NID, b"k", b"v"), rpc_schema.BAD_ARGS),
-        ("add_provider", (NID, KEY, 0), rpc_schema.BAD_ARGS),
-        ("add_provider", (NID, KEY, 65536), rpc_schema.BAD_ARGS),
-        ("add_provider", (NID, KEY, True), rpc_schema.BAD_ARGS),
-        ("add_provider", (NID, KEY, "4001"), rpc_schema.BAD_ARGS),
+        ("store", (NID, KEY, b"v", b""), rpc_schema.BAD_ARGS),
+        ("store", (NID, KEY, b"v", b"t" * 33), rpc_schema.BAD_ARGS),
+        ("store", (NID, KEY, b"v", "token"), rpc_schema.BAD_ARGS),
+        ("store", (NID, KEY, None, TOKEN), rpc_schema.BAD_ARGS),
+        ("store", (NID, KEY, b"v", TOKEN, TOKEN), rpc_schema.BAD_ARGS),
+        ("identify", (NID,), rpc_schema.BAD_ARGS),
+        ("identify", (NID, b"c" * 15), rpc_schema.BAD_ARGS),
+        ("identify", (NID, b"c" * 65), rpc_schema.BAD_ARGS),
+        ("identify", (NID, "c" * 16), rpc_schema.BAD_ARGS),
+        ("identify", (b"short", CHALLENGE), rpc_schema.BAD_ARGS),
+        # add_provider carries a signed record and a token now (the old
+        # [nodeid, key, port] form is refused).
+        ("add_provider", (NID, KEY, 4001), rpc_schema.BAD_ARGS),
+        ("add_provider", (NID, KEY, 4001, TOKEN), rpc_schema.BAD_ARGS),
+        ("add_provider", (NID, KEY, {"r": 1}, TOKEN), rpc_schema.BAD_ARGS),
+        ("add_provider", (NID, KEY, RECORD), rpc_schema.BAD_ARGS),
+        ("add_provider", (NID, KEY, RECORD, b""), rpc_schema.BAD_ARGS),
+        ("add_provider", (NID, KEY, RECORD, None), rpc_schema.BAD_ARGS),
+        ("add_provider", (NID, b"k", RECORD, TOKEN), rpc_schema.BAD_ARGS),
         ("get_providers", (NID,), rpc_schema.BAD_ARGS),
     ],
 )
@@ -274,13 +305,50 @@ def test_answers() -> None:
     for bad in ({"value": [1]}, {"value": b"x" * 5000}, {"value": 1, "x": 2}, {}, None):
         with pytest.raises(MessageError):
             rpc_schema.parse_find_value_response(bad, SCHEMA)
+    # get_providers: record wire lists (checked by the core), nodes and a token.
     answer = rpc_schema.parse_get_providers_response(
-        {"providers": [[NID, "10.0.0.2", 4001]], "nodes": []}, SCHEMA
+        {"providers": [RECORD, "junk"], "nodes": [[NID, "10.0.0.2", 4001]], "token": TOKEN},
+        SCHEMA,
     )
-    assert answer.providers.nodes == [NodeAddr(NID, "10.0.0.2", 4001)]
-    for bad in ({"providers": [], "nodes": None}, {"providers": []}, [[], []]):
+    assert answer.records == [RECORD]  # what is not even a list is left out
+    assert answer.nodes.nodes == [NodeAddr(NID, "10.0.0.2", 4001)]
+    assert answer.token == TOKEN
+    for bad in (
+        {"providers": [], "nodes": None, "token": TOKEN},
+        {"providers": [], "nodes": []},  # no token
+        {"providers": [], "nodes": [], "token": b""},
+        {"providers": [], "nodes": [], "token": "t"},
+        {"providers": None, "nodes": [], "token": TOKEN},
+        {"providers": [RECORD] * 65, "nodes": [], "token": TOKEN},
+        {"providers": [], "nodes": [], "token": TOKEN, "x": 1},
+        {"providers": []},
+        [[], []],
+    ):
         with pytest.raises(MessageError):
             rpc_schema.parse_get_providers_response(bad, SCHEMA)
+    # identify: [public key, signature, token, the asker's ip as seen] (the proof
+    # itself is checked by the core).
+    good = [b"p" * 32, b"s" * 64, TOKEN, "::ffff:10.0.0.1"]
+    assert rpc_schema.parse_identify_response(good) == IdentifyAnswer(
+        b"p" * 32, b"s" * 64, TOKEN, "10.0.0.1"
+    )
+    for index, wrong in [
+        (0, b"p" * 31),
+        (0, "p" * 32),
+        (1, b"s" * 63),
+        (1, None),
+        (2, b""),
+        (2, b"t" * 33),
+        (3, "not-an-ip"),
+        (3, 7),
+    ]:
+        bad_answer = list(good)
+        bad_answer[index] = wrong
+        with pytest.raises(MessageError):
+            rpc_schema.parse_identify_response(bad_answer)
+    for bad in (good[:3], [*good, 1], None, {"key": 1}):
+        with pytest.raises(MessageError):
+            rpc_schema.parse_identify_response(bad)
     assert rpc_schema.parse_stun_response(["127.0.0.1", 5]) == ("127.0.0.1", 5)
 
 
