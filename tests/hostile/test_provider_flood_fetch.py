@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from p2pnode.dht import DhtConfig, Discovery
+from p2pnode.dht.records import sign_provider_record
 from p2pnode.errors import NotFoundError, P2PError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.manifest import MIN_PIECE_SIZE, build_manifest, dht_key
@@ -78,7 +79,7 @@ async def started_network(
     try:
         for name in ("seed", "leech"):
             identity = Identity.generate()
-            discovery = Discovery(identity.node_id, dht)
+            discovery = Discovery(identity, dht)
             udp = await discovery.listen("127.0.0.1", 0)
             host = PeerHost(identity, NetLimits(request_timeout=10.0, handshake_timeout=10.0))
             tcp = await host.listen("127.0.0.1", 0)
@@ -135,12 +136,17 @@ def fake_addresses() -> Iterator[list[tuple[str, int]]]:
 
 def insert_fakes(nodes: list[Node], key: bytes, fakes: list[tuple[str, int]]) -> None:
     """Put fake provider records for ``key`` straight into each node's DHT store, as
-    each fake host's add_provider would (newest last: answers list them first)."""
-    ids = [os.urandom(20) for _ in fakes]
+    each fake host's announcement would leave them: validly signed by a fresh key
+    of its own (a random peer id), pointing at its own address, newer than the
+    honest record (answers list the freshest first)."""
+    records = []
+    for host, port in fakes:
+        expires = int(nodes[0].discovery.clock.now() + 3600)
+        records.append(sign_provider_record(Identity.generate(), key, [(host, port)], 1, expires))
     for node in nodes:
         store = node.discovery._proto().providers
-        for node_id, (host, port) in zip(ids, fakes, strict=True):
-            assert store.add(key, node_id, host, port, sender=host)
+        for record in records:
+            assert store.add_record(record, record.host, node.discovery.clock.now())
 
 
 def write(path: Path, data: bytes) -> Path:
