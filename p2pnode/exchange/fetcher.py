@@ -10,13 +10,13 @@ Rules:
   of them still waiting for a first answer (``DialSlots``): a refused dial frees
   its slot at once, a silent one after ``dial_timeout``. When all fail, the
   error says how many were tried and counts why.
-- The manifest is asked that way and accepted only if it
-  hashes to the resource id (a provider sending other bytes is skipped). Bytes that
-  hash to the id but fail parsing (a path escape...) end the download with
-  ProtocolError: the resource itself is unsafe.
+- The manifest is asked that way and accepted only if it hashes to the resource
+  id (a provider sending other bytes is skipped). Bytes that hash to the id but
+  fail parsing (a path escape...) end the download with ProtocolError: the
+  resource itself is unsafe.
 - Every provider gets one worker, started the same way (workers still dialing
-  when the last piece arrives are stopped). It asks GetHave once (complete, or which pieces),
-  then keeps up to ``requests_per_peer`` GetPiece requests in flight (fewer for
+  when the last piece arrives are stopped). It asks GetHave once (complete, or
+  which pieces), then keeps up to ``requests_per_peer`` GetPiece requests in flight (fewer for
   large pieces: ``inflight_bytes_per_peer``), as the ``Picker`` hands out pieces
   (rarest first; endgame races the last ones).
 - Each request task also checks the answer against the piece hash and writes it
