@@ -16,9 +16,9 @@ Rules:
   resource itself is unsafe.
 - Every provider gets one worker, started the same way (workers still dialing
   when the last piece arrives are stopped). It asks GetHave once (complete, or
-  which pieces), then keeps up to ``requests_per_peer`` GetPiece requests in flight (fewer for
-  large pieces: ``inflight_bytes_per_peer``), as the ``Picker`` hands out pieces
-  (rarest first; endgame races the last ones).
+  which pieces), then keeps up to ``requests_per_peer`` GetPiece requests in
+  flight (fewer for large pieces: ``inflight_bytes_per_peer``), as the ``Picker``
+  hands out pieces (rarest first; endgame races the last ones).
 - Each request task also checks the answer against the piece hash and writes it
   (``PieceWriter``: O_DIRECT where possible), both in a worker thread, so the
   network never waits on the disk; verified pieces are committed to the store in
