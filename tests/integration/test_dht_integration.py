@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from p2pnode.dht import Contact, DhtConfig, Discovery, ProviderRecord
+from p2pnode.dht.records import sign_provider_record
 from p2pnode.errors import UsageError
 from p2pnode.identity import Identity
-from tests.helpers import eventually
+from tests.helpers import can_bind, eventually
 
 FAST = DhtConfig(ksize=8, rpc_timeout=0.5, lookup_timeout=5.0)
 
@@ -38,9 +39,17 @@ async def make_node() -> AsyncIterator[Callable[..., object]]:
 
 
 async def network(
-    make: Callable[..., object], count: int, config: DhtConfig = FAST
+    make: Callable[..., object],
+    count: int,
+    config: DhtConfig = FAST,
+    hosts: tuple[str, ...] = (),
 ) -> list[Discovery]:
-    nodes: list[Discovery] = [await make(config) for _ in range(count)]  # type: ignore[misc]
+    """``count`` nodes bootstrapped off the first; node i listens at ``hosts[i]``
+    (127.0.0.1 past the end)."""
+    nodes: list[Discovery] = [
+        await make(config, hosts[i] if i < len(hosts) else "127.0.0.1")  # type: ignore[misc]
+        for i in range(count)
+    ]
     first = ("127.0.0.1", nodes[0].port)
     joined = await asyncio.gather(*(node.bootstrap([first]) for node in nodes[1:]))
     assert all(len(contacts) == 1 for contacts in joined)
@@ -114,23 +123,31 @@ async def test_bootstrap_unreachable_returns_empty(make_node: Callable[..., obje
     assert await node.ping("127.0.0.1", port) is None
 
 
+@pytest.mark.skipif(not can_bind("127.0.0.3"), reason="needs 127.0.0.2 and 127.0.0.3")
 async def test_providers_found_from_several_nodes(make_node: Callable[..., object]) -> None:
-    nodes = await network(make_node, 7)
+    """The providers are on three hosts (127.0.0.1-3): a holder's answer lists one
+    record per host (storage.get_records, a fair sample against one host's flood),
+    so providers sharing one address would be found one per answer."""
+    hosts = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+    nodes = await network(make_node, 7, hosts=hosts)
     key = os.urandom(20)
     accepted = await asyncio.gather(
         *(n.add_provider(key, 5000 + i) for i, n in enumerate(nodes[:3]))
     )
     assert all(count >= 1 for count in accepted)
     found = await nodes[6].find_providers(key)
-    assert {(r.node_id, r.port) for r in found} == {
-        (n.node_id, 5000 + i) for i, n in enumerate(nodes[:3])
+    assert {(r.node_id, r.host, r.port) for r in found} == {
+        (n.node_id, hosts[i], 5000 + i) for i, n in enumerate(nodes[:3])
     }
-    assert all(r.host == "127.0.0.1" for r in found)
     # Records that live on different nodes are all collected (no stop at the first answer).
+    # (Signed by their providers: a holder hands out only records that verify.)
     other = os.urandom(20)
     for i, holder in enumerate(nodes[1:5]):
-        provider = os.urandom(20)
-        holder._protocol.providers.add(other, provider, "127.0.0.9", 6000 + i, sender="127.0.0.9")  # type: ignore[union-attr]
+        expires = int(holder.clock.now()) + 3600
+        record = sign_provider_record(
+            Identity.generate(), other, [("127.0.0.9", 6000 + i)], 1, expires
+        )
+        assert holder._protocol.providers.add_record(record, "127.0.0.9")  # type: ignore[union-attr]
     found = await nodes[0].find_providers(other)
     assert sorted(r.port for r in found) == [6000, 6001, 6002, 6003]
     assert len(await nodes[0].find_providers(other, want=2)) == 2
