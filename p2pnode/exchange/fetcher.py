@@ -59,7 +59,6 @@ from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
-from weakref import WeakKeyDictionary
 
 from p2pnode.clock import Clock
 from p2pnode.errors import (
@@ -252,7 +251,8 @@ class Fetcher:
         self._executor = executor
         self._own = own_node_id
         # Node-wide: what past downloads learned of each provider.
-        self._ranking = ranking_for(requester) if ranking is None else ranking
+        # The node's ranking (Exchange owns one), so a get learns from earlier ones.
+        self._ranking = ProviderRanking() if ranking is None else ranking
 
     # -- entry point ------------------------------------------------------------------
 
@@ -1035,19 +1035,3 @@ class _Tally:
     def summary(self) -> str:
         counts = ", ".join(f"{n} {label}" for label, n in self.counts.most_common())
         return f"{counts}; first: " + "; ".join(self.quoted) if self.quoted else counts
-
-
-# One ranking per PeerHost (per node) for the callers that do not pass their own:
-# a second get on the node benefits from what the first one learned.
-_RANKINGS: WeakKeyDictionary[object, ProviderRanking] = WeakKeyDictionary()
-
-
-def ranking_for(requester: object) -> ProviderRanking:
-    """The node-wide ranking of ``requester`` (a fresh one if it cannot be keyed)."""
-    try:
-        ranking = _RANKINGS.get(requester)
-        if ranking is None:
-            ranking = _RANKINGS[requester] = ProviderRanking()
-    except TypeError:
-        return ProviderRanking()
-    return ranking

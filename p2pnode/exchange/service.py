@@ -34,6 +34,7 @@ from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.fetcher import DownloadError, Fetcher, Progress
 from p2pnode.exchange.manifest import build_manifest, dht_key, resource_id_to_str
 from p2pnode.exchange.messages import register as register_messages
+from p2pnode.exchange.ranking import ProviderRanking
 from p2pnode.exchange.server import PieceServer
 from p2pnode.exchange.store import ResourceState, StaleError, StorageError, Store, StoredResource
 from p2pnode.tasks import TaskSet
@@ -168,6 +169,7 @@ class Exchange:
         self._server: PieceServer | None = None
         self._tasks = TaskSet("exchange")
         # Summed over every download; named from the start, so metrics always list them.
+        self._ranking = ProviderRanking()  # node-wide: past success and RTT of providers
         self._fetch_counters: Counter[str] = Counter(
             pieces_fetched=0, bytes_fetched=0, pieces_failed_verification=0
         )
@@ -298,6 +300,7 @@ class Exchange:
             executor=self._executor,
             own_node_id=self._host.node_id,
             counters=self._fetch_counters,
+            ranking=self._ranking,
         )
         task = asyncio.create_task(
             fetcher.fetch(resource_id, Path(dest), force=force, progress=progress),
