@@ -16,7 +16,9 @@ import msgpack
 import pytest
 from kademlia.utils import digest
 
+from p2pnode.clock import MONOTONIC
 from p2pnode.dht import DhtConfig, Discovery
+from p2pnode.dht import records as rec
 from p2pnode.identity import Identity
 from tests.helpers import can_bind
 
@@ -215,6 +217,12 @@ class Flooder(asyncio.DatagramProtocol):
         if data[:1] == b"\x01" and future is not None and not future.done():
             future.set_result(msgpack.unpackb(data[21:]))
 
+    async def earn_token(self, port: int) -> bytes:
+        """The token any host gets for its own address: identify's answer."""
+        answer = await self.ask(port, "identify", os.urandom(20), os.urandom(16))
+        assert isinstance(answer, list) and isinstance(answer[2], bytes), answer
+        return answer[2]
+
     def send(self, port: int, name: str, *args: object) -> bytes:
         msg_id = os.urandom(20)
         packed = msgpack.packb([name, list(args)], use_bin_type=True)
@@ -262,36 +270,57 @@ async def joined(nodes: list[Discovery]) -> None:
         await node.bootstrap([("127.0.0.1", n.port) for n in nodes if n is not node])
 
 
+def signed_record(key: bytes, host: str, port: int) -> list[object]:
+    """A validly signed provider record of a fresh key: what a spammer can make
+    at will (~70 µs each)."""
+    now = MONOTONIC.now()
+    record = rec.sign_provider_record(
+        Identity.generate(), key, [(host, port)], int(now * 1000), int(now + 3600)
+    )
+    return record.to_wire()
+
+
 @needs_other_loopbacks
 async def test_provider_spam_does_not_hide_the_honest_provider(
     honest: list[Discovery], flooders: list[Flooder]
 ) -> None:
-    """Attack 2 of issue 10: 64 add_provider datagrams per node from 127.0.0.2, each
-    with a random node id and port 9, before and after the honest provider announces.
-    The honest record is still stored and in every get_providers answer."""
+    """Attack 2 of issue 10: 64 add_provider datagrams per node from 127.0.0.2, before
+    and after the honest provider announces. Unsigned ones (a random node id and
+    port 9, as the issue's attacker sent) are refused; records validly signed by
+    fresh keys, with the token the spammer's address earned, are taken but evict
+    the spammer's own. The honest record is still stored and in every
+    get_providers answer, at most one record per address."""
     await joined(honest)
     spammer = flooders[0]
     key = os.urandom(20)
 
-    def spam() -> list[tuple[object, ...]]:
-        return [("add_provider", os.urandom(20), key, 9) for _ in range(64)]
+    def spam(token: bytes) -> list[tuple[object, ...]]:
+        return [
+            ("add_provider", os.urandom(20), key, signed_record(key, ATTACKERS[0], 9), token)
+            for _ in range(64)
+        ]
 
+    tokens = {node.port: await spammer.earn_token(node.port) for node in honest}
     for node in honest:
-        await spammer.flood(node.port, spam())
+        # The stock announcement (no record, no token) is not even a valid request.
+        await spammer.flood(node.port, [("add_provider", os.urandom(20), key, 9)] * 64)
+        await spammer.flood(node.port, spam(tokens[node.port]))
     provider, asker = honest[3], honest[4]
     assert await provider.add_provider(key, 4003) > 0
     for node in honest:
-        await spammer.flood(node.port, spam())
+        await spammer.flood(node.port, spam(tokens[node.port]))
     for node in honest:
         answer = await spammer.ask(node.port, "get_providers", os.urandom(20), key)
         assert isinstance(answer, dict)
         listed = answer["providers"]
         assert provider.node_id in [p[0] for p in listed]
         assert len(listed) <= CONFIG.max_providers_per_response
-        assert sum(1 for p in listed if p[1] == "127.0.0.1") == 1  # one per address first
+        hosts = [p[2][0][0] for p in listed]
+        assert sorted(hosts) == ["127.0.0.1", ATTACKERS[0]]  # one per address
     found = await asker.find_providers(key)
     assert provider.node_id in [r.node_id for r in found]
     stats = honest[0].stats()
+    assert stats["dropped.bad_args"] >= 64
     assert stats["providers_accepted"] >= 128
     assert stats.get("providers_refused", 0) == 0
     assert stats["provider_store.evicted.key_sender_quota"] > 0
@@ -312,8 +341,10 @@ async def test_value_store_flood_does_not_lock_out_new_values(flooders: list[Flo
         per_address = 30  # 11 x 30 > 120: full before anyone else comes
         for node in nodes:
             for flooder in flooders:
+                # Each address earns its token, as any host can (identify).
+                token = await flooder.earn_token(node.port)
                 stores = [
-                    ("store", os.urandom(20), os.urandom(20), os.urandom(4096))
+                    ("store", os.urandom(20), os.urandom(20), os.urandom(4096), token)
                     for _ in range(per_address)
                 ]
                 await flooder.flood(node.port, stores, batch=8)
@@ -324,6 +355,7 @@ async def test_value_store_flood_does_not_lock_out_new_values(flooders: list[Flo
         for node in nodes:
             stats = node.stats()
             assert stats["rpc_received.store"] >= len(flooders) * per_address
+            assert stats["stores_accepted"] >= len(flooders) * per_address
             assert stats["stored_values"] <= config.max_stored_values
             assert stats.get("stores_refused", 0) == 0
             assert stats["value_store.evicted.sender_quota"] > 0
@@ -344,12 +376,14 @@ async def test_value_store_flood_at_full_scale(flooders: list[Flooder]) -> None:
         await joined([victim, putter])
         value = os.urandom(4096)
         for flooder in flooders:
-            stores = [("store", os.urandom(20), os.urandom(20), value) for _ in range(1000)]
+            token = await flooder.earn_token(victim.port)
+            stores = [("store", os.urandom(20), os.urandom(20), value, token) for _ in range(1000)]
             await flooder.flood(victim.port, stores, batch=16)
         outcome = await putter.put_outcome("fresh", "new value")
         assert (outcome.remote, outcome.asked) == (1, 1), outcome
         stats = victim.stats()
         assert stats["rpc_received.store"] >= 11_000
+        assert stats["stores_accepted"] >= 11_000
         assert stats["stored_values"] <= CONFIG.max_values_per_subnet + 1
         assert stats["stored_value_bytes"] <= CONFIG.max_value_store_bytes
         assert stats.get("stores_refused", 0) == 0
@@ -364,12 +398,17 @@ async def test_a_remote_store_does_not_replace_the_owners_value(
 ) -> None:
     """Attack 1 of issue 10, the part storage can refuse: one unsigned store of
     sha1("greeting") from 127.0.0.2 no longer overwrites the value the node put
-    itself (its own copy is read first). Other holders still take it: signed
-    records are the fix for those."""
+    itself (its own copy is read first), even with the token 127.0.0.2 earned.
+    Other holders still take it: signed records are the fix for those (see
+    test_dht_open_network)."""
     await joined(honest)
     owner = honest[0]
     assert await owner.put("greeting", "hello")
-    answer = await flooders[0].ask(owner.port, "store", os.urandom(20), digest("greeting"), "pwned")
+    attacker = flooders[0]
+    token = await attacker.earn_token(owner.port)
+    answer = await attacker.ask(
+        owner.port, "store", os.urandom(20), digest("greeting"), "pwned", token
+    )
     assert answer is False
     assert await owner.get("greeting") == "hello"
     assert owner.stats()["value_store.refused.own_value"] == 1

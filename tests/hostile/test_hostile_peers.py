@@ -34,8 +34,10 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
+from p2pnode.clock import MONOTONIC
 from p2pnode.config import NodeConfig
 from p2pnode.dht.config import DhtConfig
+from p2pnode.dht.records import sign_provider_record
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.messages import GetManifest, GetPiece, ManifestData, PieceData
 from p2pnode.identity import Identity
@@ -359,6 +361,26 @@ def msg1() -> bytes:
 
 def dht_request(name: str, *args: object) -> bytes:
     return b"\x00" + os.urandom(20) + msgpack.packb([name, list(args)], use_bin_type=True)
+
+
+async def earn_token(victim: Node, attacker: UdpAttacker) -> bytes:
+    """The token any host gets for its own address from identify: what store and
+    add_provider need (issue 10), so a flood from a real address carries it."""
+    before = len(attacker.answers)
+    attacker.send(dht_request("identify", os.urandom(20), os.urandom(16)), victim.port)
+    await eventually(lambda: len(attacker.answers) > before, timeout=5, what="identify answer")
+    answer = msgpack.unpackb(attacker.answers[-1][21:])
+    assert isinstance(answer, list) and isinstance(answer[2], bytes), answer
+    return bytes(answer[2])
+
+
+def signed_provider_record(key: bytes, host: str, port: int) -> list[object]:
+    """A provider record validly signed by a fresh key (~0.1 ms to make)."""
+    now = MONOTONIC.now()
+    record = sign_provider_record(
+        Identity.generate(), key, [(host, port)], int(now * 1000), int(now + 3600)
+    )
+    return record.to_wire()
 
 
 async def send_paced(
@@ -1018,9 +1040,12 @@ async def test_dht_request_flood_is_rate_limited_per_address(make_net: MakeNet) 
         # queue, the rest dropped (and counted).
         # (Honest newcomers are verified too, hence >=.)
         queued = dht_stat(victim, "verify_queued")
-        assert queued + dht_stat(victim, "verify_dropped") >= flood - limited
-        assert dht_stat(victim, "verify_dropped") > 0
-        assert dht_stat(victim, "verify_queue") <= dht.verify_queue_max
+        dropped = dht_stat(victim, "verify_dropped") + dht_stat(victim, "verify_dropped_subnet")
+        assert queued + dropped >= flood - limited
+        # One /24 may hold only verify_queue_per_subnet queued checks (issue 10):
+        # that cap trips long before the whole queue is full.
+        assert dht_stat(victim, "verify_dropped_subnet") > 0
+        assert dht_stat(victim, "verify_queue") <= dht.verify_queue_per_subnet
         assert len(attacker.requests) <= queued
         # The flooder never answers: none of its ids enters the routing table.
         assert all(c.host == LOOPBACK for c in victim.discovery.contacts())
@@ -1030,19 +1055,55 @@ async def test_dht_request_flood_is_rate_limited_per_address(make_net: MakeNet) 
 @needs_other_loopback
 async def test_provider_flood_is_bounded_per_sender(make_net: MakeNet) -> None:
     """One address announcing providers for many keys fills only its own quota; an
-    honest provider is still recorded and found."""
+    honest provider is still recorded and found. Stock announcements (no record,
+    no token) and records without the address's token are refused outright; the
+    flood is of records validly signed by fresh keys, with the token the
+    attacker's address earned (issue 10)."""
     dht = replace(DHT, max_provider_keys_per_sender=50, max_providers_per_key=8)
     world = await make_net(dht=dht)
     victim = world.victim
     flood = 300
     async with udp_attacker(source=OTHER_LOOPBACK) as attacker:
+        refused = [
+            dht_request("add_provider", os.urandom(20), os.urandom(20), 4000 + i) for i in range(20)
+        ]
+        refused += [
+            dht_request(
+                "add_provider",
+                os.urandom(20),
+                key := os.urandom(20),
+                signed_provider_record(key, OTHER_LOOPBACK, 4000),
+                os.urandom(8),
+            )
+            for _ in range(20)
+        ]
+        await send_paced(victim, attacker, refused)
+        assert dht_stat(victim, "dropped.bad_args") >= 20
+        assert dht_stat(victim, "providers_refused_token") == 20
+        assert dht_stat(victim, "providers_accepted") == 0
+        token = await earn_token(victim, attacker)
         announces = [
-            dht_request("add_provider", os.urandom(20), os.urandom(20), 4000 + i)
+            dht_request(
+                "add_provider",
+                os.urandom(20),
+                key := os.urandom(20),
+                signed_provider_record(key, OTHER_LOOPBACK, 4000 + i),
+                token,
+            )
             for i in range(flood)
         ]
         # Many fake providers for one key, too.
         key = os.urandom(20)
-        announces += [dht_request("add_provider", os.urandom(20), key, 4000) for _ in range(20)]
+        announces += [
+            dht_request(
+                "add_provider",
+                os.urandom(20),
+                key,
+                signed_provider_record(key, OTHER_LOOPBACK, 4000),
+                token,
+            )
+            for _ in range(20)
+        ]
         await send_paced(victim, attacker, announces)
     # Past its quota, the flooder's own oldest records make room (issue 10): it keeps
     # 50, nobody is refused.
@@ -1071,8 +1132,16 @@ async def test_value_store_flood_is_bounded_per_sender(make_net: MakeNet) -> Non
     victim = world.victim
     flood = 300
     async with udp_attacker(source=OTHER_LOOPBACK) as attacker:
+        # A stock store (no token) is refused (issue 10); the flood carries the
+        # token its address earned, as any real host can.
+        await send_paced(
+            victim, attacker, [dht_request("store", os.urandom(20), os.urandom(20), "spam")]
+        )
+        assert dht_stat(victim, "stores_refused_token") == 1
+        token = await earn_token(victim, attacker)
         stores = [
-            dht_request("store", os.urandom(20), os.urandom(20), "spam") for _ in range(flood)
+            dht_request("store", os.urandom(20), os.urandom(20), "spam", token)
+            for _ in range(flood)
         ]
         await send_paced(victim, attacker, stores)
     # Past its quota, the flooder's own oldest values make room (issue 10).
