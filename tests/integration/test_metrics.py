@@ -71,12 +71,16 @@ async def test_metrics_scraped_with_a_real_parser_move_with_dht_and_exchange_wor
             info = read_control(seeder.home)
             auth = {"Authorization": f"Bearer {info.token}"}
             async with aiohttp.ClientSession() as http:
+                # A signed (mutable) record, read back at the address the put gives.
                 body = {"key": "metrics-key", "value": "v"}
                 async with http.post(info.url + "/v1/dht/put", json=body, headers=auth) as r:
                     assert r.status == 200, await r.text()
-                params = {"key": "metrics-key"}
+                    put = await r.json()
+                assert put["remote"] == 1  # the getter proved its id and took it
+                params = {"key": put["address"]}
                 async with http.get(info.url + "/v1/dht/get", params=params, headers=auth) as r:
                     assert r.status == 200, await r.text()
+                    assert (await r.json())["value"] == "v"
             shared = await seeder.exchange.share(blob)
             await eventually(
                 lambda: getter.exchange.providers(shared.resource_id), what="provider record"
@@ -126,7 +130,7 @@ async def test_metrics_scraped_with_a_real_parser_move_with_dht_and_exchange_wor
     assert value(after, "p2pnode_info", version="0.1.0", peer_id=seeder.peer_id) == 1
     assert value(got_fams, "p2pnode_info", version="0.1.0", peer_id=getter.peer_id) == 1
     rpc_types = {s.labels["type"] for s in after["p2pnode_dht_rpcs_sent"].samples}
-    assert {"ping", "find_node", "find_value", "store", "add_provider"} <= rpc_types
+    assert {"ping", "identify", "find_node", "find_value", "store", "add_provider"} <= rpc_types
     states = {s.labels["state"] for s in after["p2pnode_net_connections"].samples}
     assert states == {"open", "handshaking"}
 
@@ -135,6 +139,9 @@ async def test_metrics_scraped_with_a_real_parser_move_with_dht_and_exchange_wor
         return value(after, name, **labels) > value(before, name, **labels)
 
     assert grew("p2pnode_dht_rpcs_sent_total", type="store")
+    # the getter proved its id to the seeder, and the seeder its own to the getter
+    assert value(after, "p2pnode_dht_rpcs_sent_total", type="identify") >= 1
+    assert value(after, "p2pnode_dht_rpcs_received_total", type="identify") >= 1
     assert grew("p2pnode_dht_rpcs_received_total", type="find_node") or grew(
         "p2pnode_dht_rpcs_received_total", type="add_provider"
     )
