@@ -124,9 +124,11 @@ async def one_lookup(
     k: int,
     alpha: int,
     path_alpha: int | None,
+    path_k: int | None = None,
     find_peer: bool,
-) -> tuple[bool, int, int | None, float]:
-    """(success, RPCs, hops to the goal, seconds) of one lookup."""
+) -> tuple[bool, int, int | None, float, float]:
+    """(success, RPCs, hops to the goal, seconds, share of the k closest live
+    honest nodes among the k returned) of one lookup."""
     if find_peer:
         goal = rng.choice(net.honest)
         target = goal
@@ -157,6 +159,7 @@ async def one_lookup(
         max_queries=200,
         paths=paths,
         path_alpha=path_alpha,
+        path_k=path_k,
         done=(lambda: reached) if find_peer else None,
         stall=STALL,
     )
@@ -164,12 +167,14 @@ async def one_lookup(
     goal_id = net.nodes[goal].id
     # Found: the goal answered (it holds the value), on any path.
     ok = reached or any(n.id == goal_id for asked in result.queried for n in asked)
-    return ok, result.queries, result.hops(goal_id) if ok else None, seconds
+    true = {net.nodes[j].id for j in net.closest(net.honest, target, k)}
+    recall = len(true & {n.id for n in result.closest}) / len(true)
+    return ok, result.queries, result.hops(goal_id) if ok else None, seconds, recall
 
 
 async def series(
     net: SimNetwork, targets: int, seed: int, *, find_peer: bool = False, **kw: object
-) -> list[tuple[bool, int, int | None, float]]:
+) -> list[tuple[bool, int, int | None, float, float]]:
     rng = random.Random(seed)  # the same initiators and targets for every d
     return [await one_lookup(net, rng, find_peer=find_peer, **kw) for _ in range(targets)]  # type: ignore[arg-type]
 
@@ -177,6 +182,17 @@ async def series(
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def variants(d: int, k: int, alpha: int, split: bool) -> list[tuple[int | None, int | None]]:
+    """(path_alpha, path_k) to try with d paths: the k closest split between the
+    paths (alpha, k/d: the default); with ``split``, also each path a whole lookup
+    (alpha, k: S/Kademlia's) and alpha split between them (alpha/d, k)."""
+    if d == 1:
+        return [(alpha, k)]
+    if not split:
+        return [(alpha, -(-k // d))]
+    return [(alpha, -(-k // d)), (alpha, k), (max(1, -(-alpha // d)), k)]
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -188,48 +204,49 @@ async def main(args: argparse.Namespace) -> None:
     )
     for attack in [a for a in args.attacks.split(",") if a] if fractions else []:
         print(f"\nlookups that reach the honest node closest to the key, attack {attack}:")
-        print("d    " + "".join(f"{f:>8.0%} adv  RPCs " for f in fractions))
+        print("d  path_k " + "".join(f"{f:>8.0%} adv  RPCs " for f in fractions))
         nets = [SimNetwork(args.nodes, seed=args.seed, bucket=k, adversarial=f) for f in fractions]
         for net in nets:
             net.sybil = attack == "sybil"
         for d in ds:
-            row = f"{d:<5}"
-            for net in nets:
-                runs = await series(
-                    net, args.targets, args.seed, paths=d, k=k, alpha=alpha, path_alpha=None
-                )
-                ok = sum(r[0] for r in runs) / len(runs)
-                rpcs = statistics.mean(r[1] for r in runs)
-                row += f"{ok:>12.1%} {rpcs:5.0f} "
-            print(row, flush=True)
+            for path_alpha, path_k in variants(d, k, alpha, args.split):
+                if path_alpha != alpha:
+                    continue  # alpha split: slower, no safer (see the cost table)
+                row = f"{d:<3}{path_k or k:>6} "
+                for net in nets:
+                    runs = await series(
+                        net, args.targets, args.seed, paths=d, k=k, alpha=alpha,
+                        path_alpha=None, path_k=path_k,
+                    )  # fmt: skip
+                    ok = sum(r[0] for r in runs) / len(runs)
+                    rpcs = statistics.mean(r[1] for r in runs)
+                    row += f"{ok:>12.1%} {rpcs:5.0f} "
+                print(row, flush=True)
     for dead in [float(x) for x in args.dead.split(",") if x]:
         net = SimNetwork(args.nodes, seed=args.seed, bucket=k, dead=dead)
         print(f"\ncost in a network without adversaries, {dead:.0%} dead nodes:")
         print(
-            "d   path_alpha | closest: ok   RPCs  hops  median  p90 s | find_peer: ok  RPCs"
-            "  median  p90 s"
+            "d  path_alpha path_k | closest: ok  k-closest  RPCs  hops  median  p90 s |"
+            " find_peer: ok  RPCs  median  p90 s"
         )
         for d in ds:
-            for path_alpha in (None, max(1, -(-alpha // d))) if d > 1 else (None,):
-                close = await series(
-                    net, args.targets, args.seed, paths=d, k=k, alpha=alpha, path_alpha=path_alpha
-                )
-                peer = await series(
-                    net,
-                    args.targets,
-                    args.seed,
-                    find_peer=True,
-                    paths=d,
-                    k=k,
-                    alpha=alpha,
-                    path_alpha=path_alpha,
-                )
+            for path_alpha, path_k in variants(d, k, alpha, args.split):
+                kw = {
+                    "paths": d,
+                    "k": k,
+                    "alpha": alpha,
+                    "path_alpha": path_alpha,
+                    "path_k": path_k,
+                }
+                close = await series(net, args.targets, args.seed, **kw)
+                peer = await series(net, args.targets, args.seed, find_peer=True, **kw)
                 hops = [r[2] for r in close if r[2] is not None]
                 lat = [r[3] for r in close]
                 plat = [r[3] for r in peer]
                 print(
-                    f"{d:<4}{path_alpha or alpha:>10} | "
+                    f"{d:<3}{path_alpha or alpha:>10}{path_k or k:>7} | "
                     f"{sum(r[0] for r in close) / len(close):>10.1%} "
+                    f"{statistics.mean(r[4] for r in close):>9.1%} "
                     f"{statistics.mean(r[1] for r in close):6.1f} "
                     f"{statistics.mean(hops) if hops else float('nan'):5.2f} "
                     f"{statistics.median(lat):7.3f} {pct(lat, 0.9):5.3f} | "
@@ -251,6 +268,9 @@ if __name__ == "__main__":
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--alpha", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--no-split", dest="split", action="store_false", help="only the default paths"
+    )
     t0 = time.perf_counter()
     vloop.run(lambda: main(parser.parse_args()))
     print(f"\n({time.perf_counter() - t0:.0f} s wall)")
