@@ -185,14 +185,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def variants(d: int, k: int, alpha: int, split: bool) -> list[tuple[int | None, int | None]]:
-    """(path_alpha, path_k) to try with d paths: the k closest split between the
-    paths (alpha, k/d: the default); with ``split``, also each path a whole lookup
-    (alpha, k: S/Kademlia's) and alpha split between them (alpha/d, k)."""
-    if d == 1:
+    """(path_alpha, path_k) to try with d paths: each path a whole lookup (alpha,
+    k: the default, S/Kademlia's); with ``split``, also the k closest split between
+    the paths (alpha, k/d) and alpha split between them (alpha/d, k)."""
+    if d == 1 or not split:
         return [(alpha, k)]
-    if not split:
-        return [(alpha, -(-k // d))]
-    return [(alpha, -(-k // d)), (alpha, k), (max(1, -(-alpha // d)), k)]
+    return [(alpha, k), (alpha, -(-k // d)), (max(1, -(-alpha // d)), k)]
 
 
 async def main(args: argparse.Namespace) -> None:

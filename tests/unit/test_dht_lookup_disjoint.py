@@ -355,7 +355,7 @@ async def test_every_path_reports_its_values_and_stops_at_the_first() -> None:
         return await disjoint_lookup(
             target.to_bytes(20, "big"), net.seeds(me, target, 24), query,
             self_id=net.nodes[me].id, k=8, alpha=3, timeout=30.0, max_queries=200, paths=3,
-            path_k=8, stop_on_value=stop_on_value,  # each path a whole lookup
+            stop_on_value=stop_on_value,
         )  # fmt: skip
 
     events: list[tuple[str, Node]] = []
