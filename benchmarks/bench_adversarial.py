@@ -40,12 +40,13 @@ from p2pnode.sim.scenario import ScenarioConfig
 FRACTIONS = (0.0, 0.1, 0.2, 0.3)
 
 
-def scenario(nodes: int, seed: int, fraction: float) -> ScenarioConfig:
+def scenario(nodes: int, seed: int, fraction: float, hosts: int = 0) -> ScenarioConfig:
     return ScenarioConfig(
         mode="virtual",
         nodes=nodes,
         seed=seed,
         adversarial=fraction,
+        adv_hosts=hosts,
         join_rate=0.0,
         join_concurrency=32,
         duration=20.0,
@@ -82,6 +83,11 @@ def row(report: dict[str, Any], wall: float) -> dict[str, Any]:
         "forged_records_accepted": forged["records"],
         "stale_records_accepted": forged["stale_records"],
         "lookups_impersonated": adv["lookups_impersonated"],
+        "errors": {
+            "lookup": report["lookups"]["errors"],
+            "record_get": adv["record_gets"]["errors"],
+            "provider_lookup": adv["provider_lookups"]["errors"],
+        },
         "grind_tries": grinding.get("tries", 0),
         "sybil_prefix_bits_mean": (grinding.get("prefix_bits") or {}).get("mean"),
         "wall_s": wall,
@@ -137,6 +143,12 @@ def main() -> int:
         "--fractions", default=",".join(str(f) for f in FRACTIONS), help="comma-separated"
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--adv-hosts",
+        type=int,
+        default=0,
+        help="addresses the Sybils share (1: one host; default 0: one address each)",
+    )
     parser.add_argument("--label", help="what DHT this is (default: the git commit)")
     args = parser.parse_args()
     if os.environ.get("PYTHONHASHSEED") != "0":  # same seed, same run (set order)
@@ -147,7 +159,7 @@ def main() -> int:
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     rows = []
     for fraction in fractions:
-        config = scenario(args.nodes, args.seed, fraction)
+        config = scenario(args.nodes, args.seed, fraction, args.adv_hosts)
         t0 = time.perf_counter()
         report = run_simulation(config, progress=False).report
         rows.append(row(report, time.perf_counter() - t0))
@@ -157,6 +169,12 @@ def main() -> int:
             flush=True,
         )
     print_table(rows, args.nodes, args.seed)
+    where = f"on {args.adv_hosts} shared address(es)" if args.adv_hosts else "each on its own /24"
+    print(f"  Sybils {where}")
+    for r in rows:
+        failures = {k: v for k, v in r["errors"].items() if v}
+        if failures:
+            print(f"  failures at {100 * r['fraction']:.0f}%: {failures}")
     label = args.label or f"commit {commit()}, the DHT in the working tree at run time"
     print(f"({label})")
     if args.json is not None:

@@ -618,9 +618,11 @@ class AdversaryNode(SimNode):
         registry: SybilRegistry,
         clock: Any,
         seed: int,
+        port: int = PORT,
     ) -> None:
         super().__init__(index, workdir)
         self.vhost = vhost
+        self._port = port
         self.host = vhost.ip
         self.spec = spec
         self.registry = registry
@@ -635,7 +637,8 @@ class AdversaryNode(SimNode):
     async def start(self, bootstrap: list[tuple[str, int]], port: int = 0) -> None:
         self.vhost.recover()
         protocol = SybilProtocol(self.spec, self.registry, self.host, self._clock, self._seed)
-        _, bound = await self.vhost.datagram_endpoint(lambda: protocol, self.host, port or PORT)
+        wanted = port or self._port
+        _, bound = await self.vhost.datagram_endpoint(lambda: protocol, self.host, wanted)
         protocol.port = bound
         self.protocol, self.port = protocol, bound
         self.registry.join(self.sybil_id, self.host, bound)

@@ -47,6 +47,7 @@ OpKind = Literal[
     "providers",
 ]
 MAX_ADVERSARIAL = 0.5
+MAX_ADVERSARY_HOSTS = 4096
 # With adversaries, the workload also has signed records and provider lookups
 # unless told otherwise (None: this many when adversarial > 0, else none).
 ADVERSARIAL_RECORDS = 10
@@ -105,6 +106,9 @@ class ScenarioConfig:
     adv_drop_stores: bool = True  # accept stores and add_provider, keep nothing
     # Grinding ids: Ed25519 keys tried in all (one pool shared by every target).
     adv_grind_tries: int = 65536
+    # Where the Sybils live: this many IP addresses, each in its own /24, Sybils
+    # spread over them on successive ports (1: one cheap host); 0: one address each.
+    adv_hosts: int = 0
     # Churn: this fraction of the non-seed nodes is killed abruptly during the
     # workload (between 10% and 70% of it); this fraction of those comes back after
     # a downtime drawn from [downtime, downtime_max].
@@ -187,6 +191,10 @@ class ScenarioConfig:
             "adversarial nodes run in virtual mode only",
         )
         need(self.adv_grind_tries >= 1, "adv_grind_tries must be >= 1")
+        need(
+            0 <= self.adv_hosts <= MAX_ADVERSARY_HOSTS,
+            f"adv_hosts must be 0..{MAX_ADVERSARY_HOSTS}",
+        )
         for name in (
             "lookup_timeout",
             "dht_timeout",

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import ipaddress
 import logging
 import random
 import struct
@@ -50,6 +51,8 @@ from p2pnode.sim.engine import (
 from p2pnode.sim.inprocess import net_bytes
 from p2pnode.sim.scenario import Scenario, ScenarioConfig, generate
 from p2pnode.sim.vloop import LoopClock
+from p2pnode.sim.vnet import BASE as VNET_BASE
+from p2pnode.sim.vnet import SUBNETS as VNET_SUBNETS
 from p2pnode.sim.vnet import LinkModel, VirtualHost, VirtualNetwork
 from p2pnode.wire.messages import ErrorCode, ErrorReply, Message
 
@@ -423,16 +426,30 @@ class VirtualCluster(OneProcessCluster):
             if registry is None:
                 registry = self.registry = make_registry(self.scenario)
             slot = sorted(self.adversaries).index(index)
+            vhost, port = self._sybil_host(slot, index)
             return AdversaryNode(
                 index,
                 workdir,
-                self.net.host(index),
+                vhost,
                 registry.specs[slot],
                 registry,
                 self.clock,
                 self.config.seed,
+                port,
             )
         return VirtualNode(index, workdir, self)
+
+    def _sybil_host(self, slot: int, index: int) -> tuple[VirtualHost, int]:
+        """A Sybil's host and port: its own (adv_hosts 0), or one of adv_hosts shared
+        addresses (each in a /24 no honest node uses) on the next free port."""
+        hosts = self.config.adv_hosts
+        if hosts == 0:
+            return self.net.host(index), PORT
+        ip = sybil_address(slot % hosts)
+        vhost = self.net.hosts.get(ip)
+        if vhost is None:
+            vhost = self.net.hosts[ip] = VirtualHost(self.net, ip)
+        return vhost, PORT + slot // hosts
 
     def adversary_report(self) -> dict[str, Any] | None:
         return None if self.registry is None else self.registry.report()
@@ -441,6 +458,12 @@ class VirtualCluster(OneProcessCluster):
         if self.registry is None:
             return None
         return {"grinding_wall_seconds": self.registry.grind_cost.get("wall_seconds")}
+
+
+def sybil_address(host: int) -> str:
+    """Shared Sybil address ``host``: .200 in the /24s counted down from the top of
+    100.64.0.0/10 (honest hosts use .1, .2, ... from the bottom)."""
+    return str(ipaddress.IPv4Address(VNET_BASE + ((VNET_SUBNETS - 1 - host) << 8) + 200))
 
 
 def workload_targets(scenario: Scenario) -> list[Target]:
