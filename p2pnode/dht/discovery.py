@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import os
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +37,7 @@ from p2pnode.dht.rpc_schema import (
     is_port,
     normalize_host,
 )
+from p2pnode.dht.table import diversity_group
 from p2pnode.endpoints import LOOP_ENDPOINTS, Endpoints
 from p2pnode.errors import P2PError, UsageError
 from p2pnode.identity import Identity, as_node_id
@@ -58,6 +59,8 @@ JOIN_RANGE_CONTACTS = 1
 # them wins): one forged or stale answer cannot decide it.
 RECORD_ANSWERS_ENOUGH = 3
 PROOF_CACHE = 4096  # identify answers kept for our writes (token, observed address)
+# Writes pick their k targets among the closest WRITE_CANDIDATES x k that answered.
+WRITE_CANDIDATES = 2
 
 
 @dataclass(frozen=True)
@@ -372,6 +375,7 @@ class Discovery:
         *,
         seeds: Sequence[Node] = (),
         done: Callable[[], bool] | None = None,
+        k: int | None = None,
     ) -> list[Node]:
         protocol = self._proto()
         # More than k starting points: when the k closest we know are all dead, the
@@ -384,21 +388,27 @@ class Discovery:
             start,
             query,
             self_id=self.node_id,
-            k=self.config.ksize,
+            k=self.config.ksize if k is None else k,
             alpha=self.config.alpha,
             timeout=self.config.lookup_timeout,
             max_queries=self.config.max_lookup_queries,
             paths=self.config.lookup_paths,
+            group_of=self._group_of,
+            group_cap=self.config.max_contacts_per_subnet_bucket,
             done=done,
             stall=self._stall(protocol),
             clock=self.clock,
         )
+
+    def _group_of(self, ip: str) -> str | None:
+        return diversity_group(ip, self.config.diversity_exempt_loopback)
 
     async def _lookup_nodes(
         self,
         target: bytes,
         seeds: Sequence[Node] = (),
         done: Callable[[], bool] | None = None,
+        k: int | None = None,
     ) -> list[Node]:
         protocol = self._proto()
         wanted = Node(target)
@@ -406,7 +416,42 @@ class Discovery:
         async def query(node: Node) -> list[Node] | None:
             return await protocol.call_find_node(node, wanted)
 
-        return await self._lookup(target, query, seeds=seeds, done=done)
+        return await self._lookup(target, query, seeds=seeds, done=done, k=k)
+
+    async def _write_targets(self, dkey: bytes) -> tuple[list[tuple[Node, bytes, str]], int]:
+        """Where to write ``dkey``: up to k of the closest nodes that answered a
+        lookup of WRITE_CANDIDATES x k, that proved their id, at most
+        max_contacts_per_subnet_bucket from one /24 or /64, closest first, each with
+        (token, our address as it sees us); and how many could not prove their id.
+        Sybils crowding a key from one subnet, or claiming ids they cannot prove,
+        then leave room for the honest nodes behind them."""
+        config = self.config
+        candidates = await self._lookup_nodes(dkey, k=WRITE_CANDIDATES * config.ksize)
+        cap, exempt = config.max_contacts_per_subnet_bucket, config.diversity_exempt_loopback
+        taken: Counter[str] = Counter()
+        chosen: list[tuple[Node, bytes, str]] = []
+        unproven = 0
+        rest = iter(candidates)
+        while len(chosen) < config.ksize:
+            batch: list[Node] = []
+            for node in rest:
+                group = diversity_group(node.ip, exempt)
+                if group is None or taken[group] < cap:
+                    batch.append(node)
+                if len(chosen) + len(batch) >= config.ksize:
+                    break
+            if not batch:
+                break
+            proofs = await asyncio.gather(*(self._proof(node) for node in batch))
+            for node, proof in zip(batch, proofs, strict=True):
+                group = diversity_group(node.ip, exempt)
+                if proof is None:
+                    unproven += 1
+                elif group is None or taken[group] < cap:
+                    if group is not None:
+                        taken[group] += 1
+                    chosen.append((node, *proof))
+        return chosen, unproven
 
     async def closest(self, key: bytes) -> list[Contact]:
         """The k closest nodes to a 20-byte key that answered a lookup."""
@@ -555,17 +600,19 @@ class Discovery:
         return await self._proto().call_store(node, dkey, value, proof[0])
 
     async def _publish(self, dkey: bytes, value: Value) -> PutOutcome:
-        nodes = await self._lookup_nodes(dkey)
+        targets, unproven = await self._write_targets(dkey)
         target = Node(dkey)
         stored_here: bool | None = None
-        if len(nodes) < self.config.ksize or self._node.distance_to(target) < max(
-            n.distance_to(target) for n in nodes
+        if len(targets) < self.config.ksize or self._node.distance_to(target) < max(
+            n.distance_to(target) for n, _, _ in targets
         ):
             stored_here = self._storage.put(dkey, value)
-        results = await asyncio.gather(*(self._store_at(n, dkey, value) for n in nodes))
+        protocol = self._proto()
+        results = await asyncio.gather(
+            *(protocol.call_store(n, dkey, value, token) for n, token, _ in targets)
+        )
         remote = sum(1 for result in results if result is True)
-        unproven = sum(1 for result in results if result is None)
-        return PutOutcome(stored_here, remote, len(nodes) - unproven, unproven)
+        return PutOutcome(stored_here, remote, len(targets), unproven)
 
     async def get(self, key: str | bytes) -> str | bytes | int | float | bool | None:
         """The plain value stored under sha1(key), here or on the network; None if
@@ -672,18 +719,15 @@ class Discovery:
 
     async def _announce(self, key: bytes, port: int) -> int:
         protocol = self._proto()
-        nodes = await self._lookup_nodes(key)
+        targets, _ = await self._write_targets(key)
+        nodes = [node for node, _, _ in targets]
 
-        async def announce_to(node: Node) -> bool:
-            proof = await self._proof(node)
-            if proof is None:
-                return False
-            token, seen_as = proof
+        async def announce_to(node: Node, token: bytes, seen_as: str) -> bool:
             # Holders keep a record only if it dials the address it came from.
             record = self._provider_record(key, seen_as, port)
             return await protocol.call_add_provider(node, key, record, token) is True
 
-        results = await asyncio.gather(*(announce_to(n) for n in nodes))
+        results = await asyncio.gather(*(announce_to(*target) for target in targets))
         holders = [n for n, result in zip(nodes, results, strict=True) if result]
         if key in self._announced:
             self._holders[key] = holders

@@ -121,8 +121,14 @@ class _Lookup(Generic[V]):
         path_alpha: int | None,
         stop_on_value: bool,
         path_k: int | None = None,
+        group_of: Callable[[str], str | None] | None = None,
+        group_cap: int = 0,
     ) -> None:
         self.goal = int.from_bytes(target, "big")
+        # Diversity: at most group_cap of any group (subnet) count among the closest,
+        # so Sybils of one subnet crowding the target cannot end a lookup on them.
+        self.group_of = group_of if group_cap > 0 else None
+        self.group_cap = group_cap
         self.self_id = self_id
         self.k = k
         self.path_k = max(1, path_k) if path_k is not None else k
@@ -137,6 +143,24 @@ class _Lookup(Generic[V]):
 
     def distance(self, node: Node) -> int:
         return int(node.long_id) ^ self.goal
+
+    def closest(self, nodes: Iterable[Node], k: int) -> list[Node]:
+        """The ``k`` nodes closest to the target, at most ``group_cap`` per group."""
+        group_of = self.group_of
+        if group_of is None:
+            return heapq.nsmallest(k, nodes, key=self.distance)
+        taken: dict[str, int] = {}
+        out: list[Node] = []
+        for node in sorted(nodes, key=self.distance):
+            group = group_of(node.ip)
+            if group is not None:
+                if taken.get(group, 0) >= self.group_cap:
+                    continue
+                taken[group] = taken.get(group, 0) + 1
+            out.append(node)
+            if len(out) >= k:
+                break
+        return out
 
     def deal(self, seeds: Iterable[Node]) -> None:
         """Deal the starting contacts round-robin into the paths, closest first, so
@@ -187,7 +211,7 @@ class _Lookup(Generic[V]):
                 and self.claimed.get(n.id, mine) == mine
             )
             skipped = False
-            for node in heapq.nsmallest(self.path_k, live, key=self.distance):
+            for node in self.closest(live, self.path_k):
                 if path.active(now, stall) >= path.alpha or len(path.asked) >= budget:
                     return out
                 if node.id in self.claimed:
@@ -249,7 +273,7 @@ class _Lookup(Generic[V]):
             answered.update(path.answered)
             for node_id, hops in path.depth.items():
                 depth[node_id] = min(hops, depth.get(node_id, hops))
-        closest = sorted(answered.values(), key=self.distance)[: self.k]
+        closest = self.closest(answered.values(), self.k)
         return LookupResult(closest, list(self.found), [list(p.asked) for p in self.paths], depth)
 
 
@@ -270,6 +294,8 @@ async def disjoint_lookup(
     done: Callable[[], bool] | None = None,
     stall: float = float("inf"),
     clock: Clock | None = None,
+    group_of: Callable[[str], str | None] | None = None,
+    group_cap: int = 0,
 ) -> LookupResult[V]:
     """Ask the nodes closest to ``target`` for closer ones, on ``paths`` disjoint
     paths, until on every path the ``k`` closest known have all answered (or
@@ -286,9 +312,20 @@ async def disjoint_lookup(
     ceil(k / paths) asks about as many as one path, and finds the same k closest
     in bench_lookup_paths.py, but explores less: joining nodes then missed far
     ranges in test_dht_join_ranges). Time is ``clock``
-    (default: the event loop's), which must run at the loop's pace."""
+    (default: the event loop's), which must run at the loop's pace. With
+    ``group_of`` and ``group_cap``, at most ``group_cap`` nodes of one group (a
+    subnet) count among any k closest, the result's too."""
     lookup: _Lookup[V] = _Lookup(
-        target, self_id, k, alpha, paths, path_alpha, stop_on_value, path_k
+        target,
+        self_id,
+        k,
+        alpha,
+        paths,
+        path_alpha,
+        stop_on_value,
+        path_k,
+        group_of=group_of,
+        group_cap=group_cap,
     )
     lookup.deal(seeds)
     now_of = clock.now if clock is not None else asyncio.get_running_loop().time
@@ -340,6 +377,8 @@ async def iterative_lookup(
     done: Callable[[], bool] | None = None,
     stall: float = float("inf"),
     clock: Clock | None = None,
+    group_of: Callable[[str], str | None] | None = None,
+    group_cap: int = 0,
 ) -> list[Node]:
     """:func:`disjoint_lookup` for nodes only: up to ``k`` nodes that answered,
     closest first. ``query(node)`` returns the nodes it listed, or None."""
@@ -356,5 +395,7 @@ async def iterative_lookup(
         done=done,
         stall=stall,
         clock=clock,
+        group_of=group_of,
+        group_cap=group_cap,
     )
     return result.closest

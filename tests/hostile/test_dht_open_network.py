@@ -424,15 +424,6 @@ def sybils_in_tables(node: Discovery, ids: set[bytes]) -> tuple[list[int], list[
 
 
 @needs_loopbacks
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "p2pnode/dht/discovery.py Discovery._publish and _announce write to the k "
-        "closest nodes the lookup returned, Sybils included: claimed ids are unproven "
-        "(skipped, so the record is stored nowhere honest), ground ids prove and "
-        "swallow it; targets are neither limited to proven nodes nor per address group"
-    ),
-)
 @pytest.mark.parametrize("proven", [False, True], ids=["claimed_ids", "ground_keys"])
 async def test_sybils_next_to_a_key_cannot_take_it_over(
     honest: list[Discovery], attackers: Attackers, proven: bool
@@ -444,8 +435,9 @@ async def test_sybils_next_to_a_key_cannot_take_it_over(
     of proven ones; a signed record put afterwards comes back intact from every
     node, and a fresh share next to that key is found.
 
-    Before: 8 of the Sybils filled the key's bucket of every table (ksize 8).
-    Now the tables hold; the put and announce still go to the Sybils (xfail)."""
+    Before: 8 of the Sybils filled the key's bucket of every table (ksize 8), and
+    the put and announce went to the Sybils. Writes now go to the closest nodes of a
+    wider lookup that prove their id, a few per subnet (Discovery._write_targets)."""
     publisher = honest[0]
     target = rec.mutable_key(publisher.node_id, "takeover")
     forged: list[object] = ["pwned", rec.RECORD_MAGIC + b"\x01junk"]
