@@ -3,9 +3,14 @@
     python benchmarks/bench_node.py [--nodes 20] [--seconds 2]
 
 Prints: time from `p2pnode start` to ready; time for an N-node in-process network
-to converge (every node finds every other by id); idle CPU and RSS of one node
-process; DHT ping round trips per second between two p2pnode nodes next to two
-stock kademlia servers measured in the same run (sequential and 64 in flight).
+to converge (every node finds every other by id), then the latency of lookups of
+random keys in it; idle CPU and RSS of one node process; DHT ping round trips per
+second between two p2pnode nodes next to two stock kademlia servers measured in the
+same run (sequential and 64 in flight); what the open-network DHT's signatures cost
+(an id proof per new contact, a record per store or get).
+
+Run it against another checkout with ``PYTHONPATH=<tree> python benchmarks/bench_node.py``
+to compare (the signature costs print n/a where the tree has none).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,10 +89,65 @@ async def converge(n: int, base: Path) -> float:
                     pending.discard((a, b))
         if pending:
             return float("nan")
-        return time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        await lookup_latency(nodes)
+        return took
     finally:
         for node in nodes:
             await node.stop()
+
+
+async def lookup_latency(nodes: list[Node], count: int = 60) -> None:
+    """Median and p90 of full lookups (``closest``) of random keys from random nodes."""
+    rng = random.Random(1)
+    times = []
+    for _ in range(count):
+        node = rng.choice(nodes)
+        t0 = time.perf_counter()
+        await node.discovery.closest(rng.randbytes(20))
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    print(
+        f"lookup of a random key ({len(nodes)} nodes, {count} lookups): median "
+        f"{statistics.median(times) * 1000:.1f} ms, p90 {times[int(0.9 * count)] * 1000:.1f} ms"
+    )
+
+
+def signature_costs() -> None:
+    """µs to prove an id (sign + verify) and to verify a provider / mutable record."""
+    import timeit
+
+    try:
+        from p2pnode.dht import proof, records
+    except ImportError:
+        print("signature costs: n/a (this tree has no signed DHT)")
+        return
+    from p2pnode.identity import Identity
+
+    me, them = Identity.generate(), Identity.generate()
+    challenge = os.urandom(16)
+    signature = proof.prove(them, me.node_id, challenge)
+    key = os.urandom(20)
+    now = time.time()
+    record = records.sign_provider_record(them, key, [("127.0.0.1", 4001)], 1, int(now) + 3600)
+    mutable = records.sign_mutable(them, "name", "value", 1, int(now) + 3600)
+    envelope = records.to_value(mutable)
+    mkey = records.mutable_key(them.node_id, "name")
+    n = 2000
+
+    def per_call(fn: object) -> float:
+        return timeit.timeit(fn, number=n) / n * 1e6  # type: ignore[arg-type]
+
+    sign = per_call(lambda: proof.prove(them, me.node_id, challenge))
+    check = per_call(
+        lambda: proof.check_proof(them.node_id, me.node_id, challenge, them.public_key, signature)
+    )
+    provider = per_call(lambda: records.verify_provider_record(record, now, 86400))
+    opened = per_call(lambda: records.open_value(mkey, envelope, now, 86400))
+    print(
+        f"signatures: id proof per new contact {sign:.0f} us to sign + {check:.0f} us to "
+        f"verify; provider record verify {provider:.0f} us; mutable record verify {opened:.0f} us"
+    )
 
 
 async def ping_rate_p2pnode(base: Path, seconds: float, inflight: int) -> float:
@@ -161,6 +223,7 @@ def main() -> None:
                 f"DHT ping, {inflight:>2} in flight: p2pnode {ours:8.0f}/s  stock kademlia "
                 f"{stock:8.0f}/s  ratio {ours / stock:.2f}"
             )
+    signature_costs()
     print(f"(pid {os.getpid()}, {os.cpu_count()} cores)")
 
 
