@@ -2,6 +2,8 @@
 
     python benchmarks/bench_hostile.py [--size-mib 256] [--attacks udp,tcp-garbage,...]
         [--tcp-threads 4] [--rate 0] [--attacker-ip 127.0.0.2] [--handshakes 100]
+    python benchmarks/bench_hostile.py --attacks dht-overwrite,dht-provider-spam,dht-sybil,\
+        dht-spoofed-provider,dht-store-flood [--dht-size-mib 16]
 
 The figures of the security issue, in one run, on loopback, each party in its own
 process:
@@ -43,6 +45,13 @@ process:
 
   For these the provider's RSS is sampled during the window (peak) and after the
   attackers have gone (after), beside its configured ``memory_budget``.
+
+  and the DHT attacks of issue 10 (``dht-overwrite``, ``dht-provider-spam``,
+  ``dht-sybil``, ``dht-spoofed-provider``, ``dht-store-flood``; not in the default
+  list): each on a fresh network of five nodes on 127.0.1.1 .. 127.0.5.1, with an
+  honest operation (a signed record read back, a download, a put) timed before and
+  after the attack; a table of their own (see benchmarks/hostile_dht.py). With only
+  dht-* attacks given, the download rows above are skipped.
 
   What the node absorbed is read from the provider's own counters (control API
   ``GET /v1/status``: "dht", "net", "exchange"), before and after the attack
@@ -93,6 +102,7 @@ from typing import Any
 
 import bench_exchange  # benchmarks/ is sys.path[0] when this file is run
 import bench_net
+import hostile_dht
 import psutil
 
 from p2pnode.errors import P2PError
@@ -739,6 +749,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to put the files (default: /tmp)")
     parser.add_argument("--download-timeout", type=float, default=45.0)
     parser.add_argument("--attack-max-seconds", type=float, default=120.0)
+    parser.add_argument("--dht-size-mib", type=int, default=16, help="file of the dht-* rows")
     # attacker role
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--target-port", type=int, default=0, help=argparse.SUPPRESS)
@@ -750,16 +761,35 @@ def main() -> None:
         return
 
     kinds = [k for k in args.attacks.split(",") if k]
-    unknown = set(kinds) - {*ATTACKS, *HOLDING, "all"}
+    unknown = set(kinds) - {*ATTACKS, *HOLDING, *hostile_dht.DHT_ATTACKS, "all"}
     if unknown:
         parser.error(f"unknown attack(s): {', '.join(sorted(unknown))}")
+    dht_kinds = [k for k in kinds if k in hostile_dht.DHT_ATTACKS]
+    download_kinds = [k for k in kinds if k not in hostile_dht.DHT_ATTACKS]
+    t_start = time.monotonic()
+    failed: list[str] = []
+    if download_kinds or not dht_kinds:
+        failed += run_downloads(args, download_kinds)
+    if dht_kinds:
+        with tempfile.TemporaryDirectory(prefix="bench-hostile-dht-", dir=args.dir) as tmp:
+            dht_cases = hostile_dht.run(args, Path(tmp), dht_kinds)
+        hostile_dht.print_report(dht_cases)
+        failed += [c.label for c in dht_cases if not c.ok]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\ntotal {time.monotonic() - t_start:.0f} s; load average {load} at the end")
+    if failed:
+        print(f"FAILED (a download, or an honest DHT operation): {', '.join(failed)}")
+        sys.exit(1)
+
+
+def run_downloads(args: argparse.Namespace, kinds: list[str]) -> list[str]:
+    """The download rows (clean runs and the network attacks); the failed labels."""
     size = args.size_mib * MiB
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"p2pnode under hostile load: {args.size_mib} MiB download, {os.cpu_count()} cores, "
         f"node on 127.0.0.1, attackers from {args.attacker_ip}; load average {load} at start"
     )
-    t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-hostile-", dir=args.dir) as tmp:
         base = Path(tmp)
         src = base / "source.bin"
@@ -840,12 +870,7 @@ def main() -> None:
                 f"  {c.label:24s} before {c.rss_before / MiB:6.0f}  peak {c.rss_peak / MiB:6.0f}"
                 f"  after {c.rss_after / MiB:6.0f}"
             )
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\ntotal {time.monotonic() - t_start:.0f} s; load average {load} at the end")
-    failed = [c.label for c in cases if not c.ok]
-    if failed:
-        print(f"FAILED downloads: {', '.join(failed)}")
-        sys.exit(1)
+    return [c.label for c in cases if not c.ok]
 
 
 if __name__ == "__main__":
