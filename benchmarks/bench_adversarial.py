@@ -40,13 +40,16 @@ from p2pnode.sim.scenario import ScenarioConfig
 FRACTIONS = (0.0, 0.1, 0.2, 0.3)
 
 
-def scenario(nodes: int, seed: int, fraction: float, hosts: int = 0) -> ScenarioConfig:
+def scenario(
+    nodes: int, seed: int, fraction: float, hosts: int = 0, cluster: bool = True
+) -> ScenarioConfig:
     return ScenarioConfig(
         mode="virtual",
         nodes=nodes,
         seed=seed,
         adversarial=fraction,
         adv_hosts=hosts,
+        adv_cluster=cluster,
         join_rate=0.0,
         join_concurrency=32,
         duration=20.0,
@@ -149,6 +152,11 @@ def main() -> int:
         default=0,
         help="addresses the Sybils share (1: one host; default 0: one address each)",
     )
+    parser.add_argument(
+        "--random-ids",
+        action="store_true",
+        help="Sybils with random ids, not ground next to the targets (S/Kademlia's model)",
+    )
     parser.add_argument("--label", help="what DHT this is (default: the git commit)")
     args = parser.parse_args()
     if os.environ.get("PYTHONHASHSEED") != "0":  # same seed, same run (set order)
@@ -159,7 +167,9 @@ def main() -> int:
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     rows = []
     for fraction in fractions:
-        config = scenario(args.nodes, args.seed, fraction, args.adv_hosts)
+        config = scenario(
+            args.nodes, args.seed, fraction, args.adv_hosts, cluster=not args.random_ids
+        )
         t0 = time.perf_counter()
         report = run_simulation(config, progress=False).report
         rows.append(row(report, time.perf_counter() - t0))
@@ -170,7 +180,8 @@ def main() -> int:
         )
     print_table(rows, args.nodes, args.seed)
     where = f"on {args.adv_hosts} shared address(es)" if args.adv_hosts else "each on its own /24"
-    print(f"  Sybils {where}")
+    ids = "random ids" if args.random_ids else "ids ground next to the targets"
+    print(f"  Sybils {where}, {ids}")
     for r in rows:
         failures = {k: v for k, v in r["errors"].items() if v}
         if failures:

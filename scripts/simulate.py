@@ -62,6 +62,8 @@ HELP = {
     "provider_lookups_per_resource": "find_providers per resource by non-holders (default: "
     "3 with --adversarial, else 0)",
     "adv_grind_tries": "Ed25519 keys tried in all to place Sybil ids next to target keys",
+    "adv_cluster": "grind Sybil ids next to the workload's keys (false: random ids, "
+    "S/Kademlia's adversary model)",
     "adv_hosts": "IP addresses the Sybils share, each in its own /24 (1: one cheap host, "
     "Sybils on successive ports); 0: each Sybil its own address",
 }

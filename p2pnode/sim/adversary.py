@@ -270,7 +270,14 @@ class SybilRegistry:
             "sybils": len(self.specs),
             "behaviours": {
                 name: bool(getattr(self.config, f"adv_{name}"))
-                for name in ("eclipse", "impersonate", "forge", "spam_providers", "drop_stores")
+                for name in (
+                    "cluster",
+                    "eclipse",
+                    "impersonate",
+                    "forge",
+                    "spam_providers",
+                    "drop_stores",
+                )
             },
             "wire": {
                 "identify": self.wire.identify,

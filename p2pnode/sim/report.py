@@ -213,6 +213,12 @@ def _adversarial(
     return {
         "fraction": config.adversarial,
         "adversaries": len(scenario.adversaries),
+        # The setting to compare with S/Kademlia's (k, disjoint paths d).
+        "dht": {
+            "k": DhtConfig().ksize,
+            "alpha": DhtConfig().alpha,
+            "lookup_paths": getattr(DhtConfig(), "lookup_paths", 1),
+        },
         "honest_nodes": config.nodes - len(scenario.adversaries),
         "success": {
             "lookup": success_summary(lookups)["success_rate"],

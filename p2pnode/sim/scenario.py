@@ -99,6 +99,8 @@ class ScenarioConfig:
     # ground next to the workload's target keys (p2pnode.sim.adversary); every
     # workload actor and target is honest. Each behaviour can be switched off.
     adversarial: float = 0.0
+    # Ids ground next to the workload's keys; off: random ids (S/Kademlia's model).
+    adv_cluster: bool = True
     adv_eclipse: bool = True  # answer lookups with colluders only
     adv_impersonate: bool = True  # list itself under the id a find_node seeks
     adv_forge: bool = True  # find_value answers forged values / records

@@ -494,7 +494,8 @@ def make_registry(scenario: Scenario) -> SybilRegistry:
     """Grind the Sybils' ids around the workload's keys; their shared registry."""
     config = scenario.config
     targets = workload_targets(scenario)
-    specs, cost = grind(config.seed, targets, len(scenario.adversaries), config.adv_grind_tries)
+    tries = config.adv_grind_tries if config.adv_cluster else 0  # 0: random ids
+    specs, cost = grind(config.seed, targets, len(scenario.adversaries), tries)
     honest = [
         identity_for(config.seed, i).node_id
         for i in range(config.nodes)
