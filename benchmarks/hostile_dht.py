@@ -217,6 +217,11 @@ async def _command(node: Any, cmd: dict[str, Any]) -> dict[str, Any]:
         rid = resource_id_from_str(cmd["rid"])
         await asyncio.wait_for(node.exchange.get(rid, Path(cmd["dest"])), cmd["timeout"])
         return {"ok": True}
+    if op == "providers":  # what a downloader's provider lookup finds
+        found = await node.exchange.providers(resource_id_from_str(cmd["rid"]))
+        want = bytes.fromhex(cmd["honest"])
+        fake = sum(1 for r in found if r.node_id != want)
+        return {"found": len(found), "fake": fake, "honest": any(r.node_id == want for r in found)}
     if op == "stats":
         stats = dht.stats()
         stats["rss"] = psutil.Process().memory_info().rss
@@ -908,9 +913,10 @@ class DhtHarness:
         if not ok:
             case.notes.append(f"clean download failed: {err}")
         with self.attack(case, nodes, {"key": key.hex()}):
+            seen = downloader.call("providers", rid=spammed["rid"], honest=provider.peer_id.hex())
             ok, case.attacked_s, err = self._download(downloader, spammed["rid"], home, "spammed")
         case.ok = ok
-        case.result = "downloaded" if ok else f"FAILED: {err}"
+        case.result = f"{_found(seen)}; {'downloaded' if ok else 'FAILED: ' + err}"
 
     def _sybil(
         self, case: DhtCase, nodes: list[HonestNode], home: Path, *, ground: bool, **_: object
@@ -985,6 +991,7 @@ class DhtHarness:
         if not ok:
             case.notes.append(f"clean download failed: {err}")
         with self.attack(case, nodes, {"key": key.hex(), "victim_port": victim.port}):
+            seen = downloader.call("providers", rid=target["rid"], honest=provider.peer_id.hex())
             ok, case.attacked_s, err = self._download(downloader, target["rid"], home, "target")
             time.sleep(0.5)  # a connect in flight reaches the listener
         case.ok = ok and victim.count == 0
@@ -992,7 +999,8 @@ class DhtHarness:
             "with raw spoofed sources" if case.attacker.get("raw") else "no raw sockets (not root)"
         )
         case.result = (
-            f"{'downloaded' if ok else 'FAILED: ' + err}; {victim.count} TCP connects reached "
+            f"{_found(seen)}; {'downloaded' if ok else 'FAILED: ' + err}; "
+            f"{victim.count} TCP connects reached "
             f"the victim ({raw})"
         )
 
@@ -1018,6 +1026,15 @@ class DhtHarness:
 
 
 # --- report ----------------------------------------------------------------------------------
+
+
+def _found(answer: dict[str, Any]) -> str:
+    if "error" in answer:
+        return f"find_providers failed: {answer['error']}"
+    honest = "in" if answer["honest"] else "NOT in"
+    return (
+        f"find_providers {answer['found']} (honest provider {honest} them, {answer['fake']} others)"
+    )
 
 
 def _secs(seconds: float) -> str:
