@@ -1084,10 +1084,10 @@ def print_report(cases: list[DhtCase]) -> None:
             if k in ("sybil_requests", "grind_seconds", "timed_out")
         }
         if extra:
-            shown = (
+            parts = (
                 f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()
             )
-            print(f"  {c.label}: {', '.join(shown)}")
+            print(f"  {c.label}: {', '.join(parts)}")
     print("\nDHT counters moved, summed over the honest nodes (attack + honest operation):")
     for c in cases:
         moved = {k: v for k, v in sorted(c.deltas.items()) if v and k.startswith(SHOWN)}
