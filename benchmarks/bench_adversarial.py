@@ -86,6 +86,7 @@ def row(report: dict[str, Any], wall: float) -> dict[str, Any]:
         "forged_records_accepted": forged["records"],
         "stale_records_accepted": forged["stale_records"],
         "lookups_impersonated": adv["lookups_impersonated"],
+        "sybil_share_of_tables": adv["routing_tables"]["sybil_share"]["mean"],
         "errors": {
             "lookup": report["lookups"]["errors"],
             "record_get": adv["record_gets"]["errors"],
@@ -109,7 +110,8 @@ def print_table(rows: list[dict[str, Any]], nodes: int, seed: int) -> None:
     print(f"\nadversarial simulation: {nodes} nodes, seed {seed}, virtual mode")
     print(
         f"{'adv':>5} {'sybils':>6} | {'lookup':>15} | {'record get':>14} | "
-        f"{'provider lookup':>15} | {'value get':>7} | forged v/r/stale | impostor | wall"
+        f"{'provider lookup':>15} | {'value get':>7} | forged v/r/stale | impostor | "
+        "Sybils in tables | wall"
     )
     for r in rows:
         print(
@@ -120,7 +122,7 @@ def print_table(rows: list[dict[str, Any]], nodes: int, seed: int) -> None:
             f"{_pct(r['value_get'])} | "
             f"{r['forged_values_accepted']:>4} / {r['forged_records_accepted']} / "
             f"{r['stale_records_accepted']:<5} | {r['lookups_impersonated']:>8} | "
-            f"{r['wall_s']:.0f} s"
+            f"{_pct(r['sybil_share_of_tables']):>16} | {r['wall_s']:.0f} s"
         )
 
 

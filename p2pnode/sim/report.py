@@ -236,8 +236,28 @@ def _adversarial(
             "stale_records": _count_errors(record_gets, "stale"),
         },
         "lookups_impersonated": _count_errors(lookups, "impersonated"),
+        "routing_tables": _sybil_share(scenario, m),
         "provider_lookups_only_fake": _count_errors(providers, "only-fake"),
         "adversary": adversary,
+    }
+
+
+def _sybil_share(scenario: Scenario, m: Measurements) -> dict[str, Any]:
+    """How much of the honest nodes' routing tables the Sybils hold at the end."""
+    honest = [
+        s
+        for s in m.nodes
+        # (a restarted node's counters add up over its lives: left out)
+        if s.alive_at_end
+        and not s.restarts
+        and s.index not in scenario.adversaries
+        and s.routing_table_size
+    ]
+    shares = [int(s.dht_stats.get("contacts_sybil", 0)) / s.routing_table_size for s in honest]
+    return {
+        "sybil_share": distribution(shares),
+        "contacts": sum(s.routing_table_size for s in honest),
+        "sybil_contacts": sum(int(s.dht_stats.get("contacts_sybil", 0)) for s in honest),
     }
 
 
@@ -424,6 +444,10 @@ def _adversarial_rows(a: dict[str, Any]) -> list[tuple[str, str]]:
             f"{forged['values']} / {forged['records']} / {forged['stale_records']}",
         ),
         ("lookups answered by an impostor", str(a["lookups_impersonated"])),
+        (
+            "Sybils in honest routing tables (mean)",
+            _fmt_pct(a.get("routing_tables", {}).get("sybil_share", {}).get("mean")),
+        ),
     ]
     adversary = a.get("adversary")
     if adversary:

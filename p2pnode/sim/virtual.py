@@ -374,12 +374,16 @@ class VirtualNode(SimNode):
         dht = discovery.stats()
         net = peer_host.stats()
         net_sent, net_received = net_bytes(net)
+        registry = self._cluster.registry
+        contacts = discovery.contacts()
+        if registry is not None:  # how far the Sybils got into this node's table
+            dht = {**dht, "contacts_sybil": sum(1 for c in contacts if c.node_id in registry.ids)}
         return Traffic(
             dht_bytes_sent=int(dht.get("bytes_sent", 0)),
             dht_bytes_received=int(dht.get("bytes_received", 0)),
             net_bytes_sent=net_sent,
             net_bytes_received=net_received,
-            routing_table_size=len(discovery.contacts()),
+            routing_table_size=len(contacts),
             dht=dict(dht),
             net=dict(net),
         )

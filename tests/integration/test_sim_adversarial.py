@@ -55,6 +55,9 @@ def test_sybils_act_and_the_report_counts_honest_success() -> None:
     for name in ("lookup", "record_get", "provider_lookup", "value_get", "download"):
         assert _rate(adv["success"][name]), name
     assert set(adv["forged_accepted"]) == {"values", "records", "stale_records"}
+    # The Sybils got into honest routing tables (they prove their ids).
+    tables = adv["routing_tables"]
+    assert 0 < tables["sybil_contacts"] < tables["contacts"]
     # Every workload actor and lookup target is honest.
     sybils = set(generate(ATTACKED).adversaries)
     assert not any(op["node"] in sybils for op in report["ops"] if op["kind"] != "start")
