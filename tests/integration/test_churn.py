@@ -284,4 +284,10 @@ async def test_live_providers_stay_findable_when_every_record_holder_dies(
         return all(await asyncio.gather(*(finds(i) for i in askers)))
 
     await eventually(all_find, timeout=20, interval=0.2, what="askers find a live provider")
-    assert sum(n.discovery.stats().get("provider_reannounced", 0) for n in nodes) >= 1
+    # (An asker may find a provider itself before the providers' next holder check:
+    # wait for the re-announcement rather than race it.)
+    await eventually(
+        lambda: sum(n.discovery.stats().get("provider_reannounced", 0) for n in nodes) >= 1,
+        timeout=10,
+        what="providers announce again",
+    )
