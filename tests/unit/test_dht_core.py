@@ -123,8 +123,10 @@ class Net:
         self.wire: list[tuple[bytes, Address, Address]] = []  # every datagram sent
         self.stock: set[Address] = set()  # nodes that speak only kademlia's RPCs
 
-    def add(self, i: int, config: DhtConfig | None = None, *, stock: bool = False) -> Address:
-        addr = (f"10.0.{i}.1", 4000 + i)
+    def add(
+        self, i: int, config: DhtConfig | None = None, *, stock: bool = False, host: str = ""
+    ) -> Address:
+        addr = (host or f"10.0.{i}.1", 4000 + i)
         self.cores[addr] = DhtCore(
             ident(i), config or self.config, clock=self.clock, rng=random.Random(i)
         )
@@ -783,6 +785,31 @@ def test_unproven_contacts_are_refused_when_not_accepted() -> None:
     net.answered(a, p, "ping")  # enters once it proved its id
     assert net.knows(a, p) and core.table.is_proven(nid(3))
     assert table_changes(net.events[a]) == [("added", nid(3))]
+
+
+@pytest.mark.parametrize(
+    ("host", "exempt_loopback", "kept"),
+    [("10.9.9.{}", True, 2), ("127.0.0.1", True, 4), ("127.0.0.1", False, 2)],
+)
+def test_one_subnet_holds_few_places_in_a_bucket(
+    host: str, exempt_loopback: bool, kept: int
+) -> None:
+    """Proven nodes of one /24 beyond max_contacts_per_subnet_bucket are refused,
+    while another subnet still gets in; loopback is exempt unless told otherwise
+    (then each 127.x address is its own group)."""
+    config = replace(CONFIG, ksize=20, diversity_exempt_loopback=exempt_loopback)
+    net = Net(config)  # ksize 20: one bucket
+    a = net.add(1)
+    core = net.cores[a]
+    same = [net.add(i, host=host.format(i)) for i in range(10, 14)]
+    for s in same:
+        net.answered(a, s, "ping")
+    assert all(core.is_proven(net.node(s)) for s in same)  # proven, and still refused
+    assert sum(net.knows(a, s) for s in same) == kept
+    assert core.table.refused["subnet_bucket"] >= len(same) - kept
+    other = net.add(20)
+    net.answered(a, other, "ping")
+    assert net.knows(a, other)
 
 
 # -- tokens and provider records ---------------------------------------------------
