@@ -3,15 +3,19 @@ prometheus-client's own parser."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pnode import Node
+from p2pnode.dht import codec
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.home import read_control
 from tests.helpers import eventually, fast_config
@@ -202,3 +206,35 @@ async def test_metrics_need_the_token_and_negotiate_openmetrics(
         assert content_type.startswith("application/openmetrics-text; version=1.0.0")
         assert text.rstrip().endswith("# EOF")
         assert "p2pnode_dht_rpcs_sent_total{type=" in text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="control/metrics.py exports stores_accepted/stores_refused only: the "
+    "refusals of the proven-id protocol (stores_refused_token, providers_refused_token, "
+    "providers_refused_foreign_address; also proofs_ok/proofs_failed) never reach /metrics",
+)
+async def test_a_store_refused_for_want_of_a_token_shows_in_the_metrics(
+    homes: Callable[[str], Path],
+) -> None:
+    async with Node(fast_config(homes("n"))) as node:
+        port = node.discovery.port
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.connect(("127.0.0.1", port))
+            # A stock kademlia store: no token, so refused (answered False).
+            stock_store = codec.encode_request(b"m" * 20, "store", [b"n" * 20, b"k" * 20, "v"])
+            await loop.sock_sendall(sock, stock_store)
+            async with asyncio.timeout(5):
+                answer = await loop.sock_recv(sock, 2048)
+        reply = codec.decode_datagram(answer, codec.Limits())
+        assert isinstance(reply, codec.Response) and reply.payload is False
+        assert node.discovery.stats()["stores_refused_token"] == 1
+        fams = await families(node)
+        refused = [
+            s.value
+            for s in fams["p2pnode_dht_store_requests"].samples
+            if s.name.endswith("_total") and s.labels.get("result") != "accepted"
+        ]
+        assert sum(refused) == 1
