@@ -9,19 +9,24 @@ in memory, under the simulator's virtual-time loop (no sockets, no waiting):
 
 - Every node's routing table holds up to k random nodes of each XOR-distance range
   (built with full knowledge, as after a long uptime).
-- Honest nodes answer find_node with the k closest of their table. Adversaries (a
-  fraction of the ids, spread uniformly) collude: they answer with the k adversaries
-  closest to the target, never an honest node. Dead nodes never answer.
+- Honest nodes answer find_node with the k closest of their table; dead nodes never
+  answer. Adversaries are a fraction of the ids, spread uniformly. Attack "collude":
+  they answer with the k adversaries closest to the target, never an honest node.
+  Attack "sybil": they answer with k made-up ids closer to the target than any
+  honest node (at their own addresses), which answer in turn with more of them.
 - Each node answers after its own round trip, drawn once in [20, 200] ms; a query
   stalls (stops holding an alpha slot) after 4 mean round trips, as Discovery's does.
 - A lookup starts at a random honest node from the 3k contacts of its table closest
-  to the target (what Discovery passes), toward a random key.
+  to the target (what Discovery passes), toward a random key; every d sees the same
+  starts and keys.
 
-Success: the honest node closest to the key (the one holding its value) is among
-the k nodes the lookup returns. Printed per number of paths d: success at each
-adversarial fraction; then, in an honest network (and one with 10% dead nodes),
-find_node RPCs per lookup, hops to the closest node, and the lookup's latency
-(closest: until every path converged; find_peer: until the target answered).
+Success: the honest node closest to the key (the one holding its value) answered,
+on any path. Printed per number of paths d (and per-path k): success and RPCs at
+each adversarial fraction; then, in an honest network (and one with 10% dead
+nodes), per variant (path_alpha, path_k): success, the share of the true k closest
+among the k returned, find_node RPCs per lookup, hops to the closest node, and the
+lookup's virtual latency (closest: until every path converged; find_peer: until the
+target answered).
 A benchmark prints figures; it asserts nothing.
 """
 

@@ -39,8 +39,8 @@ V = TypeVar("V")
 @dataclass(frozen=True)
 class Found(Generic[V]):
     """A query's answer that carries a value (find_value), and any nodes it listed.
-    The query should verify the value first and return ``None`` for one that does
-    not verify: a forged value must neither count nor end a path."""
+    The query should verify the value first and answer ``[]`` (or ``None``) for one
+    that does not: a forged value must neither count nor end a path."""
 
     value: V
     nodes: Sequence[Node] = ()
