@@ -763,12 +763,14 @@ class DhtCore:
     def _add(self, node: Node, now: float, proven: bool) -> None:
         table = self.table
         new = table.is_new_node(node)
+        # A node is welcomed with values once it proves its id (usually after it
+        # entered the table unproven), judged against the table before it is added.
+        if proven and not table.is_proven(node.id) and table.refusal(node, True) is None:
+            self._welcome_if_new(node, now)
         head = table.add_contact(node, now, proven=proven)
         if head is not None:
             self._ping_head(head, now)
         elif new and table.contains(node):
-            if proven:
-                self._welcome_if_new(node, now)
             self._events.append(ContactAdded(node))
 
     def _start_proof(self, node: Node, now: float) -> None:
@@ -833,7 +835,7 @@ class DhtCore:
         mine = self.node.long_id
         for key, _ in newest:
             goal = int.from_bytes(key, "big")
-            neighbors = self.table.closest_to(key, self.config.ksize, now)
+            neighbors = self.table.closest_to(key, self.config.ksize, now, exclude=node.id)
             if neighbors:
                 new_node_close = node.long_id ^ goal < neighbors[-1].long_id ^ goal
                 this_closest = mine ^ goal < neighbors[0].long_id ^ goal

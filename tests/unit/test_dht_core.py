@@ -521,13 +521,6 @@ def test_one_subnet_holds_only_a_few_places_in_the_verification_queue() -> None:
     assert net.knows(b, a)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a node is welcomed only if it is new to the table when it is "
-    "proven, but it entered unproven when it answered (before its identify answer), "
-    "and _welcome_if_new runs after add_contact, so the new node is among the "
-    "neighbours it is compared with: no value is ever pushed to a newcomer",
-)
 def test_welcome_queue_stores_values_on_new_close_nodes_at_its_rate() -> None:
     """Welcome stores carry the token the new node gave us when it proved its id,
     and go only to proven nodes (see test_unproven_nodes_are_not_welcomed)."""
