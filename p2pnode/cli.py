@@ -442,14 +442,25 @@ def _put_text(d: dict[str, Any]) -> str:
     """Where a put landed, exactly (``here`` None: this node is not among the closest),
     after the record's address when it has one."""
     here, remote, asked = d.get("here"), int(d.get("remote", 0)), int(d.get("asked", 0))
+    unproven = int(d.get("unproven", 0))
+    # Closest nodes that could not prove their id (stock kademlia nodes) are not asked.
+    skipped = f"{unproven} closest node(s) not asked: they could not prove their id"
     if not d["stored"]:
         why = ["refused by this node's store"] if here is False else []
-        why.append(f"refused by all {asked} nodes asked" if asked else "no peers to ask")
+        if asked:
+            why.append(f"refused by all {asked} nodes asked")
+        elif not unproven:
+            why.append("no peers to ask")
+        if unproven:
+            why.append(skipped)
         return "not stored: " + ", ".join(why)
     if remote == 0:
-        text = "stored on this node only (" + (
-            f"none of the {asked} nodes asked accepted it)" if asked else "no peers)"
-        )
+        if asked:
+            text = f"stored on this node only (none of the {asked} nodes asked accepted it)"
+        elif unproven:
+            text = f"stored on this node only ({skipped})"
+        else:
+            text = "stored on this node only (no peers)"
     else:
         text = f"stored on {remote} of {asked} nodes"
         if here is True:

@@ -116,6 +116,7 @@ _DHT = _Subsystem(
             _Family("store_requests_total", "STORE requests received, by result", label="result"),
             ("stores_accepted", "accepted"),
             ("stores_refused", "refused"),
+            ("stores_refused_token", "refused_token"),
         ),
         **_one(
             _Family(
@@ -123,6 +124,34 @@ _DHT = _Subsystem(
             ),
             ("providers_accepted", "accepted"),
             ("providers_refused", "refused"),
+            ("providers_refused_token", "refused_token"),
+            ("providers_refused_foreign_address", "refused_foreign_address"),
+            ("providers_refused_bad_record", "refused_bad_record"),
+            ("providers_refused_id_mismatch", "refused_id_mismatch"),
+            ("providers_refused_bad_signature", "refused_bad_signature"),
+            ("providers_refused_expired", "refused_expired"),
+            ("providers_refused_too_far_future", "refused_too_far_future"),
+        ),
+        **_one(
+            _Family("id_proofs_total", "Contacts asked to prove their id, by outcome", "result"),
+            ("proofs_started", "started"),
+            ("proofs_ok", "ok"),
+            ("proofs_failed", "failed"),
+            ("proofs_dropped", "dropped"),
+        ),
+        **_plain(
+            (
+                "identify_answered",
+                "identify_answered_total",
+                "Proofs of our id sent (identify answers)",
+                False,
+            ),
+            (
+                "unproven_contacts",
+                "unproven_contacts",
+                "Contacts that did not prove their id",
+                True,
+            ),
         ),
     },
     prefixes={
@@ -135,6 +164,19 @@ _DHT = _Subsystem(
         ),
         "dropped.": _Family(
             "dropped_datagrams_total", "Datagrams received and dropped, by reason", label="reason"
+        ),
+        "table_refused.": _Family(
+            "table_refusals_total", "Contacts the routing table refused, by rule", label="reason"
+        ),
+        "provider_records_dropped.": _Family(
+            "provider_records_dropped_total",
+            "Provider records in answers that did not verify, by reason",
+            label="reason",
+        ),
+        "records_rejected.": _Family(
+            "records_rejected_total",
+            "Values found by record lookups that did not verify, by reason",
+            label="reason",
         ),
     },
 )

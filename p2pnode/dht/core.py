@@ -297,7 +297,24 @@ class DhtCore:
             self.stats[f"rpc_timeout.{name}"] = 0
         for reason in DROP_REASONS:
             self.stats[f"dropped.{reason}"] = 0
-        for counter in ("datagrams_sent", "bytes_sent", "datagrams_received", "bytes_received"):
+        for counter in (
+            "datagrams_sent",
+            "bytes_sent",
+            "datagrams_received",
+            "bytes_received",
+            "stores_accepted",
+            "stores_refused",
+            "stores_refused_token",
+            "providers_accepted",
+            "providers_refused",
+            "providers_refused_token",
+            "providers_refused_foreign_address",
+            "proofs_started",
+            "proofs_ok",
+            "proofs_failed",
+            "proofs_dropped",
+            "identify_answered",
+        ):
             self.stats[counter] = 0
 
     # -- outputs -------------------------------------------------------------------

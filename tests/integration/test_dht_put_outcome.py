@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
 from p2pnode import Node
 from p2pnode.cli import _put_text
 from p2pnode.dht import DhtConfig
@@ -100,12 +98,6 @@ def test_put_texts() -> None:
     assert DhtConfig().max_stored_values > 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli._put_text ignores PutOutcome.unproven: with only stock (unproven) "
-    "nodes closest it says 'no peers' although there were peers, which were not "
-    "asked because they could not prove their id",
-)
 def test_put_texts_name_the_nodes_that_could_not_prove_their_id() -> None:
     here_only = {"stored": True, "here": True, "remote": 0, "asked": 0, "unproven": 2}
     nowhere = {"stored": False, "here": None, "remote": 0, "asked": 0, "unproven": 3}

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -208,12 +207,6 @@ async def test_metrics_need_the_token_and_negotiate_openmetrics(
         assert "p2pnode_dht_rpcs_sent_total{type=" in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="control/metrics.py exports stores_accepted/stores_refused only: the "
-    "refusals of the proven-id protocol (stores_refused_token, providers_refused_token, "
-    "providers_refused_foreign_address; also proofs_ok/proofs_failed) never reach /metrics",
-)
 async def test_a_store_refused_for_want_of_a_token_shows_in_the_metrics(
     homes: Callable[[str], Path],
 ) -> None:
