@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p2pnode.sim.run import configure_logging, run_simulation
-from p2pnode.sim.scenario import ScenarioConfig
+from p2pnode.sim.scenario import ScenarioConfig, ScenarioError, config_from_mapping
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3)
 
@@ -159,6 +159,13 @@ def main() -> int:
         action="store_true",
         help="Sybils with random ids, not ground next to the targets (S/Kademlia's model)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other scenario setting, e.g. adv_impersonate=false (repeatable)",
+    )
     parser.add_argument("--label", help="what DHT this is (default: the git commit)")
     args = parser.parse_args()
     if os.environ.get("PYTHONHASHSEED") != "0":  # same seed, same run (set order)
@@ -167,11 +174,23 @@ def main() -> int:
         )
     configure_logging(None)
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    overrides = {}
+    for item in args.set:
+        key, _, text = item.partition("=")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    try:
+        config_from_mapping(overrides, scenario(args.nodes, args.seed, 0.0))
+    except ScenarioError as exc:
+        parser.error(str(exc))
     rows = []
     for fraction in fractions:
         config = scenario(
             args.nodes, args.seed, fraction, args.adv_hosts, cluster=not args.random_ids
         )
+        config = config_from_mapping(overrides, config)
         t0 = time.perf_counter()
         report = run_simulation(config, progress=False).report
         rows.append(row(report, time.perf_counter() - t0))
@@ -183,7 +202,7 @@ def main() -> int:
     print_table(rows, args.nodes, args.seed)
     where = f"on {args.adv_hosts} shared address(es)" if args.adv_hosts else "each on its own /24"
     ids = "random ids" if args.random_ids else "ids ground next to the targets"
-    print(f"  Sybils {where}, {ids}")
+    print(f"  Sybils {where}, {ids}" + "".join(f"; {item}" for item in args.set))
     for r in rows:
         failures = {k: v for k, v in r["errors"].items() if v}
         if failures:
