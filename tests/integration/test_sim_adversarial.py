@@ -7,16 +7,26 @@ answers sent, lookups eclipsed, providers spammed), deterministically per seed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import importlib
 import json
 from typing import Any
 
 import pytest
 
-from p2pnode.sim.adversary import Target, grind
+from p2pnode.clock import FakeClock
+from p2pnode.dht import codec
+from p2pnode.identity import Identity
+from p2pnode.sim.adversary import SybilProtocol, SybilRegistry, Target, grind, records
 from p2pnode.sim.report import format_table, simulated_part
 from p2pnode.sim.run import run_simulation
 from p2pnode.sim.scenario import ScenarioConfig, ScenarioError, generate
+
+try:
+    proof: Any = importlib.import_module("p2pnode.dht.proof")
+except ImportError:  # the DHT before proven ids
+    proof = None
 
 ATTACKED = ScenarioConfig(
     mode="virtual",
@@ -130,3 +140,64 @@ def test_adversaries_need_virtual_mode_and_a_sane_fraction() -> None:
     plan = generate(ATTACKED)
     assert len(plan.adversaries) == 30
     assert not plan.adversaries & set(range(ATTACKED.seeds))  # seeds are honest
+
+
+class _Wire(asyncio.DatagramTransport):
+    """Captures what a Sybil sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.sent.append((bytes(data), addr))
+
+
+def _sybil() -> tuple[SybilProtocol, _Wire, Target]:
+    publisher = Identity.from_seed(b"\x01" * 32)
+    record_key = records.mutable_key(publisher.node_id, "name") if records else b"\x02" * 20
+    targets = [Target("record", record_key, publisher.public_key, "name")]
+    specs, cost = grind(1, targets, 2, 64)
+    registry = SybilRegistry(ATTACKED, targets, specs, cost)
+    for spec in specs:
+        registry.join(spec.identity.node_id, "100.64.0.9", 4001)
+    sybil = SybilProtocol(specs[0], registry, "100.64.0.9", FakeClock(100_000.0), 1)
+    wire = _Wire()
+    sybil.connection_made(wire)
+    return sybil, wire, targets[0]
+
+
+def _ask(sybil: SybilProtocol, wire: _Wire, name: str, args: list[object]) -> object:
+    sybil.datagram_received(codec.encode_request(b"\x07" * 20, name, args), ("100.64.0.5", 4001))
+    reply = codec.decode_datagram(wire.sent.pop()[0], codec.Limits())
+    assert isinstance(reply, codec.Response)
+    return reply.payload
+
+
+@pytest.mark.skipif(proof is None or records is None, reason="needs the proven-id DHT")
+def test_a_sybil_proves_its_id_and_its_forgeries_are_the_real_thing() -> None:
+    """The measurement is only honest if the Sybils lie well: their id proofs verify,
+    their fake provider records verify, only their forged records do not."""
+    sybil, wire, target = _sybil()
+    asker, challenge = b"\x05" * 20, b"c" * 16
+    identify = _ask(sybil, wire, "identify", [asker, challenge])
+    assert isinstance(identify, list)
+    assert proof.check_proof(sybil.node_id, asker, challenge, identify[0], identify[1])
+    answer = _ask(sybil, wire, "get_providers", [asker, target.key])
+    assert isinstance(answer, dict) and answer["providers"]
+    for wire_record in answer["providers"]:
+        fake = records.parse_provider_record(target.key, wire_record)
+        records.verify_provider_record(fake, 100_000.0, 3600 * 24)  # validly signed
+    nodes = _ask(sybil, wire, "find_node", [asker, b"\x03" * 20])
+    assert isinstance(nodes, list) and nodes[0][0] == b"\x03" * 20  # the impostor entry
+    assert all(entry[0] in sybil.registry.ids for entry in nodes[1:])  # colluders only
+    forged = _ask(sybil, wire, "find_value", [asker, target.key])
+    assert isinstance(forged, dict)
+    with pytest.raises(records.RecordError, match="bad_signature"):
+        records.open_value(target.key, forged["value"], 100_000.0, 3600 * 24)
+    assert sybil.registry.stats["forged_records_sent"] == 1
+    # Garbage is dropped and counted, never answered.
+    sybil.datagram_received(b"\x00" * 30, ("100.64.0.5", 4001))
+    sybil.datagram_received(codec.encode_request(b"\x07" * 20, "identify", [asker]), ("x", 1))
+    assert not wire.sent
+    assert sybil.registry.stats["dropped_undecodable"] == 1
