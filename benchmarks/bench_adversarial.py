@@ -12,6 +12,17 @@ keys, answer lookups with colluders only, forge values and records, spam provide
 records and drop stores. Every requester and every target of the workload is
 honest. Target: >= 99% at 20% adversarial.
 
+Reading the failures: "impersonated", a peer lookup ended at a colluder that
+answered under the target's id (a lookup must check the id proof of the node it
+returns); "stale", a record get returned an older, validly signed version that
+Sybils replayed; "only-fake", every provider record found was a Sybil's (validly
+signed by throw-away keys, pointing where nothing listens); "not-found", the
+lookup never reached the target. Plain (unsigned) gets are unauthenticated by
+design: their "forged" count is what an attacker can do to them.
+
+S/Kademlia's adversary model (random ids, adversarial routing only):
+``--random-ids --set adv_impersonate=false``.
+
 Anchor: S/Kademlia (Baumgart and Mies, ICPADS 2007, section 5) simulated lookup
 success against the fraction of adversarial nodes for several numbers d of
 disjoint paths (lookups split over d buckets, each node used on one path only).
