@@ -115,3 +115,109 @@ class MessageError(ProtocolError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+# -- services (p2pnode/services) -------------------------------------------------
+
+
+class ServiceError(P2PError):
+    """A service call failed; ``code`` says how (the typed error a provider answered,
+    or one the caller concluded itself: ``no_providers``, ``providers_failed``)."""
+
+    code = "service_error"
+
+    def __init__(self, message: str, *, service: str = "", peer: bytes | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.service = service
+        self.peer = peer
+
+
+class ServiceNotFound(ServiceError, NotFoundError):
+    """The provider does not serve that name (or it is not a name at all)."""
+
+    code = "not_found"
+
+
+class ServiceOverloaded(ServiceError):
+    """A limit refused the call: concurrency, calls per second, node-wide calls."""
+
+    code = "overloaded"
+
+
+class DeadlineExceeded(ServiceError, P2PTimeoutError):
+    """The call's deadline passed (on the caller's side or the provider's)."""
+
+    code = "deadline_exceeded"
+
+
+class BadServiceRequest(ServiceError):
+    """The request was malformed (not a bounded msgpack value, wrong kind of call)."""
+
+    code = "bad_request"
+
+
+class HandlerError(ServiceError):
+    """The service's handler raised; the message is the handler's, never a traceback."""
+
+    code = "handler_error"
+
+
+class TooLarge(ServiceError):
+    """A request or reply is larger than the service allows."""
+
+    code = "too_large"
+
+
+class CallCancelled(ServiceError):
+    """The call was cancelled before it finished."""
+
+    code = "cancelled"
+
+
+class NoProviders(ServiceError, NotFoundError):
+    """The DHT knows no provider of the service."""
+
+    code = "no_providers"
+
+
+class ProvidersFailed(ServiceError):
+    """Every provider tried failed; ``failures`` holds (peer, error) per attempt."""
+
+    code = "providers_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str = "",
+        failures: list[tuple[bytes, ServiceError | P2PError]] | None = None,
+    ) -> None:
+        super().__init__(message, service=service)
+        self.failures = failures or []
+
+
+SERVICE_ERRORS: dict[str, type[ServiceError]] = {
+    cls.code: cls
+    for cls in (
+        ServiceNotFound,
+        ServiceOverloaded,
+        DeadlineExceeded,
+        BadServiceRequest,
+        HandlerError,
+        TooLarge,
+        CallCancelled,
+        NoProviders,
+        ProvidersFailed,
+    )
+}
+
+
+def service_error(
+    code: str, message: str, *, service: str = "", peer: bytes | None = None
+) -> ServiceError:
+    """The ServiceError subclass for a wire error code (unknown codes: ServiceError)."""
+    cls = SERVICE_ERRORS.get(code, ServiceError)
+    if cls is ProvidersFailed:
+        return ProvidersFailed(message, service=service)
+    return cls(message, service=service, peer=peer)

@@ -19,7 +19,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +32,7 @@ from p2pnode.config import NodeConfig
 from p2pnode.control.api import MetricsSnapshot
 from p2pnode.control.server import ControlServer
 from p2pnode.dht import Contact, Discovery
+from p2pnode.dht.discovery import ProviderRecord
 from p2pnode.errors import NodeNotRunning, UsageError
 from p2pnode.exchange.service import Exchange
 from p2pnode.home import (
@@ -44,6 +45,7 @@ from p2pnode.home import (
 )
 from p2pnode.identity import Identity, as_node_id, peer_id_to_str
 from p2pnode.net.host import PeerHost
+from p2pnode.services import ServiceLimits, Services, StreamHandler, UnaryHandler
 from p2pnode.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class Node:
         self._discovery: Discovery | None = None
         self._host: PeerHost | None = None
         self._exchange: Exchange | None = None
+        self._services: Services | None = None
         self._control: ControlServer | None = None
         self._tasks = TaskSet("node")
         self._stop_requested = asyncio.Event()
@@ -157,6 +160,8 @@ class Node:
             clock=self.clock,
         )
         await self._exchange.start()
+        self._services = Services(self._host, self._discovery, self._port, clock=self.clock)
+        self._services.start()
         if not self.config.control_api:
             clear_control(self.home)  # a stale file would point the CLI at nothing
             return
@@ -219,7 +224,7 @@ class Node:
         self._state = NodeState.STOPPED
 
     async def _stop_parts(self) -> None:
-        parts = (self._control, self._exchange, self._host, self._discovery)
+        parts = (self._control, self._services, self._exchange, self._host, self._discovery)
         for part in parts:
             if part is not None:
                 started = time.monotonic()
@@ -339,6 +344,10 @@ class Node:
         return self._part(self._exchange, "exchange")
 
     @property
+    def services_part(self) -> Services:
+        return self._part(self._services, "services")
+
+    @property
     def node_id(self) -> bytes:
         return self.identity.node_id
 
@@ -416,6 +425,7 @@ class Node:
             "net": self.peer_host.stats(),
             "exchange": self.exchange.stats(),
             "resources": len(self.exchange.list()),
+            "services": self.services(),
             "rss_bytes": proc.memory_info().rss,
             "version": __version__,
         }
@@ -434,6 +444,57 @@ class Node:
             "net": self.peer_host.stats(),
             "exchange": self.exchange.stats(),
         }
+
+    # -- services (p2pnode/services) ------------------------------------------------
+
+    def serve(
+        self,
+        name: str,
+        handler: UnaryHandler,
+        *,
+        idempotent: bool = False,
+        limits: ServiceLimits | None = None,
+    ) -> None:
+        """Serve ``name``: ``await handler(request, ctx)`` answers each call; announced
+        in the DHT. ``idempotent``: callers may retry it on another provider."""
+        self.services_part.serve(name, handler, idempotent=idempotent, limits=limits)
+
+    def serve_stream(
+        self,
+        name: str,
+        handler: StreamHandler,
+        *,
+        idempotent: bool = False,
+        limits: ServiceLimits | None = None,
+    ) -> None:
+        """Serve a stream: ``handler(request, ctx)`` is an async iterator of items,
+        advanced only as the caller grants credit."""
+        self.services_part.serve_stream(name, handler, idempotent=idempotent, limits=limits)
+
+    def unserve(self, name: str) -> None:
+        """Stop serving ``name`` (ServiceNotFound if it is not served)."""
+        self.services_part.unserve(name)
+
+    def services(self) -> list[dict[str, Any]]:
+        """What this node serves: name, kind, idempotent, calls, errors, p50_ms, in_flight."""
+        return self.services_part.services()
+
+    async def call(
+        self, name: str, request: object, *, timeout: float = 10.0, peer: str | bytes | None = None
+    ) -> object:
+        """Call ``name`` on a provider found in the DHT (or on ``peer``); raises a
+        ``ServiceError`` subclass (p2pnode.errors) when it fails."""
+        return await self.services_part.call(name, request, timeout=timeout, peer=peer)
+
+    def call_stream(
+        self, name: str, request: object, *, timeout: float = 60.0, peer: str | bytes | None = None
+    ) -> AsyncIterator[object]:
+        """The items of stream ``name``, pulled as they are consumed."""
+        return self.services_part.call_stream(name, request, timeout=timeout, peer=peer)
+
+    async def find_service(self, name: str) -> list[ProviderRecord]:
+        """Providers of ``name`` announced in the DHT."""
+        return await self.services_part.find_service(name)
 
 
 def join_candidates(addresses: Sequence[str]) -> list[str]:

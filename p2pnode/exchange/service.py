@@ -33,10 +33,12 @@ from p2pnode.errors import NotFoundError, P2PError, UsageError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.fetcher import DownloadError, Fetcher, Progress
 from p2pnode.exchange.manifest import build_manifest, dht_key, resource_id_to_str
+from p2pnode.exchange.messages import GetHave, GetManifest, GetPiece
 from p2pnode.exchange.messages import register as register_messages
 from p2pnode.exchange.ranking import ProviderRanking
 from p2pnode.exchange.server import PieceServer
 from p2pnode.exchange.store import ResourceState, StaleError, StorageError, Store, StoredResource
+from p2pnode.net.dispatch import routes_of
 from p2pnode.tasks import TaskSet
 from p2pnode.wire.messages import Message
 
@@ -193,7 +195,8 @@ class Exchange:
             cached_reads=self._config.serve_cached_reads,
             memory=self._host.memory,
         )
-        self._host.set_handler(self.handle)
+        # exchange requests reach handle(); other types go to their own owners
+        routes_of(self._host).route((GetManifest, GetPiece, GetHave), self.handle)
         self._tasks.spawn(self._announce_loop(), "announce")
         if self._config.stale_check_interval > 0:
             self._tasks.spawn(self._watch_stale(), "stale-check")

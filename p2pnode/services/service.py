@@ -1,0 +1,801 @@
+"""Services between peers: the asyncio shell around ``ServicesCore``.
+
+Rules:
+
+- Serving: ``serve``/``serve_stream`` register a handler under a validated name
+  and announce it in the DHT under ``service_key(name)`` (again once the node
+  has contacts, and every ``ANNOUNCE_INTERVAL``); ``unserve`` stops the
+  announcements and refuses new calls (calls running finish).
+- Calls from peers arrive as the messages of ``services/messages.py`` through the
+  host's request routes. Each is admitted by the core (limits, typed refusals),
+  decoded strictly, and run under its deadline (the caller's, cut to the
+  service's ``max_deadline``). A handler that raises is answered
+  ``handler_error`` with its message; a reply past ``max_reply`` ``too_large``.
+- Streams are pulled: the producer (the service's async iterator) is advanced
+  only while the consumer has granted credit, so a slow consumer holds the
+  producer; a stream nobody pulls for ``stream_idle_timeout`` is ended.
+- ``Cancel`` cancels the handler's task (its ``CallContext.cancelled`` is set).
+- Calling: providers come from the DHT (or ``peer=``), ordered by
+  ``ProviderRanking`` (measured RTT, recent failures). A provider that refused
+  before running the call (not found, overloaded, unreachable) is skipped for
+  the next one; one that failed mid-call is skipped only if it said the service
+  is idempotent (``Describe``, asked once per provider and name), otherwise the
+  failure is reported. Typed answers (handler error, too large, deadline) end
+  the call at once.
+- A caller whose deadline passes sends ``Cancel`` and leaves the request to end
+  in the background (the provider answers it ``cancelled``), so no answer
+  arrives unasked-for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from p2pnode.clock import MONOTONIC, Clock
+from p2pnode.errors import (
+    BadServiceRequest,
+    DeadlineExceeded,
+    HandshakeError,
+    LimitExceeded,
+    NoProviders,
+    P2PError,
+    P2PTimeoutError,
+    PeerUnreachable,
+    ProvidersFailed,
+    RemoteError,
+    ServiceError,
+    ServiceNotFound,
+    ServiceOverloaded,
+    TooLarge,
+    UsageError,
+    service_error,
+)
+from p2pnode.exchange.ranking import Failure, ProviderRanking
+from p2pnode.identity import as_node_id, peer_id_to_str
+from p2pnode.net.dispatch import routes_of
+from p2pnode.net.host import PeerAddress
+from p2pnode.services.core import (
+    Kind,
+    NodeServiceLimits,
+    Refusal,
+    ServiceLimits,
+    ServicesCore,
+    ServiceState,
+    StreamCredit,
+)
+from p2pnode.services.messages import (
+    MAX_CREDIT_PER_PULL,
+    SERVICE_REQUESTS,
+    Call,
+    Cancel,
+    Cancelled,
+    Describe,
+    Reply,
+    ServiceErrorCode,
+    ServiceInfo,
+    StreamItems,
+    StreamOpen,
+    StreamOpened,
+    StreamPull,
+    register,
+)
+from p2pnode.services.names import service_key, validate_service_name
+from p2pnode.services.values import ValueLimits, decode_value, encode_value
+from p2pnode.tasks import TaskSet
+from p2pnode.wire.messages import ErrorCode, ErrorReply, Message
+
+if TYPE_CHECKING:
+    from p2pnode.dht.discovery import Discovery, ProviderRecord
+    from p2pnode.net.host import PeerHost
+
+__all__ = ["CallContext", "Services", "StreamHandler", "UnaryHandler"]
+
+log = logging.getLogger(__name__)
+
+ANNOUNCE_INTERVAL = 1800.0
+CONTACT_POLL = 1.0
+CLIENT_WINDOW = 32  # stream items a caller grants ahead
+DESCRIBED_CACHE = 1024
+# Room in a frame for everything but the value itself.
+FRAME_OVERHEAD = 4096
+# How long a caller that gave up lets its request end (answered ``cancelled``).
+DRAIN_GRACE = 5.0
+
+
+class CallContext:
+    """What a handler knows about the call it serves."""
+
+    __slots__ = ("cancelled", "deadline", "peer_id", "service")
+
+    def __init__(self, peer_id: bytes, service: str, deadline: float) -> None:
+        self.peer_id = peer_id
+        self.service = service
+        self.deadline = deadline  # seconds left when the call started
+        self.cancelled = False  # set when the caller cancelled (the task is cancelled too)
+
+
+UnaryHandler = Callable[[Any, CallContext], Awaitable[Any]]
+StreamHandler = Callable[[Any, CallContext], AsyncIterator[Any]]
+
+
+@dataclass
+class _Served:
+    kind: Kind
+    handler: Callable[[Any, CallContext], Any]
+    limits: ServiceLimits
+
+
+class _Stream:
+    """A stream being served: its credit, its producer, who is waiting on whom."""
+
+    def __init__(self, peer: bytes, call_id: int, state: ServiceState, ctx: CallContext) -> None:
+        self.peer = peer
+        self.call_id = call_id
+        self.state = state
+        self.ctx = ctx
+        self.credit = StreamCredit(state.limits.max_credit)
+        self.producer: asyncio.Task[None] | None = None
+        self.error: Refusal | None = None
+        self.pulling = False
+        self.last_active = 0.0
+        self.credit_given = asyncio.Event()  # wakes the producer
+        self.items_ready = asyncio.Event()  # wakes a pull
+
+
+class Services:
+    """This node's services: what it serves, and calls to other nodes' (module rules)."""
+
+    def __init__(
+        self,
+        host: PeerHost,
+        discovery: Discovery,
+        port: int,
+        *,
+        clock: Clock = MONOTONIC,
+        limits: NodeServiceLimits | None = None,
+    ) -> None:
+        self._host = host
+        self._discovery = discovery
+        self._port = port
+        self._clock = clock
+        self.core = ServicesCore(limits)
+        self._served: dict[str, _Served] = {}
+        self._running: dict[tuple[bytes, int], tuple[asyncio.Task[Any], CallContext]] = {}
+        self._streams: dict[tuple[bytes, int], _Stream] = {}
+        self._tasks = TaskSet("services")
+        self._draining: set[asyncio.Task[Any]] = set()
+        self.ranking = ProviderRanking()
+        self._described: OrderedDict[tuple[bytes, str], ServiceInfo] = OrderedDict()
+        self._next_call_id = int.from_bytes(host.node_id[:4], "big") << 24
+        self._announce_now = asyncio.Event()
+        self._value_limit = host.limits.max_frame - FRAME_OVERHEAD
+        register(host.registry)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        routes = routes_of(self._host)
+        routes.route((Describe,), self._on_describe)
+        routes.route((Call,), self._on_call)
+        routes.route((StreamOpen,), self._on_stream_open)
+        routes.route((StreamPull,), self._on_stream_pull)
+        routes.route((Cancel,), self._on_cancel)
+        self._tasks.spawn(self._announce_loop(), "announce")
+        self._tasks.spawn(self._expire_streams(), "stream-janitor")
+
+    async def close(self) -> None:
+        routes_of(self._host).unroute(SERVICE_REQUESTS)
+        for stream in list(self._streams.values()):
+            self._drop_stream(stream)
+        for task in list(self._draining):
+            task.cancel()
+        await self._tasks.close()
+
+    # -- serving --------------------------------------------------------------
+
+    def serve(
+        self,
+        name: str,
+        handler: UnaryHandler,
+        *,
+        idempotent: bool = False,
+        limits: ServiceLimits | None = None,
+    ) -> None:
+        self._serve(name, Kind.UNARY, handler, idempotent, limits)
+
+    def serve_stream(
+        self,
+        name: str,
+        handler: StreamHandler,
+        *,
+        idempotent: bool = False,
+        limits: ServiceLimits | None = None,
+    ) -> None:
+        self._serve(name, Kind.STREAM, handler, idempotent, limits)
+
+    def _serve(
+        self,
+        name: str,
+        kind: Kind,
+        handler: Callable[[Any, CallContext], Any],
+        idempotent: bool,
+        limits: ServiceLimits | None,
+    ) -> None:
+        validate_service_name(name)
+        if not callable(handler):
+            raise UsageError("a service handler must be callable")
+        limits = limits or ServiceLimits()
+        if limits.max_reply > self._value_limit or limits.max_request > self._value_limit:
+            raise UsageError(
+                f"max_request and max_reply must fit a frame (at most {self._value_limit} bytes)"
+            )
+        self._served[name] = _Served(kind, handler, limits)
+        self.core.add(name, kind, idempotent, limits)
+        self._tasks.spawn(self._announce(name), f"announce-{name}")
+
+    def unserve(self, name: str) -> None:
+        validate_service_name(name)
+        if self._served.pop(name, None) is None:
+            raise ServiceNotFound(f"this node does not serve {name!r}", service=name)
+        self.core.remove(name)
+        self._discovery.remove_provider(service_key(name))
+
+    def services(self) -> list[dict[str, Any]]:
+        return [state.describe() for state in self.core.services.values()]
+
+    def stats(self) -> dict[str, int]:
+        out = self.core.stats()
+        out["streams_open"] = len(self._streams)
+        return out
+
+    async def _announce(self, name: str) -> None:
+        try:
+            await self._discovery.add_provider(service_key(name), self._port)
+        except P2PError as exc:
+            log.warning("announcing service %s failed: %s", name, exc)
+
+    async def _announce_loop(self) -> None:
+        """Announce again once the DHT has contacts (a node joins after start), and
+        every ANNOUNCE_INTERVAL (the DHT also republishes on its own)."""
+        last = self._clock.now()
+        had_contacts = bool(self._discovery.contacts())
+        while True:
+            await asyncio.sleep(CONTACT_POLL)
+            has_contacts = bool(self._discovery.contacts())
+            now = self._clock.now()
+            if (has_contacts and not had_contacts) or now - last >= ANNOUNCE_INTERVAL:
+                for name in list(self._served):
+                    await self._announce(name)
+                last = now
+            had_contacts = has_contacts
+
+    # -- requests from peers ----------------------------------------------------
+
+    async def _on_describe(self, remote: bytes, msg: Message) -> Message:
+        assert isinstance(msg, Describe)
+        state = self.core.services.get(msg.service)
+        if state is None:
+            return _error(ServiceErrorCode.NOT_FOUND, f"no service {msg.service!r} here")
+        return ServiceInfo(msg.service, str(state.kind), state.idempotent)
+
+    async def _on_call(self, remote: bytes, msg: Message) -> Message:
+        assert isinstance(msg, Call)
+        core = self.core
+        admitted = core.admit(
+            remote, msg.call_id, msg.service, Kind.UNARY, len(msg.request), self._clock.now()
+        )
+        if isinstance(admitted, Refusal):
+            return ErrorReply(admitted.code, admitted.message)
+        served = self._served[msg.service]
+        limits = served.limits
+        deadline = min(msg.deadline_ms / 1000, limits.max_deadline)
+        ctx = CallContext(remote, msg.service, deadline)
+        task = asyncio.current_task()
+        assert task is not None
+        key = (remote, msg.call_id)
+        self._running[key] = (task, ctx)
+        error: str | None = None
+        try:
+            answer = await self._run_call(served, msg, ctx)
+            if isinstance(answer, ErrorReply):
+                error = answer.code
+            return answer
+        finally:
+            self._running.pop(key, None)
+            core.finish(remote, msg.call_id, error, self._clock.now())
+
+    async def _run_call(self, served: _Served, msg: Call, ctx: CallContext) -> Message:
+        limits = served.limits
+        try:
+            request = decode_value(bytes(msg.request), ValueLimits(max_size=limits.max_request))
+        except ServiceError as exc:
+            return _error(exc.code, str(exc))
+        if ctx.deadline <= 0:
+            return _error(ServiceErrorCode.DEADLINE_EXCEEDED, "the call arrived after its deadline")
+        try:
+            async with asyncio.timeout(ctx.deadline) as scope:
+                reply = await served.handler(request, ctx)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if ctx.cancelled and task is not None and task.uncancel() == 0:
+                return _error(ServiceErrorCode.CANCELLED, "cancelled by the caller")
+            raise
+        except TimeoutError:
+            if scope.expired():
+                return _error(
+                    ServiceErrorCode.DEADLINE_EXCEEDED,
+                    f"{ctx.service!r} did not answer within its deadline of {ctx.deadline:g}s",
+                )
+            return _handler_error(ctx.service, TimeoutError("timed out"))
+        except Exception as exc:  # noqa: BLE001 - the handler boundary: its message only
+            return _handler_error(ctx.service, exc)
+        try:
+            data = encode_value(reply, ValueLimits(max_size=limits.max_reply))
+        except TooLarge as exc:
+            return _error(ServiceErrorCode.TOO_LARGE, f"reply too large: {exc}")
+        except BadServiceRequest as exc:
+            return _error(ServiceErrorCode.HANDLER_ERROR, f"the handler's reply: {exc}")
+        return Reply(msg.call_id, data)
+
+    async def _on_stream_open(self, remote: bytes, msg: Message) -> Message:
+        assert isinstance(msg, StreamOpen)
+        now = self._clock.now()
+        admitted = self.core.admit(
+            remote, msg.call_id, msg.service, Kind.STREAM, len(msg.request), now
+        )
+        if isinstance(admitted, Refusal):
+            return ErrorReply(admitted.code, admitted.message)
+        served = self._served[msg.service]
+        limits = served.limits
+        try:
+            request = decode_value(bytes(msg.request), ValueLimits(max_size=limits.max_request))
+        except ServiceError as exc:
+            self.core.finish(remote, msg.call_id, exc.code, now)
+            return _error(exc.code, str(exc))
+        deadline = min(msg.deadline_ms / 1000, limits.max_deadline)
+        if deadline <= 0:
+            self.core.finish(remote, msg.call_id, ServiceErrorCode.DEADLINE_EXCEEDED, now)
+            return _error(ServiceErrorCode.DEADLINE_EXCEEDED, "the call arrived after its deadline")
+        ctx = CallContext(remote, msg.service, deadline)
+        stream = _Stream(remote, msg.call_id, admitted, ctx)
+        stream.last_active = now
+        self._streams[(remote, msg.call_id)] = stream
+        stream.producer = self._tasks.spawn(
+            self._produce(stream, served, request), f"stream-{msg.service}"
+        )
+        return StreamOpened(msg.call_id, limits.max_credit)
+
+    async def _produce(self, stream: _Stream, served: _Served, request: object) -> None:
+        """Run the stream's iterator, one item per unit of credit granted."""
+        credit = stream.credit
+        ctx = stream.ctx
+        item_limits = ValueLimits(max_size=served.limits.max_reply)
+        iterator: AsyncIterator[Any] | None = None
+        try:
+            async with asyncio.timeout(ctx.deadline) as scope:
+                iterator = served.handler(request, ctx)
+                if not hasattr(iterator, "__anext__"):
+                    raise TypeError("a stream handler must return an async iterator")
+                while True:
+                    while not credit.may_produce():
+                        stream.credit_given.clear()
+                        await stream.credit_given.wait()
+                    try:
+                        item = await anext(iterator)
+                    except StopAsyncIteration:
+                        break
+                    try:
+                        data = encode_value(item, item_limits)
+                    except TooLarge as exc:
+                        stream.error = Refusal(ServiceErrorCode.TOO_LARGE, f"item too large: {exc}")
+                        break
+                    except BadServiceRequest as exc:
+                        stream.error = Refusal(
+                            ServiceErrorCode.HANDLER_ERROR, f"the handler's item: {exc}"
+                        )
+                        break
+                    credit.push(data)
+                    stream.items_ready.set()
+        except asyncio.CancelledError:
+            stream.error = Refusal(ServiceErrorCode.CANCELLED, "cancelled")
+            raise
+        except TimeoutError:
+            if scope.expired():
+                stream.error = Refusal(
+                    ServiceErrorCode.DEADLINE_EXCEEDED,
+                    f"stream {ctx.service!r} passed its deadline of {ctx.deadline:g}s",
+                )
+            else:
+                stream.error = _handler_refusal(ctx.service, TimeoutError("timed out"))
+        except Exception as exc:  # noqa: BLE001 - the handler boundary: its message only
+            stream.error = _handler_refusal(ctx.service, exc)
+        finally:
+            credit.end()
+            stream.items_ready.set()
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception as exc:  # noqa: BLE001 - a generator failing to close: its problem
+                    log.debug("closing stream %s: %s", ctx.service, exc)
+
+    async def _on_stream_pull(self, remote: bytes, msg: Message) -> Message:
+        assert isinstance(msg, StreamPull)
+        stream = self._streams.get((remote, msg.stream_id))
+        if stream is None:
+            return _error(ServiceErrorCode.NOT_FOUND, f"no stream {msg.stream_id}")
+        if stream.pulling:
+            return _error(ServiceErrorCode.BAD_REQUEST, "one pull at a time per stream")
+        credit = stream.credit
+        stream.pulling = True
+        try:
+            if credit.grant(msg.credit):
+                stream.credit_given.set()
+            while not credit.buffered and not credit.ended:
+                stream.items_ready.clear()
+                await stream.items_ready.wait()
+            items = credit.take(MAX_CREDIT_PER_PULL, max_bytes=self._value_limit)
+        finally:
+            stream.pulling = False
+            stream.last_active = self._clock.now()
+        if not credit.finished:
+            return StreamItems(msg.stream_id, tuple(items), False)
+        if items and stream.error is not None:
+            return StreamItems(msg.stream_id, tuple(items), False)  # the error comes next
+        self._end_stream(stream)
+        if stream.error is not None:
+            return ErrorReply(stream.error.code, stream.error.message)
+        return StreamItems(msg.stream_id, tuple(items), True)
+
+    async def _on_cancel(self, remote: bytes, msg: Message) -> Message:
+        assert isinstance(msg, Cancel)
+        key = (remote, msg.call_id)
+        running = self._running.get(key)
+        if running is not None:
+            task, ctx = running
+            if not ctx.cancelled:
+                ctx.cancelled = True
+                task.cancel()
+            return Cancelled(True)
+        stream = self._streams.get(key)
+        if stream is not None:
+            stream.ctx.cancelled = True
+            self._drop_stream(stream, ServiceErrorCode.CANCELLED)
+            return Cancelled(True)
+        self.core.refused["cancel_unknown"] += 1
+        return Cancelled(False)
+
+    def _end_stream(self, stream: _Stream) -> None:
+        key = (stream.peer, stream.call_id)
+        if self._streams.get(key) is stream:
+            del self._streams[key]
+            error = stream.error.code if stream.error is not None else None
+            self.core.finish(stream.peer, stream.call_id, error, self._clock.now())
+
+    def _drop_stream(self, stream: _Stream, code: str | None = None) -> None:
+        if stream.producer is not None:
+            stream.producer.cancel()
+        if code is not None and stream.error is None:
+            stream.error = Refusal(ServiceErrorCode(code), code)
+        self._end_stream(stream)
+
+    async def _expire_streams(self) -> None:
+        """End streams nobody pulled for stream_idle_timeout (their slot is freed)."""
+        idle = self.core.limits.stream_idle_timeout
+        while True:
+            await asyncio.sleep(min(1.0, idle / 4))
+            now = self._clock.now()
+            for stream in list(self._streams.values()):
+                if not stream.pulling and now - stream.last_active > idle:
+                    self.core.refused["stream_idle"] += 1
+                    self._drop_stream(stream, ServiceErrorCode.DEADLINE_EXCEEDED)
+
+    # -- calling ----------------------------------------------------------------
+
+    async def find_service(self, name: str) -> list[ProviderRecord]:
+        validate_service_name(name)
+        return await self._discovery.find_providers(service_key(name))
+
+    def _call_id(self) -> int:
+        self._next_call_id = (self._next_call_id + 1) & 0xFFFFFFFFFFFFFFFF
+        return self._next_call_id
+
+    async def call(
+        self, name: str, request: object, *, timeout: float = 10.0, peer: str | bytes | None = None
+    ) -> object:
+        validate_service_name(name)
+        if timeout <= 0:
+            raise UsageError("timeout must be positive")
+        data = encode_value(request, ValueLimits(max_size=self._value_limit))
+        deadline_at = self._clock.now() + timeout
+        providers = await self._providers(name, peer, deadline_at)
+        failures: list[tuple[bytes, P2PError]] = []
+        for record in providers:
+            left = deadline_at - self._clock.now()
+            if left <= 0:
+                break
+            try:
+                reply = await self._call_one(record, name, data, left)
+            except _Retry as retry:
+                failures.append((record.node_id, retry.error))
+                continue
+            return decode_value(reply, ValueLimits(max_size=self._value_limit))
+        raise _all_failed(name, failures, timeout)
+
+    async def _call_one(self, record: ProviderRecord, name: str, data: bytes, left: float) -> bytes:
+        """One provider's reply, or _Retry (the next provider may be tried), or the
+        error that ends the call."""
+        if record.node_id == self._host.node_id:
+            return await self._call_local(name, data, left)
+        address = PeerAddress(record.node_id, record.host, record.port)
+        started = self._clock.now()
+        info = await self._describe(address, name, left)
+        if info.kind != Kind.UNARY:
+            raise BadServiceRequest(f"{name!r} is a stream service: use call_stream", service=name)
+        call_id = self._call_id()
+        left = max(0.001, left - (self._clock.now() - started))
+        msg = Call(call_id, name, int(left * 1000), data)
+        answer = await self._exchange(address, msg, left, name, call_id, info.idempotent)
+        assert isinstance(answer, Reply)
+        self.ranking.succeeded(record.node_id, self._clock.now() - started)
+        return bytes(answer.reply)
+
+    async def _call_local(self, name: str, data: bytes, left: float) -> bytes:
+        answer = await self._on_call(
+            self._host.node_id, Call(self._call_id(), name, int(left * 1000), data)
+        )
+        if isinstance(answer, ErrorReply):
+            raise service_error(answer.code, answer.message, service=name)
+        assert isinstance(answer, Reply)
+        return bytes(answer.reply)
+
+    async def _describe(self, address: PeerAddress, name: str, left: float) -> ServiceInfo:
+        assert address.node_id is not None
+        key = (address.node_id, name)
+        info = self._described.get(key)
+        if info is not None:
+            self._described.move_to_end(key)
+            return info
+        answer = await self._exchange(address, Describe(name), left, name, None, False)
+        assert isinstance(answer, ServiceInfo)
+        self._described[key] = answer
+        while len(self._described) > DESCRIBED_CACHE:
+            self._described.popitem(last=False)
+        return answer
+
+    async def _exchange(
+        self,
+        address: PeerAddress,
+        msg: Message,
+        left: float,
+        name: str,
+        call_id: int | None,
+        idempotent: bool,
+    ) -> Message:
+        """Send ``msg`` and map every failure to a ServiceError or _Retry."""
+        peer = address.node_id
+        assert peer is not None
+        now = self._clock.now()
+        request = asyncio.get_running_loop().create_task(
+            self._host.request(address, msg, timeout=left + DRAIN_GRACE)
+        )
+        try:
+            async with asyncio.timeout(left):
+                return await asyncio.shield(request)
+        except TimeoutError:
+            self._give_up(request, address, call_id)
+            self.ranking.failed(peer, Failure.TIMEOUT, now)
+            raise DeadlineExceeded(
+                f"{name!r} on {peer_id_to_str(peer)} gave no answer within {left:.3g}s",
+                service=name,
+                peer=peer,
+            ) from None
+        except asyncio.CancelledError:
+            self._give_up(request, address, call_id)
+            raise
+        except RemoteError as exc:
+            error = _remote_error(exc, name, peer)
+            if isinstance(error, (ServiceNotFound, ServiceOverloaded)):
+                self.ranking.failed(peer, Failure.UNAVAILABLE, now)
+                raise _Retry(error) from None  # refused before running: safe to retry
+            raise error from None
+        except (PeerUnreachable, HandshakeError, LimitExceeded) as exc:
+            self.ranking.failed(peer, Failure.UNREACHABLE, now)
+            raise _Retry(exc) from None  # never reached the provider
+        except P2PTimeoutError as exc:
+            self.ranking.failed(peer, Failure.TIMEOUT, now)
+            raise _Retry(exc) from None  # the dial timed out (the call has time left)
+        except P2PError as exc:
+            self.ranking.failed(peer, Failure.UNAVAILABLE, now)
+            if idempotent or call_id is None:
+                raise _Retry(exc) from None
+            raise ProvidersFailed(
+                f"{name!r} on {peer_id_to_str(peer)} failed mid-call ({exc}); "
+                "the service is not idempotent, so the call was not retried",
+                service=name,
+                failures=[(peer, exc)],
+            ) from None
+
+    def _give_up(
+        self, request: asyncio.Task[Message], address: PeerAddress, call_id: int | None
+    ) -> None:
+        """Leave ``request`` to end on its own (its answer is not unasked-for) and
+        tell the provider to stop the call."""
+        self._draining.add(request)
+        request.add_done_callback(_retrieve)
+        request.add_done_callback(self._draining.discard)
+        if call_id is not None:
+            self._tasks.spawn(self._send_cancel(address, call_id), "cancel")
+
+    async def _send_cancel(self, address: PeerAddress, call_id: int) -> None:
+        try:
+            await self._host.request(address, Cancel(call_id), timeout=DRAIN_GRACE)
+        except P2PError as exc:
+            log.debug("cancel of call %d to %s: %s", call_id, address, exc)
+
+    async def _providers(
+        self, name: str, peer: str | bytes | None, deadline_at: float
+    ) -> list[ProviderRecord]:
+        """Who to try, best first."""
+        from p2pnode.dht.discovery import ProviderRecord
+
+        left = deadline_at - self._clock.now()
+        try:
+            async with asyncio.timeout(left):
+                if peer is not None:
+                    node_id = as_node_id(peer)
+                    if node_id == self._host.node_id:
+                        return [ProviderRecord(node_id, "127.0.0.1", self._port)]
+                    if node_id in self._host.connected_peers():
+                        return [ProviderRecord(node_id, "", 0)]  # the pooled connection
+                    found = [r for r in await self.find_service(name) if r.node_id == node_id]
+                    if found:
+                        return found[:1]
+                    contact = await self._discovery.find_peer(node_id)
+                    if contact is None:
+                        raise NoProviders(
+                            f"peer {peer_id_to_str(node_id)} not found in the DHT", service=name
+                        )
+                    return [ProviderRecord(node_id, contact.host, contact.port)]
+                providers = await self.find_service(name)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"looking up providers of {name!r} took longer than the deadline", service=name
+            ) from None
+        if not providers:
+            raise NoProviders(f"no provider of {name!r} found in the DHT", service=name)
+        own = self._host.node_id
+        remote = [p for p in providers if p.node_id != own]
+        ordered = self.ranking.order(remote, self._clock.now(), key=lambda p: p.node_id)
+        if len(remote) < len(providers) and name in self._served:
+            ordered.append(next(p for p in providers if p.node_id == own))  # here, last
+        if not ordered:
+            raise NoProviders(f"no provider of {name!r} but this node", service=name)
+        return ordered
+
+    async def call_stream(
+        self, name: str, request: object, *, timeout: float = 60.0, peer: str | bytes | None = None
+    ) -> AsyncIterator[object]:
+        """The stream's items as they come; pulls only as the caller consumes them."""
+        validate_service_name(name)
+        if timeout <= 0:
+            raise UsageError("timeout must be positive")
+        data = encode_value(request, ValueLimits(max_size=self._value_limit))
+        deadline_at = self._clock.now() + timeout
+        providers = await self._providers(name, peer, deadline_at)
+        failures: list[tuple[bytes, P2PError]] = []
+        opened: tuple[PeerAddress, StreamOpened] | None = None
+        for record in providers:
+            if record.node_id == self._host.node_id:
+                continue  # a stream is served to peers only
+            left = deadline_at - self._clock.now()
+            if left <= 0:
+                break
+            address = PeerAddress(record.node_id, record.host, record.port)
+            try:
+                info = await self._describe(address, name, left)
+                if info.kind != Kind.STREAM:
+                    raise BadServiceRequest(f"{name!r} is a unary service: use call", service=name)
+                call_id = self._call_id()
+                left = deadline_at - self._clock.now()
+                msg = StreamOpen(call_id, name, max(1, int(left * 1000)), data)
+                answer = await self._exchange(address, msg, left, name, call_id, info.idempotent)
+            except _Retry as retry:
+                failures.append((record.node_id, retry.error))
+                continue
+            assert isinstance(answer, StreamOpened)
+            opened = (address, answer)
+            break
+        if opened is None:
+            raise _all_failed(name, failures, timeout)
+        address, answer = opened
+        window = max(1, min(CLIENT_WINDOW, answer.max_credit))
+        outstanding = 0
+        ended = False
+        try:
+            while True:
+                left = deadline_at - self._clock.now()
+                if left <= 0:
+                    raise DeadlineExceeded(f"stream {name!r} passed its deadline", service=name)
+                grant = window - outstanding
+                try:
+                    got = await self._exchange(
+                        address, StreamPull(answer.stream_id, grant), left, name, None, False
+                    )
+                except _Retry as retry:
+                    raise ProvidersFailed(
+                        f"stream {name!r} broke: {retry.error}",
+                        service=name,
+                        failures=[(address.node_id or b"", retry.error)],
+                    ) from None
+                except ServiceError:
+                    ended = True  # the provider ended it with a typed error
+                    raise
+                assert isinstance(got, StreamItems)
+                outstanding += grant - len(got.items)
+                if got.end:
+                    ended = True
+                for item in got.items:
+                    yield decode_value(item, ValueLimits(max_size=self._value_limit))
+                if got.end:
+                    return
+        finally:
+            if not ended:
+                self._tasks.spawn(self._send_cancel(address, answer.stream_id), "cancel")
+
+
+class _Retry(Exception):
+    """This provider failed in a way that lets the call try the next one."""
+
+    def __init__(self, error: P2PError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _error(code: str, message: str) -> ErrorReply:
+    return ErrorReply(code, message[:1024])
+
+
+def _handler_error(service: str, exc: BaseException) -> ErrorReply:
+    refusal = _handler_refusal(service, exc)
+    return ErrorReply(refusal.code, refusal.message)
+
+
+def _handler_refusal(service: str, exc: BaseException) -> Refusal:
+    log.info("service %s: handler raised %s: %s", service, type(exc).__name__, exc)
+    text = str(exc) or type(exc).__name__
+    return Refusal(ServiceErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {text}"[:1024])
+
+
+def _remote_error(exc: RemoteError, name: str, peer: bytes) -> ServiceError:
+    code = exc.code
+    if code == ErrorCode.BUSY:
+        code = ServiceErrorCode.OVERLOADED  # the connection's own in-flight limit
+    elif code == ErrorCode.UNSUPPORTED:
+        code = ServiceErrorCode.NOT_FOUND  # a peer that serves no services at all
+    return service_error(
+        code, f"{name!r} on {peer_id_to_str(peer)}: {exc.message}", service=name, peer=peer
+    )
+
+
+def _all_failed(name: str, failures: list[tuple[bytes, P2PError]], timeout: float) -> ServiceError:
+    if not failures:
+        return DeadlineExceeded(f"{name!r}: no provider answered within {timeout:g}s", service=name)
+    if len(failures) == 1 and isinstance(failures[0][1], ServiceError):
+        return failures[0][1]
+    tried = "; ".join(f"{peer_id_to_str(p)}: {e}" for p, e in failures)
+    return ProvidersFailed(
+        f"every provider of {name!r} failed ({len(failures)} tried): {tried}",
+        service=name,
+        failures=failures,
+    )
