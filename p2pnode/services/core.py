@@ -96,6 +96,7 @@ class ServiceState:
     limits: ServiceLimits
     in_flight: int = 0
     calls: int = 0  # admitted
+    announced_to: int = 0  # remote DHT nodes that took the last announcement
     errors: Counter[str] = field(default_factory=Counter)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     buckets: OrderedDict[bytes, TokenBucket] = field(default_factory=OrderedDict)
@@ -115,6 +116,7 @@ class ServiceState:
             "errors": dict(self.errors),
             "p50_ms": self.p50_ms(),
             "in_flight": self.in_flight,
+            "announced_to": self.announced_to,
         }
 
 

@@ -255,7 +255,10 @@ class Services:
 
     async def _announce(self, name: str) -> None:
         try:
-            await self._discovery.add_provider(service_key(name), self._port)
+            accepted = await self._discovery.add_provider(service_key(name), self._port)
+            state = self.core.services.get(name)
+            if state is not None:
+                state.announced_to = accepted
         except P2PError as exc:
             log.warning("announcing service %s failed: %s", name, exc)
 
