@@ -489,8 +489,8 @@ class Services:
 
     async def _expire_streams(self) -> None:
         """End streams nobody pulled for stream_idle_timeout (their slot is freed)."""
-        idle = self.core.limits.stream_idle_timeout
         while True:
+            idle = self.core.limits.stream_idle_timeout
             await asyncio.sleep(min(1.0, idle / 4))
             now = self._clock.now()
             for stream in list(self._streams.values()):
