@@ -8,23 +8,33 @@ from typing import TYPE_CHECKING
 from p2pnode._version import __version__
 from p2pnode.config import NodeConfig
 from p2pnode.errors import (
+    BadServiceRequest,
+    CallCancelled,
     ChannelAuthError,
     ConnectionClosed,
+    DeadlineExceeded,
     DhtClosed,
     DownloadError,
+    HandlerError,
     HandshakeError,
     LimitExceeded,
     MessageDecodeError,
     MessageError,
     NodeNotRunning,
+    NoProviders,
     NotFoundError,
     P2PError,
     P2PTimeoutError,
     PeerUnreachable,
     ProtocolError,
+    ProvidersFailed,
     RemoteError,
+    ServiceError,
+    ServiceNotFound,
+    ServiceOverloaded,
     StaleError,
     StorageError,
+    TooLarge,
     UnknownMessageType,
     Unroutable,
     UsageError,
@@ -33,16 +43,23 @@ from p2pnode.errors import (
 
 if TYPE_CHECKING:
     from p2pnode.node import Node, NodeState
+    from p2pnode.services import CallContext, ServiceLimits
 
 __all__ = [
+    "BadServiceRequest",
+    "CallCancelled",
+    "CallContext",
     "ChannelAuthError",
     "ConnectionClosed",
+    "DeadlineExceeded",
     "DhtClosed",
     "DownloadError",
+    "HandlerError",
     "HandshakeError",
     "LimitExceeded",
     "MessageDecodeError",
     "MessageError",
+    "NoProviders",
     "Node",
     "NodeConfig",
     "NodeNotRunning",
@@ -52,9 +69,15 @@ __all__ = [
     "P2PTimeoutError",
     "PeerUnreachable",
     "ProtocolError",
+    "ProvidersFailed",
     "RemoteError",
+    "ServiceError",
+    "ServiceLimits",
+    "ServiceNotFound",
+    "ServiceOverloaded",
     "StaleError",
     "StorageError",
+    "TooLarge",
     "UnknownMessageType",
     "Unroutable",
     "UsageError",
@@ -69,4 +92,8 @@ def __getattr__(name: str) -> object:
         from p2pnode import node
 
         return getattr(node, name)
+    if name in ("CallContext", "ServiceLimits"):
+        from p2pnode import services
+
+        return getattr(services, name)
     raise AttributeError(f"module 'p2pnode' has no attribute {name!r}")

@@ -5,7 +5,7 @@ and owns every background task.
         ...
 
 Start order: home lock -> identity -> DHT (UDP P) -> peer host (TCP P) ->
-exchange -> control API -> join/maintenance tasks. Stop is the reverse, and
+exchange -> services -> control API -> join/maintenance tasks. Stop is the reverse, and
 saves the routing table so a restart without --bootstrap rejoins.
 """
 
@@ -76,6 +76,8 @@ class Node:
     - :class:`~p2pnode.dht.Discovery`: the Kademlia DHT on UDP port P;
     - :class:`~p2pnode.net.host.PeerHost`: Noise-secured peer connections on TCP P;
     - :class:`~p2pnode.exchange.service.Exchange`: sharing and downloading resources;
+    - :class:`~p2pnode.services.Services`: serving named services and calling other
+      nodes' (``serve``, ``call``, ``call_stream``, ``find_service``, ...);
     - :class:`~p2pnode.control.server.ControlServer`: the local HTTP API (its URL and
       token are written to the home for the CLI); none with ``control_api=False``.
 
