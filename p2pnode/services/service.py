@@ -101,6 +101,8 @@ ANNOUNCE_INTERVAL = 1800.0
 CONTACT_POLL = 1.0
 CLIENT_WINDOW = 32  # stream items a caller grants ahead
 DESCRIBED_CACHE = 1024
+PROVIDER_CACHE_TTL = 30.0
+PROVIDER_CACHE_NAMES = 256
 # Room in a frame for everything but the value itself.
 FRAME_OVERHEAD = 4096
 # How long a caller that gave up lets its request end (answered ``cancelled``).
@@ -170,6 +172,8 @@ class Services:
         self._tasks = TaskSet("services")
         self._draining: set[asyncio.Task[Any]] = set()
         self.ranking = ProviderRanking()
+        # name -> (expires, providers): a DHT lookup per call would cost more than the call
+        self._provider_cache: dict[str, tuple[float, list[ProviderRecord]]] = {}
         self._described: OrderedDict[tuple[bytes, str], ServiceInfo] = OrderedDict()
         self._next_call_id = int.from_bytes(host.node_id[:4], "big") << 24
         self._announce_now = asyncio.Event()
@@ -528,6 +532,7 @@ class Services:
                 failures.append((record.node_id, retry.error))
                 continue
             return decode_value(reply, ValueLimits(max_size=self._value_limit))
+        self._provider_cache.pop(name, None)  # look again next time
         raise _all_failed(name, failures, timeout)
 
     async def _call_one(self, record: ProviderRecord, name: str, data: bytes, left: float) -> bytes:
@@ -647,32 +652,34 @@ class Services:
         """Who to try, best first."""
         from p2pnode.dht.discovery import ProviderRecord
 
-        left = deadline_at - self._clock.now()
-        try:
-            async with asyncio.timeout(left):
-                if peer is not None:
-                    node_id = as_node_id(peer)
-                    if node_id == self._host.node_id:
-                        return [ProviderRecord(node_id, "127.0.0.1", self._port)]
-                    if node_id in self._host.connected_peers():
-                        return [ProviderRecord(node_id, "", 0)]  # the pooled connection
-                    found = [r for r in await self.find_service(name) if r.node_id == node_id]
-                    if found:
-                        return found[:1]
-                    contact = await self._discovery.find_peer(node_id)
-                    if contact is None:
-                        raise NoProviders(
-                            f"peer {peer_id_to_str(node_id)} not found in the DHT", service=name
-                        )
-                    return [ProviderRecord(node_id, contact.host, contact.port)]
-                providers = await self.find_service(name)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"looking up providers of {name!r} took longer than the deadline", service=name
-            ) from None
+        own = self._host.node_id
+        if peer is not None:
+            node_id = as_node_id(peer)
+            if node_id == own:
+                return [ProviderRecord(node_id, "127.0.0.1", self._port)]
+            if node_id in self._host.connected_peers():
+                return [ProviderRecord(node_id, "", 0)]  # the pooled connection is used
+        now = self._clock.now()
+        cached = self._provider_cache.get(name) if peer is None else None
+        if cached is not None and cached[0] > now:
+            providers = cached[1]
+        else:
+            try:
+                async with asyncio.timeout(deadline_at - now):
+                    if peer is not None:
+                        return [await self._locate(name, as_node_id(peer))]
+                    providers = await self.find_service(name)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"looking up providers of {name!r} took longer than the deadline",
+                    service=name,
+                ) from None
+            if providers:
+                self._provider_cache[name] = (now + PROVIDER_CACHE_TTL, providers)
+                while len(self._provider_cache) > PROVIDER_CACHE_NAMES:
+                    del self._provider_cache[next(iter(self._provider_cache))]
         if not providers:
             raise NoProviders(f"no provider of {name!r} found in the DHT", service=name)
-        own = self._host.node_id
         remote = [p for p in providers if p.node_id != own]
         ordered = self.ranking.order(remote, self._clock.now(), key=lambda p: p.node_id)
         if len(remote) < len(providers) and name in self._served:
@@ -680,6 +687,18 @@ class Services:
         if not ordered:
             raise NoProviders(f"no provider of {name!r} but this node", service=name)
         return ordered
+
+    async def _locate(self, name: str, node_id: bytes) -> ProviderRecord:
+        """Where to reach one given peer: its provider record, else its DHT contact."""
+        from p2pnode.dht.discovery import ProviderRecord
+
+        found = [r for r in await self.find_service(name) if r.node_id == node_id]
+        if found:
+            return found[0]
+        contact = await self._discovery.find_peer(node_id)
+        if contact is None:
+            raise NoProviders(f"peer {peer_id_to_str(node_id)} not found in the DHT", service=name)
+        return ProviderRecord(node_id, contact.host, contact.port)
 
     async def call_stream(
         self, name: str, request: object, *, timeout: float = 60.0, peer: str | bytes | None = None
@@ -715,6 +734,7 @@ class Services:
             opened = (address, answer)
             break
         if opened is None:
+            self._provider_cache.pop(name, None)
             raise _all_failed(name, failures, timeout)
         address, answer = opened
         window = max(1, min(CLIENT_WINDOW, answer.max_credit))
