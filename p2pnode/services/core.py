@@ -8,7 +8,8 @@
   -> ``bad_request``;
 - over the peer's calls per second for that service (a token bucket per peer),
   the service's ``concurrency``, the node's ``max_concurrent`` or the peer's
-  ``max_concurrent_per_peer`` -> ``overloaded``.
+  ``max_concurrent_per_peer``, or with the node's memory budget spent ->
+  ``overloaded``.
 
 An admitted call is in flight until ``finish`` (whatever its outcome); every
 refusal and every failed outcome is counted by code, per service and node-wide.
@@ -149,10 +150,21 @@ class ServicesCore:
     # -- calls ----------------------------------------------------------------
 
     def admit(
-        self, peer: bytes, call_id: int, name: str, kind: Kind, request_size: int, now: float
+        self,
+        peer: bytes,
+        call_id: int,
+        name: str,
+        kind: Kind,
+        request_size: int,
+        now: float,
+        *,
+        memory_full: bool = False,
     ) -> Refusal | ServiceState:
-        """Take the call (it is then in flight until ``finish``) or say why not."""
+        """Take the call (it is then in flight until ``finish``) or say why not;
+        ``memory_full``: the node's memory budget is spent (no new work)."""
         refusal = self._check(peer, call_id, name, kind, request_size, now)
+        if refusal is None and memory_full:
+            refusal = Refusal(ServiceErrorCode.OVERLOADED, "this node's memory budget is full")
         if refusal is not None:
             self.refused[refusal.code] += 1
             state = self.services.get(name)

@@ -13,7 +13,10 @@ Rules:
   ``handler_error`` with its message; a reply past ``max_reply`` ``too_large``.
 - Streams are pulled: the producer (the service's async iterator) is advanced
   only while the consumer has granted credit, so a slow consumer holds the
-  producer; a stream nobody pulls for ``stream_idle_timeout`` is ended.
+  producer; a stream nobody pulls for ``stream_idle_timeout`` is ended. Items
+  produced and not yet delivered are held in the host's memory budget (full:
+  the stream ends ``overloaded``); with the budget spent, new calls are refused
+  ``overloaded``.
 - ``Cancel`` cancels the handler's task (its ``CallContext.cancelled`` is set).
 - Calling: providers come from the DHT (or ``peer=``), ordered by
   ``ProviderRanking`` (measured RTT, recent failures). A provider that refused
@@ -145,6 +148,7 @@ class _Stream:
         self.error: Refusal | None = None
         self.pulling = False
         self.last_active = 0.0
+        self.reserved = 0  # bytes of produced items held in the node's memory budget
         self.credit_given = asyncio.Event()  # wakes the producer
         self.items_ready = asyncio.Event()  # wakes a pull
 
@@ -294,7 +298,13 @@ class Services:
         assert isinstance(msg, Call)
         core = self.core
         admitted = core.admit(
-            remote, msg.call_id, msg.service, Kind.UNARY, len(msg.request), self._clock.now()
+            remote,
+            msg.call_id,
+            msg.service,
+            Kind.UNARY,
+            len(msg.request),
+            self._clock.now(),
+            memory_full=self._host.memory.over,
         )
         if isinstance(admitted, Refusal):
             return ErrorReply(admitted.code, admitted.message)
@@ -353,7 +363,13 @@ class Services:
         assert isinstance(msg, StreamOpen)
         now = self._clock.now()
         admitted = self.core.admit(
-            remote, msg.call_id, msg.service, Kind.STREAM, len(msg.request), now
+            remote,
+            msg.call_id,
+            msg.service,
+            Kind.STREAM,
+            len(msg.request),
+            now,
+            memory_full=self._host.memory.over,
         )
         if isinstance(admitted, Refusal):
             return ErrorReply(admitted.code, admitted.message)
@@ -406,6 +422,12 @@ class Services:
                             ServiceErrorCode.HANDLER_ERROR, f"the handler's item: {exc}"
                         )
                         break
+                    if not self._host.memory.try_reserve(stream.peer, len(data)):
+                        stream.error = Refusal(
+                            ServiceErrorCode.OVERLOADED, "this node's memory budget is full"
+                        )
+                        break
+                    stream.reserved += len(data)
                     credit.push(data)
                     stream.items_ready.set()
         except asyncio.CancelledError:
@@ -447,6 +469,7 @@ class Services:
                 stream.items_ready.clear()
                 await stream.items_ready.wait()
             items = credit.take(MAX_CREDIT_PER_PULL, max_bytes=self._value_limit)
+            self._release(stream, sum(len(item) for item in items))
         finally:
             stream.pulling = False
             stream.last_active = self._clock.now()
@@ -477,8 +500,14 @@ class Services:
         self.core.refused["cancel_unknown"] += 1
         return Cancelled(False)
 
+    def _release(self, stream: _Stream, n: int) -> None:
+        n = min(n, stream.reserved)
+        stream.reserved -= n
+        self._host.memory.release(stream.peer, n)
+
     def _end_stream(self, stream: _Stream) -> None:
         key = (stream.peer, stream.call_id)
+        self._release(stream, stream.reserved)  # items never delivered
         if self._streams.get(key) is stream:
             del self._streams[key]
             error = stream.error.code if stream.error is not None else None

@@ -22,7 +22,15 @@ from p2pnode.net.config import NetLimits
 from p2pnode.net.host import PeerAddress, PeerHost
 from p2pnode.node import Node
 from p2pnode.services import CallContext, NodeServiceLimits, ServiceLimits
-from p2pnode.services.messages import Call, Cancel, Cancelled, StreamOpen, StreamOpened
+from p2pnode.services.messages import (
+    Call,
+    Cancel,
+    Cancelled,
+    StreamItems,
+    StreamOpen,
+    StreamOpened,
+    StreamPull,
+)
 from p2pnode.wire.messages import Message
 from tests.helpers import eventually, fast_config
 
@@ -188,3 +196,36 @@ async def test_streams_that_never_grant_credit_produce_nothing_and_expire(
     # the attacker's streams are ended once idle, their slots freed
     await eventually(lambda: provider.services()[0]["in_flight"] == 0, what="idle streams end")
     assert provider.services_part.core.refused["stream_idle"] == 4
+
+
+async def test_stream_items_held_count_in_the_memory_budget(
+    pair: tuple[Node, Node, PeerHost],
+) -> None:
+    """A caller that grants much credit and then stops reading cannot make the
+    provider hold more than its memory share: the stream ends overloaded."""
+    provider, _, attacker = pair
+    produced: list[int] = []
+
+    async def numbers(request: Any, ctx: CallContext) -> AsyncIterator[Any]:
+        i = 0
+        while True:
+            produced.append(i)
+            yield b"x" * 4096
+            i += 1
+
+    provider.serve_stream("numbers", numbers, limits=ServiceLimits(max_credit=64))
+    opened = await send(attacker, provider, StreamOpen(1, "numbers", 60_000, NIL))
+    assert isinstance(opened, StreamOpened)
+    memory = provider.peer_host.memory
+    before = memory.peer_used(attacker.node_id)
+    memory.per_peer = before + 20_000  # room for about 4 items of 4 KiB
+    answer = await send(attacker, provider, StreamPull(1, 64))
+    assert isinstance(answer, StreamItems) and 1 <= len(answer.items) <= 5
+    await eventually(lambda: len(produced) >= 5, what="producer stops at the budget")
+    assert len(produced) <= 6
+    last = await send(attacker, provider, StreamPull(1, 0))
+    while isinstance(last, StreamItems):  # what was buffered, then the typed error
+        last = await send(attacker, provider, StreamPull(1, 0))
+    assert last == "overloaded"
+    assert memory.peer_used(attacker.node_id) <= before
+    assert provider.services()[0]["in_flight"] == 0

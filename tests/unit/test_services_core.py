@@ -202,3 +202,10 @@ def test_messages_round_trip() -> None:
     for msg in (Call(1, "math.add", 500, b"\x80"), StreamItems(3, (b"a", b"b"), True)):
         env = decode_envelope(encode_envelope_bytes(request(7, msg)))
         assert env.message == msg
+
+
+def test_memory_full_refuses_new_calls() -> None:
+    core = core_with()
+    assert code(core.admit(A, 1, "math.add", Kind.UNARY, 1, 0.0, memory_full=True)) == "overloaded"
+    assert code(core.admit(A, 1, "nope", Kind.UNARY, 1, 0.0, memory_full=True)) == "not_found"
+    assert core.in_flight == 0
