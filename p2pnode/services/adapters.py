@@ -23,21 +23,22 @@ import os
 import shutil
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from p2pnode.errors import P2PError, UsageError
+from p2pnode.errors import (
+    BadServiceRequest,
+    DeadlineExceeded,
+    HandlerError,
+    TooLarge,
+    UsageError,
+)
 
+if TYPE_CHECKING:
+    from p2pnode.services.service import CallContext
 
-class CallContext(Protocol):
-    """What the adapters read of the services core's CallContext."""
-
-    @property
-    def deadline(self) -> float: ...  # seconds left for the call
-
-
-UnaryHandler = Callable[[object, CallContext], Awaitable[object]]
-StreamHandler = Callable[[object, CallContext], AsyncIterator[object]]
+UnaryHandler = Callable[[object, "CallContext"], Awaitable[object]]
+StreamHandler = Callable[[object, "CallContext"], AsyncIterator[object]]
 
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 STDERR_KEEP = 4096  # bytes of stderr kept for the error message; the rest is drained
@@ -46,30 +47,6 @@ STDERR_LINE_CHARS = 200
 READ_CHUNK = 64 * 1024
 BODY_EXCERPT = 300  # characters of an HTTP error body shown in the error
 LOCAL_NAMES = frozenset({"localhost", "localhost."})
-
-
-# ---------------------------------------------------------------------------- errors
-# Stand-ins until the services core's typed errors land (then imported from there).
-
-
-class ServiceError(P2PError):
-    code = "handler_error"
-
-
-class ServiceBadRequest(ServiceError):
-    code = "bad_request"
-
-
-class ServiceDeadlineExceeded(ServiceError):
-    code = "deadline_exceeded"
-
-
-class ServiceHandlerError(ServiceError):
-    code = "handler_error"
-
-
-class ServiceTooLarge(ServiceError):
-    code = "too_large"
 
 
 # ---------------------------------------------------------------------------- shared
@@ -85,7 +62,7 @@ def _request_bytes(request: object) -> bytes:
         return request.encode()
     if isinstance(request, dict | list | int | float | bool):
         return json.dumps(request).encode()
-    raise ServiceBadRequest(f"request of type {type(request).__name__} cannot be forwarded")
+    raise BadServiceRequest(f"request of type {type(request).__name__} cannot be forwarded")
 
 
 def _as_reply(data: bytes) -> bytes | str:
@@ -114,7 +91,7 @@ def _first_lines(data: bytes) -> str:
 
 
 class _Overflow(Exception):
-    """Stdout passed its bound (internal: becomes ServiceTooLarge)."""
+    """Stdout passed its bound (internal: becomes TooLarge)."""
 
 
 def exec_argv(argv: Sequence[str], *, shell: bool) -> list[str]:
@@ -185,7 +162,7 @@ class _Program:
                 start_new_session=True,
             )
         except OSError as exc:
-            raise ServiceHandlerError(f"cannot run {self._shown!r}: {exc.strerror}") from None
+            raise HandlerError(f"cannot run {self._shown!r}: {exc.strerror}") from None
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -225,8 +202,8 @@ class _Program:
             if room > 0:
                 self._stderr += chunk[:room]
 
-    def _deadline_error(self) -> ServiceDeadlineExceeded:
-        return ServiceDeadlineExceeded(
+    def _deadline_error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
             f"{self._shown!r} did not finish within {self._timeout:.3g} s (killed)"
         )
 
@@ -243,7 +220,7 @@ class _Program:
         else:
             what = f"exited with status {code}"
         detail = _first_lines(bytes(self._stderr))
-        raise ServiceHandlerError(f"{self._shown!r} {what}" + (f": {detail}" if detail else ""))
+        raise HandlerError(f"{self._shown!r} {what}" + (f": {detail}" if detail else ""))
 
     async def run(self, stdin: bytes, max_output: int) -> bytes:
         assert self._proc is not None and self._proc.stdout is not None
@@ -264,9 +241,7 @@ class _Program:
         except TimeoutError:
             raise self._deadline_error() from None
         except _Overflow:
-            raise ServiceTooLarge(
-                f"{self._shown!r} wrote more than {max_output} bytes (killed)"
-            ) from None
+            raise TooLarge(f"{self._shown!r} wrote more than {max_output} bytes (killed)") from None
 
     async def lines(self, stdin: bytes, max_line: int) -> AsyncIterator[bytes]:
         assert self._proc is not None and self._proc.stdout is not None
@@ -290,7 +265,7 @@ class _Program:
             for line in complete:
                 yield line
             if len(pending) > max_line:
-                raise ServiceTooLarge(f"{self._shown!r} wrote a line over {max_line} bytes")
+                raise TooLarge(f"{self._shown!r} wrote a line over {max_line} bytes")
         if pending:
             yield pending
         try:
@@ -357,11 +332,11 @@ def http_handler(
                 data = await _read_bounded(resp.content, max_body)
                 return _http_outcome(url, resp.status, resp.content_type, resp.charset, data)
         except TimeoutError:
-            raise ServiceDeadlineExceeded(
+            raise DeadlineExceeded(
                 f"HTTP service {url} did not answer within {left:.3g} s"
             ) from None
         except aiohttp.ClientError as exc:
-            raise ServiceHandlerError(f"HTTP service {url} unreachable: {exc}") from None
+            raise HandlerError(f"HTTP service {url} unreachable: {exc}") from None
 
     return handler
 
@@ -371,7 +346,7 @@ async def _read_bounded(content: Any, limit: int) -> bytes:
     while chunk := await content.read(READ_CHUNK):
         out += chunk
         if len(out) > limit:
-            raise ServiceTooLarge(f"HTTP answer larger than {limit} bytes")
+            raise TooLarge(f"HTTP answer larger than {limit} bytes")
     return bytes(out)
 
 
@@ -383,7 +358,7 @@ def _http_outcome(
             try:
                 return json.loads(data.decode(charset or "utf-8"))
             except (ValueError, LookupError, RecursionError):
-                raise ServiceHandlerError(f"HTTP service {url} sent invalid JSON") from None
+                raise HandlerError(f"HTTP service {url} sent invalid JSON") from None
         if content_type.startswith("text/"):
             try:
                 return data.decode(charset or "utf-8")
@@ -393,7 +368,7 @@ def _http_outcome(
     excerpt = data.decode("utf-8", "replace").strip()[:BODY_EXCERPT]
     detail = f"HTTP service answered {status}" + (f": {excerpt}" if excerpt else "")
     if 400 <= status < 500:
-        raise ServiceBadRequest(detail)
+        raise BadServiceRequest(detail)
     if 300 <= status < 400:
-        raise ServiceHandlerError(f"{detail} (redirects are not followed)")
-    raise ServiceHandlerError(detail)
+        raise HandlerError(f"{detail} (redirects are not followed)")
+    raise HandlerError(detail)

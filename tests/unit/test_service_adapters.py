@@ -8,34 +8,21 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from p2pnode.errors import UsageError
-from p2pnode.services.adapters import (
-    ServiceBadRequest,
-    ServiceDeadlineExceeded,
-    ServiceHandlerError,
-    ServiceTooLarge,
-    exec_handler,
-    http_handler,
-)
+from p2pnode.errors import BadServiceRequest, DeadlineExceeded, HandlerError, TooLarge, UsageError
+from p2pnode.services import CallContext
+from p2pnode.services.adapters import exec_handler, http_handler
 
 
-@dataclass
-class Ctx:
-    """Stands in for CallContext: the adapters read only ``deadline``."""
-
-    deadline: float = 30.0
-    peer_id: bytes = b"\x01" * 20
-    service: str = "test.svc"
-    cancelled: bool = False
+def Ctx(deadline: float = 30.0) -> CallContext:
+    return CallContext(b"\x01" * 20, "test.svc", deadline)
 
 
-CTX: Any = Ctx()
+CTX = Ctx()
 
 
 # ---------------------------------------------------------------------------- --exec
@@ -68,7 +55,7 @@ async def test_exec_nonzero_exit_is_a_handler_error_with_code_and_stderr() -> No
         timeout=5,
         max_output=1024,
     )
-    with pytest.raises(ServiceHandlerError) as info:
+    with pytest.raises(HandlerError) as info:
         await failing(b"ignored input", CTX)
     message = str(info.value)
     assert "status 3" in message and "first problem" in message and "second" in message
@@ -88,7 +75,7 @@ async def test_exec_stderr_in_the_error_is_bounded() -> None:
         timeout=5,
         max_output=1024,
     )
-    with pytest.raises(ServiceHandlerError) as info:
+    with pytest.raises(HandlerError) as info:
         await noisy(b"", CTX)
     assert len(str(info.value)) < 2000
 
@@ -97,7 +84,7 @@ async def test_exec_timeout_kills_the_program_and_its_children() -> None:
     # A shell that starts a child: the kill must reach the whole process group.
     slow = exec_handler(["sleep 30; echo late"], timeout=0.3, max_output=1024, shell=True)
     started = time.monotonic()
-    with pytest.raises(ServiceDeadlineExceeded, match="did not finish"):
+    with pytest.raises(DeadlineExceeded, match="did not finish"):
         await slow(b"", CTX)
     assert time.monotonic() - started < 3
 
@@ -105,7 +92,7 @@ async def test_exec_timeout_kills_the_program_and_its_children() -> None:
 async def test_exec_call_deadline_caps_the_timeout() -> None:
     slow = exec_handler(["sleep", "30"], timeout=60, max_output=1024)
     started = time.monotonic()
-    with pytest.raises(ServiceDeadlineExceeded):
+    with pytest.raises(DeadlineExceeded):
         await slow(b"", Ctx(deadline=0.3))
     assert time.monotonic() - started < 3
 
@@ -113,7 +100,7 @@ async def test_exec_call_deadline_caps_the_timeout() -> None:
 async def test_exec_output_over_the_bound_kills_the_program() -> None:
     chatty = exec_handler(["yes"], timeout=10, max_output=64 * 1024)
     started = time.monotonic()
-    with pytest.raises(ServiceTooLarge, match="more than 65536 bytes"):
+    with pytest.raises(TooLarge, match="more than 65536 bytes"):
         await chatty(b"", CTX)
     assert time.monotonic() - started < 3
 
@@ -169,7 +156,7 @@ async def test_exec_stream_nonzero_exit_after_items() -> None:
         ["sh", "-c", "echo one; echo bad >&2; exit 4"], timeout=5, max_output=1024, stream=True
     )
     got: list[object] = []
-    with pytest.raises(ServiceHandlerError, match="status 4: bad"):
+    with pytest.raises(HandlerError, match="status 4: bad"):
         async for item in failing(b"", CTX):
             got.append(item)
     assert got == ["one"]
@@ -245,28 +232,28 @@ async def test_http_text_and_bytes(local_http: str) -> None:
 
 
 async def test_http_4xx_is_bad_request_5xx_is_handler_error(local_http: str) -> None:
-    with pytest.raises(ServiceBadRequest, match=r"422.*city missing"):
+    with pytest.raises(BadServiceRequest, match=r"422.*city missing"):
         await http_handler(f"{local_http}/weather", timeout=5)({"town": "x"}, CTX)
-    with pytest.raises(ServiceHandlerError, match="500: database down"):
+    with pytest.raises(HandlerError, match="500: database down"):
         await http_handler(f"{local_http}/boom", timeout=5)("x", CTX)
 
 
 async def test_http_redirect_is_not_followed(local_http: str) -> None:
-    with pytest.raises(ServiceHandlerError, match="302"):
+    with pytest.raises(HandlerError, match="302"):
         await http_handler(f"{local_http}/redirect", timeout=5)("x", CTX)
 
 
 async def test_http_body_is_bounded(local_http: str) -> None:
     big = http_handler(f"{local_http}/big", timeout=5, max_body=100_000)
-    with pytest.raises(ServiceTooLarge):
+    with pytest.raises(TooLarge):
         await big("x", CTX)
 
 
 async def test_http_timeout_and_call_deadline(local_http: str) -> None:
     started = time.monotonic()
-    with pytest.raises(ServiceDeadlineExceeded):
+    with pytest.raises(DeadlineExceeded):
         await http_handler(f"{local_http}/slow", timeout=0.3)("x", CTX)
-    with pytest.raises(ServiceDeadlineExceeded):
+    with pytest.raises(DeadlineExceeded):
         await http_handler(f"{local_http}/slow", timeout=30)("x", Ctx(deadline=0.3))
     assert time.monotonic() - started < 3
 
@@ -274,7 +261,7 @@ async def test_http_timeout_and_call_deadline(local_http: str) -> None:
 async def test_http_connection_refused_is_a_handler_error() -> None:
     runner, url = await _serve(web.Application())
     await runner.cleanup()  # the port is free again: nothing listens
-    with pytest.raises(ServiceHandlerError, match="unreachable"):
+    with pytest.raises(HandlerError, match="unreachable"):
         await http_handler(url, timeout=5)("x", CTX)
 
 
