@@ -495,7 +495,7 @@ class Services:
         stream = self._streams.get(key)
         if stream is not None:
             stream.ctx.cancelled = True
-            self._drop_stream(stream, ServiceErrorCode.CANCELLED)
+            self._drop_stream(stream, ServiceErrorCode.CANCELLED, "cancelled by the caller")
             return Cancelled(True)
         self.core.refused["cancel_unknown"] += 1
         return Cancelled(False)
@@ -513,11 +513,16 @@ class Services:
             error = stream.error.code if stream.error is not None else None
             self.core.finish(stream.peer, stream.call_id, error, self._clock.now())
 
-    def _drop_stream(self, stream: _Stream, code: str | None = None) -> None:
+    def _drop_stream(
+        self, stream: _Stream, code: ServiceErrorCode | None = None, why: str = ""
+    ) -> None:
         if stream.producer is not None:
             stream.producer.cancel()
         if code is not None and stream.error is None:
-            stream.error = Refusal(ServiceErrorCode(code), code)
+            stream.error = Refusal(code, why or code)
+        # a producer cancelled before it ran never reaches its own end: a pull waits on this
+        stream.credit.end()
+        stream.items_ready.set()
         self._end_stream(stream)
 
     async def _expire_streams(self) -> None:
@@ -529,7 +534,9 @@ class Services:
             for stream in list(self._streams.values()):
                 if not stream.pulling and now - stream.last_active > idle:
                     self.core.refused["stream_idle"] += 1
-                    self._drop_stream(stream, ServiceErrorCode.DEADLINE_EXCEEDED)
+                    self._drop_stream(
+                        stream, ServiceErrorCode.DEADLINE_EXCEEDED, f"not pulled for {idle:g}s"
+                    )
 
     # -- calling ----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from p2pnode.errors import (
+    BadServiceRequest,
     DeadlineExceeded,
     HandlerError,
     NoProviders,
@@ -338,3 +339,35 @@ async def test_unserve_withdraws(net: list[Node]) -> None:
     assert a.services() == []
     with pytest.raises(ServiceNotFound):
         await caller.call("math.add", {"a": 1, "b": 1}, peer=a.peer_id)
+
+
+async def test_stream_errors_are_typed(net: list[Node]) -> None:
+    a, caller = net[0], net[2]
+
+    async def three_then_fail(request: Any, ctx: CallContext) -> AsyncIterator[Any]:
+        for i in range(3):
+            yield i
+        raise RuntimeError("disk gone")
+
+    async def endless(request: Any, ctx: CallContext) -> AsyncIterator[Any]:
+        while True:
+            await asyncio.sleep(0.05)
+            yield "tick"
+
+    a.serve_stream("logs.fail", three_then_fail)
+    a.serve_stream("logs.slow", endless)
+    got: list[Any] = []
+    with pytest.raises(HandlerError, match="RuntimeError: disk gone"):
+        async for item in caller.call_stream("logs.fail", None, peer=a.peer_id):
+            got.append(item)
+    assert got == [0, 1, 2]
+    with pytest.raises(DeadlineExceeded):
+        async for _ in caller.call_stream("logs.slow", None, peer=a.peer_id, timeout=0.5):
+            pass
+    with pytest.raises(BadServiceRequest, match="stream service"):
+        await caller.call("logs.slow", None, peer=a.peer_id)
+    await eventually(
+        lambda: all(s["in_flight"] == 0 for s in a.services()), what="streams ended on both"
+    )
+    errors = {s["name"]: s["errors"] for s in a.services()}
+    assert errors["logs.fail"] == {"handler_error": 1}
