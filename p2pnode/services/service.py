@@ -115,13 +115,14 @@ DRAIN_GRACE = 5.0
 class CallContext:
     """What a handler knows about the call it serves."""
 
-    __slots__ = ("cancelled", "deadline", "peer_id", "service")
+    __slots__ = ("cancelled", "deadline", "expired", "peer_id", "service")
 
     def __init__(self, peer_id: bytes, service: str, deadline: float) -> None:
         self.peer_id = peer_id
         self.service = service
         self.deadline = deadline  # seconds left when the call started
         self.cancelled = False  # set when the caller cancelled (the task is cancelled too)
+        self.expired = False  # set when the deadline passed (the task is cancelled too)
 
 
 UnaryHandler = Callable[[Any, CallContext], Awaitable[Any]]
@@ -133,6 +134,10 @@ class _Served:
     kind: Kind
     handler: Callable[[Any, CallContext], Any]
     limits: ServiceLimits
+
+    def __post_init__(self) -> None:
+        self.request_limits = ValueLimits(max_size=self.limits.max_request)
+        self.reply_limits = ValueLimits(max_size=self.limits.max_reply)
 
 
 class _Stream:
@@ -318,7 +323,7 @@ class Services:
         self._running[key] = (task, ctx)
         error: str | None = None
         try:
-            answer = await self._run_call(served, msg, ctx)
+            answer = await self._run_call(served, msg, ctx, task)
             if isinstance(answer, ErrorReply):
                 error = answer.code
             return answer
@@ -326,33 +331,34 @@ class Services:
             self._running.pop(key, None)
             core.finish(remote, msg.call_id, error, self._clock.now())
 
-    async def _run_call(self, served: _Served, msg: Call, ctx: CallContext) -> Message:
-        limits = served.limits
+    async def _run_call(
+        self, served: _Served, msg: Call, ctx: CallContext, task: asyncio.Task[Any]
+    ) -> Message:
         try:
-            request = decode_value(bytes(msg.request), ValueLimits(max_size=limits.max_request))
+            request = decode_value(bytes(msg.request), served.request_limits)
         except ServiceError as exc:
             return _error(exc.code, str(exc))
         if ctx.deadline <= 0:
             return _error(ServiceErrorCode.DEADLINE_EXCEEDED, "the call arrived after its deadline")
+        # a bare timer rather than asyncio.timeout: half the cost on every call
+        timer = asyncio.get_running_loop().call_later(ctx.deadline, _expire, task, ctx)
         try:
-            async with asyncio.timeout(ctx.deadline) as scope:
-                reply = await served.handler(request, ctx)
+            reply = await served.handler(request, ctx)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if ctx.cancelled and task is not None and task.uncancel() == 0:
-                return _error(ServiceErrorCode.CANCELLED, "cancelled by the caller")
-            raise
-        except TimeoutError:
-            if scope.expired():
+            if (ctx.cancelled or ctx.expired) and task.uncancel() == 0:
+                if ctx.cancelled:
+                    return _error(ServiceErrorCode.CANCELLED, "cancelled by the caller")
                 return _error(
                     ServiceErrorCode.DEADLINE_EXCEEDED,
                     f"{ctx.service!r} did not answer within its deadline of {ctx.deadline:g}s",
                 )
-            return _handler_error(ctx.service, TimeoutError("timed out"))
+            raise
         except Exception as exc:  # noqa: BLE001 - the handler boundary: its message only
             return _handler_error(ctx.service, exc)
+        finally:
+            timer.cancel()
         try:
-            data = encode_value(reply, ValueLimits(max_size=limits.max_reply))
+            data = encode_value(reply, served.reply_limits)
         except TooLarge as exc:
             return _error(ServiceErrorCode.TOO_LARGE, f"reply too large: {exc}")
         except BadServiceRequest as exc:
@@ -488,7 +494,7 @@ class Services:
         running = self._running.get(key)
         if running is not None:
             task, ctx = running
-            if not ctx.cancelled:
+            if not ctx.cancelled and not ctx.expired:
                 ctx.cancelled = True
                 task.cancel()
             return Cancelled(True)
@@ -625,23 +631,23 @@ class Services:
         peer = address.node_id
         assert peer is not None
         now = self._clock.now()
-        request = asyncio.get_running_loop().create_task(
-            self._host.request(address, msg, timeout=left + DRAIN_GRACE)
-        )
+        loop = asyncio.get_running_loop()
+        request = loop.create_task(self._host.request(address, msg, timeout=left + DRAIN_GRACE))
+        # Our deadline stops the wait, not the request: it ends in the background.
+        waiter = asyncio.shield(request)
+        timer = loop.call_later(left, waiter.cancel)
         try:
-            async with asyncio.timeout(left):
-                return await asyncio.shield(request)
-        except TimeoutError:
+            return await waiter
+        except asyncio.CancelledError:
             self._give_up(request, address, call_id)
+            if loop.time() < timer.when():
+                raise  # cancelled from outside, not by the timer
             self.ranking.failed(peer, Failure.TIMEOUT, now)
             raise DeadlineExceeded(
                 f"{name!r} on {peer_id_to_str(peer)} gave no answer within {left:.3g}s",
                 service=name,
                 peer=peer,
             ) from None
-        except asyncio.CancelledError:
-            self._give_up(request, address, call_id)
-            raise
         except RemoteError as exc:
             error = _remote_error(exc, name, peer)
             if isinstance(error, (ServiceNotFound, ServiceOverloaded)):
@@ -664,6 +670,8 @@ class Services:
                 service=name,
                 failures=[(peer, exc)],
             ) from None
+        finally:
+            timer.cancel()
 
     def _give_up(
         self, request: asyncio.Task[Message], address: PeerAddress, call_id: int | None
@@ -814,6 +822,12 @@ class _Retry(Exception):
     def __init__(self, error: P2PError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _expire(task: asyncio.Task[Any], ctx: CallContext) -> None:
+    if not ctx.cancelled and not ctx.expired:
+        ctx.expired = True
+        task.cancel()
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
