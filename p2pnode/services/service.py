@@ -106,6 +106,7 @@ CLIENT_WINDOW = 32  # stream items a caller grants ahead
 DESCRIBED_CACHE = 1024
 PROVIDER_CACHE_TTL = 30.0
 PROVIDER_CACHE_NAMES = 256
+NAMES_CACHE = 1024
 # Room in a frame for everything but the value itself.
 FRAME_OVERHEAD = 4096
 # How long a caller that gave up lets its request end (answered ``cancelled``).
@@ -183,10 +184,15 @@ class Services:
         self.ranking = ProviderRanking()
         # name -> (expires, providers): a DHT lookup per call would cost more than the call
         self._provider_cache: dict[str, tuple[float, list[ProviderRecord]]] = {}
+        # per-call work done once: names checked, peer ids parsed, peers located
+        self._valid_names: set[str] = set()
+        self._node_ids: dict[str | bytes, bytes] = {}
+        self._known_peers: dict[bytes, ProviderRecord] = {}
         self._described: OrderedDict[tuple[bytes, str], ServiceInfo] = OrderedDict()
         self._next_call_id = int.from_bytes(host.node_id[:4], "big") << 24
         self._announce_now = asyncio.Event()
         self._value_limit = host.limits.max_frame - FRAME_OVERHEAD
+        self._call_limits = ValueLimits(max_size=self._value_limit)
         register(host.registry)
 
     # -- lifecycle ------------------------------------------------------------
@@ -557,10 +563,10 @@ class Services:
     async def call(
         self, name: str, request: object, *, timeout: float = 10.0, peer: str | bytes | None = None
     ) -> object:
-        validate_service_name(name)
+        self._check_name(name)
         if timeout <= 0:
             raise UsageError("timeout must be positive")
-        data = encode_value(request, ValueLimits(max_size=self._value_limit))
+        data = encode_value(request, self._call_limits)
         deadline_at = self._clock.now() + timeout
         providers = await self._providers(name, peer, deadline_at)
         failures: list[tuple[bytes, P2PError]] = []
@@ -573,9 +579,31 @@ class Services:
             except _Retry as retry:
                 failures.append((record.node_id, retry.error))
                 continue
-            return decode_value(reply, ValueLimits(max_size=self._value_limit))
-        self._provider_cache.pop(name, None)  # look again next time
+            return decode_value(reply, self._call_limits)
+        self._forget(name, peer)
         raise _all_failed(name, failures, timeout)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._valid_names:
+            validate_service_name(name)
+            if len(self._valid_names) >= NAMES_CACHE:
+                self._valid_names.clear()
+            self._valid_names.add(name)
+
+    def _forget(self, name: str, peer: str | bytes | None) -> None:
+        """Every provider failed: look them up again next time."""
+        self._provider_cache.pop(name, None)
+        if peer is not None:
+            self._known_peers.pop(self._node_id_of(peer), None)
+
+    def _node_id_of(self, peer: str | bytes) -> bytes:
+        node_id = self._node_ids.get(peer)
+        if node_id is None:
+            node_id = as_node_id(peer)
+            if len(self._node_ids) >= NAMES_CACHE:
+                self._node_ids.clear()
+            self._node_ids[peer] = node_id
+        return node_id
 
     async def _call_one(self, record: ProviderRecord, name: str, data: bytes, left: float) -> bytes:
         """One provider's reply, or _Retry (the next provider may be tried), or the
@@ -698,11 +726,14 @@ class Services:
 
         own = self._host.node_id
         if peer is not None:
-            node_id = as_node_id(peer)
+            node_id = self._node_id_of(peer)
             if node_id == own:
                 return [ProviderRecord(node_id, "127.0.0.1", self._port)]
+            known = self._known_peers.get(node_id)
+            if known is not None:
+                return [known]
             if node_id in self._host.connected_peers():
-                return [ProviderRecord(node_id, "", 0)]  # the pooled connection is used
+                return [self._know(ProviderRecord(node_id, "", 0))]  # the pooled connection
         now = self._clock.now()
         cached = self._provider_cache.get(name) if peer is None else None
         if cached is not None and cached[0] > now:
@@ -711,7 +742,7 @@ class Services:
             try:
                 async with asyncio.timeout(deadline_at - now):
                     if peer is not None:
-                        return [await self._locate(name, as_node_id(peer))]
+                        return [self._know(await self._locate(name, self._node_id_of(peer)))]
                     providers = await self.find_service(name)
             except TimeoutError:
                 raise DeadlineExceeded(
@@ -732,6 +763,13 @@ class Services:
             raise NoProviders(f"no provider of {name!r} but this node", service=name)
         return ordered
 
+    def _know(self, record: ProviderRecord) -> ProviderRecord:
+        """Remember where a peer named by ``peer=`` is (until a call to it fails)."""
+        if len(self._known_peers) >= NAMES_CACHE:
+            self._known_peers.clear()
+        self._known_peers[record.node_id] = record
+        return record
+
     async def _locate(self, name: str, node_id: bytes) -> ProviderRecord:
         """Where to reach one given peer: its provider record, else its DHT contact."""
         from p2pnode.dht.discovery import ProviderRecord
@@ -751,7 +789,7 @@ class Services:
         validate_service_name(name)
         if timeout <= 0:
             raise UsageError("timeout must be positive")
-        data = encode_value(request, ValueLimits(max_size=self._value_limit))
+        data = encode_value(request, self._call_limits)
         deadline_at = self._clock.now() + timeout
         providers = await self._providers(name, peer, deadline_at)
         failures: list[tuple[bytes, P2PError]] = []
@@ -778,7 +816,7 @@ class Services:
             opened = (address, answer)
             break
         if opened is None:
-            self._provider_cache.pop(name, None)
+            self._forget(name, peer)
             raise _all_failed(name, failures, timeout)
         address, answer = opened
         window = max(1, min(CLIENT_WINDOW, answer.max_credit))
@@ -808,7 +846,7 @@ class Services:
                 if got.end:
                     ended = True
                 for item in got.items:
-                    yield decode_value(item, ValueLimits(max_size=self._value_limit))
+                    yield decode_value(item, self._call_limits)
                 if got.end:
                     return
         finally:
