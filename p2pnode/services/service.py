@@ -190,7 +190,8 @@ class Services:
         self._known_peers: dict[bytes, ProviderRecord] = {}
         self._described: OrderedDict[tuple[bytes, str], ServiceInfo] = OrderedDict()
         self._next_call_id = int.from_bytes(host.node_id[:4], "big") << 24
-        self._announce_now = asyncio.Event()
+        self._serving = asyncio.Event()  # set once something is served
+        self._streams_open = asyncio.Event()  # set while streams are open
         self._value_limit = host.limits.max_frame - FRAME_OVERHEAD
         self._call_limits = ValueLimits(max_size=self._value_limit)
         register(host.registry)
@@ -254,6 +255,7 @@ class Services:
                 f"max_request and max_reply must fit a frame (at most {self._value_limit} bytes)"
             )
         self._served[name] = _Served(kind, handler, limits)
+        self._serving.set()
         self.core.add(name, kind, idempotent, limits)
         self._tasks.spawn(self._announce(name), f"announce-{name}")
 
@@ -263,6 +265,8 @@ class Services:
             raise ServiceNotFound(f"this node does not serve {name!r}", service=name)
         self.core.remove(name)
         self._discovery.remove_provider(service_key(name))
+        if not self._served:
+            self._serving.clear()
 
     def services(self) -> list[dict[str, Any]]:
         return [state.describe() for state in self.core.services.values()]
@@ -287,6 +291,8 @@ class Services:
         last = self._clock.now()
         had_contacts = bool(self._discovery.contacts())
         while True:
+            if not self._served:  # nothing to announce: no polling (simulations run many nodes)
+                await self._serving.wait()
             await asyncio.sleep(CONTACT_POLL)
             has_contacts = bool(self._discovery.contacts())
             now = self._clock.now()
@@ -400,6 +406,7 @@ class Services:
         stream = _Stream(remote, msg.call_id, admitted, ctx)
         stream.last_active = now
         self._streams[(remote, msg.call_id)] = stream
+        self._streams_open.set()
         stream.producer = self._tasks.spawn(
             self._produce(stream, served, request), f"stream-{msg.service}"
         )
@@ -540,6 +547,9 @@ class Services:
     async def _expire_streams(self) -> None:
         """End streams nobody pulled for stream_idle_timeout (their slot is freed)."""
         while True:
+            if not self._streams:
+                self._streams_open.clear()
+                await self._streams_open.wait()
             idle = self.core.limits.stream_idle_timeout
             await asyncio.sleep(min(1.0, idle / 4))
             now = self._clock.now()
