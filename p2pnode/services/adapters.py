@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,10 @@ from p2pnode.errors import (
 if TYPE_CHECKING:
     from p2pnode.services.service import CallContext
 
+log = logging.getLogger(__name__)
+# Reapers of programs whose call was cancelled while they were being reaped.
+_REAPING: set[asyncio.Future[None]] = set()
+
 UnaryHandler = Callable[[object, "CallContext"], Awaitable[object]]
 StreamHandler = Callable[[object, "CallContext"], AsyncIterator[object]]
 
@@ -45,6 +50,7 @@ STDERR_KEEP = 4096  # bytes of stderr kept for the error message; the rest is dr
 STDERR_LINES = 5
 STDERR_LINE_CHARS = 200
 READ_CHUNK = 64 * 1024
+REAP_TIMEOUT = 5.0  # seconds to wait for a killed program's pipes to close
 BODY_EXCERPT = 300  # characters of an HTTP error body shown in the error
 LOCAL_NAMES = frozenset({"localhost", "localhost."})
 
@@ -167,15 +173,37 @@ class _Program:
 
     async def __aexit__(self, *_: object) -> None:
         proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            # Shielded: the kill is sent; reaping must finish even if we are cancelled.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(proc.wait())
+        if proc is None:
+            return
+        # Always: a shell may have exited and left a child holding stdout open.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        reaper = asyncio.ensure_future(self._reap(proc))
+        try:
+            # Shielded: a cancelled call still waits for its child to be reaped.
+            await asyncio.shield(reaper)
+        except asyncio.CancelledError:
+            _REAPING.add(reaper)  # cancelled twice: let it finish on its own
+            reaper.add_done_callback(_REAPING.discard)
+            raise
+
+    async def _reap(self, proc: asyncio.subprocess.Process) -> None:
+        """Drain what is left of stdout (a paused pipe never sees its end, and
+        wait() waits for every pipe to close), then wait for the exit."""
+        try:
+            async with asyncio.timeout(REAP_TIMEOUT):
+                if proc.stdout is not None:
+                    while await proc.stdout.read(READ_CHUNK):
+                        pass
+                await proc.wait()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        except TimeoutError:
+            # Something outside the process group holds a pipe: stop waiting.
+            log.warning(
+                "program %r: pipes still open %ss after the kill", self._shown, REAP_TIMEOUT
+            )
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _start_io(self, stdin: bytes) -> None:
         assert self._proc is not None

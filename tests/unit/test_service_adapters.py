@@ -105,6 +105,26 @@ async def test_exec_output_over_the_bound_kills_the_program() -> None:
     assert time.monotonic() - started < 3
 
 
+async def test_exec_overflow_with_a_paused_pipe_still_ends() -> None:
+    # The program keeps writing after we stop reading: stdout's reader pauses, and
+    # the killed program's pipe end must still be seen (drained), or wait() hangs.
+    flood = exec_handler(["head", "-c", "20000000", "/dev/zero"], timeout=10, max_output=1000)
+    started = time.monotonic()
+    for _ in range(3):
+        with pytest.raises(TooLarge):
+            await asyncio.wait_for(flood(b"", CTX), 5)
+    assert time.monotonic() - started < 5
+
+
+async def test_exec_shell_child_left_holding_stdout_is_killed_too() -> None:
+    # The shell exits at once; its background child keeps stdout open until killed.
+    leaves = exec_handler(["sleep 30 & echo hi"], timeout=0.5, max_output=1000, shell=True)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(leaves(b"", CTX), 5)
+    assert time.monotonic() - started < 3
+
+
 async def test_exec_cancelled_call_kills_the_program(tmp_path: Any) -> None:
     # The program tells its pid through a FIFO: reading it waits until it runs.
     fifo = tmp_path / "pid"
