@@ -58,12 +58,23 @@ class ErrorCode(StrEnum):
     STALE = "stale"
     STORAGE = "storage"
     INTERRUPTED = "interrupted"
+    # A service call's failure: the service error's own code (p2pnode.errors).
+    NO_PROVIDERS = "no_providers"
+    PROVIDERS_FAILED = "providers_failed"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    OVERLOADED = "overloaded"
+    BAD_REQUEST = "bad_request"
+    HANDLER_ERROR = "handler_error"
+    TOO_LARGE = "too_large"
+    CANCELLED = "cancelled"
     ERROR = "error"
 
 
 def _error_code(exc: P2PError) -> ErrorCode:
     from p2pnode import errors
 
+    if isinstance(exc, errors.ServiceError) and exc.code in ErrorCode._value2member_map_:
+        return ErrorCode(exc.code)
     kinds: tuple[tuple[type[P2PError], ErrorCode], ...] = (
         (errors.UsageError, ErrorCode.USAGE),
         (errors.NotFoundError, ErrorCode.NOT_FOUND),
@@ -232,7 +243,86 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--open", action="store_true", help="open the link in a web browser")
     providers = add("providers", "find who provides a resource, through the DHT")
     providers.add_argument("id", help=_RID_HELP)
+    _service_commands(add)
     return parser
+
+
+_NAME_HELP = "a service name: dotted lower-case, e.g. text.upper"
+
+
+def _service_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    serve = add(
+        "serve",
+        "serve NAME to peers: a local program (--exec) or a local HTTP service (--http)",
+    )
+    serve.add_argument("name", help=_NAME_HELP)
+    target = serve.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--exec",
+        dest="exec_command",
+        metavar="'PROGRAM ARGS'",
+        help="run PROGRAM once per call: the request on its stdin, its stdout the reply "
+        "(split like a shell would, but run without one)",
+    )
+    target.add_argument(
+        "--http",
+        metavar="URL",
+        help="POST each request to URL (a JSON request as JSON); 2xx is the reply",
+    )
+    serve.add_argument(
+        "--shell", action="store_true", help="run the --exec text through /bin/sh -c"
+    )
+    serve.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="let --http forward to a host other than 127.0.0.1 / ::1 / localhost",
+    )
+    serve.add_argument(
+        "--idempotent",
+        action="store_true",
+        help="calls may be retried on another provider when one fails",
+    )
+    serve.add_argument(
+        "--stream",
+        action="store_true",
+        help="--exec only: each line the program writes is one item of a stream",
+    )
+    serve.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds a call may run the program / wait for the HTTP service (default 30; "
+        "the caller's deadline caps it)",
+    )
+    serve.add_argument(
+        "--max-output",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest reply taken from the program or HTTP service (default 1 MiB)",
+    )
+    unserve = add("unserve", "stop serving a service")
+    unserve.add_argument("name", help=_NAME_HELP)
+    add("services", "the services this node serves: calls, errors, p50 latency")
+    find = add("find-service", "find providers of a service, through the DHT")
+    find.add_argument("name", help=_NAME_HELP)
+    call = add("call", "call a service on a provider found through the DHT (or --peer)")
+    call.add_argument("name", help=_NAME_HELP)
+    given = call.add_mutually_exclusive_group()
+    given.add_argument("--input", help="the request, as text (default: stdin when piped)")
+    given.add_argument(
+        "--json-input", metavar="JSON", help='the request, as a JSON value: \'{"city": "Oslo"}\''
+    )
+    call.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds before the call fails (default 10; 60 with --stream)",
+    )
+    call.add_argument("--peer", metavar="ID", help="call this peer only (a peer id)")
+    call.add_argument(
+        "--stream", action="store_true", help="a stream service: print each item as it comes"
+    )
 
 
 # ---------------------------------------------------------------------------- output
@@ -398,8 +488,31 @@ def _status_summary(d: dict[str, Any]) -> list[str]:
         f"DHT:        {requests_in} request(s) in, {_sum(dht, 'rpc_sent.')} out, "
         f"{_sum(dht, 'rpc_timeout.')} timed out, {_sum(dht, 'dropped.')} datagram(s) dropped",
         f"resources:  {d['resources']}{stale}",
+        *_service_status(d.get("services") or []),
         f"memory:     {_size(d['rss_bytes'])} RSS",
     ]
+
+
+def _errors_total(row: dict[str, Any]) -> int:
+    errors = row.get("errors") or {}
+    return sum(int(v) for v in errors.values()) if isinstance(errors, dict) else 0
+
+
+def _p50(row: dict[str, Any]) -> str:
+    p50 = row.get("p50_ms")
+    return "-" if p50 is None else f"{float(p50):.1f} ms"
+
+
+def _service_status(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["services:   none served"]
+    lines = [f"services:   {len(rows)} served"]
+    for r in rows:
+        lines.append(
+            f"  {r['name']}: {r.get('calls', 0)} call(s), {_errors_total(r)} error(s), "
+            f"p50 {_p50(r)}, {r.get('in_flight', 0)} in flight"
+        )
+    return lines
 
 
 def cmd_status(args: argparse.Namespace, client: ControlClient) -> int:
@@ -559,6 +672,166 @@ def cmd_providers(args: argparse.Namespace, client: ControlClient) -> int:
     return ExitCode.OK
 
 
+# ---------------------------------------------------------------------------- services
+
+
+def cmd_serve(args: argparse.Namespace, client: ControlClient) -> int:
+    body: dict[str, Any] = {"name": args.name, "idempotent": args.idempotent}
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    if args.max_output is not None:
+        body["max_output"] = args.max_output
+    if args.http is not None:
+        if args.shell or args.stream:
+            raise UsageError("--shell and --stream go with --exec, not --http")
+        body["http"] = args.http
+        body["allow_remote"] = args.allow_remote
+    else:
+        if args.allow_remote:
+            raise UsageError("--allow-remote goes with --http")
+        if args.shell:
+            body["command"] = args.exec_command
+        else:
+            try:
+                body["exec"] = shlex.split(args.exec_command)
+            except ValueError as exc:
+                raise UsageError(f"--exec: {exc}") from None
+            if not body["exec"]:
+                raise UsageError("--exec needs a program")
+        body["stream"] = args.stream
+    res = client.call("POST", "/v1/services/serve", body)
+    _emit(args, res, lambda d: f"serving {d['name']} ({d['kind']}): {d['adapter']}")
+    return ExitCode.OK
+
+
+def cmd_unserve(args: argparse.Namespace, client: ControlClient) -> int:
+    res = client.call("POST", "/v1/services/unserve", {"name": args.name})
+    _emit(args, res, lambda d: f"stopped serving {d['name']}")
+    return ExitCode.OK
+
+
+def _services_table(d: dict[str, Any]) -> str:
+    rows = []
+    for r in d["services"]:
+        errors = r.get("errors") or {}
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(errors.items()))
+        shown = f"{_errors_total(r)}" + (f" ({detail})" if detail else "")
+        rows.append(
+            (
+                r["name"],
+                r["kind"],
+                r.get("calls", 0),
+                shown,
+                _p50(r),
+                r.get("in_flight", 0),
+                r.get("adapter", "-"),
+            )
+        )
+    headers = ("NAME", "KIND", "CALLS", "ERRORS", "P50", "IN FLIGHT", "RUNS")
+    return _table(rows, headers) + f"\n{len(rows)} service(s)"
+
+
+def cmd_services(args: argparse.Namespace, client: ControlClient) -> int:
+    _emit(args, client.call("GET", "/v1/services"), _services_table)
+    return ExitCode.OK
+
+
+def cmd_find_service(args: argparse.Namespace, client: ControlClient) -> int:
+    def human(d: dict[str, Any]) -> str:
+        rows = [(p["peer_id"], _addr(p["host"], p["port"])) for p in d["providers"]]
+        return _table(rows, ("PEER ID", "ADDRESS")) + f"\n{len(rows)} provider(s)"
+
+    res = client.call("GET", f"/v1/services/find?name={quote(args.name)}")
+    _emit(args, res, human)
+    return ExitCode.OK
+
+
+MAX_CALL_INPUT = 1024 * 1024
+
+
+def _call_input(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields: --input text, --json-input JSON, else stdin when piped
+    (text if it is UTF-8, else bytes), else an empty text."""
+    import base64
+
+    if args.json_input is not None:
+        try:
+            return {"json_input": json.loads(args.json_input)}
+        except ValueError as exc:
+            raise UsageError(f"--json-input is not JSON: {exc}") from None
+    if args.input is not None:
+        return {"input": args.input}
+    if sys.stdin is None or sys.stdin.isatty():
+        return {"input": ""}
+    data = sys.stdin.buffer.read(MAX_CALL_INPUT + 1)
+    if len(data) > MAX_CALL_INPUT:
+        raise UsageError(f"input on stdin is larger than {MAX_CALL_INPUT} bytes")
+    try:
+        return {"input": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"input_b64": base64.b64encode(data).decode()}
+
+
+def _write_reply(d: dict[str, Any], *, item: bool = False) -> None:
+    """A reply as a user wants it: text as is, JSON indented (an item: one line),
+    bytes raw. A text reply or item gets a final newline if it has none."""
+    import base64
+
+    if d.get("type") == "bytes":
+        sys.stdout.flush()
+        sys.stdout.buffer.write(base64.b64decode(d["reply_b64"]))
+        sys.stdout.buffer.flush()
+        return
+    value = d.get("reply")
+    if d.get("type") == "text" and isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value) if item else json.dumps(value, indent=2)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    if item:
+        sys.stdout.flush()
+
+
+def cmd_call(args: argparse.Namespace, home: Path) -> int:
+    from p2pnode.control.client import ControlClient
+
+    if args.timeout is not None and not 0 < args.timeout <= 3600:
+        raise UsageError("--timeout must be more than 0 and at most 3600 seconds")
+    body: dict[str, Any] = {"name": args.name, **_call_input(args)}
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    if args.peer is not None:
+        body["peer"] = args.peer
+    # The control API answers when the call ends: wait a little past its deadline.
+    default = 60.0 if args.stream else 10.0
+    client = ControlClient(home, timeout=max(120.0, (args.timeout or default) + 30))
+    if not args.stream:
+        res = client.call("POST", "/v1/services/call", body)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            _write_reply(res)
+        return ExitCode.OK
+    final: dict[str, Any] | None = None
+    for event in client.stream("POST", "/v1/services/call_stream", body):
+        if event.get("event") == StreamEvent.ITEM:
+            if args.json:
+                print(json.dumps(event), flush=True)
+            else:
+                _write_reply(event, item=True)
+        elif event.get("event") in (StreamEvent.DONE, StreamEvent.ERROR):
+            final = event
+    if final is None:
+        raise P2PError(f"the node stopped before the stream of {args.name!r} ended")
+    if final["event"] == StreamEvent.ERROR:
+        from p2pnode.control.client import raise_event_error
+
+        raise_event_error(final)
+    if args.json:
+        print(json.dumps(final), flush=True)
+    return ExitCode.OK
+
+
 class _ProgressBar:
     """One line on stderr, redrawn in place on a terminal, every few seconds otherwise;
     a change of state (finishing, done) is always drawn, so the last line says 100%."""
@@ -666,6 +939,11 @@ def _main(argv: Sequence[str] | None) -> int:
             "providers": lambda: cmd_providers(args, client),
             "get": lambda: cmd_get(args, client),
             "ui": lambda: cmd_ui(args, client),
+            "serve": lambda: cmd_serve(args, client),
+            "unserve": lambda: cmd_unserve(args, client),
+            "services": lambda: cmd_services(args, client),
+            "find-service": lambda: cmd_find_service(args, client),
+            "call": lambda: cmd_call(args, home),
         }
         return handlers[args.command]()
     except P2PError as exc:

@@ -7,7 +7,7 @@ this module too, and must start fast.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
@@ -31,9 +31,11 @@ class ErrorKind(StrEnum):
 
 
 class StreamEvent(StrEnum):
-    """The ``event`` of each line of a streamed answer (``POST /v1/get``)."""
+    """The ``event`` of each line of a streamed answer (``POST /v1/get``,
+    ``POST /v1/services/call_stream``)."""
 
     PROGRESS = "progress"
+    ITEM = "item"
     DONE = "done"
     ERROR = "error"
 
@@ -108,3 +110,23 @@ class NodeAPI(Protocol):
     def status(self) -> dict[str, Any]: ...
     def metrics_snapshot(self) -> MetricsSnapshot: ...
     def request_stop(self) -> None: ...
+    # Services (p2pnode.services): handlers take (request, CallContext).
+    def serve(
+        self, name: str, handler: Callable[[Any, Any], Awaitable[Any]], *, idempotent: bool = ...
+    ) -> None: ...
+    def serve_stream(
+        self,
+        name: str,
+        handler: Callable[[Any, Any], AsyncIterator[Any]],
+        *,
+        idempotent: bool = ...,
+    ) -> None: ...
+    def unserve(self, name: str) -> None: ...
+    def services(self) -> list[dict[str, Any]]: ...
+    async def call(
+        self, name: str, request: object, *, timeout: float = ..., peer: str | None = ...
+    ) -> object: ...
+    def call_stream(
+        self, name: str, request: object, *, timeout: float = ..., peer: str | None = ...
+    ) -> AsyncIterator[object]: ...
+    async def find_service(self, name: str) -> Sequence[PeerLocation]: ...

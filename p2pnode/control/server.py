@@ -40,6 +40,7 @@ from p2pnode.control.common import (
 )
 from p2pnode.control.exchange_routes import exchange_routes
 from p2pnode.control.metrics import NodeMetrics
+from p2pnode.control.services_routes import services_routes
 from p2pnode.control.ui import StatusPage, page_refusal
 from p2pnode.errors import NotFoundError, P2PError, UsageError
 from p2pnode.identity import peer_id_from_str, peer_id_to_str
@@ -77,6 +78,7 @@ class ControlServer:
         app.add_routes(
             self._node_routes()
             + exchange_routes(self._node, self.page)
+            + services_routes(self._node)
             + self.page.api_routes()
             + self.page.page_routes()
         )
