@@ -60,7 +60,7 @@ from p2pnode.errors import (
 )
 from p2pnode.exchange.ranking import Failure, ProviderRanking
 from p2pnode.identity import as_node_id, peer_id_to_str
-from p2pnode.net.dispatch import routes_of
+from p2pnode.net.dispatch import RequestRoutes, routes_of
 from p2pnode.net.host import PeerAddress
 from p2pnode.services.core import (
     Kind,
@@ -180,6 +180,7 @@ class Services:
         self._running: dict[tuple[bytes, int], tuple[asyncio.Task[Any], CallContext]] = {}
         self._streams: dict[tuple[bytes, int], _Stream] = {}
         self._tasks = TaskSet("services")
+        self._routes: RequestRoutes | None = None
         self._draining: set[asyncio.Task[Any]] = set()
         self.ranking = ProviderRanking()
         # name -> (expires, providers): a DHT lookup per call would cost more than the call
@@ -199,7 +200,7 @@ class Services:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
-        routes = routes_of(self._host)
+        self._routes = routes = routes_of(self._host)
         routes.route((Describe,), self._on_describe)
         routes.route((Call,), self._on_call)
         routes.route((StreamOpen,), self._on_stream_open)
@@ -209,7 +210,8 @@ class Services:
         self._tasks.spawn(self._expire_streams(), "stream-janitor")
 
     async def close(self) -> None:
-        routes_of(self._host).unroute(SERVICE_REQUESTS)
+        if self._routes is not None:  # (a test may have put its own handler in place)
+            self._routes.unroute(SERVICE_REQUESTS)
         for stream in list(self._streams.values()):
             self._drop_stream(stream)
         for task in list(self._draining):
