@@ -135,15 +135,17 @@ def _argv(value: object) -> list[str]:
 async def read_call_json(request: web.Request) -> dict[str, Any]:
     """A call's JSON body, read up to MAX_CALL_BODY (past the app-wide limit, which
     only ``request.read()`` applies) and checked as ``read_json`` checks others."""
-    raw = await request.content.read(MAX_CALL_BODY + 1)
-    if len(raw) > MAX_CALL_BODY:
-        count_refused(request, "too_large")
-        raise UsageError(f"call body larger than {MAX_CALL_BODY} bytes")
-    if json_depth_exceeds(raw, MAX_JSON_DEPTH):
+    raw = bytearray()
+    while chunk := await request.content.read(64 * 1024):  # read() returns what is there
+        raw += chunk
+        if len(raw) > MAX_CALL_BODY:
+            count_refused(request, "too_large")
+            raise UsageError(f"call body larger than {MAX_CALL_BODY} bytes")
+    if json_depth_exceeds(bytes(raw), MAX_JSON_DEPTH):
         count_refused(request, "too_deep")
         raise UsageError(f"request body nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = json.loads(bytes(raw).decode("utf-8"))
     except (ValueError, RecursionError):
         count_refused(request, "not_json")
         raise UsageError("request body is not JSON (UTF-8)") from None
