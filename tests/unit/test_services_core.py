@@ -209,3 +209,24 @@ def test_memory_full_refuses_new_calls() -> None:
     assert code(core.admit(A, 1, "math.add", Kind.UNARY, 1, 0.0, memory_full=True)) == "overloaded"
     assert code(core.admit(A, 1, "nope", Kind.UNARY, 1, 0.0, memory_full=True)) == "not_found"
     assert core.in_flight == 0
+
+
+async def test_request_routes_dispatch_by_type() -> None:
+    from p2pnode.net.dispatch import RequestRoutes
+    from p2pnode.services.messages import Cancel, Cancelled
+    from p2pnode.wire.messages import ErrorReply, Message, Ping
+
+    routes = RequestRoutes()
+    seen: list[Message] = []
+
+    async def cancel(remote: bytes, msg: Message) -> Message:
+        seen.append(msg)
+        return Cancelled(False)
+
+    routes.route((Cancel,), cancel)
+    assert await routes(A, Cancel(5)) == Cancelled(False)
+    answer = await routes(A, Ping())
+    assert isinstance(answer, ErrorReply) and answer.code == "unsupported"
+    routes.unroute((Cancel,))
+    assert isinstance(await routes(A, Cancel(5)), ErrorReply)
+    assert seen == [Cancel(5)]
