@@ -277,6 +277,8 @@ class StreamCredit:
         self.produced = 0
         self.delivered = 0
         self.ended = False
+        self.error: Refusal | None = None  # how the stream failed, if it did
+        self.closed = False  # the end (or the error) was handed to the consumer
         self._ready: deque[bytes] = deque()
 
     @property
@@ -310,6 +312,25 @@ class StreamCredit:
 
     def end(self) -> None:
         self.ended = True
+
+    def fail(self, error: Refusal) -> None:
+        """The stream ends with ``error`` (the first failure wins); what was produced
+        is still delivered, the error after it."""
+        if self.error is None and not self.closed:
+            self.error = error
+        self.ended = True
+
+    def collect(self, n: int, max_bytes: int | None = None) -> tuple[list[bytes], bool]:
+        """What one pull answers: up to ``n`` items and whether the stream is over
+        with them (then ``error`` says if it failed). Items first, the error alone
+        after the last of them; once over, the stream is closed."""
+        if self.closed:
+            return [], True
+        items = self.take(n, max_bytes)
+        if not self.finished or (items and self.error is not None):
+            return items, False
+        self.closed = True
+        return items, True
 
     def take(self, n: int, max_bytes: int | None = None) -> list[bytes]:
         """Up to ``n`` items in the order produced, at most ``max_bytes`` in all

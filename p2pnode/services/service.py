@@ -151,7 +151,6 @@ class _Stream:
         self.ctx = ctx
         self.credit = StreamCredit(state.limits.max_credit)
         self.producer: asyncio.Task[None] | None = None
-        self.error: Refusal | None = None
         self.pulling = False
         self.last_active = 0.0
         self.reserved = 0  # bytes of produced items held in the node's memory budget
@@ -436,34 +435,38 @@ class Services:
                     try:
                         data = encode_value(item, item_limits)
                     except TooLarge as exc:
-                        stream.error = Refusal(ServiceErrorCode.TOO_LARGE, f"item too large: {exc}")
+                        credit.fail(Refusal(ServiceErrorCode.TOO_LARGE, f"item too large: {exc}"))
                         break
                     except BadServiceRequest as exc:
-                        stream.error = Refusal(
-                            ServiceErrorCode.HANDLER_ERROR, f"the handler's item: {exc}"
+                        credit.fail(
+                            Refusal(ServiceErrorCode.HANDLER_ERROR, f"the handler's item: {exc}")
                         )
                         break
                     if not self._host.memory.try_reserve(stream.peer, len(data)):
-                        stream.error = Refusal(
-                            ServiceErrorCode.OVERLOADED, "this node's memory budget is full"
+                        credit.fail(
+                            Refusal(
+                                ServiceErrorCode.OVERLOADED, "this node's memory budget is full"
+                            )
                         )
                         break
                     stream.reserved += len(data)
                     credit.push(data)
                     stream.items_ready.set()
         except asyncio.CancelledError:
-            stream.error = Refusal(ServiceErrorCode.CANCELLED, "cancelled")
+            credit.fail(Refusal(ServiceErrorCode.CANCELLED, "cancelled"))
             raise
         except TimeoutError:
             if scope.expired():
-                stream.error = Refusal(
-                    ServiceErrorCode.DEADLINE_EXCEEDED,
-                    f"stream {ctx.service!r} passed its deadline of {ctx.deadline:g}s",
+                credit.fail(
+                    Refusal(
+                        ServiceErrorCode.DEADLINE_EXCEEDED,
+                        f"stream {ctx.service!r} passed its deadline of {ctx.deadline:g}s",
+                    )
                 )
             else:
-                stream.error = _handler_refusal(ctx.service, TimeoutError("timed out"))
+                credit.fail(_handler_refusal(ctx.service, TimeoutError("timed out")))
         except Exception as exc:  # noqa: BLE001 - the handler boundary: its message only
-            stream.error = _handler_refusal(ctx.service, exc)
+            credit.fail(_handler_refusal(ctx.service, exc))
         finally:
             credit.end()
             stream.items_ready.set()
@@ -489,18 +492,16 @@ class Services:
             while not credit.buffered and not credit.ended:
                 stream.items_ready.clear()
                 await stream.items_ready.wait()
-            items = credit.take(MAX_CREDIT_PER_PULL, max_bytes=self._value_limit)
+            items, over = credit.collect(MAX_CREDIT_PER_PULL, max_bytes=self._value_limit)
             self._release(stream, sum(len(item) for item in items))
         finally:
             stream.pulling = False
             stream.last_active = self._clock.now()
-        if not credit.finished:
+        if not over:
             return StreamItems(msg.stream_id, tuple(items), False)
-        if items and stream.error is not None:
-            return StreamItems(msg.stream_id, tuple(items), False)  # the error comes next
         self._end_stream(stream)
-        if stream.error is not None:
-            return ErrorReply(stream.error.code, stream.error.message)
+        if credit.error is not None:
+            return ErrorReply(credit.error.code, credit.error.message)
         return StreamItems(msg.stream_id, tuple(items), True)
 
     async def _on_cancel(self, remote: bytes, msg: Message) -> Message:
@@ -531,7 +532,7 @@ class Services:
         self._release(stream, stream.reserved)  # items never delivered
         if self._streams.get(key) is stream:
             del self._streams[key]
-            error = stream.error.code if stream.error is not None else None
+            error = stream.credit.error.code if stream.credit.error is not None else None
             self.core.finish(stream.peer, stream.call_id, error, self._clock.now())
 
     def _drop_stream(
@@ -539,8 +540,8 @@ class Services:
     ) -> None:
         if stream.producer is not None:
             stream.producer.cancel()
-        if code is not None and stream.error is None:
-            stream.error = Refusal(code, why or code)
+        if code is not None:
+            stream.credit.fail(Refusal(code, why or code))
         # a producer cancelled before it ran never reaches its own end: a pull waits on this
         stream.credit.end()
         stream.items_ready.set()

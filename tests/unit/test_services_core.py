@@ -230,3 +230,43 @@ async def test_request_routes_dispatch_by_type() -> None:
     routes.unroute((Cancel,))
     assert isinstance(await routes(A, Cancel(5)), ErrorReply)
     assert seen == [Cancel(5)]
+
+
+def test_stream_pulls_see_items_then_the_end_or_the_error_once() -> None:
+    """Pulls and producer events in random order: every item in order, then exactly
+    one end (with or without an error); the error never overtakes an item."""
+    for seed in range(200):
+        rng = random.Random(seed)
+        credit = StreamCredit(max_credit=rng.randint(1, 8))
+        produced = delivered = 0
+        failed: Refusal | None = None
+        outcome: tuple[bool, Refusal | None] | None = None
+        for _ in range(300):
+            event = rng.random()
+            if event < 0.4 and credit.may_produce():
+                credit.push(produced.to_bytes(4, "big"))
+                produced += 1
+            elif event < 0.45 and not credit.ended:
+                if rng.random() < 0.5:
+                    failed = Refusal(ServiceErrorCode.HANDLER_ERROR, "boom")
+                    credit.fail(failed)
+                else:
+                    credit.end()
+            elif event < 0.5:
+                credit.fail(Refusal(ServiceErrorCode.CANCELLED, "late"))  # the first error wins
+                failed = failed or credit.error
+            else:
+                credit.grant(rng.randint(0, 4))
+                items, over = credit.collect(rng.randint(1, 4))
+                for item in items:
+                    assert int.from_bytes(item, "big") == delivered
+                    delivered += 1
+                if over:  # the error comes alone, after the last item
+                    assert credit.closed and not (items and credit.error is not None)
+                    outcome = (credit.error is None, credit.error)
+            if outcome is not None:
+                break
+        if outcome is not None:
+            assert delivered == produced  # nothing produced was lost
+            assert outcome[1] is failed
+            assert credit.collect(5) == ([], True)
