@@ -14,10 +14,12 @@
 An admitted call is in flight until ``finish`` (whatever its outcome); every
 refusal and every failed outcome is counted by code, per service and node-wide.
 
-``StreamCredit`` is one stream's flow control: the consumer grants credit, the
-producer may produce only while ``produced < granted``, and at most
+``StreamCredit`` is one stream's flow control and ending: the consumer grants
+credit, the producer may produce only while ``produced < granted``, and at most
 ``max_credit`` items are granted ahead of what was delivered, so a slow
-consumer bounds what the producer holds.
+consumer bounds what the producer holds. A pull collects what is ready; the
+stream ends cleanly (``end``) or with an error (``fail``, the first one wins),
+and the error reaches the consumer alone, after every item produced before it.
 """
 
 from __future__ import annotations
