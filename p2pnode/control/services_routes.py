@@ -326,6 +326,8 @@ def services_routes(node: NodeAPI) -> list[web.RouteDef]:
             final = {"event": StreamEvent.ERROR, **service_error_body(exc)}
         except UsageError as exc:
             final = {"event": StreamEvent.ERROR, **error_body(exc)}
+        except ConnectionResetError:
+            return response  # the client went away: the stream is closed below
         finally:
             # The client went away (or the stream ended): stop pulling, cancel it there.
             aclose = getattr(items, "aclose", None)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,6 +135,27 @@ def test_stream_service(pair: tuple[Path, Path]) -> None:
     assert [e.get("reply") for e in lines[:-1]] == ["1", "2", "3"]
     assert lines[-1] == {"event": "done", "items": 3}
 
+    # A reader that goes away (`| head -n 3`) ends the stream there: the endless
+    # program on A is stopped and nothing stays in flight.
+    run_cli("--home", str(a), "serve", "yes.forever", "--stream", "--exec", "yes")
+    poll(lambda: _found(b, "yes.forever"))
+    piped = subprocess.run(
+        f"{shlex.join([*CLI, '--home', str(b), 'call', 'yes.forever', '--stream'])} | head -n 3",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(),
+    )
+    assert piped.stdout == "y\ny\ny\n"
+
+    def stopped_on_a() -> bool:
+        rows = json.loads(cli("--home", str(a), "services", "--json").stdout)["services"]
+        forever = next(r for r in rows if r["name"] == "yes.forever")
+        return bool(forever["calls"] == 1 and forever["in_flight"] == 0)
+
+    poll(stopped_on_a)
+
 
 def test_http_service(pair: tuple[Path, Path], weather_server: str) -> None:
     a, b = pair
@@ -194,3 +218,55 @@ def test_errors_are_clear_and_the_node_keeps_serving(pair: tuple[Path, Path]) ->
     }
     assert sum(rows["fails"]["errors"].values()) >= 2
     assert rows["text.upper"]["calls"] == 1
+
+
+def _api(home: Path, method: str, path: str, body: object = None) -> tuple[int, dict[str, object]]:
+    """The control API itself: status and JSON body, errors included."""
+    control = json.loads((home / "control.json").read_text())
+    token = (home / "api.token").read_text().strip()
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(control["url"] + path, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_api_statuses_and_codes(pair: tuple[Path, Path]) -> None:
+    a, b = pair
+    run_cli("--home", str(a), "serve", "slow", "--exec", "sleep 30")
+    run_cli("--home", str(a), "serve", "fails", "--exec", "false")
+    poll(lambda: _found(b, "slow") and _found(b, "fails"))
+
+    status, body = _api(b, "POST", "/v1/services/call", {"name": "no.such", "input": "x"})
+    assert (status, body["code"], body["kind"]) == (404, "no_providers", "NoProviders")
+    status, body = _api(b, "POST", "/v1/services/call", {"name": "slow", "timeout": 0.5})
+    assert (status, body["code"]) == (504, "deadline_exceeded")
+    status, body = _api(b, "POST", "/v1/services/call", {"name": "fails"})
+    assert (status, body["code"]) == (502, "handler_error")
+    status, body = _api(b, "POST", "/v1/services/call", {"name": "BAD NAME"})
+    assert status == 400 and "bad service name" in str(body["error"])
+    status, body = _api(b, "POST", "/v1/services/call", {"name": "slow", "input": 5})
+    assert status == 400 and "json_input" in str(body["error"])
+    status, body = _api(b, "POST", "/v1/services/call", {"name": "slow", "timeout": -1})
+    assert status == 400
+    status, body = _api(b, "POST", "/v1/services/call_stream", {"name": "no.such"})
+    assert (status, body["code"]) == (404, "no_providers")
+    status, body = _api(
+        a,
+        "POST",
+        "/v1/services/serve",
+        {"name": "x.y", "exec": ["cat"], "http": "http://127.0.0.1:1/"},
+    )
+    assert status == 400 and "exactly one" in str(body["error"])
+    status, body = _api(a, "POST", "/v1/services/unserve", {"name": "never.served"})
+    assert (status, body["code"]) == (404, "not_found")
+    status, body = _api(b, "GET", "/v1/services/find?name=no.such")
+    assert (status, body["code"]) == (404, "no_providers")
+    # Binary in, binary out: base64 both ways.
+    run_cli("--home", str(a), "serve", "echo", "--exec", "cat")
+    poll(lambda: _found(b, "echo"))
+    status, body = _api(b, "POST", "/v1/services/call", {"name": "echo", "input_b64": "AP8="})
+    assert (status, body["type"], body["reply_b64"]) == (200, "bytes", "AP8=")
