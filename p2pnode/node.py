@@ -19,7 +19,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -490,8 +490,9 @@ class Node:
 
     def call_stream(
         self, name: str, request: object, *, timeout: float = 60.0, peer: str | bytes | None = None
-    ) -> AsyncIterator[object]:
-        """The items of stream ``name``, pulled as they are consumed."""
+    ) -> AsyncGenerator[object, None]:
+        """The items of stream ``name``, pulled as they are consumed. Leaving early:
+        ``aclose()`` it (or ``contextlib.aclosing``) to cancel it at the provider now."""
         return self.services_part.call_stream(name, request, timeout=timeout, peer=peer)
 
     async def find_service(self, name: str) -> list[ProviderRecord]:

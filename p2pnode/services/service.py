@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -797,7 +797,7 @@ class Services:
 
     async def call_stream(
         self, name: str, request: object, *, timeout: float = 60.0, peer: str | bytes | None = None
-    ) -> AsyncIterator[object]:
+    ) -> AsyncGenerator[object, None]:
         """The stream's items as they come; pulls only as the caller consumes them."""
         validate_service_name(name)
         if timeout <= 0:

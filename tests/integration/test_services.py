@@ -159,7 +159,7 @@ async def test_slow_stream_consumer_holds_the_producer(net: list[Node]) -> None:
     before = produced
     await asyncio.sleep(0.3)
     assert produced == before <= consumed + limits.max_credit
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     await asyncio.wait_for(closed.wait(), 5)  # the cancel reached the producer
     await eventually(lambda: a.services()[0]["in_flight"] == 0, what="stream slot freed")
     assert produced == before
