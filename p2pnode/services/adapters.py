@@ -11,6 +11,11 @@ network drives them:
 - an HTTP service is reached only on a loopback address unless ``allow_remote``;
   redirects are not followed (one could leave loopback); 2xx is the reply, 4xx a
   bad request, 5xx or no connection a handler error; bodies are bounded.
+
+Both tell the local side who calls (the caller's peer id is authenticated by the
+Noise connection): a program gets ``P2PNODE_CALLER``, ``P2PNODE_SERVICE`` and
+``P2PNODE_DEADLINE`` (seconds) in its environment, an HTTP service the headers
+``X-P2PNode-Caller``, ``X-P2PNode-Service`` and ``X-P2PNode-Deadline``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from p2pnode.errors import (
     TooLarge,
     UsageError,
 )
+from p2pnode.identity import peer_id_to_str
 
 if TYPE_CHECKING:
     from p2pnode.services.service import CallContext
@@ -52,6 +58,7 @@ STDERR_LINE_CHARS = 200
 READ_CHUNK = 64 * 1024
 REAP_TIMEOUT = 5.0  # seconds to wait for a killed program's pipes to close
 BODY_EXCERPT = 300  # characters of an HTTP error body shown in the error
+TEXT_TYPE = "text/plain; charset=utf-8"
 LOCAL_NAMES = frozenset({"localhost", "localhost."})
 
 
@@ -84,6 +91,14 @@ def _time_left(timeout: float, ctx: CallContext | None) -> float:
     if ctx is not None and ctx.deadline > 0:
         return min(timeout, ctx.deadline)
     return timeout
+
+
+def _caller_facts(ctx: CallContext, left: float) -> dict[str, str]:
+    return {
+        "CALLER": peer_id_to_str(ctx.peer_id),
+        "SERVICE": ctx.service,
+        "DEADLINE": f"{left:.3f}",
+    }
 
 
 def _first_lines(data: bytes) -> str:
@@ -132,25 +147,33 @@ def exec_handler(
     if stream:
 
         async def stream_handler(request: object, ctx: CallContext) -> AsyncIterator[object]:
-            async with _Program(command, shown, _time_left(timeout, ctx)) as program:
+            left = _time_left(timeout, ctx)
+            async with _Program(command, shown, left, _caller_env(ctx, left)) as program:
                 async for line in program.lines(_request_bytes(request), max_output):
                     yield _as_reply(line)
 
         return stream_handler
 
     async def handler(request: object, ctx: CallContext) -> object:
-        async with _Program(command, shown, _time_left(timeout, ctx)) as program:
+        left = _time_left(timeout, ctx)
+        async with _Program(command, shown, left, _caller_env(ctx, left)) as program:
             return _as_reply(await program.run(_request_bytes(request), max_output))
 
     return handler
+
+
+def _caller_env(ctx: CallContext, left: float) -> dict[str, str]:
+    facts = _caller_facts(ctx, left)
+    return {**os.environ, **{f"P2PNODE_{k}": v for k, v in facts.items()}}
 
 
 class _Program:
     """One run of the program: started on enter, its process group killed on exit
     if still running (a timeout, an overflow, a cancelled call)."""
 
-    def __init__(self, command: list[str], shown: str, timeout: float) -> None:
+    def __init__(self, command: list[str], shown: str, timeout: float, env: dict[str, str]) -> None:
         self._command = command
+        self._env = env
         self._shown = shown
         self._timeout = timeout
         self._proc: asyncio.subprocess.Process | None = None
@@ -164,6 +187,7 @@ class _Program:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                env=self._env,
                 # Its own process group: a kill reaches what a shell started too.
                 start_new_session=True,
             )
@@ -344,14 +368,17 @@ def http_handler(
         import aiohttp  # the node has it; kept out of the CLI's import path
 
         left = _time_left(timeout, ctx)
-        kwargs: dict[str, Any] = {}
+        facts = _caller_facts(ctx, left)
+        headers = {f"X-P2PNode-{k.title()}": v for k, v in facts.items()}
+        kwargs: dict[str, Any] = {"headers": headers}
         if isinstance(request, dict | list):
             kwargs["json"] = request
         else:
-            body = _request_bytes(request)
-            kind = "text/plain; charset=utf-8" if isinstance(request, str) else None
-            kwargs["data"] = body
-            kwargs["headers"] = {"Content-Type": kind or "application/octet-stream"}
+            kwargs["data"] = _request_bytes(request)
+            text = isinstance(request, str)
+            headers["Content-Type"] = (
+                "text/plain; charset=utf-8" if text else "application/octet-stream"
+            )
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=left)) as session,

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from p2pnode.errors import BadServiceRequest, DeadlineExceeded, HandlerError, TooLarge, UsageError
+from p2pnode.identity import peer_id_to_str
 from p2pnode.services import CallContext
 from p2pnode.services.adapters import exec_handler, http_handler
 
@@ -140,6 +141,17 @@ async def test_exec_cancelled_call_kills_the_program(tmp_path: Any) -> None:
         os.kill(pid, 0)  # killed and reaped: gone
 
 
+async def test_exec_program_is_told_who_calls() -> None:
+    env = exec_handler(
+        ["sh -c 'echo $P2PNODE_CALLER $P2PNODE_SERVICE $P2PNODE_DEADLINE'"],
+        timeout=5,
+        max_output=1024,
+        shell=True,
+    )
+    caller, service, deadline = str(await env(b"", Ctx(deadline=2.0))).split()
+    assert (caller, service, float(deadline)) == (peer_id_to_str(b"\x01" * 20), "test.svc", 2.0)
+
+
 async def test_exec_program_that_ignores_stdin() -> None:
     ignores = exec_handler(["echo", "fixed"], timeout=5, max_output=1024)
     assert await ignores(b"x" * 1_000_000, CTX) == "fixed\n"
@@ -210,6 +222,10 @@ async def local_http() -> AsyncIterator[str]:
     async def text(request: web.Request) -> web.Response:
         return web.Response(text=(await request.text()).upper())
 
+    async def caller(request: web.Request) -> web.Response:
+        names = ("X-P2PNode-Caller", "X-P2PNode-Service", "X-P2PNode-Deadline")
+        return web.json_response([request.headers.get(n) for n in names])
+
     async def boom(_: web.Request) -> web.Response:
         return web.Response(status=500, text="database down")
 
@@ -229,6 +245,7 @@ async def local_http() -> AsyncIterator[str]:
             web.post("/weather", weather),
             web.post("/echo", echo),
             web.post("/text", text),
+            web.post("/caller", caller),
             web.post("/boom", boom),
             web.post("/big", big),
             web.post("/slow", slow),
@@ -249,6 +266,11 @@ async def test_http_text_and_bytes(local_http: str) -> None:
     assert await http_handler(f"{local_http}/text", timeout=5)("hi", CTX) == "HI"
     echo = http_handler(f"{local_http}/echo", timeout=5)
     assert await echo(b"\x00\xff", CTX) == b"\x00\xff"
+
+
+async def test_http_service_is_told_who_calls(local_http: str) -> None:
+    told = await http_handler(f"{local_http}/caller", timeout=1)("x", CTX)
+    assert told == [peer_id_to_str(b"\x01" * 20), "test.svc", "1.000"]
 
 
 async def test_http_4xx_is_bad_request_5xx_is_handler_error(local_http: str) -> None:
