@@ -566,8 +566,11 @@ class Services:
     # -- calling ----------------------------------------------------------------
 
     async def find_service(self, name: str) -> list[ProviderRecord]:
+        """Providers of ``name`` in the DHT, the most promising first (measured RTT,
+        recent failures: the order a call tries them in)."""
         validate_service_name(name)
-        return await self._discovery.find_providers(service_key(name))
+        found = await self._discovery.find_providers(service_key(name))
+        return self.ranking.order(found, self._clock.now(), key=lambda p: p.node_id)
 
     def _call_id(self) -> int:
         self._next_call_id = (self._next_call_id + 1) & 0xFFFFFFFFFFFFFFFF
