@@ -37,9 +37,11 @@ LIMITS = ServiceLimits(concurrency=256, calls_per_second_per_peer=0, max_credit=
 
 async def node_server(item: int) -> None:
     home = Path(tempfile.mkdtemp())
-    node = Node(NodeConfig(home=home, host="127.0.0.1", port=0, control_api=False))
+    node = Node(
+        NodeConfig(home=home, host="127.0.0.1", port=0, control_api=False),
+        service_limits=NodeServiceLimits(max_concurrent_per_peer=256),
+    )
     await node.start()
-    node.services_part.core.limits = NodeServiceLimits(max_concurrent_per_peer=256)
 
     async def echo(request: Any, ctx: CallContext) -> Any:
         return request

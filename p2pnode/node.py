@@ -45,7 +45,13 @@ from p2pnode.home import (
 )
 from p2pnode.identity import Identity, as_node_id, peer_id_to_str
 from p2pnode.net.host import PeerHost
-from p2pnode.services import ServiceLimits, Services, StreamHandler, UnaryHandler
+from p2pnode.services import (
+    NodeServiceLimits,
+    ServiceLimits,
+    Services,
+    StreamHandler,
+    UnaryHandler,
+)
 from p2pnode.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -94,9 +100,16 @@ class Node:
     :class:`~p2pnode.errors.NodeNotRunning` before the node has started.
     """
 
-    def __init__(self, config: NodeConfig, *, clock: Clock = MONOTONIC) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        clock: Clock = MONOTONIC,
+        service_limits: NodeServiceLimits | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
+        self._service_limits = service_limits  # node-wide limits of the services served
         self.home: Path = config.home
         self._lock = HomeLock(self.home)
         self._identity: Identity | None = None
@@ -162,7 +175,9 @@ class Node:
             clock=self.clock,
         )
         await self._exchange.start()
-        self._services = Services(self._host, self._discovery, self._port, clock=self.clock)
+        self._services = Services(
+            self._host, self._discovery, self._port, clock=self.clock, limits=self._service_limits
+        )
         self._services.start()
         if not self.config.control_api:
             clear_control(self.home)  # a stale file would point the CLI at nothing

@@ -42,7 +42,9 @@ NIL = b"\xc0"  # msgpack None
 @pytest.fixture
 async def pair(homes: Callable[[str], Path]) -> AsyncIterator[tuple[Node, Node, PeerHost]]:
     """(provider, honest caller, attacker connected to the provider)."""
-    provider = Node(fast_config(homes("p"), control_api=False))
+    # one peer may hold 4 calls at once; a stream not pulled for 1 s ends
+    limits = NodeServiceLimits(max_concurrent_per_peer=4, stream_idle_timeout=1.0)
+    provider = Node(fast_config(homes("p"), control_api=False), service_limits=limits)
     await provider.start()
     honest = Node(
         fast_config(homes("h"), bootstrap=(("127.0.0.1", provider.port),), control_api=False)
@@ -98,7 +100,6 @@ async def test_a_call_flood_from_one_peer_leaves_room_for_others(
     pair: tuple[Node, Node, PeerHost],
 ) -> None:
     provider, honest, attacker = pair
-    provider.services_part.core.limits = NodeServiceLimits(max_concurrent_per_peer=4)
     release = asyncio.Event()
 
     async def slow(request: Any, ctx: CallContext) -> Any:
@@ -167,9 +168,6 @@ async def test_streams_that_never_grant_credit_produce_nothing_and_expire(
     pair: tuple[Node, Node, PeerHost],
 ) -> None:
     provider, honest, attacker = pair
-    provider.services_part.core.limits = NodeServiceLimits(
-        max_concurrent_per_peer=4, stream_idle_timeout=0.5
-    )
     produced: list[int] = []
 
     async def numbers(request: Any, ctx: CallContext) -> AsyncIterator[Any]:
