@@ -390,8 +390,12 @@ def http_handler(
             raise DeadlineExceeded(
                 f"HTTP service {url} did not answer within {left:.3g} s"
             ) from None
+        except aiohttp.ClientConnectorError as exc:
+            code = getattr(exc.os_error, "errno", None)
+            why = os.strerror(code).lower() if code else "connection failed"
+            raise HandlerError(f"HTTP service {url} unreachable ({why}): is it running?") from None
         except aiohttp.ClientError as exc:
-            raise HandlerError(f"HTTP service {url} unreachable: {exc}") from None
+            raise HandlerError(f"HTTP service {url} failed: {exc}") from None
 
     return handler
 
