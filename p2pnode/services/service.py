@@ -858,7 +858,8 @@ class Services:
                     ended = True  # the provider ended it with a typed error
                     raise
                 assert isinstance(got, StreamItems)
-                outstanding += grant - len(got.items)
+                # (a provider sending more than granted gains nothing: never below 0)
+                outstanding = max(0, outstanding + grant - len(got.items))
                 if got.end:
                     ended = True
                 for item in got.items:
