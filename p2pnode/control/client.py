@@ -12,6 +12,7 @@ from typing import Any
 
 from p2pnode.control.api import ErrorKind
 from p2pnode.errors import (
+    SERVICE_ERRORS,
     DownloadError,
     NodeNotRunning,
     NotFoundError,
@@ -33,6 +34,7 @@ _KINDS: dict[str, type[P2PError]] = {
     # The server names any P2PError by its class: these keep their meaning (and
     # their --json code) on this side too.
     **{cls.__name__: cls for cls in (DownloadError, StaleError, StorageError)},
+    **{cls.__name__: cls for cls in SERVICE_ERRORS.values()},
 }
 
 
