@@ -11,7 +11,11 @@ when installed), in one run.
 - grpcio (if importable): a unary echo method on a generic handler.
 
 Prints, per system: latency p50/p99 with 1 call in flight, and calls per second
-with 1 and with 64 in flight; then the stream's items and MB per second. Not a test.
+with 1 and with 64 in flight; then the stream's items and MB per second.
+
+``--first-call N``: instead, N nodes in this process (one network on loopback), one
+serving ``bench.echo``; the time each of the other half takes for its first call to
+a service it never used (DHT lookup + Noise dial + Describe + call). Not a test.
 """
 
 from __future__ import annotations
@@ -204,14 +208,59 @@ async def client(seconds: float, size: int, item: int) -> None:
         proc.communicate("")
 
 
+async def first_call(count: int) -> None:
+    home = Path(tempfile.mkdtemp())
+
+    def config(i: int, seed: int | None) -> NodeConfig:
+        boot = (("127.0.0.1", seed),) if seed else ()
+        return NodeConfig(
+            home=home / f"n{i}", host="127.0.0.1", port=0, control_api=False, bootstrap=boot
+        )
+
+    nodes = [Node(config(0, None))]
+    await nodes[0].start()
+    try:
+        for i in range(1, count):
+            node = Node(config(i, nodes[0].port))
+            await node.start()
+            nodes.append(node)
+        for node in nodes[1:]:
+            await node.wait_joined(timeout=30)
+
+        async def echo(request: Any, ctx: CallContext) -> Any:
+            return request
+
+        nodes[1].serve("bench.echo", echo)
+        for _ in range(100):  # until the announcement reached the DHT
+            if nodes[1].services()[0]["announced_to"]:
+                break
+            await asyncio.sleep(0.1)
+        times = []
+        for caller in nodes[count // 2 :]:
+            started = time.perf_counter()
+            await caller.call("bench.echo", b"x" * 1024, timeout=10)
+            times.append(time.perf_counter() - started)
+        times.sort()
+        print(
+            f"first call among {count} nodes: p50 {times[len(times) // 2] * 1e3:.1f} ms, "
+            f"max {times[-1] * 1e3:.1f} ms ({len(times)} callers)"
+        )
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--item", type=int, default=65536)
+    parser.add_argument("--first-call", type=int, default=0, metavar="N")
     parser.add_argument("--serve", choices=("node", "http", "grpc"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve == "node":
+    if args.first_call:
+        asyncio.run(first_call(args.first_call))
+    elif args.serve == "node":
         asyncio.run(node_server(args.item))
     elif args.serve == "http":
         asyncio.run(http_server())
