@@ -334,11 +334,10 @@ class Services:
         assert task is not None
         key = (remote, msg.call_id)
         self._running[key] = (task, ctx)
-        error: str | None = None
+        error: str | None = ServiceErrorCode.CANCELLED  # unless it answers (the connection died)
         try:
             answer = await self._run_call(served, msg, ctx, task)
-            if isinstance(answer, ErrorReply):
-                error = answer.code
+            error = answer.code if isinstance(answer, ErrorReply) else None
             return answer
         finally:
             self._running.pop(key, None)

@@ -371,3 +371,30 @@ async def test_stream_errors_are_typed(net: list[Node]) -> None:
     )
     errors = {s["name"]: s["errors"] for s in a.services()}
     assert errors["logs.fail"] == {"handler_error": 1}
+
+
+async def test_a_caller_gone_mid_call_stops_the_handler(net: list[Node], tmp_path: Path) -> None:
+    a = net[0]
+    running = asyncio.Event()
+    stopped = asyncio.Event()
+
+    async def forever(request: Any, ctx: CallContext) -> Any:
+        running.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            stopped.set()
+
+    a.serve("wait.forever", forever)
+    caller = await raw_host(tmp_path)
+    address = PeerAddress(a.node_id, "127.0.0.1", a.port)
+    call = asyncio.create_task(
+        caller.request(address, Call(7, "wait.forever", 30_000, b"\xc0"), timeout=10)
+    )
+    await running.wait()
+    await caller.close()  # the connection drops with the call in flight
+    await asyncio.gather(call, return_exceptions=True)
+    await asyncio.wait_for(stopped.wait(), 5)
+    await eventually(lambda: a.services()[0]["in_flight"] == 0, what="slot freed")
+    assert a.services()[0]["errors"] == {"cancelled": 1}
+    assert a.services()[0]["p50_ms"] is None  # not counted as a success
