@@ -627,13 +627,16 @@ class Services:
             return await self._call_local(name, data, left)
         address = PeerAddress(record.node_id, record.host, record.port)
         started = self._clock.now()
-        info = await self._describe(address, name, left)
-        if info.kind != Kind.UNARY:
+        info = self._described.get((record.node_id, name))
+        if info is None:
+            # Asked alongside the first call (no extra round trip): only a failure
+            # mid-call needs the answer, and it is back by then (sent first).
+            self._tasks.spawn(self._describe_quietly(address, name, left), "describe")
+        elif info.kind != Kind.UNARY:
             raise BadServiceRequest(f"{name!r} is a stream service: use call_stream", service=name)
         call_id = self._call_id()
-        left = max(0.001, left - (self._clock.now() - started))
         msg = Call(call_id, name, int(left * 1000), data)
-        answer = await self._exchange(address, msg, left, name, call_id, info.idempotent)
+        answer = await self._exchange(address, msg, left, name, call_id)
         assert isinstance(answer, Reply)
         self.ranking.succeeded(record.node_id, self._clock.now() - started)
         return bytes(answer.reply)
@@ -654,23 +657,31 @@ class Services:
         if info is not None:
             self._described.move_to_end(key)
             return info
-        answer = await self._exchange(address, Describe(name), left, name, None, False)
+        answer = await self._exchange(address, Describe(name), left, name, None)
         assert isinstance(answer, ServiceInfo)
         self._described[key] = answer
         while len(self._described) > DESCRIBED_CACHE:
             self._described.popitem(last=False)
         return answer
 
+    async def _describe_quietly(self, address: PeerAddress, name: str, left: float) -> None:
+        """``_describe`` for its cache only (the call itself reports failures)."""
+        try:
+            await self._describe(address, name, left)
+        except (P2PError, _Retry) as exc:
+            log.debug("describe %s on %s: %s", name, address, exc)
+
+    def _is_idempotent(self, peer: bytes, name: str) -> bool:
+        """What the provider said; not known counts as not idempotent."""
+        info = self._described.get((peer, name))
+        return info is not None and info.idempotent
+
     async def _exchange(
-        self,
-        address: PeerAddress,
-        msg: Message,
-        left: float,
-        name: str,
-        call_id: int | None,
-        idempotent: bool,
+        self, address: PeerAddress, msg: Message, left: float, name: str, call_id: int | None
     ) -> Message:
-        """Send ``msg`` and map every failure to a ServiceError or _Retry."""
+        """Send ``msg`` and map every failure to a ServiceError or _Retry (a request
+        that is not a call, or a call the provider said is idempotent, may be
+        retried on another provider after it failed mid-way)."""
         peer = address.node_id
         assert peer is not None
         now = self._clock.now()
@@ -705,7 +716,7 @@ class Services:
             raise _Retry(exc) from None  # the dial timed out (the call has time left)
         except P2PError as exc:
             self.ranking.failed(peer, Failure.UNAVAILABLE, now)
-            if idempotent or call_id is None:
+            if call_id is None or self._is_idempotent(peer, name):
                 raise _Retry(exc) from None
             raise ProvidersFailed(
                 f"{name!r} on {peer_id_to_str(peer)} failed mid-call ({exc}); "
@@ -823,7 +834,7 @@ class Services:
                 call_id = self._call_id()
                 left = deadline_at - self._clock.now()
                 msg = StreamOpen(call_id, name, max(1, int(left * 1000)), data)
-                answer = await self._exchange(address, msg, left, name, call_id, info.idempotent)
+                answer = await self._exchange(address, msg, left, name, call_id)
             except _Retry as retry:
                 failures.append((record.node_id, retry.error))
                 continue
@@ -845,7 +856,7 @@ class Services:
                 grant = window - outstanding
                 try:
                     got = await self._exchange(
-                        address, StreamPull(answer.stream_id, grant), left, name, None, False
+                        address, StreamPull(answer.stream_id, grant), left, name, None
                     )
                 except _Retry as retry:
                     raise ProvidersFailed(
