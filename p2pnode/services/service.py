@@ -22,9 +22,9 @@ Rules:
   ``ProviderRanking`` (measured RTT, recent failures). A provider that refused
   before running the call (not found, overloaded, unreachable) is skipped for
   the next one; one that failed mid-call is skipped only if it said the service
-  is idempotent (``Describe``, asked once per provider and name), otherwise the
-  failure is reported. Typed answers (handler error, too large, deadline) end
-  the call at once.
+  is idempotent (``Describe``, sent alongside the first call to each provider
+  and remembered), otherwise the failure is reported. Typed answers (handler
+  error, too large, deadline) end the call at once.
 - A caller whose deadline passes sends ``Cancel`` and leaves the request to end
   in the background (the provider answers it ``cancelled``), so no answer
   arrives unasked-for.
@@ -278,13 +278,19 @@ class Services:
         return out
 
     async def _announce(self, name: str) -> None:
+        if name not in self._served:
+            return
+        key = service_key(name)
         try:
-            accepted = await self._discovery.add_provider(service_key(name), self._port)
-            state = self.core.services.get(name)
-            if state is not None:
-                state.announced_to = accepted
+            accepted = await self._discovery.add_provider(key, self._port)
         except P2PError as exc:
             log.warning("announcing service %s failed: %s", name, exc)
+            return
+        state = self.core.services.get(name)
+        if state is None:  # unserved meanwhile: do not leave it announced
+            self._discovery.remove_provider(key)
+        else:
+            state.announced_to = accepted
 
     async def _announce_loop(self) -> None:
         """Announce again once the DHT has contacts (a node joins after start), and
