@@ -43,6 +43,7 @@ from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.errors import (
     BadServiceRequest,
     DeadlineExceeded,
+    HandlerError,
     HandshakeError,
     LimitExceeded,
     NoProviders,
@@ -371,6 +372,8 @@ class Services:
                     f"{ctx.service!r} did not answer within its deadline of {ctx.deadline:g}s",
                 )
             raise
+        except _PASSED_ON as exc:  # a typed error of the handler's (e.g. an adapter's)
+            return _error(exc.code, str(exc))
         except Exception as exc:  # noqa: BLE001 - the handler boundary: its message only
             return _handler_error(ctx.service, exc)
         finally:
@@ -470,6 +473,8 @@ class Services:
                 )
             else:
                 credit.fail(_handler_refusal(ctx.service, TimeoutError("timed out")))
+        except _PASSED_ON as exc:  # a typed error of the handler's (e.g. an adapter's)
+            credit.fail(Refusal(ServiceErrorCode(exc.code), str(exc)))
         except Exception as exc:  # noqa: BLE001 - the handler boundary: its message only
             credit.fail(_handler_refusal(ctx.service, exc))
         finally:
@@ -904,6 +909,11 @@ def _expire(task: asyncio.Task[Any], ctx: CallContext) -> None:
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+# Typed errors a handler may raise and the caller then sees as such (an adapter's
+# timeout, oversized output, bad input); any other exception is a handler error.
+_PASSED_ON = (DeadlineExceeded, BadServiceRequest, TooLarge, ServiceOverloaded, HandlerError)
 
 
 def _error(code: str, message: str) -> ErrorReply:

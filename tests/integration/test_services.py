@@ -310,7 +310,22 @@ async def test_errors_are_typed_and_the_node_keeps_serving(net: list[Node]) -> N
     async def big(request: Any, ctx: CallContext) -> Any:
         return b"x" * 5000
 
+    async def typed(request: Any, ctx: CallContext) -> Any:
+        # What an adapter raises (a program's output over its bound, bad input):
+        # the caller sees that type, not a handler error.
+        raise (
+            TooLarge("the program wrote more than 10 bytes")
+            if request
+            else BadServiceRequest("the local service answered 400")
+        )
+
     a.serve("may.fail", boom)
+    a.serve("typed.fail", typed)
+    await serve_and_find(net, caller, "typed.fail", 1)
+    with pytest.raises(TooLarge, match="more than 10 bytes"):
+        await caller.call("typed.fail", 1)
+    with pytest.raises(BadServiceRequest, match="answered 400"):
+        await caller.call("typed.fail", 0)
     a.serve("too.big", big, limits=ServiceLimits(max_reply=1000))
     await serve_and_find(net, caller, "may.fail", 1)
     await serve_and_find(net, caller, "too.big", 1)
