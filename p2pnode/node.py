@@ -460,6 +460,8 @@ class Node:
             "dht_contact_ids": [c.node_id for c in self.discovery.contacts()],
             "net": self.peer_host.stats(),
             "exchange": self.exchange.stats(),
+            "services": self.services_part.stats(),
+            "services_served": self.services(),
         }
 
     # -- services (p2pnode/services) ------------------------------------------------

@@ -94,6 +94,8 @@ class MetricsSnapshot(TypedDict):
     dht_contact_ids: list[bytes]  # node ids in the routing table
     net: dict[str, int]  # PeerHost.stats()
     exchange: dict[str, int]  # Exchange.stats()
+    services: dict[str, int]  # Services.stats(): node-wide refusals, running calls, streams
+    services_served: list[dict[str, Any]]  # Node.services(): per-service figures
 
 
 class NodeAPI(Protocol):

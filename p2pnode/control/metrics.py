@@ -2,12 +2,13 @@
 
 The data path pays nothing: :class:`NodeCollector` reads the counters the parts
 already keep (``Discovery.stats()``, ``PeerHost.stats()``, ``Exchange.stats()``,
-through ``NodeAPI.metrics_snapshot``) when Prometheus scrapes, and turns them into
+``Services.stats()`` and the per-service figures of ``Node.services()``, through
+``NodeAPI.metrics_snapshot``) when Prometheus scrapes, and turns them into
 metric families. The one metric updated as things happen is the duration of the
 DHT lookups made through the control API (a histogram, per API call).
 
 Names follow Prometheus' conventions (and kubo's): the ``p2pnode_`` prefix, a
-subsystem (``dht``, ``net``, ``exchange``), base units (seconds, bytes) in the
+subsystem (``dht``, ``net``, ``exchange``, ``services``), base units (seconds, bytes) in the
 name, ``_total`` on counters. The process figures are the standard ``process_*``
 ones. A counter that a part adds later and this module does not know yet is not
 lost: it is exported as ``p2pnode_<subsystem>_events_total{event="<its name>"}``.
@@ -20,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
@@ -30,12 +32,20 @@ from prometheus_client.registry import Collector
 
 from p2pnode.control.api import MetricsSnapshot
 from p2pnode.errors import P2PError
+from p2pnode.services.messages import ServiceErrorCode
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "p2pnode"
 ID_BITS = 160
 # DHT lookups on a LAN take milliseconds; across the internet, up to seconds.
+# What ServicesCore.admit refuses with; the other codes are outcomes of admitted calls.
+_ADMISSION_CODES = (
+    ServiceErrorCode.NOT_FOUND,
+    ServiceErrorCode.BAD_REQUEST,
+    ServiceErrorCode.TOO_LARGE,
+    ServiceErrorCode.OVERLOADED,
+)
 LOOKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -296,6 +306,70 @@ _EXCHANGE = _Subsystem(
 )
 
 
+_REFUSED_CALLS = _Family(
+    "refused_total", "Calls refused at admission, all services, by reason", label="reason"
+)
+
+_SERVICES = _Subsystem(
+    "services",
+    keys={
+        # The codes admission refuses with (services/core.py); others come by prefix.
+        **_one(
+            _REFUSED_CALLS,
+            *((f"refused_{code}", str(code)) for code in _ADMISSION_CODES),
+        ),
+        **_plain(
+            (
+                "in_flight",
+                "running_calls",
+                "Calls and streams running, all services (what max_concurrent bounds)",
+                True,
+            ),
+            ("services", "served", "Services this node serves", True),
+            ("streams_open", "streams_open", "Streams open to callers", True),
+        ),
+    },
+    prefixes={"refused_": _REFUSED_CALLS},
+)
+
+
+def _service_families(served: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
+    """Per-service figures (``Node.services()``), labelled by service name: the
+    operator chooses the names, so their number stays small."""
+    prefix = f"{NAMESPACE}_services"
+    calls = CounterMetricFamily(f"{prefix}_calls", "Calls admitted, by service", labels=["service"])
+    errors = CounterMetricFamily(
+        f"{prefix}_errors",
+        "Calls refused or failed, by service and error code",
+        labels=["service", "code"],
+    )
+    in_flight = GaugeMetricFamily(
+        f"{prefix}_in_flight", "Calls and streams running, by service", labels=["service"]
+    )
+    p50 = GaugeMetricFamily(
+        f"{prefix}_latency_p50_seconds",
+        "Median duration of the last successful calls, by service",
+        labels=["service"],
+    )
+    announced = GaugeMetricFamily(
+        f"{prefix}_announced_to_nodes",
+        "DHT nodes that took the last announcement, by service",
+        labels=["service"],
+    )
+    for service in served:
+        name = str(service["name"])
+        calls.add_metric([name], service.get("calls", 0))
+        counted = service.get("errors", {})
+        # Every code from the start (at zero): rate() needs the series before its first error.
+        for code in dict.fromkeys([*map(str, ServiceErrorCode), *counted]):
+            errors.add_metric([name, code], counted.get(code, 0))
+        in_flight.add_metric([name], service.get("in_flight", 0))
+        if service.get("p50_ms") is not None:  # no successful call yet: no sample
+            p50.add_metric([name], service["p50_ms"] / 1000)
+        announced.add_metric([name], service.get("announced_to", 0))
+    yield from (calls, errors, in_flight, p50, announced)
+
+
 def _families(sub: _Subsystem, stats: dict[str, int]) -> Iterator[Metric]:
     """The metric families of one part's stats, known keys first."""
     values: dict[_Family, list[tuple[str | None, float]]] = {}
@@ -384,6 +458,9 @@ class NodeCollector(Collector):
         yield buckets
         yield from _families(_NET, snap["net"])
         yield from _families(_EXCHANGE, snap["exchange"])
+        # .get: a snapshot built before services existed (tests) still scrapes.
+        yield from _families(_SERVICES, snap.get("services", {}))
+        yield from _service_families(snap.get("services_served", []))
 
 
 class PsutilProcessCollector(Collector):

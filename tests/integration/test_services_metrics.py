@@ -1,0 +1,128 @@
+"""Services figures in GET /metrics: a real provider node serves handlers, a real
+caller node calls them over the network, and the provider's control API is scraped
+over HTTP and read with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pnode import Node
+from p2pnode.errors import HandlerError, ServiceNotFound, TooLarge
+from p2pnode.services import CallContext, ServiceLimits
+from tests.helpers import eventually, fast_config
+from tests.integration.test_metrics import families, value
+
+
+async def echo(request: Any, ctx: CallContext) -> Any:
+    return request
+
+
+async def broken(request: Any, ctx: CallContext) -> Any:
+    raise RuntimeError("this handler always fails")
+
+
+async def test_services_counters_start_at_zero_and_move_with_calls_refusals_and_streams(
+    homes: Callable[[str], Path],
+) -> None:
+    provider = Node(fast_config(homes("provider")))
+    await provider.start()
+    caller = Node(fast_config(homes("caller"), (("127.0.0.1", provider.port),), control_api=False))
+    await caller.start()
+    release = asyncio.Event()
+
+    async def ticks(request: Any, ctx: CallContext) -> AsyncIterator[Any]:
+        yield 1
+        await release.wait()  # the stream stays open until the test lets it end
+        yield 2
+
+    try:
+        await caller.wait_joined(timeout=10)
+        provider.serve("echo", echo)
+        provider.serve("broken", broken)
+        provider.serve("small", echo, limits=ServiceLimits(max_request=100))
+        provider.serve_stream("ticks", ticks)
+        peer = provider.peer_id
+
+        fams = await families(provider)
+        assert value(fams, "p2pnode_services_served") == 4
+        assert value(fams, "p2pnode_services_running_calls") == 0
+        assert value(fams, "p2pnode_services_streams_open") == 0
+        for reason in ("not_found", "bad_request", "too_large", "overloaded"):
+            assert value(fams, "p2pnode_services_refused_total", reason=reason) == 0
+        for service in ("echo", "broken", "small", "ticks"):
+            assert value(fams, "p2pnode_services_calls_total", service=service) == 0
+            assert value(fams, "p2pnode_services_in_flight", service=service) == 0
+            for code in ("handler_error", "deadline_exceeded", "too_large", "overloaded"):
+                assert value(fams, "p2pnode_services_errors_total", service=service, code=code) == 0
+        # No successful call yet: no median to show.
+        assert not fams["p2pnode_services_latency_p50_seconds"].samples
+
+        for i in range(5):
+            assert await caller.call("echo", {"i": i}, peer=peer) == {"i": i}
+        for _ in range(2):
+            with pytest.raises(HandlerError):
+                await caller.call("broken", {}, peer=peer)
+        with pytest.raises(TooLarge):
+            await caller.call("small", "x" * 1000, peer=peer)
+        with pytest.raises(ServiceNotFound):
+            await caller.call("missing", {}, peer=peer)
+
+        fams = await families(provider)
+        assert value(fams, "p2pnode_services_calls_total", service="echo") == 5
+        echo_errors = value(
+            fams, "p2pnode_services_errors_total", service="echo", code="handler_error"
+        )
+        assert echo_errors == 0
+        p50 = value(fams, "p2pnode_services_latency_p50_seconds", service="echo")
+        assert 0 < p50 < 5
+        assert value(fams, "p2pnode_services_calls_total", service="broken") == 2
+        broken_errors = value(
+            fams, "p2pnode_services_errors_total", service="broken", code="handler_error"
+        )
+        assert broken_errors == 2
+        # Refused at admission: counted for the service and node-wide, never admitted.
+        assert value(fams, "p2pnode_services_calls_total", service="small") == 0
+        assert value(fams, "p2pnode_services_errors_total", service="small", code="too_large") == 1
+        assert value(fams, "p2pnode_services_refused_total", reason="too_large") == 1
+        assert value(fams, "p2pnode_services_refused_total", reason="not_found") == 1
+
+        # An open stream is running: node-wide, for its service, and as a stream.
+        stream = caller.call_stream("ticks", {}, peer=peer, timeout=30)
+        async with contextlib.aclosing(stream):
+            assert await anext(stream) == 1
+            fams = await families(provider)
+            assert value(fams, "p2pnode_services_streams_open") == 1
+            assert value(fams, "p2pnode_services_in_flight", service="ticks") == 1
+            assert value(fams, "p2pnode_services_running_calls") == 1
+            assert value(fams, "p2pnode_services_calls_total", service="ticks") == 1
+            release.set()
+            assert [item async for item in stream] == [2]
+
+        async def stream_closed() -> bool:
+            fams = await families(provider)
+            return (
+                value(fams, "p2pnode_services_streams_open") == 0
+                and value(fams, "p2pnode_services_in_flight", service="ticks") == 0
+                and value(fams, "p2pnode_services_running_calls") == 0
+            )
+
+        await eventually(stream_closed, timeout=10, what="the stream's end in the metrics")
+
+        # Unserved: its per-service series go, the node-wide counters stay.
+        provider.unserve("broken")
+        fams = await families(provider)
+        assert value(fams, "p2pnode_services_served") == 3
+        assert not [
+            s for s in fams["p2pnode_services_calls"].samples if s.labels["service"] == "broken"
+        ]
+        assert value(fams, "p2pnode_services_refused_total", reason="too_large") == 1
+    finally:
+        release.set()
+        await caller.stop()
+        await provider.stop()
