@@ -1,7 +1,9 @@
 """A node's configuration: one frozen dataclass built from CLI flags or by code.
 
 Light to import (the CLI's start-up pays for it): dataclasses and the layers'
-config modules only, never the layers themselves.
+config modules only, never the layers themselves. ``NodeServiceLimits`` is the
+exception: importing ``p2pnode.services`` loads its asyncio side, so it is imported
+when a config is built, not with this module.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from p2pnode import confcheck
 from p2pnode.dht.config import DhtConfig
@@ -16,7 +19,20 @@ from p2pnode.errors import UsageError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.net.config import NetLimits
 
+if TYPE_CHECKING:
+    from p2pnode.services.core import NodeServiceLimits
+
 HOME_ENV = "P2PNODE_HOME"
+
+
+def _service_limits_class() -> type[NodeServiceLimits]:
+    from p2pnode.services.core import NodeServiceLimits
+
+    return NodeServiceLimits
+
+
+def _default_service_limits() -> NodeServiceLimits:
+    return _service_limits_class()()
 
 
 def default_home() -> Path:
@@ -67,6 +83,8 @@ class NodeConfig:
     dht: DhtConfig = field(default_factory=DhtConfig)
     net: NetLimits = field(default_factory=NetLimits)
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
+    # Node-wide limits of the services served (each service's own: serve(limits=)).
+    services: NodeServiceLimits = field(default_factory=_default_service_limits)
     # False: no control API (no listener, no control.json); for many nodes in one
     # process (simulations), where it would cost a file descriptor each.
     control_api: bool = True
@@ -92,6 +110,14 @@ class NodeConfig:
                 confcheck.fail(self, "bootstrap", f"entries must be (host, port), got {entry!r}")
             confcheck.port(self, "bootstrap", entry[1], zero=False)
         confcheck.positive(self, "save_interval", "bootstrap_max_backoff")
-        for name, kind in (("dht", DhtConfig), ("net", NetLimits), ("exchange", ExchangeConfig)):
+        nested: tuple[tuple[str, type], ...] = (
+            ("dht", DhtConfig),
+            ("net", NetLimits),
+            ("exchange", ExchangeConfig),
+            ("services", _service_limits_class()),
+        )
+        for name, kind in nested:
             if not isinstance(getattr(self, name), kind):
                 confcheck.fail(self, name, f"must be of type {kind.__name__}")
+        # NodeServiceLimits checks its ranges, not its types (2.5 calls, True as 1).
+        confcheck.check_types(self.services)

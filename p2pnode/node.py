@@ -109,7 +109,9 @@ class Node:
     ) -> None:
         self.config = config
         self.clock = clock
-        self._service_limits = service_limits  # node-wide limits of the services served
+        # Node-wide limits of the services served: config.services, unless the older
+        # service_limits= keyword (hostile tests, benchmarks) overrides them.
+        self._service_limits = service_limits or config.services
         self.home: Path = config.home
         self._lock = HomeLock(self.home)
         self._identity: Identity | None = None

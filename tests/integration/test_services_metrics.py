@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from p2pnode import Node
-from p2pnode.errors import HandlerError, ServiceNotFound, TooLarge
-from p2pnode.services import CallContext, ServiceLimits
+from p2pnode.errors import HandlerError, ServiceNotFound, ServiceOverloaded, TooLarge
+from p2pnode.services import CallContext, NodeServiceLimits, ServiceLimits
 from tests.helpers import eventually, fast_config
 from tests.integration.test_metrics import families, value
 
@@ -122,6 +122,49 @@ async def test_services_counters_start_at_zero_and_move_with_calls_refusals_and_
             s for s in fams["p2pnode_services_calls"].samples if s.labels["service"] == "broken"
         ]
         assert value(fams, "p2pnode_services_refused_total", reason="too_large") == 1
+    finally:
+        release.set()
+        await caller.stop()
+        await provider.stop()
+
+
+async def test_node_wide_limits_come_from_the_config_and_refusals_show_in_the_metrics(
+    homes: Callable[[str], Path],
+) -> None:
+    limits = NodeServiceLimits(max_concurrent_per_peer=1)
+    provider = Node(fast_config(homes("provider"), services=limits))
+    await provider.start()
+    caller = Node(fast_config(homes("caller"), (("127.0.0.1", provider.port),), control_api=False))
+    await caller.start()
+    release = asyncio.Event()
+
+    async def held(request: Any, ctx: CallContext) -> AsyncIterator[Any]:
+        yield 1
+        await release.wait()
+
+    try:
+        await caller.wait_joined(timeout=10)
+        provider.serve("echo", echo)
+        provider.serve_stream("held", held)
+        peer = provider.peer_id
+        stream = caller.call_stream("held", {}, peer=peer, timeout=30)
+        async with contextlib.aclosing(stream):
+            assert await anext(stream) == 1
+            # The caller's one slot is taken by the open stream.
+            with pytest.raises(ServiceOverloaded):
+                await caller.call("echo", {}, peer=peer)
+            fams = await families(provider)
+            assert value(fams, "p2pnode_services_refused_total", reason="overloaded") == 1
+            overloaded = value(
+                fams, "p2pnode_services_errors_total", service="echo", code="overloaded"
+            )
+            assert overloaded == 1
+            release.set()
+            assert [item async for item in stream] == []
+        await eventually(
+            lambda: provider.services_part.stats()["in_flight"] == 0, what="the stream's end"
+        )
+        assert await caller.call("echo", {"again": True}, peer=peer) == {"again": True}
     finally:
         release.set()
         await caller.stop()
