@@ -1,4 +1,5 @@
-"""The README's Python API example, run as written against a real bootstrap node."""
+"""The README's Python API examples, run as written: the first against a real
+bootstrap node, the services one (two nodes of its own) alone."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from tests.helpers import fast_config
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def _python_api_block() -> str:
+def _python_api_block(heading: str = "## Python API") -> str:
+    """The first python block after ``heading``."""
     text = README.read_text()
-    section = text[text.index("## Python API") :]
+    section = text[text.index(f"\n{heading}\n") :]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "no python block under '## Python API'"
+    assert match, f"no python block under {heading!r}"
     return match.group(1)
 
 
@@ -53,6 +55,33 @@ def test_readme_python_example_finds_the_bootstrap_peer(
     assert len(out) == 2, proc.stdout
     # The contact found is the bootstrap node itself, by its text peer id.
     assert f"port={ident['port']}" in out[1] and "Contact(" in out[1], out[1]
+
+
+def test_readme_services_example_serves_calls_and_streams_between_two_nodes(
+    tmp_path: Path,
+) -> None:
+    code = _python_api_block("### Services")
+    assert "serve_stream(" in code and "call_stream(" in code, code
+    script = tmp_path / "services_example.py"
+    script.write_text(code)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # What the README says it prints, line by line.
+    assert proc.stdout.splitlines() == [
+        "{'sum': 5}",
+        "[0, 1, 2]",
+        "[('math.add', 1), ('count', 1)]",
+    ], proc.stdout
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr
+    printed = "`{'sum': 5}`, `[0, 1, 2]` and `[('math.add', 1), ('count', 1)]`"
+    assert printed in README.read_text()
 
 
 def test_readme_home_table_names_every_file_a_node_writes(
