@@ -4,6 +4,7 @@ checked when it is built like its other nested parts (dht, net, exchange)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +35,26 @@ def test_limits_given_are_kept_and_replace_checks_them_again() -> None:
 @pytest.mark.parametrize(
     ("services", "message"),
     [
-        ({"max_concurrent": 8}, "NodeConfig.services must be of type NodeServiceLimits"),
-        (None, "NodeConfig.services must be of type NodeServiceLimits"),
-        (NetLimits(), "NodeConfig.services must be of type NodeServiceLimits"),
+        (lambda: {"max_concurrent": 8}, "NodeConfig.services must be of type NodeServiceLimits"),
+        (lambda: None, "NodeConfig.services must be of type NodeServiceLimits"),
+        (NetLimits, "NodeConfig.services must be of type NodeServiceLimits"),
+        # Built inside the test: whichever check sees them first names the field.
         (
-            NodeServiceLimits(max_concurrent=2.5),  # type: ignore[arg-type]
+            lambda: NodeServiceLimits(max_concurrent=2.5),  # type: ignore[arg-type]
             "NodeServiceLimits.max_concurrent must be int",
         ),
         (
-            NodeServiceLimits(max_concurrent_per_peer=True),
+            lambda: NodeServiceLimits(max_concurrent_per_peer=True),
             "NodeServiceLimits.max_concurrent_per_peer must be int",
         ),
         (
-            NodeServiceLimits(max_rate_peers=10.0),  # type: ignore[arg-type]
+            lambda: NodeServiceLimits(max_rate_peers=10.0),  # type: ignore[arg-type]
             "NodeServiceLimits.max_rate_peers must be int",
         ),
     ],
 )
-def test_wrong_services_are_refused_naming_the_field(services: Any, message: str) -> None:
+def test_wrong_services_are_refused_naming_the_field(
+    services: Callable[[], Any], message: str
+) -> None:
     with pytest.raises(UsageError, match=message):
-        NodeConfig(home=HOME, services=services)
+        NodeConfig(home=HOME, services=services())
