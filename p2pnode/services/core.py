@@ -28,6 +28,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from p2pnode import confcheck
 from p2pnode.ratelimit import TokenBucket
 from p2pnode.services.messages import MAX_CREDIT_PER_PULL, ServiceErrorCode
 
@@ -79,10 +80,10 @@ class NodeServiceLimits:
     max_rate_peers: int = 4096  # token buckets kept per service
 
     def __post_init__(self) -> None:
-        if self.max_concurrent < 1 or self.max_concurrent_per_peer < 1:
-            raise ValueError("max_concurrent and max_concurrent_per_peer must be positive")
-        if self.stream_idle_timeout <= 0 or self.max_rate_peers < 1:
-            raise ValueError("stream_idle_timeout > 0 and max_rate_peers >= 1")
+        # Part of NodeConfig (NodeConfig.services): a bad value names its field.
+        confcheck.check_types(self)
+        confcheck.at_least(self, 1, "max_concurrent", "max_concurrent_per_peer", "max_rate_peers")
+        confcheck.positive(self, "stream_idle_timeout")
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,3 +58,21 @@ def test_wrong_services_are_refused_naming_the_field(
 ) -> None:
     with pytest.raises(UsageError, match=message):
         NodeConfig(home=HOME, services=services())
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"max_concurrent": 0}, "max_concurrent"),
+        ({"max_concurrent_per_peer": -1}, "max_concurrent_per_peer"),
+        ({"stream_idle_timeout": 0.0}, "stream_idle_timeout"),
+        ({"stream_idle_timeout": float("nan")}, "stream_idle_timeout"),
+        ({"max_rate_peers": 0}, "max_rate_peers"),
+        ({"max_concurrent": "8"}, "max_concurrent"),
+    ],
+)
+def test_bad_node_service_limits_name_the_field(changes: dict[str, object], field: str) -> None:
+    from p2pnode.services import NodeServiceLimits
+
+    with pytest.raises(UsageError, match=rf"^NodeServiceLimits\.{field} must"):
+        NodeServiceLimits(**changes)  # type: ignore[arg-type]
