@@ -49,15 +49,9 @@ MIN_INTERVAL = 0.05  # maintenance loops never spin
 MIN_STALL = 0.25  # seconds: a lookup query is never deemed stalled sooner
 STALL_RTTS = 4.0  # ... nor before this many smoothed round trips
 LOOKUP_SEEDS_K = 3  # a lookup starts from this many times k routing-table contacts
-# A provider lookup may stop once this many nodes in a row reported only providers
-# already known: close nodes hold the same records; asking on waits on dead contacts.
-PROVIDER_REPEATS_ENOUGH = 2
 # After joining, each range of distances farther than our closest neighbour is
 # looked up until it holds this many contacts (see Discovery._refresh_far_ranges).
 JOIN_RANGE_CONTACTS = 1
-# A record lookup may stop once this many holders sent a valid record (the best of
-# them wins): one forged or stale answer cannot decide it.
-RECORD_ANSWERS_ENOUGH = 3
 PROOF_CACHE = 4096  # identify answers kept for our writes (token, observed address)
 # Writes pick their k targets among the closest WRITE_CANDIDATES x k that answered.
 WRITE_CANDIDATES = 2
@@ -672,28 +666,23 @@ class Discovery:
         protocol = self._proto()
         wanted = Node(dkey)
         found: list[Value] = []
-        valid = 0
         without: list[Node] = []
         local = self._storage.get(dkey)
         if local is not None:
             found.append(local)
 
         async def query(node: Node) -> list[Node] | None:
-            nonlocal valid
             answer = await protocol.call_find_value(node, wanted)
             if isinstance(answer, FoundValue):
                 found.append(answer.value)
-                try:
-                    if rec.open_value(dkey, answer.value, self.clock.now(), self.config.value_ttl):
-                        valid += 1
-                except rec.RecordError:
-                    pass
                 return []
             if answer is not None:
                 without.append(node)
             return answer
 
-        await self._lookup(dkey, query, done=lambda: valid >= RECORD_ANSWERS_ENOUGH)
+        # To its end: holders replaying an older record (validly signed) must not
+        # be able to end the lookup before the newest one is found.
+        await self._lookup(dkey, query)
         record, envelope, rejected = rec.best_record(
             dkey, found, self.clock.now(), self.config.value_ttl, allow_unsigned=False
         )
@@ -770,40 +759,37 @@ class Discovery:
             self._protocol.providers.remove(key, self.node_id)
 
     async def find_providers(self, key: bytes, want: int = 20) -> list[ProviderRecord]:
-        """Providers of ``key``: our own records, then those of the nodes closest to
-        it. Collects from several nodes: stops early once ``want`` distinct providers
-        came from at least two nodes, or once PROVIDER_REPEATS_ENOUGH nodes in a row
-        reported nothing new. Deduplicated by node id."""
+        """Providers of ``key``: our own records, then those the nodes closest to it
+        hold. The lookup runs to its end (an early stop on "enough records" or "no new
+        record" is what Sybils flooding fake records, or repeating them, would
+        trigger), and the answers are merged one record per holder in turn, closest
+        holder first, so no holder fills the list alone. Deduplicated by node id."""
         key = _check_key(key)
         protocol = self._proto()
-        found: dict[bytes, ProviderRecord] = {}
-        for entry in protocol.providers.get_records(key, max(1, want), self.clock.now()):
-            found.setdefault(entry.peer_id, _provider(entry))
-        sources = repeats = 0
+        own = protocol.providers.get_records(key, max(1, want), self.clock.now())
+        by_holder: dict[bytes, tuple[Node, list[rec.ProviderRecord]]] = {}
 
         async def query(node: Node) -> list[Node] | None:
-            nonlocal sources, repeats
             answer = await protocol.call_get_providers(node, key)
             if answer is None:
                 return None
             records, nodes, _token = answer  # (records were verified by the core)
             if records:
-                sources += 1
-                before = len(found)
-                for record in records:
-                    found.setdefault(record.peer_id, _provider(record))
-                repeats = repeats + 1 if len(found) == before else 0
+                by_holder[node.id] = (node, records)
             return nodes
 
-        # Every close node holds all the records it was sent, so once several nodes
-        # reported providers, asking further mostly waits on dead contacts.
-        await self._lookup(
-            key,
-            query,
-            done=lambda: (
-                (len(found) >= want and sources >= 2) or repeats >= PROVIDER_REPEATS_ENOUGH
-            ),
-        )
+        await self._lookup(key, query)
+        target = Node(key)
+        holders = sorted(by_holder.values(), key=lambda held: held[0].distance_to(target))
+        found: dict[bytes, ProviderRecord] = {}
+        for record in own:
+            found.setdefault(record.peer_id, _provider(record))
+        queues = [list(records) for _, records in holders]
+        while len(found) < want and any(queues):
+            for queue in queues:
+                if queue:
+                    record = queue.pop(0)
+                    found.setdefault(record.peer_id, _provider(record))
         return list(found.values())[: max(0, want)]
 
     # -- maintenance ---------------------------------------------------------------
