@@ -32,6 +32,16 @@ Rules:
   backoff (no strike) and dropped only after ``busy_give_up`` seconds without a
   piece; a peer whose connection fails is dropped. Its pieces go back to the
   others.
+- Endgame: when a piece arrives, the other peers still asked for it (the
+  picker's losers) get a ``CancelPiece`` and their slots are freed at once; their
+  requests are left to end on their own (a short ``cancelled`` answer, or the
+  piece if it was already on its way), so no answer arrives unasked-for, which
+  the connection would count against the peer. The same goes for requests still
+  out when the download completes; it waits up to ``DRAIN_GRACE`` for those
+  answers (during the final sync), so none comes after the get returns. A peer that answers the cancel
+  ``unsupported`` (an older node) is sent no more of them in this download.
+  Counted: ``pieces_cancelled`` (answered cancelled), ``endgame_duplicate_bytes``
+  (piece bytes received for a piece already done), ``cancels_sent``.
 - When the picker has no peers left, the providers are looked up again
   (``rediscover_attempts`` times, waiting longer each time); then the download
   fails with ``DownloadError``, keeping what it verified. A first lookup that
@@ -82,6 +92,8 @@ from p2pnode.exchange.manifest import (
     resource_id_to_str,
 )
 from p2pnode.exchange.messages import (
+    PIECE_CANCELLED,
+    CancelPiece,
     GetHave,
     GetManifest,
     GetPiece,
@@ -184,6 +196,12 @@ class Progress:
         }
 
 
+# A finished download waits at most this long (seconds) for the answers to its
+# cancelled endgame duplicates (a round trip, unless a piece was already on its
+# way), so that no answer of it arrives after the get returned; past it they
+# still end on their own.
+DRAIN_GRACE = 1.0
+
 # With fsync on, writeback of page-cached bytes is started every this many bytes
 # written, so it overlaps the transfer instead of following it.
 FLUSH_EVERY = 64 * 1024 * 1024
@@ -218,6 +236,13 @@ class _Download:
     # Verified and written, not yet committed to the store (committed in batches).
     unrecorded: list[int] = field(default_factory=list)
     last_record: float = 0.0
+    # Requests whose piece came from another peer (a cancel was sent): their
+    # outcome only counts, it decides nothing.
+    abandoned: set[asyncio.Task[PieceOutcome]] = field(default_factory=set)
+    # Peers that answered CancelPiece ``unsupported`` (older nodes): not sent more.
+    no_cancel: set[bytes] = field(default_factory=set)
+    # Each worker's wake-up for an abandoned request (see _peer_worker).
+    kicks: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)
 
     def wake(self) -> None:
         """Wake idle workers: pieces came back, a peer joined, or we are done."""
@@ -253,6 +278,9 @@ class Fetcher:
         # Node-wide: what past downloads learned of each provider.
         # The node's ranking (Exchange owns one), so a get learns from earlier ones.
         self._ranking = ProviderRanking() if ranking is None else ranking
+        # Abandoned requests and cancels still out: they end on their own (an
+        # answer or piece_timeout); the download waits DRAIN_GRACE for them.
+        self._draining: set[asyncio.Task[Any]] = set()
 
     # -- entry point ------------------------------------------------------------------
 
@@ -384,12 +412,19 @@ class Fetcher:
             writer.close()
         t_sync = time.perf_counter()
         self._emit(d, progress, force=True, state=DownloadState.FINISHING)
-        if self._config.fsync:
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(self._executor, durable.sync, resource.root, manifest)
-            except OSError as exc:
-                raise storage_error(exc, resource.root) from None
+        # The cancelled duplicates' answers, while the file is synced (see DRAIN_GRACE).
+        settling = asyncio.ensure_future(self._settle())
+        try:
+            if self._config.fsync:
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.run_in_executor(
+                        self._executor, durable.sync, resource.root, manifest
+                    )
+                except OSError as exc:
+                    raise storage_error(exc, resource.root) from None
+        finally:
+            await settling
         self._store.finish_download(rid, force=force, fsync=False)
         final = self._store.get(rid)
         assert final is not None
@@ -721,6 +756,10 @@ class Fetcher:
             return
         d.wake()
         inflight: dict[asyncio.Task[PieceOutcome], int] = {}
+        # Set when one of our requests is abandoned (its piece came from another
+        # peer), so we stop waiting for it at once.
+        loop = asyncio.get_running_loop()
+        kick = d.kicks[key] = loop.create_future()
         try:
             while not picker.done and key in picker.peers:
                 pause = policy.pause_left(key, self._clock.now())
@@ -738,20 +777,40 @@ class Fetcher:
                     await d.changed.wait()
                     continue
                 done, _ = await asyncio.wait(
-                    inflight,
+                    [*inflight, kick],
                     timeout=pause if pause > 0 else None,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                for task in done:
+                for fut in done:
+                    if fut is kick:
+                        continue
+                    task = cast("asyncio.Task[PieceOutcome]", fut)
                     index = inflight.pop(task)
                     if d.tasks.get((key, index)) is task:
                         del d.tasks[(key, index)]
                     self._on_outcome(d, rec, index, task, progress)
+                if kick.done():
+                    kick = d.kicks[key] = loop.create_future()
+                    for task in [t for t in inflight if t in d.abandoned]:
+                        self._drain(d, inflight.pop(task), task)
         finally:
-            for task in inflight:
-                task.cancel()
-            if inflight:
-                await asyncio.gather(*inflight, return_exceptions=True)
+            d.kicks.pop(key, None)
+            # Done: what is still out is a duplicate; let it end on its own (see
+            # the module rules). Otherwise (the peer failed, we stop): cancel it.
+            finishing = picker.done and not _being_cancelled()
+            stopped = []
+            for task, index in inflight.items():
+                if finishing:
+                    if task not in d.abandoned:
+                        self._abandon(d, rec, index, task)
+                    self._drain(d, index, task)
+                else:
+                    task.cancel()
+                    stopped.append(task)
+            if stopped:
+                await asyncio.gather(*stopped, return_exceptions=True)
+            for task in stopped:
+                d.abandoned.discard(task)
             for index in inflight.values():
                 d.tasks.pop((key, index), None)
             policy.leave(key)
@@ -823,8 +882,12 @@ class Fetcher:
     ) -> None:
         key = rec.node_id
         info = d.peers[key]
+        if task in d.abandoned:
+            d.abandoned.discard(task)
+            self._count_abandoned(d, index, task)
+            return
         if task.cancelled():
-            return  # an endgame duplicate we no longer need
+            return  # stopped with its peer
         failure = task.exception()
         if failure is not None:
             info.last_error = str(failure) or type(failure).__name__
@@ -850,11 +913,14 @@ class Fetcher:
             d.wake()
             return
         if decision.action is not Action.ACCEPT:
-            return  # a late endgame duplicate
+            if outcome is PieceOutcome.DUPLICATE:  # a late endgame duplicate
+                self.counters["endgame_duplicate_bytes"] += d.manifest.piece_length(index)
+            return
         for other in decision.cancel:
-            dup = d.tasks.pop((cast(bytes, other), index), None)
+            other_key = cast(bytes, other)
+            dup = d.tasks.pop((other_key, index), None)
             if dup is not None:
-                dup.cancel()
+                self._abandon(d, d.peers[other_key].record, index, dup)
         d.done_bytes += d.manifest.piece_length(index)
         self.counters["pieces_fetched"] += 1
         self.counters["bytes_fetched"] += d.manifest.piece_length(index)
@@ -865,6 +931,68 @@ class Fetcher:
         if d.picker.done:
             d.wake()
         self._emit(d, progress)
+
+    # -- endgame cancels ------------------------------------------------------------
+
+    def _abandon(
+        self, d: _Download, rec: ProviderRecord, index: int, task: asyncio.Task[PieceOutcome]
+    ) -> None:
+        """``index`` came from elsewhere: tell ``rec`` to stop sending it; its request
+        is left to end on its own (its slot in the picker is already free)."""
+        d.abandoned.add(task)
+        kick = d.kicks.get(rec.node_id)
+        if kick is not None and not kick.done():
+            kick.set_result(None)
+        if task.done() or rec.node_id in d.no_cancel:
+            return
+        cancel = asyncio.create_task(self._send_cancel(d, rec, index))
+        self._draining.add(cancel)
+        cancel.add_done_callback(self._draining.discard)
+
+    async def _send_cancel(self, d: _Download, rec: ProviderRecord, index: int) -> None:
+        if rec.node_id in d.no_cancel:
+            return  # it said unsupported since this cancel was decided
+        try:
+            await self._request(rec, CancelPiece(d.resource_id, index), self._config.piece_timeout)
+        except RemoteError as exc:
+            if exc.code == ErrorCode.UNSUPPORTED:
+                d.no_cancel.add(rec.node_id)  # an older node: harmless, but do not repeat
+                self.counters["cancels_unsupported"] += 1
+            return
+        except P2PError:
+            return  # its request ends on its own all the same
+        self.counters["cancels_sent"] += 1
+
+    async def _settle(self) -> None:
+        """Wait a little for the abandoned requests and cancels still out."""
+        if self._draining:
+            await asyncio.wait(set(self._draining), timeout=DRAIN_GRACE)
+
+    def _drain(self, d: _Download, index: int, task: asyncio.Task[PieceOutcome]) -> None:
+        """Leave an abandoned request to end after its worker; count how it ended."""
+        if task.done():
+            d.abandoned.discard(task)
+            self._count_abandoned(d, index, task)
+            return
+        self._draining.add(task)
+
+        def ended(task: asyncio.Task[PieceOutcome]) -> None:
+            self._draining.discard(task)
+            d.abandoned.discard(task)
+            self._count_abandoned(d, index, task)
+
+        task.add_done_callback(ended)
+
+    def _count_abandoned(self, d: _Download, index: int, task: asyncio.Task[PieceOutcome]) -> None:
+        if task.cancelled():
+            return
+        failure = task.exception()
+        if failure is None:
+            # The piece came before the cancel reached the peer (or was read from
+            # its page cache at once): the bytes were spent all the same.
+            self.counters["endgame_duplicate_bytes"] += d.manifest.piece_length(index)
+        elif isinstance(failure, RemoteError) and failure.code == PIECE_CANCELLED:
+            self.counters["pieces_cancelled"] += 1
 
     def _record(self, d: _Download) -> None:
         """Commit the pieces verified and written since the last commit."""
@@ -976,6 +1104,12 @@ def _classify(failure: BaseException) -> FailureKind | None:
     if isinstance(failure, P2PError | OSError):
         return FailureKind.CONNECTION
     return None
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task is being cancelled (the download is stopping)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _who(rec: ProviderRecord) -> str:

@@ -4,6 +4,12 @@ Rules:
 
 - GetManifest -> ManifestData, GetHave -> Have, GetPiece -> PieceData; any of
   them may instead be answered with an ``ErrorReply`` (wire/messages.py).
+- CancelPiece(resource_id, index) -> PieceCancelled(found): the asker no longer
+  wants that piece (an endgame duplicate another peer already sent). A GetPiece
+  from the same peer still waiting for its disk read is answered with the
+  ``ErrorReply`` code ``cancelled`` (``PIECE_CANCELLED``) instead of the piece;
+  one already answered is not affected (``found`` is False). A peer older than
+  these messages answers ``unsupported``: the asker stops sending it cancels.
 - A ``Have`` bitfield has bit i (MSB first in byte i // 8) set when piece i is
   held; its length is exactly ``ceil(piece_count / 8)`` bytes and bits past the
   last piece are zero, otherwise it is malformed.
@@ -21,12 +27,15 @@ from p2pnode.wire.messages import DEFAULT_REGISTRY, Blob, Message, MessageRegist
 
 __all__ = [
     "EXCHANGE_MESSAGES",
+    "PIECE_CANCELLED",
     "RESOURCE_ID_LEN",
+    "CancelPiece",
     "GetHave",
     "GetManifest",
     "GetPiece",
     "Have",
     "ManifestData",
+    "PieceCancelled",
     "PieceData",
     "bitfield_from",
     "bitfield_to_set",
@@ -78,6 +87,22 @@ class GetHave(Message):
     resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
 
 
+@message(23, registry=None)
+@dataclass(frozen=True, slots=True)
+class PieceCancelled(Message):
+    found: bool = wire()  # a read of that piece for this peer was stopped
+
+
+@message(22, response=PieceCancelled, registry=None)
+@dataclass(frozen=True, slots=True)
+class CancelPiece(Message):
+    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
+    index: int = wire(min_value=0, max_value=0xFFFFFFFF)
+
+
+# The ErrorReply code a GetPiece stopped by a CancelPiece is answered with.
+PIECE_CANCELLED = "cancelled"
+
 EXCHANGE_MESSAGES: tuple[type[Message], ...] = (
     GetManifest,
     ManifestData,
@@ -85,6 +110,8 @@ EXCHANGE_MESSAGES: tuple[type[Message], ...] = (
     PieceData,
     GetHave,
     Have,
+    CancelPiece,
+    PieceCancelled,
 )
 
 
