@@ -474,7 +474,7 @@ class Discovery:
         protocol = self._proto()
         trace = LookupTrace()
         known = self._core.table.node_for(node_id)
-        if known is not None:
+        if known is not None and self._core.is_proven(known):
             trace.hops = 0
             return self._contact(known), trace
         wanted = Node(node_id)
@@ -487,7 +487,9 @@ class Discovery:
             level = depth.get(node.id, 0)
             for found in nodes or ():
                 depth.setdefault(found.id, level + 1)
-            if nodes is not None and node.id == node_id:
+            # Anyone can list the sought id at its own address: only a node that
+            # proves the id there is the peer.
+            if nodes is not None and node.id == node_id and await self._proof(node):
                 answered.append(node)
             return nodes
 
