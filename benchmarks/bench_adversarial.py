@@ -64,14 +64,17 @@ def scenario(
         join_rate=0.0,
         join_concurrency=32,
         duration=20.0,
-        lookups=200,
+        lookups=300,
         dht_values=10,
+        dht_gets_per_value=4,
         dht_records=10,
-        record_gets_per_record=3,
+        # Many requests on few keys: 100 trials each, the keys as concentrated
+        # a target for the Sybils as with fewer requests.
+        record_gets_per_record=10,
         resources=4,
         resource_size=64 * 1024,
         fetches_per_resource=2,
-        provider_lookups_per_resource=5,
+        provider_lookups_per_resource=25,
         probe_lookups=20,
         converge_timeout=20.0,
     ).validate()
