@@ -38,8 +38,9 @@ Rules:
   piece if it was already on its way), so no answer arrives unasked-for, which
   the connection would count against the peer. The same goes for requests still
   out when the download completes; it waits up to ``DRAIN_GRACE`` for those
-  answers (during the final sync), so none comes after the get returns. A peer that answers the cancel
-  ``unsupported`` (an older node) is sent no more of them in this download.
+  answers (during the final sync), so none comes after the get returns. A peer
+  that answers the cancel ``unsupported`` (an older node) is sent no more of
+  them in this download.
   Counted: ``pieces_cancelled`` (answered cancelled), ``endgame_duplicate_bytes``
   (piece bytes received for a piece already done), ``cancels_sent``.
 - When the picker has no peers left, the providers are looked up again
@@ -202,6 +203,13 @@ class Progress:
 # still end on their own.
 DRAIN_GRACE = 1.0
 
+ENDGAME_COUNTERS = (
+    "pieces_cancelled",
+    "endgame_duplicate_bytes",
+    "cancels_sent",
+    "cancels_unsupported",
+)
+
 # With fsync on, writeback of page-cached bytes is started every this many bytes
 # written, so it overlaps the transfer instead of following it.
 FLUSH_EVERY = 64 * 1024 * 1024
@@ -268,6 +276,8 @@ class Fetcher:
     ) -> None:
         # pieces_fetched, bytes_fetched, pieces_failed_verification (the node's metrics)
         self.counters: Counter[str] = Counter() if counters is None else counters
+        for name in ENDGAME_COUNTERS:  # listed in the metrics even while zero
+            self.counters.setdefault(name, 0)
         self._store = store
         self._requester = requester
         self._providers = providers

@@ -123,6 +123,7 @@ class PieceServer:
 
     def stats(self) -> dict[str, int]:
         out = {"pieces_served": 0, "bytes_served": 0, "rejected_busy": 0, "stale": 0}
+        out.update(reads_cancelled=0, cancels_received=0)
         out.update(self.counters)
         out["piece_requests_queued"] = self._pending
         return out

@@ -1,0 +1,196 @@
+"""Endgame cancels between real nodes on 127.0.0.x: a download from 4 providers,
+one of whose disk stalls, ends with the pieces asked of it raced by the others
+and cancelled there (read stopped, a short 'cancelled' answer instead of the piece).
+
+Real PeerHosts, Discovery and Exchanges over sockets; the only stand-in is the
+stalled disk (reads of the slow provider's copy wait for a gate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from p2pnode.dht import DhtConfig, Discovery
+from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.exchange.manifest import MIN_PIECE_SIZE, build_manifest, dht_key
+from p2pnode.exchange.messages import CancelPiece
+from p2pnode.exchange.service import Exchange
+from p2pnode.exchange.store import PieceSource
+from p2pnode.identity import Identity
+from p2pnode.net.config import NetLimits
+from p2pnode.net.dispatch import routes_of
+from p2pnode.net.host import PeerHost
+from tests.helpers import can_bind, eventually
+
+pytestmark = pytest.mark.usefixtures("no_errors_logged")
+
+PIECES = 48
+CONFIG = ExchangeConfig(
+    requests_per_peer=4,
+    piece_timeout=10.0,
+    rediscover_attempts=1,
+    rediscover_delay=0.05,
+    fsync=False,
+    io_threads=4,
+    stale_check_interval=0,
+    endgame_copies=2,
+)
+# The slow provider reads every piece off disk (in a thread): that is what a
+# cancel can stop. Page-cache reads are answered at once, nothing to cancel.
+SLOW = ExchangeConfig(**{**CONFIG.__dict__, "serve_cached_reads": False})
+DHT = DhtConfig(rpc_timeout=1.0, lookup_timeout=5.0)
+# A DHT answer lists one provider per host: one address per node where possible.
+DISTINCT_HOSTS = can_bind("127.0.0.6") and can_bind("127.0.0.6", socket.SOCK_STREAM)
+
+
+@dataclass
+class Peer:
+    discovery: Discovery
+    host: PeerHost
+    exchange: Exchange
+    udp_port: int
+    host_port: int
+
+
+Factory = Callable[..., Awaitable[Peer]]
+
+
+@pytest.fixture
+async def make_peer(tmp_path: Path) -> AsyncIterator[Factory]:
+    peers: list[Peer] = []
+
+    async def factory(
+        name: str, bootstrap: Peer | None = None, config: ExchangeConfig = CONFIG
+    ) -> Peer:
+        ip = f"127.0.0.{len(peers) + 1}" if DISTINCT_HOSTS else "127.0.0.1"
+        identity = Identity.generate()
+        discovery = Discovery(identity, DHT)
+        udp = await discovery.listen(ip, 0)
+        host = PeerHost(identity, NetLimits(request_timeout=10.0))
+        tcp = await host.listen(ip, 0)
+        exchange = Exchange(tmp_path / name, config, discovery, host, tcp)
+        await exchange.start()
+        peer = Peer(discovery, host, exchange, udp, tcp)
+        peers.append(peer)
+        if bootstrap is not None:
+            assert await discovery.bootstrap([(bootstrap_ip(bootstrap), bootstrap.udp_port)])
+        return peer
+
+    def bootstrap_ip(peer: Peer) -> str:
+        return f"127.0.0.{peers.index(peer) + 1}" if DISTINCT_HOSTS else "127.0.0.1"
+
+    yield factory
+    for peer in reversed(peers):
+        await peer.exchange.close()
+        await peer.host.close()
+        await peer.discovery.close()
+
+
+@pytest.fixture
+def stalled_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Reads of files under tmp_path/slow wait until the returned gate opens."""
+    gate = threading.Event()
+    slow = str(tmp_path / "slow")
+    real = PieceSource.read
+
+    def read(self: PieceSource, index: int) -> memoryview:
+        if any(p.startswith(slow) for p in self.paths):
+            gate.wait(30)
+        return real(self, index)
+
+    monkeypatch.setattr(PieceSource, "read", read)
+    yield gate
+    gate.set()
+
+
+async def _four_providers(
+    make_peer: Factory, tmp_path: Path, *, slow_knows_cancel: bool
+) -> tuple[list[Peer], Peer, bytes, bytes]:
+    """Providers 0-2 serve from the page cache; provider 3 (the slow one) stalls."""
+    data = os.urandom(PIECES * MIN_PIECE_SIZE - 7)
+    digest = hashlib.sha256(data).digest()
+    providers: list[Peer] = []
+    rid = b""
+    for i in range(4):
+        folder = tmp_path / ("slow" if i == 3 else f"fast{i}")
+        folder.mkdir()
+        (folder / "f.bin").write_bytes(data)
+        peer = await make_peer(
+            f"p{i}", providers[0] if providers else None, SLOW if i == 3 else CONFIG
+        )
+        # Small pieces, so there are many (share() would pick larger ones).
+        manifest, listing = build_manifest(folder / "f.bin", piece_size=MIN_PIECE_SIZE)
+        peer.exchange.store.add_shared(manifest, listing.root, listing.stats)
+        await peer.discovery.add_provider(dht_key(manifest.resource_id), peer.host_port)
+        rid = manifest.resource_id
+        providers.append(peer)
+    if not slow_knows_cancel:  # as a node older than CancelPiece answers it
+        routes_of(providers[3].host).unroute([CancelPiece])
+    leech = await make_peer("leech", providers[0])
+
+    async def all_found() -> bool:
+        return len(await leech.exchange.providers(rid)) >= 4
+
+    await eventually(all_found, what="4 providers found through the DHT")
+    return providers, leech, rid, digest
+
+
+async def test_endgame_duplicates_are_cancelled(
+    make_peer: Factory, tmp_path: Path, stalled_disk: threading.Event
+) -> None:
+    providers, leech, rid, digest = await _four_providers(
+        make_peer, tmp_path, slow_knows_cancel=True
+    )
+    slow = providers[3]
+    out = tmp_path / "out.bin"
+    await asyncio.wait_for(leech.exchange.get(rid, out), 30.0)
+    assert hashlib.sha256(out.read_bytes()).digest() == digest
+
+    got, served = leech.exchange.stats(), slow.exchange.stats()
+    # Every piece asked of the stalled provider was raced, won elsewhere, and
+    # cancelled there: its reads stopped, nothing of it sent.
+    assert got["pieces_cancelled"] >= 1 and got["cancels_sent"] >= got["pieces_cancelled"]
+    assert served["reads_cancelled"] == got["pieces_cancelled"]
+    assert served["pieces_served"] == 0 and served["piece_requests_queued"] == 0
+    assert got["pieces_fetched"] == PIECES
+    # No answer came unasked-for (the old way: the loser's request dropped
+    # locally, its late answer a strike against the peer).
+    assert leech.host.stats().get("unexpected_responses", 0) == 0
+    assert slow.host.stats().get("unknown_messages", 0) == 0
+
+
+async def test_a_provider_without_cancel_is_harmless(
+    make_peer: Factory, tmp_path: Path, stalled_disk: threading.Event
+) -> None:
+    """The slow provider answers CancelPiece 'unsupported' (an older node): the
+    download completes all the same and that provider is not sent more cancels."""
+    providers, leech, rid, digest = await _four_providers(
+        make_peer, tmp_path, slow_knows_cancel=False
+    )
+    slow = providers[3]
+    out = tmp_path / "out.bin"
+    await asyncio.wait_for(leech.exchange.get(rid, out), 30.0)
+    assert hashlib.sha256(out.read_bytes()).digest() == digest
+    got = leech.exchange.stats()
+    # Cancels already on their way when it first said so are answered the same;
+    # none follows (at most one per request it had: requests_per_peer).
+    assert 1 <= got["cancels_unsupported"] <= CONFIG.requests_per_peer
+    assert got["pieces_cancelled"] == 0 and got["pieces_fetched"] == PIECES
+    # Its stalled reads end later; their pieces are only counted as duplicates.
+    stalled_disk.set()
+
+    def duplicates_counted() -> bool:
+        return leech.exchange.stats().get("endgame_duplicate_bytes", 0) > 0
+
+    await eventually(duplicates_counted, timeout=10.0, what="late duplicates counted")
+    assert slow.exchange.stats()["reads_cancelled"] == 0
+    assert leech.host.stats().get("unexpected_responses", 0) == 0
