@@ -969,7 +969,7 @@ class Fetcher:
                 d.no_cancel.add(rec.node_id)  # an older node: harmless, but do not repeat
                 self.counters["cancels_unsupported"] += 1
             return
-        except P2PError:
+        except (P2PError, OSError):
             return  # its request ends on its own all the same
         self.counters["cancels_sent"] += 1
 
