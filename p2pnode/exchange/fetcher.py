@@ -433,8 +433,10 @@ class Fetcher:
                     )
                 except OSError as exc:
                     raise storage_error(exc, resource.root) from None
-        finally:
-            await settling
+        except BaseException:
+            settling.cancel()  # failing or stopped: no reason to wait for them
+            raise
+        await settling
         self._store.finish_download(rid, force=force, fsync=False)
         final = self._store.get(rid)
         assert final is not None
