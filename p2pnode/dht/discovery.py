@@ -494,8 +494,10 @@ class Discovery:
             return nodes
 
         # Stop as soon as the target itself answered: waiting for the rest of the
-        # k closest would only add the timeouts of dead contacts.
-        await self._lookup(node_id, query, done=lambda: bool(answered))
+        # k closest would only add the timeouts of dead contacts. Whole paths: Sybils
+        # ground next to the id fill a path's share of the k closest before any
+        # honest neighbour of the target is asked.
+        await self._lookup(node_id, query, done=lambda: bool(answered), explore=True)
         if not answered:
             return None, trace
         trace.hops = depth.get(node_id)
