@@ -173,7 +173,13 @@ class Exchange:
         # Summed over every download; named from the start, so metrics always list them.
         self._ranking = ProviderRanking()  # node-wide: past success and RTT of providers
         self._fetch_counters: Counter[str] = Counter(
-            pieces_fetched=0, bytes_fetched=0, pieces_failed_verification=0
+            pieces_fetched=0,
+            bytes_fetched=0,
+            pieces_failed_verification=0,
+            pieces_cancelled=0,
+            endgame_duplicate_bytes=0,
+            cancels_sent=0,
+            cancels_unsupported=0,
         )
         self._downloads: dict[bytes, asyncio.Task[StoredResource]] = {}
         self._announce_now = asyncio.Event()
