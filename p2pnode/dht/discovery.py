@@ -488,8 +488,11 @@ class Discovery:
             for found in nodes or ():
                 depth.setdefault(found.id, level + 1)
             # Anyone can list the sought id at its own address: only a node that
-            # proves the id there is the peer.
-            if nodes is not None and node.id == node_id and await self._proof(node):
+            # proves the id there is the peer; an impostor counts as failed, so the
+            # real node, listed at its own address, is still asked.
+            if nodes is not None and node.id == node_id:
+                if await self._proof(node) is None:
+                    return None
                 answered.append(node)
             return nodes
 

@@ -82,25 +82,35 @@ Query = Callable[[Node], Awaitable[list[Node] | None]]
 ValueQuery = Callable[[Node], Awaitable["list[Node] | Found[V] | None"]]
 
 
+Contact = tuple[bytes, str, int]  # (id, ip, port): a node as an answer listed it
+
+
+def _contact(node: Node) -> Contact:
+    return (node.id, node.ip, node.port)
+
+
 class _Path:
     """One of the disjoint lookups: its shortlist, its queries and their fate."""
 
     def __init__(self, index: int, alpha: int) -> None:
         self.index = index
         self.alpha = alpha
-        self.known: dict[bytes, Node] = {}
-        self.depth: dict[bytes, int] = {}  # hops from a starting contact
+        # By contact (id, ip, port), not by id: an answer may list a sought id at a
+        # colluder's address; the real node at its own address must stay askable.
+        self.known: dict[Contact, Node] = {}
+        self.depth: dict[bytes, int] = {}  # hops from a starting contact, by id
         self.asked: list[Node] = []
-        self.failed: set[bytes] = set()
-        self.answered: dict[bytes, Node] = {}
+        self.failed: set[Contact] = set()
+        self.answered: dict[Contact, Node] = {}
         self.started: dict[int, float] = {}  # query in flight -> when it was sent
         self.stopped = False  # got a value, and the caller wants paths to end there
 
     def learn(self, nodes: Iterable[Node], self_id: bytes, depth: int) -> None:
         for node in nodes:
-            if node.id != self_id and node.id not in self.known:
-                self.known[node.id] = node
-                self.depth[node.id] = depth
+            contact = _contact(node)
+            if node.id != self_id and contact not in self.known:
+                self.known[contact] = node
+                self.depth.setdefault(node.id, depth)
 
     def active(self, now: float, stall: float) -> int:
         """Queries in flight that have not stalled yet."""
@@ -135,7 +145,7 @@ class _Lookup(Generic[V]):
         self.stop_on_value = stop_on_value
         per_path = path_alpha if path_alpha is not None else alpha
         self.paths = [_Path(i, max(1, per_path)) for i in range(max(1, paths))]
-        self.claimed: dict[bytes, int] = {}  # node id -> the path that asked it
+        self.claimed: dict[Contact, int] = {}  # contact -> the path that asked it
         self.asked_addrs: set[tuple[str, int]] = set()
         self.in_flight: dict[int, tuple[_Path, Node]] = {}
         self.found: list[FoundOn[V]] = []
@@ -165,18 +175,18 @@ class _Lookup(Generic[V]):
     def deal(self, seeds: Iterable[Node]) -> None:
         """Deal the starting contacts round-robin into the paths, closest first, so
         each path starts from contacts as close as the others'."""
-        distinct: dict[bytes, Node] = {}
+        distinct: dict[Contact, Node] = {}
         for node in seeds:
             if node.id != self.self_id:
-                distinct.setdefault(node.id, node)
+                distinct.setdefault(_contact(node), node)
         ordered = sorted(distinct.values(), key=self.distance)
         for i, node in enumerate(ordered):
             self.paths[i % len(self.paths)].learn([node], self.self_id, 0)
 
-    def stalled(self, path: _Path, now: float, stall: float) -> set[bytes]:
-        """Ids of the nodes whose queries on ``path`` are in flight but stalled."""
+    def stalled(self, path: _Path, now: float, stall: float) -> set[Contact]:
+        """The contacts whose queries on ``path`` are in flight but stalled."""
         return {
-            self.in_flight[query][1].id
+            _contact(self.in_flight[query][1])
             for query, started in path.started.items()
             if now - started >= stall
         }
@@ -205,22 +215,21 @@ class _Lookup(Generic[V]):
         while True:
             live = (
                 n
-                for n in path.known.values()
-                if n.id not in path.failed
-                and n.id not in stalled
-                and self.claimed.get(n.id, mine) == mine
+                for c, n in path.known.items()
+                if c not in path.failed and c not in stalled and self.claimed.get(c, mine) == mine
             )
             skipped = False
             for node in self.closest(live, self.path_k):
                 if path.active(now, stall) >= path.alpha or len(path.asked) >= budget:
                     return out
-                if node.id in self.claimed:
+                contact = _contact(node)
+                if contact in self.claimed:
                     continue  # asked already (by this path: others' are left out above)
                 if (node.ip, node.port) in self.asked_addrs:
-                    path.failed.add(node.id)  # another id at an address already asked
+                    path.failed.add(contact)  # another id at an address already asked
                     skipped = True
                     continue
-                self.claimed[node.id] = mine
+                self.claimed[contact] = mine
                 self.asked_addrs.add((node.ip, node.port))
                 path.asked.append(node)
                 query = self._next_query
@@ -235,9 +244,9 @@ class _Lookup(Generic[V]):
         path, node = self.in_flight.pop(query)
         path.started.pop(query, None)
         if answer is None:
-            path.failed.add(node.id)
+            path.failed.add(_contact(node))
             return
-        path.answered[node.id] = node
+        path.answered[_contact(node)] = node
         listed: Sequence[Node]
         if isinstance(answer, Found):
             self.found.append(FoundOn(path.index, node, answer.value))
@@ -267,7 +276,7 @@ class _Lookup(Generic[V]):
         return max(0.0, min((p for p in pending if p > 0), default=float("inf")))
 
     def result(self) -> LookupResult[V]:
-        answered: dict[bytes, Node] = {}
+        answered: dict[Contact, Node] = {}
         depth: dict[bytes, int] = {}
         for path in self.paths:
             answered.update(path.answered)
