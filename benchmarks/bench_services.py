@@ -13,15 +13,24 @@ when installed), in one run.
 Prints, per system: latency p50/p99 with 1 call in flight, and calls per second
 with 1 and with 64 in flight; then the stream's items and MB per second.
 
-``--first-call N``: instead, N nodes in this process (one network on loopback), one
-serving ``bench.echo``; the time each of the other half takes for its first call to
-a service it never used (DHT lookup + Noise dial + Describe + call). Not a test.
+``--first-call N [--services 30] [--callers 3] [--seed 1]``: instead, N real Nodes
+in this process (one network on loopback, ``control_api=False``, DHT rpc_timeout 1 s),
+each service served by one or two random nodes and announced; for each service,
+``--callers`` random other nodes never connected to its providers call it once, one
+call at a time: p50/p90/max of the whole first call and of its parts (find_service
+DHT lookup, TCP connect + Noise handshake, the call's round trip), then of a second
+call (cached provider, open connection). Wall clock on one event loop, no link
+latency: the lookup's every hop costs both ends' CPU in this one process, and no
+network round trip. Not a test. Issue 13 asks for N=200:
+
+    python benchmarks/bench_services.py --first-call 200 --services 30 --callers 3
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import subprocess
 import sys
 import tempfile
@@ -31,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pnode.config import NodeConfig
+from p2pnode.dht.config import DhtConfig
 from p2pnode.node import Node
 from p2pnode.services import CallContext, NodeServiceLimits, ServiceLimits
 
@@ -208,46 +218,172 @@ async def client(seconds: float, size: int, item: int) -> None:
         proc.communicate("")
 
 
-async def first_call(count: int) -> None:
-    home = Path(tempfile.mkdtemp())
+class PhaseTimer:
+    """Times the parts of one caller's call without touching the services layer: the
+    DHT lookup (``Services.find_service``) and the dial (``PeerHost._dial``: TCP
+    connect + Noise handshake) are wrapped on that caller's instances only; the
+    rest of the call is the call itself (the Call's round trip, Describe in parallel)."""
 
-    def config(i: int, seed: int | None) -> NodeConfig:
-        boot = (("127.0.0.1", seed),) if seed else ()
+    def __init__(self, node: Node) -> None:
+        self.lookup = 0.0
+        self.dial = 0.0
+        self.dials = 0
+        services, host = node.services_part, node.peer_host
+        find_service, dial = services.find_service, host._dial
+
+        async def timed_find_service(name: str) -> Any:
+            started = time.perf_counter()
+            try:
+                return await find_service(name)
+            finally:
+                self.lookup += time.perf_counter() - started
+
+        async def timed_dial(peer: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await dial(peer)
+            finally:
+                self.dial += time.perf_counter() - started
+                self.dials += 1
+
+        services.find_service = timed_find_service  # type: ignore[method-assign]
+        host._dial = timed_dial  # type: ignore[method-assign]
+
+    def reset(self) -> None:
+        self.lookup = self.dial = 0.0
+        self.dials = 0
+
+
+def percentiles(label: str, values: list[float]) -> str:
+    values = sorted(values)
+    at = lambda q: values[min(len(values) - 1, int(len(values) * q))] * 1e3  # noqa: E731
+    return f"  {label:26s} p50 {at(0.5):8.1f}  p90 {at(0.9):8.1f}  max {values[-1] * 1e3:8.1f} ms"
+
+
+async def first_call(count: int, n_services: int, callers_per: int, seed: int) -> None:
+    """``count`` real Nodes in this process on loopback; ``n_services`` services, each
+    served by one or two random nodes and announced; for each, ``callers_per`` random
+    other nodes (never connected to a provider) call it once (timed, in parts), then
+    a second time (cached provider, open connection). One call at a time."""
+    rng = random.Random(seed)
+    home = Path(tempfile.mkdtemp())
+    # Fast settings: a lost datagram costs 1 s, not 5 (loopback loses none unless
+    # the loop is late); the rest are the defaults a real node runs with.
+    dht = DhtConfig(rpc_timeout=1.0)
+
+    def config(i: int, boot: tuple[tuple[str, int], ...]) -> NodeConfig:
         return NodeConfig(
-            home=home / f"n{i}", host="127.0.0.1", port=0, control_api=False, bootstrap=boot
+            home=home / f"n{i}",
+            host="127.0.0.1",
+            port=0,
+            control_api=False,
+            bootstrap=boot,
+            dht=dht,
+            save_interval=3600.0,
         )
 
-    nodes = [Node(config(0, None))]
+    begun = time.perf_counter()
+    nodes = [Node(config(0, ()))]
     await nodes[0].start()
     try:
-        for i in range(1, count):
-            node = Node(config(i, nodes[0].port))
-            await node.start()
-            nodes.append(node)
-        for node in nodes[1:]:
-            await node.wait_joined(timeout=30)
+        # Each joins through up to 3 random earlier nodes, so no node is everyone's
+        # only contact; started 20 at a time.
+        batch = 20
+        for low in range(1, count, batch):
+            group = []
+            for i in range(low, min(count, low + batch)):
+                seeds = rng.sample(nodes, min(3, len(nodes)))
+                group.append(Node(config(i, tuple(("127.0.0.1", s.port) for s in seeds))))
+            await asyncio.gather(*(n.start() for n in group))
+            await asyncio.gather(*(n.wait_joined(timeout=60) for n in group))
+            nodes.extend(group)
+        print(f"{count} nodes started and joined in {time.perf_counter() - begun:.1f} s")
 
         async def echo(request: Any, ctx: CallContext) -> Any:
             return request
 
-        nodes[1].serve("bench.echo", echo)
-        for _ in range(100):  # until the announcement reached the DHT
-            if nodes[1].services()[0]["announced_to"]:
+        providers: dict[str, list[Node]] = {}
+        for s in range(n_services):
+            name = f"bench.echo{s}"
+            providers[name] = rng.sample(nodes, rng.choice((1, 2)))
+            for node in providers[name]:
+                node.serve(name, echo)
+        started = time.perf_counter()
+        while time.perf_counter() - started < 60:  # until every announcement is stored
+            pending = [
+                name
+                for name, serving in providers.items()
+                for node in serving
+                if not next(s for s in node.services() if s["name"] == name)["announced_to"]
+            ]
+            if not pending:
                 break
-            await asyncio.sleep(0.1)
-        times = []
-        for caller in nodes[count // 2 :]:
-            started = time.perf_counter()
-            await caller.call("bench.echo", b"x" * 1024, timeout=10)
-            times.append(time.perf_counter() - started)
-        times.sort()
+            await asyncio.sleep(0.2)
+        else:
+            raise SystemExit(f"{len(pending)} announcements not stored after 60 s")
+        n_providers = sum(len(v) for v in providers.values())
         print(
-            f"first call among {count} nodes: p50 {times[len(times) // 2] * 1e3:.1f} ms, "
-            f"max {times[-1] * 1e3:.1f} ms ({len(times)} callers)"
+            f"{n_services} services on {n_providers} providers announced in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+
+        timers: dict[int, PhaseTimer] = {}
+        first: dict[str, list[float]] = {"total": [], "lookup": [], "dial": [], "call": []}
+        second: list[float] = []
+        skipped = not_dialed = 0
+        payload = b"x" * 1024
+        for name, serving in providers.items():
+            provider_ids = {n.node_id for n in serving}
+            others = [n for n in nodes if n not in serving]
+            rng.shuffle(others)
+            chosen = 0
+            for caller in others:
+                if chosen == callers_per:
+                    break
+                if provider_ids & set(caller.peer_host.connected_peers()):
+                    skipped += 1  # already connected to a provider: not a first call
+                    continue
+                chosen += 1
+                timer = timers.setdefault(id(caller), PhaseTimer(caller))
+                timer.reset()
+                t = time.perf_counter()
+                await caller.call(name, payload, timeout=10)
+                total = time.perf_counter() - t
+                if not timer.dials:
+                    not_dialed += 1
+                first["total"].append(total)
+                first["lookup"].append(timer.lookup)
+                first["dial"].append(timer.dial)
+                first["call"].append(total - timer.lookup - timer.dial)
+                t = time.perf_counter()
+                await caller.call(name, payload, timeout=10)
+                second.append(time.perf_counter() - t)
+        print(
+            f"first call to a service never used before, {len(second)} callers "
+            f"({callers_per} per service, one call at a time), 1 KiB echo:"
+        )
+        print(percentiles("total", first["total"]))
+        print(percentiles("find_service (DHT lookup)", first["lookup"]))
+        print(percentiles("connect + Noise handshake", first["dial"]))
+        print(percentiles("call (round trip)", first["call"]))
+        print("second call, same caller and service (cached provider, open connection):")
+        print(percentiles("total", second))
+        print(
+            f"callers skipped as already connected to a provider: {skipped}; first calls "
+            f"that found a connection open (no dial): {not_dialed}"
+        )
+        print(
+            f"time: wall clock (time.perf_counter) on ONE event loop shared by all {count} "
+            "nodes on loopback, calls one at a time: no link latency (0 network RTT per "
+            "DHT hop or handshake), but both ends' CPU of every hop and handshake run "
+            "serially on one core, with the other nodes' maintenance in between"
         )
     finally:
-        for node in nodes:
-            await node.stop()
+        stopping = time.perf_counter()
+        await asyncio.gather(*(node.stop() for node in nodes), return_exceptions=True)
+        print(
+            f"run {time.perf_counter() - begun:.1f} s (stop {time.perf_counter() - stopping:.1f} s)"
+        )
 
 
 def main() -> None:
@@ -256,10 +392,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--item", type=int, default=65536)
     parser.add_argument("--first-call", type=int, default=0, metavar="N")
+    parser.add_argument("--services", type=int, default=30, help="with --first-call")
+    parser.add_argument("--callers", type=int, default=3, help="per service, with --first-call")
+    parser.add_argument("--seed", type=int, default=1, help="with --first-call")
     parser.add_argument("--serve", choices=("node", "http", "grpc"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.first_call:
-        asyncio.run(first_call(args.first_call))
+        asyncio.run(first_call(args.first_call, args.services, args.callers, args.seed))
     elif args.serve == "node":
         asyncio.run(node_server(args.item))
     elif args.serve == "http":
