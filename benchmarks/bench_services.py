@@ -21,9 +21,12 @@ call at a time: p50/p90/max of the whole first call and of its parts (find_servi
 DHT lookup, TCP connect + Noise handshake, the call's round trip), then of a second
 call (cached provider, open connection). Wall clock on one event loop, no link
 latency: the lookup's every hop costs both ends' CPU in this one process, and no
-network round trip. Not a test. Issue 13 asks for N=200:
+network round trip. ``--virtual MS``: the same over p2pnode.sim's in-memory network
+in virtual time (real Discovery, PeerHost with Noise and Services per node, no Node
+shell), MS ms one-way link latency, CPU free. Not a test. Issue 13 asks for N=200:
 
     python benchmarks/bench_services.py --first-call 200 --services 30 --callers 3
+    python benchmarks/bench_services.py --first-call 200 --services 30 --callers 3 --virtual 20
 """
 
 from __future__ import annotations
@@ -218,54 +221,52 @@ async def client(seconds: float, size: int, item: int) -> None:
         proc.communicate("")
 
 
-class PhaseTimer:
-    """Times the parts of one caller's call without touching the services layer: the
-    DHT lookup (``Services.find_service``) and the dial (``PeerHost._dial``: TCP
-    connect + Noise handshake) are wrapped on that caller's instances only; the
-    rest of the call is the call itself (the Call's round trip, Describe in parallel)."""
+class VirtualPeer:
+    """What a call needs of a Node (DHT, peer host with Noise, services) on a host of
+    p2pnode.sim.vnet's in-memory network, in virtual time; no home, no exchange."""
 
-    def __init__(self, node: Node) -> None:
-        self.lookup = 0.0
-        self.dial = 0.0
-        self.dials = 0
-        services, host = node.services_part, node.peer_host
-        find_service, dial = services.find_service, host._dial
+    def __init__(self, net: Any, index: int, seed: int, clock: Any, dht: DhtConfig) -> None:
+        from p2pnode.dht import Discovery
+        from p2pnode.net.config import NetLimits
+        from p2pnode.net.host import PeerHost
+        from p2pnode.sim.virtual import identity_for
 
-        async def timed_find_service(name: str) -> Any:
-            started = time.perf_counter()
-            try:
-                return await find_service(name)
-            finally:
-                self.lookup += time.perf_counter() - started
+        self.vhost = net.host(index)
+        identity = identity_for(seed, index)
+        self.node_id = identity.node_id
+        self.clock = clock
+        self.discovery = Discovery(identity, dht, clock=clock, endpoints=self.vhost)
+        self.peer_host = PeerHost(identity, NetLimits(), clock=clock, endpoints=self.vhost)
+        self.port = 0
 
-        async def timed_dial(peer: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return await dial(peer)
-            finally:
-                self.dial += time.perf_counter() - started
-                self.dials += 1
+    async def start(self, bootstrap: list[tuple[str, int]]) -> None:
+        from p2pnode.services import Services
 
-        services.find_service = timed_find_service  # type: ignore[method-assign]
-        host._dial = timed_dial  # type: ignore[method-assign]
+        self.port = await self.discovery.listen(self.vhost.ip, 4001)
+        await self.peer_host.listen(self.vhost.ip, self.port)
+        self.services_part = Services(self.peer_host, self.discovery, self.port, clock=self.clock)
+        self.services_part.start()
+        if bootstrap and not await self.discovery.bootstrap(bootstrap):
+            raise SystemExit(f"{self.vhost.ip}: no seed answered")
 
-    def reset(self) -> None:
-        self.lookup = self.dial = 0.0
-        self.dials = 0
+    def serve(self, name: str, handler: Any) -> None:
+        self.services_part.serve(name, handler)
+
+    def services(self) -> list[dict[str, Any]]:
+        return self.services_part.services()
+
+    async def call(self, name: str, request: Any, timeout: float) -> Any:
+        return await self.services_part.call(name, request, timeout=timeout)
+
+    async def stop(self) -> None:
+        await self.services_part.close()
+        await self.peer_host.close()
+        await self.discovery.close()
 
 
-def percentiles(label: str, values: list[float]) -> str:
-    values = sorted(values)
-    at = lambda q: values[min(len(values) - 1, int(len(values) * q))] * 1e3  # noqa: E731
-    return f"  {label:26s} p50 {at(0.5):8.1f}  p90 {at(0.9):8.1f}  max {values[-1] * 1e3:8.1f} ms"
-
-
-async def first_call(count: int, n_services: int, callers_per: int, seed: int) -> None:
-    """``count`` real Nodes in this process on loopback; ``n_services`` services, each
-    served by one or two random nodes and announced; for each, ``callers_per`` random
-    other nodes (never connected to a provider) call it once (timed, in parts), then
-    a second time (cached provider, open connection). One call at a time."""
-    rng = random.Random(seed)
+async def start_real(count: int, rng: random.Random) -> list[Any]:
+    """``count`` real Nodes on loopback; each joins through up to 3 random earlier
+    nodes (no node is everyone's only contact), 20 started at a time."""
     home = Path(tempfile.mkdtemp())
     # Fast settings: a lost datagram costs 1 s, not 5 (loopback loses none unless
     # the loop is late); the rest are the defaults a real node runs with.
@@ -282,34 +283,115 @@ async def first_call(count: int, n_services: int, callers_per: int, seed: int) -
             save_interval=3600.0,
         )
 
-    begun = time.perf_counter()
     nodes = [Node(config(0, ()))]
     await nodes[0].start()
+    for low in range(1, count, 20):
+        group = []
+        for i in range(low, min(count, low + 20)):
+            seeds = rng.sample(nodes, min(3, len(nodes)))
+            group.append(Node(config(i, tuple(("127.0.0.1", s.port) for s in seeds))))
+        nodes.extend(group)  # (stopped at the end even if a start fails)
+        await asyncio.gather(*(n.start() for n in group))
+        await asyncio.gather(*(n.wait_joined(timeout=60) for n in group))
+    return nodes
+
+
+async def start_virtual(count: int, rng: random.Random, seed: int, latency: float) -> list[Any]:
+    """``count`` VirtualPeers, each on its own /24, joined the same way as start_real."""
+    from p2pnode.sim.vloop import LoopClock
+    from p2pnode.sim.vnet import LinkModel, VirtualNetwork
+
+    loop = asyncio.get_running_loop()
+    net = VirtualNetwork(loop, LinkModel(latency=latency), seed)
+    clock = LoopClock(loop)
+    dht = DhtConfig()
+    nodes = [VirtualPeer(net, 0, seed, clock, dht)]
+    await nodes[0].start([])
+    for low in range(1, count, 20):
+        group = [VirtualPeer(net, i, seed, clock, dht) for i in range(low, min(count, low + 20))]
+        seeds = [
+            [(s.vhost.ip, s.port) for s in rng.sample(nodes, min(3, len(nodes)))] for _ in group
+        ]
+        nodes.extend(group)
+        await asyncio.gather(*(n.start(b) for n, b in zip(group, seeds, strict=True)))
+    return nodes
+
+
+class PhaseTimer:
+    """Times the parts of one caller's call without touching the services layer: the
+    DHT lookup (``Services.find_service``) and the dial (``PeerHost._dial``: TCP
+    connect + Noise handshake) are wrapped on that caller's instances only; the
+    rest of the call is the call itself (the Call's round trip, Describe in parallel)."""
+
+    def __init__(self, node: Any, now: Callable[[], float]) -> None:
+        self.lookup = 0.0
+        self.dial = 0.0
+        self.dials = 0
+        services, host = node.services_part, node.peer_host
+        find_service, dial = services.find_service, host._dial
+
+        async def timed_find_service(name: str) -> Any:
+            started = now()
+            try:
+                return await find_service(name)
+            finally:
+                self.lookup += now() - started
+
+        async def timed_dial(peer: Any) -> Any:
+            started = now()
+            try:
+                return await dial(peer)
+            finally:
+                self.dial += now() - started
+                self.dials += 1
+
+        services.find_service = timed_find_service
+        host._dial = timed_dial
+
+    def reset(self) -> None:
+        self.lookup = self.dial = 0.0
+        self.dials = 0
+
+
+def percentiles(label: str, values: list[float]) -> str:
+    values = sorted(values)
+    at = lambda q: values[min(len(values) - 1, int(len(values) * q))] * 1e3  # noqa: E731
+    return f"  {label:26s} p50 {at(0.5):8.1f}  p90 {at(0.9):8.1f}  max {values[-1] * 1e3:8.1f} ms"
+
+
+async def first_call(
+    count: int, n_services: int, callers_per: int, seed: int, latency_ms: float | None
+) -> None:
+    """``count`` nodes (real Nodes on loopback, or VirtualPeers with ``latency_ms``);
+    ``n_services`` services, each served by one or two random nodes and announced;
+    for each, ``callers_per`` random other nodes (never connected to a provider)
+    call it once (timed, in parts), then a second time (cached provider, open
+    connection). One call at a time."""
+    rng = random.Random(seed)
+    virtual = latency_ms is not None
+    loop = asyncio.get_running_loop()
+    now = loop.time if virtual else time.perf_counter
+    wall = time.perf_counter
+    begun = wall()
+    nodes: list[Any] = []
     try:
-        # Each joins through up to 3 random earlier nodes, so no node is everyone's
-        # only contact; started 20 at a time.
-        batch = 20
-        for low in range(1, count, batch):
-            group = []
-            for i in range(low, min(count, low + batch)):
-                seeds = rng.sample(nodes, min(3, len(nodes)))
-                group.append(Node(config(i, tuple(("127.0.0.1", s.port) for s in seeds))))
-            await asyncio.gather(*(n.start() for n in group))
-            await asyncio.gather(*(n.wait_joined(timeout=60) for n in group))
-            nodes.extend(group)
-        print(f"{count} nodes started and joined in {time.perf_counter() - begun:.1f} s")
+        if latency_ms is not None:
+            nodes = await start_virtual(count, rng, seed, latency_ms / 1000)
+        else:
+            nodes = await start_real(count, rng)
+        print(f"{count} nodes started and joined in {wall() - begun:.1f} s wall clock")
 
         async def echo(request: Any, ctx: CallContext) -> Any:
             return request
 
-        providers: dict[str, list[Node]] = {}
+        providers: dict[str, list[Any]] = {}
         for s in range(n_services):
             name = f"bench.echo{s}"
             providers[name] = rng.sample(nodes, rng.choice((1, 2)))
             for node in providers[name]:
                 node.serve(name, echo)
-        started = time.perf_counter()
-        while time.perf_counter() - started < 60:  # until every announcement is stored
+        started = now()
+        while now() - started < 60:  # until every announcement is stored
             pending = [
                 name
                 for name, serving in providers.items()
@@ -322,10 +404,7 @@ async def first_call(count: int, n_services: int, callers_per: int, seed: int) -
         else:
             raise SystemExit(f"{len(pending)} announcements not stored after 60 s")
         n_providers = sum(len(v) for v in providers.values())
-        print(
-            f"{n_services} services on {n_providers} providers announced in "
-            f"{time.perf_counter() - started:.1f} s"
-        )
+        print(f"{n_services} services on {n_providers} providers announced")
 
         timers: dict[int, PhaseTimer] = {}
         first: dict[str, list[float]] = {"total": [], "lookup": [], "dial": [], "call": []}
@@ -344,20 +423,20 @@ async def first_call(count: int, n_services: int, callers_per: int, seed: int) -
                     skipped += 1  # already connected to a provider: not a first call
                     continue
                 chosen += 1
-                timer = timers.setdefault(id(caller), PhaseTimer(caller))
+                timer = timers.setdefault(id(caller), PhaseTimer(caller, now))
                 timer.reset()
-                t = time.perf_counter()
+                t = now()
                 await caller.call(name, payload, timeout=10)
-                total = time.perf_counter() - t
+                total = now() - t
                 if not timer.dials:
                     not_dialed += 1
                 first["total"].append(total)
                 first["lookup"].append(timer.lookup)
                 first["dial"].append(timer.dial)
                 first["call"].append(total - timer.lookup - timer.dial)
-                t = time.perf_counter()
+                t = now()
                 await caller.call(name, payload, timeout=10)
-                second.append(time.perf_counter() - t)
+                second.append(now() - t)
         print(
             f"first call to a service never used before, {len(second)} callers "
             f"({callers_per} per service, one call at a time), 1 KiB echo:"
@@ -372,18 +451,25 @@ async def first_call(count: int, n_services: int, callers_per: int, seed: int) -
             f"callers skipped as already connected to a provider: {skipped}; first calls "
             f"that found a connection open (no dial): {not_dialed}"
         )
-        print(
-            f"time: wall clock (time.perf_counter) on ONE event loop shared by all {count} "
-            "nodes on loopback, calls one at a time: no link latency (0 network RTT per "
-            "DHT hop or handshake), but both ends' CPU of every hop and handshake run "
-            "serially on one core, with the other nodes' maintenance in between"
-        )
+        if latency_ms is not None:
+            print(
+                f"time: VIRTUAL time (p2pnode.sim.vloop), in-memory network (p2pnode.sim.vnet) "
+                f"with {latency_ms:g} ms one-way link latency ({2 * latency_ms:g} ms RTT), no "
+                "jitter, loss or bandwidth limit; CPU costs 0 virtual time. Real DHT, "
+                "PeerHost (Noise) and Services; each node on its own /24"
+            )
+        else:
+            print(
+                f"time: wall clock (time.perf_counter) on ONE event loop shared by all "
+                f"{count} nodes on loopback, calls one at a time: no link latency (0 network "
+                "RTT per DHT hop or handshake), but both ends' CPU of every hop and "
+                "handshake run serially on one core, with the other nodes' maintenance "
+                "in between"
+            )
     finally:
-        stopping = time.perf_counter()
+        stopping = wall()
         await asyncio.gather(*(node.stop() for node in nodes), return_exceptions=True)
-        print(
-            f"run {time.perf_counter() - begun:.1f} s (stop {time.perf_counter() - stopping:.1f} s)"
-        )
+        print(f"run {wall() - begun:.1f} s wall clock (stop {wall() - stopping:.1f} s)")
 
 
 def main() -> None:
@@ -395,10 +481,22 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=30, help="with --first-call")
     parser.add_argument("--callers", type=int, default=3, help="per service, with --first-call")
     parser.add_argument("--seed", type=int, default=1, help="with --first-call")
+    parser.add_argument(
+        "--virtual",
+        type=float,
+        metavar="MS",
+        help="with --first-call: virtual time, in-memory network, MS one-way link latency",
+    )
     parser.add_argument("--serve", choices=("node", "http", "grpc"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.first_call:
-        asyncio.run(first_call(args.first_call, args.services, args.callers, args.seed))
+        run = first_call(args.first_call, args.services, args.callers, args.seed, args.virtual)
+        if args.virtual is None:
+            asyncio.run(run)
+        else:
+            from p2pnode.sim import vloop
+
+            vloop.run(lambda: run)
     elif args.serve == "node":
         asyncio.run(node_server(args.item))
     elif args.serve == "http":
