@@ -12,6 +12,11 @@ keys, answer lookups with colluders only, forge values and records, spam provide
 records and drop stores. Every requester and every target of the workload is
 honest. Target: >= 99% at 20% adversarial.
 
+Measured (1,000 nodes, seed 7, 10/20/30% Sybils ground next to the keys):
+DHT of 09614e8 (before issue 10): lookups 74.3/62.7/54.7%, provider lookups
+35/30/17%, no signed records; DHT of d1e9ac9: lookups and signed-record gets
+100/100/100%, provider lookups 100/100/96%.
+
 Reading the failures: "impersonated", a peer lookup ended at a colluder that
 answered under the target's id (a lookup must check the id proof of the node it
 returns); "stale", a record get returned an older, validly signed version that
