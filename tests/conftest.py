@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_helpers import RunningNode
+from tests.lab import Lab, missing_tools
 
 SUITES = ("unit", "integration", "hostile")
 
@@ -59,3 +60,21 @@ def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     gc.collect()
     bad = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not bad, bad
+
+
+# Lab tests build namespaces, veths and nftables: root and `ip`/`nft` only.
+needs_lab = pytest.mark.skipif(
+    bool(missing_tools()), reason=f"network lab unavailable: {', '.join(missing_tools())}"
+)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """A network-namespace lab (tests/lab.py), deleted afterwards, also on failure."""
+    if missing_tools():
+        pytest.skip(f"network lab unavailable: {', '.join(missing_tools())}")
+    built = Lab()
+    try:
+        yield built
+    finally:
+        built.close()
