@@ -4,12 +4,17 @@ namespaces; every wait is bounded by a socket timeout."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from tests.cli_helpers import CLI, cli_env, poll
 from tests.conftest import needs_lab
 from tests.lab import Lab, Node
 
@@ -155,3 +160,53 @@ def test_without_the_drop_rule_the_router_refuses(lab: Lab) -> None:
     router = lab.router("r", wan=net, lan="100.64.1.0/24", nat="eim", drop_unsolicited=False)
     probe = lab.run(a, [sys.executable, "-c", PROBE, str(router.address), str(PORT)])
     assert probe.stdout.split("\n")[:2] == ["udp refused", "tcp refused"], probe.stdout
+
+
+def start_node(lab: Lab, node: Node, home: Path, *extra: str) -> list[str]:
+    """`p2pnode start` inside a namespace; its banner up to "ready"."""
+    proc = lab.spawn(
+        node, [*CLI, "start", "--home", str(home), "--port", "0", *extra], env=cli_env()
+    )
+    assert proc.stdout is not None
+    banner: list[str] = []
+    for line in proc.stdout:  # bounded: the node prints "ready" or exits
+        banner.append(line.rstrip())
+        if line.strip() == "ready":
+            return banner
+    raise AssertionError(
+        f"node did not start: {banner} {proc.stderr.read() if proc.stderr else ''}"
+    )
+
+
+def cli_in(lab: Lab, node: Node, home: Path, *args: str) -> str:
+    return lab.run(node, [*CLI, "--home", str(home), *args], timeout=60).stdout
+
+
+def test_node_behind_eim_nat_joins_a_public_node_and_downloads(lab: Lab, tmp_path: Path) -> None:
+    """Issue 12's setting with real nodes: A public, C behind an eim router.
+    C dials out, so this works today; the reverse direction is what's left."""
+    net = lab.public_bridge("203.0.113.0/24")
+    a = lab.host("a", on=net)
+    router = lab.router("r", wan=net, lan="100.64.1.0/24", nat="eim")
+    c = lab.host("c", behind=router)
+    home_a, home_c = tmp_path / "a", tmp_path / "c"
+    banner = start_node(lab, a, home_a)
+    port = re.search(r"--bootstrap \S+:(\d+)", "\n".join(banner))
+    assert port, banner
+    start_node(lab, c, home_c, "--bootstrap", f"{a.address}:{port.group(1)}")
+
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(300_000))
+    rid = cli_in(lab, a, home_a, "share", str(data)).strip()
+
+    def found() -> bool:
+        out = cli_in(lab, c, home_c, "providers", rid, "--json")
+        return len(json.loads(out)["providers"]) == 1
+
+    poll(found, timeout=15)
+    got = tmp_path / "got.bin"
+    assert "verified" in cli_in(lab, c, home_c, "get", rid, "-o", str(got))
+    assert got.read_bytes() == data.read_bytes()
+    # A knows C by the router's address: the traffic did cross the NAT.
+    peers = cli_in(lab, a, home_a, "peers")
+    assert str(router.address) in peers and str(c.address) not in peers, peers
