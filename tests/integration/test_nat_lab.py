@@ -210,3 +210,37 @@ def test_node_behind_eim_nat_joins_a_public_node_and_downloads(lab: Lab, tmp_pat
     # A knows C by the router's address: the traffic did cross the NAT.
     peers = cli_in(lab, a, home_a, "peers")
     assert str(router.address) in peers and str(c.address) not in peers, peers
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12: C's provider record names the router's address and nothing is mapped there",
+)
+def test_public_node_downloads_from_a_node_behind_eim_nat(lab: Lab, tmp_path: Path) -> None:
+    """Issue 12's first failure: C, behind an eim router that drops unsolicited
+    inbound, shares; B, public, finds C as provider and downloads from it.
+    Today B dials the router, which drops the SYN: the get times out."""
+    a, b, router, c = two_public_hosts_and_one_behind(lab, "eim")
+    home_a, home_b, home_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    banner = start_node(lab, a, home_a)
+    port = re.search(r"--bootstrap \S+:(\d+)", "\n".join(banner))
+    assert port, banner
+    bootstrap = f"{a.address}:{port.group(1)}"
+    start_node(lab, b, home_b, "--bootstrap", bootstrap)
+    start_node(lab, c, home_c, "--bootstrap", bootstrap)
+
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(300_000))
+    rid = cli_in(lab, c, home_c, "share", str(data)).strip()
+
+    def found() -> bool:
+        out = cli_in(lab, b, home_b, "providers", rid, "--json")
+        return len(json.loads(out)["providers"]) == 1
+
+    poll(found, timeout=15)
+    got = tmp_path / "got.bin"
+    argv = [*CLI, "--home", str(home_b), "get", rid, "-o", str(got)]
+    result = lab.run(b, argv, timeout=20, check=False)
+    why = f"router {router.address}: {result.stderr}"
+    assert result.returncode == 0 and "verified" in result.stdout, why
+    assert got.read_bytes() == data.read_bytes()
