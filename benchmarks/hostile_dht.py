@@ -57,7 +57,6 @@ import os
 import resource
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,10 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 import psutil
+
+# The attacker's tools are the hostile tests' own (tests/dht_attacker.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.dht_attacker import Sybil, dht_datagram, grind, raw_socket, raw_udp
 
 DHT_ATTACKS = (
     "dht-overwrite",
@@ -330,94 +333,6 @@ class RawDht(asyncio.DatagramProtocol):
         return None
 
 
-def dht_datagram(name: str, *args: object, msg_id: bytes | None = None) -> bytes:
-    packed = msgpack.packb([name, list(args)], use_bin_type=True)
-    return b"\x00" + (msg_id or os.urandom(20)) + packed
-
-
-class Sybil(asyncio.DatagramProtocol):
-    """One of many sockets on one IP with an id next to the target, answering every
-    RPC: closer nodes are its fellows, values are forged, writes are "accepted" and
-    dropped. With an ``identity`` it proves its (ground) id."""
-
-    def __init__(self, node_id: bytes, identity: Any, forged: list[object]) -> None:
-        self.node_id = node_id
-        self.identity = identity
-        self.forged = forged
-        self.fellows: list[list[object]] = []
-        self.transport: Any = None
-        self.requests = 0
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def error_received(self, exc: Exception) -> None:
-        pass
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        from p2pnode.dht import proof
-
-        if data[:1] != b"\x00":
-            return
-        self.requests += 1
-        try:
-            name, args = msgpack.unpackb(data[21:])
-        except (ValueError, TypeError, msgpack.ExtraData):
-            return
-        answer: object
-        if name == "ping":
-            answer = self.node_id
-        elif name == "identify":
-            if self.identity is None:  # it cannot sign for an id it does not own
-                answer = [os.urandom(32), os.urandom(64), os.urandom(8), addr[0]]
-            else:
-                signature = proof.prove(self.identity, args[0], args[1])
-                answer = [self.identity.public_key, signature, os.urandom(8), addr[0]]
-        elif name == "find_value":
-            answer = {"value": self.forged[self.requests % len(self.forged)]}
-        elif name == "get_providers":
-            answer = {"providers": [], "nodes": self.fellows, "token": os.urandom(8)}
-        elif name in ("store", "add_provider"):
-            answer = True
-        else:
-            answer = self.fellows
-        reply = b"\x01" + data[1:21] + msgpack.packb(answer, use_bin_type=True)
-        self.transport.sendto(reply, addr)
-
-
-def grind(target: bytes, bits: int) -> Any:
-    """A real key pair whose id shares ``bits`` leading bits with ``target``."""
-    from p2pnode.identity import Identity
-
-    want = int.from_bytes(target, "big") >> (160 - bits)
-    for _ in range(1 << (bits + 8)):  # bounded: 256 times the expected tries
-        identity = Identity.generate()
-        if int.from_bytes(identity.node_id, "big") >> (160 - bits) == want:
-            return identity
-    raise RuntimeError("no key found")
-
-
-def raw_udp(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> bytes:
-    """An IPv4 + UDP datagram from ``src``, whatever our address (checksum 0: none)."""
-    length = 8 + len(payload)
-    udp = struct.pack("!HHHH", src[1], dst[1], length, 0) + payload
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + length,
-        int.from_bytes(os.urandom(2), "big"),
-        0,
-        64,
-        socket.IPPROTO_UDP,
-        0,
-        socket.inet_aton(src[0]),
-        socket.inet_aton(dst[0]),
-    )
-    return header + udp
-
-
-@dataclass
 class Answers:
     """What the honest nodes answered to one kind of datagram."""
 
@@ -618,12 +533,7 @@ class DhtAttacker:
         victim = (VICTIM, int(self.plan["victim_port"]))
         earner = await self.socket(ATTACKER)
         spoofer = await self.socket(SPOOFER)
-        try:
-            raw: socket.socket | None = socket.socket(
-                socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW
-            )
-        except PermissionError:
-            raw = None
+        raw = raw_socket()
 
         def record(host: str, port: int) -> list[object]:
             signed = rec.sign_provider_record(

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,6 @@ from kademlia.utils import digest
 
 from p2pnode.clock import MONOTONIC
 from p2pnode.dht import DhtConfig, Discovery
-from p2pnode.dht import proof as dht_proof
 from p2pnode.dht import records as rec
 from p2pnode.errors import NotFoundError
 from p2pnode.exchange.config import ExchangeConfig
@@ -34,6 +31,7 @@ from p2pnode.exchange.service import Exchange
 from p2pnode.identity import Identity
 from p2pnode.net.config import NetLimits
 from p2pnode.net.host import PeerHost
+from tests.dht_attacker import Sybil, dht_datagram, grind, raw_socket, raw_udp
 from tests.helpers import can_bind, eventually
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -333,62 +331,6 @@ async def test_provider_spam_cannot_hide_the_honest_provider(
 # -- attack 3: Sybil ids next to a key ---------------------------------------------------
 
 
-def grind(target: bytes, bits: int) -> Identity:
-    """A real key pair whose id shares ``bits`` leading bits with ``target``
-    (2**bits tries of ~70 µs)."""
-    want = int.from_bytes(target, "big") >> (160 - bits)
-    while True:
-        identity = Identity.generate()
-        if int.from_bytes(identity.node_id, "big") >> (160 - bits) == want:
-            return identity
-
-
-class Sybil(asyncio.DatagramProtocol):
-    """One of many sockets on one IP, with an id next to the target key, answering
-    every RPC: closer nodes are its fellow Sybils, values are forged, stores are
-    "accepted" and dropped. With an ``identity`` it proves its (ground) id."""
-
-    def __init__(self, node_id: bytes, identity: Identity | None, forged: list[object]) -> None:
-        self.node_id = node_id
-        self.identity = identity
-        self.forged = forged
-        self.fellows: list[list[object]] = []
-        self.transport: Any = None
-        self.requests = 0
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if data[:1] != b"\x00":
-            return
-        self.requests += 1
-        msg_id = data[1:21]
-        try:
-            name, args = msgpack.unpackb(data[21:])
-        except (ValueError, msgpack.ExtraData):
-            return
-        answer: object
-        if name == "ping":
-            answer = self.node_id
-        elif name == "identify":
-            if self.identity is None:
-                # It cannot sign for an id it does not own: it tries anyway.
-                answer = [os.urandom(32), os.urandom(64), os.urandom(8), addr[0]]
-            else:
-                signature = dht_proof.prove(self.identity, args[0], args[1])
-                answer = [self.identity.public_key, signature, os.urandom(8), addr[0]]
-        elif name == "find_value":
-            answer = {"value": self.forged[self.requests % len(self.forged)]}
-        elif name == "get_providers":
-            answer = {"providers": [], "nodes": self.fellows, "token": os.urandom(8)}
-        elif name in ("store", "add_provider"):
-            answer = True
-        else:
-            answer = self.fellows
-        self.transport.sendto(b"\x01" + msg_id + msgpack.packb(answer, use_bin_type=True), addr)
-
-
 async def start_sybils(
     target: bytes, count: int, proven: bool, forged: list[object], attackers: Attackers
 ) -> list[tuple[Sybil, int]]:
@@ -477,38 +419,6 @@ async def test_sybils_next_to_a_key_cannot_take_it_over(
 
 
 # -- attack 4: spoofed sources -----------------------------------------------------------
-
-
-def raw_udp(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> bytes:
-    """An IPv4 + UDP datagram from ``src``, whatever our address (checksum 0: none)."""
-    length = 8 + len(payload)
-    udp = struct.pack("!HHHH", src[1], dst[1], length, 0) + payload
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + length,
-        int.from_bytes(os.urandom(2), "big"),
-        0,
-        64,
-        socket.IPPROTO_UDP,
-        0,
-        socket.inet_aton(src[0]),
-        socket.inet_aton(dst[0]),
-    )
-    return header + udp
-
-
-def raw_socket() -> socket.socket | None:
-    """A raw socket to forge source addresses with, if we may (root, CAP_NET_RAW)."""
-    try:
-        return socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    except PermissionError:
-        return None
-
-
-def dht_datagram(name: str, *args: object) -> bytes:
-    return b"\x00" + os.urandom(20) + msgpack.packb([name, list(args)], use_bin_type=True)
 
 
 class Accepts:
