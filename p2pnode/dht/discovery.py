@@ -630,10 +630,24 @@ class Discovery:
         none. Unauthenticated (kademlia's get): the first answer wins. Signed
         records are read with :meth:`get_record`."""
         dkey = self._digest(key)
-        protocol = self._proto()
+        self._proto()
         local = self._storage.get(dkey)
         if local is not None:
             return local
+        found, without = await self._find_values(dkey, first_only=True)
+        if not found:
+            return None
+        value = found[0]
+        self._cache_at_nearest(dkey, value, without)
+        return value
+
+    async def _find_values(
+        self, dkey: bytes, *, first_only: bool
+    ) -> tuple[list[Value], list[Node]]:
+        """The values holders of ``dkey`` answered, and the nodes that answered
+        without one (for caching). ``first_only``: stop at the first value; else the
+        lookup runs to its end."""
+        protocol = self._proto()
         wanted = Node(dkey)
         found: list[Value] = []
         without: list[Node] = []
@@ -647,12 +661,8 @@ class Discovery:
                 without.append(node)
             return answer
 
-        await self._lookup(dkey, query, done=lambda: bool(found))
-        if not found:
-            return None
-        value = found[0]
-        self._cache_at_nearest(dkey, value, without)
-        return value
+        await self._lookup(dkey, query, done=(lambda: bool(found)) if first_only else None)
+        return found, without
 
     def _cache_at_nearest(self, dkey: bytes, value: Value, without: list[Node]) -> None:
         # Cache it on the closest node that did not have it (section 2.3).
@@ -670,26 +680,13 @@ class Discovery:
             dkey, _kind = rec.parse_address(address)
         except rec.RecordError as exc:
             raise UsageError(str(exc)) from None
-        protocol = self._proto()
-        wanted = Node(dkey)
-        found: list[Value] = []
-        without: list[Node] = []
+        self._proto()
         local = self._storage.get(dkey)
-        if local is not None:
-            found.append(local)
-
-        async def query(node: Node) -> list[Node] | None:
-            answer = await protocol.call_find_value(node, wanted)
-            if isinstance(answer, FoundValue):
-                found.append(answer.value)
-                return []
-            if answer is not None:
-                without.append(node)
-            return answer
-
         # To its end: holders replaying an older record (validly signed) must not
         # be able to end the lookup before the newest one is found.
-        await self._lookup(dkey, query)
+        found, without = await self._find_values(dkey, first_only=False)
+        if local is not None:
+            found.insert(0, local)
         record, envelope, rejected = rec.best_record(
             dkey, found, self.clock.now(), self.config.value_ttl, allow_unsigned=False
         )
