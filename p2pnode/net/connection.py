@@ -101,10 +101,14 @@ class PeerConnection(asyncio.BufferedProtocol):
         session: Session,
         *,
         dialed: tuple[str, int] | None = None,
+        via: str = "direct",
     ) -> None:
         self.owner = owner
         self.session = session
         self.dialed = dialed
+        # how the bytes travel: "direct" (a TCP connection between the two
+        # nodes), "relayed" (spliced by a relay) or "punched" (hole punching)
+        self.via = via
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peername: tuple[str, int] = ("?", 0)

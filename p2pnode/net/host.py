@@ -37,7 +37,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from p2pnode.clock import MONOTONIC, Clock
@@ -309,8 +311,9 @@ class PeerHost:
     def _pooled(self, peer: PeerAddress) -> PeerConnection | None:
         if peer.node_id is not None:
             best: PeerConnection | None = None
+            # a direct or punched connection before a relayed one, then the least busy
             for conn in self._by_peer.get(peer.node_id, ()):
-                if conn.is_open and (best is None or conn.inflight < best.inflight):
+                if conn.is_open and (best is None or _pool_rank(conn) < _pool_rank(best)):
                     best = conn
             return best
         found = self._by_addr.get((peer.host, peer.port))
@@ -356,28 +359,81 @@ class PeerHost:
     async def _dial(self, peer: PeerAddress) -> PeerConnection:
         session = self._session(expected=peer.node_id, initiator=True)
         conn = PeerConnection(self, session, dialed=(peer.host, peer.port))
+
+        async def connect() -> None:
+            await self.endpoints.connect(lambda: conn, peer.host, peer.port)
+
+        return await self._open_outbound(conn, connect, str(peer))
+
+    async def adopt(
+        self,
+        sock: socket.socket,
+        *,
+        initiator: bool,
+        expected: bytes | None,
+        via: str,
+    ) -> PeerConnection:
+        """Run the handshake over ``sock``, a TCP socket connected by other means
+        (a relay circuit, a punched hole), and pool the connection like a dialed
+        or accepted one. The initiator counts as outbound, the other side as
+        inbound. Real sockets only (not in ``--mode virtual``)."""
+        if self._closing:
+            sock.close()
+            raise UsageError("PeerHost is closed")
+        loop = asyncio.get_running_loop()
+        session = self._session(expected=expected, initiator=initiator)
+        name = f"{via} connection"
+        if initiator:
+            remote = sock.getpeername()
+            dialed = (str(remote[0]), int(remote[1])) if isinstance(remote, tuple) else (via, 0)
+            conn = PeerConnection(self, session, dialed=dialed, via=via)
+
+            async def connect() -> None:
+                await loop.create_connection(lambda: conn, sock=sock)
+
+            return await self._open_outbound(conn, connect, name)
+        conn = PeerConnection(self, session, via=via)
+        try:
+            async with asyncio.timeout(self.limits.handshake_timeout):
+                await loop.create_connection(lambda: conn, sock=sock)
+                await conn.handshake
+        except TimeoutError:
+            self.counters["handshake_timeouts"] += 1
+            conn.close(P2PTimeoutError(f"{name}: handshake timed out"), abort=True)
+            raise P2PTimeoutError(
+                f"{name}: no handshake within {self.limits.handshake_timeout:g}s"
+            ) from None
+        except BaseException:
+            conn.close(ConnectionClosed(f"{name} abandoned"), abort=True)
+            raise
+        return conn
+
+    async def _open_outbound(
+        self, conn: PeerConnection, connect: Callable[[], Awaitable[None]], name: str
+    ) -> PeerConnection:
         if self._budget.outbound_full:
             self._evict_idle()
         if not self._budget.add_outbound(conn):
             raise LimitExceeded(
-                f"cannot dial {peer}: {self.limits.max_outbound} outbound connections open, "
+                f"cannot dial {name}: {self.limits.max_outbound} outbound connections open, "
                 "none idle"
             )
         self._conns.add(conn)
         try:
             try:
                 async with asyncio.timeout(self.limits.handshake_timeout):
-                    await self.endpoints.connect(lambda: conn, peer.host, peer.port)
+                    await connect()
                     await conn.handshake
             except TimeoutError:
                 self.counters["handshake_timeouts"] += 1
                 raise P2PTimeoutError(
-                    f"connecting to {peer} timed out after {self.limits.handshake_timeout:g}s"
+                    f"connecting to {name} timed out after {self.limits.handshake_timeout:g}s"
                 ) from None
             except OSError as exc:
                 self.counters["dial_failures"] += 1
+                host, port = conn.dialed or ("?", 0)
                 raise PeerUnreachable(
-                    f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}"
+                    f"cannot connect to {host}:{port}: {exc.strerror or exc}"
                 ) from None
         except BaseException as exc:
             if isinstance(exc, P2PError):
@@ -390,3 +446,7 @@ class PeerHost:
             raise
         self.counters["connections_dialed"] += 1
         return conn
+
+
+def _pool_rank(conn: PeerConnection) -> tuple[bool, int]:
+    return (conn.via == "relayed", conn.inflight)

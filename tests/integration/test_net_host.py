@@ -592,3 +592,50 @@ async def test_requesting_ourselves_is_a_usage_error(hosts: MakeHost) -> None:
     host = hosts()
     with pytest.raises(UsageError, match="this node"):
         await host.request(PeerAddress(host.node_id, "127.0.0.1", 1), Ping())
+
+
+async def test_adopted_socket_pair_is_pooled_and_preferred_over_relayed(hosts: MakeHost) -> None:
+    """``adopt`` runs the handshake over a socket connected elsewhere (a relay
+    circuit, a punched hole): both ends pool it, requests flow both ways, and
+    a later direct connection is picked before a relayed one."""
+    a, b = hosts(), hosts()
+    b.set_handler(echo_handler)
+    a.set_handler(echo_handler)
+    left, right = tcp_socket_pair()
+    conn_a, conn_b = await asyncio.gather(
+        a.adopt(left, initiator=True, expected=b.node_id, via="relayed"),
+        b.adopt(right, initiator=False, expected=None, via="relayed"),
+    )
+    assert conn_a.remote_node_id == b.node_id and conn_b.remote_node_id == a.node_id
+    assert conn_a.via == conn_b.via == "relayed"
+    # the pooled connection is used: nothing listens at the addresses given
+    reply = await a.request(PeerAddress(b.node_id, "192.0.2.1", 9), GetPiece(RID, 7))
+    assert isinstance(reply, PieceData) and reply.index == 7
+    back = await b.request(PeerAddress(a.node_id, "192.0.2.1", 9), GetPiece(RID, 8))
+    assert isinstance(back, PieceData) and back.index == 8
+    # a direct connection now wins the pool over the relayed one
+    port = await b.listen("127.0.0.1", 0)
+    direct = await a._dial(PeerAddress(b.node_id, "127.0.0.1", port))
+    assert a._pooled(PeerAddress(b.node_id, "127.0.0.1", port)) is direct
+
+
+async def test_adopt_with_the_wrong_expected_peer_fails(hosts: MakeHost) -> None:
+    a, b = hosts(), hosts()
+    left, right = tcp_socket_pair()
+    results = await asyncio.gather(
+        a.adopt(left, initiator=True, expected=Identity.generate().node_id, via="punched"),
+        b.adopt(right, initiator=False, expected=None, via="punched"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], HandshakeError)
+    assert isinstance(results[1], P2PError)
+
+
+def tcp_socket_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected TCP sockets on 127.0.0.1 (what a relay or a punch hands over)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        left = socket.create_connection(server.getsockname())
+        right, _ = server.accept()
+    left.setblocking(False)
+    right.setblocking(False)
+    return left, right
