@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_helpers import RunningNode
-from tests.lab import Lab, missing_tools
+from p2pnode.sim.netlab import Lab, missing_tools
 
 SUITES = ("unit", "integration", "hostile")
 
@@ -70,7 +70,7 @@ needs_lab = pytest.mark.skipif(
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    """A network-namespace lab (tests/lab.py), deleted afterwards, also on failure."""
+    """A network-namespace lab (p2pnode/sim/netlab.py), deleted afterwards, also on failure."""
     if missing_tools():
         pytest.skip(f"network lab unavailable: {', '.join(missing_tools())}")
     built = Lab()

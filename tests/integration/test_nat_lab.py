@@ -1,4 +1,4 @@
-"""NAT behaviour in the network-namespace lab (tests/lab.py): what the routers
+"""NAT behaviour in the network-namespace lab (p2pnode/sim/netlab.py): what the routers
 do before any p2pnode code runs over them. Small socket scripts run inside the
 namespaces; every wait is bounded by a socket timeout."""
 
@@ -16,7 +16,7 @@ import pytest
 
 from tests.cli_helpers import CLI, cli_env, poll
 from tests.conftest import needs_lab
-from tests.lab import Lab, Node
+from p2pnode.sim.netlab import Lab, Node
 
 pytestmark = needs_lab
 
