@@ -54,6 +54,10 @@ class Segment:
     bridge: str
     network: ipaddress.IPv4Network
     _hosts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # namespaces plugged into this segment, and the routed ("firewall") LANs
+    # behind routers on it: every member gets a route to every such LAN
+    members: list[str] = field(default_factory=list)
+    routed: list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]] = field(default_factory=list)
 
     def next_address(self) -> ipaddress.IPv4Address:
         index = next(self._hosts)
@@ -103,6 +107,8 @@ class Lab:
         if behind is not None:
             gateway = segment.network.network_address + 1
             self._ip(ns, "route", "add", "default", "via", str(gateway))
+        else:
+            self._join_segment(ns, segment)
         return Node(name, ns, address)
 
     def router(
@@ -133,6 +139,13 @@ class Lab:
         segment = Segment(ns, "lan", network)
         segment.next_address()  # the router's own .1
         self.nft(ns, _ruleset(nat, drop_unsolicited))
+        self._join_segment(ns, wan)
+        if nat == "firewall":
+            # a routed LAN: the rest of the public segment needs a route to it
+            wan.routed.append((network, address))
+            for member in wan.members:
+                if member != ns:
+                    self._ip(member, "route", "add", str(network), "via", str(address))
         return Node(name, ns, address, lan=segment)
 
     # -- running ---------------------------------------------------------
@@ -225,6 +238,11 @@ class Lab:
         self._ip(segment.ns, "link", "set", port, "up")
         self._ip(ns, "addr", "add", f"{address}/{segment.network.prefixlen}", "dev", ifname)
         self._ip(ns, "link", "set", ifname, "up")
+
+    def _join_segment(self, ns: str, segment: Segment) -> None:
+        segment.members.append(ns)
+        for network, via in segment.routed:
+            self._ip(ns, "route", "add", str(network), "via", str(via))
 
     def _ip(self, ns: str, *args: str) -> None:
         self.run(ns, ["ip", *args])

@@ -144,6 +144,21 @@ def test_tcp_from_behind_nat_arrives_from_the_router(lab: Lab) -> None:
     assert seen_source(server)[0] == str(router.address)
 
 
+def test_firewall_router_routes_its_lan_without_translation(lab: Lab) -> None:
+    """A firewall router forwards; public hosts made before and after it get a
+    route to its LAN, so answers find their way back to C's own address."""
+    net = lab.public_bridge("203.0.113.0/24")
+    a = lab.host("a", on=net)
+    router = lab.router("r", wan=net, lan="100.64.1.0/24", nat="firewall")
+    b = lab.host("b", on=net)
+    c = lab.host("c", behind=router)
+    for public in (a, b):
+        server = start_server(lab, public, TCP_SERVER, PORT)
+        client = lab.run(c, [sys.executable, "-c", TCP_CLIENT, str(public.address), str(PORT)])
+        assert client.stdout.strip() == "hi"
+        assert seen_source(server)[0] == str(c.address)
+
+
 @pytest.mark.parametrize("nat", ["eim", "symmetric", "firewall"])
 def test_unsolicited_inbound_to_the_router_is_dropped_silently(lab: Lab, nat: str) -> None:
     a, _b, router, _c = two_public_hosts_and_one_behind(lab, nat)
