@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import RunningNode
 from p2pnode.sim.netlab import Lab, missing_tools
+from tests.cli_helpers import RunningNode
 
 SUITES = ("unit", "integration", "hostile")
 

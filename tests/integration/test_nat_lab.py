@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from p2pnode.sim.netlab import Lab, Node
 from tests.cli_helpers import CLI, cli_env, poll
 from tests.conftest import needs_lab
-from p2pnode.sim.netlab import Lab, Node
 
 pytestmark = needs_lab
 
