@@ -36,6 +36,7 @@ KEY_FILE = "identity.key"
 CONTACTS_FILE = "contacts.json"
 CONTROL_FILE = "control.json"
 TOKEN_FILE = "api.token"
+API_SOCKET = "api.sock"
 LOCK_FILE = "node.lock"
 CONFIG_FILE = "config.toml"
 MAX_SAVED_CONTACTS = 200
@@ -222,24 +223,35 @@ class ControlInfo:
     url: str
     token: str
     pid: int
+    # the same API on a Unix socket (reachable across network namespaces)
+    socket: str | None = None
 
 
-def write_control(home: Path, url: str, token: str) -> None:
+def write_control(home: Path, url: str, token: str, socket: Path | None = None) -> None:
     write_atomic(home / TOKEN_FILE, token.encode())
-    info = {"url": url, "pid": os.getpid()}
+    info: dict[str, object] = {"url": url, "pid": os.getpid()}
+    if socket is not None:
+        info["socket"] = str(socket)
     write_atomic(home / CONTROL_FILE, json.dumps(info).encode())
 
 
 def clear_control(home: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (home / CONTROL_FILE).unlink()
+    for name in (CONTROL_FILE, API_SOCKET):
+        with contextlib.suppress(FileNotFoundError):
+            (home / name).unlink()
 
 
 def read_control(home: Path) -> ControlInfo:
     try:
         info = json.loads((home / CONTROL_FILE).read_text())
         token = (home / TOKEN_FILE).read_text().strip()
-        return ControlInfo(url=str(info["url"]), token=token, pid=int(info["pid"]))
+        socket = info.get("socket")
+        return ControlInfo(
+            url=str(info["url"]),
+            token=token,
+            pid=int(info["pid"]),
+            socket=socket if isinstance(socket, str) else None,
+        )
     except FileNotFoundError:
         raise NodeNotRunning(f"no node is running for home {home}") from None
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:

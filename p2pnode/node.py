@@ -36,6 +36,7 @@ from p2pnode.dht.discovery import ProviderRecord
 from p2pnode.errors import NodeNotRunning, UsageError
 from p2pnode.exchange.service import Exchange
 from p2pnode.home import (
+    API_SOCKET,
     HomeLock,
     SavedContact,
     clear_control,
@@ -186,8 +187,10 @@ class Node:
             return
         token = secrets.token_urlsafe(32)
         self._control = ControlServer(self, token)
-        url = await self._control.start(self.config.api_host, self.config.api_port or 0)
-        write_control(self.home, url, token)
+        url = await self._control.start(
+            self.config.api_host, self.config.api_port or 0, self.home / API_SOCKET
+        )
+        write_control(self.home, url, token, self._control.socket_path)
 
     async def _bind_dht_and_tcp(self) -> tuple[Discovery, PeerHost]:
         """Bind UDP P for the DHT and TCP P for peers; with port 0, find a P free for both."""

@@ -18,11 +18,14 @@ It sees the node only through :class:`~p2pnode.control.api.NodeAPI`.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -71,8 +74,12 @@ class ControlServer:
         self._runner: web.AppRunner | None = None
         self._allowed_hosts: set[str] = set()
         self.url = ""
+        self.socket_path: Path | None = None
 
-    async def start(self, host: str, port: int) -> str:
+    async def start(self, host: str, port: int, unix_path: Path | None = None) -> str:
+        """Listen on TCP ``host:port`` and, if given, on the Unix socket
+        ``unix_path`` too (same API, same token: it reaches a node inside a
+        network namespace, whose loopback is its own). Returns the TCP URL."""
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         app[REFUSED_INPUTS] = self.refused_inputs
         app.add_routes(
@@ -92,11 +99,26 @@ class ControlServer:
             # Seen when out of file descriptors: a typed error, not an IndexError.
             raise UsageError(f"control API on {host}:{port} bound no socket")
         bound = self._runner.addresses[0]
+        if unix_path is not None:
+            await self._listen_unix(unix_path)
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"http://{shown}:{bound[1]}"
         self._allowed_hosts = {f"{shown}:{bound[1]}", f"localhost:{bound[1]}"}
         self.page.start(self.url)
         return self.url
+
+    async def _listen_unix(self, path: Path) -> None:
+        assert self._runner is not None
+        # Tiny syscalls at start. The home (0700) guards the socket before chmod.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a crashed run's socket: the home lock says it is ours
+        try:
+            await web.UnixSite(self._runner, str(path)).start()
+            os.chmod(path, 0o600)
+        except (OSError, ValueError) as exc:  # e.g. a path over the 107-byte limit
+            log.info("control API: no Unix socket at %s: %s", path, exc)
+            return
+        self.socket_path = path
 
     async def close(self) -> None:
         # First: open event streams end now, not at the runner's shutdown timeout.

@@ -116,10 +116,31 @@ async def test_control_api_requires_token_and_refuses_browsers(
                 assert "JSON" in (await resp.json())["error"]
 
 
+async def test_control_api_on_a_unix_socket_needs_the_token_too(
+    homes: Callable[[str], Path],
+) -> None:
+    """The same API on <home>/api.sock (how a simulator reaches nodes inside
+    network namespaces), owner-only, with the same token and Host rules."""
+    async with Node(fast_config(homes("u"))) as node:
+        info = read_control(node.home)
+        assert info.socket == str(node.home / "api.sock")
+        assert (node.home / "api.sock").stat().st_mode & 0o777 == 0o600
+        auth = {"Authorization": f"Bearer {info.token}"}
+        connector = aiohttp.UnixConnector(path=info.socket)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get(info.url + "/v1/id") as resp:
+                assert resp.status == 401
+            async with http.get(info.url + "/v1/id", headers=auth) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["peer_id"] == node.peer_id
+
+
 async def test_control_file_removed_at_stop(homes: Callable[[str], Path]) -> None:
     async with Node(fast_config(homes("d"))) as node:
         assert (node.home / "control.json").exists()
+        assert (node.home / "api.sock").exists()
     assert not (node.home / "control.json").exists()
+    assert not (node.home / "api.sock").exists()
 
 
 async def test_parts_before_start_are_a_typed_error(homes: Callable[[str], Path]) -> None:
