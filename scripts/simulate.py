@@ -5,6 +5,7 @@
     python scripts/simulate.py --nodes 200 --mode inprocess --churn 0.3 --seed 7 --out report/
     python scripts/simulate.py --nodes 20 --mode processes       # real `p2pnode start` children
     python scripts/simulate.py --nodes 10000 --mode virtual      # in-memory network, virtual time
+    sudo python scripts/simulate.py --nodes 20 --mode processes --nat eim=0.3,symmetric=0.2
     python scripts/simulate.py --config scenario.toml --seed 3   # flags override the file
 
 Every scenario setting is a flag (``--join-rate``, ``--lookups``, ...; see --help)
@@ -64,6 +65,9 @@ HELP = {
     "adv_grind_tries": "Ed25519 keys tried in all to place Sybil ids next to target keys",
     "adv_cluster": "grind Sybil ids next to the workload's keys (false: random ids, "
     "S/Kademlia's adversary model)",
+    "nat": "processes mode, as root: place non-seed nodes behind home routers in a "
+    "network-namespace lab, e.g. eim=0.3,symmetric=0.2,firewall=0.1 (the rest public); "
+    "the report shows downloads by (sharer, downloader) placement",
     "adv_hosts": "IP addresses the Sybils share, each in its own /24 (1: one cheap host, "
     "Sybils on successive ports); 0: each Sybil its own address",
 }

@@ -21,8 +21,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import psutil
@@ -31,11 +32,16 @@ from p2pnode.home import CONTROL_FILE, TOKEN_FILE
 from p2pnode.identity import peer_id_to_str
 from p2pnode.sim.engine import Cluster, LookupOutcome, NodeFailure, SimNode, Traffic, Unsupported
 from p2pnode.sim.inprocess import net_bytes, raise_fd_limit
-from p2pnode.sim.scenario import ScenarioConfig
+from p2pnode.sim.netlab import Lab, NatKind, missing_tools
+from p2pnode.sim.scenario import ScenarioConfig, plan_placement
 
 log = logging.getLogger(__name__)
 
 POLL = 0.05
+# --nat: the lab's public addresses, and the port every node listens on (each
+# has a namespace of its own)
+LAB_PUBLIC = "203.0.113.0/24"
+LAB_PORT = 4001
 STOP_GRACE = 5.0
 PR_SET_PDEATHSIG = 1
 # The control endpoint a peer lookup needs (not in the API yet: see the report).
@@ -62,6 +68,10 @@ class ProcessNode(SimNode):
         self._token = ""
         self._joined = False
         self._log: Any = None
+        # In the lab, the node's loopback is its namespace's own: the control
+        # API is reached through its Unix socket instead.
+        self._socket: str | None = None
+        self._unix_session: aiohttp.ClientSession | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -71,7 +81,11 @@ class ProcessNode(SimNode):
         # A SIGKILLed node leaves its control file behind: never read a stale one.
         with contextlib.suppress(FileNotFoundError):
             (self.home / CONTROL_FILE).unlink()
+        lab = self._cluster.lab
+        netns = self._cluster.netns.get(self.index) if lab is not None else None
+        prefix = ["ip", "netns", "exec", netns] if netns is not None else []
         args = [
+            *prefix,
             sys.executable,
             "-m",
             "p2pnode",
@@ -79,9 +93,9 @@ class ProcessNode(SimNode):
             "--home",
             str(self.home),
             "--host",
-            "127.0.0.1",
+            "0.0.0.0" if netns is not None else "127.0.0.1",
             "--port",
-            str(port),
+            str(port or (LAB_PORT if netns is not None else 0)),
             "--log-level",
             "warning",
         ]
@@ -125,6 +139,7 @@ class ProcessNode(SimNode):
                 token = (self.home / TOKEN_FILE).read_text().strip()
                 if int(info["pid"]) == self.pid:
                     self._url, self._token = str(info["url"]), token
+                    self._socket = info.get("socket") if self._cluster.lab is not None else None
                     return
             except (OSError, ValueError, KeyError, TypeError):
                 pass
@@ -179,12 +194,27 @@ class ProcessNode(SimNode):
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._token}"}
 
+    def _http(self) -> aiohttp.ClientSession:
+        if self._socket is None:
+            return self._cluster.http()
+        if self._unix_session is None or self._unix_session.closed:
+            self._unix_session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=self._socket),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            )
+        return self._unix_session
+
+    async def close_http(self) -> None:
+        if self._unix_session is not None:
+            await self._unix_session.close()
+            self._unix_session = None
+
     async def _call(
         self, method: str, path: str, body: Any = None, *, missing_ok: bool = False
     ) -> Any:
         if not self.running:
             raise NodeFailure("down: node not running")
-        session = self._cluster.http()
+        session = self._http()
         try:
             async with session.request(
                 method, self._url + path, json=body, headers=self._headers()
@@ -211,7 +241,7 @@ class ProcessNode(SimNode):
     async def fetch(self, rid: str, dest: Path) -> Path:
         if not self.running:
             raise NodeFailure("down: node not running")
-        session = self._cluster.http()
+        session = self._http()
         final: dict[str, Any] | None = None
         body = {"id": rid, "dest": str(dest)}
         try:
@@ -237,14 +267,16 @@ class ProcessNode(SimNode):
         return Path(path) if path else dest
 
     async def dht_put(self, key: str, value: str) -> bool:
-        data = await self._call("POST", "/v1/dht/put", {"key": key, "value": value})
+        # the plain kademlia value, as the in-process runner puts (not a signed record)
+        body = {"key": key, "value": value, "kind": "plain"}
+        data = await self._call("POST", "/v1/dht/put", body)
         return bool(data.get("stored"))
 
     async def dht_get(self, key: str) -> str | None:
         from urllib.parse import quote
 
         try:
-            data = await self._call("GET", f"/v1/dht/get?key={quote(key)}")
+            data = await self._call("GET", f"/v1/dht/get?key={quote(key)}&plain=1")
         except ControlError as exc:
             if "NotFoundError" in str(exc):
                 return None
@@ -332,12 +364,43 @@ class ProcessCluster(Cluster):
         self._session: aiohttp.ClientSession | None = None
         self._procs: dict[int, psutil.Process] = {}
         self.find_peer_paths = list(FIND_PEER_PATHS)
+        # --nat: the lab, each node's namespace and the address peers reach it at
+        self.lab: Lab | None = None
+        self.netns: dict[int, str] = {}
+        self.placement = plan_placement(config)
+        self._lab_addresses: dict[int, str] = {}
 
     def _make_node(self, index: int, workdir: Path) -> SimNode:
-        return ProcessNode(index, workdir, self)
+        node = ProcessNode(index, workdir, self)
+        if index in self._lab_addresses:
+            node.host = self._lab_addresses[index]
+        return node
 
     async def setup(self) -> None:
         raise_fd_limit(1024 + 8 * self.config.nodes)
+        if self.config.nat_fractions():
+            await asyncio.to_thread(self._build_lab)
+
+    def _build_lab(self) -> None:
+        """One public bridge; a public node is a host on it, any other sits alone
+        behind a home router of its kind (its own LAN in 100.64.0.0/10)."""
+        missing = missing_tools()
+        if missing:
+            raise NodeFailure(f"--nat needs the network-namespace lab: {', '.join(missing)}")
+        self.lab = lab = Lab()
+        net = lab.public_bridge(LAB_PUBLIC)
+        for index, kind in enumerate(self.placement):
+            if kind == "public":
+                host = lab.host(f"n{index}", on=net)
+                self._lab_addresses[index] = str(host.address)
+            else:
+                lan = f"100.{64 + index // 256}.{index % 256}.0/24"
+                router = lab.router(f"r{index}", wan=net, lan=lan, nat=cast(NatKind, kind))
+                host = lab.host(f"n{index}", behind=router)
+                # where peers would reach it: its router (if they can at all)
+                self._lab_addresses[index] = str(router.address)
+            self.netns[index] = host.ns
+        log.info("lab: %s", dict(Counter(self.placement)))
 
     def http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -369,6 +432,12 @@ class ProcessCluster(Cluster):
             if self._session is not None:
                 await self._session.close()
                 self._session = None
+            for node in self.nodes.values():
+                if isinstance(node, ProcessNode):
+                    await node.close_http()
+            if self.lab is not None:
+                await asyncio.to_thread(self.lab.close)
+                self.lab = None
 
     def kill_now(self) -> None:
         for pid in list(self.pids):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from p2pnode.dht.config import DhtConfig
-from p2pnode.sim.scenario import Scenario
+from p2pnode.sim.scenario import Scenario, plan_placement
 from p2pnode.sim.stats import (
     Measurements,
     OpResult,
@@ -170,6 +171,8 @@ def build_report(
     }
     if adversary is not None or scenario.records or scenario.count("providers"):
         report["adversarial"] = _adversarial(scenario, m, adversary)
+    if config.nat:
+        report["nat"] = _nat(scenario, m)
     report["figures"] = _headline(report)
     if config.mode == "virtual":
         _split_wallclock(report, m)
@@ -239,6 +242,22 @@ def _adversarial(
         "routing_tables": _sybil_share(scenario, m),
         "provider_lookups_only_fake": _count_errors(providers, "only-fake"),
         "adversary": adversary,
+    }
+
+
+def _nat(scenario: Scenario, m: Measurements) -> dict[str, Any]:
+    """--nat: where the nodes sat, and downloads by (sharer's, downloader's)
+    placement: the connectivity matrix of the run."""
+    placement = plan_placement(scenario.config)
+    sharer = {op.arg: op.node for op in scenario.ops if op.kind == "share"}
+    pairs: dict[str, list[OpResult]] = {}
+    for r in m.of("fetch"):
+        if r.arg in sharer:
+            key = f"{placement[sharer[r.arg]]} -> {placement[r.node]}"
+            pairs.setdefault(key, []).append(r)
+    return {
+        "placement": dict(sorted(Counter(placement).items())),
+        "downloads": {key: success_summary(rs) for key, rs in sorted(pairs.items())},
     }
 
 
@@ -409,6 +428,12 @@ def format_table(r: dict[str, Any]) -> str:
     adv = r.get("adversarial")
     if adv is not None:
         rows[-1:-1] = _adversarial_rows(adv)
+    nat = r.get("nat")
+    if nat is not None:
+        placed = ", ".join(f"{kind} {n}" for kind, n in nat["placement"].items())
+        rows[-1:-1] = [("placement (lab)", placed)] + [
+            (f"downloads {pair}", _count(summary)) for pair, summary in nat["downloads"].items()
+        ]
     wall = r.get("wallclock")
     if wall is not None:
         rows[-1] = ("total time (simulated)", _fmt_s(r["run"]["total_time"]))

@@ -32,6 +32,9 @@ from typing import Any, Literal
 
 Mode = Literal["inprocess", "processes", "virtual"]
 MODES: tuple[Mode, ...] = ("inprocess", "processes", "virtual")
+# Router kinds of the lab (p2pnode.sim.netlab.NatKind) a node may sit behind.
+NAT_KINDS = ("eim", "symmetric", "firewall")
+MAX_LAB_NODES = 200
 VIRTUAL_LATENCY_MS = 20.0  # virtual mode's one-way delay unless --latency-ms says
 
 OpKind = Literal[
@@ -126,6 +129,10 @@ class ScenarioConfig:
     jitter_ms: float = 0.0
     # Virtual mode: each host's uplink in Mbit/s (0 = unlimited).
     bandwidth_mbit: float = 100.0
+    # Processes mode, as root: place non-seed nodes behind home routers in a
+    # network-namespace lab (p2pnode/sim/netlab.py), e.g. "eim=0.3,symmetric=0.2,
+    # firewall=0.1": those fractions behind each kind of router, the rest public.
+    nat: str = ""
     # Limits of the runner.
     max_inflight: int = 64
     lookup_timeout: float = 30.0
@@ -207,7 +214,34 @@ class ScenarioConfig:
         ):
             need(getattr(self, name) > 0, f"{name} must be > 0")
         need(self.rpc_timeout is None or self.rpc_timeout > 0, "rpc_timeout must be > 0")
+        fractions = self.nat_fractions()  # ScenarioError for a bad spec
+        need(not fractions or self.mode == "processes", "nat needs mode processes")
+        need(
+            not fractions or self.nodes <= MAX_LAB_NODES,
+            f"nat: at most {MAX_LAB_NODES} nodes (one /24 of public lab addresses)",
+        )
         return self
+
+    def nat_fractions(self) -> dict[str, float]:
+        """``nat`` parsed: {router kind: fraction of the non-seed nodes}."""
+        out: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in self.nat.split(","))):
+            kind, sep, value = part.partition("=")
+            kind = kind.strip()
+            if not sep or kind not in NAT_KINDS:
+                raise ScenarioError(
+                    f"nat: {part!r} is not KIND=FRACTION with KIND one of {', '.join(NAT_KINDS)}"
+                )
+            try:
+                fraction = float(value)
+            except ValueError:
+                raise ScenarioError(f"nat: {value!r} is not a fraction") from None
+            if not 0 <= fraction <= 1 or kind in out:
+                raise ScenarioError(f"nat: {part!r}: a fraction 0..1, each kind once")
+            out[kind] = fraction
+        if sum(out.values()) > 1 + 1e-9:
+            raise ScenarioError("nat: the fractions add up to more than 1")
+        return out
 
     def records(self) -> int:
         if self.dht_records is not None:
@@ -526,6 +560,23 @@ def _plan_nodes(config: ScenarioConfig) -> tuple[NodePlan, ...]:
             boot = tuple(sorted(rng.sample(seeds, per_node)))
         plans.append(NodePlan(i, i < config.seeds, round(i * step, 6), boot))
     return tuple(plans)
+
+
+def plan_placement(config: ScenarioConfig) -> tuple[str, ...]:
+    """Where each node sits: "public", or the kind of home router it is behind
+    (``nat``). Seeds are public (everyone bootstraps through them); of the
+    others, round(fraction * count) per kind, drawn with the scenario's seed."""
+    placement = ["public"] * config.nodes
+    candidates = list(range(config.seeds, config.nodes))
+    rng = _rng(config, "placement")
+    rng.shuffle(candidates)
+    taken = 0
+    for kind, fraction in config.nat_fractions().items():
+        count = round(fraction * (config.nodes - config.seeds))
+        for index in candidates[taken : taken + count]:
+            placement[index] = kind
+        taken += count
+    return tuple(placement)
 
 
 def plan_adversaries(config: ScenarioConfig) -> frozenset[int]:

@@ -123,6 +123,7 @@ async def test_processes_tiny_network_with_a_kill_and_restart(tmp_path: Path) ->
     assert r["join"]["started_ok"] == 4
     assert r["churn"]["killed"] == 1
     assert r["downloads"]["attempted"] > 0 and r["downloads"]["ok"] > 0
+    assert r["dht_values"]["get"]["ok"] > 0, r["dht_values"]["get"]["errors"]
     assert r["memory"]["rss_per_node"] > 10 * 2**20, "a child's peak RSS, from psutil"
     assert outcome.measurements.nodes[0].rss_peak > 0
     assert not list((tmp_path / "w").glob("n*"))
