@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("id", "show this node's peer id, addresses and version")
     add("peers", "list the contacts in the routing table")
+    add("connections", "list the open peer connections and how each was made")
     status = add("status", "a summary: uptime, peers, reachability, transfers, DHT traffic")
     status.add_argument(
         "-v", "--verbose", action="store_true", help="also every raw counter (as --json has)"
@@ -450,6 +451,16 @@ def cmd_peers(args: argparse.Namespace, client: ControlClient) -> int:
         return _table(rows, ("PEER ID", "ADDRESS", "LAST SEEN")) + f"\n{len(rows)} peer(s)"
 
     _emit(args, client.call("GET", "/v1/peers"), human)
+    return ExitCode.OK
+
+
+def cmd_connections(args: argparse.Namespace, client: ControlClient) -> int:
+    def human(d: dict[str, Any]) -> str:
+        rows = [(c["peer_id"], c["via"], c["direction"], c["address"]) for c in d["connections"]]
+        table = _table(rows, ("PEER ID", "VIA", "DIRECTION", "ADDRESS"))
+        return table + f"\n{len(rows)} connection(s)"
+
+    _emit(args, client.call("GET", "/v1/connections"), human)
     return ExitCode.OK
 
 
@@ -930,6 +941,7 @@ def _main(argv: Sequence[str] | None) -> int:
         handlers: dict[str, Callable[[], int]] = {
             "id": lambda: cmd_id(args, client),
             "peers": lambda: cmd_peers(args, client),
+            "connections": lambda: cmd_connections(args, client),
             "status": lambda: cmd_status(args, client),
             "stop": lambda: cmd_stop(args, client, home),
             "dht": lambda: cmd_dht(args, client),

@@ -435,6 +435,9 @@ class Node:
             for c in self.discovery.contacts()
         ]
 
+    def connections(self) -> list[dict[str, Any]]:
+        return self.peer_host.connections()
+
     def status(self) -> dict[str, Any]:
         proc = psutil.Process()
         return {

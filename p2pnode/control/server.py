@@ -199,6 +199,9 @@ class ControlServer:
         async def get_peers(_: web.Request) -> web.Response:
             return json_response({"peers": node.peers()})
 
+        async def get_connections(_: web.Request) -> web.Response:
+            return json_response({"connections": node.connections()})
+
         async def get_status(_: web.Request) -> web.Response:
             return json_response(node.status())
 
@@ -277,6 +280,7 @@ class ControlServer:
             web.get("/v1/id", get_id),
             web.get("/v1/dht/find_peer", get_find_peer),
             web.get("/v1/peers", get_peers),
+            web.get("/v1/connections", get_connections),
             web.get("/v1/status", get_status),
             web.post("/v1/stop", post_stop),
             web.post("/v1/dht/put", post_dht_put),

@@ -204,6 +204,22 @@ class PeerHost:
         out["memory_budget"] = self.memory.total
         return out
 
+    def connections(self) -> list[dict[str, object]]:
+        """The open peer connections: who, how (``via``: direct, relayed,
+        punched), which way, to which address."""
+        return [
+            {
+                "peer_id": peer_id_to_str(node_id),
+                "via": conn.via,
+                "direction": "outbound" if conn.dialed is not None else "inbound",
+                "address": f"{conn.peername[0]}:{conn.peername[1]}",
+                "inflight": conn.inflight,
+            }
+            for node_id, conns in self._by_peer.items()
+            for conn in conns
+            if conn.is_open
+        ]
+
     def connected_peers(self) -> list[bytes]:
         return [nid for nid, conns in self._by_peer.items() if any(c.is_open for c in conns)]
 

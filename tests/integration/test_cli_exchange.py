@@ -45,6 +45,12 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     got = run_cli("--home", str(n3), "get", rid, "-o", str(out / "big.bin"))
     assert "verified" in got.stdout
     assert (out / "big.bin").read_bytes() == big.read_bytes()
+    # The download's connection, and how it was made.
+    peer1 = json.loads(run_cli("--home", str(n1), "id", "--json").stdout)["peer_id"]
+    conns = json.loads(run_cli("--home", str(n3), "connections", "--json").stdout)
+    to_n1 = [c for c in conns["connections"] if c["peer_id"] == peer1]
+    assert to_n1 and to_n1[0]["via"] == "direct" and to_n1[0]["direction"] == "outbound"
+    assert peer1 in run_cli("--home", str(n3), "connections").stdout
     # Progress (stderr, not a terminal here): however fast, the last line says 100%.
     last = got.stderr.strip().splitlines()[-1]
     assert last.startswith("100.0%") and last.endswith("done"), got.stderr
