@@ -205,6 +205,13 @@ _REFUSED = _Family(
 _REQUESTS_REFUSED = _Family(
     "requests_refused_total", "Peer requests refused, by reason", label="reason"
 )
+_CANCELS = _Family(
+    "request_cancels_total",
+    "Request cancels (the mux's): sent, received (a handler stopped), too late "
+    "(the request was answered), bogus (more than the peer's requests), and answers "
+    "that crossed our cancel",
+    label="event",
+)
 _MESSAGE_ERRORS = _Family(
     "message_errors_total", "Messages that could not be handled, by reason", label="reason"
 )
@@ -251,8 +258,17 @@ _NET = _Subsystem(
             ("unknown_messages", "unknown"),
             ("bad_messages", "bad"),
             ("unexpected_responses", "unexpected_response"),
+            ("duplicate_requests", "duplicate_request"),
             ("remote_errors", "remote_error"),
             ("handler_errors", "handler_error"),
+        ),
+        **_one(
+            _CANCELS,
+            ("cancels_sent", "sent"),
+            ("cancels_received", "received"),
+            ("cancels_too_late", "too_late"),
+            ("cancels_bogus", "bogus"),
+            ("answers_after_cancel", "answer_after_cancel"),
         ),
         **_plain(
             ("bytes_in", "received_bytes_total", "Bytes received on peer connections", False),
