@@ -731,8 +731,7 @@ class ConnectionCore:
     def _on_request(self, request_id: int, msg: Message, now: float) -> None:
         counters = self.counters
         counters["requests_in"] += 1
-        if self._cancel_credit < self._credit_max:
-            self._cancel_credit += 1
+        self._cancel_credit += 1  # (capped when spent)
         bucket = self._bucket
         if bucket is not None and not bucket.take(now):
             counters["rate_limited"] += 1
@@ -746,13 +745,14 @@ class ConnectionCore:
             return
         inbound = self._inbound
         limit = self.limits.max_inflight_per_connection
-        if len(inbound) >= limit or len(inbound) + len(self._stopping) >= 2 * limit:
+        n = len(inbound)
+        if n >= limit or (self._stopping and n + len(self._stopping) >= 2 * limit):
             counters["rejected_busy"] += 1
             self._reply_inline(
                 request_id, ErrorReply(ErrorCode.BUSY, "too many requests in flight"), now
             )
             return
-        if request_id in inbound or request_id in self._stopping:
+        if request_id in inbound or (self._stopping and request_id in self._stopping):
             counters["duplicate_requests"] += 1  # two answers could not be told apart
             if self._strike(now):
                 self._reply_inline(
@@ -769,11 +769,12 @@ class ConnectionCore:
     def _on_cancel(self, request_id: int, now: float) -> None:
         """The peer gave up its request ``request_id`` (see the module rules)."""
         counters = self.counters
-        if self._cancel_credit <= 0:
+        credit = min(self._cancel_credit, self._credit_max)
+        if credit <= 0:
             counters["cancels_bogus"] += 1  # more cancels than requests
             self._strike(now)
             return
-        self._cancel_credit -= 1
+        self._cancel_credit = credit - 1
         if request_id not in self._inbound:
             counters["cancels_too_late"] += 1  # answered already (or never asked)
             return
