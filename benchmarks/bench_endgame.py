@@ -6,8 +6,10 @@ Real nodes (Discovery, PeerHost, Exchange) on 127.0.0.2-5 and 127.0.0.10, files
 under /dev/shm. Printed per run: the download's seconds; ``sent_dup_bytes``,
 the piece bytes the providers sent beyond the file size (their
 ``bytes_served``: the same measure with or without endgame cancels); the
-downloader's ``unexpected_responses`` (answers to requests it had dropped);
-its endgame counters and the providers' ``reads_cancelled``. ``--no-cache``
+downloader's ``unexpected_responses`` (answers to requests it had dropped) and
+``answers_after_cancel`` (answers that crossed its cancel), its endgame
+counters and ``cancels_sent``; the providers' ``cancels_received`` (a handler
+stopped), ``cancels_too_late`` and ``reads_cancelled``. ``--no-cache``
 makes the providers read every piece in a thread (``serve_cached_reads=False``),
 as pieces not in the page cache are.
 """
@@ -81,13 +83,18 @@ async def run(size: int, cached: bool, tmp: Path) -> dict[str, object]:
     await asyncio.sleep(1.0)  # late answers (without cancels) arrive meanwhile
     served = sum(p.exchange.stats().get("bytes_served", 0) for p in providers)
     stats = leech.exchange.stats()
+    net = leech.host.stats()
     out: dict[str, object] = {
         "secs": round(took, 3),
         "sent_dup_bytes": served - size,
-        "unexpected_responses": leech.host.stats().get("unexpected_responses", 0),
+        "unexpected_responses": net.get("unexpected_responses", 0),
+        "answers_after_cancel": net.get("answers_after_cancel", 0),
+        "cancels_sent": net.get("cancels_sent", 0),
     }
-    for name in ("endgame_duplicate_bytes", "pieces_cancelled", "cancels_sent"):
+    for name in ("endgame_duplicate_bytes", "pieces_cancelled"):
         out[name] = stats.get(name, "-")
+    for name in ("cancels_received", "cancels_too_late"):
+        out[name] = sum(p.host.stats().get(name, 0) for p in providers)
     out["reads_cancelled"] = sum(p.exchange.stats().get("reads_cancelled", 0) for p in providers)
     for node in [leech, *reversed(providers)]:
         await node.close()

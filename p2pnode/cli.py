@@ -254,7 +254,8 @@ _NAME_HELP = "a service name: dotted lower-case, e.g. text.upper"
 def _service_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
     serve = add(
         "serve",
-        "serve NAME to peers: a local program (--exec) or a local HTTP service (--http)",
+        "serve NAME to peers: a local program (--exec) or a local HTTP service (--http); "
+        "saved in the home and served again at start, until unserve",
     )
     serve.add_argument("name", help=_NAME_HELP)
     target = serve.add_mutually_exclusive_group(required=True)
@@ -282,6 +283,11 @@ def _service_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> Non
         "--idempotent",
         action="store_true",
         help="calls may be retried on another provider when one fails",
+    )
+    serve.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace NAME if this node serves it already (otherwise that is an error)",
     )
     serve.add_argument(
         "--stream",
@@ -688,6 +694,8 @@ def cmd_providers(args: argparse.Namespace, client: ControlClient) -> int:
 
 def cmd_serve(args: argparse.Namespace, client: ControlClient) -> int:
     body: dict[str, Any] = {"name": args.name, "idempotent": args.idempotent}
+    if args.replace:
+        body["replace"] = True
     if args.timeout is not None:
         body["timeout"] = args.timeout
     if args.max_output is not None:

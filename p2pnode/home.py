@@ -10,6 +10,8 @@ Files (written atomically):
   identity.key   Ed25519 private key (PEM)
   config.toml    optional defaults for `start` (host, port, bootstrap, api_port, log_level)
   contacts.json  routing-table contacts saved at the last run, used to rejoin
+  services.json  the services `serve` registered (program or HTTP adapters), served
+                 again at start
   control.json   the running node's control API address and pid (removed at stop)
   api.token      the control API token
   node.lock      held (flock) while a node runs on this home
@@ -39,7 +41,9 @@ TOKEN_FILE = "api.token"
 API_SOCKET = "api.sock"
 LOCK_FILE = "node.lock"
 CONFIG_FILE = "config.toml"
+SERVICES_FILE = "services.json"
 MAX_SAVED_CONTACTS = 200
+MAX_SAVED_SERVICES = 1024
 # p2pnode.exchange.store.DB_NAME (not imported: the CLI client imports this module).
 # Created 0600 here before SQLite opens it: SQLite gives its -wal and -shm files the
 # mode of the database file, but creates that one 0644 minus the umask.
@@ -51,7 +55,16 @@ FILE_MODE = 0o600
 # What an older home gets tightened: the node's own files and folders. Anything else
 # a user keeps in the home is left as it is (the 0700 home keeps others out).
 OWN_NAMES = frozenset(
-    {KEY_FILE, CONTACTS_FILE, CONTROL_FILE, TOKEN_FILE, LOCK_FILE, CONFIG_FILE, DOWNLOADS_DIR}
+    {
+        KEY_FILE,
+        CONTACTS_FILE,
+        CONTROL_FILE,
+        TOKEN_FILE,
+        LOCK_FILE,
+        CONFIG_FILE,
+        SERVICES_FILE,
+        DOWNLOADS_DIR,
+    }
     | {INDEX_FILE + suffix for suffix in ("", "-wal", "-shm", "-journal")}
 )
 # Entries looked at in the downloads folder when tightening it.
@@ -215,6 +228,35 @@ def load_contacts(home: Path) -> list[SavedContact]:
             continue
         if len(node_id) == 20 and 0 < port < 65536:
             out.append(SavedContact(node_id, host, port))
+    return out
+
+
+def save_services(home: Path, specs: list[dict[str, Any]]) -> None:
+    """The services to serve again at start (each the control API's serve body)."""
+    data = {"version": 1, "services": specs[:MAX_SAVED_SERVICES]}
+    write_atomic(home / SERVICES_FILE, json.dumps(data, indent=1).encode())
+
+
+def load_services(home: Path) -> list[dict[str, Any]]:
+    """The saved services, as saved; each is checked when served again. A missing
+    file gives none; an unreadable one gives none and a warning (never a crash)."""
+    path = home / SERVICES_FILE
+    try:
+        data = json.loads(path.read_bytes())
+        rows = data["services"]
+        if not isinstance(rows, list):
+            raise TypeError("'services' is not a list")
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        log.warning("%s is unreadable (%s): no saved service is served", path, exc)
+        return []
+    out: list[dict[str, Any]] = []
+    for i, row in enumerate(rows[:MAX_SAVED_SERVICES]):
+        if isinstance(row, dict):
+            out.append(row)
+        else:
+            log.warning("%s: entry %d is not an object: skipped", path, i)
     return out
 
 

@@ -205,6 +205,13 @@ _REFUSED = _Family(
 _REQUESTS_REFUSED = _Family(
     "requests_refused_total", "Peer requests refused, by reason", label="reason"
 )
+_CANCELS = _Family(
+    "request_cancels_total",
+    "Request cancels (the mux's): sent, received (a handler stopped), too late "
+    "(the request was answered), bogus (more than the peer's requests), and answers "
+    "that crossed our cancel",
+    label="event",
+)
 _MESSAGE_ERRORS = _Family(
     "message_errors_total", "Messages that could not be handled, by reason", label="reason"
 )
@@ -251,8 +258,17 @@ _NET = _Subsystem(
             ("unknown_messages", "unknown"),
             ("bad_messages", "bad"),
             ("unexpected_responses", "unexpected_response"),
+            ("duplicate_requests", "duplicate_request"),
             ("remote_errors", "remote_error"),
             ("handler_errors", "handler_error"),
+        ),
+        **_one(
+            _CANCELS,
+            ("cancels_sent", "sent"),
+            ("cancels_received", "received"),
+            ("cancels_too_late", "too_late"),
+            ("cancels_bogus", "bogus"),
+            ("answers_after_cancel", "answer_after_cancel"),
         ),
         **_plain(
             ("bytes_in", "received_bytes_total", "Bytes received on peer connections", False),
@@ -337,7 +353,15 @@ def _service_families(served: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
     """Per-service figures (``Node.services()``), labelled by service name: the
     operator chooses the names, so their number stays small."""
     prefix = f"{NAMESPACE}_services"
-    calls = CounterMetricFamily(f"{prefix}_calls", "Calls admitted, by service", labels=["service"])
+    calls = CounterMetricFamily(
+        f"{prefix}_calls",
+        "Calls ended on this node, by service and result: ok, or the error code "
+        "(refusals at admission included)",
+        labels=["service", "result"],
+    )
+    admitted = CounterMetricFamily(
+        f"{prefix}_admitted", "Calls admitted (past the limits), by service", labels=["service"]
+    )
     errors = CounterMetricFamily(
         f"{prefix}_errors",
         "Calls refused or failed, by service and error code",
@@ -358,16 +382,18 @@ def _service_families(served: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
     )
     for service in served:
         name = str(service["name"])
-        calls.add_metric([name], service.get("calls", 0))
+        admitted.add_metric([name], service.get("calls", 0))
+        calls.add_metric([name, "ok"], service.get("ok", 0))
         counted = service.get("errors", {})
         # Every code from the start (at zero): rate() needs the series before its first error.
         for code in dict.fromkeys([*map(str, ServiceErrorCode), *counted]):
+            calls.add_metric([name, code], counted.get(code, 0))
             errors.add_metric([name, code], counted.get(code, 0))
         in_flight.add_metric([name], service.get("in_flight", 0))
         if service.get("p50_ms") is not None:  # no successful call yet: no sample
             p50.add_metric([name], service["p50_ms"] / 1000)
         announced.add_metric([name], service.get("announced_to", 0))
-    yield from (calls, errors, in_flight, p50, announced)
+    yield from (calls, admitted, errors, in_flight, p50, announced)
 
 
 def _families(sub: _Subsystem, stats: dict[str, int]) -> Iterator[Metric]:

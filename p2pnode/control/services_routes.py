@@ -1,6 +1,11 @@
 """Control API endpoints of services: serve (an --exec program or an --http service),
 unserve, list, find providers, call and call a stream.
 
+What ``serve`` registers is saved in the node's home (``services.json``, 0600,
+written atomically) and served again when the node starts; ``unserve`` removes
+it. Serving a name already served is refused (naming it) unless the body says
+``"replace": true``.
+
 Replies are JSON-safe: bytes travel as base64 (``reply_b64`` at the top, a
 ``{"base64": ...}`` object inside a structure). A failed call is the usual error
 body plus ``code``, the service error's wire code (``no_providers``,
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +43,7 @@ from p2pnode.errors import (
     DeadlineExceeded,
     HandlerError,
     NoProviders,
+    P2PError,
     ProvidersFailed,
     ServiceError,
     ServiceNotFound,
@@ -44,9 +51,12 @@ from p2pnode.errors import (
     TooLarge,
     UsageError,
 )
+from p2pnode.home import load_services, save_services
 from p2pnode.identity import peer_id_to_str
 from p2pnode.services.adapters import exec_handler, http_handler
 from p2pnode.services.names import validate_service_name
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ADAPTER_TIMEOUT = 30.0
 DEFAULT_CALL_TIMEOUT = 10.0
@@ -208,23 +218,41 @@ def reply_fields(value: object) -> dict[str, object]:
 
 
 def services_routes(node: NodeAPI) -> list[web.RouteDef]:
+    """The routes; the services saved in the node's home are served again first."""
     # What each service served through this API runs: shown by GET /v1/services.
     adapters: dict[str, str] = {}
+    home = node.config.home
+    # What serve registered, saved in the home (SERVICES_FILE) as normalised bodies.
+    saved: dict[str, dict[str, Any]] = {}
 
-    async def post_serve(request: web.Request) -> web.Response:
-        body = await read_json(request)
+    def serve_body(body: dict[str, Any], *, replace: bool) -> dict[str, Any]:
+        """Serve what ``body`` says; returns it normalised (what is saved)."""
         name = _name(body.get("name"))
         timeout = _timeout(body, DEFAULT_ADAPTER_TIMEOUT)
         idempotent = _bool(body, "idempotent")
         stream = _bool(body, "stream")
         allow_remote = _bool(body, "allow_remote")
-        shell = "command" in body
         given = [k for k in ("exec", "command", "http") if k in body]
         if len(given) != 1:
             raise UsageError("give exactly one of 'exec' (argv), 'command' (shell) and 'http'")
         max_output = body.get("max_output", 1024 * 1024)
-        if not isinstance(max_output, int) or not 0 < max_output <= MAX_ADAPTER_OUTPUT:
+        if (
+            isinstance(max_output, bool)
+            or not isinstance(max_output, int)
+            or not 0 < max_output <= MAX_ADAPTER_OUTPUT
+        ):
             raise UsageError(f"field 'max_output' must be 1..{MAX_ADAPTER_OUTPUT} bytes")
+        if not replace and any(row.get("name") == name for row in node.services()):
+            raise UsageError(
+                f"service {name!r} is already served here: unserve it first, "
+                "or replace it (--replace)"
+            )
+        spec: dict[str, Any] = {
+            "name": name,
+            "idempotent": idempotent,
+            "timeout": timeout,
+            "max_output": max_output,
+        }
         if given[0] == "http":
             url = body["http"]
             if not isinstance(url, str):
@@ -236,14 +264,18 @@ def services_routes(node: NodeAPI) -> list[web.RouteDef]:
             )
             node.serve(name, handler, idempotent=idempotent)
             adapter = f"http {url}"
+            spec.update(http=url, allow_remote=allow_remote)
         else:
+            shell = given[0] == "command"
             if shell:
                 command = body["command"]
                 if not isinstance(command, str) or not command.strip() or "\0" in command:
                     raise UsageError("field 'command' must be a shell command line")
                 argv = [command]
+                spec["command"] = command
             else:
                 argv = _argv(body["exec"])
+                spec["exec"] = argv
             made = exec_handler(
                 argv, timeout=timeout, max_output=max_output, shell=shell, stream=stream
             )
@@ -252,14 +284,40 @@ def services_routes(node: NodeAPI) -> list[web.RouteDef]:
             else:
                 node.serve(name, made, idempotent=idempotent)
             adapter = f"{'shell' if shell else 'exec'} {' '.join(argv)}"
+            spec["stream"] = stream
         adapters[name] = adapter
+        return spec
+
+    def save() -> None:
+        try:
+            save_services(home, list(saved.values()))
+        except OSError as exc:  # served all the same; only the next start misses it
+            log.error("cannot save the services to %s: %s", home, exc)
+
+    # Served again at start; a saved entry that no longer works (a program gone, a
+    # bad field) is reported and skipped, and dropped from the file at the next save.
+    for body in load_services(home):
+        try:
+            spec = serve_body(body, replace=False)
+        except P2PError as exc:
+            log.warning("saved service %r not served: %s", body.get("name", "?"), exc)
+            continue
+        saved[spec["name"]] = spec
+        log.info("serving saved service %s: %s", spec["name"], adapters[spec["name"]])
+
+    async def post_serve(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        spec = serve_body(body, replace=_bool(body, "replace"))
+        name = spec["name"]
+        saved[name] = spec
+        save()
         return json_response(
             {
                 "name": name,
-                "kind": "stream" if stream else "unary",
-                "adapter": adapter,
-                "idempotent": idempotent,
-                "timeout": timeout,
+                "kind": "stream" if spec.get("stream") else "unary",
+                "adapter": adapters[name],
+                "idempotent": spec["idempotent"],
+                "timeout": spec["timeout"],
             }
         )
 
@@ -268,6 +326,8 @@ def services_routes(node: NodeAPI) -> list[web.RouteDef]:
         name = _name(body.get("name"))
         node.unserve(name)
         adapters.pop(name, None)
+        if saved.pop(name, None) is not None:
+            save()
         return json_response({"name": name, "unserved": True})
 
     async def get_services(_: web.Request) -> web.Response:

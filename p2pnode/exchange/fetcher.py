@@ -33,16 +33,16 @@ Rules:
   piece; a peer whose connection fails is dropped. Its pieces go back to the
   others.
 - Endgame: when a piece arrives, the other peers still asked for it (the
-  picker's losers) get a ``CancelPiece`` and their slots are freed at once; their
-  requests are left to end on their own (a short ``cancelled`` answer, or the
-  piece if it was already on its way), so no answer arrives unasked-for, which
-  the connection would count against the peer. The same goes for requests still
-  out when the download completes; it waits up to ``DRAIN_GRACE`` for those
-  answers (during the final sync), so none comes after the get returns. A peer
-  that answers the cancel ``unsupported`` (an older node) is sent no more of
-  them in this download.
-  Counted: ``pieces_cancelled`` (answered cancelled), ``endgame_duplicate_bytes``
-  (piece bytes received for a piece already done), ``cancels_sent``.
+  picker's losers) have their slots freed at once, and their requests still
+  waiting for the answer are cancelled: the connection sends the peer the mux's
+  cancel (net/core.py), which stops the peer's read and sends nothing; a piece
+  already on its way is dropped by the connection without a strike. A request
+  whose answer came (being verified or written) ends on its own. The same goes
+  for requests still out when the download completes; it waits up to
+  ``DRAIN_GRACE`` for those (during the final sync), so none ends after the get
+  returns. Counted: ``pieces_cancelled`` (requests cancelled before their
+  answer), ``endgame_duplicate_bytes`` (piece bytes received for a piece
+  already done); the connection counts ``cancels_sent``.
 - When the picker has no peers left, the providers are looked up again
   (``rediscover_attempts`` times, waiting longer each time); then the download
   fails with ``DownloadError``, keeping what it verified. A first lookup that
@@ -93,8 +93,6 @@ from p2pnode.exchange.manifest import (
     resource_id_to_str,
 )
 from p2pnode.exchange.messages import (
-    PIECE_CANCELLED,
-    CancelPiece,
     GetHave,
     GetManifest,
     GetPiece,
@@ -197,18 +195,13 @@ class Progress:
         }
 
 
-# A finished download waits at most this long (seconds) for the answers to its
-# cancelled endgame duplicates (a round trip, unless a piece was already on its
-# way), so that no answer of it arrives after the get returned; past it they
+# A finished download waits at most this long (seconds) for its abandoned endgame
+# duplicates to end (cancelled ones end at once; one being verified or written
+# takes that long), so that none ends after the get returned; past it they
 # still end on their own.
 DRAIN_GRACE = 1.0
 
-ENDGAME_COUNTERS = (
-    "pieces_cancelled",
-    "endgame_duplicate_bytes",
-    "cancels_sent",
-    "cancels_unsupported",
-)
+ENDGAME_COUNTERS = ("pieces_cancelled", "endgame_duplicate_bytes")
 
 # With fsync on, writeback of page-cached bytes is started every this many bytes
 # written, so it overlaps the transfer instead of following it.
@@ -244,11 +237,11 @@ class _Download:
     # Verified and written, not yet committed to the store (committed in batches).
     unrecorded: list[int] = field(default_factory=list)
     last_record: float = 0.0
-    # Requests whose piece came from another peer (a cancel was sent): their
-    # outcome only counts, it decides nothing.
+    # Requests whose piece came from another peer: their outcome only counts, it
+    # decides nothing.
     abandoned: set[asyncio.Task[PieceOutcome]] = field(default_factory=set)
-    # Peers that answered CancelPiece ``unsupported`` (older nodes): not sent more.
-    no_cancel: set[bytes] = field(default_factory=set)
+    # Piece tasks still waiting for their answer (what a cancel can stop).
+    asking: set[asyncio.Task[Any]] = field(default_factory=set)
     # Each worker's wake-up for an abandoned request (see _peer_worker).
     kicks: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)
 
@@ -288,8 +281,7 @@ class Fetcher:
         # Node-wide: what past downloads learned of each provider.
         # The node's ranking (Exchange owns one), so a get learns from earlier ones.
         self._ranking = ProviderRanking() if ranking is None else ranking
-        # Abandoned requests and cancels still out: they end on their own (an
-        # answer or piece_timeout); the download waits DRAIN_GRACE for them.
+        # Abandoned requests still ending: the download waits DRAIN_GRACE for them.
         self._draining: set[asyncio.Task[Any]] = set()
 
     # -- entry point ------------------------------------------------------------------
@@ -868,7 +860,15 @@ class Fetcher:
 
     async def _fetch_piece(self, d: _Download, rec: ProviderRecord, index: int) -> PieceOutcome:
         """Ask for a piece, verify it and write it; raises on request errors."""
-        reply = await self._request(rec, GetPiece(d.resource_id, index), self._config.piece_timeout)
+        task = asyncio.current_task()
+        assert task is not None
+        d.asking.add(task)
+        try:
+            reply = await self._request(
+                rec, GetPiece(d.resource_id, index), self._config.piece_timeout
+            )
+        finally:
+            d.asking.discard(task)
         if not isinstance(reply, PieceData) or reply.resource_id != d.resource_id:
             raise _BadAnswer("answered GetPiece with something else")
         if reply.index != index:
@@ -949,34 +949,18 @@ class Fetcher:
     def _abandon(
         self, d: _Download, rec: ProviderRecord, index: int, task: asyncio.Task[PieceOutcome]
     ) -> None:
-        """``index`` came from elsewhere: tell ``rec`` to stop sending it; its request
-        is left to end on its own (its slot in the picker is already free)."""
+        """``index`` came from elsewhere (its slot in the picker is already free):
+        a request still waiting for ``rec``'s answer is cancelled (the peer is
+        told and stops); one already answered ends on its own."""
         d.abandoned.add(task)
         kick = d.kicks.get(rec.node_id)
         if kick is not None and not kick.done():
             kick.set_result(None)
-        if task.done() or rec.node_id in d.no_cancel:
-            return
-        cancel = asyncio.create_task(self._send_cancel(d, rec, index))
-        self._draining.add(cancel)
-        cancel.add_done_callback(self._draining.discard)
-
-    async def _send_cancel(self, d: _Download, rec: ProviderRecord, index: int) -> None:
-        if rec.node_id in d.no_cancel:
-            return  # it said unsupported since this cancel was decided
-        try:
-            await self._request(rec, CancelPiece(d.resource_id, index), self._config.piece_timeout)
-        except RemoteError as exc:
-            if exc.code == ErrorCode.UNSUPPORTED:
-                d.no_cancel.add(rec.node_id)  # an older node: harmless, but do not repeat
-                self.counters["cancels_unsupported"] += 1
-            return
-        except (P2PError, OSError):
-            return  # its request ends on its own all the same
-        self.counters["cancels_sent"] += 1
+        if task in d.asking:
+            task.cancel()
 
     async def _settle(self) -> None:
-        """Wait a little for the abandoned requests and cancels still out."""
+        """Wait a little for the abandoned requests still ending."""
         if self._draining:
             await asyncio.wait(set(self._draining), timeout=DRAIN_GRACE)
 
@@ -997,14 +981,10 @@ class Fetcher:
 
     def _count_abandoned(self, d: _Download, index: int, task: asyncio.Task[PieceOutcome]) -> None:
         if task.cancelled():
-            return
-        failure = task.exception()
-        if failure is None:
-            # The piece came before the cancel reached the peer (or was read from
-            # its page cache at once): the bytes were spent all the same.
-            self.counters["endgame_duplicate_bytes"] += d.manifest.piece_length(index)
-        elif isinstance(failure, RemoteError) and failure.code == PIECE_CANCELLED:
             self.counters["pieces_cancelled"] += 1
+        elif task.exception() is None:
+            # The piece came before it was abandoned: the bytes were spent all the same.
+            self.counters["endgame_duplicate_bytes"] += d.manifest.piece_length(index)
 
     def _record(self, d: _Download) -> None:
         """Commit the pieces verified and written since the last commit."""

@@ -4,12 +4,10 @@ Rules:
 
 - GetManifest -> ManifestData, GetHave -> Have, GetPiece -> PieceData; any of
   them may instead be answered with an ``ErrorReply`` (wire/messages.py).
-- CancelPiece(resource_id, index) -> PieceCancelled(found): the asker no longer
-  wants that piece (an endgame duplicate another peer already sent). A GetPiece
-  from the same peer still waiting for its disk read is answered with the
-  ``ErrorReply`` code ``cancelled`` (``PIECE_CANCELLED``) instead of the piece;
-  one already answered is not affected (``found`` is False). A peer older than
-  these messages answers ``unsupported``: the asker stops sending it cancels.
+- A GetPiece the asker no longer wants (an endgame duplicate another peer already
+  sent) is cancelled by the request mux (``Kind.CANCEL``, wire/messages.py): no
+  message of its own. Codes 22 and 23 (the former CancelPiece / PieceCancelled)
+  are retired, never to be reused.
 - A ``Have`` bitfield has bit i (MSB first in byte i // 8) set when piece i is
   held; its length is exactly ``ceil(piece_count / 8)`` bytes and bits past the
   last piece are zero, otherwise it is malformed.
@@ -27,15 +25,12 @@ from p2pnode.wire.messages import DEFAULT_REGISTRY, Blob, Message, MessageRegist
 
 __all__ = [
     "EXCHANGE_MESSAGES",
-    "PIECE_CANCELLED",
     "RESOURCE_ID_LEN",
-    "CancelPiece",
     "GetHave",
     "GetManifest",
     "GetPiece",
     "Have",
     "ManifestData",
-    "PieceCancelled",
     "PieceData",
     "bitfield_from",
     "bitfield_to_set",
@@ -87,22 +82,6 @@ class GetHave(Message):
     resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
 
 
-@message(23, registry=None)
-@dataclass(frozen=True, slots=True)
-class PieceCancelled(Message):
-    found: bool = wire()  # a read of that piece for this peer was stopped
-
-
-@message(22, response=PieceCancelled, registry=None)
-@dataclass(frozen=True, slots=True)
-class CancelPiece(Message):
-    resource_id: bytes = wire(exact_len=RESOURCE_ID_LEN)
-    index: int = wire(min_value=0, max_value=0xFFFFFFFF)
-
-
-# The ErrorReply code a GetPiece stopped by a CancelPiece is answered with.
-PIECE_CANCELLED = "cancelled"
-
 EXCHANGE_MESSAGES: tuple[type[Message], ...] = (
     GetManifest,
     ManifestData,
@@ -110,8 +89,6 @@ EXCHANGE_MESSAGES: tuple[type[Message], ...] = (
     PieceData,
     GetHave,
     Have,
-    CancelPiece,
-    PieceCancelled,
 )
 
 

@@ -20,12 +20,12 @@ Rules:
 - Before a shared file's piece is read its size and mtime are checked; if they
   changed the resource stops being served (``on_stale``) and the asker gets
   ``not_found``: a stale piece is never sent.
-- A ``CancelPiece`` from a peer stops its GetPiece requests for that piece that
-  still wait for a disk read (queued or reading in a thread: the thread's bytes
-  are dropped); each is answered ``cancelled`` (a few bytes instead of the piece)
-  and frees its queue slot and memory reservation at once (``reads_cancelled``).
-  Reads from the page cache are answered on the spot, so there is nothing to
-  stop and they cost no bookkeeping (the piece path stays as fast).
+- A GetPiece its peer cancels (the request mux's cancel: the connection cancels
+  its handler task) while it waits for a disk read (queued or reading in a
+  thread: the thread's bytes are dropped) stops there, is not answered, and frees
+  its queue slot and memory reservation at once (``reads_cancelled``). Reads
+  from the page cache are answered on the spot, so there is nothing to stop and
+  they cost no bookkeeping (the piece path stays as fast).
 - Anything else gets an ``ErrorReply``: ``not_found`` for unknown ids or pieces we
   lack, ``bad_request`` for an index out of range, ``unsupported`` for message
   types this handler does not know.
@@ -38,18 +38,14 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import cast
 
 from p2pnode.exchange.manifest import resource_id_to_str
 from p2pnode.exchange.messages import (
-    PIECE_CANCELLED,
-    CancelPiece,
     GetHave,
     GetManifest,
     GetPiece,
     Have,
     ManifestData,
-    PieceCancelled,
     PieceData,
     bitfield_from,
 )
@@ -58,9 +54,6 @@ from p2pnode.net.memory import MemoryBudget
 from p2pnode.wire.messages import ErrorCode, ErrorReply, Message
 
 log = logging.getLogger(__name__)
-
-# (peer, resource id, piece index): a GetPiece waiting for its disk read.
-_ReadKey = tuple[bytes, bytes, int]
 
 
 class PieceServer:
@@ -86,10 +79,6 @@ class PieceServer:
         self._min_per_peer = min_per_peer
         self._pending = 0
         self._queued: Counter[bytes] = Counter()
-        # The handler tasks waiting for a disk read, so a CancelPiece can stop them;
-        # _stopping holds those it did (their CancelledError is answered, not raised).
-        self._reading: dict[_ReadKey, list[asyncio.Task[Message]]] = {}
-        self._stopping: set[asyncio.Task[Message]] = set()
         self.counters: Counter[str] = Counter()
 
     async def handle(self, remote: bytes, msg: Message) -> Message:
@@ -99,8 +88,6 @@ class PieceServer:
             return self._get_manifest(msg)
         if isinstance(msg, GetHave):
             return self._get_have(msg)
-        if isinstance(msg, CancelPiece):
-            return self._cancel_piece(remote, msg)
         return ErrorReply(ErrorCode.UNSUPPORTED, f"{type(msg).__name__} is not handled here")
 
     def _get_manifest(self, msg: GetManifest) -> Message:
@@ -123,7 +110,7 @@ class PieceServer:
 
     def stats(self) -> dict[str, int]:
         out = {"pieces_served": 0, "bytes_served": 0, "rejected_busy": 0, "stale": 0}
-        out.update(reads_cancelled=0, cancels_received=0)
+        out.update(reads_cancelled=0)
         out.update(self.counters)
         out["piece_requests_queued"] = self._pending
         return out
@@ -153,10 +140,10 @@ class PieceServer:
         try:
             data = src.read_cached(msg.index) if self._cached_reads else None
             if data is None:
-                data = await self._read_from_disk(remote, msg, src)
-                if data is None:
-                    self.counters["reads_cancelled"] += 1
-                    return ErrorReply(PIECE_CANCELLED, f"piece {msg.index} cancelled")
+                data = await self._read_from_disk(msg, src)
+        except asyncio.CancelledError:
+            self.counters["reads_cancelled"] += 1  # the peer cancelled it (or left)
+            raise
         except StaleError as exc:
             self.counters["stale"] += 1
             self._on_stale(rid, str(exc))
@@ -175,39 +162,12 @@ class PieceServer:
         self.counters["bytes_served"] += len(data)
         return PieceData(rid, msg.index, data)
 
-    async def _read_from_disk(
-        self, remote: bytes, msg: GetPiece, src: PieceSource
-    ) -> memoryview | None:
-        """The piece read in a worker thread; None if the peer cancelled it first."""
-        task = cast("asyncio.Task[Message]", asyncio.current_task())
-        key = (remote, msg.resource_id, msg.index)
-        self._reading.setdefault(key, []).append(task)
-        try:
-            async with self._reads:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._executor, src.read, msg.index)
-        except asyncio.CancelledError:
-            # Ours (a CancelPiece) and nobody else's: answer; otherwise let it end.
-            if task in self._stopping and task.uncancel() == 0:
-                return None
-            raise
-        finally:
-            self._stopping.discard(task)
-            waiting = self._reading[key]
-            waiting.remove(task)
-            if not waiting:
-                del self._reading[key]
-
-    def _cancel_piece(self, remote: bytes, msg: CancelPiece) -> Message:
-        waiting = self._reading.get((remote, msg.resource_id, msg.index), ())
-        found = False
-        for task in waiting:
-            if task not in self._stopping:
-                self._stopping.add(task)
-                task.cancel()
-                found = True
-        self.counters["cancels_received"] += 1
-        return PieceCancelled(found)
+    async def _read_from_disk(self, msg: GetPiece, src: PieceSource) -> memoryview:
+        """The piece, read in a worker thread (cancelling stops the wait; a read
+        already running in its thread finishes there and its bytes are dropped)."""
+        async with self._reads:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, src.read, msg.index)
 
 
 def _not_found(rid: bytes) -> ErrorReply:

@@ -33,7 +33,7 @@ from p2pnode.errors import NotFoundError, P2PError, UsageError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.fetcher import DownloadError, Fetcher, Progress
 from p2pnode.exchange.manifest import build_manifest, dht_key, resource_id_to_str
-from p2pnode.exchange.messages import CancelPiece, GetHave, GetManifest, GetPiece
+from p2pnode.exchange.messages import GetHave, GetManifest, GetPiece
 from p2pnode.exchange.messages import register as register_messages
 from p2pnode.exchange.ranking import ProviderRanking
 from p2pnode.exchange.server import PieceServer
@@ -178,8 +178,6 @@ class Exchange:
             pieces_failed_verification=0,
             pieces_cancelled=0,
             endgame_duplicate_bytes=0,
-            cancels_sent=0,
-            cancels_unsupported=0,
         )
         self._downloads: dict[bytes, asyncio.Task[StoredResource]] = {}
         self._announce_now = asyncio.Event()
@@ -202,7 +200,7 @@ class Exchange:
             memory=self._host.memory,
         )
         # exchange requests reach handle(); other types go to their own owners
-        routes_of(self._host).route((GetManifest, GetPiece, GetHave, CancelPiece), self.handle)
+        routes_of(self._host).route((GetManifest, GetPiece, GetHave), self.handle)
         self._tasks.spawn(self._announce_loop(), "announce")
         if self._config.stale_check_interval > 0:
             self._tasks.spawn(self._watch_stale(), "stale-check")
@@ -228,7 +226,7 @@ class Exchange:
         return self._store
 
     async def handle(self, remote_node_id: bytes, msg: Message) -> Message:
-        """The PeerHost request handler (GetManifest, GetPiece, GetHave, CancelPiece)."""
+        """The PeerHost request handler (GetManifest, GetPiece, GetHave)."""
         assert self._server is not None
         return await self._server.handle(remote_node_id, msg)
 

@@ -22,6 +22,12 @@ Rules
 - Handlers run as tasks owned by the host, at most
   ``max_inflight_per_connection`` per connection (the core answers the rest
   busy). The handler boundary turns exceptions into ``ErrorReply`` answers.
+- Cancellation, both ways (the core's cancel rules): a :meth:`PeerConnection.request`
+  whose caller gives up (its task is cancelled: a timeout, an endgame
+  duplicate, a call abandoned) tells the core, which sends the peer a cancel;
+  a cancel from the peer cancels that request's handler task (``CancelledError``
+  in the handler, so a piece read or a service call stops) and no answer is
+  sent; the core hears when the task has ended.
 - ``connection_lost`` cancels the timer and the handlers and fails what waits.
 - Memory: after every pump and read the bytes this connection holds for its peer (the
   transport's write buffer, answers held while paused, receive buffers) are
@@ -40,6 +46,7 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Protocol, cast
 
 from p2pnode.clock import Clock
@@ -57,6 +64,7 @@ from p2pnode.net.core import (
     ConnectionTerminated,
     Event,
     HandshakeCompleted,
+    RequestCancelled,
     RequestFailed,
     RequestReceived,
     ResponseReceived,
@@ -124,7 +132,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             counters=owner.counters,
         )
         self._futures: dict[int, asyncio.Future[Envelope]] = {}
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._handlers: dict[int, asyncio.Task[None]] = {}  # by request id
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._timer: asyncio.TimerHandle | None = None
@@ -230,7 +238,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._lost = True
         self.core.connection_lost(exc, self._clock.now())
         self._pump()
-        for task in self._handlers:
+        for task in list(self._handlers.values()):
             task.cancel()
         self._can_write.set()
         if not self.closed.done():
@@ -305,10 +313,17 @@ class PeerConnection(asyncio.BufferedProtocol):
         elif isinstance(event, RequestReceived):
             if self.core.closing:
                 return
-            task = self.loop.create_task(self._serve(event.request_id, event.message))
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            request_id = event.request_id
+            task = self.loop.create_task(self._serve(request_id, event.message))
+            self._handlers[request_id] = task
+            task.add_done_callback(partial(self._handler_done, request_id))
             self.owner.own_task(task)
+        elif isinstance(event, RequestCancelled):
+            handler = self._handlers.get(event.request_id)
+            if handler is None:
+                self.core.handler_stopped(event.request_id)
+            else:
+                handler.cancel("cancelled by the peer")
         elif isinstance(event, RequestFailed):
             fut = self._futures.pop(event.request_id, None)
             if fut is not None and not fut.done():
@@ -320,6 +335,11 @@ class PeerConnection(asyncio.BufferedProtocol):
                 self.handshake.set_result(None)
         else:
             self._terminated(event)
+
+    def _handler_done(self, request_id: int, task: asyncio.Task[None]) -> None:
+        if self._handlers.get(request_id) is task:
+            del self._handlers[request_id]
+        self.core.handler_stopped(request_id)  # (also a handler that ignored its cancel)
 
     def _terminated(self, event: ConnectionTerminated) -> None:
         if self._timer is not None:

@@ -13,7 +13,7 @@ memory (``tests/unit/test_net_core.py``) or run over a simulated network.
   :meth:`~ConnectionCore.pause_writing` / :meth:`~ConnectionCore.resume_writing`,
   and the API: :meth:`~ConnectionCore.send_request` (returns a request id),
   :meth:`~ConnectionCore.send_response`, :meth:`~ConnectionCore.cancel_request`,
-  :meth:`~ConnectionCore.close`;
+  :meth:`~ConnectionCore.handler_stopped`, :meth:`~ConnectionCore.close`;
 - outputs: :meth:`~ConnectionCore.data_to_send`,
   :meth:`~ConnectionCore.take_events` and :meth:`~ConnectionCore.next_deadline`.
 
@@ -34,9 +34,27 @@ Rules
   never has to answer busy); more wait here, in order (``requests_queued``).
   Answers are matched by id: :class:`ResponseReceived` for a good one,
   :class:`RequestFailed` for an ``ErrorReply`` (``RemoteError``), a mistyped or
-  malformed one (``ProtocolError``). An answer to no outstanding request
-  (late, after :meth:`~ConnectionCore.cancel_request`) is counted
-  (``unexpected_responses``) and is a strike.
+  malformed one (``ProtocolError``). An answer to no outstanding request is
+  counted (``unexpected_responses``) and is a strike, unless it answers one
+  of the last requests we cancelled (it crossed our cancel:
+  ``answers_after_cancel``, no strike).
+- Cancels (``Kind.CANCEL``, HTTP/2's RST_STREAM): :meth:`~ConnectionCore.cancel_request`
+  gives up one of our requests; if it was sent, a cancel envelope follows it
+  (``cancels_sent``) and its id is remembered a while (``4 x
+  max_inflight_per_connection`` ids) so its answer, if already on its way, is
+  dropped quietly. A cancel from the peer for one of its requests in flight
+  here frees that request's in-flight slot at once and means no answer is
+  sent (``cancels_received``): a request still held (paused transport) or its
+  held answer is dropped here; one being handled becomes a
+  :class:`RequestCancelled` event, the shell stops the handler and reports
+  its end (:meth:`~ConnectionCore.handler_stopped`); meanwhile it counts in
+  ``stopping``, and requests are answered ``busy`` while in flight plus
+  stopping reach twice the in-flight limit (a request/cancel storm cannot
+  pile up handlers). A cancel for an id not in flight (answered already, or
+  never asked) is ignored (``cancels_too_late``). Every request received
+  earns one cancel (up to ``CANCEL_CREDIT``); a cancel beyond what was earned
+  is ``cancels_bogus`` and a strike, so a cancel storm costs its sender
+  requests (or its connection) and costs us a dict lookup per cancel.
 - A payload whose envelope cannot be read is dropped; a request of an unknown
   type or with bad fields is answered ``unsupported`` / ``bad_request``: each
   is a strike. Strikes fade at ``strike_decay`` per second; past
@@ -99,6 +117,7 @@ from p2pnode.wire.messages import (
     Ping,
     Pong,
     UnknownMessageType,
+    cancel,
     decode_envelope,
     encode_envelope,
     response,
@@ -108,6 +127,9 @@ log = logging.getLogger(__name__)
 
 # Sealed frames up to this size are corked (joined with their neighbours).
 CORK_MAX = 16 * 1024
+# Cancels a peer may have earned and not spent (one per request it sent), at most
+# this many or 4 x the in-flight limit: an honest peer cancels each request once.
+CANCEL_CREDIT = 1024
 
 
 # -- events ----------------------------------------------------------------------
@@ -124,6 +146,14 @@ class RequestReceived:
 
     request_id: int
     message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCancelled:
+    """The peer gave up its request: stop its handler, send no answer, then call
+    :meth:`ConnectionCore.handler_stopped`."""
+
+    request_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +181,12 @@ class ConnectionTerminated:
 
 
 Event = (
-    HandshakeCompleted | RequestReceived | ResponseReceived | RequestFailed | ConnectionTerminated
+    HandshakeCompleted
+    | RequestReceived
+    | RequestCancelled
+    | ResponseReceived
+    | RequestFailed
+    | ConnectionTerminated
 )
 
 
@@ -193,11 +228,18 @@ class ConnectionCore:
         self._pending: dict[int, type[Message]] = {}
         self._waiting: dict[int, tuple[type[Message], list[Buffer], int]] = {}
         self._next_id = 0
-        # the peer's requests being answered; their events and our answers held
-        # while the transport is paused
-        self._inflight = 0
+        # the peer's requests being answered (ids); their events and our answers
+        # held while the transport is paused
+        self._inbound: set[int] = set()
         self._held_requests: list[RequestReceived] = []
-        self._held_answers: list[tuple[list[Buffer], int]] = []
+        self._held_answers: list[tuple[int, list[Buffer], int]] = []
+        # cancels: the peer's requests whose handlers are being stopped, the
+        # cancels the peer has earned, our last cancelled ids (oldest first)
+        self._stopping: set[int] = set()
+        self._cancel_credit = 0
+        self._credit_max = max(CANCEL_CREDIT, 4 * limits.max_inflight_per_connection)
+        self._cancelled: dict[int, None] = {}
+        self._cancelled_max = 4 * limits.max_inflight_per_connection
         self._held_bytes = 0
         self._paused = False
         self._buffered = 0  # the transport's write buffer, as last reported
@@ -236,7 +278,12 @@ class ConnectionCore:
     @property
     def inflight(self) -> int:
         """Requests of the peer being answered."""
-        return self._inflight
+        return len(self._inbound)
+
+    @property
+    def stopping(self) -> int:
+        """Handlers of cancelled requests not yet reported stopped."""
+        return len(self._stopping)
 
     @property
     def outstanding(self) -> int:
@@ -245,7 +292,7 @@ class ConnectionCore:
 
     @property
     def busy(self) -> bool:
-        return bool(self._pending or self._waiting or self._inflight)
+        return bool(self._pending or self._waiting or self._inbound)
 
     @property
     def paused(self) -> bool:
@@ -416,9 +463,9 @@ class ConnectionCore:
         the transport's buffer stays under ``write_buffer_high + max_frame``."""
         held = self._held_answers
         while held and not self._paused and not self._closing:
-            parts, length = held.pop(0)
+            request_id, parts, length = held.pop(0)
             self._held_bytes -= length
-            self._inflight -= 1
+            self._inbound.discard(request_id)
             self._seal(parts, length, now)
             if self.bulk_pending:
                 return
@@ -484,26 +531,40 @@ class ConnectionCore:
         return request_id
 
     def cancel_request(self, request_id: int, now: float) -> None:
-        """We no longer wait for this answer (a timeout): a late one is unexpected."""
+        """We give up this request (a timeout, the caller stopped): a sent one is
+        followed by a cancel, its answer if already on its way dropped quietly."""
         if request_id in self._waiting:
-            del self._waiting[request_id]
-        elif self._pending.pop(request_id, None) is not None:
-            self._send_queued(now)
+            del self._waiting[request_id]  # never sent: nothing to tell
+            return
+        if self._pending.pop(request_id, None) is None:
+            return
+        if not self._closing:
+            parts, length = self._encode(cancel(request_id))
+            self._seal(parts, length, now)  # a few bytes, even while paused
+            self.counters["cancels_sent"] += 1
+            cancelled = self._cancelled
+            cancelled[request_id] = None
+            if len(cancelled) > self._cancelled_max:
+                del cancelled[next(iter(cancelled))]
+        self._send_queued(now)
+
+    def handler_stopped(self, request_id: int) -> None:
+        """The handler of a :class:`RequestCancelled` request has ended."""
+        self._stopping.discard(request_id)
 
     def send_response(self, request_id: int, reply: Message, now: float) -> None:
         """Answer a :class:`RequestReceived` (an ``ErrorReply`` too); it leaves the
         in-flight count once written. ``UsageError`` / ``LimitExceeded`` for a reply
         we cannot send (the request stays in flight: answer it again)."""
-        if self._closing:
-            self._inflight -= 1
-            return
+        if self._closing or request_id not in self._inbound:
+            return  # closed, or the peer cancelled it: no answer
         parts, length = self._encode(response(request_id, reply))
         self.last_activity = now
         if self._paused:
-            self._held_answers.append((parts, length))
+            self._held_answers.append((request_id, parts, length))
             self._held_bytes += length
             return
-        self._inflight -= 1
+        self._inbound.discard(request_id)
         self._seal(parts, length, now)
 
     def send_envelope(self, envelope: Envelope, now: float) -> None:
@@ -526,6 +587,8 @@ class ConnectionCore:
         self.error = _without_traceback(error)
         self._handshake_at = self._idle_at = self._stall_at = None
         self._waiting.clear()
+        self._inbound.clear()
+        self._stopping.clear()
         self._held_requests.clear()
         self._held_answers.clear()
         self._held_bytes = 0
@@ -561,7 +624,7 @@ class ConnectionCore:
         limits = self.limits
         idle = limits.idle_timeout
         first = min(idle, limits.trim_after)
-        if self._pending or self._waiting or self._inflight:
+        if self._pending or self._waiting or self._inbound:
             self._trimmed_at = None
             self._idle_at = now + first
             return
@@ -597,12 +660,20 @@ class ConnectionCore:
             if self._strike(now):
                 self._bad_message(exc, ErrorCode.BAD_REQUEST, now)
             return
-        if env.kind is Kind.REQUEST:
+        kind = env.kind
+        if kind is Kind.REQUEST:
             self._on_request(env.request_id, env.message, now)
+            return
+        if kind is Kind.CANCEL:
+            self._on_cancel(env.request_id, now)
             return
         request_id = env.request_id
         sent = self._pending.pop(request_id, None)
         if sent is None:
+            if request_id in self._cancelled:
+                del self._cancelled[request_id]
+                self.counters["answers_after_cancel"] += 1  # it crossed our cancel
+                return
             self.counters["unexpected_responses"] += 1
             self._strike(now)
             return
@@ -648,6 +719,8 @@ class ConnectionCore:
         if exc.kind == Kind.REQUEST:
             self._reply_inline(exc.request_id, ErrorReply(code, str(exc)[:1024]), now)
             return
+        if exc.kind == Kind.CANCEL:
+            return  # a cancel is never answered
         if self._pending.pop(exc.request_id, None) is None:
             return
         self._send_queued(now)
@@ -658,6 +731,7 @@ class ConnectionCore:
     def _on_request(self, request_id: int, msg: Message, now: float) -> None:
         counters = self.counters
         counters["requests_in"] += 1
+        self._cancel_credit += 1  # (capped when spent)
         bucket = self._bucket
         if bucket is not None and not bucket.take(now):
             counters["rate_limited"] += 1
@@ -669,18 +743,54 @@ class ConnectionCore:
         if type(msg) is Ping:
             self._reply_inline(request_id, Pong(), now)
             return
-        if self._inflight >= self.limits.max_inflight_per_connection:
+        inbound = self._inbound
+        limit = self.limits.max_inflight_per_connection
+        n = len(inbound)
+        if n >= limit or (self._stopping and n + len(self._stopping) >= 2 * limit):
             counters["rejected_busy"] += 1
             self._reply_inline(
                 request_id, ErrorReply(ErrorCode.BUSY, "too many requests in flight"), now
             )
             return
-        self._inflight += 1
+        if request_id in inbound or (self._stopping and request_id in self._stopping):
+            counters["duplicate_requests"] += 1  # two answers could not be told apart
+            if self._strike(now):
+                self._reply_inline(
+                    request_id, ErrorReply(ErrorCode.BAD_REQUEST, "request id in flight"), now
+                )
+            return
+        inbound.add(request_id)
         event = RequestReceived(request_id, msg)
         if self._paused:
             self._held_requests.append(event)  # see the module rules
         else:
             self._events.append(event)
+
+    def _on_cancel(self, request_id: int, now: float) -> None:
+        """The peer gave up its request ``request_id`` (see the module rules)."""
+        counters = self.counters
+        credit = min(self._cancel_credit, self._credit_max)
+        if credit <= 0:
+            counters["cancels_bogus"] += 1  # more cancels than requests
+            self._strike(now)
+            return
+        self._cancel_credit = credit - 1
+        if request_id not in self._inbound:
+            counters["cancels_too_late"] += 1  # answered already (or never asked)
+            return
+        self._inbound.discard(request_id)
+        counters["cancels_received"] += 1
+        for i, event in enumerate(self._held_requests):
+            if event.request_id == request_id:
+                del self._held_requests[i]  # the shell never saw it
+                return
+        for i, (held_id, _, length) in enumerate(self._held_answers):
+            if held_id == request_id:
+                del self._held_answers[i]  # answered, not yet sent: not sent
+                self._held_bytes -= length
+                return
+        self._stopping.add(request_id)
+        self._events.append(RequestCancelled(request_id))
 
     def _reply_inline(self, request_id: int, reply: Message, now: float) -> None:
         """A small answer written even while the transport is paused.
@@ -773,6 +883,7 @@ __all__ = [
     "ConnectionTerminated",
     "Event",
     "HandshakeCompleted",
+    "RequestCancelled",
     "RequestFailed",
     "RequestReceived",
     "ResponseReceived",

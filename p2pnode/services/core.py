@@ -100,6 +100,7 @@ class ServiceState:
     limits: ServiceLimits
     in_flight: int = 0
     calls: int = 0  # admitted
+    ok: int = 0  # ended without an error (the others: errors, by code)
     announced_to: int = 0  # remote DHT nodes that took the last announcement
     errors: Counter[str] = field(default_factory=Counter)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
@@ -117,6 +118,7 @@ class ServiceState:
             "kind": str(self.kind),
             "idempotent": self.idempotent,
             "calls": self.calls,
+            "ok": self.ok,
             "errors": dict(self.errors),
             "p50_ms": self.p50_ms(),
             "in_flight": self.in_flight,
@@ -255,6 +257,7 @@ class ServicesCore:
             return
         state.in_flight = max(0, state.in_flight - 1)
         if error is None:
+            state.ok += 1
             state.latencies.append(max(0.0, now - call.started))
         else:
             state.errors[error] += 1

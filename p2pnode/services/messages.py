@@ -15,8 +15,15 @@ carries its message only, never a traceback).
 - ``StreamPull(stream_id, credit)`` -> ``StreamItems(stream_id, items, end)``: grants
   ``credit`` more items (credit is cumulative; a pull of 0 only collects) and
   answers once at least one item is ready or the stream ended. One pull at a time.
-- ``Cancel(call_id)`` -> ``Cancelled(found)``: stops the call's handler or the
-  stream's producer.
+- ``StreamClose(stream_id)`` -> ``StreamClosed(found)``: the consumer is done
+  with a stream between pulls; its producer is stopped.
+
+Cancelling is the request mux's (``Kind.CANCEL``, wire/messages.py): a caller
+that gives up a ``Call`` cancels that request, which stops the handler, and no
+answer follows; a cancelled ``StreamPull`` ends its stream the same way.
+``StreamClose`` remains for the one case no request is out to cancel: a
+consumer that stops between pulls. Codes 56 and 57 (the former
+``Cancel``/``Cancelled``, call or stream by call id) are retired, never reused.
 
 Request and reply bodies are values encoded by ``services/values.py``.
 """
@@ -34,12 +41,12 @@ __all__ = [
     "SERVICE_MESSAGES",
     "SERVICE_REQUESTS",
     "Call",
-    "Cancel",
-    "Cancelled",
     "Describe",
     "Reply",
     "ServiceErrorCode",
     "ServiceInfo",
+    "StreamClose",
+    "StreamClosed",
     "StreamItems",
     "StreamOpen",
     "StreamOpened",
@@ -123,26 +130,32 @@ class StreamPull(Message):
     credit: int = wire(min_value=0, max_value=MAX_CREDIT_PER_PULL)
 
 
-@message(57, registry=None)
+@message(59, registry=None)
 @dataclass(frozen=True, slots=True)
-class Cancelled(Message):
+class StreamClosed(Message):
     found: bool = wire()
 
 
-@message(56, response=Cancelled, registry=None)
+@message(58, response=StreamClosed, registry=None)
 @dataclass(frozen=True, slots=True)
-class Cancel(Message):
-    call_id: int = wire(min_value=0, max_value=MAX_CALL_ID)
+class StreamClose(Message):
+    stream_id: int = wire(min_value=0, max_value=MAX_CALL_ID)
 
 
-SERVICE_REQUESTS: tuple[type[Message], ...] = (Describe, Call, StreamOpen, StreamPull, Cancel)
+SERVICE_REQUESTS: tuple[type[Message], ...] = (
+    Describe,
+    Call,
+    StreamOpen,
+    StreamPull,
+    StreamClose,
+)
 SERVICE_MESSAGES: tuple[type[Message], ...] = (
     *SERVICE_REQUESTS,
     ServiceInfo,
     Reply,
     StreamOpened,
     StreamItems,
-    Cancelled,
+    StreamClosed,
 )
 
 

@@ -17,7 +17,10 @@ Rules:
   produced and not yet delivered are held in the host's memory budget (full:
   the stream ends ``overloaded``); with the budget spent, new calls are refused
   ``overloaded``.
-- ``Cancel`` cancels the handler's task (its ``CallContext.cancelled`` is set).
+- A caller's cancel (the request mux's, net/core.py) cancels the handler's task
+  (its ``CallContext.cancelled`` is then true) and nothing is answered; a
+  cancelled ``StreamPull``, or a ``StreamClose``, ends the stream and cancels
+  its producer.
 - Calling: providers come from the DHT (or ``peer=``), ordered by
   ``ProviderRanking`` (measured RTT, recent failures). A provider that refused
   before running the call (not found, overloaded, unreachable) is skipped for
@@ -25,9 +28,9 @@ Rules:
   is idempotent (``Describe``, sent alongside the first call to each provider
   and remembered), otherwise the failure is reported. Typed answers (handler
   error, too large, deadline) end the call at once.
-- A caller whose deadline passes sends ``Cancel`` and leaves the request to end
-  in the background (the provider answers it ``cancelled``), so no answer
-  arrives unasked-for.
+- A caller whose deadline passes, or that is cancelled, cancels its request (the
+  connection tells the provider, which stops the handler); a stream left before
+  its end is closed: its pull is cancelled, or, between pulls, ``StreamClose``.
 """
 
 from __future__ import annotations
@@ -76,12 +79,12 @@ from p2pnode.services.messages import (
     MAX_CREDIT_PER_PULL,
     SERVICE_REQUESTS,
     Call,
-    Cancel,
-    Cancelled,
     Describe,
     Reply,
     ServiceErrorCode,
     ServiceInfo,
+    StreamClose,
+    StreamClosed,
     StreamItems,
     StreamOpen,
     StreamOpened,
@@ -110,21 +113,44 @@ PROVIDER_CACHE_NAMES = 256
 NAMES_CACHE = 1024
 # Room in a frame for everything but the value itself.
 FRAME_OVERHEAD = 4096
-# How long a caller that gave up lets its request end (answered ``cancelled``).
+# The host's own timeout on a call is this much past the call's deadline, so the
+# deadline (which cancels the request) always comes first.
 DRAIN_GRACE = 5.0
+# How long closing a stream between pulls may take (it is sent in the background).
+CLOSE_TIMEOUT = 5.0
 
 
 class CallContext:
     """What a handler knows about the call it serves."""
 
-    __slots__ = ("cancelled", "deadline", "expired", "peer_id", "service")
+    __slots__ = ("_closed", "_task", "deadline", "expired", "peer_id", "service")
 
-    def __init__(self, peer_id: bytes, service: str, deadline: float) -> None:
+    def __init__(
+        self,
+        peer_id: bytes,
+        service: str,
+        deadline: float,
+        task: asyncio.Task[Any] | None = None,
+    ) -> None:
         self.peer_id = peer_id
         self.service = service
         self.deadline = deadline  # seconds left when the call started
-        self.cancelled = False  # set when the caller cancelled (the task is cancelled too)
         self.expired = False  # set when the deadline passed (the task is cancelled too)
+        self._task = task  # the handler's (a unary call)
+        self._closed = False  # the caller closed the stream
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the caller gave up (its cancel, or its connection went away): the
+        handler's task is being cancelled for that, not for the deadline."""
+        if self._closed:
+            return True
+        task = self._task
+        return task is not None and not self.expired and task.cancelling() > 0
+
+    def close(self) -> None:
+        """The caller closed the stream."""
+        self._closed = True
 
 
 UnaryHandler = Callable[[Any, CallContext], Awaitable[Any]]
@@ -177,11 +203,9 @@ class Services:
         self._clock = clock
         self.core = ServicesCore(limits)
         self._served: dict[str, _Served] = {}
-        self._running: dict[tuple[bytes, int], tuple[asyncio.Task[Any], CallContext]] = {}
         self._streams: dict[tuple[bytes, int], _Stream] = {}
         self._tasks = TaskSet("services")
         self._routes: RequestRoutes | None = None
-        self._draining: set[asyncio.Task[Any]] = set()
         self.ranking = ProviderRanking()
         # name -> (expires, providers): a DHT lookup per call would cost more than the call
         self._provider_cache: dict[str, tuple[float, list[ProviderRecord]]] = {}
@@ -205,7 +229,7 @@ class Services:
         routes.route((Call,), self._on_call)
         routes.route((StreamOpen,), self._on_stream_open)
         routes.route((StreamPull,), self._on_stream_pull)
-        routes.route((Cancel,), self._on_cancel)
+        routes.route((StreamClose,), self._on_stream_close)
         self._tasks.spawn(self._announce_loop(), "announce")
         self._tasks.spawn(self._expire_streams(), "stream-janitor")
 
@@ -214,8 +238,6 @@ class Services:
             self._routes.unroute(SERVICE_REQUESTS)
         for stream in list(self._streams.values()):
             self._drop_stream(stream)
-        for task in list(self._draining):
-            task.cancel()
         await self._tasks.close()
 
     # -- serving --------------------------------------------------------------
@@ -336,18 +358,15 @@ class Services:
         served = self._served[msg.service]
         limits = served.limits
         deadline = min(msg.deadline_ms / 1000, limits.max_deadline)
-        ctx = CallContext(remote, msg.service, deadline)
         task = asyncio.current_task()
         assert task is not None
-        key = (remote, msg.call_id)
-        self._running[key] = (task, ctx)
-        error: str | None = ServiceErrorCode.CANCELLED  # unless it answers (the connection died)
+        ctx = CallContext(remote, msg.service, deadline, task)
+        error: str | None = ServiceErrorCode.CANCELLED  # unless it answers (cancelled, or gone)
         try:
             answer = await self._run_call(served, msg, ctx, task)
             error = answer.code if isinstance(answer, ErrorReply) else None
             return answer
         finally:
-            self._running.pop(key, None)
             core.finish(remote, msg.call_id, error, self._clock.now())
 
     async def _run_call(
@@ -364,9 +383,8 @@ class Services:
         try:
             reply = await served.handler(request, ctx)
         except asyncio.CancelledError:
-            if (ctx.cancelled or ctx.expired) and task.uncancel() == 0:
-                if ctx.cancelled:
-                    return _error(ServiceErrorCode.CANCELLED, "cancelled by the caller")
+            # the caller's cancel (or its connection's end) propagates: no answer
+            if ctx.expired and task.uncancel() == 0:
                 return _error(
                     ServiceErrorCode.DEADLINE_EXCEEDED,
                     f"{ctx.service!r} did not answer within its deadline of {ctx.deadline:g}s",
@@ -504,6 +522,11 @@ class Services:
                 await stream.items_ready.wait()
             items, over = credit.collect(MAX_CREDIT_PER_PULL, max_bytes=self._value_limit)
             self._release(stream, sum(len(item) for item in items))
+        except asyncio.CancelledError:
+            # the caller cancelled its pull (or went away): the stream is over
+            stream.ctx.close()
+            self._drop_stream(stream, ServiceErrorCode.CANCELLED, "cancelled by the caller")
+            raise
         finally:
             stream.pulling = False
             stream.last_active = self._clock.now()
@@ -514,23 +537,15 @@ class Services:
             return ErrorReply(credit.error.code, credit.error.message)
         return StreamItems(msg.stream_id, tuple(items), True)
 
-    async def _on_cancel(self, remote: bytes, msg: Message) -> Message:
-        assert isinstance(msg, Cancel)
-        key = (remote, msg.call_id)
-        running = self._running.get(key)
-        if running is not None:
-            task, ctx = running
-            if not ctx.cancelled and not ctx.expired:
-                ctx.cancelled = True
-                task.cancel()
-            return Cancelled(True)
-        stream = self._streams.get(key)
-        if stream is not None:
-            stream.ctx.cancelled = True
-            self._drop_stream(stream, ServiceErrorCode.CANCELLED, "cancelled by the caller")
-            return Cancelled(True)
-        self.core.refused["cancel_unknown"] += 1
-        return Cancelled(False)
+    async def _on_stream_close(self, remote: bytes, msg: Message) -> Message:
+        assert isinstance(msg, StreamClose)
+        stream = self._streams.get((remote, msg.stream_id))  # the peer's own streams only
+        if stream is None:
+            self.core.refused["close_unknown"] += 1
+            return StreamClosed(False)
+        stream.ctx.close()
+        self._drop_stream(stream, ServiceErrorCode.CANCELLED, "closed by the caller")
+        return StreamClosed(True)
 
     def _release(self, stream: _Stream, n: int) -> None:
         n = min(n, stream.reserved)
@@ -704,7 +719,8 @@ class Services:
         try:
             return await waiter
         except asyncio.CancelledError:
-            self._give_up(request, address, call_id)
+            request.cancel()  # the connection tells the provider, which stops
+            request.add_done_callback(_retrieve)
             if loop.time() < timer.when():
                 raise  # cancelled from outside, not by the timer
             self.ranking.failed(peer, Failure.TIMEOUT, now)
@@ -738,22 +754,11 @@ class Services:
         finally:
             timer.cancel()
 
-    def _give_up(
-        self, request: asyncio.Task[Message], address: PeerAddress, call_id: int | None
-    ) -> None:
-        """Leave ``request`` to end on its own (its answer is not unasked-for) and
-        tell the provider to stop the call."""
-        self._draining.add(request)
-        request.add_done_callback(_retrieve)
-        request.add_done_callback(self._draining.discard)
-        if call_id is not None:
-            self._tasks.spawn(self._send_cancel(address, call_id), "cancel")
-
-    async def _send_cancel(self, address: PeerAddress, call_id: int) -> None:
+    async def _close_stream(self, address: PeerAddress, stream_id: int) -> None:
         try:
-            await self._host.request(address, Cancel(call_id), timeout=DRAIN_GRACE)
+            await self._host.request(address, StreamClose(stream_id), timeout=CLOSE_TIMEOUT)
         except P2PError as exc:
-            log.debug("cancel of call %d to %s: %s", call_id, address, exc)
+            log.debug("closing stream %d on %s: %s", stream_id, address, exc)
 
     async def _providers(
         self, name: str, peer: str | bytes | None, deadline_at: float
@@ -859,16 +864,19 @@ class Services:
         window = max(1, min(CLIENT_WINDOW, answer.max_credit))
         outstanding = 0
         ended = False
+        pulling = False  # a pull is out: leaving now cancels it, which ends the stream there
         try:
             while True:
                 left = deadline_at - self._clock.now()
                 if left <= 0:
                     raise DeadlineExceeded(f"stream {name!r} passed its deadline", service=name)
                 grant = window - outstanding
+                pulling = True
                 try:
                     got = await self._exchange(
                         address, StreamPull(answer.stream_id, grant), left, name, None
                     )
+                    pulling = False
                 except _Retry as retry:
                     raise ProvidersFailed(
                         f"stream {name!r} broke: {retry.error}",
@@ -888,8 +896,8 @@ class Services:
                 if got.end:
                     return
         finally:
-            if not ended:
-                self._tasks.spawn(self._send_cancel(address, answer.stream_id), "cancel")
+            if not ended and not pulling:  # left between pulls: say so
+                self._tasks.spawn(self._close_stream(address, answer.stream_id), "close")
 
 
 class _Retry(Exception):

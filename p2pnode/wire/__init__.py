@@ -4,6 +4,7 @@ from p2pnode.wire.frame import FrameDecoder, encode_frame, frame_header
 from p2pnode.wire.messages import (
     DEFAULT_REGISTRY,
     Blob,
+    CancelRequest,
     DecodeLimits,
     Envelope,
     ErrorCode,
@@ -24,6 +25,7 @@ from p2pnode.wire.messages import (
 __all__ = [
     "DEFAULT_REGISTRY",
     "Blob",
+    "CancelRequest",
     "DecodeLimits",
     "Envelope",
     "ErrorCode",

@@ -15,11 +15,16 @@ Rules
 
       [kind, request_id, type_code, *fields]
 
-  ``kind`` is 0 (request), 1 (response) or 2 (error: the message is an
-  :class:`ErrorReply`). ``request_id`` is 0..2**32-1, chosen by the requester
-  and echoed by the answer, so many requests can be in flight on one
-  connection; each side numbers its own requests (the kind tells a response to
-  our request from a request of the peer).
+  ``kind`` is 0 (request), 1 (response), 2 (error: the message is an
+  :class:`ErrorReply`) or 3 (cancel: the message is a :class:`CancelRequest`).
+  ``request_id`` is 0..2**32-1, chosen by the requester and echoed by the
+  answer, so many requests can be in flight on one connection; each side
+  numbers its own requests (the kind tells a response to our request from a
+  request of the peer). A cancel names one of its sender's requests: the
+  requester gave it up (HTTP/2's RST_STREAM); it has no id of its own and no
+  answer. It is an envelope kind, not a request message, because it belongs to
+  the mux: as a request it would take an id and an in-flight slot, be answered,
+  and could itself be refused ``busy`` just when the peer is loaded.
 - Decoding applies msgpack limits (bin/str/array/map lengths, no ext types),
   then strict types: the exact field count, ``bool`` is not an ``int``, ``bin``
   is not ``str`` and vice versa, then per-field constraints (exact/max length,
@@ -70,6 +75,7 @@ class Kind(IntEnum):
     REQUEST = 0
     RESPONSE = 1
     ERROR = 2
+    CANCEL = 3
 
 
 class ErrorCode(StrEnum):
@@ -290,6 +296,15 @@ class ErrorReply(Message):
     message: str = wire(max_len=1024)
 
 
+@message(4)
+@dataclass(frozen=True, slots=True)
+class CancelRequest(Message):
+    """The body of a cancel envelope (``Kind.CANCEL``): the id says which request."""
+
+
+CANCEL_REQUEST = CancelRequest()
+
+
 # -- envelope ------------------------------------------------------------------
 
 
@@ -328,6 +343,8 @@ def encode_envelope(envelope: Envelope) -> list[Buffer]:
         raise UsageError(f"request id out of range: {envelope.request_id}")
     if envelope.kind is Kind.ERROR and not isinstance(msg, ErrorReply):
         raise UsageError("an error envelope carries an ErrorReply")
+    if (envelope.kind is Kind.CANCEL) != isinstance(msg, CancelRequest):
+        raise UsageError("a cancel envelope, and only it, carries a CancelRequest")
     if msg.TYPE_CODE < 0:
         raise UsageError(f"{type(msg).__name__} is not a registered message")
     reason = msg.problem()
@@ -363,6 +380,11 @@ def request(request_id: int, msg: Message) -> Envelope:
 def response(request_id: int, msg: Message) -> Envelope:
     kind = Kind.ERROR if isinstance(msg, ErrorReply) else Kind.RESPONSE
     return Envelope(kind, request_id, msg)
+
+
+def cancel(request_id: int) -> Envelope:
+    """The envelope that gives up our request ``request_id``."""
+    return Envelope(Kind.CANCEL, request_id, CANCEL_REQUEST)
 
 
 _UNPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
@@ -451,7 +473,7 @@ def _envelope(obj: Any, registry: MessageRegistry, *, view_blob: bool = False) -
     if type(obj) is not tuple or len(obj) < 3:
         raise MessageDecodeError("envelope must be an array [kind, request_id, type, fields...]")
     kind, request_id, code = obj[0], obj[1], obj[2]
-    if type(kind) is not int or kind not in (0, 1, 2):
+    if type(kind) is not int or kind not in (0, 1, 2, 3):
         raise MessageDecodeError(f"bad envelope kind {kind!r}")
     if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
         raise MessageDecodeError(f"bad request id {request_id!r}")
@@ -466,6 +488,12 @@ def _envelope(obj: Any, registry: MessageRegistry, *, view_blob: bool = False) -
     if kind == Kind.ERROR and not isinstance(msg, ErrorReply):
         raise MessageDecodeError(
             "an error envelope must carry an ErrorReply", kind=kind, request_id=request_id
+        )
+    if (kind == Kind.CANCEL) != isinstance(msg, CancelRequest):
+        raise MessageDecodeError(
+            "a cancel envelope, and only it, carries a CancelRequest",
+            kind=kind,
+            request_id=request_id,
         )
     return Envelope(Kind(kind), request_id, msg)
 

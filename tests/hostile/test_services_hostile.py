@@ -24,14 +24,13 @@ from p2pnode.node import Node
 from p2pnode.services import CallContext, NodeServiceLimits, ServiceLimits
 from p2pnode.services.messages import (
     Call,
-    Cancel,
-    Cancelled,
     StreamItems,
     StreamOpen,
     StreamOpened,
     StreamPull,
 )
-from p2pnode.wire.messages import Message
+from p2pnode.wire.messages import Message, Ping, Pong
+from p2pnode.wire.messages import cancel as cancel_envelope
 from tests.helpers import eventually, fast_config
 
 pytestmark = pytest.mark.usefixtures("no_errors_logged")
@@ -143,6 +142,9 @@ async def test_unknown_names_get_not_found(pair: tuple[Node, Node, PeerHost]) ->
 
 
 async def test_a_cancel_storm_cancels_nothing_of_others(pair: tuple[Node, Node, PeerHost]) -> None:
+    """Cancels (the request mux's) name request ids of the sender's own connection
+    only; a storm of them, more than the requests it sent, costs the attacker its
+    connection, and the honest call in flight meanwhile finishes."""
     provider, honest, attacker = pair
     running = asyncio.Event()
     release = asyncio.Event()
@@ -155,13 +157,55 @@ async def test_a_cancel_storm_cancels_nothing_of_others(pair: tuple[Node, Node, 
     provider.serve("slow.job", slow)
     call = asyncio.create_task(honest.call("slow.job", None, peer=provider.peer_id, timeout=20))
     await running.wait()
-    honest_id = honest.services_part._next_call_id  # the id the honest call uses
-    ids = [honest_id, *(random.getrandbits(64) for _ in range(999))]
-    answers = await asyncio.gather(*(send(attacker, provider, Cancel(i)) for i in ids))
-    assert set(answers) == {Cancelled(False)}  # a call is cancelled by its caller only
-    assert provider.services_part.core.refused["cancel_unknown"] == 1000
+    assert await send(attacker, provider, Ping()) == Pong()  # one request: one cancel earned
+    conn = await attacker._connection_for(at(provider))
+    rng = random.Random(3)
+    # the ids the honest connection uses (small numbers), then random ones
+    ids = [*range(200), *(rng.getrandbits(32) for _ in range(800))]
+    for request_id in ids:
+        conn._send_now(cancel_envelope(request_id))
+    await eventually(lambda: not conn.is_open, what="the attacker dropped")
+    stats = provider.peer_host.stats()
+    assert stats["cancels_too_late"] == 1  # what its one request earned
+    assert stats["cancels_bogus"] > 64 and stats["closed_misbehaving"] == 1
+    assert stats.get("cancels_received", 0) == 0  # nothing was stopped
     release.set()
     assert await call == "finished"
+    assert provider.services()[0]["errors"] == {}
+
+
+async def test_request_and_cancel_storm_is_bounded(pair: tuple[Node, Node, PeerHost]) -> None:
+    """An attacker that calls and cancels at once, over and over, only stops its
+    own handlers; handlers still stopping count against its connection, and an
+    honest caller is served meanwhile."""
+    provider, honest, attacker = pair
+    started = 0
+
+    async def work(request: Any, ctx: CallContext) -> Any:
+        nonlocal started
+        started += 1
+        await asyncio.sleep(0.5)
+        return request
+
+    provider.serve("some.work", work)
+    assert await send(attacker, provider, Ping()) == Pong()
+    conn = await attacker._connection_for(at(provider))
+    calls = []
+    for i in range(2000):
+        calls.append(asyncio.ensure_future(conn.request(Call(i, "some.work", 5000, NIL))))
+        if i % 2 == 0:
+            await asyncio.sleep(0)  # some get as far as the handler
+        calls[-1].cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
+    assert await honest.call("some.work", 7, peer=provider.peer_id, timeout=10) == 7
+    await eventually(
+        lambda: provider.services()[0]["in_flight"] == 0, what="every attacker call stopped"
+    )
+    stats = provider.peer_host.stats()
+    assert stats["cancels_received"] + stats.get("cancels_too_late", 0) > 0
+    assert stats.get("cancels_bogus", 0) == 0 and conn.is_open  # a fair storm: not a strike
+    assert provider.peer_host.stats()["handlers_inflight"] == 0
+    assert attacker.stats()["cancels_sent"] >= stats["cancels_received"]
 
 
 async def test_streams_that_never_grant_credit_produce_nothing_and_expire(

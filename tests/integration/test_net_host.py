@@ -422,11 +422,18 @@ async def test_idle_timeout_closes_and_redials(hosts: MakeHost) -> None:
     assert client.stats()["connections_dialed"] == 2
 
 
-async def test_request_timeout_and_late_answer(hosts: MakeHost) -> None:
+async def test_request_timeout_cancels_it_at_the_peer(hosts: MakeHost) -> None:
+    """A request that times out is cancelled (the mux's cancel): the peer's handler
+    stops and no late answer comes."""
     release = asyncio.Event()
+    stopped = asyncio.Event()
 
     async def slow(node_id: bytes, msg: Message) -> Message:
-        await release.wait()
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
         return Have(RID, False, b"\x80")
 
     server = hosts()
@@ -437,9 +444,13 @@ async def test_request_timeout_and_late_answer(hosts: MakeHost) -> None:
     with pytest.raises(P2PTimeoutError, match=r"GetHave .* within 0\.1s"):
         await client.request(addr, GetHave(RID), timeout=0.1)
     assert client.stats()["request_timeouts"] == 1
+    await asyncio.wait_for(stopped.wait(), 5)
+    assert client.stats()["cancels_sent"] == 1 and server.stats()["cancels_received"] == 1
+    await eventually(lambda: server.stats()["handlers_inflight"] == 0)
     release.set()
-    await eventually(lambda: client.stats().get("unexpected_responses", 0) == 1)
-    assert await client.request(addr, Ping()) == Pong()
+    assert await client.request(addr, Ping()) == Pong()  # (after anything sent before it)
+    assert client.stats().get("unexpected_responses", 0) == 0
+    assert client.stats().get("answers_after_cancel", 0) == 0
 
 
 async def test_handler_failures_become_error_replies(hosts: MakeHost) -> None:

@@ -32,8 +32,8 @@ from p2pnode.net.dispatch import routes_of
 from p2pnode.net.host import PeerAddress, PeerHost
 from p2pnode.node import Node
 from p2pnode.services import CallContext, ServiceLimits
-from p2pnode.services.messages import Call, Cancel, Cancelled, Describe, ServiceInfo
-from p2pnode.wire.messages import Message, Ping
+from p2pnode.services.messages import Call, Describe, ServiceInfo
+from p2pnode.wire.messages import Message, Ping, Pong
 from tests.helpers import can_bind, eventually, fast_config
 
 pytestmark = pytest.mark.usefixtures("no_errors_logged")
@@ -177,9 +177,39 @@ async def test_slow_stream_consumer_holds_the_producer(net: list[Node]) -> None:
     await asyncio.sleep(0.3)
     assert produced == before <= consumed + limits.max_credit
     await stream.aclose()
-    await asyncio.wait_for(closed.wait(), 5)  # the cancel reached the producer
+    await asyncio.wait_for(closed.wait(), 5)  # the close reached the producer
     await eventually(lambda: a.services()[0]["in_flight"] == 0, what="stream slot freed")
     assert produced == before
+
+
+async def test_cancelling_a_pull_stops_the_producer(net: list[Node]) -> None:
+    """The consumer is cancelled while its pull waits: the pull's cancel (the
+    request mux's) ends the stream there and stops its producer."""
+    a, caller = net[0], net[2]
+    started, closed = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Any, ctx: CallContext) -> AsyncIterator[Any]:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+            yield 1
+        finally:
+            closed.set()
+
+    a.serve_stream("slow.stream", slow)
+    await serve_and_find(net, caller, "slow.stream", 1)
+
+    async def consume() -> list[object]:
+        return [item async for item in caller.call_stream("slow.stream", {}, timeout=30)]
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 10)
+    consumer.cancel()
+    await asyncio.gather(consumer, return_exceptions=True)
+    await asyncio.wait_for(closed.wait(), 5)
+    await eventually(lambda: a.services()[0]["in_flight"] == 0, what="stream slot freed")
+    assert a.services_part.stats()["streams_open"] == 0
+    assert a.peer_host.stats()["cancels_received"] >= 1
 
 
 async def test_stream_runs_to_its_end(net: list[Node]) -> None:
@@ -231,11 +261,13 @@ async def test_deadline_enforced_by_the_provider(net: list[Node], tmp_path: Path
 
 
 async def test_deadline_enforced_by_the_caller(net: list[Node], tmp_path: Path) -> None:
-    """A provider that never answers: the caller gives up at its own deadline."""
+    """A provider that never answers: the caller gives up at its own deadline and
+    its cancel stops the provider's handler (the request mux's cancel)."""
     caller = net[2]
     silent = await raw_host(tmp_path)
     calls: list[Message] = []
     never = asyncio.Event()
+    stopped = asyncio.Event()
 
     async def describe(remote: bytes, msg: Message) -> Message:
         assert isinstance(msg, Describe)
@@ -243,17 +275,16 @@ async def test_deadline_enforced_by_the_caller(net: list[Node], tmp_path: Path) 
 
     async def black_hole(remote: bytes, msg: Message) -> Message:
         calls.append(msg)
-        await never.wait()
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
         raise AssertionError("unreachable")
-
-    async def cancel(remote: bytes, msg: Message) -> Message:
-        calls.append(msg)
-        return Cancelled(True)
 
     routes = routes_of(silent)
     routes.route((Describe,), describe)
     routes.route((Call,), black_hole)
-    routes.route((Cancel,), cancel)
     try:
         port = silent._servers[0].sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         await caller.peer_host.request(PeerAddress(silent.node_id, "127.0.0.1", port), Ping())
@@ -262,12 +293,17 @@ async def test_deadline_enforced_by_the_caller(net: list[Node], tmp_path: Path) 
         with pytest.raises(DeadlineExceeded):
             await caller.call("black.hole", 1, timeout=0.5, peer=silent.node_id)
         assert 0.4 < loop.time() - started < 2
-        await eventually(lambda: any(isinstance(m, Cancel) for m in calls), what="cancel sent")
+        await asyncio.wait_for(stopped.wait(), 5)  # the handler was cancelled
+        assert caller.peer_host.stats()["cancels_sent"] == 1
+        assert silent.stats()["cancels_received"] == 1
+        await eventually(lambda: silent.stats()["handlers_inflight"] == 0, what="slot freed")
     finally:
         await silent.close()
 
 
 async def test_cancel_stops_the_handler(net: list[Node], tmp_path: Path) -> None:
+    """Cancelling the caller's request (the mux's cancel) stops the handler (its
+    context says cancelled), frees its slot, and no answer is sent."""
     a = net[0]
     running = asyncio.Event()
     stopped: list[bool] = []
@@ -288,13 +324,19 @@ async def test_cancel_stops_the_handler(net: list[Node], tmp_path: Path) -> None
             caller.request(address, Call(42, "wait.forever", 30_000, b"\xc0"), timeout=10)
         )
         await running.wait()
-        assert await caller.request(address, Cancel(42)) == Cancelled(True)
-        with pytest.raises(RemoteError) as info:
-            await call
-        assert info.value.code == "cancelled"
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+        await eventually(lambda: bool(stopped), what="handler stopped")
         assert stopped == [True]
-        assert a.services()[0]["in_flight"] == 0
-        assert await caller.request(address, Cancel(42)) == Cancelled(False)
+        await eventually(lambda: a.services()[0]["in_flight"] == 0, what="slot freed")
+        assert a.services()[0]["errors"] == {"cancelled": 1}
+        net_a = a.peer_host.stats()
+        assert net_a["cancels_received"] == 1 and net_a["handlers_inflight"] == 0
+        assert caller.stats()["cancels_sent"] == 1
+        # nothing was answered: a ping after it is the only answer the caller sees
+        assert await caller.request(address, Ping()) == Pong()
+        assert caller.stats().get("unexpected_responses", 0) == 0
+        assert caller.stats().get("answers_after_cancel", 0) == 0
     finally:
         await caller.close()
 

@@ -270,3 +270,59 @@ def test_api_statuses_and_codes(pair: tuple[Path, Path]) -> None:
     poll(lambda: _found(b, "echo"))
     status, body = _api(b, "POST", "/v1/services/call", {"name": "echo", "input_b64": "AP8="})
     assert (status, body["type"], body["reply_b64"]) == (200, "bytes", "AP8=")
+
+
+def test_served_services_persist_across_restart(tmp_path: Path, nodes: list[RunningNode]) -> None:
+    """What `serve` registered is saved in the home (0600) and served again at
+    start; `unserve` removes it; a bad saved entry is logged and skipped; serving
+    a name twice needs --replace."""
+    home = tmp_path / "a"
+    a = RunningNode(home)
+    nodes.append(a)
+    h = ("--home", str(home))
+    run_cli(*h, "serve", "text.upper", "--exec", "tr a-z A-Z")
+    run_cli(*h, "serve", "text.lower", "--exec", "tr A-Z a-z", "--idempotent")
+    run_cli(*h, "serve", "weather", "--http", "http://127.0.0.1:9/", "--timeout", "3")
+    run_cli(*h, "serve", "lines", "--exec", "cat", "--stream")
+    again = cli(*h, "serve", "text.upper", "--exec", "rev")
+    assert again.returncode == 1 and "'text.upper' is already served" in again.stderr
+    assert "--replace" in again.stderr and "Traceback" not in again.stderr
+    run_cli(*h, "serve", "text.upper", "--exec", "rev", "--replace")
+    run_cli(*h, "unserve", "text.lower")
+    saved = home / "services.json"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    names = [s["name"] for s in json.loads(saved.read_text())["services"]]
+    assert names == ["text.upper", "weather", "lines"]
+
+    run_cli(*h, "stop")
+    assert a.wait() == 0
+    # Entries that cannot be served again: reported, skipped, never fatal.
+    data = json.loads(saved.read_text())
+    data["services"] += [
+        {"name": "Bad Name", "exec": ["true"]},
+        {"name": "gone.program", "exec": ["/nonexistent/p2pnode-program"]},
+        {"name": "no.target"},
+        "not an object",
+    ]
+    saved.write_text(json.dumps(data))
+
+    b = RunningNode(home)
+    nodes.append(b)
+    rows = {r["name"]: r for r in json.loads(cli(*h, "services", "--json").stdout)["services"]}
+    assert set(rows) == {"text.upper", "weather", "lines"}
+    assert rows["text.upper"]["adapter"] == "exec rev" and rows["lines"]["kind"] == "stream"
+    own = json.loads(run_cli(*h, "id", "--json").stdout)["peer_id"]
+    called = cli(*h, "call", "text.upper", "--input", "abc", "--peer", own)
+    assert called.returncode == 0 and called.stdout == "cba\n", called.stderr
+    run_cli(*h, "unserve", "weather")
+    assert [s["name"] for s in json.loads(saved.read_text())["services"]] == [
+        "text.upper",
+        "lines",
+    ]  # the bad entries are gone with the next save
+    run_cli(*h, "stop")
+    assert b.wait() == 0
+    assert b.proc.stderr is not None
+    log = b.proc.stderr.read()
+    for bad in ("'Bad Name'", "'gone.program'", "'no.target'", "entry 6 is not an object"):
+        assert bad in log, log
+    assert "Traceback" not in log

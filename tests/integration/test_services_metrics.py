@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from p2pnode import Node
-from p2pnode.errors import HandlerError, ServiceNotFound, ServiceOverloaded, TooLarge
+from p2pnode.errors import (
+    DeadlineExceeded,
+    HandlerError,
+    ServiceNotFound,
+    ServiceOverloaded,
+    TooLarge,
+)
 from p2pnode.services import CallContext, NodeServiceLimits, ServiceLimits
 from tests.helpers import eventually, fast_config
 from tests.integration.test_metrics import families, value
@@ -25,6 +31,10 @@ async def echo(request: Any, ctx: CallContext) -> Any:
 
 async def broken(request: Any, ctx: CallContext) -> Any:
     raise RuntimeError("this handler always fails")
+
+
+def calls(fams: dict[str, Any], service: str, result: str) -> float:
+    return value(fams, "p2pnode_services_calls_total", service=service, result=result)
 
 
 async def test_services_counters_start_at_zero_and_move_with_calls_refusals_and_streams(
@@ -55,8 +65,11 @@ async def test_services_counters_start_at_zero_and_move_with_calls_refusals_and_
         assert value(fams, "p2pnode_services_streams_open") == 0
         for reason in ("not_found", "bad_request", "too_large", "overloaded"):
             assert value(fams, "p2pnode_services_refused_total", reason=reason) == 0
+        results = ("ok", "handler_error", "deadline_exceeded", "too_large", "cancelled")
         for service in ("echo", "broken", "small", "ticks"):
-            assert value(fams, "p2pnode_services_calls_total", service=service) == 0
+            for result in results:  # every result from the start (rate() needs it)
+                assert calls(fams, service, result) == 0
+            assert value(fams, "p2pnode_services_admitted_total", service=service) == 0
             assert value(fams, "p2pnode_services_in_flight", service=service) == 0
             for code in ("handler_error", "deadline_exceeded", "too_large", "overloaded"):
                 assert value(fams, "p2pnode_services_errors_total", service=service, code=code) == 0
@@ -74,20 +87,22 @@ async def test_services_counters_start_at_zero_and_move_with_calls_refusals_and_
             await caller.call("missing", {}, peer=peer)
 
         fams = await families(provider)
-        assert value(fams, "p2pnode_services_calls_total", service="echo") == 5
+        assert calls(fams, "echo", "ok") == 5 and calls(fams, "echo", "handler_error") == 0
+        assert value(fams, "p2pnode_services_admitted_total", service="echo") == 5
         echo_errors = value(
             fams, "p2pnode_services_errors_total", service="echo", code="handler_error"
         )
         assert echo_errors == 0
         p50 = value(fams, "p2pnode_services_latency_p50_seconds", service="echo")
         assert 0 < p50 < 5
-        assert value(fams, "p2pnode_services_calls_total", service="broken") == 2
+        assert calls(fams, "broken", "handler_error") == 2 and calls(fams, "broken", "ok") == 0
         broken_errors = value(
             fams, "p2pnode_services_errors_total", service="broken", code="handler_error"
         )
         assert broken_errors == 2
         # Refused at admission: counted for the service and node-wide, never admitted.
-        assert value(fams, "p2pnode_services_calls_total", service="small") == 0
+        assert value(fams, "p2pnode_services_admitted_total", service="small") == 0
+        assert calls(fams, "small", "too_large") == 1 and calls(fams, "small", "ok") == 0
         assert value(fams, "p2pnode_services_errors_total", service="small", code="too_large") == 1
         assert value(fams, "p2pnode_services_refused_total", reason="too_large") == 1
         assert value(fams, "p2pnode_services_refused_total", reason="not_found") == 1
@@ -100,7 +115,8 @@ async def test_services_counters_start_at_zero_and_move_with_calls_refusals_and_
             assert value(fams, "p2pnode_services_streams_open") == 1
             assert value(fams, "p2pnode_services_in_flight", service="ticks") == 1
             assert value(fams, "p2pnode_services_running_calls") == 1
-            assert value(fams, "p2pnode_services_calls_total", service="ticks") == 1
+            assert value(fams, "p2pnode_services_admitted_total", service="ticks") == 1
+            assert calls(fams, "ticks", "ok") == 0  # still running: not ended yet
             release.set()
             assert [item async for item in stream] == [2]
 
@@ -113,6 +129,8 @@ async def test_services_counters_start_at_zero_and_move_with_calls_refusals_and_
             )
 
         await eventually(stream_closed, timeout=10, what="the stream's end in the metrics")
+        fams = await families(provider)
+        assert calls(fams, "ticks", "ok") == 1
 
         # Unserved: its per-service series go, the node-wide counters stay.
         provider.unserve("broken")
@@ -167,5 +185,45 @@ async def test_node_wide_limits_come_from_the_config_and_refusals_show_in_the_me
         assert await caller.call("echo", {"again": True}, peer=peer) == {"again": True}
     finally:
         release.set()
+        await caller.stop()
+        await provider.stop()
+
+
+async def test_calls_cancelled_or_past_their_deadline_show_as_results(
+    homes: Callable[[str], Path],
+) -> None:
+    """The caller gives up (its request cancelled) or the provider's deadline passes:
+    each ends the call there with that result."""
+    provider = Node(fast_config(homes("provider")))
+    await provider.start()
+    caller = Node(fast_config(homes("caller"), (("127.0.0.1", provider.port),), control_api=False))
+    await caller.start()
+    started = asyncio.Event()
+
+    async def hang(request: Any, ctx: CallContext) -> Any:
+        started.set()
+        await asyncio.sleep(60)
+
+    try:
+        await caller.wait_joined(timeout=10)
+        provider.serve("hang", hang)
+        provider.serve("slow", hang, limits=ServiceLimits(max_deadline=0.2))
+        peer = provider.peer_id
+        call = asyncio.create_task(caller.call("hang", {}, peer=peer, timeout=30))
+        await asyncio.wait_for(started.wait(), 10)
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+        with pytest.raises(DeadlineExceeded):
+            await caller.call("slow", {}, peer=peer, timeout=10)
+
+        async def ended() -> bool:
+            fams = await families(provider)
+            return calls(fams, "hang", "cancelled") == 1 == calls(fams, "slow", "deadline_exceeded")
+
+        await eventually(ended, timeout=10, what="both calls' results in the metrics")
+        fams = await families(provider)
+        assert calls(fams, "hang", "ok") == calls(fams, "slow", "ok") == 0
+        assert value(fams, "p2pnode_net_request_cancels_total", event="received") == 1
+    finally:
         await caller.stop()
         await provider.stop()

@@ -166,3 +166,19 @@ def test_deeply_nested_home_files_give_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "control.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(NodeNotRunning, match="unreadable"):
         read_control(tmp_path)
+
+
+def test_saved_services_round_trip_and_damage_is_never_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from p2pnode.home import SERVICES_FILE, load_services, save_services
+
+    assert load_services(tmp_path) == []  # none saved yet
+    specs = [{"name": "text.upper", "exec": ["tr", "a-z", "A-Z"]}, {"name": "w", "http": "x"}]
+    save_services(tmp_path, specs)
+    assert (tmp_path / SERVICES_FILE).stat().st_mode & 0o777 == 0o600
+    assert load_services(tmp_path) == specs
+    for junk in (b"{not json", b'{"services": 3}', b"[]", b"\xff\xfe"):
+        (tmp_path / SERVICES_FILE).write_bytes(junk)
+        assert load_services(tmp_path) == []
+    assert "unreadable" in caplog.text

@@ -1,7 +1,7 @@
 """Endgame cancels: the piece server stops a cancelled read, the fetcher cancels
 the losers of an endgame race. Real stores and servers; no network (the
-requester hands each request to the provider's PieceServer in a task of its own,
-as a connection does)."""
+requester hands each request to the provider's PieceServer in a task of its own
+and cancels that task when the request is cancelled, as a connection does)."""
 
 from __future__ import annotations
 
@@ -20,18 +20,12 @@ from p2pnode.errors import RemoteError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.fetcher import Fetcher
 from p2pnode.exchange.manifest import MIN_PIECE_SIZE, Manifest, build_manifest
-from p2pnode.exchange.messages import (
-    PIECE_CANCELLED,
-    CancelPiece,
-    GetPiece,
-    PieceCancelled,
-    PieceData,
-)
+from p2pnode.exchange.messages import GetPiece, PieceData
 from p2pnode.exchange.server import PieceServer
 from p2pnode.exchange.store import PieceSource, Store
 from p2pnode.net.host import PeerAddress
 from p2pnode.net.memory import MemoryBudget
-from p2pnode.wire.messages import ErrorCode, ErrorReply, Message
+from p2pnode.wire.messages import ErrorReply, Message
 
 PS = MIN_PIECE_SIZE
 SLOW = "slow-disk"  # thread name prefix of the executor whose reads wait for the gate
@@ -76,7 +70,7 @@ def _share(tmp_path: Path, name: str, pieces: int) -> tuple[Store, Manifest, byt
 # -- the server -------------------------------------------------------------------
 
 
-async def test_cancelled_read_answers_cancelled_and_frees_its_slot(
+async def test_cancelled_read_stops_and_frees_its_slot(
     tmp_path: Path, gate: threading.Event, slow_executor: ThreadPoolExecutor
 ) -> None:
     store, manifest, data = _share(tmp_path, "home", 4)
@@ -92,7 +86,7 @@ async def test_cancelled_read_answers_cancelled_and_frees_its_slot(
         cached_reads=False,
         memory=memory,
     )
-    me, other = b"m" * 20, b"o" * 20
+    me = b"m" * 20
 
     def ask(peer: bytes, index: int) -> asyncio.Task[Message]:
         # Each request in a task of its own, as the connection runs handlers.
@@ -103,17 +97,12 @@ async def test_cancelled_read_answers_cancelled_and_frees_its_slot(
     assert server.stats()["piece_requests_queued"] == 2
     assert isinstance(await server.handle(me, GetPiece(rid, 2)), ErrorReply)  # full: busy
 
-    # Another peer's cancel, or one for a piece not being read, stops nothing.
-    assert await server.handle(other, CancelPiece(rid, 1)) == PieceCancelled(False)
-    assert await server.handle(me, CancelPiece(rid, 3)) == PieceCancelled(False)
-    # Ours stops both: the queued one and the one whose thread is still stuck.
-    assert await server.handle(me, CancelPiece(rid, 1)) == PieceCancelled(True)
-    assert await server.handle(me, CancelPiece(rid, 0)) == PieceCancelled(True)
+    # The peer's cancels (the connection cancels the handler tasks) stop both: the
+    # queued one and the one whose thread is still stuck. No answer is made.
+    queued.cancel()
+    reading.cancel()
     done, _ = await asyncio.wait([queued, reading], timeout=1.0)  # (wait_for would cancel)
-    assert len(done) == 2
-    for task in (queued, reading):
-        reply = task.result()
-        assert isinstance(reply, ErrorReply) and reply.code == PIECE_CANCELLED
+    assert len(done) == 2 and queued.cancelled() and reading.cancelled()
     stats = server.stats()
     assert stats["piece_requests_queued"] == 0 and stats["reads_cancelled"] == 2
     assert stats["pieces_served"] == 0 and memory.used == 0  # slots and memory freed at once
@@ -128,44 +117,34 @@ async def test_cancelled_read_answers_cancelled_and_frees_its_slot(
     store.close()
 
 
-async def test_shutdown_cancel_is_not_swallowed(
-    tmp_path: Path, gate: threading.Event, slow_executor: ThreadPoolExecutor
-) -> None:
-    """Only a CancelPiece is answered 'cancelled'; a handler stopped for any other
-    reason (the connection closing) still ends as cancelled."""
-    store, manifest, _ = _share(tmp_path, "home", 2)
-    server = PieceServer(store, slow_executor, on_stale=lambda r, w: None, cached_reads=False)
-    task = asyncio.create_task(server.handle(b"m" * 20, GetPiece(manifest.resource_id, 0)))
-    await asyncio.sleep(0.05)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert server.stats()["piece_requests_queued"] == 0
-    store.close()
-
-
 # -- the fetcher ------------------------------------------------------------------
 
 
 class DirectRequester:
     """Hands each request to the provider's server in its own task (like a
-    connection); an ErrorReply raises RemoteError (like PeerHost.request)."""
+    connection: a request given up cancels that task, as the mux's cancel does);
+    an ErrorReply raises RemoteError (like PeerHost.request)."""
 
-    def __init__(self, own: bytes, servers: dict[bytes, PieceServer], old: set[bytes]) -> None:
+    def __init__(self, own: bytes, servers: dict[bytes, PieceServer]) -> None:
         self._own = own
         self._servers = servers
-        self._old = old  # peers that predate CancelPiece
         self.sent: list[tuple[bytes, Message]] = []
+        self.cancelled: list[tuple[bytes, Message]] = []
 
     async def request(
         self, peer: PeerAddress, msg: Message, timeout: float | None = None
     ) -> Message:
+        assert peer.node_id is not None
         self.sent.append((peer.node_id, msg))
-        if isinstance(msg, CancelPiece) and peer.node_id in self._old:
-            raise RemoteError(ErrorCode.UNSUPPORTED, "CancelPiece is unknown")
         handler = asyncio.create_task(self._servers[peer.node_id].handle(self._own, msg))
-        async with asyncio.timeout(timeout):
-            reply = await handler
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await asyncio.shield(handler)
+        except asyncio.CancelledError:
+            if not handler.done():
+                self.cancelled.append((peer.node_id, msg))
+                handler.cancel()
+            raise
         if isinstance(reply, ErrorReply):
             raise RemoteError(reply.code, reply.message)
         return reply
@@ -193,8 +172,8 @@ CONFIG = ExchangeConfig(
 
 
 async def _race(
-    tmp_path: Path, slow_executor: ThreadPoolExecutor, *, old: bool
-) -> tuple[Fetcher, DirectRequester, bytes]:
+    tmp_path: Path, slow_executor: ThreadPoolExecutor
+) -> tuple[Fetcher, DirectRequester, dict[bytes, PieceServer], bytes]:
     """Download 8 pieces from a fast provider and one whose disk stalls: every
     piece asked of the slow one is raced, and won, by the fast one."""
     fast_id, slow_id = b"F" * 20, b"S" * 20
@@ -206,7 +185,7 @@ async def _race(
             slow_store, slow_executor, on_stale=lambda r, w: None, cached_reads=False
         ),
     }
-    requester = DirectRequester(b"L" * 20, servers, {slow_id} if old else set())
+    requester = DirectRequester(b"L" * 20, servers)
     records = [ProviderRecord(slow_id, "127.0.0.1", 1), ProviderRecord(fast_id, "127.0.0.1", 2)]
     leech = Store(tmp_path / "leech")
     fetcher = Fetcher(
@@ -221,43 +200,26 @@ async def _race(
     assert (tmp_path / "out.bin").read_bytes() == data
     for s in (fast_store, slow_store, leech):
         s.close()
-    return fetcher, requester, slow_id
+    return fetcher, requester, servers, slow_id
 
 
-async def test_endgame_losers_get_a_cancel(
+async def test_endgame_losers_are_cancelled(
     tmp_path: Path, gate: threading.Event, slow_executor: ThreadPoolExecutor
 ) -> None:
-    fetcher, requester, slow_id = await _race(tmp_path, slow_executor, old=False)
+    fetcher, requester, servers, slow_id = await _race(tmp_path, slow_executor)
     asked_slow = {m.index for p, m in requester.sent if p == slow_id and isinstance(m, GetPiece)}
-    cancelled = {m.index for p, m in requester.sent if isinstance(m, CancelPiece)}
+    cancelled = {m.index for p, m in requester.cancelled if isinstance(m, GetPiece)}
     assert asked_slow, "the slow provider was asked for pieces"
     # Every piece asked of the stalled provider was cancelled there, and only there.
     assert cancelled == asked_slow
-    assert all(p == slow_id for p, m in requester.sent if isinstance(m, CancelPiece))
-    for _ in range(100):  # the cancelled answers arrive after the download returns
-        if fetcher.counters["pieces_cancelled"] == len(asked_slow):
+    assert all(p == slow_id for p, m in requester.cancelled)
+    for _ in range(100):  # the cancelled handlers end on the next loop iterations
+        if servers[slow_id].stats()["reads_cancelled"] == len(asked_slow):
             break
         await asyncio.sleep(0.01)
     c = fetcher.counters
-    assert c["pieces_cancelled"] == len(asked_slow) == c["cancels_sent"]
+    assert c["pieces_cancelled"] == len(asked_slow)
     assert c["endgame_duplicate_bytes"] == 0 and c["pieces_fetched"] == 8
-
-
-async def test_a_peer_without_cancel_is_harmless(
-    tmp_path: Path, gate: threading.Event, slow_executor: ThreadPoolExecutor
-) -> None:
-    """An older provider answers CancelPiece 'unsupported': the download is not
-    disturbed, and that provider is sent no more cancels once it said so."""
-    fetcher, requester, slow_id = await _race(tmp_path, slow_executor, old=True)
-    c = fetcher.counters
-    assert c["cancels_unsupported"] >= 1 and c["cancels_sent"] == 0
-    assert c["pieces_fetched"] == 8 and c["pieces_cancelled"] == 0
-    sent = [i for i, (p, m) in enumerate(requester.sent) if isinstance(m, CancelPiece)]
-    first_answered = sent[0]  # the fake answers at once: nothing after it is a cancel
-    assert len(sent) == 1 and requester.sent[first_answered][0] == slow_id
-    gate.set()  # the stalled reads end; their answers are just counted
-    for _ in range(100):
-        if c["endgame_duplicate_bytes"] > 0:
-            break
-        await asyncio.sleep(0.01)
-    assert c["endgame_duplicate_bytes"] > 0
+    served = servers[slow_id].stats()
+    assert served["reads_cancelled"] == len(asked_slow) and served["pieces_served"] == 0
+    assert served["piece_requests_queued"] == 0

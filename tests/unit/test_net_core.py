@@ -7,6 +7,7 @@ reads; each must give the same events.
 from __future__ import annotations
 
 import os
+import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from p2pnode.net.core import (
     ConnectionTerminated,
     Event,
     HandshakeCompleted,
+    RequestCancelled,
     RequestFailed,
     RequestReceived,
     ResponseReceived,
@@ -51,6 +53,7 @@ from p2pnode.wire.messages import (
     response,
     wire,
 )
+from p2pnode.wire.messages import cancel as cancel_envelope
 
 
 @message(251, registry=None)
@@ -405,15 +408,224 @@ def test_unsendable_messages_raise_and_leave_no_trace(mode: str) -> None:
     assert pair.b.inflight == 0
 
 
-def test_cancelled_request_makes_its_answer_unexpected(mode: str) -> None:
+def test_cancel_crossing_the_answer_is_dropped_quietly(mode: str) -> None:
     pair = connected(mode)
     rid = pair.a.send_request(Echo(b"x"), pair.now)
     pair.pump()
-    pair.a.cancel_request(rid, pair.now)
+    pair.a.cancel_request(rid, pair.now)  # the answer is already made when it arrives
     answer_all(pair, pair.b)
     pair.pump()
-    assert pair.take(pair.a) == []
-    assert pair.counters_a["unexpected_responses"] == 1 and pair.a.is_open
+    assert pair.take(pair.a) == [] and pair.take(pair.b) == []
+    assert pair.counters_a["cancels_sent"] == 1 and pair.counters_a["answers_after_cancel"] == 1
+    assert pair.counters_a["unexpected_responses"] == 0  # no strike: it crossed the cancel
+    assert pair.counters_b["cancels_too_late"] == 1 and pair.counters_b["cancels_received"] == 0
+    assert pair.a.is_open and pair.b.is_open
+
+
+def test_cancel_stops_a_request_being_handled(mode: str) -> None:
+    pair = connected(mode)
+    rid = pair.a.send_request(Echo(b"x"), pair.now)
+    other = pair.a.send_request(Echo(b"y"), pair.now)
+    pair.pump()
+    assert len(pair.take(pair.b)) == 2
+    pair.a.cancel_request(rid, pair.now)
+    pair.pump()
+    assert pair.take(pair.b) == [RequestCancelled(rid)]
+    assert pair.b.inflight == 1 and pair.b.stopping == 1  # its slot is free at once
+    assert pair.counters_b["cancels_received"] == 1
+    pair.b.send_response(rid, Echoed(b"x"), pair.now)  # a handler that finished anyway
+    assert pair.b.data_to_send() == []  # no answer
+    pair.b.handler_stopped(rid)
+    assert pair.b.stopping == 0
+    pair.b.send_response(other, Echoed(b"y"), pair.now)
+    pair.pump()
+    assert responses(pair.take(pair.a)) == {other: Echoed(b"y")}
+    assert pair.counters_a["unexpected_responses"] == pair.counters_a["answers_after_cancel"] == 0
+
+
+def test_cancel_drops_a_held_request_and_a_held_answer(mode: str) -> None:
+    pair = connected(mode)
+    first = pair.a.send_request(Echo(b"1"), pair.now)
+    pair.pump()
+    pair.b.pause_writing(LIMITS.write_buffer_high, pair.now)
+    assert answer_all(pair, pair.b) == [first]  # held: the transport is paused
+    assert pair.b.held_bytes > 0
+    second = pair.a.send_request(Echo(b"2"), pair.now)
+    pair.pump()  # accepted, its event held
+    pair.a.cancel_request(first, pair.now)
+    pair.a.cancel_request(second, pair.now)
+    pair.pump()
+    assert pair.take(pair.b) == []  # nothing for the shell to stop
+    assert pair.b.inflight == 0 and pair.b.stopping == 0
+    assert pair.b.held_bytes == 0 and not pair.b.has_held_answers
+    assert pair.counters_b["cancels_received"] == 2
+    pair.b.resume_writing(pair.now)
+    assert pair.take(pair.b) == [] and pair.b.data_to_send() == []  # neither sent
+
+
+def test_cancelled_ids_are_remembered_a_while(mode: str) -> None:
+    limits = replace(LIMITS, max_inflight_per_connection=1)
+    pair = connected(mode, a_limits=limits)
+    ids = []
+    for _ in range(5):  # 4 x the in-flight limit are remembered
+        ids.append(pair.a.send_request(Echo(b"x"), pair.now))
+        pair.deliver(pair.a)
+        answer_all(pair, pair.b)  # answered, not yet delivered
+        pair.a.cancel_request(ids[-1], pair.now)
+    pair.pump()
+    assert pair.counters_a["answers_after_cancel"] == 4
+    assert pair.counters_a["unexpected_responses"] == 1  # the oldest was forgotten
+
+
+def test_cancel_storm_costs_its_sender(mode: str) -> None:
+    """Each request earns one cancel: cancels of unknown ids within that are
+    ignored, more are strikes, then the connection is dropped."""
+    limits = replace(LIMITS, max_strikes=3, strike_decay=0.0)
+    pair = connected(mode, b_limits=limits)
+    rid = pair.a.send_request(Echo(b"honest"), pair.now)
+    pair.a.send_request(Ping(), pair.now)
+    pair.pump()
+    pair.take(pair.a)
+    (received,) = pair.take(pair.b)
+    assert isinstance(received, RequestReceived)
+    for bogus in (rid + 1000, rid + 1001):  # two requests earned two cancels
+        pair.a.send_envelope(cancel_envelope(bogus), pair.now)
+    pair.pump()
+    assert pair.counters_b["cancels_too_late"] == 2 and pair.b.inflight == 1
+    assert pair.take(pair.b) == [] and pair.b.is_open
+    for bogus in range(3):  # none left: strikes
+        pair.a.send_envelope(cancel_envelope(bogus), pair.now)
+    pair.pump()
+    assert pair.counters_b["cancels_bogus"] == 3 and pair.b.is_open
+    pair.b.send_response(rid, Echoed(b"honest"), pair.now)  # still answered
+    pair.pump()
+    assert responses(pair.take(pair.a)) == {rid: Echoed(b"honest")}
+    pair.a.send_envelope(cancel_envelope(rid), pair.now)
+    pair.pump()
+    ev = terminated(pair.take(pair.b))
+    assert isinstance(ev.error, ProtocolError) and pair.counters_b["closed_misbehaving"] == 1
+
+
+def test_stopping_handlers_count_against_new_requests(mode: str) -> None:
+    """A cancel frees its request's slot at once (an honest requester that cancels
+    and asks again is never refused), but handlers still stopping count too: in
+    flight plus stopping stay under twice the limit."""
+    pair = connected(mode)
+    limit = LIMITS.max_inflight_per_connection
+    cancelled = []
+    for _ in range(2):
+        ids = [pair.a.send_request(Echo(b"x"), pair.now) for _ in range(limit)]
+        pair.pump()
+        for rid in ids:
+            pair.a.cancel_request(rid, pair.now)
+        pair.pump()
+        cancelled += ids
+    events = pair.take(pair.b)
+    assert [e for e in events if isinstance(e, RequestCancelled)] == [
+        RequestCancelled(r) for r in cancelled
+    ]
+    assert pair.b.inflight == 0 and pair.b.stopping == 2 * limit
+    assert pair.counters_b["rejected_busy"] == 0
+    rid = pair.a.send_request(Echo(b"y"), pair.now)
+    pair.pump()
+    (failed,) = pair.take(pair.a)
+    assert isinstance(failed, RequestFailed) and failed.request_id == rid
+    assert isinstance(failed.error, RemoteError) and failed.error.code == ErrorCode.BUSY
+    pair.b.handler_stopped(cancelled[0])
+    rid = pair.a.send_request(Echo(b"y"), pair.now)
+    pair.pump()
+    assert pair.take(pair.b) == [RequestReceived(rid, Echo(b"y"))]
+
+
+def test_a_request_id_in_flight_twice_is_refused(mode: str) -> None:
+    pair = connected(mode)
+    rid = pair.a.send_request(Echo(b"x"), pair.now)
+    pair.pump()
+    pair.take(pair.b)
+    pair.a.send_envelope(Envelope(Kind.REQUEST, rid, Echo(b"again")), pair.now)
+    pair.pump()
+    assert pair.take(pair.b) == [] and pair.counters_b["duplicate_requests"] == 1
+    (failed,) = pair.take(pair.a)  # the refusal takes the id's answer
+    assert isinstance(failed, RequestFailed) and failed.request_id == rid
+    assert pair.b.inflight == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_requests_cancels_and_pauses(mode: str, seed: int) -> None:
+    """Random sends, cancels, answers, pauses and stops, delivered at random
+    moments: every request of ``a`` ends once (answered, refused busy while
+    cancelled handlers are slow to stop, or cancelled), a request
+    cancelled before its answer was made is never answered, no strike is ever
+    counted and both sides' counters agree."""
+    rng = random.Random(seed)
+    pair = connected(mode)
+    a, b = pair.a, pair.b
+    open_ids: set[int] = set()  # a's requests neither answered nor cancelled
+    cancelled: set[int] = set()
+    pending_b: list[int] = []  # requests b's "shell" is handling
+    stopping: list[int] = []
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.3 and len(open_ids) < 12:
+            open_ids.add(
+                a.send_request(Echo(rng.randbytes(rng.choice((1, 1, 1, CORK_MAX + 1)))), pair.now)
+            )
+        elif op < 0.45 and open_ids:
+            rid = rng.choice(sorted(open_ids))
+            a.cancel_request(rid, pair.now)
+            open_ids.discard(rid)
+            cancelled.add(rid)
+        elif op < 0.65 and pending_b:
+            rid = pending_b.pop(rng.randrange(len(pending_b)))
+            b.send_response(rid, Echoed(b"r"), pair.now)
+        elif op < 0.7 and stopping:
+            b.handler_stopped(stopping.pop())
+        elif op < 0.75:
+            if b.paused:
+                b.resume_writing(pair.now)
+            else:
+                b.pause_writing(LIMITS.write_buffer_high, pair.now)
+        elif op < 0.8 and b.has_held_answers and not b.paused:
+            b.release_held(pair.now)
+        else:
+            pair.deliver(rng.choice((a, b)))
+        for ev in pair.take(b):
+            if isinstance(ev, RequestReceived):
+                pending_b.append(ev.request_id)
+            elif isinstance(ev, RequestCancelled):
+                pending_b.remove(ev.request_id)
+                stopping.append(ev.request_id)
+        for ev in pair.take(a):
+            if isinstance(ev, RequestFailed):  # handlers slow to stop: refused busy
+                assert isinstance(ev.error, RemoteError) and ev.error.code == ErrorCode.BUSY
+            else:
+                assert isinstance(ev, ResponseReceived), ev
+            assert ev.request_id in open_ids and ev.request_id not in cancelled
+            open_ids.discard(ev.request_id)
+    if b.paused:
+        b.resume_writing(pair.now)
+    for _ in range(100):  # settle: answer everything, deliver everything
+        for rid in pending_b:
+            b.send_response(rid, Echoed(b"r"), pair.now)
+        pending_b.clear()
+        while b.has_held_answers:
+            b.release_held(pair.now)
+        pair.pump()
+        for ev in pair.take(b):
+            if isinstance(ev, RequestReceived):
+                pending_b.append(ev.request_id)
+        for ev in pair.take(a):
+            assert isinstance(ev, ResponseReceived) and ev.request_id not in cancelled
+            open_ids.discard(ev.request_id)
+        if not pending_b and not open_ids:
+            break
+    assert not open_ids and a.outstanding == 0 and b.inflight == 0
+    ca, cb = pair.counters_a, pair.counters_b
+    assert ca["unexpected_responses"] == cb["unexpected_responses"] == 0
+    assert cb["cancels_bogus"] == cb["duplicate_requests"] == 0
+    assert ca["cancels_sent"] == cb["cancels_received"] + cb["cancels_too_late"]
+    assert ca["answers_after_cancel"] == cb["cancels_too_late"]
+    assert a.is_open and b.is_open
 
 
 def test_cancelled_queued_request_is_never_sent(mode: str) -> None:

@@ -213,23 +213,23 @@ def test_memory_full_refuses_new_calls() -> None:
 
 async def test_request_routes_dispatch_by_type() -> None:
     from p2pnode.net.dispatch import RequestRoutes
-    from p2pnode.services.messages import Cancel, Cancelled
+    from p2pnode.services.messages import StreamClose, StreamClosed
     from p2pnode.wire.messages import ErrorReply, Message, Ping
 
     routes = RequestRoutes()
     seen: list[Message] = []
 
-    async def cancel(remote: bytes, msg: Message) -> Message:
+    async def close(remote: bytes, msg: Message) -> Message:
         seen.append(msg)
-        return Cancelled(False)
+        return StreamClosed(False)
 
-    routes.route((Cancel,), cancel)
-    assert await routes(A, Cancel(5)) == Cancelled(False)
+    routes.route((StreamClose,), close)
+    assert await routes(A, StreamClose(5)) == StreamClosed(False)
     answer = await routes(A, Ping())
     assert isinstance(answer, ErrorReply) and answer.code == "unsupported"
-    routes.unroute((Cancel,))
-    assert isinstance(await routes(A, Cancel(5)), ErrorReply)
-    assert seen == [Cancel(5)]
+    routes.unroute((StreamClose,))
+    assert isinstance(await routes(A, StreamClose(5)), ErrorReply)
+    assert seen == [StreamClose(5)]
 
 
 def test_stream_pulls_see_items_then_the_end_or_the_error_once() -> None:

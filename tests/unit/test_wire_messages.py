@@ -22,6 +22,7 @@ from p2pnode.wire.messages import (
     DEFAULT_REGISTRY,
     SCATTER_MIN,
     Blob,
+    CancelRequest,
     DecodeLimits,
     Envelope,
     ErrorReply,
@@ -33,6 +34,7 @@ from p2pnode.wire.messages import (
     Ping,
     Pong,
     UnknownMessageType,
+    cancel,
     decode_envelope,
     decode_message,
     encode_envelope,
@@ -175,6 +177,22 @@ def test_error_kind_requires_error_reply() -> None:
         decode_envelope(bad)
     with pytest.raises(UsageError):
         encode_envelope(Envelope(Kind.ERROR, 1, Pong()))
+
+
+def test_cancel_kind_carries_only_a_cancel_request() -> None:
+    env = cancel(7)
+    assert env == Envelope(Kind.CANCEL, 7, CancelRequest())
+    data = encode_envelope_bytes(env)
+    assert data == msgpack.packb([3, 7, CancelRequest.TYPE_CODE])
+    assert decode_envelope(data) == env
+    for bad in ([3, 7, Pong.TYPE_CODE], [0, 7, CancelRequest.TYPE_CODE]):
+        with pytest.raises(MessageDecodeError, match="CancelRequest") as info:
+            decode_envelope(msgpack.packb(bad))
+        assert info.value.request_id == 7
+    with pytest.raises(UsageError):
+        encode_envelope(Envelope(Kind.CANCEL, 1, Pong()))
+    with pytest.raises(UsageError):
+        encode_envelope(request(1, CancelRequest()))
 
 
 @pytest.mark.parametrize(
