@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from p2pnode.errors import UsageError
+
 TCP = "tcp"
 UDP = "udp"
 TRANSPORTS = (TCP, UDP)
@@ -41,7 +43,7 @@ class ObservedAddress:
 class ObservedAddresses:
     def __init__(self, *, min_votes: int = 2, max_observers: int = 64, ttl: float = 1800.0) -> None:
         if min_votes < 1 or max_observers < 1 or ttl <= 0:
-            raise ValueError("min_votes, max_observers and ttl must be positive")
+            raise UsageError("min_votes, max_observers and ttl must be positive")
         self.min_votes = min_votes
         self.max_observers = max_observers
         self.ttl = ttl
@@ -61,7 +63,7 @@ class ObservedAddresses:
     ) -> None:
         """``observer_id`` at ``observer_ip`` saw us come from ``observed_ip``[:port]."""
         if transport not in TRANSPORTS:
-            raise ValueError(f"transport is tcp or udp, not {transport!r}")
+            raise UsageError(f"transport is tcp or udp, not {transport!r}")
         key = (observer_id, transport)
         self._last.pop(key, None)
         self._last[key] = Observation(observer_id, observer_ip, observed_ip, port, transport, now)

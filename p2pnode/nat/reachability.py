@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from p2pnode.errors import UsageError
 from p2pnode.nat.observed import TCP, TRANSPORTS, UDP
 from p2pnode.nat.types import Reachability
 
@@ -55,12 +56,64 @@ class ReachabilityConfig:
 
     def __post_init__(self) -> None:
         if self.probe_servers < 1 or self.failures_for_private < 1 or self.max_confidence < 1:
-            raise ValueError("probe_servers, failures_for_private, max_confidence must be >= 1")
+            raise UsageError("probe_servers, failures_for_private, max_confidence must be >= 1")
         for name in ("retry_unknown", "retry_unknown_max", "refresh", "evidence_ttl"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+                raise UsageError(f"{name} must be positive")
         if self.server_cooldown < 0:
-            raise ValueError("server_cooldown must be >= 0")
+            raise UsageError("server_cooldown must be >= 0")
+
+
+@dataclass(frozen=True)
+class AutoNatConfig:
+    enabled: bool = True
+    # Server side.
+    serve: bool = True
+    max_per_ip: int = 4  # dial-backs per requester IP per minute
+    max_concurrent: int = 8
+    dial_timeout: float = 3.0
+    # Client side: how long the nonce may trail the server's "sent" datagram.
+    udp_wait: float = 1.0
+    min_observers: int = 2  # distinct observer IPs that confirm an observed address
+    verdict: ReachabilityConfig = field(default_factory=ReachabilityConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_per_ip < 1 or self.max_concurrent < 1 or self.min_observers < 1:
+            raise UsageError("max_per_ip, max_concurrent, min_observers must be >= 1")
+        if self.dial_timeout <= 0 or self.udp_wait <= 0:
+            raise UsageError("dial_timeout and udp_wait must be positive")
+
+
+@dataclass(frozen=True)
+class ReachabilityStatus:
+    """What a node knows of its reachability (``Node.reachability``)."""
+
+    tcp: Reachability
+    udp: Reachability
+    observed: tuple[str, ...]  # confirmed observed IPs (and ip:port when known)
+    addresses: tuple[str, ...]  # what another machine should use (host:port)
+    dht_mode: str  # "server" or "client"
+    time_to_verdict: dict[str, float | None]  # seconds after start, per transport
+
+    @property
+    def overall(self) -> Reachability:
+        """public when both transports are; private when either is; else unknown."""
+        if Reachability.PRIVATE in (self.tcp, self.udp):
+            return Reachability.PRIVATE
+        if self.tcp is self.udp is Reachability.PUBLIC:
+            return Reachability.PUBLIC
+        return Reachability.UNKNOWN
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "reachability": str(self.overall),
+            "tcp": str(self.tcp),
+            "udp": str(self.udp),
+            "observed": list(self.observed),
+            "addresses": list(self.addresses),
+            "dht_mode": self.dht_mode,
+            "time_to_verdict": self.time_to_verdict,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +231,7 @@ class ReachabilityCore:
     def result(self, transport: str, server_ip: str, outcome: str, now: float) -> None:
         """One probe's outcome for ``transport`` from the server at ``server_ip``."""
         if transport not in TRANSPORTS or outcome not in OUTCOMES:
-            raise ValueError(f"bad probe result {transport!r} {outcome!r}")
+            raise UsageError(f"bad probe result {transport!r} {outcome!r}")
         self.stats[f"probe_{transport}_{outcome}"] += 1
         state = self._states[transport]
         if outcome == NO_EVIDENCE:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from p2pnode.errors import UsageError
 from p2pnode.nat.observed import TCP, UDP, ObservedAddress, ObservedAddresses
 
 
@@ -62,7 +63,7 @@ def test_memory_is_bounded_and_reports_expire() -> None:
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         ObservedAddresses(min_votes=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         ObservedAddresses().observe(oid(1), "a", "b", 0.0, transport="sctp")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from p2pnode.errors import UsageError
 from p2pnode.nat.observed import TCP, UDP
 from p2pnode.nat.reachability import (
     FAILURE,
@@ -119,7 +120,7 @@ def test_a_mapping_starts_over_and_names_the_port_to_dial() -> None:
 
 
 def test_bad_input_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         ReachabilityConfig(probe_servers=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         core().result("sctp", "x", SUCCESS, 0.0)
