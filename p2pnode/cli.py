@@ -426,12 +426,40 @@ async def _run_node(config: NodeConfig, *, json_mode: bool = False) -> int:
             if others:  # other interfaces: which one works depends on where the peer is
                 print(f"             (or --bootstrap {' / '.join(others)})")
             print("ready", flush=True)
+        _announce_reachability(node, json_mode)
         await node.wait_stop_requested()
     finally:
         log.info("stopping")
         await node.stop()
     print(json.dumps({"event": "stopped"}) if json_mode else "stopped", flush=True)
     return ExitCode.OK
+
+
+def _announce_reachability(node: Any, json_mode: bool) -> None:
+    """After "ready": one line per verdict change, with a reachable join address."""
+
+    def changed(_event: object) -> None:
+        status = node.reachability
+        if json_mode:
+            print(json.dumps({"event": "reachability", **status.to_json()}), flush=True)
+            return
+        line = f"reachability: {status.overall} (tcp {status.tcp}, udp {status.udp})"
+        if status.addresses:
+            line += f"; join with: --bootstrap {status.addresses[0]}"
+        print(line, flush=True)
+
+    node.on_reachability_change(changed)
+
+
+def _reachability_lines(d: dict[str, Any]) -> list[str]:
+    if "tcp" not in d:
+        return [f"reachability: {d.get('reachability', 'unknown')}"]
+    lines = [
+        f"reachability: {d['reachability']} (tcp {d['tcp']}, udp {d['udp']}; DHT {d['dht_mode']})"
+    ]
+    addresses = d.get("reachable_addresses") or []
+    lines.append(f"reach me at: {', '.join(addresses) if addresses else 'not known yet'}")
+    return lines
 
 
 def cmd_id(args: argparse.Namespace, client: ControlClient) -> int:
@@ -443,6 +471,7 @@ def cmd_id(args: argparse.Namespace, client: ControlClient) -> int:
                 f"addresses: {', '.join(d['addresses'])}",
                 f"control:   {d['api']}",
                 f"join with: {d['bootstrap']}",
+                *_reachability_lines(d),
                 f"version:   {d['version']}",
             ]
         )
@@ -487,11 +516,12 @@ def _sum(counters: dict[str, int], prefix: str) -> int:
 def _status_summary(d: dict[str, Any]) -> list[str]:
     dht, net, ex = d["dht"], d["net"], d["exchange"]
     requests_in = _sum(dht, "rpc_received.")
-    # No probe exists: requests that others started are the evidence we have.
-    if requests_in or net.get("connections_inbound", 0):
-        reachable = f"yes ({requests_in} DHT request(s) came in from other nodes)"
-    else:
-        reachable = "not known yet (no other node has contacted this one)"
+    reachable = d.get("reachability", "unknown")
+    if "tcp" in d:
+        reachable += f" (tcp {d['tcp']}, udp {d['udp']}; DHT {d['dht_mode']})"
+        addresses = d.get("reachable_addresses") or []
+        if addresses:
+            reachable += f"; reach me at {', '.join(addresses)}"
     stale = f" ({ex['stale']} stale)" if ex.get("stale") else ""
     return [
         f"peer id:    {d['peer_id']}",

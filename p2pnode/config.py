@@ -17,6 +17,7 @@ from p2pnode import confcheck
 from p2pnode.dht.config import DhtConfig
 from p2pnode.errors import UsageError
 from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.nat.reachability import AutoNatConfig
 from p2pnode.net.config import NetLimits
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ class NodeConfig:
     dht: DhtConfig = field(default_factory=DhtConfig)
     net: NetLimits = field(default_factory=NetLimits)
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
+    # AutoNAT: dial-back probes of our reachability, and serving them to others.
+    autonat: AutoNatConfig = field(default_factory=AutoNatConfig)
     # Node-wide limits of the services served (each service's own: serve(limits=)).
     services: NodeServiceLimits = field(default_factory=_default_service_limits)
     # False: no control API (no listener, no control.json); for many nodes in one
@@ -114,6 +117,7 @@ class NodeConfig:
             ("dht", DhtConfig),
             ("net", NetLimits),
             ("exchange", ExchangeConfig),
+            ("autonat", AutoNatConfig),
             ("services", _service_limits_class()),
         )
         for name, kind in nested:

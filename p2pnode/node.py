@@ -19,7 +19,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +45,10 @@ from p2pnode.home import (
     write_control,
 )
 from p2pnode.identity import Identity, as_node_id, peer_id_to_str
+from p2pnode.nat.autonat import AutoNat
+from p2pnode.nat.observed import TCP, UDP
+from p2pnode.nat.reachability import ReachabilityChanged, ReachabilityStatus
+from p2pnode.nat.types import Reachability
 from p2pnode.net.host import PeerHost
 from p2pnode.services import (
     NodeServiceLimits,
@@ -121,6 +125,10 @@ class Node:
         self._exchange: Exchange | None = None
         self._services: Services | None = None
         self._control: ControlServer | None = None
+        self._autonat: AutoNat | None = None
+        self._reachability_listeners: list[Callable[[ReachabilityChanged], None]] = []
+        # Set (and replaced by a fresh one) whenever a verdict changes.
+        self.reachability_changed = asyncio.Event()
         self._tasks = TaskSet("node")
         self._stop_requested = asyncio.Event()
         self._joined = asyncio.Event()
@@ -182,6 +190,11 @@ class Node:
             self._host, self._discovery, self._port, clock=self.clock, limits=self._service_limits
         )
         self._services.start()
+        self._autonat = AutoNat(
+            self._host, self._discovery, self._port, self.config.autonat, clock=self.clock
+        )
+        self._autonat.on_change(self._on_reachability)
+        self._autonat.start()
         if not self.config.control_api:
             clear_control(self.home)  # a stale file would point the CLI at nothing
             return
@@ -246,7 +259,14 @@ class Node:
         self._state = NodeState.STOPPED
 
     async def _stop_parts(self) -> None:
-        parts = (self._control, self._services, self._exchange, self._host, self._discovery)
+        parts = (
+            self._control,
+            self._autonat,
+            self._services,
+            self._exchange,
+            self._host,
+            self._discovery,
+        )
         for part in parts:
             if part is not None:
                 started = time.monotonic()
@@ -274,6 +294,8 @@ class Node:
                 elif joined:
                     self._joined.set()
                     delay = 1.0
+                    if self._autonat is not None:
+                        self._autonat.wake()  # servers to ask are known now
                 else:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.config.bootstrap_max_backoff)
@@ -342,6 +364,77 @@ class Node:
             except OSError as exc:
                 log.warning("cannot save contacts: %s", exc)
 
+    # -- reachability (p2pnode/nat) ------------------------------------------------
+
+    @property
+    def autonat(self) -> AutoNat:
+        return self._part(self._autonat, "autonat")
+
+    def on_reachability_change(self, listener: Callable[[ReachabilityChanged], None]) -> None:
+        """Call ``listener`` with each verdict change (TCP or UDP), e.g. to reserve
+        relay slots once private. (Or wait on :attr:`reachability_changed`.)"""
+        self._reachability_listeners.append(listener)
+
+    def mapping_changed(self, external: tuple[str, int] | None) -> None:
+        """Port mapping's input: the router's external (ip, port), or None when
+        the mapping is gone; a dial-back to it then decides."""
+        self.autonat.mapping_changed(external)
+
+    def _on_reachability(self, event: ReachabilityChanged) -> None:
+        if event.transport == UDP and self._discovery is not None:
+            # Not reachable over UDP: a DHT client (libp2p kad-dht's auto mode).
+            self._discovery.set_client_mode(event.new is Reachability.PRIVATE)
+        for listener in list(self._reachability_listeners):
+            listener(event)
+        self.reachability_changed.set()
+        self.reachability_changed = asyncio.Event()
+
+    @property
+    def reachability(self) -> ReachabilityStatus:
+        autonat = self.autonat
+        now = self.clock.now()
+        core = autonat.core
+        observed = tuple(
+            f"{a.ip}:{a.port}" if a.port is not None else a.ip
+            for a in autonat.observed.confirmed(now)
+        )
+        return ReachabilityStatus(
+            tcp=core.verdict(TCP),
+            udp=core.verdict(UDP),
+            observed=observed,
+            addresses=tuple(self.reachable_addresses()),
+            dht_mode="client" if self.discovery.client_mode else "server",
+            time_to_verdict={t: core.time_to_verdict(t) for t in (TCP, UDP)},
+        )
+
+    def reachable_addresses(self) -> list[str]:
+        """What another machine should dial (host:port), best first: when TCP is
+        public, the confirmed observed IPs (with a mapping's port, else ours) and
+        our own addresses; while unknown, our own addresses that are globally
+        routable; none when private (relay addresses are another part's)."""
+        autonat = self.autonat
+        verdict = autonat.core.verdict(TCP)
+        if verdict is Reachability.PRIVATE:
+            return []
+        own = self.join_candidates()
+        if verdict is Reachability.UNKNOWN:
+            ips = [ip for ip in own if ipaddress.ip_address(ip).is_global]
+        else:
+            port = autonat.core.probe_ports(self._port, self._port)[0]
+            mapped = autonat.core.mapping
+            seen = [a.ip for a in autonat.observed.confirmed(self.clock.now())]
+            ips = ([mapped[0]] if mapped else []) + seen
+            shown = [_host_port(ip, port) for ip in dict.fromkeys(ips)]
+            return shown + [_host_port(ip, self._port) for ip in own if ip not in ips]
+        return [_host_port(ip, self._port) for ip in ips]
+
+    def join_candidates(self) -> list[str]:
+        """Our own addresses another machine might join through (no port)."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::"):
+            return join_candidates(_local_addresses(v6=host == "::"))
+        return [host]
+
     # -- views -----------------------------------------------------------------------
 
     def _part(self, part: _Part | None, name: str) -> _Part:
@@ -399,12 +492,9 @@ class Node:
         """The addresses another machine would join through, best first: on a
         wildcard host, the interfaces' own (public before private, IPv4 first);
         loopback only when there is nothing else."""
-        host = self.config.host
-        if host in ("0.0.0.0", "::"):
-            shown = join_candidates(_local_addresses(v6=host == "::")) or ["127.0.0.1"]
-        else:
-            shown = [host]
-        return [f"[{h}]:{self._port}" if ":" in h else f"{h}:{self._port}" for h in shown]
+        reachable = self.reachable_addresses() if self._autonat is not None else []
+        own = [_host_port(h, self._port) for h in self.join_candidates() or ["127.0.0.1"]]
+        return reachable + [a for a in own if a not in reachable]
 
     def bootstrap_arg(self) -> str:
         return f"--bootstrap {self.join_addresses()[0]}"
@@ -419,8 +509,17 @@ class Node:
             "api": self.api_url if self.config.control_api else None,
             "bootstrap": self.bootstrap_arg(),
             "join_addresses": self.join_addresses(),
+            **self._reachability_json(),
             "version": __version__,
         }
+
+    def _reachability_json(self) -> dict[str, Any]:
+        if self._autonat is None:
+            return {"reachability": str(Reachability.UNKNOWN)}
+        status = self.reachability.to_json()
+        # "addresses" already names the listen addresses here
+        status["reachable_addresses"] = status.pop("addresses")
+        return status
 
     def peers(self) -> list[dict[str, Any]]:
         # Contact.last_seen is on the node's clock; the API shows wall time.
@@ -450,6 +549,8 @@ class Node:
             "net": self.peer_host.stats(),
             "exchange": self.exchange.stats(),
             "resources": len(self.exchange.list()),
+            **self._reachability_json(),
+            "nat": self.autonat.snapshot(),
             "services": self.services(),
             "rss_bytes": proc.memory_info().rss,
             "version": __version__,
@@ -470,6 +571,7 @@ class Node:
             "exchange": self.exchange.stats(),
             "services": self.services_part.stats(),
             "services_served": self.services(),
+            "nat": self.autonat.snapshot(),
         }
 
     # -- services (p2pnode/services) ------------------------------------------------
@@ -523,6 +625,10 @@ class Node:
     async def find_service(self, name: str) -> list[ProviderRecord]:
         """Providers of ``name`` announced in the DHT."""
         return await self.services_part.find_service(name)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def join_candidates(addresses: Sequence[str]) -> list[str]:

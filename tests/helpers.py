@@ -35,16 +35,15 @@ def fast_config(
     home: Path, bootstrap: tuple[tuple[str, int], ...] = (), **kw: object
 ) -> NodeConfig:
     """A node config for tests: loopback, any port, short timeouts."""
-    return NodeConfig(
-        home=home,
-        host="127.0.0.1",
-        port=0,
-        bootstrap=bootstrap,
-        save_interval=0.5,
-        bootstrap_max_backoff=0.5,
-        dht=DhtConfig(rpc_timeout=1.0),
-        **kw,  # type: ignore[arg-type]
-    )
+    settings: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "save_interval": 0.5,
+        "bootstrap_max_backoff": 0.5,
+        "dht": DhtConfig(rpc_timeout=1.0),
+        **kw,
+    }
+    return NodeConfig(home=home, bootstrap=bootstrap, **settings)  # type: ignore[arg-type]
 
 
 def can_bind(host: str, kind: socket.SocketKind = socket.SOCK_DGRAM) -> bool:

@@ -396,6 +396,49 @@ def _service_families(served: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
     yield from (calls, admitted, errors, in_flight, p50, announced)
 
 
+_NAT = _Subsystem(
+    "nat",
+    keys={
+        **_plain(
+            (
+                "reachability_tcp",
+                "reachability_tcp",
+                "TCP reachability verdict: 1 public, 0 private, -1 unknown",
+                True,
+            ),
+            (
+                "reachability_udp",
+                "reachability_udp",
+                "UDP reachability verdict: 1 public, 0 private, -1 unknown",
+                True,
+            ),
+            ("probes_started", "probes_total", "AutoNAT dial-back probes we asked for", False),
+            (
+                "verdict_changes",
+                "verdict_changes_total",
+                "Reachability verdict changes",
+                False,
+            ),
+            (
+                "dial_backs_served",
+                "dial_backs_served_total",
+                "Dial-backs this node made for others",
+                False,
+            ),
+        ),
+        **_one(
+            _Family(
+                "dial_back_refusals_total", "Dial-back requests refused, by reason", label="reason"
+            ),
+            ("refused_rate", "rate"),
+            ("refused_concurrency", "concurrency"),
+            ("refused_not_direct", "not_direct"),
+            ("refused_no_address", "no_address"),
+        ),
+    },
+)
+
+
 def _families(sub: _Subsystem, stats: dict[str, int]) -> Iterator[Metric]:
     """The metric families of one part's stats, known keys first."""
     values: dict[_Family, list[tuple[str | None, float]]] = {}
@@ -487,6 +530,7 @@ class NodeCollector(Collector):
         # .get: a snapshot built before services existed (tests) still scrapes.
         yield from _families(_SERVICES, snap.get("services", {}))
         yield from _service_families(snap.get("services_served", []))
+        yield from _families(_NAT, snap.get("nat", {}))
 
 
 class PsutilProcessCollector(Collector):

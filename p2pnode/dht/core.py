@@ -40,6 +40,18 @@ Rules kept from the hardened protocol:
 - Store and add_provider are accepted only with a token the sender's IP earned
   from our identify or get_providers answer (BEP 5); a provider record must be
   validly signed and dial only the address it came from.
+- A node whose identify says it is a DHT client is removed from the table and
+  kept out (for CLIENT_RECHECK); until identify answered, a requester sits in the
+  table as an unproven contact, as a stock node does (deferring it until identify
+  decides would keep stock nodes out for a whole rpc_timeout and break lookups
+  through them; the window is one round trip).
+- Client mode (:meth:`DhtCore.set_client_mode`, while the node is not reachable,
+  as libp2p kad-dht does): identify says "client" (signed), and lookups, stores
+  and provider requests from others get no answer (counted); our own calls go on.
+  An identify request from a contact we proved a while ago makes us prove it
+  again: that is how a node that switched mode re-announces itself.
+- ``dial_back`` (AutoNAT's UDP probe) is never answered: its nonce is reported
+  as a :class:`DialBackReceived` event.
 - Kademlia's "welcome" (push stored values to a new node) goes through a bounded
   queue drained at ``welcome_store_rate``.
 - A full bucket that may not split pings its head (at most MAX_HEAD_PINGS at once).
@@ -73,6 +85,7 @@ from p2pnode.dht.rpc_schema import (
     EXTRA_RPCS,
     RPC_NAMES,
     AddProviderRequest,
+    DialBackRequest,
     FindNodeRequest,
     FindValueRequest,
     FoundValue,
@@ -114,6 +127,10 @@ MAX_PROOFS = 64  # identify calls of our own in flight
 CHALLENGE_LEN = 16
 # A node that could not prove its id is not asked again for this long.
 UNPROVABLE_RETRY = 600.0
+# A node that proved it is a DHT client is not asked again for this long.
+CLIENT_RECHECK = 120.0
+# An identify request from a proven contact re-proves it at most this often.
+REPROVE_INTERVAL = 10.0
 
 # Why a call failed (CallFailed.reason).
 TIMEOUT: Final = "timeout"
@@ -138,6 +155,16 @@ DROP_REASONS = (
     "reply_too_large",
     "bad_proof",
 )
+
+# What a client does not answer for others (while in client mode).
+_SERVER_REQUESTS = (
+    FindNodeRequest,
+    FindValueRequest,
+    StoreRequest,
+    AddProviderRequest,
+    GetProvidersRequest,
+)
+_NO_ANSWER = object()  # a request that gets no reply
 
 # Who started a call: the API (its outcome is an event) or the core itself.
 _API, _VERIFY, _HEAD, _WELCOME, _PROVE = range(5)
@@ -174,7 +201,33 @@ class ContactRemoved:
     node: Node
 
 
-Event = CallAnswered | CallFailed | ContactAdded | ContactRemoved
+@dataclass(frozen=True, slots=True)
+class DialBackReceived:
+    """An AutoNAT UDP probe arrived on our socket (from a server's fresh socket)."""
+
+    nonce: bytes
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class AddressObserved:
+    """A node that proved its id (``observer``, at ``observer_host``) saw our
+    datagrams come from ``observed_host``."""
+
+    observer: bytes
+    observer_host: str
+    observed_host: str
+
+
+Event = (
+    CallAnswered | CallFailed | ContactAdded | ContactRemoved | DialBackReceived | AddressObserved
+)
+
+
+def dial_back_datagram(msg_id: bytes, nonce: bytes) -> bytes:
+    """The UDP dial-back an AutoNAT server sends to a prober's DHT port."""
+    return codec.encode_request(msg_id, "dial_back", (nonce,))
 
 
 @dataclass(slots=True)
@@ -285,6 +338,10 @@ class DhtCore:
         self._proven: OrderedDict[bytes, Address] = OrderedDict()
         self._unprovable: OrderedDict[bytes, float] = OrderedDict()
         self._proving: set[bytes] = set()
+        # Ids that proved they are DHT clients -> when; proven ids -> when proven.
+        self._clients: OrderedDict[bytes, float] = OrderedDict()
+        self._proved_at: OrderedDict[bytes, float] = OrderedDict()
+        self.client_mode = False
         # Tokens nodes gave us (identify answers): what a store to them must carry.
         self._tokens_from: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._verifying = 0
@@ -314,6 +371,11 @@ class DhtCore:
             "proofs_failed",
             "proofs_dropped",
             "identify_answered",
+            "client_mode_unanswered",
+            "clients_refused",
+            "clients_removed",
+            "dial_backs_received",
+            "reproofs_requested",
         ):
             self.stats[counter] = 0
 
@@ -447,18 +509,28 @@ class DhtCore:
             return
         self.stats[f"rpc_received.{message.name}"] += 1
         reply = self._answer(request, host, port, now)
-        data = self._encode_reply(message.msg_id, reply)
-        if data is None:
-            self._drop("reply_too_large")
-        else:
-            target = self._target(host, port)
-            if target is not None:
-                self._send(data, target)
+        if reply is not _NO_ANSWER:
+            data = self._encode_reply(message.msg_id, reply)
+            if data is None:
+                self._drop("reply_too_large")
+            else:
+                target = self._target(host, port)
+                if target is not None:
+                    self._send(data, target)
         if node_id is not None:
             self._note_requester(node_id, host, port, now)
+            if isinstance(request, IdentifyRequest):
+                self._reprove_hint(node_id, host, port, now)
 
     def _answer(self, request: RpcRequest, host: str, port: int, now: float) -> object:
         # The handlers get checked arguments (see rpc_schema); they never raise.
+        if isinstance(request, DialBackRequest):
+            self.stats["dial_backs_received"] += 1
+            self._events.append(DialBackReceived(request.nonce, host, port))
+            return _NO_ANSWER
+        if self.client_mode and isinstance(request, _SERVER_REQUESTS):
+            self.stats["client_mode_unanswered"] += 1
+            return _NO_ANSWER
         if isinstance(request, FindNodeRequest):
             return self._neighbors_wire(request.key, request.node_id, (host, port), now)
         if isinstance(request, PingRequest):
@@ -479,9 +551,11 @@ class DhtCore:
         if isinstance(request, StunRequest):
             return [host, port]
         if isinstance(request, IdentifyRequest):
-            signature = proof.prove(self.identity, request.node_id, request.challenge)
+            mode = "client" if self.client_mode else "server"
+            signature = proof.prove(self.identity, request.node_id, request.challenge, mode)
             self.stats["identify_answered"] += 1
-            return [self.identity.public_key, signature, self.tokens.token_for(host, now), host]
+            token = self.tokens.token_for(host, now)
+            return [self.identity.public_key, signature, token, host, mode]
         if isinstance(request, AddProviderRequest):
             return self._add_provider(request, host, now)
         assert isinstance(request, GetProvidersRequest)
@@ -676,16 +750,23 @@ class DhtCore:
         if call.name == "identify":
             assert isinstance(result, IdentifyAnswer) and call.node_id is not None
             if not proof.check_proof(
-                call.node_id, self.node_id, call.challenge, result.public_key, result.signature
+                call.node_id,
+                self.node_id,
+                call.challenge,
+                result.public_key,
+                result.signature,
+                result.mode,
             ):
                 self._drop("bad_proof")
                 self._failed(call, MALFORMED, now)
                 return
-            self._proved(Node(call.node_id, host, port), result.token, now, rtt)
+            self._events.append(AddressObserved(call.node_id, host, result.observed_host))
+            self._proved(Node(call.node_id, host, port), result, now)
         elif call.name == "ping":
             assert isinstance(result, bytes)
             if call.node_id is not None and result != call.node_id:
                 self._record_failure(Node(call.node_id, host, port))
+            # A requester enters the table once identify says what it is.
             self.node_answered(Node(result, host, port), now, rtt)
         elif call.node_id is not None:
             self.node_answered(Node(call.node_id, host, port), now, rtt)
@@ -772,10 +853,35 @@ class DhtCore:
             self._rtt[node.id] = rtt if prev is None else 0.75 * prev + 0.25 * rtt
         if len(self._last_seen) > 16 * self.config.ksize * 160:
             self._prune_last_seen()
+        if self._is_client(node.id, now):
+            return
         proven = self._proven.get(node.id) == (node.ip, node.port)
         if not proven:
             self._start_proof(node, now)
         self._add(node, now, proven)
+
+    def _is_client(self, node_id: bytes, now: float) -> bool:
+        """``node_id`` proved lately that it is a DHT client (kept out of the table)."""
+        at = self._clients.get(node_id)
+        if at is None:
+            return False
+        if now - at < CLIENT_RECHECK:
+            return True
+        del self._clients[node_id]
+        return False
+
+    def _reprove_hint(self, node_id: bytes, host: str, port: int, now: float) -> None:
+        """An identify request from a contact we proved: it may have switched mode
+        (that is how it re-announces), so prove it again, at most every
+        REPROVE_INTERVAL (a forged request costs us one identify, no more)."""
+        if self._proven.get(node_id) != (host, port):
+            return
+        at = self._proved_at.get(node_id)
+        if at is not None and now - at < REPROVE_INTERVAL:
+            return
+        self._remember(self._proved_at, node_id, now)
+        self.stats["reproofs_requested"] += 1
+        self._start_proof(Node(node_id, host, port), now)
 
     def _add(self, node: Node, now: float, proven: bool) -> None:
         table = self.table
@@ -790,31 +896,52 @@ class DhtCore:
         elif new and table.contains(node):
             self._events.append(ContactAdded(node))
 
-    def _start_proof(self, node: Node, now: float) -> None:
-        """Ask ``node`` to prove its id (bounded; not again soon after a failure)."""
+    def _start_proof(self, node: Node, now: float) -> bool:
+        """Ask ``node`` to prove its id (bounded; not again soon after a failure).
+        True if a proof is under way (started now or before)."""
         node_id = node.id
         if node_id in self._proving:
-            return
+            return True
         failed_at = self._unprovable.get(node_id)
         if failed_at is not None and now - failed_at < UNPROVABLE_RETRY:
-            return
+            return False
         if len(self._proving) >= MAX_PROOFS:
             self.stats["proofs_dropped"] += 1
-            return
+            return False
         if self._start_internal(node.ip, node.port, "identify", (), now, node_id, _PROVE):
             self._proving.add(node_id)
             self.stats["proofs_started"] += 1
+            return True
+        return False
 
-    def _proved(self, node: Node, token: bytes, now: float, rtt: float) -> None:
-        """``node`` proved its id at its address: it may now hold a full place in
-        the table and receive values; its token is kept for our stores to it."""
+    def _proved(self, node: Node, answer: IdentifyAnswer, now: float) -> None:
+        """``node`` proved its id at its address: a server may now hold a full
+        place in the table and receive values; a client is kept out (and removed).
+        Its token is kept for our stores to it."""
         self.stats["proofs_ok"] += 1
         self._unprovable.pop(node.id, None)
         self._remember(self._proven, node.id, (node.ip, node.port))
-        self._remember(self._tokens_from, node.id, (token, now))
+        self._remember(self._proved_at, node.id, now)
+        self._remember(self._tokens_from, node.id, (answer.token, now))
         self._failures.pop(node.id, None)
         self._last_seen[node.id] = now
+        if not answer.server:
+            self._remember(self._clients, node.id, now)
+            self.stats["clients_refused"] += 1
+            known = self.table.node_for(node.id)
+            if known is not None:
+                self.stats["clients_removed"] += 1
+                promoted = self.table.remove_contact(known)
+                self._events.append(ContactRemoved(known))
+                if promoted is not None:
+                    self._events.append(ContactAdded(promoted))
+            return
+        self._clients.pop(node.id, None)
         self._add(node, now, proven=True)
+
+    def set_client_mode(self, client: bool) -> None:
+        """Serve the DHT (False) or only use it (True: while not reachable)."""
+        self.client_mode = client
 
     def _remember(self, table: OrderedDict[bytes, _V], key: bytes, value: _V) -> None:
         table[key] = value
@@ -989,4 +1116,5 @@ class DhtCore:
         out["verify_in_flight"] = self._verifying
         out["head_pings"] = len(self._pinging_heads)
         out["rate_limited_sources"] = len(self._limiter)
+        out["client_mode"] = int(self.client_mode)
         return out

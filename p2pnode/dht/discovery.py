@@ -26,7 +26,7 @@ from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.dht import records as rec
 from p2pnode.dht.codec import MessageError
 from p2pnode.dht.config import DhtConfig
-from p2pnode.dht.core import DhtCore
+from p2pnode.dht.core import DhtCore, Event
 from p2pnode.dht.lookup import iterative_lookup
 from p2pnode.dht.protocol import DhtProtocol
 from p2pnode.dht.rpc_schema import (
@@ -190,6 +190,7 @@ class Discovery:
         # Who accepted each of our announcements: watched so that records lost with
         # their holders are announced again long before provider_republish.
         self._holders: dict[bytes, list[Node]] = {}
+        self._listeners: list[Callable[[Event], None]] = []
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------
@@ -202,6 +203,7 @@ class Discovery:
         if self._protocol is not None:
             raise UsageError("already listening")
         protocol = DhtProtocol(self._core, self.clock)
+        protocol.listeners = self._listeners
         _, self._port = await self.endpoints.datagram_endpoint(lambda: protocol, host, port)
         self._protocol = protocol
         self._local_host = _local_host(host)
@@ -259,6 +261,38 @@ class Discovery:
         """The protocol core (routing table, stores, counters): for simulators and
         tests that look inside; calls go through Discovery."""
         return self._core
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener`` with the core's events other than call outcomes
+        (:class:`~p2pnode.dht.core.AddressObserved`, ``DialBackReceived``, ...)."""
+        self._listeners.append(listener)
+
+    @property
+    def client_mode(self) -> bool:
+        return self._core.client_mode
+
+    def set_client_mode(self, client: bool) -> None:
+        """Switch between DHT server and client mode (libp2p kad-dht's): a client
+        answers no lookups or stores for others, and identify says so. The switch
+        is re-announced: each contact is asked to identify, which makes it prove
+        us again and learn our new mode."""
+        if client == self._core.client_mode:
+            return
+        self._core.set_client_mode(client)
+        self._core.stats["mode_switches"] += 1
+        log.info("DHT %s mode", "client" if client else "server")
+        if self._protocol is None or self._closed:
+            return
+        for node in self._core.table.all_nodes():
+            self._tasks.spawn(self._reannounce(node), "reannounce")
+
+    async def _reannounce(self, node: Node) -> None:
+        answer = await self._proto().call_identify(node)
+        if answer is not None:  # a fresh token for our writes, too
+            now = self.clock.now()
+            self._proofs[node.id] = (answer.token, answer.observed_host, (node.ip, node.port), now)
+            while len(self._proofs) > PROOF_CACHE:
+                self._proofs.popitem(last=False)
 
     # -- contacts ------------------------------------------------------------------
 

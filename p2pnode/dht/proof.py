@@ -10,21 +10,37 @@ from __future__ import annotations
 from p2pnode.identity import Identity, node_id_from_public_key, verify_signature
 
 DOMAIN = b"p2pnode/dht/identify/v1"
+# v2 also signs the node's DHT mode ("server" or "client"): a client is never
+# put in a routing table, and no one but the node can claim its mode.
+DOMAIN_V2 = b"p2pnode/dht/identify/v2"
+MODES = ("server", "client")
 
 
-def _message(challenger_id: bytes, challenge: bytes, node_id: bytes) -> bytes:
-    return b"".join((DOMAIN, challenger_id, challenge, node_id))
+def _message(challenger_id: bytes, challenge: bytes, node_id: bytes, mode: str | None) -> bytes:
+    if mode is None:
+        return b"".join((DOMAIN, challenger_id, challenge, node_id))
+    return b"".join((DOMAIN_V2, challenger_id, challenge, node_id, mode.encode()))
 
 
-def prove(identity: Identity, challenger_id: bytes, challenge: bytes) -> bytes:
-    """Our signature answering ``challenge`` from ``challenger_id``."""
-    return identity.sign(_message(challenger_id, challenge, identity.node_id))
+def prove(
+    identity: Identity, challenger_id: bytes, challenge: bytes, mode: str | None = None
+) -> bytes:
+    """Our signature answering ``challenge`` from ``challenger_id`` (and stating
+    our ``mode``; None: the v1 proof, which states none)."""
+    return identity.sign(_message(challenger_id, challenge, identity.node_id, mode))
 
 
 def check_proof(
-    node_id: bytes, challenger_id: bytes, challenge: bytes, public_key: bytes, signature: bytes
+    node_id: bytes,
+    challenger_id: bytes,
+    challenge: bytes,
+    public_key: bytes,
+    signature: bytes,
+    mode: str | None = None,
 ) -> bool:
-    """True if ``public_key`` hashes to ``node_id`` and signed our challenge."""
+    """True if ``public_key`` hashes to ``node_id`` and signed our challenge (and
+    ``mode``, for a v2 proof)."""
     if node_id_from_public_key(public_key) != node_id:
         return False
-    return verify_signature(public_key, signature, _message(challenger_id, challenge, node_id))
+    message = _message(challenger_id, challenge, node_id, mode)
+    return verify_signature(public_key, signature, message)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from kademlia.node import Node
 
 from p2pnode.clock import Clock
-from p2pnode.dht.core import CallAnswered, CallFailed, DhtCore
+from p2pnode.dht.core import CallAnswered, CallFailed, DhtCore, Event
 from p2pnode.dht.records import ProviderRecord
 from p2pnode.dht.rpc_schema import FoundValue, IdentifyAnswer, Value, is_port, normalize_host
 from p2pnode.dht.storage import ProviderStore, ValueStore
@@ -40,6 +41,8 @@ class DhtProtocol(asyncio.DatagramProtocol):
         self._timer_at = float("inf")
         self._closing = False
         self._lost = asyncio.Event()
+        # Told of the core's other events (observed addresses, dial-back nonces).
+        self.listeners: list[Callable[[Event], None]] = []
 
     # -- what Discovery and tests look at --------------------------------------------
 
@@ -108,6 +111,9 @@ class DhtProtocol(asyncio.DatagramProtocol):
                 self._settle(event.call_id, event.result)
             elif isinstance(event, CallFailed):
                 self._settle(event.call_id, None)
+            else:
+                for listener in self.listeners:
+                    listener(event)
         deadline = core.next_deadline()
         # An earlier timer stays: it wakes, finds nothing due, and re-arms.
         if deadline is not None and deadline < self._timer_at and self._loop is not None:

@@ -11,12 +11,18 @@ store          nodeid, key, value[, token]        true if stored, false if refus
 find_node      nodeid, key                        [[id, ip, port], ...]
 find_value     nodeid, key                        {"value": v} or [[id, ip, port], ...]
 identify       nodeid, challenge                  [public key, signature, token,
-                                                   sender ip]
+                                                   sender ip, mode]
+dial_back      nonce                              (no answer)
 add_provider   nodeid, key, record, token         true if recorded, false if refused
 get_providers  nodeid, key                        {"providers": [record, ...],
                                                    "nodes": [[id, ip, port], ...],
                                                    "token": token}
 =============  =================================  =====================================
+
+``mode`` is "server" or "client" (signed with the proof; an answer without it,
+from an older node, is a server's). ``dial_back`` is an AutoNAT probe
+(:mod:`p2pnode.nat.autonat`): a server we asked sends it from a fresh socket to
+our DHT port; it is only reported to the prober, never answered.
 
 The first five are kademlia's own (wire compatible with ``kademlia.protocol``; a
 stock store has no token, and we refuse it); the last three are ours and a stock
@@ -50,9 +56,10 @@ BAD_ARGS = "bad_args"
 BAD_RESPONSE = "bad_response"
 
 KADEMLIA_RPCS = ("ping", "stun", "store", "find_node", "find_value")
-EXTRA_RPCS = ("identify", "add_provider", "get_providers")
+EXTRA_RPCS = ("identify", "add_provider", "get_providers", "dial_back")
 
 MIN_CHALLENGE, MAX_CHALLENGE = 16, 64
+MIN_NONCE, MAX_NONCE = 16, 32
 MAX_TOKEN = 32
 PUBLIC_KEY_LEN, SIGNATURE_LEN = 32, 64
 RPC_NAMES = KADEMLIA_RPCS + EXTRA_RPCS
@@ -233,6 +240,11 @@ class GetProvidersRequest:
     key: bytes
 
 
+@dataclass(frozen=True)
+class DialBackRequest:
+    nonce: bytes
+
+
 RpcRequest = (
     PingRequest
     | StunRequest
@@ -242,6 +254,7 @@ RpcRequest = (
     | IdentifyRequest
     | AddProviderRequest
     | GetProvidersRequest
+    | DialBackRequest
 )
 
 
@@ -263,6 +276,7 @@ def parse_request(name: str, args: tuple[object, ...], limits: SchemaLimits) -> 
         "identify": 2,
         "add_provider": 4,
         "get_providers": 2,
+        "dial_back": 1,
     }.get(name)
     if arity is None:
         raise MessageError(UNKNOWN_RPC, name[:32])
@@ -276,6 +290,11 @@ def parse_request(name: str, args: tuple[object, ...], limits: SchemaLimits) -> 
         return PingRequest(*_ids(args, 1))
     if name == "stun":
         return StunRequest()
+    if name == "dial_back":
+        nonce = args[0]
+        if type(nonce) is not bytes or not MIN_NONCE <= len(nonce) <= MAX_NONCE:
+            raise MessageError(BAD_ARGS, f"a nonce is {MIN_NONCE}..{MAX_NONCE} bytes")
+        return DialBackRequest(nonce)
     if name == "store":
         node_id, key = _ids(args, 2)
         return StoreRequest(node_id, key, check_value(args[2], limits.max_value_bytes), None)
@@ -378,12 +397,21 @@ class IdentifyAnswer:
     signature: bytes
     token: bytes
     observed_host: str  # our IP as the answering node saw it
+    mode: str | None = None  # "server" or "client" (signed); None: an older node's
+
+    @property
+    def server(self) -> bool:
+        return self.mode != "client"
 
 
 def parse_identify_response(payload: object) -> IdentifyAnswer:
-    if not isinstance(payload, list) or len(payload) != 4:
-        raise MessageError(BAD_RESPONSE, "identify answers [key, signature, token, ip]")
-    public_key, signature, token, host = payload
+    if not isinstance(payload, list) or len(payload) not in (4, 5):
+        raise MessageError(BAD_RESPONSE, "identify answers [key, signature, token, ip, mode]")
+    public_key, signature, token, host = payload[:4]
+    mode = payload[4] if len(payload) == 5 else None
+    if mode is not None and mode not in ("server", "client"):
+        raise MessageError(BAD_RESPONSE, "identify's mode is server or client")
+    assert mode is None or isinstance(mode, str)
     clean = normalize_host(host)
     if (
         type(public_key) is not bytes
@@ -395,4 +423,4 @@ def parse_identify_response(payload: object) -> IdentifyAnswer:
         or clean is None
     ):
         raise MessageError(BAD_RESPONSE, "identify answers [key, signature, token, ip]")
-    return IdentifyAnswer(public_key, signature, token, clean)
+    return IdentifyAnswer(public_key, signature, token, clean, mode)

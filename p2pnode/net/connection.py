@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import logging
 import socket
@@ -83,6 +84,12 @@ from p2pnode.wire.messages import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[bytes, Message], Awaitable[Message]]
+
+# The connection whose request a handler is serving (set in that handler's own
+# task): AutoNAT checks that a dial-back arrived on a fresh inbound connection.
+serving: contextvars.ContextVar[PeerConnection | None] = contextvars.ContextVar(
+    "serving", default=None
+)
 
 
 class ConnectionOwner(Protocol):
@@ -396,6 +403,7 @@ class PeerConnection(asyncio.BufferedProtocol):
     # -- requests from the peer -------------------------------------------
 
     async def _serve(self, request_id: int, msg: Message) -> None:
+        serving.set(self)  # this task's context only
         while not self._can_write.is_set():  # no work for a peer that does not read
             await self._can_write.wait()
         if self.core.closing:

@@ -220,6 +220,20 @@ class PeerHost:
             if conn.is_open
         ]
 
+    def connections_to(self, node_id: bytes) -> list[PeerConnection]:
+        """The open connections with ``node_id`` (any direction, any way)."""
+        return [c for c in self._by_peer.get(node_id, ()) if c.is_open]
+
+    async def dial_fresh(self, peer: PeerAddress) -> PeerConnection:
+        """A new outbound connection to ``peer``, even if one is pooled (AutoNAT's
+        dial-back must prove that a new connection reaches it). The caller closes
+        it when done; until then it is pooled like any other."""
+        if self._closing:
+            raise UsageError("PeerHost is closed")
+        if peer.node_id == self.node_id:
+            raise UsageError(f"{peer} is this node")
+        return await self._dial(peer)
+
     def connected_peers(self) -> list[bytes]:
         return [nid for nid, conns in self._by_peer.items() if any(c.is_open for c in conns)]
 

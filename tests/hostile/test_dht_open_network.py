@@ -100,7 +100,7 @@ class RawDht(asyncio.DatagramProtocol):
     async def earn_token(self, to: tuple[str, int]) -> bytes | None:
         """What any host can get: the token for its own address, from identify."""
         answer = await self.ask(to, "identify", self.node_id, os.urandom(16))
-        if isinstance(answer, list) and len(answer) == 4 and isinstance(answer[2], bytes):
+        if isinstance(answer, list) and len(answer) >= 4 and isinstance(answer[2], bytes):
             return answer[2]
         return None
 

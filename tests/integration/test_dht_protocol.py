@@ -301,9 +301,12 @@ async def test_valid_requests_are_answered(harness: Harness) -> None:
     assert harness.storage.get(nid(6)) is None
     identified = harness.transport.responses()[2][0]
     assert isinstance(identified, list)
-    public_key, signature, token, seen_as = identified
-    assert public_key == OWN.public_key and seen_as == PEER[0]
-    assert proof.check_proof(OWN_ID, nid(5), challenge, public_key, signature)
+    public_key, signature, token, seen_as, mode = identified
+    assert public_key == OWN.public_key and seen_as == PEER[0] and mode == "server"
+    assert proof.check_proof(OWN_ID, nid(5), challenge, public_key, signature, "server")
+    # the mode is signed: the same signature does not prove "client", nor a v1 proof
+    assert not proof.check_proof(OWN_ID, nid(5), challenge, public_key, signature, "client")
+    assert not proof.check_proof(OWN_ID, nid(5), challenge, public_key, signature)
     harness.request("store", nid(5), nid(6), "value", token)
     harness.request("find_value", nid(5), nid(6))
     harness.request("find_node", nid(5), nid(6))

@@ -128,12 +128,23 @@ def test_status_is_a_short_summary_unless_verbose(
     out = capsys.readouterr().out
     assert len(out.splitlines()) <= 12, out
     assert "uptime:     1h 2m" in out and "7 in the routing table, 2 connected" in out
-    assert "reachable:  not known yet" in out
+    assert "reachable:  unknown" in out
     assert "0 request(s) in, 5 out, 1 timed out, 2 datagram(s) dropped" in out
     assert "1 download(s) active; served 3 piece(s), 192.0 KiB" in out
     assert "rpc_sent.ping" not in out
 
     answer = _status(**{"rpc_received.find_node": 9})
+    answer.update(
+        reachability="public",
+        tcp="public",
+        udp="public",
+        dht_mode="server",
+        reachable_addresses=["203.0.113.10:4001"],
+    )
     assert cli.main(["--home", str(tmp_path), "status", "-v"]) == 0
     out = capsys.readouterr().out
-    assert "reachable:  yes (9 DHT request(s)" in out and "  rpc_sent.ping: 5" in out
+    assert (
+        "reachable:  public (tcp public, udp public; DHT server); reach me at 203.0.113.10:4001"
+        in out
+    )
+    assert "  rpc_sent.ping: 5" in out
