@@ -44,6 +44,7 @@ from p2pnode.home import (
     write_control,
 )
 from p2pnode.identity import Identity, as_node_id, peer_id_to_str
+from p2pnode.nat.portmap import PortMapper
 from p2pnode.net.host import PeerHost
 from p2pnode.services import (
     NodeServiceLimits,
@@ -120,6 +121,7 @@ class Node:
         self._exchange: Exchange | None = None
         self._services: Services | None = None
         self._control: ControlServer | None = None
+        self._portmap: PortMapper | None = None
         self._tasks = TaskSet("node")
         self._stop_requested = asyncio.Event()
         self._joined = asyncio.Event()
@@ -181,6 +183,9 @@ class Node:
             self._host, self._discovery, self._port, clock=self.clock, limits=self._service_limits
         )
         self._services.start()
+        if self.port_mapping_wanted():
+            self._portmap = PortMapper(self.config.portmap, self._port)
+            self._portmap.start()  # in the background: never delays start
         if not self.config.control_api:
             clear_control(self.home)  # a stale file would point the CLI at nothing
             return
@@ -242,8 +247,26 @@ class Node:
         self._lock.release()
         self._state = NodeState.STOPPED
 
+    def port_mapping_wanted(self) -> bool:
+        """Port mapping is on, and the node listens where a router could forward
+        to (not loopback)."""
+        if not self.config.port_mapping:
+            return False
+        try:
+            return not ipaddress.ip_address(self.config.host).is_loopback
+        except ValueError:  # a host name
+            return self.config.host != "localhost"
+
     async def _stop_parts(self) -> None:
-        parts = (self._control, self._services, self._exchange, self._host, self._discovery)
+        # The port mappings go first: removing them needs no other part.
+        parts = (
+            self._portmap,
+            self._control,
+            self._services,
+            self._exchange,
+            self._host,
+            self._discovery,
+        )
         for part in parts:
             if part is not None:
                 started = time.monotonic()
@@ -367,6 +390,11 @@ class Node:
         return self._part(self._services, "services")
 
     @property
+    def port_mapper(self) -> PortMapper | None:
+        """The port mapper (None: port mapping off, or bound to loopback)."""
+        return self._portmap
+
+    @property
     def node_id(self) -> bytes:
         return self.identity.node_id
 
@@ -445,9 +473,16 @@ class Node:
             "exchange": self.exchange.stats(),
             "resources": len(self.exchange.list()),
             "services": self.services(),
+            "port_mapping": self._port_mapping_status(),
             "rss_bytes": proc.memory_info().rss,
             "version": __version__,
         }
+
+    def _port_mapping_status(self) -> dict[str, Any]:
+        if self._portmap is not None:
+            return self._portmap.status()
+        why = "loopback" if self.config.port_mapping else "turned off"
+        return {"enabled": False, "reason": why, "mappings": []}
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """Raw counters for the control API's ``GET /metrics``, read at scrape time
@@ -464,6 +499,7 @@ class Node:
             "exchange": self.exchange.stats(),
             "services": self.services_part.stats(),
             "services_served": self.services(),
+            "portmap": self._portmap.stats() if self._portmap is not None else {},
         }
 
     # -- services (p2pnode/services) ------------------------------------------------
