@@ -271,4 +271,8 @@ class PortMapper:
             "external": self._notified and f"{self._notified[0]}:{self._notified[1]}",
             "mappings": self._core.snapshot(now),
             "next_attempt_in": self._core.next_attempt_in(now),
+            # Seconds from start to the first mapping (None: none yet).
+            "mapped_after": None
+            if self.first_mapped_after is None
+            else round(self.first_mapped_after, 3),
         }

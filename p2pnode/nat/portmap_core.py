@@ -123,11 +123,13 @@ class PortMapCore:
     _renew_due: dict[Proto, float] = field(default_factory=dict)
     _renewing: set[Proto] = field(default_factory=set)
     _failures: int = 0
+    _started: bool = False
     _stopped: bool = False
 
     # -- schedule -----------------------------------------------------------------
 
     def start(self, now: float) -> None:
+        self._started = True
         self._next_attempt = now
 
     def next_deadline(self) -> float | None:
@@ -144,7 +146,7 @@ class PortMapCore:
     def due(self, now: float) -> list[Action]:
         """What the shell should start now; each action is reported back through
         the matching ``*_done`` / ``*_failed`` method."""
-        if self._stopped:
+        if self._stopped or not self._started:
             return []
         self._expire(now)
         actions: list[Action] = []

@@ -116,7 +116,7 @@ def parse_default_gateway(route_table: str) -> str | None:
                 continue
             # Little-endian hex of the address.
             return str(ipaddress.IPv4Address(int(gateway, 16).to_bytes(4, "little")))
-        except ValueError:
+        except (ValueError, OverflowError):
             continue
     return None
 
