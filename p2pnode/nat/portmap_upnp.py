@@ -47,6 +47,16 @@ SEARCH_INTERVAL = 1.0  # M-SEARCH again while waiting (UDP may be lost)
 DESCRIPTION = "p2pnode"
 
 
+def followable(location: str, sender: str) -> bool:
+    """Whether an SSDP answer's LOCATION may be fetched: plain http to the very
+    host that answered (an IGD serves its own description)."""
+    try:
+        url = urlparse(location)
+        return url.scheme == "http" and bool(sender) and url.hostname == sender and url.port != 0
+    except ValueError:  # a bad port
+        return False
+
+
 async def search(timeout: float, counters: Counter[str]) -> str:
     """The description URL of the first IGD that answers an SSDP search."""
     loop = asyncio.get_running_loop()
@@ -55,7 +65,7 @@ async def search(timeout: float, counters: Counter[str]) -> str:
     def answer(headers: Any) -> None:
         location = str(headers.get("location", ""))
         sender = str(headers.get("_remote_addr", ("",))[0])
-        if urlparse(location).hostname != sender or not sender:
+        if not followable(location, sender):
             counters["upnp_dropped_location"] += 1
             return
         if not found.done():
