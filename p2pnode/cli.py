@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--no-port-mapping",
         action="store_true",
-        help="do not map the port on the router (UPnP-IGD, NAT-PMP); also "
+        help="do not map the port on the router (UPnP-IGD, PCP, NAT-PMP); also "
         f"{NO_PORT_MAPPING_ENV}=1 or port_mapping = false in config.toml",
     )
     start.add_argument(

@@ -92,7 +92,7 @@ class StorageError(P2PError):
 
 class PortMappingError(P2PError):
     """The router refused or did not answer a port mapping request (UPnP-IGD,
-    NAT-PMP). ``code``: the router's error code when it gave one."""
+    PCP, NAT-PMP). ``code``: the router's error code when it gave one."""
 
     def __init__(self, message: str, *, code: int | None = None) -> None:
         super().__init__(message)

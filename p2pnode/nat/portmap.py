@@ -2,7 +2,8 @@
 :class:`~p2pnode.nat.portmap_core.PortMapCore`.
 
 At start a background task discovers a gateway, UPnP-IGD
-(:mod:`~p2pnode.nat.portmap_upnp`) and NAT-PMP (:mod:`~p2pnode.nat.portmap_natpmp`)
+(:mod:`~p2pnode.nat.portmap_upnp`) and PCP (:mod:`~p2pnode.nat.portmap_pcp`, or
+NAT-PMP, :mod:`~p2pnode.nat.portmap_natpmp`, on a router that only speaks that)
 at once, the first that answers wins, and maps the node's TCP and UDP port
 (the same external port when the router allows, else what it gives). Start
 never waits for it. The core says when to renew and when to try again; no
@@ -31,7 +32,8 @@ from p2pnode.nat.portmap_core import (
     PortMapCore,
     Proto,
 )
-from p2pnode.nat.portmap_natpmp import NatPmpGateway, default_gateway
+from p2pnode.nat.portmap_natpmp import NatPmpGateway, PmpChannel, default_gateway
+from p2pnode.nat.portmap_pcp import PcpGateway, UnsupportedVersion
 from p2pnode.nat.portmap_upnp import UpnpGateway
 from p2pnode.tasks import TaskSet
 
@@ -167,14 +169,14 @@ class PortMapper:
         self._core.attempt_done(loop.time(), leases)
 
     async def _discover(self) -> tuple[Method, Gateway] | None:
-        """Ask every configured method at once; the first gateway that answers."""
-        openers = {
-            Method.UPNP: self._open_upnp,
-            Method.NATPMP: self._open_natpmp,
-        }
-        tasks = {
-            asyncio.ensure_future(openers[m]()): m for m in self.config.methods if m in openers
-        }
+        """Ask UPnP and PCP/NAT-PMP at once; the first gateway that answers."""
+        methods = self.config.methods
+        openers = []
+        if Method.UPNP in methods:
+            openers.append(self._open_upnp())
+        if Method.PCP in methods or Method.NATPMP in methods:
+            openers.append(self._open_pmp())
+        tasks = [asyncio.ensure_future(opener) for opener in openers]
         reasons: list[str] = []
         chosen: tuple[Method, Gateway] | None = None
         try:
@@ -186,9 +188,9 @@ class PortMapper:
                     for task in done:
                         exc = task.exception()
                         if exc is None and chosen is None:
-                            chosen = (tasks[task], task.result())
+                            chosen = task.result()
                         elif exc is None:
-                            task.result().close()
+                            task.result()[1].close()
                         elif isinstance(exc, PortMappingError):
                             reasons.append(str(exc))
                         else:
@@ -201,7 +203,7 @@ class PortMapper:
                     task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, PortMappingError):
-                    gateway = await task
+                    _, gateway = await task
                     if chosen is None or gateway is not chosen[1]:
                         gateway.close()
         if chosen is None:
@@ -216,16 +218,34 @@ class PortMapper:
         self._counters[f"gateway_{chosen[0]}"] += 1
         return chosen
 
-    async def _open_upnp(self) -> Gateway:
-        return await UpnpGateway.open(
+    async def _open_upnp(self) -> tuple[Method, Gateway]:
+        gateway = await UpnpGateway.open(
             self.config.discovery_timeout, self.config.request_timeout, self._counters
         )
+        return Method.UPNP, gateway
 
-    async def _open_natpmp(self) -> Gateway:
-        gateway = default_gateway()
-        if gateway is None:
-            raise PortMappingError("NAT-PMP: no default gateway")
-        return await NatPmpGateway.open(gateway, self.config.discovery_timeout, self._counters)
+    async def _open_pmp(self) -> tuple[Method, Gateway]:
+        """PCP, or NAT-PMP when the router only speaks that (or PCP is off)."""
+        address = default_gateway()
+        if address is None:
+            raise PortMappingError("NAT-PMP/PCP: no default gateway")
+        channel = await self._pmp_channel(address)
+        if Method.PCP in self.config.methods:
+            try:
+                return Method.PCP, await PcpGateway.over(channel)
+            except UnsupportedVersion:
+                self._counters["pcp_unsupported"] += 1
+                if Method.NATPMP not in self.config.methods:
+                    channel.close()
+                    raise
+            except BaseException:
+                channel.close()
+                raise
+        return Method.NATPMP, await NatPmpGateway.over(channel)
+
+    async def _pmp_channel(self, address: str) -> PmpChannel:
+        """The UDP channel to the gateway's port 5351 (tests point it elsewhere)."""
+        return await PmpChannel.open(address, self.config.discovery_timeout, self._counters)
 
     async def _renew(self, lease: Lease) -> None:
         loop = asyncio.get_running_loop()

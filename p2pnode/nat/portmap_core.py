@@ -34,6 +34,7 @@ class Method(StrEnum):
     """How a mapping was made."""
 
     UPNP = "upnp"
+    PCP = "pcp"
     NATPMP = "natpmp"
 
 
@@ -46,8 +47,10 @@ class Proto(StrEnum):
 class PortMapConfig:
     """Port mapping settings (``NodeConfig.portmap``)."""
 
-    # Tried concurrently; the first gateway to answer maps.
-    methods: tuple[Method, ...] = (Method.UPNP, Method.NATPMP)
+    # UPnP-IGD and PCP/NAT-PMP are tried concurrently; the first gateway to
+    # answer maps. PCP and NAT-PMP share port 5351: PCP first, NAT-PMP when the
+    # router answers that it only speaks NAT-PMP.
+    methods: tuple[Method, ...] = (Method.UPNP, Method.PCP, Method.NATPMP)
     # Lifetime asked for, seconds. Routers may grant less (or, IGDv1, only 0).
     lease: int = 3600
     # How long discovery may take (SSDP answers, NAT-PMP retransmissions).

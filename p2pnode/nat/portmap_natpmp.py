@@ -19,6 +19,7 @@ import ipaddress
 import socket
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,11 +155,10 @@ class _Replies(asyncio.DatagramProtocol):
         self.counters["natpmp_icmp_errors"] += 1
 
 
-class NatPmpGateway:
-    """NAT-PMP client bound to one gateway. ``open`` probes it (asks for the
-    external address): no answer within the timeout means no NAT-PMP there."""
-
-    method_name = "NAT-PMP"
+class PmpChannel:
+    """A UDP socket connected to the gateway's port 5351, shared by NAT-PMP and
+    PCP: one exchange at a time, retransmitted at 250 ms doubling (RFC 6886
+    section 3.1; PCP's own schedule starts at 3 s, too slow to probe with)."""
 
     def __init__(
         self,
@@ -169,18 +169,17 @@ class NatPmpGateway:
         counters: Counter[str],
     ) -> None:
         self.gateway = gateway
+        self.timeout = timeout
+        self.counters = counters
         self._transport = transport
         self._replies = replies
-        self._timeout = timeout
-        self._lock = asyncio.Lock()  # one exchange at a time: replies carry no id
-        self.counters = counters
-        self.external_ip = ""
+        self._lock = asyncio.Lock()
         self.local_ip = str(transport.get_extra_info("sockname")[0])
 
     @classmethod
     async def open(
         cls, gateway: str, timeout: float, counters: Counter[str], port: int = PORT
-    ) -> NatPmpGateway:
+    ) -> PmpChannel:
         loop = asyncio.get_running_loop()
         try:
             transport, replies = await loop.create_datagram_endpoint(
@@ -189,20 +188,14 @@ class NatPmpGateway:
                 family=socket.AF_INET,
             )
         except OSError as exc:
-            raise PortMappingError(f"NAT-PMP: cannot reach {gateway}: {exc}") from None
-        client = cls(gateway, transport, replies, timeout, counters)
-        try:
-            client.external_ip = (await client._exchange_external()).address
-        except BaseException:
-            client.close()
-            raise
-        return client
+            raise PortMappingError(f"NAT-PMP/PCP: cannot reach {gateway}: {exc}") from None
+        return cls(gateway, transport, replies, timeout, counters)
 
-    async def _exchange(self, request: bytes, opcode: int) -> bytes:
-        """Send, retransmit at 250 ms doubling, until a reply to ``opcode`` comes
-        or the timeout passes."""
+    async def exchange(self, request: bytes, fits: Callable[[bytes], bool]) -> bytes:
+        """Send ``request`` until a reply that ``fits`` comes (others are dropped
+        and counted) or the timeout passes."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        deadline = loop.time() + self.timeout
         wait = FIRST_RETRY
         async with self._lock:
             while not self._replies.queue.empty():  # late replies to an earlier request
@@ -216,15 +209,52 @@ class NatPmpGateway:
                         data = await asyncio.wait_for(self._replies.queue.get(), left)
                     except TimeoutError:
                         break
-                    if len(data) >= 2 and data[0] == VERSION and data[1] == REPLY + opcode:
+                    if fits(data):
                         return data
-                    if len(data) >= 2 and data[1] == REPLY + opcode:
-                        return data  # other version: decode says why
                     self.counters["natpmp_dropped_unexpected"] += 1
-        raise PortMappingError(f"NAT-PMP: no answer from {self.gateway} in {self._timeout} s")
+        raise PortMappingError(f"NAT-PMP/PCP: no answer from {self.gateway} in {self.timeout} s")
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+def _answers(opcode: int) -> Callable[[bytes], bool]:
+    # Any version: a reply of another version is decoded, and says why.
+    return lambda data: len(data) >= 2 and data[1] == REPLY + opcode
+
+
+class NatPmpGateway:
+    """NAT-PMP client bound to one gateway. ``open`` probes it (asks for the
+    external address): no answer within the timeout means no NAT-PMP there."""
+
+    method_name = "NAT-PMP"
+
+    def __init__(self, channel: PmpChannel) -> None:
+        self._channel = channel
+        self.gateway = channel.gateway
+        self.counters = channel.counters
+        self.local_ip = channel.local_ip
+        self.external_ip = ""
+
+    @classmethod
+    async def open(
+        cls, gateway: str, timeout: float, counters: Counter[str], port: int = PORT
+    ) -> NatPmpGateway:
+        return await cls.over(await PmpChannel.open(gateway, timeout, counters, port))
+
+    @classmethod
+    async def over(cls, channel: PmpChannel) -> NatPmpGateway:
+        """NAT-PMP on an open channel (closed if the gateway does not answer)."""
+        client = cls(channel)
+        try:
+            client.external_ip = (await client._exchange_external()).address
+        except BaseException:
+            channel.close()
+            raise
+        return client
 
     async def _exchange_external(self) -> ExternalReply:
-        data = await self._exchange(encode_external_request(), OP_EXTERNAL)
+        data = await self._channel.exchange(encode_external_request(), _answers(OP_EXTERNAL))
         try:
             return decode_external_reply(data)
         except ProtocolError as exc:
@@ -236,7 +266,7 @@ class NatPmpGateway:
     ) -> tuple[str, int, int]:
         """Map (or renew); the external address, port and lifetime granted."""
         request = encode_map_request(proto, internal_port, external_port, lifetime)
-        data = await self._exchange(request, OP_MAP[proto])
+        data = await self._channel.exchange(request, _answers(OP_MAP[proto]))
         try:
             reply = decode_map_reply(data, proto)
         except ProtocolError as exc:
@@ -253,11 +283,11 @@ class NatPmpGateway:
 
     async def remove(self, proto: Proto, internal_port: int, external_port: int) -> None:
         request = encode_map_request(proto, internal_port, 0, 0)
-        data = await self._exchange(request, OP_MAP[proto])
+        data = await self._channel.exchange(request, _answers(OP_MAP[proto]))
         try:
             decode_map_reply(data, proto)
         except ProtocolError as exc:
             raise PortMappingError(f"NAT-PMP: {exc}") from None
 
     def close(self) -> None:
-        self._transport.close()
+        self._channel.close()

@@ -88,12 +88,14 @@ def upnp_lab(
     return a, b, router, c, upnpd
 
 
-@pytest.mark.parametrize("method", ["upnp", "natpmp"])
+@pytest.mark.parametrize("method", ["upnp", "pcp"])
 def test_a_public_node_downloads_through_the_mapping(lab: Lab, tmp_path: Path, method: str) -> None:
     """Issue 12's failing case (tests/integration/test_nat_lab.py, xfail there),
     with a router that maps: C behind it maps its port, B dials the router's
-    address from C's provider record and the DNAT rule brings it to C."""
-    a, b, router, c, upnpd = upnp_lab(lab, upnp=method == "upnp", natpmp=method == "natpmp")
+    address from C's provider record and the DNAT rule brings it to C. The
+    router offers one method (miniupnpd's NAT-PMP switch serves PCP too; a node
+    with default settings speaks PCP first)."""
+    a, b, router, c, upnpd = upnp_lab(lab, upnp=method == "upnp", natpmp=method == "pcp")
     home_a, home_b, home_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     _, port_a = start_node(lab, a, home_a)
     bootstrap = f"{a.address}:{port_a}"
@@ -111,7 +113,7 @@ def test_a_public_node_downloads_through_the_mapping(lab: Lab, tmp_path: Path, m
         ("udp", f"{router.address}:{port_c}"),
     }
     assert upnpd.mapped_ports() == {("tcp", port_c), ("udp", port_c)}
-    asked = "AddPortMapping" if method == "upnp" else "NAT-PMP port mapping request"
+    asked = "AddPortMapping" if method == "upnp" else "PCP MAP:"
     assert asked in upnpd.log()  # the control for test_no_port_mapping_makes_no_attempt
     print(f"{method}: mapped {pm['mapped_after']} s after start")
 
@@ -164,11 +166,12 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("method", ["upnp", "natpmp"])
+@pytest.mark.parametrize("method", ["upnp", "pcp", "natpmp"])
 def test_a_short_lease_is_renewed_and_removed_at_stop(
     lab: Lab, tmp_path: Path, method: str
 ) -> None:
-    # miniupnpd clamps NAT-PMP lifetimes to min_lifetime (120 s by default).
+    # Only `method` is allowed to the node; the router offers all three.
+    # miniupnpd clamps NAT-PMP/PCP lifetimes to min_lifetime (120 s by default).
     _a, _b, router, c, upnpd = upnp_lab(lab, upnp=True, natpmp=True, min_lifetime=1)
     lease = 3
     argv = [sys.executable, "-c", RENEWING_NODE, str(tmp_path / "c"), method, str(lease), "4"]
@@ -209,6 +212,7 @@ def test_no_port_mapping_makes_no_attempt(lab: Lab, tmp_path: Path) -> None:
     assert proc.wait(timeout=15) == 0
     # miniupnpd logs every SSDP search, SOAP call and NAT-PMP request it gets.
     log = upnpd.log()
-    for request in ("SSDP M-SEARCH from", "HTTP REQUEST from", "NAT-PMP request received"):
+    requests = ("SSDP M-SEARCH from", "HTTP REQUEST from", "NAT-PMP request", "PCP request")
+    for request in requests:
         assert request not in log, log
     assert upnpd.mapped_ports() == set()

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 from p2pnode.errors import PortMappingError
+from p2pnode.nat import portmap
 from p2pnode.nat.portmap import Gateway, PortMapper
 from p2pnode.nat.portmap_core import Method, PortMapConfig, Proto
-from p2pnode.nat.portmap_natpmp import NatPmpGateway
+from p2pnode.nat.portmap_natpmp import NatPmpGateway, PmpChannel
 from p2pnode.node import Node
 from tests.helpers import eventually, fast_config
 
@@ -43,6 +44,9 @@ class FakeGateway(asyncio.DatagramProtocol):
         self.requests.append(data)
         if self.drop:
             self.drop -= 1
+            return
+        if data[:1] == b"\x02":  # PCP: this router speaks NAT-PMP only (RFC 6887 section 9)
+            self.transport.sendto(struct.pack("!BBHI", 0, 128 + (data[1] & 0x7F), 1, 1), addr)
             return
         if self.junk:
             self.transport.sendto(self.junk, addr)
@@ -133,14 +137,20 @@ async def test_no_answer_fails_within_the_timeout() -> None:
     transport.close()
 
 
+def point_at_fake(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
+    async def channel(self: PortMapper, address: str) -> PmpChannel:
+        return await PmpChannel.open(address, 2.0, self._counters, port=port)
+
+    monkeypatch.setattr(portmap, "default_gateway", lambda: "127.0.0.1")
+    monkeypatch.setattr(PortMapper, "_pmp_channel", channel)
+
+
 async def test_the_mapper_maps_renews_tells_and_removes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PCP first; this router speaks NAT-PMP only, so NAT-PMP it is."""
     fake, port, transport = await fake_gateway()
-
-    async def open_fake(self: PortMapper) -> Gateway:
-        return await NatPmpGateway.open("127.0.0.1", 2.0, self._counters, port=port)
-
-    monkeypatch.setattr(PortMapper, "_open_natpmp", open_fake)
-    mapper = PortMapper(PortMapConfig(methods=(Method.NATPMP,), lease=1), 4001)
+    point_at_fake(monkeypatch, port)
+    config = PortMapConfig(methods=(Method.PCP, Method.NATPMP), lease=1)
+    mapper = PortMapper(config, 4001)
     seen: list[tuple[str, int] | None] = []
     mapper.on_change(seen.append)
     mapper.start()
@@ -153,16 +163,17 @@ async def test_the_mapper_maps_renews_tells_and_removes(monkeypatch: pytest.Monk
         transport.close()
     assert seen == [("198.51.100.7", 4001), None]
     assert mapper.stats()["removals"] == 2
+    assert mapper.stats()["pcp_unsupported"] == 1
     assert {(op, lifetime) for op, _, _, lifetime in fake.maps()[-2:]} == {(1, 0), (2, 0)}
 
 
 async def test_no_router_is_logged_once_and_retried(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def no_router(self: PortMapper) -> Gateway:
+    async def no_router(self: PortMapper) -> tuple[Method, Gateway]:
         raise PortMappingError("NAT-PMP: no answer")
 
-    monkeypatch.setattr(PortMapper, "_open_natpmp", no_router)
+    monkeypatch.setattr(PortMapper, "_open_pmp", no_router)
     caplog.set_level(logging.INFO, logger="p2pnode.nat.portmap")
     config = PortMapConfig(methods=(Method.NATPMP,), retry_initial=0.01, retry_max=0.02)
     mapper = PortMapper(config, 4001)

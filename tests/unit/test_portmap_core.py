@@ -172,7 +172,7 @@ def test_snapshot_shows_what_status_prints() -> None:
 def test_config_checks_its_fields() -> None:
     assert PortMapConfig(methods=("natpmp",)).methods == (Method.NATPMP,)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="methods"):
-        PortMapConfig(methods=("pcp",))  # type: ignore[arg-type]
+        PortMapConfig(methods=("smoke-signals",))  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="methods"):
         PortMapConfig(methods=())
     with pytest.raises(UsageError, match="lease"):
