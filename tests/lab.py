@@ -13,6 +13,8 @@ collide.
     r = lab.router("r", wan=net, lan="100.64.1.0/24", nat="eim")
     c = lab.host("c", behind=r)
     lab.run(c, [sys.executable, "-c", "..."])
+    upnpd = lab.upnp(r, stun=a)   # miniupnpd on r: UPnP-IGD, PCP, NAT-PMP
+    upnpd.mapped_ports()          # {("tcp", 4001), ...}: its DNAT rules
     lab.close()
 """
 

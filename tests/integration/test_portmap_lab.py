@@ -116,6 +116,8 @@ def test_a_public_node_downloads_through_the_mapping(lab: Lab, tmp_path: Path, m
     asked = "AddPortMapping" if method == "upnp" else "PCP MAP:"
     assert asked in upnpd.log()  # the control for test_no_port_mapping_makes_no_attempt
     print(f"{method}: mapped {pm['mapped_after']} s after start")
+    shown = cli_in(lab, c, home_c, "status")
+    assert f"port map:   tcp {port_c} -> {router.address}:{port_c} via {method}" in shown, shown
 
     start_node(lab, b, home_b, "--bootstrap", bootstrap)
     data = tmp_path / "data.bin"
