@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from p2pnode._version import __version__
-from p2pnode.config import NodeConfig, default_home, parse_host_port
+from p2pnode.config import NO_PORT_MAPPING_ENV, NodeConfig, default_home, parse_host_port
 from p2pnode.control.api import StreamEvent
 from p2pnode.errors import DownloadError, P2PError, UsageError
 from p2pnode.home import read_config_file
@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="control API port on 127.0.0.1 (default: any free port)",
+    )
+    start.add_argument(
+        "--no-port-mapping",
+        action="store_true",
+        help="do not map the port on the router (UPnP-IGD, PCP, NAT-PMP); also "
+        f"{NO_PORT_MAPPING_ENV}=1 or port_mapping = false in config.toml",
     )
     start.add_argument(
         "--log-level",
@@ -378,12 +384,18 @@ def _start_config(args: argparse.Namespace, home: Path) -> tuple[NodeConfig, str
     level = args.log_level or str(file.get("log_level", LogLevel.WARNING))
     if not 0 <= port < 65536:
         raise UsageError(f"--port must be 0..65535, got {port}")
+    port_mapping = (
+        not args.no_port_mapping
+        and os.environ.get(NO_PORT_MAPPING_ENV, "") in ("", "0")
+        and file.get("port_mapping", True) is not False
+    )
     config = NodeConfig(
         home=home,
         host=host,
         port=port,
         bootstrap=tuple(parse_host_port(b) for b in boots),
         api_port=int(api_port) if api_port is not None else None,
+        port_mapping=port_mapping,
     )
     return config, level
 
@@ -535,9 +547,29 @@ def _status_summary(d: dict[str, Any]) -> list[str]:
         f"DHT:        {requests_in} request(s) in, {_sum(dht, 'rpc_sent.')} out, "
         f"{_sum(dht, 'rpc_timeout.')} timed out, {_sum(dht, 'dropped.')} datagram(s) dropped",
         f"resources:  {d['resources']}{stale}",
+        *_port_mapping_status(d.get("port_mapping") or {}),
         *_service_status(d.get("services") or []),
         f"memory:     {_size(d['rss_bytes'])} RSS",
     ]
+
+
+def _port_mapping_status(pm: dict[str, Any]) -> list[str]:
+    if not pm.get("enabled"):
+        return [f"port map:   off ({pm.get('reason', 'turned off')})"] if pm else []
+    rows = pm.get("mappings") or []
+    if not rows:
+        retry = pm.get("next_attempt_in")
+        when = f"; next try in {_duration(retry)}" if retry else ""
+        return [f"port map:   none (no router mapped the port yet{when})"]
+    lines = []
+    for r in rows:
+        left = r.get("lease_remaining")
+        lease = "permanent" if left is None else f"lease {_duration(left)} left"
+        lines.append(
+            f"port map:   {r['protocol']} {r['internal_port']} -> {r['external']} "
+            f"via {r['method']}, {lease}"
+        )
+    return lines
 
 
 def _errors_total(row: dict[str, Any]) -> int:

@@ -17,6 +17,7 @@ from p2pnode import confcheck
 from p2pnode.dht.config import DhtConfig
 from p2pnode.errors import UsageError
 from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.nat.portmap_core import PortMapConfig
 from p2pnode.nat.reachability import AutoNatConfig
 from p2pnode.net.config import NetLimits
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from p2pnode.services.core import NodeServiceLimits
 
 HOME_ENV = "P2PNODE_HOME"
+# Set (to anything but 0) to start without port mapping, like --no-port-mapping.
+NO_PORT_MAPPING_ENV = "P2PNODE_NO_PORT_MAPPING"
 
 
 def _service_limits_class() -> type[NodeServiceLimits]:
@@ -91,6 +94,10 @@ class NodeConfig:
     # False: no control API (no listener, no control.json); for many nodes in one
     # process (simulations), where it would cost a file descriptor each.
     control_api: bool = True
+    # Map the port on the home router (UPnP-IGD, NAT-PMP) in the background.
+    # Never tried when bound to loopback. CLI: --no-port-mapping.
+    port_mapping: bool = True
+    portmap: PortMapConfig = field(default_factory=PortMapConfig)
 
     def __post_init__(self) -> None:
         confcheck.check_types(self)
@@ -119,6 +126,7 @@ class NodeConfig:
             ("exchange", ExchangeConfig),
             ("autonat", AutoNatConfig),
             ("services", _service_limits_class()),
+            ("portmap", PortMapConfig),
         )
         for name, kind in nested:
             if not isinstance(getattr(self, name), kind):

@@ -90,6 +90,15 @@ class StorageError(P2PError):
     """The local disk refused (full, read-only, ...); what was verified is kept."""
 
 
+class PortMappingError(P2PError):
+    """The router refused or did not answer a port mapping request (UPnP-IGD,
+    PCP, NAT-PMP). ``code``: the router's error code when it gave one."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class MessageDecodeError(ProtocolError):
     """A peer-connection payload that is not a valid envelope/message.
 

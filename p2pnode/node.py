@@ -47,6 +47,7 @@ from p2pnode.home import (
 from p2pnode.identity import Identity, as_node_id, peer_id_to_str
 from p2pnode.nat.autonat import AutoNat
 from p2pnode.nat.observed import TCP, UDP
+from p2pnode.nat.portmap import PortMapper
 from p2pnode.nat.reachability import ReachabilityChanged, ReachabilityStatus
 from p2pnode.nat.types import Reachability
 from p2pnode.net.host import PeerHost
@@ -129,6 +130,7 @@ class Node:
         self._reachability_listeners: list[Callable[[ReachabilityChanged], None]] = []
         # Set (and replaced by a fresh one) whenever a verdict changes.
         self.reachability_changed = asyncio.Event()
+        self._portmap: PortMapper | None = None
         self._tasks = TaskSet("node")
         self._stop_requested = asyncio.Event()
         self._joined = asyncio.Event()
@@ -195,6 +197,9 @@ class Node:
         )
         self._autonat.on_change(self._on_reachability)
         self._autonat.start()
+        if self.port_mapping_wanted():
+            self._portmap = PortMapper(self.config.portmap, self._port)
+            self._portmap.start()  # in the background: never delays start
         if not self.config.control_api:
             clear_control(self.home)  # a stale file would point the CLI at nothing
             return
@@ -258,8 +263,20 @@ class Node:
         self._lock.release()
         self._state = NodeState.STOPPED
 
+    def port_mapping_wanted(self) -> bool:
+        """Port mapping is on, and the node listens where a router could forward
+        to (not loopback)."""
+        if not self.config.port_mapping:
+            return False
+        try:
+            return not ipaddress.ip_address(self.config.host).is_loopback
+        except ValueError:  # a host name
+            return self.config.host != "localhost"
+
     async def _stop_parts(self) -> None:
+        # The port mappings go first: removing them needs no other part.
         parts = (
+            self._portmap,
             self._control,
             self._autonat,
             self._services,
@@ -463,6 +480,11 @@ class Node:
         return self._part(self._services, "services")
 
     @property
+    def port_mapper(self) -> PortMapper | None:
+        """The port mapper (None: port mapping off, or bound to loopback)."""
+        return self._portmap
+
+    @property
     def node_id(self) -> bytes:
         return self.identity.node_id
 
@@ -552,9 +574,16 @@ class Node:
             **self._reachability_json(),
             "nat": self.autonat.snapshot(),
             "services": self.services(),
+            "port_mapping": self._port_mapping_status(),
             "rss_bytes": proc.memory_info().rss,
             "version": __version__,
         }
+
+    def _port_mapping_status(self) -> dict[str, Any]:
+        if self._portmap is not None:
+            return self._portmap.status()
+        why = "loopback" if self.config.port_mapping else "turned off"
+        return {"enabled": False, "reason": why, "mappings": []}
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """Raw counters for the control API's ``GET /metrics``, read at scrape time
@@ -572,6 +601,7 @@ class Node:
             "services": self.services_part.stats(),
             "services_served": self.services(),
             "nat": self.autonat.snapshot(),
+            "portmap": self._portmap.stats() if self._portmap is not None else {},
         }
 
     # -- services (p2pnode/services) ------------------------------------------------

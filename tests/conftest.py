@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from p2pnode.sim.netlab import Lab, missing_tools
+from p2pnode.config import NO_PORT_MAPPING_ENV
+from p2pnode.sim.netlab import Lab, missing_tools, missing_upnp
 from tests.cli_helpers import RunningNode
 
 SUITES = ("unit", "integration", "hostile")
+
+# Nodes started by tests on 0.0.0.0 in the root namespace must not send SSDP or
+# NAT-PMP to this machine's real network: port mapping is off for every node the
+# suite starts (subprocesses inherit it) unless a lab test turns it back on.
+os.environ.setdefault(NO_PORT_MAPPING_ENV, "1")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -65,6 +72,13 @@ def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 # Lab tests build namespaces, veths and nftables: root and `ip`/`nft` only.
 needs_lab = pytest.mark.skipif(
     bool(missing_tools()), reason=f"network lab unavailable: {', '.join(missing_tools())}"
+)
+
+
+# Port mapping lab tests also need miniupnpd (Debian `miniupnpd`).
+needs_upnp = pytest.mark.skipif(
+    bool(missing_tools() + missing_upnp()),
+    reason=f"UPnP lab unavailable: {', '.join(missing_tools() + missing_upnp())}",
 )
 
 

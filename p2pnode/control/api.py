@@ -97,6 +97,7 @@ class MetricsSnapshot(TypedDict):
     services: dict[str, int]  # Services.stats(): node-wide refusals, running calls, streams
     services_served: list[dict[str, Any]]  # Node.services(): per-service figures
     nat: NotRequired[dict[str, int]]  # AutoNat.snapshot(): probes, verdicts, refusals
+    portmap: NotRequired[dict[str, int]]  # PortMapper.stats(); empty when it does not run
 
 
 class NodeAPI(Protocol):

@@ -8,10 +8,11 @@ metric families. The one metric updated as things happen is the duration of the
 DHT lookups made through the control API (a histogram, per API call).
 
 Names follow Prometheus' conventions (and kubo's): the ``p2pnode_`` prefix, a
-subsystem (``dht``, ``net``, ``exchange``, ``services``), base units (seconds, bytes) in the
-name, ``_total`` on counters. The process figures are the standard ``process_*``
-ones. A counter that a part adds later and this module does not know yet is not
-lost: it is exported as ``p2pnode_<subsystem>_events_total{event="<its name>"}``.
+subsystem (``dht``, ``net``, ``exchange``, ``services``, ``portmap``), base units
+(seconds, bytes) in the name, ``_total`` on counters. The process figures are the
+standard ``process_*`` ones. A counter that a part adds later and this module does
+not know yet is not lost: it is
+exported as ``p2pnode_<subsystem>_events_total{event="<its name>"}``.
 
 Each node has its own :class:`~prometheus_client.CollectorRegistry` (several nodes
 run in one process in tests and simulations); the global registry is never used.
@@ -439,6 +440,34 @@ _NAT = _Subsystem(
 )
 
 
+_PORTMAP_ATTEMPTS = _Family(
+    "attempts_total",
+    "Port mapping attempts (find a router, map TCP and UDP), by outcome",
+    label="outcome",
+)
+_PORTMAP_RENEWALS = _Family("renewals_total", "Port mapping renewals, by outcome", label="outcome")
+_PORTMAP_REMOVALS = _Family(
+    "removals_total", "Port mappings removed at stop, by outcome", label="outcome"
+)
+_PORTMAP = _Subsystem(
+    "portmap",
+    keys={
+        **_one(_PORTMAP_ATTEMPTS, ("attempts_mapped", "mapped"), ("attempts_failed", "failed")),
+        **_one(_PORTMAP_RENEWALS, ("renewals_ok", "ok"), ("renewals_failed", "failed")),
+        **_one(
+            _PORTMAP_REMOVALS,
+            ("removals", "ok"),
+            ("removals_failed", "failed"),
+            ("removals_timed_out", "timed_out"),
+        ),
+        **_plain(
+            ("leases_expired", "leases_expired_total", "Mappings lost (renewal failed)", False),
+        ),
+    },
+    optional={"attempts": (_Family("started_total", "Port mapping attempts started"), None)},
+)
+
+
 def _families(sub: _Subsystem, stats: dict[str, int]) -> Iterator[Metric]:
     """The metric families of one part's stats, known keys first."""
     values: dict[_Family, list[tuple[str | None, float]]] = {}
@@ -531,6 +560,9 @@ class NodeCollector(Collector):
         yield from _families(_SERVICES, snap.get("services", {}))
         yield from _service_families(snap.get("services_served", []))
         yield from _families(_NAT, snap.get("nat", {}))
+        # Only when port mapping runs (not on loopback, not with --no-port-mapping).
+        if snap.get("portmap"):
+            yield from _families(_PORTMAP, snap["portmap"])
 
 
 class PsutilProcessCollector(Collector):

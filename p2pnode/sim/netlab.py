@@ -13,6 +13,8 @@ collide.
     r = lab.router("r", wan=net, lan="100.64.1.0/24", nat="eim")
     c = lab.host("c", behind=r)
     lab.run(c, [sys.executable, "-c", "..."])
+    upnpd = lab.upnp(r, stun=a)   # miniupnpd on r: UPnP-IGD, PCP, NAT-PMP
+    upnpd.mapped_ports()          # {("tcp", 4001), ...}: its DNAT rules
     lab.close()
 """
 
@@ -23,7 +25,11 @@ import itertools
 import os
 import shutil
 import subprocess
+import sys
+import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 NatKind = Literal["eim", "symmetric", "firewall"]
@@ -35,6 +41,16 @@ ALLOWED = tuple(
     for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "100.64.0.0/10")
 )
 COMMAND_TIMEOUT = 20.0
+
+
+STUN_PORT = 3478
+# miniupnpd's chains (DESIGN.md: Debian's nft init script is broken, so the lab
+# makes them): the forward accepts and the DNAT/SNAT rules of its mappings. Debian's
+# 2.3.1 writes its rules with the inet family: chains in `ip` tables fail (ENOENT).
+UPNP_FILTER_CHAIN = "miniupnpd"
+UPNP_NAT_CHAINS = ("prerouting_miniupnpd", "postrouting_miniupnpd")
+UPNP_READY = "Listening for NAT-PMP"
+UPNP_START_TIMEOUT = 15.0
 
 
 def missing_tools() -> list[str]:
@@ -83,6 +99,7 @@ class Lab:
         self._ids = itertools.count()
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen[str]] = []
+        self.upnpds: list[Upnpd] = []
 
     # -- building --------------------------------------------------------
 
@@ -148,6 +165,32 @@ class Lab:
                     self._ip(member, "route", "add", str(network), "via", str(address))
         return Node(name, ns, address, lan=segment)
 
+    def upnp(
+        self,
+        router: Node,
+        *,
+        stun: Node,
+        upnp: bool = True,
+        natpmp: bool = True,
+        min_lifetime: int = 120,
+        max_lifetime: int = 86400,
+    ) -> Upnpd:
+        """Run miniupnpd (UPnP-IGD and/or NAT-PMP/PCP) on ``router``, with the
+        workarounds DESIGN.md lists: its nft chains made here, a STUN responder on
+        the public host ``stun`` (it refuses to map a reserved WAN address
+        otherwise), foreground, ready at its "Listening for NAT-PMP" line.
+        ``close()`` stops it and flushes its chains. Leases are clamped to
+        ``min_lifetime``..``max_lifetime`` seconds."""
+        return _lab_upnp(
+            self,
+            router,
+            stun=stun,
+            upnp=upnp,
+            natpmp=natpmp,
+            min_lifetime=min_lifetime,
+            max_lifetime=max_lifetime,
+        )
+
     # -- running ---------------------------------------------------------
 
     def run(
@@ -195,6 +238,8 @@ class Lab:
     def close(self) -> None:
         """Kill spawned processes and delete every namespace (their links and
         bridges go with them). Idempotent; keeps going past errors."""
+        while self.upnpds:
+            self.upnpds.pop().stop()
         for proc in self.processes:
             if proc.poll() is None:
                 proc.kill()
@@ -246,6 +291,205 @@ class Lab:
 
     def _ip(self, ns: str, *args: str) -> None:
         self.run(ns, ["ip", *args])
+
+
+# -- UPnP-IGD / NAT-PMP routers (miniupnpd) ------------------------------------------
+
+
+def missing_upnp() -> list[str]:
+    """What keeps ``Lab.upnp`` from running here (empty when it can)."""
+    if shutil.which("miniupnpd") is None and not Path("/usr/sbin/miniupnpd").exists():
+        return ["no `miniupnpd` (apt-get install miniupnpd)"]
+    return []
+
+
+# A minimal RFC 5389 binding responder (test code only): miniupnpd asks it for its
+# external address (ext_perform_stun) and refuses to map without an answer.
+# Answers each Binding Request with MAPPED-ADDRESS and XOR-MAPPED-ADDRESS.
+STUN_RESPONDER = """
+import socket, struct, sys
+COOKIE = 0x2112A442
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    data, (ip, port) = s.recvfrom(2048)
+    if len(data) < 20:
+        continue
+    kind, length, cookie = struct.unpack("!HHI", data[:8])
+    if kind != 0x0001:
+        continue
+    tid = data[8:20]
+    addr = socket.inet_aton(ip)
+    xaddr = bytes(a ^ b for a, b in zip(addr, struct.pack("!I", COOKIE)))
+    mapped = struct.pack("!HHBBH", 0x0001, 8, 0, 1, port) + addr
+    xor = struct.pack("!HHBBH", 0x0020, 8, 0, 1, port ^ (COOKIE >> 16)) + xaddr
+    body = mapped + xor
+    s.sendto(struct.pack("!HHI", 0x0101, len(body), cookie) + tid + body, (ip, port))
+"""
+
+
+@dataclass
+class Upnpd:
+    """miniupnpd running on a lab router (``Lab.upnp``)."""
+
+    lab: Lab
+    router: Node
+    proc: subprocess.Popen[str]
+    workdir: Path
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "miniupnpd.log"
+
+    def log(self) -> str:
+        """What miniupnpd printed so far (it logs every request with -d)."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def rules(self) -> str:
+        """miniupnpd's chains as nft lists them: one line per rule of a mapping."""
+        out = []
+        for family, table, chain in (
+            ("inet", "filter", UPNP_FILTER_CHAIN),
+            ("inet", "nat", UPNP_NAT_CHAINS[0]),
+            ("inet", "nat", UPNP_NAT_CHAINS[1]),
+        ):
+            listed = self.lab.run(self.router, ["nft", "list", "chain", family, table, chain])
+            out.append(listed.stdout)
+        return "\n".join(out)
+
+    def mapped_ports(self) -> set[tuple[str, int]]:
+        """(protocol, external port) of every DNAT rule miniupnpd holds."""
+        found = set()
+        # e.g. `iif "wan" @nh,72,8 0x6 th dport 4001 dnat ip to 100.64.1.2:4001`
+        # (the protocol is matched as a raw byte: 0x6 TCP, 0x11 UDP).
+        names = {"0x6": "tcp", "0x11": "udp", "tcp": "tcp", "udp": "udp"}
+        for line in self.rules().splitlines():
+            words = line.split()
+            if "dnat" in words and "dport" in words:
+                proto = next((names[w] for w in words if w in names), "?")
+                found.add((proto, int(words[words.index("dport") + 1])))
+        return found
+
+    def stop(self) -> None:
+        """Stop miniupnpd and flush its chains (it leaves its DNAT rules behind on
+        SIGTERM). Idempotent."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        flush = [
+            f"flush chain inet filter {UPNP_FILTER_CHAIN}",
+            *(f"flush chain inet nat {chain}" for chain in UPNP_NAT_CHAINS),
+        ]
+        for command in flush:
+            self.lab.run(self.router, ["nft", command], check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _lab_upnp(
+    lab: Lab,
+    router: Node,
+    *,
+    stun: Node,
+    upnp: bool = True,
+    natpmp: bool = True,
+    min_lifetime: int = 120,
+    max_lifetime: int = 86400,
+) -> Upnpd:
+    if router.lan is None:
+        raise ValueError(f"{router.name} is not a router")
+    if missing_upnp():
+        raise RuntimeError(missing_upnp()[0])
+    stun_proc = lab.spawn(stun, [sys.executable, "-c", STUN_RESPONDER, str(STUN_PORT)])
+    assert stun_proc.stdout is not None
+    line = stun_proc.stdout.readline()  # bounded: the script prints "ready" or dies
+    if line.strip() != "ready":
+        raise RuntimeError(f"STUN responder did not start: {line!r}")
+    # The chains miniupnpd fills; and mapped (DNATed) inbound passes the router's
+    # drop of unsolicited inbound, as a home router lets its forwards through.
+    lab.nft(
+        router,
+        f"""
+table inet filter {{
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        jump {UPNP_FILTER_CHAIN}
+    }}
+    chain {UPNP_FILTER_CHAIN} {{
+    }}
+}}
+table inet nat {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        jump {UPNP_NAT_CHAINS[0]}
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat - 1; policy accept;
+        jump {UPNP_NAT_CHAINS[1]}
+    }}
+    chain {UPNP_NAT_CHAINS[0]} {{
+    }}
+    chain {UPNP_NAT_CHAINS[1]} {{
+    }}
+}}
+insert rule ip lab forward ct status dnat accept
+""",
+    )
+    # SSDP answers go to 239.255.255.250: the router has no default route.
+    lab.run(router, ["ip", "route", "add", "239.255.255.250/32", "dev", "lan"], check=False)
+    workdir = Path(f"/tmp/{lab.prefix}-{next(lab._ids)}-upnpd")
+    workdir.mkdir(mode=0o700)
+    lan = router.lan.network
+    conf = workdir / "miniupnpd.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "ext_ifname=wan",
+                "listening_ip=lan",
+                "http_port=0",
+                f"enable_natpmp={'yes' if natpmp else 'no'}",
+                f"enable_upnp={'yes' if upnp else 'no'}",
+                "ext_perform_stun=yes",
+                f"ext_stun_host={stun.address}",
+                f"ext_stun_port={STUN_PORT}",
+                f"min_lifetime={min_lifetime}",
+                f"max_lifetime={max_lifetime}",
+                "secure_mode=yes",
+                "system_uptime=no",
+                f"uuid={uuid.uuid4()}",
+                "upnp_table_name=filter",
+                "upnp_nat_table_name=nat",
+                f"upnp_forward_chain={UPNP_FILTER_CHAIN}",
+                f"upnp_nat_chain={UPNP_NAT_CHAINS[0]}",
+                f"upnp_nat_postrouting_chain={UPNP_NAT_CHAINS[1]}",
+                f"allow 1024-65535 {lan} 1024-65535",
+                "deny 0-65535 0.0.0.0/0 0-65535",
+                "",
+            ]
+        )
+    )
+    argv = ["miniupnpd", "-d", "-4", "-f", str(conf), "-P", str(workdir / "pid")]
+    # Its log goes to a file: a pipe nobody reads would block it once full.
+    with (workdir / "miniupnpd.log").open("w") as log_file:
+        proc = lab.spawn(router, argv, stdout=subprocess.DEVNULL, stderr=log_file)
+    daemon = Upnpd(lab, router, proc, workdir)
+    lab.upnpds.append(daemon)
+    ready = UPNP_READY if natpmp else "HTTP listening"
+    deadline = time.monotonic() + UPNP_START_TIMEOUT
+    # Bounded: miniupnpd prints its ready line, or exits, within seconds.
+    while ready not in daemon.log():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            daemon.stop()
+            raise RuntimeError(f"miniupnpd did not start:\n{daemon.log()}")
+        time.sleep(0.02)
+    return daemon
 
 
 def _ns(node: Node | str) -> str:
