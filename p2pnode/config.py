@@ -17,6 +17,7 @@ from p2pnode import confcheck
 from p2pnode.dht.config import DhtConfig
 from p2pnode.errors import UsageError
 from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.nat.relay_core import RelayConfig
 from p2pnode.net.config import NetLimits
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class NodeConfig:
     exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
     # Node-wide limits of the services served (each service's own: serve(limits=)).
     services: NodeServiceLimits = field(default_factory=_default_service_limits)
+    # The circuit relay: offered (public nodes) and used (private ones); p2pnode/nat/relay.py
+    relay: RelayConfig = field(default_factory=RelayConfig)
     # False: no control API (no listener, no control.json); for many nodes in one
     # process (simulations), where it would cost a file descriptor each.
     control_api: bool = True
@@ -115,6 +118,7 @@ class NodeConfig:
             ("net", NetLimits),
             ("exchange", ExchangeConfig),
             ("services", _service_limits_class()),
+            ("relay", RelayConfig),
         )
         for name, kind in nested:
             if not isinstance(getattr(self, name), kind):

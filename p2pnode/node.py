@@ -44,6 +44,7 @@ from p2pnode.home import (
     write_control,
 )
 from p2pnode.identity import Identity, as_node_id, peer_id_to_str
+from p2pnode.nat.relay import Relay
 from p2pnode.net.host import PeerHost
 from p2pnode.services import (
     NodeServiceLimits,
@@ -119,6 +120,7 @@ class Node:
         self._host: PeerHost | None = None
         self._exchange: Exchange | None = None
         self._services: Services | None = None
+        self._relay: Relay | None = None
         self._control: ControlServer | None = None
         self._tasks = TaskSet("node")
         self._stop_requested = asyncio.Event()
@@ -181,6 +183,10 @@ class Node:
             self._host, self._discovery, self._port, clock=self.clock, limits=self._service_limits
         )
         self._services.start()
+        self._relay = Relay(
+            self._host, self._discovery, self.config.relay, self._reachability, self.clock
+        )
+        self._relay.start()
         if not self.config.control_api:
             clear_control(self.home)  # a stale file would point the CLI at nothing
             return
@@ -243,7 +249,14 @@ class Node:
         self._state = NodeState.STOPPED
 
     async def _stop_parts(self) -> None:
-        parts = (self._control, self._services, self._exchange, self._host, self._discovery)
+        parts = (
+            self._control,
+            self._relay,
+            self._services,
+            self._exchange,
+            self._host,
+            self._discovery,
+        )
         for part in parts:
             if part is not None:
                 started = time.monotonic()
@@ -367,6 +380,18 @@ class Node:
         return self._part(self._services, "services")
 
     @property
+    def relay(self) -> Relay:
+        return self._part(self._relay, "relay")
+
+    def _reachability(self) -> str | None:
+        """The reachability verdict as text ("public", "private", "unknown"), or
+        None while this node has none (p2pnode/nat/reachability.py)."""
+        verdict = getattr(self, "reachability", None)
+        if verdict is None:
+            return None
+        return str(getattr(verdict, "value", verdict))
+
+    @property
     def node_id(self) -> bytes:
         return self.identity.node_id
 
@@ -422,12 +447,19 @@ class Node:
     def peers(self) -> list[dict[str, Any]]:
         # Contact.last_seen is on the node's clock; the API shows wall time.
         offset = time.time() - self.clock.now()
+        host = self.peer_host
+
+        def via(node_id: bytes) -> str | None:  # how we are connected to it, if we are
+            conn = host.connection_to(node_id)
+            return None if conn is None else conn.via
+
         return [
             {
                 "peer_id": peer_id_to_str(c.node_id),
                 "address": f"[{c.host}]:{c.port}" if ":" in c.host else f"{c.host}:{c.port}",
                 "last_seen": None if c.last_seen is None else c.last_seen + offset,
                 "rtt_ms": None if c.rtt is None else round(c.rtt * 1000, 1),
+                "via": via(c.node_id),
             }
             for c in self.discovery.contacts()
         ]
@@ -445,6 +477,7 @@ class Node:
             "exchange": self.exchange.stats(),
             "resources": len(self.exchange.list()),
             "services": self.services(),
+            "relay": self.relay.stats(),
             "rss_bytes": proc.memory_info().rss,
             "version": __version__,
         }
@@ -460,7 +493,7 @@ class Node:
             "joined": self._joined.is_set(),
             "dht": self.discovery.stats(),
             "dht_contact_ids": [c.node_id for c in self.discovery.contacts()],
-            "net": self.peer_host.stats(),
+            "net": {**self.peer_host.stats(), **self.relay.flat_stats()},
             "exchange": self.exchange.stats(),
             "services": self.services_part.stats(),
             "services_served": self.services(),
