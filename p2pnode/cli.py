@@ -27,6 +27,7 @@ from p2pnode.config import NodeConfig, default_home, parse_host_port
 from p2pnode.control.api import StreamEvent
 from p2pnode.errors import DownloadError, P2PError, UsageError
 from p2pnode.home import read_config_file
+from p2pnode.nat.relay_core import RelayConfig
 
 if TYPE_CHECKING:
     from p2pnode.control.client import ControlClient
@@ -173,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="control API port on 127.0.0.1 (default: any free port)",
+    )
+    start.add_argument(
+        "--relay-service",
+        choices=("auto", "always", "never"),
+        default=None,
+        help="offer a limited circuit relay to private nodes (auto: when public)",
+    )
+    start.add_argument(
+        "--relay-client",
+        choices=("auto", "always", "never"),
+        default=None,
+        help="reserve slots on relays and announce relay addresses (auto: when private)",
+    )
+    start.add_argument(
+        "--relay",
+        action="append",
+        default=None,
+        metavar="IP:PORT",
+        help="a relay to reserve on (repeatable; default: the DHT contacts with the lowest RTT)",
     )
     start.add_argument(
         "--log-level",
@@ -371,12 +391,18 @@ def _start_config(args: argparse.Namespace, home: Path) -> tuple[NodeConfig, str
     level = args.log_level or str(file.get("log_level", LogLevel.WARNING))
     if not 0 <= port < 65536:
         raise UsageError(f"--port must be 0..65535, got {port}")
+    relay = RelayConfig(
+        service=args.relay_service or str(file.get("relay_service", "auto")),
+        client=args.relay_client or str(file.get("relay_client", "auto")),
+        relays=tuple(parse_host_port(r) for r in args.relay or file.get("relays", [])),
+    )
     config = NodeConfig(
         home=home,
         host=host,
         port=port,
         bootstrap=tuple(parse_host_port(b) for b in boots),
         api_port=int(api_port) if api_port is not None else None,
+        relay=relay,
     )
     return config, level
 

@@ -705,10 +705,15 @@ class Discovery:
 
     # -- providers -----------------------------------------------------------------
 
-    def _provider_record(self, key: bytes, host: str, port: int) -> rec.ProviderRecord:
+    def _provider_record(
+        self, key: bytes, host: str, port: int, holder: bytes | None = None
+    ) -> rec.ProviderRecord:
         expires = int(self.clock.now() + self.config.provider_ttl)
+        # A holder cannot prove itself as a relay (it is not in its own table):
+        # its copy names the other relays.
+        relays = [r for r in self._relays if r[2] != holder]
         return rec.sign_provider_record(
-            self.identity, key, [(host, port)], self._next_seq(), expires, self._relays
+            self.identity, key, [(host, port)], self._next_seq(), expires, relays
         )
 
     @property
@@ -746,7 +751,7 @@ class Discovery:
 
         async def announce_to(node: Node, token: bytes, seen_as: str) -> bool:
             # Holders keep a record only if it dials the address it came from.
-            record = self._provider_record(key, seen_as, port)
+            record = self._provider_record(key, seen_as, port, node.id)
             return await protocol.call_add_provider(node, key, record, token) is True
 
         results = await asyncio.gather(*(announce_to(*target) for target in targets))

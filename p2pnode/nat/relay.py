@@ -381,12 +381,18 @@ class RelayClient:
         return out
 
     async def _maintain(self) -> None:
+        short = 0.5  # while short of reservations: look again soon, backing off
         while True:
             try:
                 await self.step()
             except P2PError as exc:  # a relay misbehaved: next round
                 log.debug("relay reservations: %s", exc)
-            await asyncio.sleep(self.config.check_interval)
+            if self.active() and len(self.held) < self.config.reservations:
+                short = min(short * 2, self.config.check_interval)
+                await asyncio.sleep(short)
+            else:
+                short = 0.5
+                await asyncio.sleep(self.config.check_interval)
 
     async def step(self) -> None:
         """Drop lost reservations, renew and keep alive the others, fill up."""
