@@ -272,11 +272,13 @@ class RelayService:
 
     def _accept(self, transport: asyncio.Transport, hello: Accept) -> None:
         result = self.core.accept(hello.circuit_id, hello.secret, self.clock.now())
+        if isinstance(result, RelayStatus):  # a wrong guess leaves the circuit waiting
+            _refuse(transport, result)
+            return
         dialer = self.pending.pop(hello.circuit_id, None)
-        if isinstance(result, RelayStatus) or dialer is None or dialer.is_closing():
-            if not isinstance(result, RelayStatus):
-                self.core.end(hello.circuit_id, "dialer_gone")
-            _refuse(transport, RelayStatus.BAD_SECRET)
+        if dialer is None or dialer.is_closing():
+            self.core.end(hello.circuit_id, "dialer_gone")
+            _refuse(transport, RelayStatus.NOT_ACCEPTED)
             return
         ok = encode_hello(Status(RelayStatus.OK))
         dialer.write(ok)

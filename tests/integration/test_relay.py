@@ -106,9 +106,12 @@ async def relayed() -> AsyncIterator[MakeSetup]:
     made: list[Setup] = []
 
     async def make(
-        limits: RelayLimits | None = None, service: type[RelayService] = RelayService
+        limits: RelayLimits | None = None,
+        service: type[RelayService] = RelayService,
+        client_type: type[RelayClient] = RelayClient,
+        net: NetLimits = FAST,
     ) -> Setup:
-        r = PeerHost(Identity.generate(), FAST)
+        r = PeerHost(Identity.generate(), net)
         relay = service(r, limits or RelayLimits())
         relay.start()
         relay.set_enabled(True)
@@ -117,7 +120,7 @@ async def relayed() -> AsyncIterator[MakeSetup]:
         routes_of(c).route((GetPiece,), serve_pieces)
         changes: list[object] = []
         config = RelayConfig(client="always", relays=(("127.0.0.1", r_port),))
-        client = RelayClient(c, config, list, lambda: True, changes.append)
+        client = client_type(c, config, list, lambda: True, changes.append)
         client.start()
         setup = Setup(relay, r, r_port, c, client, [r, c])
         made.append(setup)
