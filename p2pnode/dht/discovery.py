@@ -818,6 +818,16 @@ class Discovery:
                 if queue:
                     record = queue.pop(0)
                     found.setdefault(record.peer_id, _provider(record))
+        # Relay addresses come from every holder's copy (each holder proved the
+        # relays it kept; a relay's own copy leaves itself out).
+        for _, records in holders:
+            for record in records:
+                kept = found.get(record.peer_id)
+                if kept is not None and record.relays:
+                    merged = tuple(dict.fromkeys(kept.relays + record.relays))
+                    found[record.peer_id] = dataclasses.replace(
+                        kept, relays=merged[: rec.MAX_RELAY_ADDRS]
+                    )
         return list(found.values())[: max(0, want)]
 
     # -- maintenance ---------------------------------------------------------------
