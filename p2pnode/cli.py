@@ -27,6 +27,7 @@ from p2pnode.config import NO_PORT_MAPPING_ENV, NodeConfig, default_home, parse_
 from p2pnode.control.api import StreamEvent
 from p2pnode.errors import DownloadError, P2PError, UsageError
 from p2pnode.home import read_config_file
+from p2pnode.nat.relay_core import RelayConfig
 
 if TYPE_CHECKING:
     from p2pnode.control.client import ControlClient
@@ -179,6 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not map the port on the router (UPnP-IGD, PCP, NAT-PMP); also "
         f"{NO_PORT_MAPPING_ENV}=1 or port_mapping = false in config.toml",
+    )
+    start.add_argument(
+        "--relay-service",
+        choices=("auto", "always", "never"),
+        default=None,
+        help="offer a limited circuit relay to private nodes (auto: when public)",
+    )
+    start.add_argument(
+        "--relay-client",
+        choices=("auto", "always", "never"),
+        default=None,
+        help="reserve slots on relays and announce relay addresses (auto: when private)",
+    )
+    start.add_argument(
+        "--relay",
+        action="append",
+        default=None,
+        metavar="IP:PORT",
+        help="a relay to reserve on (repeatable; default: the DHT contacts with the lowest RTT)",
     )
     start.add_argument(
         "--log-level",
@@ -389,6 +409,11 @@ def _start_config(args: argparse.Namespace, home: Path) -> tuple[NodeConfig, str
         and os.environ.get(NO_PORT_MAPPING_ENV, "") in ("", "0")
         and file.get("port_mapping", True) is not False
     )
+    relay = RelayConfig(
+        service=args.relay_service or str(file.get("relay_service", "auto")),
+        client=args.relay_client or str(file.get("relay_client", "auto")),
+        relays=tuple(parse_host_port(r) for r in args.relay or file.get("relays", [])),
+    )
     config = NodeConfig(
         home=home,
         host=host,
@@ -396,6 +421,7 @@ def _start_config(args: argparse.Namespace, home: Path) -> tuple[NodeConfig, str
         bootstrap=tuple(parse_host_port(b) for b in boots),
         api_port=int(api_port) if api_port is not None else None,
         port_mapping=port_mapping,
+        relay=relay,
     )
     return config, level
 

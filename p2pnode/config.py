@@ -19,6 +19,7 @@ from p2pnode.errors import UsageError
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.nat.portmap_core import PortMapConfig
 from p2pnode.nat.reachability import AutoNatConfig
+from p2pnode.nat.relay_core import RelayConfig
 from p2pnode.net.config import NetLimits
 
 if TYPE_CHECKING:
@@ -91,6 +92,8 @@ class NodeConfig:
     autonat: AutoNatConfig = field(default_factory=AutoNatConfig)
     # Node-wide limits of the services served (each service's own: serve(limits=)).
     services: NodeServiceLimits = field(default_factory=_default_service_limits)
+    # The circuit relay: offered (public nodes) and used (private ones); p2pnode/nat/relay.py
+    relay: RelayConfig = field(default_factory=RelayConfig)
     # False: no control API (no listener, no control.json); for many nodes in one
     # process (simulations), where it would cost a file descriptor each.
     control_api: bool = True
@@ -127,6 +130,7 @@ class NodeConfig:
             ("autonat", AutoNatConfig),
             ("services", _service_limits_class()),
             ("portmap", PortMapConfig),
+            ("relay", RelayConfig),
         )
         for name, kind in nested:
             if not isinstance(getattr(self, name), kind):

@@ -66,6 +66,16 @@ class PeerUnreachable(P2PError):
     """The TCP connection to a peer could not be opened."""
 
 
+class RelayRefused(PeerUnreachable):
+    """A relay refused a circuit to the peer (or a reservation); ``status`` says
+    why (a ``p2pnode.nat.relay_core.RelayStatus`` value: which limit, no
+    reservation, ...)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class ChannelAuthError(ProtocolError):
     """A secure-channel chunk failed authentication (tampered, replayed or reordered)."""
 

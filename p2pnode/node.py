@@ -49,6 +49,7 @@ from p2pnode.nat.autonat import AutoNat
 from p2pnode.nat.observed import TCP, UDP
 from p2pnode.nat.portmap import PortMapper
 from p2pnode.nat.reachability import ReachabilityChanged, ReachabilityStatus
+from p2pnode.nat.relay import Relay
 from p2pnode.nat.types import Reachability
 from p2pnode.net.host import PeerHost
 from p2pnode.services import (
@@ -125,6 +126,7 @@ class Node:
         self._host: PeerHost | None = None
         self._exchange: Exchange | None = None
         self._services: Services | None = None
+        self._relay: Relay | None = None
         self._control: ControlServer | None = None
         self._autonat: AutoNat | None = None
         self._reachability_listeners: list[Callable[[ReachabilityChanged], None]] = []
@@ -200,6 +202,12 @@ class Node:
         if self.port_mapping_wanted():
             self._portmap = PortMapper(self.config.portmap, self._port)
             self._portmap.start()  # in the background: never delays start
+        if self._portmap is not None:
+            self._portmap.on_change(self.mapping_changed)
+        self._relay = Relay(
+            self._host, self._discovery, self.config.relay, self._reachability, self.clock
+        )
+        self._relay.start()
         if not self.config.control_api:
             clear_control(self.home)  # a stale file would point the CLI at nothing
             return
@@ -278,6 +286,7 @@ class Node:
         parts = (
             self._portmap,
             self._control,
+            self._relay,
             self._autonat,
             self._services,
             self._exchange,
@@ -485,6 +494,18 @@ class Node:
         return self._portmap
 
     @property
+    def relay(self) -> Relay:
+        return self._part(self._relay, "relay")
+
+    def _reachability(self) -> str | None:
+        """The reachability verdict as text ("public", "private", "unknown"), or
+        None while this node has none (p2pnode/nat/reachability.py)."""
+        if self._autonat is None:
+            return None
+        # TCP decides: peers dial this node's TCP port (relays carry TCP)
+        return str(self._autonat.core.verdict(TCP))
+
+    @property
     def node_id(self) -> bytes:
         return self.identity.node_id
 
@@ -546,12 +567,19 @@ class Node:
     def peers(self) -> list[dict[str, Any]]:
         # Contact.last_seen is on the node's clock; the API shows wall time.
         offset = time.time() - self.clock.now()
+        host = self.peer_host
+
+        def via(node_id: bytes) -> str | None:  # how we are connected to it, if we are
+            conn = host.connection_to(node_id)
+            return None if conn is None else conn.via
+
         return [
             {
                 "peer_id": peer_id_to_str(c.node_id),
                 "address": f"[{c.host}]:{c.port}" if ":" in c.host else f"{c.host}:{c.port}",
                 "last_seen": None if c.last_seen is None else c.last_seen + offset,
                 "rtt_ms": None if c.rtt is None else round(c.rtt * 1000, 1),
+                "via": via(c.node_id),
             }
             for c in self.discovery.contacts()
         ]
@@ -575,6 +603,7 @@ class Node:
             "nat": self.autonat.snapshot(),
             "services": self.services(),
             "port_mapping": self._port_mapping_status(),
+            "relay": self.relay.stats(),
             "rss_bytes": proc.memory_info().rss,
             "version": __version__,
         }
@@ -596,7 +625,7 @@ class Node:
             "joined": self._joined.is_set(),
             "dht": self.discovery.stats(),
             "dht_contact_ids": [c.node_id for c in self.discovery.contacts()],
-            "net": self.peer_host.stats(),
+            "net": {**self.peer_host.stats(), **self.relay.flat_stats()},
             "exchange": self.exchange.stats(),
             "services": self.services_part.stats(),
             "services_served": self.services(),

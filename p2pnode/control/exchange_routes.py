@@ -64,7 +64,16 @@ def exchange_routes(node: NodeAPI, watcher: DownloadWatcher | None = None) -> li
         rid = resource_id_from_str(request.match_info["rid"])
         records = await node.exchange.providers(rid)
         rows = [
-            {"peer_id": peer_id_to_str(r.node_id), "host": r.host, "port": r.port} for r in records
+            {
+                "peer_id": peer_id_to_str(r.node_id),
+                "host": r.host,
+                "port": r.port,
+                "relays": [
+                    {"host": h, "port": p, "peer_id": peer_id_to_str(relay)}
+                    for h, p, relay in getattr(r, "relays", ())
+                ],
+            }
+            for r in records
         ]
         return web.json_response({"id": resource_id_to_str(rid), "providers": rows})
 

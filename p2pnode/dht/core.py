@@ -584,6 +584,22 @@ class DhtCore:
         if any(addr_host != host for addr_host, _ in record.addrs):
             stats["providers_refused_foreign_address"] += 1
             return False
+        # Relay addresses send dialers elsewhere: only to a relay this node has
+        # proven (a contact with that id at that address), so a record cannot
+        # point dialers at a victim. An unknown one is checked (bounded) for the
+        # next announcement.
+        for relay_host, relay_port, relay_id in record.relays:
+            known = self.table.node_for(relay_id)
+            if (
+                known is None
+                or known.ip != relay_host
+                or known.port != relay_port
+                or not self.table.is_proven(relay_id)
+            ):
+                stats["providers_refused_unproven_relay"] += 1
+                if known is None and relay_id != self.node_id:
+                    self._note_requester(relay_id, relay_host, relay_port, now)
+                return False
         added = self.providers.add_record(record, host, now)
         stats["providers_accepted" if added else "providers_refused"] += 1
         return added

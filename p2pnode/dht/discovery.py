@@ -16,7 +16,7 @@ import logging
 import os
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from kademlia.node import Node
@@ -83,6 +83,9 @@ class ProviderRecord:
     node_id: bytes  # provider's 20-byte node id (peer id)
     host: str  # the IP its announcement came from (never a claimed IP)
     port: int  # TCP port to dial
+    # (relay host, relay port, relay peer id): relays it is reachable through,
+    # each proven by the holder that kept the record
+    relays: tuple[tuple[str, int, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def _local_host(listen_host: str) -> str:
 
 def _provider(record: rec.ProviderRecord) -> ProviderRecord:
     host, port = record.addrs[0]
-    return ProviderRecord(record.peer_id, host, port)
+    return ProviderRecord(record.peer_id, host, port, record.relays)
 
 
 def _check_key(key: bytes) -> bytes:
@@ -187,6 +190,8 @@ class Discovery:
         # it, their address, when); a token is good for one to two rotations.
         self._proofs: OrderedDict[bytes, tuple[bytes, str, tuple[str, int], float]] = OrderedDict()
         self._announced: dict[bytes, int] = {}
+        # relays we hold a reservation on: announced in our provider records
+        self._relays: tuple[tuple[str, int, bytes], ...] = ()
         # Who accepted each of our announcements: watched so that records lost with
         # their holders are announced again long before provider_republish.
         self._holders: dict[bytes, list[Node]] = {}
@@ -734,11 +739,30 @@ class Discovery:
 
     # -- providers -----------------------------------------------------------------
 
-    def _provider_record(self, key: bytes, host: str, port: int) -> rec.ProviderRecord:
+    def _provider_record(
+        self, key: bytes, host: str, port: int, holder: bytes | None = None
+    ) -> rec.ProviderRecord:
         expires = int(self.clock.now() + self.config.provider_ttl)
+        # A holder cannot prove itself as a relay (it is not in its own table):
+        # its copy names the other relays.
+        relays = [r for r in self._relays if r[2] != holder]
         return rec.sign_provider_record(
-            self.identity, key, [(host, port)], self._next_seq(), expires
+            self.identity, key, [(host, port)], self._next_seq(), expires, relays
         )
+
+    @property
+    def relays(self) -> tuple[tuple[str, int, bytes], ...]:
+        return self._relays
+
+    def set_relays(self, relays: Iterable[tuple[str, int, bytes]]) -> None:
+        """Announce these relay addresses (at most ``MAX_RELAY_ADDRS``) in our
+        provider records from now on; every announced key is announced again."""
+        relays = tuple(relays)[: rec.MAX_RELAY_ADDRS]
+        if relays == self._relays:
+            return
+        self._relays = relays
+        if self._protocol is not None and self._announced and not self._closed:
+            self._tasks.spawn(self._republish_providers(), "relay-reannounce")
 
     async def add_provider(self, key: bytes, port: int) -> int:
         """Announce this node as a provider of ``key`` (TCP ``port``) on the k closest
@@ -761,7 +785,7 @@ class Discovery:
 
         async def announce_to(node: Node, token: bytes, seen_as: str) -> bool:
             # Holders keep a record only if it dials the address it came from.
-            record = self._provider_record(key, seen_as, port)
+            record = self._provider_record(key, seen_as, port, node.id)
             return await protocol.call_add_provider(node, key, record, token) is True
 
         results = await asyncio.gather(*(announce_to(*target) for target in targets))
@@ -828,6 +852,16 @@ class Discovery:
                 if queue:
                     record = queue.pop(0)
                     found.setdefault(record.peer_id, _provider(record))
+        # Relay addresses come from every holder's copy (each holder proved the
+        # relays it kept; a relay's own copy leaves itself out).
+        for _, records in holders:
+            for record in records:
+                kept = found.get(record.peer_id)
+                if kept is not None and record.relays:
+                    merged = tuple(dict.fromkeys(kept.relays + record.relays))
+                    found[record.peer_id] = dataclasses.replace(
+                        kept, relays=merged[: rec.MAX_RELAY_ADDRS]
+                    )
         return list(found.values())[: max(0, want)]
 
     # -- maintenance ---------------------------------------------------------------

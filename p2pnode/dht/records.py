@@ -9,7 +9,10 @@ replayed under another.
 
 - **Provider records** travel in ``add_provider`` / ``get_providers`` as the wire
   list ``[peer_id, public_key, [[host, port], ...], seq, expires, signature]``;
-  the key is the RPC's own argument.
+  the key is the RPC's own argument. An address may also be a relay address
+  ``[relay host, relay port, relay peer id]`` (reach the peer through that relay,
+  ``p2pnode/nat/relay.py``): at most ``MAX_RELAY_ADDRS``, after the direct ones,
+  and at least one direct address first.
 - **Mutable records** live under ``mutable_key(peer_id, name)``: only the holder
   of the key pair can publish there, and a higher ``seq`` wins.
 - **Immutable records** live under the hash of their envelope: any holder checks
@@ -57,6 +60,7 @@ __all__ = [
     "MAX_ENVELOPE_BYTES",
     "MAX_NAME_LEN",
     "MAX_PROVIDER_ADDRS",
+    "MAX_RELAY_ADDRS",
     "MAX_SEQ",
     "RECORD_MAGIC",
     "RECORD_VERSION",
@@ -84,6 +88,8 @@ __all__ = [
 
 SIGNATURE_LEN = 64
 MAX_PROVIDER_ADDRS = 4
+# Of those, at most this many relay addresses ([relay host, relay port, relay id]).
+MAX_RELAY_ADDRS = 2
 MAX_SEQ = 2**63 - 1
 MAX_NAME_LEN = 64
 # A record may claim to expire at most max_ttl seconds from now, plus this much
@@ -148,9 +154,11 @@ class ProviderRecord:
     seq: int
     expires: int
     signature: bytes
+    # (relay host, relay port, relay peer id): also reachable through these relays
+    relays: tuple[tuple[str, int, bytes], ...] = ()
 
     def to_wire(self) -> list[object]:
-        addrs = [[host, port] for host, port in self.addrs]
+        addrs = _wire_addrs(self.addrs, self.relays)
         return [self.peer_id, self.public_key, addrs, self.seq, self.expires, self.signature]
 
     @property
@@ -167,32 +175,62 @@ def names_host(record: ProviderRecord, host: str) -> bool:
     return normalized is not None and any(h == normalized for h, _ in record.addrs)
 
 
+def _wire_addrs(
+    addrs: Iterable[tuple[str, int]], relays: Iterable[tuple[str, int, bytes]]
+) -> list[list[object]]:
+    out: list[list[object]] = [[host, port] for host, port in addrs]
+    out += [[host, port, relay] for host, port, relay in relays]
+    return out
+
+
 def _provider_signed_bytes(
-    key: bytes, peer_id: bytes, addrs: Iterable[tuple[str, int]], seq: int, expires: int
+    key: bytes,
+    peer_id: bytes,
+    addrs: Iterable[tuple[str, int]],
+    seq: int,
+    expires: int,
+    relays: Iterable[tuple[str, int, bytes]] = (),
 ) -> bytes:
-    body = _pack([peer_id, [[host, port] for host, port in addrs], seq, expires])
+    # Without relays, the same bytes as before relay addresses existed.
+    body = _pack([peer_id, _wire_addrs(addrs, relays), seq, expires])
     return _PROVIDER_TAG + key + body
 
 
-def _check_addrs(addrs: object) -> tuple[tuple[str, int], ...]:
-    """Canonical (host, port) pairs, or RecordError: 1..4 of them, IP literals in
-    normalized form (not normalized here: the signature covers the text), no
-    duplicates."""
+def _check_addrs(
+    addrs: object,
+) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int, bytes], ...]]:
+    """Canonical (host, port) pairs and (host, port, relay id) relay addresses, or
+    RecordError: 1..4 in all, direct ones first (at least one), at most 2 relay
+    addresses, IP literals in normalized form (not normalized here: the signature
+    covers the text), no duplicates."""
     if not isinstance(addrs, list | tuple) or not 1 <= len(addrs) <= MAX_PROVIDER_ADDRS:
         raise RecordError("bad_record", f"1 to {MAX_PROVIDER_ADDRS} addresses")
     out: list[tuple[str, int]] = []
-    for pair in addrs:
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
-            raise RecordError("bad_record", "an address is [host, port]")
-        host, port = pair
+    relays: list[tuple[str, int, bytes]] = []
+    for entry in addrs:
+        if not isinstance(entry, list | tuple) or len(entry) not in (2, 3):
+            raise RecordError("bad_record", "an address is [host, port] or [host, port, relay id]")
+        host, port = entry[0], entry[1]
         if type(host) is not str or normalize_host(host) != host:
             raise RecordError("bad_record", "a host is a normalized IP literal")
         if not _is_int(port, 1, 65535):
             raise RecordError("bad_record", "a port is 1..65535")
-        out.append((host, port))
-    if len(set(out)) != len(out):
+        if len(entry) == 2:
+            if relays:
+                raise RecordError("bad_record", "direct addresses come before relay addresses")
+            out.append((host, port))
+            continue
+        relay = entry[2]
+        if not _is_bytes(relay, NODE_ID_LEN):
+            raise RecordError("bad_record", "a relay id is 20 bytes")
+        relays.append((host, port, relay))
+    if not out:
+        raise RecordError("bad_record", "at least one direct address")
+    if len(relays) > MAX_RELAY_ADDRS:
+        raise RecordError("bad_record", f"at most {MAX_RELAY_ADDRS} relay addresses")
+    if len(set(out)) != len(out) or len(set(relays)) != len(relays):
         raise RecordError("bad_record", "duplicate address")
-    return tuple(out)
+    return tuple(out), tuple(relays)
 
 
 def _check_seq_expires(seq: object, expires: object) -> None:
@@ -203,23 +241,33 @@ def _check_seq_expires(seq: object, expires: object) -> None:
 
 
 def sign_provider_record(
-    identity: Identity, key: bytes, addrs: Iterable[tuple[str, int]], seq: int, expires: int
+    identity: Identity,
+    key: bytes,
+    addrs: Iterable[tuple[str, int]],
+    seq: int,
+    expires: int,
+    relays: Iterable[tuple[str, int, bytes]] = (),
 ) -> ProviderRecord:
     """Our record for ``key``; hosts are normalized (IPv4-mapped IPv6 -> IPv4).
-    ValueError (a RecordError) on a bad argument."""
+    ``relays``: relay addresses (relay host, port, relay id). ValueError (a
+    RecordError) on a bad argument."""
     if not _is_bytes(key, NODE_ID_LEN):
         raise RecordError("bad_record", "keys are 20 bytes")
-    normalized = []
-    for host, port in addrs:
-        norm = normalize_host(host)
+    normalized: list[list[object]] = []
+    entries: list[tuple[object, ...]] = [*addrs, *relays]
+    for host, port, *relay in entries:
+        norm = normalize_host(host) if isinstance(host, str) else None
         if norm is None:
             raise RecordError("bad_record", f"not an IP literal: {host!r}")
-        normalized.append((norm, port))
-    checked = _check_addrs(normalized)
+        normalized.append([norm, port, *relay])
+    checked, relay_addrs = _check_addrs(normalized)
     _check_seq_expires(seq, expires)
     peer_id = identity.node_id
-    signature = identity.sign(_provider_signed_bytes(key, peer_id, checked, seq, expires))
-    return ProviderRecord(key, peer_id, identity.public_key, checked, seq, expires, signature)
+    signed = _provider_signed_bytes(key, peer_id, checked, seq, expires, relay_addrs)
+    signature = identity.sign(signed)
+    return ProviderRecord(
+        key, peer_id, identity.public_key, checked, seq, expires, signature, relay_addrs
+    )
 
 
 def parse_provider_record(key: bytes, wire: object) -> ProviderRecord:
@@ -234,12 +282,12 @@ def parse_provider_record(key: bytes, wire: object) -> ProviderRecord:
         raise RecordError("bad_record", "peer id is 20 bytes")
     if not _is_bytes(public_key, PUBLIC_KEY_LEN):
         raise RecordError("bad_record", "public key is 32 bytes")
-    checked = _check_addrs(addrs)
+    checked, relays = _check_addrs(addrs)
     if not _is_int(seq, 0, MAX_SEQ) or not _is_int(expires, 0, MAX_SEQ):
         raise RecordError("bad_record", "seq and expires are integers 0..2**63-1")
     if not _is_bytes(signature, SIGNATURE_LEN):
         raise RecordError("bad_record", "signature is 64 bytes")
-    return ProviderRecord(key, peer_id, public_key, checked, seq, expires, signature)
+    return ProviderRecord(key, peer_id, public_key, checked, seq, expires, signature, relays)
 
 
 def check_lifetime(expires: int, now: float, max_ttl: float) -> None:
@@ -259,7 +307,7 @@ def verify_provider_record(record: ProviderRecord, now: float, max_ttl: float) -
         raise RecordError("id_mismatch", "peer id is not the hash of the public key")
     check_lifetime(record.expires, now, max_ttl)
     signed = _provider_signed_bytes(
-        record.key, record.peer_id, record.addrs, record.seq, record.expires
+        record.key, record.peer_id, record.addrs, record.seq, record.expires, record.relays
     )
     if not verify_signature(record.public_key, record.signature, signed):
         raise RecordError("bad_signature", "provider record")

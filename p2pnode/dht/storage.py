@@ -395,6 +395,7 @@ class ProviderEntry:
         if self.record is None:
             return PROVIDER_RECORD_BYTES + len(self.host)
         hosts = sum(len(host) + 8 for host, _ in self.record.addrs)
+        hosts += sum(len(host) + 30 for host, _, _ in self.record.relays)
         return PROVIDER_RECORD_BYTES + SIGNED_PROVIDER_EXTRA + hosts
 
 

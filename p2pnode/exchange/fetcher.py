@@ -994,7 +994,7 @@ class Fetcher:
         d.last_record = self._clock.now()
 
     async def _request(self, rec: ProviderRecord, msg: Message, timeout: float) -> Message:
-        peer = PeerAddress(rec.node_id, rec.host, rec.port)
+        peer = PeerAddress(rec.node_id, rec.host, rec.port, rec.relays)
         return await self._requester.request(peer, msg, timeout)
 
     # -- progress ------------------------------------------------------------------

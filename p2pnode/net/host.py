@@ -41,6 +41,7 @@ import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.endpoints import LOOP_ENDPOINTS, Endpoints, ListeningServer
@@ -50,12 +51,16 @@ from p2pnode.errors import (
     P2PError,
     P2PTimeoutError,
     PeerUnreachable,
+    ProtocolError,
+    RelayRefused,
     UsageError,
 )
 from p2pnode.identity import Identity, peer_id_to_str
+from p2pnode.nat.relay_wire import Connect, Hello, Status, decode_hello, encode_hello, hello_length
 from p2pnode.net.budget import ConnectionBudget
 from p2pnode.net.config import NetLimits
 from p2pnode.net.connection import Handler, PeerConnection
+from p2pnode.net.firstbytes import FirstBytes
 from p2pnode.net.heap import trim_heap
 from p2pnode.net.memory import MemoryBudget
 from p2pnode.net.session import Credentials, Session
@@ -63,26 +68,45 @@ from p2pnode.wire.messages import DEFAULT_REGISTRY, DecodeLimits, Message, Messa
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Handler", "PeerAddress", "PeerHost"]
+__all__ = ["CircuitAcceptor", "Handler", "PeerAddress", "PeerHost", "RelayHop"]
+
+# (relay host, relay port, relay peer id): reach a peer through that relay
+RelayHop = tuple[str, int, bytes]
 
 
 @dataclass(frozen=True)
 class PeerAddress:
-    """Where to reach a peer. ``node_id=None`` accepts whoever answers (bootstrap-like)."""
+    """Where to reach a peer. ``node_id=None`` accepts whoever answers (bootstrap-like).
+    ``relays``: relays the peer holds a reservation on, tried when the direct
+    address does not answer (see :meth:`PeerHost.request`)."""
 
     node_id: bytes | None
     host: str
     port: int
+    relays: tuple[RelayHop, ...] = ()
 
     def __str__(self) -> str:
         who = peer_id_to_str(self.node_id) if self.node_id else "any"
         return f"{who}@{self.host}:{self.port}"
 
 
+class CircuitAcceptor(Protocol):
+    """The relay side of the listener (``p2pnode/nat/relay.py``): it takes over a
+    connection that opened with a circuit hello."""
+
+    hello_timeout: float
+    max_undecided: int
+
+    def circuit_hello(self, transport: asyncio.Transport, hello: Hello, ip: str) -> None: ...
+
+
 _DialKey = bytes | tuple[str, int]
 
 # A burst of this many closed connections gives the freed heap back (heap.py).
 TRIM_AFTER_LOST = 32
+# A peer with relay addresses: its relays are tried when the direct dial has not
+# succeeded after this long (or has failed), one more every RELAY_DIAL_DELAY.
+RELAY_DIAL_DELAY = 1.0
 
 
 class PeerHost:
@@ -147,6 +171,10 @@ class PeerHost:
         self._tasks: set[asyncio.Task[object]] = set()
         self._servers: list[ListeningServer] = []
         self._closing = False
+        # the relay this node offers, if any; then the listener reads first bytes
+        self._circuits: CircuitAcceptor | None = None
+        self._undecided: dict[FirstBytes, None] = {}  # oldest first
+        self.relay_dial_delay = RELAY_DIAL_DELAY
         if not limits.encrypt:
             log.warning(
                 "NetLimits.encrypt=False: peer traffic after the handshake is neither "
@@ -161,6 +189,31 @@ class PeerHost:
 
     def set_handler(self, handler: Handler) -> None:
         self._handler = handler
+
+    def set_circuit_acceptor(self, acceptor: CircuitAcceptor | None) -> None:
+        """Offer a circuit relay on this host's port (None: stop): accepted
+        connections then go through :class:`~p2pnode.net.firstbytes.FirstBytes`."""
+        self._circuits = acceptor
+
+    def connection_to(self, node_id: bytes) -> PeerConnection | None:
+        """An open connection to ``node_id`` (a direct one first), or None: never dials."""
+        return self._pooled(PeerAddress(node_id, "", 0))
+
+    async def connect(self, peer: PeerAddress) -> PeerConnection:
+        """A connection to ``peer``: a pooled one, or a new dial (bounded by the
+        handshake timeout); for callers that need the connection itself."""
+        if self._closing:
+            raise UsageError("PeerHost is closed")
+        if peer.node_id == self.node_id:
+            raise UsageError(f"{peer} is this node")
+        return await self._connection_for(peer)
+
+    def peer_ip(self, node_id: bytes) -> str | None:
+        """The IP address of an open connection to ``node_id`` (a direct one first)."""
+        for conn in sorted(self._by_peer.get(node_id, ()), key=_pool_rank):
+            if conn.is_open:
+                return conn.peername[0]
+        return None
 
     async def listen(self, host: str, port: int) -> int:
         """Accept peer connections on TCP ``host:port``; return the bound port."""
@@ -193,6 +246,8 @@ class PeerHost:
         out = dict(self.counters)
         open_conns = [c for c in self._conns if c.is_open]
         out["connections_open"] = len(open_conns)
+        out["connections_relayed"] = sum(1 for c in open_conns if c.via == "relayed")
+        out["connections_undecided"] = len(self._undecided)
         out["connections_handshaking"] = len(self._conns) - len(open_conns)
         out["connections_inbound"] = self._budget.inbound
         out["connections_outbound"] = self._budget.outbound
@@ -245,6 +300,8 @@ class PeerHost:
             self._trim_timer = None
         for server in self._servers:
             server.close()
+        for sniffer in list(self._undecided):
+            sniffer.drop("first_bytes_closed")
         for task in list(self._dials.values()):
             task.cancel()
         for conn in list(self._conns):
@@ -335,8 +392,47 @@ class PeerHost:
             expected_node_id=expected,
         )
 
-    def _accepted_protocol(self) -> PeerConnection:
+    def _accepted_protocol(self) -> asyncio.BaseProtocol:
+        acceptor = self._circuits
+        if acceptor is not None:
+            return FirstBytes(self, acceptor.hello_timeout)
         return PeerConnection(self, self._session(expected=None, initiator=False))
+
+    # -- FirstBytesOwner: the listener of a node that offers a relay ------------------
+
+    def undecided_open(self, sniffer: FirstBytes) -> bool:
+        if self._closing or self._circuits is None:
+            return False
+        if len(self._undecided) >= self._circuits.max_undecided:
+            oldest = next(iter(self._undecided))
+            oldest.drop("first_bytes_evicted")
+        self._undecided[sniffer] = None
+        return True
+
+    def undecided_closed(self, sniffer: FirstBytes) -> None:
+        self._undecided.pop(sniffer, None)
+
+    def handoff_peer(self, transport: asyncio.Transport, data: bytes) -> None:
+        """A Noise handshake: a PeerConnection takes the transport and the bytes read."""
+        conn = PeerConnection(self, self._session(expected=None, initiator=False))
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        view = memoryview(data)
+        while view and not transport.is_closing():
+            buf = conn.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            if n == 0:
+                break
+            buf[:n] = view[:n]
+            view = view[n:]
+            conn.buffer_updated(n)
+
+    def handoff_hello(self, transport: asyncio.Transport, hello: Hello, ip: str) -> None:
+        acceptor = self._circuits
+        if acceptor is None or self._closing:
+            transport.abort()
+            return
+        acceptor.circuit_hello(transport, hello, ip)
 
     def _pooled(self, peer: PeerAddress) -> PeerConnection | None:
         if peer.node_id is not None:
@@ -387,6 +483,93 @@ class PeerHost:
         budget.release(victim)
 
     async def _dial(self, peer: PeerAddress) -> PeerConnection:
+        if peer.relays and peer.node_id is not None:
+            return await self._dial_any(peer)
+        return await self._dial_direct(peer)
+
+    async def _dial_any(self, peer: PeerAddress) -> PeerConnection:
+        """The direct address first; each relay after ``relay_dial_delay`` without
+        success (at once when everything tried so far failed). The first
+        connection wins; the other attempts are cancelled."""
+        loop = asyncio.get_running_loop()
+        relays = [r for r in peer.relays if r[2] != self.node_id]
+        direct = loop.create_task(self._dial_direct(peer), name="direct")
+        pending: set[asyncio.Task[PeerConnection]] = {direct}
+        failures: list[tuple[str, P2PError]] = []
+        next_at = loop.time() + self.relay_dial_delay
+        try:
+            while pending or relays:
+                timeout = max(0.0, next_at - loop.time()) if relays and pending else None
+                if pending:
+                    done, pending = await asyncio.wait(
+                        pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                else:
+                    done = set()
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        return task.result()
+                    if not isinstance(exc, P2PError):
+                        raise exc
+                    failures.append((task.get_name(), exc))
+                if relays and (not pending or loop.time() >= next_at):
+                    hop = relays.pop(0)
+                    name = f"via relay {hop[0]}:{hop[1]}"
+                    task = loop.create_task(self._dial_relayed(peer, hop), name=name)
+                    pending.add(task)
+                    next_at = loop.time() + self.relay_dial_delay
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        said = "; ".join(f"{name}: {exc}" for name, exc in failures)
+        refused = [exc for _, exc in failures if isinstance(exc, RelayRefused)]
+        if refused:
+            raise RelayRefused(refused[-1].status, f"cannot reach {peer}: {said}")
+        raise PeerUnreachable(f"cannot reach {peer}: {said}")
+
+    async def _dial_relayed(self, peer: PeerAddress, hop: RelayHop) -> PeerConnection:
+        """A connection to ``peer`` through the relay ``hop``: a circuit hello,
+        the relay's status, then our Noise handshake end to end over the spliced
+        socket (``adopt``)."""
+        assert peer.node_id is not None
+        host, port, _relay_id = hop
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.counters["relay_dials"] += 1
+        try:
+            try:
+                async with asyncio.timeout(self.limits.handshake_timeout):
+                    await loop.sock_connect(sock, (host, port))
+                    await loop.sock_sendall(sock, encode_hello(Connect(peer.node_id)))
+                    status = await read_hello(loop, sock)
+            except TimeoutError:
+                raise P2PTimeoutError(f"relay {host}:{port} did not answer in time") from None
+            except OSError as exc:
+                raise PeerUnreachable(
+                    f"cannot connect to relay {host}:{port}: {exc.strerror or exc}"
+                ) from None
+            if not isinstance(status, Status):
+                raise ProtocolError(f"relay {host}:{port} answered no status")
+            if not status.ok:
+                self.counters[f"relay_refused.{status.status}"] += 1
+                raise RelayRefused(
+                    status.status, f"relay {host}:{port} refused: {status.status} {status.message}"
+                )
+        except BaseException:
+            self.counters["relay_dial_failures"] += 1
+            sock.close()
+            raise
+        conn = await self.adopt(sock, initiator=True, expected=peer.node_id, via="relayed")
+        self.counters["relay_dials_ok"] += 1
+        return conn
+
+    async def _dial_direct(self, peer: PeerAddress) -> PeerConnection:
         session = self._session(expected=peer.node_id, initiator=True)
         conn = PeerConnection(self, session, dialed=(peer.host, peer.port))
 
@@ -480,3 +663,24 @@ class PeerHost:
 
 def _pool_rank(conn: PeerConnection) -> tuple[bool, int]:
     return (conn.via == "relayed", conn.inflight)
+
+
+async def read_hello(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Hello:
+    """One hello frame from a non-blocking socket, not a byte more (what follows
+    is the Noise handshake, read by the connection that adopts the socket)."""
+    prefix = await _recv_exactly(loop, sock, 2)
+    try:
+        length = hello_length(prefix)
+    except ProtocolError as exc:
+        raise ProtocolError(f"the relay answered no hello: {exc}") from None
+    return decode_hello(await _recv_exactly(loop, sock, length))
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:  # bounded: every turn reads at least one byte or ends
+        chunk = await loop.sock_recv(sock, n - len(out))
+        if not chunk:
+            raise ConnectionClosed("the relay closed the connection")
+        out += chunk
+    return bytes(out)

@@ -651,7 +651,7 @@ class Services:
         error that ends the call."""
         if record.node_id == self._host.node_id:
             return await self._call_local(name, data, left)
-        address = PeerAddress(record.node_id, record.host, record.port)
+        address = PeerAddress(record.node_id, record.host, record.port, record.relays)
         started = self._clock.now()
         info = self._described.get((record.node_id, name))
         if info is None:
@@ -842,7 +842,7 @@ class Services:
             left = deadline_at - self._clock.now()
             if left <= 0:
                 break
-            address = PeerAddress(record.node_id, record.host, record.port)
+            address = PeerAddress(record.node_id, record.host, record.port, record.relays)
             try:
                 info = await self._describe(address, name, left)
                 if info.kind != Kind.STREAM:

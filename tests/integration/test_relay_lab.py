@@ -1,0 +1,89 @@
+"""Relays in the network-namespace lab (tests/lab.py), with real p2pnode processes:
+C sits behind a symmetric NAT that drops unsolicited inbound (no mapping, no
+punching: only a relay reaches it). Public A and B offer relays; C reserves on
+them and announces relay addresses in its provider records. Public B and D
+(behind another NAT) find C through the DHT only and download through a relay.
+
+Only A offers a relay: a relay holds a peer connection to C (the reservation's),
+which it would simply reuse (as B would any connection C opened to it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from tests.cli_helpers import CLI, poll
+from tests.conftest import needs_lab
+from tests.integration.test_nat_lab import cli_in, start_node
+from tests.lab import Lab, Node
+
+pytestmark = needs_lab
+
+
+def status(lab: Lab, node: Node, home: Path) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(cli_in(lab, node, home, "status", "--json"))
+    return out
+
+
+def test_nodes_behind_nat_get_from_a_node_behind_symmetric_nat_through_a_relay(
+    lab: Lab, tmp_path: Path
+) -> None:
+    net = lab.public_bridge("203.0.113.0/24")
+    a = lab.host("a", on=net)
+    b = lab.host("b", on=net)
+    r1 = lab.router("r1", wan=net, lan="100.64.1.0/24", nat="symmetric")
+    r2 = lab.router("r2", wan=net, lan="100.64.2.0/24", nat="eim")
+    c = lab.host("c", behind=r1)
+    d = lab.host("d", behind=r2)
+    homes = {n: tmp_path / n for n in "abcd"}
+    banner = start_node(lab, a, homes["a"], "--relay-service", "always")
+    port = re.search(r"--bootstrap \S+:(\d+)", "\n".join(banner))
+    assert port, banner
+    join = ["--bootstrap", f"{a.address}:{port.group(1)}"]
+    start_node(lab, b, homes["b"], *join, "--relay-service", "never")
+    # C names its relay: asking B or D for one would leave a peer connection
+    # from C to them open, which they would reuse instead of a relay.
+    relay = f"{a.address}:{port.group(1)}"
+    start_node(lab, c, homes["c"], *join, "--relay-client", "always", "--relay", relay)
+    start_node(lab, d, homes["d"], *join)
+
+    # C holds a reservation on A before it shares.
+    poll(lambda: len(status(lab, c, homes["c"])["relay"]["reservations"]) == 1, timeout=20)
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(1_000_000))
+    rid = cli_in(lab, c, homes["c"], "share", str(data)).strip()
+
+    getters = ((b, "b"), (d, "d"))
+    for getter, name in getters:
+
+        def found(getter: Node = getter, name: str = name) -> bool:
+            out = cli_in(lab, getter, homes[name], "providers", rid, "--json")
+            return any(p["relays"] for p in json.loads(out)["providers"])
+
+        poll(found, timeout=20)
+    # Both at once: a getter that finished would serve the file itself (and
+    # B, public, would then be reached directly).
+    gets = {
+        name: lab.spawn(
+            getter,
+            [*CLI, "--home", str(homes[name]), "get", rid, "-o", str(tmp_path / f"got-{name}")],
+        )
+        for getter, name in getters
+    }
+    for getter, name in getters:
+        out, err = gets[name].communicate(timeout=40)
+        assert gets[name].returncode == 0 and "verified" in out, err
+        assert (tmp_path / f"got-{name}").read_bytes() == data.read_bytes()
+        net_stats = status(lab, getter, homes[name])["net"]
+        # The connection to C went through a relay (and is still pooled).
+        assert net_stats.get("relay_dials_ok", 0) >= 1, net_stats
+        assert net_stats["connections_relayed"] >= 1, net_stats
+
+    relayed = status(lab, a, homes["a"])["relay"]["service"]
+    assert relayed["circuits_opened"] >= 2, relayed
+    assert relayed["bytes_relayed"] >= 2 * 1_000_000, relayed
+    accepted = status(lab, c, homes["c"])["relay"]["client"]
+    assert accepted["circuits_accepted"] >= 2, accepted
