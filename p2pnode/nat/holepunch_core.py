@@ -153,14 +153,14 @@ def _reject_reason(
 ) -> str | None:
     if port == 0:
         return "bad_port"
+    if (ip, port) in own_set:
+        return "ours"
+    if ip.is_loopback:  # before is_reserved, which ::1 also is
+        return None if any(m.is_loopback for m in mine) else "loopback"
     if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
         return "bad_ip"
     if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
         return "bad_ip"
-    if (ip, port) in own_set:
-        return "ours"
-    if ip.is_loopback:
-        return None if any(m.is_loopback for m in mine) else "loopback"
     if ip.is_link_local:
         return "link_local"
     if not ip.is_global and not any(_same_site(ip, m) for m in mine):

@@ -48,8 +48,9 @@ async def peer(
     made: list[tuple[PeerHost, HolePuncher]],
     reachability: Reachability,
     config: HolePunchConfig = CONFIG,
+    limits: NetLimits = LIMITS,
 ) -> tuple[PeerHost, HolePuncher]:
-    host = PeerHost(Identity.generate(), LIMITS)
+    host = PeerHost(Identity.generate(), limits)
     port = await host.listen("127.0.0.1", 0)
     routes_of(host).route((Ping,), pong)
     puncher = HolePuncher(
