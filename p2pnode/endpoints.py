@@ -15,9 +15,11 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-SocketFactory = Callable[[int, int], socket.socket]
-"""Makes a socket of (family, type): ``socket.socket`` unless a test needs its
-sockets made elsewhere (in a lab namespace)."""
+SocketFactory = Callable[[int, int, int], socket.socket]
+"""Makes a socket of (family, type, proto): ``socket.socket`` unless a test needs
+its sockets made elsewhere (in a lab namespace). TCP sockets are made with
+``IPPROTO_TCP``, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets
+that say so, and with Nagle on each handshake step waits for a delayed ACK."""
 
 LISTEN_BACKLOG = 100
 
@@ -148,7 +150,7 @@ def bind_listeners(
             seen.add((family, sockaddr))
             if reuse_port:
                 sockaddr = _probe(family, sockaddr, make_socket)
-            sock = make_socket(family, socket.SOCK_STREAM)
+            sock = make_socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
@@ -171,7 +173,7 @@ def _probe(family: int, sockaddr: Any, make_socket: SocketFactory) -> Any:
     """Bind ``sockaddr`` without SO_REUSEPORT and let go: EADDRINUSE if the port is
     held. Port 0 becomes the free port the probe got (the listener binds that:
     port 0 with SO_REUSEPORT could land on a port another reuse-port socket holds)."""
-    probe = make_socket(family, socket.SOCK_STREAM)
+    probe = make_socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:

@@ -51,9 +51,9 @@ def socket_factory(node: Node | str) -> SocketFactory:
     """Makes sockets in ``node``'s namespace."""
     ns = node.ns if isinstance(node, Node) else node
 
-    def make(family: int, kind: int) -> socket.socket:
+    def make(family: int, kind: int, proto: int = 0) -> socket.socket:
         with in_netns(ns):
-            return socket.socket(family, kind)
+            return socket.socket(family, kind, proto)
 
     return make
 
@@ -68,7 +68,7 @@ class NetnsEndpoints:
     async def datagram_endpoint(
         self, factory: Callable[[], asyncio.DatagramProtocol], host: str, port: int
     ) -> tuple[asyncio.DatagramTransport, int]:
-        sock = self.make_socket(_family(host), socket.SOCK_DGRAM)
+        sock = self.make_socket(_family(host), socket.SOCK_DGRAM, 0)
         sock.bind((host, port))
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(factory, sock=sock)
@@ -89,7 +89,7 @@ class NetnsEndpoints:
 
 async def connect_from(make_socket: SocketFactory, remote: tuple[str, int]) -> socket.socket:
     """A TCP socket made by ``make_socket``, connected to ``remote``."""
-    sock = make_socket(_family(remote[0]), socket.SOCK_STREAM)
+    sock = make_socket(_family(remote[0]), socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setblocking(False)
     try:
         await asyncio.get_running_loop().sock_connect(sock, remote)

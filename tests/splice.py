@@ -18,13 +18,13 @@ class Splicer:
     returns two sockets, one per end, joined through it."""
 
     def __init__(self, make_socket: SocketFactory, host: str) -> None:
-        self._listener = make_socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener = make_socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._listener.bind((host, 0))
         self._listener.listen(8)
         self._listener.setblocking(False)
         self.address: tuple[str, int] = (host, int(self._listener.getsockname()[1]))
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sockets: list[socket.socket] = []
+        self._writers: list[asyncio.StreamWriter] = []
         self.bytes_spliced = 0
 
     async def circuit(
@@ -33,35 +33,36 @@ class Splicer:
         """Connect ``left`` then ``right`` to the splicer and join them."""
         loop = asyncio.get_running_loop()
         ends = []
-        inner = []
+        streams = []
         for make in (left, right):
             accepting = loop.create_task(loop.sock_accept(self._listener))
             ends.append(await connect_from(make, self.address))
             conn, _ = await asyncio.wait_for(accepting, 10)
-            conn.setblocking(False)
-            inner.append(conn)
-        self._sockets += inner
-        for src, dst in ((inner[0], inner[1]), (inner[1], inner[0])):
-            task = loop.create_task(self._pump(src, dst))
+            reader, writer = await asyncio.open_connection(sock=conn)
+            self._writers.append(writer)
+            streams.append((reader, writer))
+        (left_r, left_w), (right_r, right_w) = streams
+        for reader, writer in ((left_r, right_w), (right_r, left_w)):
+            task = loop.create_task(self._pump(reader, writer))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return ends[0], ends[1]
 
-    async def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while data := await loop.sock_recv(src, CHUNK):
+            while data := await reader.read(CHUNK):
                 self.bytes_spliced += len(data)
-                await loop.sock_sendall(dst, data)
-            dst.shutdown(socket.SHUT_WR)
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
         except OSError:
-            src.close()
-            dst.close()
+            writer.close()
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sock in self._sockets:
-            sock.close()
+        for writer in self._writers:
+            writer.close()
         self._listener.close()

@@ -105,7 +105,7 @@ class HolePuncher:
         self.counters = host.counters
         self._budget = PunchBudget(config)
         self._responders: dict[bytes, PunchResponder] = {}
-        self._upgrades: dict[bytes, asyncio.Task[PeerConnection]] = {}
+        self._upgrades: dict[bytes, asyncio.Task[PeerConnection | P2PError]] = {}
         self._tasks = TaskSet("holepunch")
         self._started = False
 
@@ -144,12 +144,15 @@ class HolePuncher:
             raise UsageError("HolePuncher is closed")
         task = self._upgrades.get(peer)
         if task is None:
-            spawned = self._tasks.spawn(self._upgrade(peer), "upgrade")
+            spawned = self._tasks.spawn(self._upgrade_outcome(peer), "upgrade")
             assert spawned is not None
             task = spawned
             self._upgrades[peer] = task
             task.add_done_callback(lambda t: self._upgrade_done(peer, t))
-        return await asyncio.shield(task)
+        outcome = await asyncio.shield(task)
+        if isinstance(outcome, P2PError):
+            raise outcome
+        return outcome
 
     def upgrade_soon(self, peer: bytes) -> None:
         """Start :meth:`upgrade` in the background (after a relayed dial)."""
@@ -161,11 +164,16 @@ class HolePuncher:
         except P2PError as exc:
             log.debug("hole punch to %s: %s", peer.hex()[:12], exc)
 
-    def _upgrade_done(self, peer: bytes, task: asyncio.Task[PeerConnection]) -> None:
+    def _upgrade_done(self, peer: bytes, task: asyncio.Task[PeerConnection | P2PError]) -> None:
         if self._upgrades.get(peer) is task:
             del self._upgrades[peer]
-        if not task.cancelled():
-            task.exception()  # retrieved here even if every caller gave up
+
+    async def _upgrade_outcome(self, peer: bytes) -> PeerConnection | P2PError:
+        # a failed upgrade is an outcome, not a crash of the owned task
+        try:
+            return await self._upgrade(peer)
+        except P2PError as exc:
+            return exc
 
     async def _upgrade(self, peer: bytes) -> PeerConnection:
         direct = self._direct(peer)

@@ -136,7 +136,7 @@ def _bound_socket(
     make_socket: SocketFactory,
 ) -> socket.socket:
     family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
-    sock = make_socket(family, socket.SOCK_STREAM)
+    sock = make_socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -128,6 +128,31 @@ async def test_punch_fails_with_a_reason_and_takes_the_first_that_connects() -> 
         await punch_any(("127.0.0.1", 0), [], settings)
 
 
+async def test_accepted_and_punched_sockets_have_nagle_off() -> None:
+    """asyncio sets TCP_NODELAY only on sockets made with IPPROTO_TCP; with Nagle
+    on, each Noise handshake step waited ~40 ms for a delayed ACK."""
+    accepted: asyncio.Future[asyncio.BaseTransport] = asyncio.get_running_loop().create_future()
+
+    class Record(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.set_result(transport)
+
+    server, port = await LOOP_ENDPOINTS.server(Record, "127.0.0.1", 0)
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as target:
+            sock = await punch_connect(("127.0.0.1", 0), target.getsockname()[:2])
+            assert sock.proto == socket.IPPROTO_TCP
+            sock.close()
+        with socket.create_connection(("127.0.0.1", port)):
+            transport = await asyncio.wait_for(accepted, 5)
+            inner = transport.get_extra_info("socket")
+            assert inner.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            transport.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 # -- the upgrade ----------------------------------------------------------------
 
 
