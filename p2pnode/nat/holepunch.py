@@ -73,9 +73,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["HolePuncher"]
 
-# How often a waiting side looks for the peer's connection / an idle relay
-# (PeerHost has no event for either; the looks are cheap and bounded in number).
-POLL_INTERVAL = 0.02
+# How often a waiting side looks for the peer's connection, and (x20) the
+# relayed connection for idleness: PeerHost has no event for either; the looks
+# are cheap and bounded in number.
+POLL_INTERVAL = 0.005
 DEFAULT_CONFIG = HolePunchConfig()
 
 _Event = tuple[Literal["reply", "failed", "opened"], int, object]
@@ -315,14 +316,14 @@ class HolePuncher:
 
     async def _retire_relayed(self, peer: bytes) -> None:
         """Close the relayed connections to ``peer`` once idle (bounded wait)."""
-        looks = math.ceil(self.config.idle_close_after / (POLL_INTERVAL * 5))
+        looks = math.ceil(self.config.idle_close_after / (POLL_INTERVAL * 20))
         for conn in list(self.host.connections_to(peer)):
             if conn.via != Via.RELAYED:
                 continue
             for _ in range(looks):
                 if not conn.busy:
                     break
-                await asyncio.sleep(POLL_INTERVAL * 5)
+                await asyncio.sleep(POLL_INTERVAL * 20)
             if not conn.busy and conn.is_open:
                 conn.close(ConnectionClosed("replaced by a punched connection"))
                 self.counters["holepunch_relayed_closed"] += 1

@@ -21,6 +21,8 @@ from p2pnode.net.host import PeerHost
 from tests.helpers import eventually
 from tests.integration.test_holepunch import LIMITS, peer, relayed
 
+pytestmark = pytest.mark.usefixtures("no_errors_logged")
+
 # the victims never answer the handshake: give up on it soon
 QUICK = NetLimits(handshake_timeout=0.5)
 CONFIG = HolePunchConfig(open_timeout=1.0, max_targets=4, per_peer_rounds=6)

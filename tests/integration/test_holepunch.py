@@ -27,6 +27,8 @@ from p2pnode.net.host import PeerAddress, PeerHost
 from p2pnode.wire.messages import Message, Ping, Pong
 from tests.helpers import eventually
 
+pytestmark = pytest.mark.usefixtures("no_errors_logged")
+
 LIMITS = NetLimits(handshake_timeout=3.0)
 CONFIG = HolePunchConfig(open_timeout=2.0, reply_timeout=2.0, retry_delay=0.05)
 

@@ -17,7 +17,7 @@ from tests.helpers import eventually
 from tests.lab import Lab
 from tests.punch_lab import Peer, PunchLab
 
-pytestmark = needs_lab
+pytestmark = [needs_lab, pytest.mark.usefixtures("no_errors_logged")]
 
 CONFIG = HolePunchConfig(open_timeout=2.0, reply_timeout=3.0, retry_delay=0.1)
 # symmetric NAT: every round fails by timeout; keep the three rounds short
