@@ -10,8 +10,18 @@ move bytes through an in-memory network, with no file descriptors.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Protocol
+import errno
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+SocketFactory = Callable[[int, int, int], socket.socket]
+"""Makes a socket of (family, type, proto): ``socket.socket`` unless a test needs
+its sockets made elsewhere (in a lab namespace). TCP sockets are made with
+``IPPROTO_TCP``, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets
+that say so, and with Nagle on each handshake step waits for a delayed ACK."""
+
+LISTEN_BACKLOG = 100
 
 
 class ListeningServer(Protocol):
@@ -56,9 +66,11 @@ class LoopEndpoints:
         self, factory: Callable[[], asyncio.BaseProtocol], host: str, port: int
     ) -> tuple[ListeningServer, int]:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(factory, host, port, reuse_address=True)
-        sockets = server.sockets
-        return server, int(sockets[0].getsockname()[1]) if sockets else port
+        infos = await loop.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        sockets = bind_listeners([(info[0], info[4]) for info in infos])
+        return await serve_sockets(factory, sockets)
 
     async def connect(
         self, factory: Callable[[], asyncio.BaseProtocol], host: str, port: int
@@ -68,3 +80,105 @@ class LoopEndpoints:
 
 
 LOOP_ENDPOINTS: Endpoints = LoopEndpoints()
+
+
+# -- TCP listeners that share their port with hole-punching sockets ------------
+
+
+class _Servers:
+    """Several asyncio servers (one per bound address) closed as one."""
+
+    def __init__(self, servers: list[asyncio.Server]) -> None:
+        self._servers = servers
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        for server in self._servers:
+            await server.wait_closed()
+
+
+async def serve_sockets(
+    factory: Callable[[], asyncio.BaseProtocol], sockets: Sequence[socket.socket]
+) -> tuple[ListeningServer, int]:
+    """Serve ``factory`` on listening ``sockets`` (from :func:`bind_listeners`);
+    the server and the bound port."""
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.Server] = []
+    try:
+        for sock in sockets:
+            servers.append(await loop.create_server(factory, sock=sock))
+    except BaseException:
+        for server in servers:
+            server.close()
+        for sock in sockets:
+            sock.close()
+        raise
+    return _Servers(servers), int(sockets[0].getsockname()[1])
+
+
+def bind_listeners(
+    addresses: Sequence[tuple[int, Any]],
+    *,
+    reuse_port: bool = True,
+    make_socket: SocketFactory = socket.socket,
+) -> list[socket.socket]:
+    """Listening TCP sockets on ``addresses`` ((family, sockaddr) pairs, one port).
+
+    With ``reuse_port`` (the default) each is bound with SO_REUSEPORT, so a hole
+    punch can connect *from* the listening port (p2pnode.nat.punch_socket):
+    NATs that keep ports then map both to the same public port, which is the
+    address peers learned. SO_REUSEPORT alone would also let a second node
+    bind the same port and silently share its connections; so a probe socket
+    first binds each address without it, and that fails with "address in use"
+    whenever anything (reuse-port or not) already holds the port. Port 0 binds
+    the first address to a free port and the rest to that same port.
+    """
+    if not addresses:
+        raise OSError(errno.EADDRNOTAVAIL, "no address to listen on")
+    bound: list[socket.socket] = []
+    port: int | None = None
+    try:
+        seen: set[tuple[int, Any]] = set()
+        for family, sockaddr in addresses:
+            if port is not None:
+                sockaddr = (sockaddr[0], port, *sockaddr[2:])
+            if (family, sockaddr) in seen:
+                continue
+            seen.add((family, sockaddr))
+            if reuse_port:
+                sockaddr = _probe(family, sockaddr, make_socket)
+            sock = make_socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # like asyncio: "::" is v6 only when v4 has its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            port = int(sock.getsockname()[1])
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
+def _probe(family: int, sockaddr: Any, make_socket: SocketFactory) -> Any:
+    """Bind ``sockaddr`` without SO_REUSEPORT and let go: EADDRINUSE if the port is
+    held. Port 0 becomes the free port the probe got (the listener binds that:
+    port 0 with SO_REUSEPORT could land on a port another reuse-port socket holds)."""
+    probe = make_socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(sockaddr)
+        return (sockaddr[0], int(probe.getsockname()[1]), *sockaddr[2:])
+    finally:
+        probe.close()

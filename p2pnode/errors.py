@@ -240,3 +240,12 @@ def service_error(
     if cls is ProvidersFailed:
         return ProvidersFailed(message, service=service)
     return cls(message, service=service, peer=peer)
+
+
+class HolePunchFailed(PeerUnreachable):
+    """A hole punch did not produce a direct connection; ``reason`` is a short
+    word for counters (``timeout``, ``refused``, ``no_address``, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"hole punch failed ({reason}): {message}")
+        self.reason = reason

@@ -1,0 +1,99 @@
+"""Hole punching through the network-namespace lab (DESIGN.md, "The
+network-namespace lab"): two peers behind routers, a relayed connection
+between them (tests/splice.py), then HolePuncher.upgrade."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from p2pnode.errors import HolePunchFailed
+from p2pnode.nat.holepunch_core import HolePunchConfig
+from p2pnode.net.host import PeerAddress
+from p2pnode.wire.messages import Ping, Pong
+from tests.conftest import needs_lab
+from tests.helpers import eventually
+from tests.lab import Lab
+from tests.punch_lab import Peer, PunchLab
+
+pytestmark = [needs_lab, pytest.mark.usefixtures("no_errors_logged")]
+
+CONFIG = HolePunchConfig(open_timeout=2.0, reply_timeout=3.0, retry_delay=0.1)
+# symmetric NAT: every round fails by timeout; keep the three rounds short
+FAILING = HolePunchConfig(open_timeout=0.8, reply_timeout=3.0, retry_delay=0.1)
+
+
+@pytest.fixture
+async def plab(lab: Lab) -> AsyncIterator[PunchLab]:
+    built = PunchLab(lab)
+    try:
+        yield built
+    finally:
+        await built.close()
+
+
+async def ping(a: Peer, b: Peer) -> None:
+    # nothing listens at the address given: the pooled connection carries it
+    reply = await a.host.request(PeerAddress(b.node_id, "192.0.2.1", 9), Ping(), timeout=5)
+    assert isinstance(reply, Pong)
+
+
+async def poll(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    await eventually(condition, timeout, interval=0.02)
+
+
+async def test_punch_through_two_port_keeping_nats_that_drop_unsolicited(
+    plab: PunchLab,
+) -> None:
+    a = await plab.peer(*plab.place("a", "eim"), CONFIG)
+    b = await plab.peer(*plab.place("b", "eim"), CONFIG)
+    await plab.relay(a, b)
+    await ping(a, b)
+
+    conn = await a.puncher.upgrade(b.node_id)
+
+    assert conn.via == "punched" and conn.remote_node_id == b.node_id
+    await poll(lambda: "punched" in b.vias(a))
+    # the relayed connection closes once idle; requests go over the punched one
+    await poll(lambda: a.vias(b) == ["punched"] and b.vias(a) == ["punched"])
+    await ping(a, b)
+    await ping(b, a)
+    stats = a.puncher.stats()
+    assert stats["holepunch_successes"] == 1 and stats["holepunch_relayed_closed"] == 1, stats
+    # the peer came from the router's address and our listening port: a real hole
+    assert conn.peername == (b.public_ip, b.port)
+
+
+async def test_symmetric_nat_fails_cleanly_and_the_relayed_connection_stays(
+    plab: PunchLab,
+) -> None:
+    a = await plab.peer(*plab.place("a", "eim"), FAILING)
+    b = await plab.peer(*plab.place("b", "symmetric"), FAILING)
+    await plab.relay(a, b)
+
+    with pytest.raises(HolePunchFailed) as failed:
+        await a.puncher.upgrade(b.node_id)
+
+    assert failed.value.reason in ("timeout", "handshake")
+    assert a.vias(b) == ["relayed"] and b.vias(a) == ["relayed"]
+    await ping(a, b)
+    await ping(b, a)
+    stats = a.puncher.stats()
+    assert stats["holepunch_rounds"] == 3 and stats["holepunch_upgrades_failed"] == 1, stats
+
+
+async def test_one_public_side_gets_a_connection_reversal(plab: PunchLab) -> None:
+    """B public reaches A (eim, drop) through the relay; A connects back."""
+    a = await plab.peer(*plab.place("a", "eim"), CONFIG)
+    b = await plab.peer(*plab.place("b", "public"), CONFIG)
+    await plab.relay(b, a)
+
+    conn = await b.puncher.upgrade(a.node_id)
+
+    # B accepted A's connection on its listener: an ordinary inbound one for B,
+    # the punched one for A (its Noise initiator)
+    assert conn.via == "direct"
+    await poll(lambda: a.vias(b) == ["punched"] and b.vias(a) == ["direct"])
+    await ping(a, b)
+    await ping(b, a)
