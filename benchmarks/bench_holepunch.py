@@ -1,6 +1,6 @@
 """Hole punching success over N tries per NAT pair, and the time to a direct
 connection (issue 12's figure). Root only: it builds a network-namespace lab
-(tests/lab.py) with a public bridge, a relay host (tests/splice.py) and one
+(p2pnode/sim/netlab.py) with a public bridge, a relay host (tests/splice.py) and one
 pair of hosts behind routers per row; every peer runs in this process with
 its sockets in its own namespace (tests/netns.py).
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p2pnode.errors import HolePunchFailed
 from p2pnode.nat.holepunch_core import HolePunchConfig
-from tests.lab import Lab, missing_tools
+from p2pnode.sim.netlab import Lab, missing_tools
 from tests.punch_lab import Behind, Peer, PunchLab
 
 PAIRS: list[tuple[Behind, Behind]] = [

@@ -1,4 +1,4 @@
-"""Sockets inside lab namespaces from this very process (tests/lab.py makes them).
+"""Sockets inside lab namespaces from this very process (p2pnode/sim/netlab.py makes them).
 
 A socket belongs to the network namespace it was created in, whatever the
 thread does later; so one asyncio loop can drive peers that each live in their
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from p2pnode.endpoints import ListeningServer, SocketFactory, bind_listeners, serve_sockets
-from tests.lab import Node
+from p2pnode.sim.netlab import Node
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -1,6 +1,6 @@
 """Two peers behind chosen NATs, a test-only relay between them, and hole
 punching over it: what tests/integration/test_holepunch_lab.py and
-benchmarks/bench_holepunch.py build (root only: tests/lab.py).
+benchmarks/bench_holepunch.py build (root only: p2pnode/sim/netlab.py).
 
 Every peer runs in this process, its sockets in its own namespace
 (tests/netns.py); the relay is tests/splice.py on a public host.
@@ -22,8 +22,8 @@ from p2pnode.net.config import NetLimits
 from p2pnode.net.connection import PeerConnection
 from p2pnode.net.dispatch import routes_of
 from p2pnode.net.host import PeerHost
+from p2pnode.sim.netlab import Lab, Node, Segment
 from p2pnode.wire.messages import Message, Ping, Pong
-from tests.lab import Lab, Node, Segment
 from tests.netns import NetnsEndpoints, socket_factory
 from tests.splice import Splicer
 

@@ -292,10 +292,6 @@ class PeerHost:
     def connected_peers(self) -> list[bytes]:
         return [nid for nid, conns in self._by_peer.items() if any(c.is_open for c in conns)]
 
-    def connections_to(self, node_id: bytes) -> list[PeerConnection]:
-        """The open connections to ``node_id``: direct, relayed or punched (``via``)."""
-        return [c for c in self._by_peer.get(node_id, ()) if c.is_open]
-
     async def close(self) -> None:
         """Stop listening, close every connection, end every task it owns."""
         self._closing = True

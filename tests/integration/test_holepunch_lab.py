@@ -11,10 +11,10 @@ import pytest
 from p2pnode.errors import HolePunchFailed
 from p2pnode.nat.holepunch_core import HolePunchConfig
 from p2pnode.net.host import PeerAddress
+from p2pnode.sim.netlab import Lab
 from p2pnode.wire.messages import Ping, Pong
 from tests.conftest import needs_lab
 from tests.helpers import eventually
-from tests.lab import Lab
 from tests.punch_lab import Peer, PunchLab
 
 pytestmark = [needs_lab, pytest.mark.usefixtures("no_errors_logged")]

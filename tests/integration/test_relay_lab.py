@@ -1,4 +1,4 @@
-"""Relays in the network-namespace lab (tests/lab.py), with real p2pnode processes:
+"""Relays in the network-namespace lab (p2pnode/sim/netlab.py), with real p2pnode processes:
 C sits behind a symmetric NAT that drops unsolicited inbound (no mapping, no
 punching: only a relay reaches it). Public A and B offer relays; C reserves on
 them and announces relay addresses in its provider records. Public B and D
@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from p2pnode.sim.netlab import Lab, Node
 from tests.cli_helpers import CLI, poll
 from tests.conftest import needs_lab
 from tests.integration.test_nat_lab import cli_in, start_node
-from tests.lab import Lab, Node
 
 pytestmark = needs_lab
 
