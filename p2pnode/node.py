@@ -46,11 +46,13 @@ from p2pnode.home import (
 )
 from p2pnode.identity import Identity, as_node_id, peer_id_to_str
 from p2pnode.nat.autonat import AutoNat
+from p2pnode.nat.holepunch import HolePuncher
 from p2pnode.nat.observed import TCP, UDP
 from p2pnode.nat.portmap import PortMapper
 from p2pnode.nat.reachability import ReachabilityChanged, ReachabilityStatus
 from p2pnode.nat.relay import Relay
-from p2pnode.nat.types import Reachability
+from p2pnode.nat.types import Reachability, Via
+from p2pnode.net.connection import PeerConnection
 from p2pnode.net.host import PeerHost
 from p2pnode.services import (
     NodeServiceLimits,
@@ -127,6 +129,7 @@ class Node:
         self._exchange: Exchange | None = None
         self._services: Services | None = None
         self._relay: Relay | None = None
+        self._holepunch: HolePuncher | None = None
         self._control: ControlServer | None = None
         self._autonat: AutoNat | None = None
         self._reachability_listeners: list[Callable[[ReachabilityChanged], None]] = []
@@ -208,6 +211,15 @@ class Node:
             self._host, self._discovery, self.config.relay, self._reachability, self.clock
         )
         self._relay.start()
+        self._holepunch = HolePuncher(
+            self._host,
+            listen_port=self._port,
+            addresses=self._punch_addresses,
+            reachability=lambda: self.autonat.core.verdict(TCP),
+            bind_host=self.config.host if self.config.host != "::" else "0.0.0.0",
+        )
+        self._holepunch.start()
+        self._host.on_established(self._on_connection)
         if not self.config.control_api:
             clear_control(self.home)  # a stale file would point the CLI at nothing
             return
@@ -286,6 +298,7 @@ class Node:
         parts = (
             self._portmap,
             self._control,
+            self._holepunch,
             self._relay,
             self._autonat,
             self._services,
@@ -497,6 +510,29 @@ class Node:
     def relay(self) -> Relay:
         return self._part(self._relay, "relay")
 
+    def _on_connection(self, conn: PeerConnection) -> None:
+        # DCUtR: the side that dialed through a relay tries for a direct
+        # connection at once; the relayed one stays if that fails.
+        node_id = conn.remote_node_id
+        punch = self._holepunch
+        if conn.via == Via.RELAYED and conn.dialed is not None and node_id and punch:
+            punch.upgrade_soon(node_id)
+
+    def _punch_addresses(self) -> list[tuple[str, int]]:
+        """Where a peer should open to us when punching: the IPs peers observed
+        for us (confirmed first, else the best guess) at our listening port (a
+        port-keeping NAT maps it to itself; a mapping's port when we have one)."""
+        autonat = self.autonat
+        now = self.clock.now()
+        ips = [a.ip for a in autonat.observed.confirmed(now)]
+        best = autonat.observed.best_ip(now)
+        if best is not None:
+            ips.append(best)
+        port = self._port
+        mapped = autonat.core.mapping
+        out = [(mapped[0], mapped[1])] if mapped else []
+        return out + [(ip, port) for ip in dict.fromkeys(ips) if (ip, port) not in out]
+
     def _reachability(self) -> str | None:
         """The reachability verdict as text ("public", "private", "unknown"), or
         None while this node has none (p2pnode/nat/reachability.py)."""
@@ -604,6 +640,7 @@ class Node:
             "services": self.services(),
             "port_mapping": self._port_mapping_status(),
             "relay": self.relay.stats(),
+            "holepunch": self._holepunch.stats() if self._holepunch is not None else {},
             "rss_bytes": proc.memory_info().rss,
             "version": __version__,
         }

@@ -158,6 +158,7 @@ class PeerHost:
         self.counters: Counter[str] = Counter()
         self._credentials = Credentials.create(identity)
         self._handler: Handler | None = None
+        self._established_listeners: list[Callable[[PeerConnection], None]] = []
         self._conns: set[PeerConnection] = set()
         self._by_peer: dict[bytes, list[PeerConnection]] = {}
         self._by_addr: dict[tuple[str, int], PeerConnection] = {}
@@ -189,6 +190,11 @@ class PeerHost:
 
     def set_handler(self, handler: Handler) -> None:
         self._handler = handler
+
+    def on_established(self, listener: Callable[[PeerConnection], None]) -> None:
+        """Call ``listener`` with each connection once its handshake is done
+        (e.g. to upgrade a relayed one). It must not block or raise."""
+        self._established_listeners.append(listener)
 
     def set_circuit_acceptor(self, acceptor: CircuitAcceptor | None) -> None:
         """Offer a circuit relay on this host's port (None: stop): accepted
@@ -356,6 +362,8 @@ class PeerHost:
         self._by_peer.setdefault(node_id, []).append(conn)
         if conn.dialed is not None:
             self._by_addr[conn.dialed] = conn
+        for listener in self._established_listeners:
+            listener(conn)
         return True
 
     def conn_lost(self, conn: PeerConnection) -> None:
