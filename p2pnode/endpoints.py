@@ -91,6 +91,11 @@ class _Servers:
     def __init__(self, servers: list[asyncio.Server]) -> None:
         self._servers = servers
 
+    @property
+    def sockets(self) -> list[object]:
+        """Every listening socket (as ``asyncio.Server.sockets``)."""
+        return [sock for server in self._servers for sock in server.sockets]
+
     def close(self) -> None:
         for server in self._servers:
             server.close()
