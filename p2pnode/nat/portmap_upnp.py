@@ -28,13 +28,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from async_upnp_client.aiohttp import AiohttpRequester
-from async_upnp_client.client import (
-    HttpResponse,
-    UpnpAction,
-    UpnpService,
-    default_on_post_call_action,
-)
+from async_upnp_client.client import UpnpAction, UpnpService, default_on_post_call_action
 from async_upnp_client.client_factory import UpnpFactory
+from async_upnp_client.const import HttpResponse
 from async_upnp_client.exceptions import UpnpActionError, UpnpError
 from async_upnp_client.search import SsdpSearchListener
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from async_upnp_client.client import HttpResponse
+from async_upnp_client.const import HttpResponse
 
 from p2pnode.nat.portmap_upnp import _LastBodies, followable
 
