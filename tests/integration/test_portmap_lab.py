@@ -193,7 +193,7 @@ def test_a_short_lease_is_renewed_and_removed_at_stop(
     # Only `method` is allowed to the node; the router offers all three.
     # miniupnpd clamps NAT-PMP/PCP lifetimes to min_lifetime (120 s by default).
     _a, _b, router, c, upnpd = upnp_lab(lab, upnp=True, natpmp=True, min_lifetime=1)
-    lease = 3
+    lease = 3  # renewed at 1.5 s and 3 s (each renewal takes milliseconds)
     proc, report = mapping_node(lab, c, tmp_path / "c", method, lease=lease, renewals=4)
     port, stats, state = report["port"], report["stats"], report["status"]
     # Two rounds of renewal for TCP and UDP, each before the lease ran out:
