@@ -71,6 +71,9 @@ class PortMapper:
         self._logged_failure = False
         self.first_mapped_after: float | None = None  # seconds from start, for reports
         self._started_at = 0.0
+        # Granted by an attempt still running (not yet in the core): removed too
+        # if close() cancels the attempt.
+        self._partial: list[Lease] = []
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -87,7 +90,8 @@ class PortMapper:
         """End the background work and remove the mappings (at most
         ``remove_timeout`` seconds)."""
         await self._tasks.close()
-        leases = self._core.stop()
+        leases = self._core.stop() + self._partial
+        self._partial = []
         gateway, self._gateway = self._gateway, None
         if gateway is not None:
             try:
@@ -138,7 +142,8 @@ class PortMapper:
             self._core.attempt_failed(loop.time())
             return
         method, gateway = found
-        leases = []
+        self._gateway, self._method = gateway, method
+        leases = self._partial
         for proto in (Proto.TCP, Proto.UDP):
             try:
                 ip, port, lifetime = await gateway.add(
@@ -159,13 +164,14 @@ class PortMapper:
                 gateway.method_name,
                 f"{lifetime} s" if lifetime else "permanent",
             )
+        self._partial = []
         if not leases:
             gateway.close()
+            self._gateway = None
             self._core.attempt_failed(loop.time())
             return
         if self.first_mapped_after is None:
             self.first_mapped_after = loop.time() - self._started_at
-        self._gateway, self._method = gateway, method
         self._core.attempt_done(loop.time(), leases)
 
     async def _discover(self) -> tuple[Method, Gateway] | None:

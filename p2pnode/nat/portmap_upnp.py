@@ -27,6 +27,7 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlparse
 
+import aiohttp
 from async_upnp_client.aiohttp import AiohttpRequester
 from async_upnp_client.client import UpnpAction, UpnpService, default_on_post_call_action
 from async_upnp_client.client_factory import UpnpFactory
@@ -151,8 +152,10 @@ class UpnpGateway:
         factory = UpnpFactory(requester, non_strict=True, on_post_call_action=bodies.keep)
         try:
             device = await asyncio.wait_for(factory.async_create_device(location), request_timeout)
-        except (UpnpError, TimeoutError) as exc:
-            raise PortMappingError(f"UPnP: bad device description at {location}: {exc}") from None
+        except (UpnpError, TimeoutError, ValueError, KeyError, aiohttp.ClientError) as exc:
+            # ValueError: defusedxml's refusals (entities, DTDs) among others.
+            what = f"{type(exc).__name__}: {exc}"
+            raise PortMappingError(f"UPnP: bad device description at {location}: {what}") from None
         by_type = {s.service_type: s for s in device.all_services}
         service = next((by_type[t] for t in SERVICES if t in by_type), None)
         if service is None or not service.has_action("AddPortMapping"):
@@ -175,7 +178,7 @@ class UpnpGateway:
             raise PortMappingError(
                 f"UPnP {action}: {exc.error_desc or exc} ({exc.error_code})", code=exc.error_code
             ) from None
-        except (UpnpError, TimeoutError, KeyError, ValueError) as exc:
+        except (UpnpError, TimeoutError, KeyError, ValueError, aiohttp.ClientError) as exc:
             raise PortMappingError(f"UPnP {action}: {type(exc).__name__}: {exc}") from None
 
     async def _external_ip(self) -> str:
