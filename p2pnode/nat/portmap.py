@@ -34,7 +34,6 @@ from p2pnode.nat.portmap_core import (
 )
 from p2pnode.nat.portmap_natpmp import NatPmpGateway, PmpChannel, default_gateway
 from p2pnode.nat.portmap_pcp import PcpGateway, UnsupportedVersion
-from p2pnode.nat.portmap_upnp import UpnpGateway
 from p2pnode.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -225,6 +224,10 @@ class PortMapper:
         return chosen
 
     async def _open_upnp(self) -> tuple[Method, Gateway]:
+        # Imported when used: async-upnp-client costs tens of ms to import, which
+        # nodes on loopback (tests, simulations) need not pay.
+        from p2pnode.nat.portmap_upnp import UpnpGateway
+
         gateway = await UpnpGateway.open(
             self.config.discovery_timeout, self.config.request_timeout, self._counters
         )
