@@ -31,6 +31,7 @@ from p2pnode.nat.portmap_core import (
     PortMapConfig,
     PortMapCore,
     Proto,
+    behind_another_nat,
 )
 from p2pnode.nat.portmap_natpmp import NatPmpGateway, PmpChannel, default_gateway
 from p2pnode.nat.portmap_pcp import PcpGateway, UnsupportedVersion
@@ -171,6 +172,12 @@ class PortMapper:
             return
         if self.first_mapped_after is None:
             self.first_mapped_after = loop.time() - self._started_at
+        if any(behind_another_nat(lease.external_ip) for lease in leases):
+            log.info(
+                "port mapping: the router's own address %s is private (a NAT behind a NAT):"
+                " the mapping does not reach the internet",
+                leases[0].external_ip,
+            )
         self._core.attempt_done(loop.time(), leases)
 
     async def _discover(self) -> tuple[Method, Gateway] | None:
@@ -298,6 +305,8 @@ class PortMapper:
             "enabled": True,
             "method": self._method.value if self._core.leases and self._method else None,
             "external": self._notified and f"{self._notified[0]}:{self._notified[1]}",
+            # The router is itself behind a NAT: the mapping reaches its WAN only.
+            "double_nat": bool(self._notified and behind_another_nat(self._notified[0])),
             "mappings": self._core.snapshot(now),
             "next_attempt_in": self._core.next_attempt_in(now),
             # Seconds from start to the first mapping (None: none yet).

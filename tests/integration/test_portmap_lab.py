@@ -108,6 +108,7 @@ def test_a_public_node_downloads_through_the_mapping(lab: Lab, tmp_path: Path, m
     pm = wait_for("C's port mapping", mapped)
     assert pm["method"] == method
     assert pm["external"] == f"{router.address}:{port_c}"
+    assert pm["double_nat"] is False
     assert {(m["protocol"], m["external"]) for m in pm["mappings"]} == {
         ("tcp", f"{router.address}:{port_c}"),
         ("udp", f"{router.address}:{port_c}"),
