@@ -97,7 +97,7 @@ class NodeConfig:
     # False: no control API (no listener, no control.json); for many nodes in one
     # process (simulations), where it would cost a file descriptor each.
     control_api: bool = True
-    # Map the port on the home router (UPnP-IGD, NAT-PMP) in the background.
+    # Map the port on the home router (UPnP-IGD, PCP, NAT-PMP) in the background.
     # Never tried when bound to loopback. CLI: --no-port-mapping.
     port_mapping: bool = True
     portmap: PortMapConfig = field(default_factory=PortMapConfig)

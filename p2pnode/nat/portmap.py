@@ -31,10 +31,10 @@ from p2pnode.nat.portmap_core import (
     PortMapConfig,
     PortMapCore,
     Proto,
+    behind_another_nat,
 )
 from p2pnode.nat.portmap_natpmp import NatPmpGateway, PmpChannel, default_gateway
 from p2pnode.nat.portmap_pcp import PcpGateway, UnsupportedVersion
-from p2pnode.nat.portmap_upnp import UpnpGateway
 from p2pnode.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,9 @@ class PortMapper:
         self._logged_failure = False
         self.first_mapped_after: float | None = None  # seconds from start, for reports
         self._started_at = 0.0
+        # Granted by an attempt still running (not yet in the core): removed too
+        # if close() cancels the attempt.
+        self._partial: list[Lease] = []
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -87,7 +90,8 @@ class PortMapper:
         """End the background work and remove the mappings (at most
         ``remove_timeout`` seconds)."""
         await self._tasks.close()
-        leases = self._core.stop()
+        leases = self._core.stop() + self._partial
+        self._partial = []
         gateway, self._gateway = self._gateway, None
         if gateway is not None:
             try:
@@ -138,7 +142,8 @@ class PortMapper:
             self._core.attempt_failed(loop.time())
             return
         method, gateway = found
-        leases = []
+        self._gateway, self._method = gateway, method
+        leases = self._partial
         for proto in (Proto.TCP, Proto.UDP):
             try:
                 ip, port, lifetime = await gateway.add(
@@ -159,13 +164,20 @@ class PortMapper:
                 gateway.method_name,
                 f"{lifetime} s" if lifetime else "permanent",
             )
+        self._partial = []
         if not leases:
             gateway.close()
+            self._gateway = None
             self._core.attempt_failed(loop.time())
             return
         if self.first_mapped_after is None:
             self.first_mapped_after = loop.time() - self._started_at
-        self._gateway, self._method = gateway, method
+        if any(behind_another_nat(lease.external_ip) for lease in leases):
+            log.info(
+                "port mapping: the router's own address %s is private (a NAT behind a NAT):"
+                " the mapping does not reach the internet",
+                leases[0].external_ip,
+            )
         self._core.attempt_done(loop.time(), leases)
 
     async def _discover(self) -> tuple[Method, Gateway] | None:
@@ -219,6 +231,10 @@ class PortMapper:
         return chosen
 
     async def _open_upnp(self) -> tuple[Method, Gateway]:
+        # Imported when used: async-upnp-client costs tens of ms to import, which
+        # nodes on loopback (tests, simulations) need not pay.
+        from p2pnode.nat.portmap_upnp import UpnpGateway
+
         gateway = await UpnpGateway.open(
             self.config.discovery_timeout, self.config.request_timeout, self._counters
         )
@@ -289,6 +305,8 @@ class PortMapper:
             "enabled": True,
             "method": self._method.value if self._core.leases and self._method else None,
             "external": self._notified and f"{self._notified[0]}:{self._notified[1]}",
+            # The router is itself behind a NAT: the mapping reaches its WAN only.
+            "double_nat": bool(self._notified and behind_another_nat(self._notified[0])),
             "mappings": self._core.snapshot(now),
             "next_attempt_in": self._core.next_attempt_in(now),
             # Seconds from start to the first mapping (None: none yet).

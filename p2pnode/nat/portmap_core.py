@@ -21,6 +21,7 @@ Rules:
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -102,6 +103,24 @@ class Lease:
     @property
     def renew_at(self) -> float:
         return math.inf if self.lifetime == 0 else self.granted_at + self.lifetime / 2
+
+
+# A router whose own external address is in these ranges sits behind another
+# NAT (a carrier's, or a second home router): its mappings do not reach the
+# internet. Documentation ranges are not here: the lab uses them as "public".
+_INNER = tuple(
+    ipaddress.IPv4Network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+)
+
+
+def behind_another_nat(external_ip: str) -> bool:
+    """The router's external address is private or carrier-grade NAT space."""
+    try:
+        ip = ipaddress.IPv4Address(external_ip)
+    except ValueError:
+        return False
+    return any(ip in net for net in _INNER)
 
 
 class ActionKind(StrEnum):

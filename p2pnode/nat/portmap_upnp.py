@@ -20,14 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import re
+import secrets
 import socket
 from collections import Counter
 from typing import Any
 from urllib.parse import urlparse
 
+import aiohttp
 from async_upnp_client.aiohttp import AiohttpRequester
-from async_upnp_client.client import UpnpService
+from async_upnp_client.client import UpnpAction, UpnpService, default_on_post_call_action
 from async_upnp_client.client_factory import UpnpFactory
+from async_upnp_client.const import HttpResponse
 from async_upnp_client.exceptions import UpnpActionError, UpnpError
 from async_upnp_client.search import SsdpSearchListener
 
@@ -43,6 +47,9 @@ SERVICES = (
 # UPnP error codes (IGD WANIPConnection spec).
 CONFLICT = 718  # ConflictInMappingEntry: the port is someone else's
 ONLY_PERMANENT = 725  # OnlyPermanentLeasesSupported
+RESERVED_PORT = re.compile(r"<(?:[\w-]+:)?NewReservedPort>\s*(\d{1,5})\s*</")
+MAX_BODY = 4096  # an AddAnyPortMapping answer is a few hundred bytes
+CONFLICT_RETRIES = 3  # random ports tried on an IGDv1 router when ours is taken
 SEARCH_INTERVAL = 1.0  # M-SEARCH again while waiting (UDP may be lost)
 DESCRIPTION = "p2pnode"
 
@@ -92,6 +99,25 @@ async def search(timeout: float, counters: Counter[str]) -> str:
     raise PortMappingError(f"UPnP: no gateway answered in {timeout} s")
 
 
+class _LastBodies:
+    """Keeps the last AddAnyPortMapping answer: miniupnpd 2.3.1 answers with
+    NewReservedPort, but its service description does not declare it, and the
+    library (non-strict) drops undeclared answers. Read from the body then."""
+
+    def __init__(self) -> None:
+        self.add_any = ""
+
+    def keep(self, action: UpnpAction, response: HttpResponse) -> HttpResponse:
+        response = default_on_post_call_action(action, response)
+        if action.name == "AddAnyPortMapping":
+            self.add_any = str(response.body or "")[:MAX_BODY]
+        return response
+
+    def reserved_port(self) -> int | None:
+        found = RESERVED_PORT.search(self.add_any)
+        return int(found.group(1)) if found else None
+
+
 def _local_ip_towards(host: str) -> str:
     """The address of ours the router sees (the interface routing to it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -113,6 +139,7 @@ class UpnpGateway:
         self.counters = counters
         self.external_ip = ""
         self._permanent_only = False
+        self._bodies = _LastBodies()
 
     @classmethod
     async def open(
@@ -121,13 +148,14 @@ class UpnpGateway:
         location = await search(discovery_timeout, counters)
         host = urlparse(location).hostname or ""
         requester = AiohttpRequester(timeout=max(1, round(request_timeout)))
+        bodies = _LastBodies()
+        factory = UpnpFactory(requester, non_strict=True, on_post_call_action=bodies.keep)
         try:
-            device = await asyncio.wait_for(
-                UpnpFactory(requester, non_strict=True).async_create_device(location),
-                request_timeout,
-            )
-        except (UpnpError, TimeoutError) as exc:
-            raise PortMappingError(f"UPnP: bad device description at {location}: {exc}") from None
+            device = await asyncio.wait_for(factory.async_create_device(location), request_timeout)
+        except (UpnpError, TimeoutError, ValueError, KeyError, aiohttp.ClientError) as exc:
+            # ValueError: defusedxml's refusals (entities, DTDs) among others.
+            what = f"{type(exc).__name__}: {exc}"
+            raise PortMappingError(f"UPnP: bad device description at {location}: {what}") from None
         by_type = {s.service_type: s for s in device.all_services}
         service = next((by_type[t] for t in SERVICES if t in by_type), None)
         if service is None or not service.has_action("AddPortMapping"):
@@ -137,6 +165,7 @@ class UpnpGateway:
         except OSError as exc:
             raise PortMappingError(f"UPnP: no route to {host}: {exc}") from None
         gateway = cls(service, local_ip, request_timeout, counters)
+        gateway._bodies = bodies
         gateway.external_ip = await gateway._external_ip()
         return gateway
 
@@ -149,7 +178,7 @@ class UpnpGateway:
             raise PortMappingError(
                 f"UPnP {action}: {exc.error_desc or exc} ({exc.error_code})", code=exc.error_code
             ) from None
-        except (UpnpError, TimeoutError, KeyError, ValueError) as exc:
+        except (UpnpError, TimeoutError, KeyError, ValueError, aiohttp.ClientError) as exc:
             raise PortMappingError(f"UPnP {action}: {type(exc).__name__}: {exc}") from None
 
     async def _external_ip(self) -> str:
@@ -164,7 +193,8 @@ class UpnpGateway:
         self, proto: Proto, internal_port: int, external_port: int, lifetime: int
     ) -> tuple[str, int, int]:
         """Map (or renew); the external address, port and lifetime granted. Tries
-        the same port; when it is taken, AddAnyPortMapping (IGDv2) picks one."""
+        the same port; when it is someone else's, AddAnyPortMapping (IGDv2) picks
+        one, or (IGDv1) a few random ports are tried."""
         lease = 0 if self._permanent_only else lifetime
         args = {
             "NewRemoteHost": "",
@@ -182,16 +212,34 @@ class UpnpGateway:
             if exc.code == ONLY_PERMANENT and lease:
                 self._permanent_only = True
                 return await self.add(proto, internal_port, external_port, lifetime)
-            if exc.code != CONFLICT or not self._service.has_action("AddAnyPortMapping"):
+            if exc.code != CONFLICT:
                 raise
             self.counters["upnp_port_taken"] += 1
-            reply = await self._call("AddAnyPortMapping", **args)
-            external_port = int(reply.get("NewReservedPort") or 0)
-            if not 0 < external_port < 65536:
-                raise PortMappingError("UPnP AddAnyPortMapping: no port reserved") from None
+            external_port = await self._add_elsewhere(args)
         with contextlib.suppress(PortMappingError):
             self.external_ip = await self._external_ip()
         return self.external_ip, external_port, lease
+
+    async def _add_elsewhere(self, args: dict[str, Any]) -> int:
+        """Map on another external port; the one the router took."""
+        if self._service.has_action("AddAnyPortMapping"):
+            reply = await self._call("AddAnyPortMapping", **args)
+            port = int(reply.get("NewReservedPort") or self._bodies.reserved_port() or 0)
+            if not 0 < port < 65536:
+                raise PortMappingError("UPnP AddAnyPortMapping: no port reserved")
+            return port
+        error = PortMappingError("UPnP: no free external port")
+        for _ in range(CONFLICT_RETRIES):
+            port = 1024 + secrets.randbelow(65536 - 1024)
+            try:
+                await self._call("AddPortMapping", **{**args, "NewExternalPort": port})
+            except PortMappingError as exc:
+                if exc.code != CONFLICT:
+                    raise
+                error = exc
+                continue
+            return port
+        raise error
 
     async def remove(self, proto: Proto, internal_port: int, external_port: int) -> None:
         await self._call(

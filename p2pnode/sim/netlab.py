@@ -174,13 +174,15 @@ class Lab:
         natpmp: bool = True,
         min_lifetime: int = 120,
         max_lifetime: int = 86400,
+        igd_v1: bool = False,
     ) -> Upnpd:
         """Run miniupnpd (UPnP-IGD and/or NAT-PMP/PCP) on ``router``, with the
         workarounds DESIGN.md lists: its nft chains made here, a STUN responder on
         the public host ``stun`` (it refuses to map a reserved WAN address
         otherwise), foreground, ready at its "Listening for NAT-PMP" line.
         ``close()`` stops it and flushes its chains. Leases are clamped to
-        ``min_lifetime``..``max_lifetime`` seconds."""
+        ``min_lifetime``..``max_lifetime`` seconds. ``igd_v1``: describe itself
+        as an IGDv1 router (no AddAnyPortMapping)."""
         return _lab_upnp(
             self,
             router,
@@ -189,6 +191,7 @@ class Lab:
             natpmp=natpmp,
             min_lifetime=min_lifetime,
             max_lifetime=max_lifetime,
+            igd_v1=igd_v1,
         )
 
     # -- running ---------------------------------------------------------
@@ -402,6 +405,7 @@ def _lab_upnp(
     natpmp: bool = True,
     min_lifetime: int = 120,
     max_lifetime: int = 86400,
+    igd_v1: bool = False,
 ) -> Upnpd:
     if router.lan is None:
         raise ValueError(f"{router.name} is not a router")
@@ -463,6 +467,7 @@ insert rule ip lab forward ct status dnat accept
                 f"max_lifetime={max_lifetime}",
                 "secure_mode=yes",
                 "system_uptime=no",
+                f"force_igd_desc_v1={'yes' if igd_v1 else 'no'}",
                 f"uuid={uuid.uuid4()}",
                 "upnp_table_name=filter",
                 "upnp_nat_table_name=nat",

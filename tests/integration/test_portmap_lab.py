@@ -108,6 +108,7 @@ def test_a_public_node_downloads_through_the_mapping(lab: Lab, tmp_path: Path, m
     pm = wait_for("C's port mapping", mapped)
     assert pm["method"] == method
     assert pm["external"] == f"{router.address}:{port_c}"
+    assert pm["double_nat"] is False
     assert {(m["protocol"], m["external"]) for m in pm["mappings"]} == {
         ("tcp", f"{router.address}:{port_c}"),
         ("udp", f"{router.address}:{port_c}"),
@@ -141,23 +142,29 @@ def test_a_public_node_downloads_through_the_mapping(lab: Lab, tmp_path: Path, m
     assert upnpd.mapped_ports() == set(), upnpd.rules()
 
 
-# Runs a Node in the namespace with a short lease; prints its mapping status once
+# Runs a Node in the namespace (on `port`, 0: any) allowed only `methods`, asking
+# for `lease` seconds; prints its mapping status once TCP and UDP are mapped and
 # `renewals` renewals succeeded, then stops it when told (a line on stdin).
-RENEWING_NODE = """
+MAPPING_NODE = """
 import asyncio, json, sys
 from pathlib import Path
 from p2pnode import Node, NodeConfig
 from p2pnode.nat.portmap_core import PortMapConfig
 
 async def main():
-    home, methods, lease, renewals = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    home, methods, lease, renewals, port = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
     portmap = PortMapConfig(methods=tuple(methods.split(",")), lease=lease)
-    config = NodeConfig(home=Path(home), control_api=False, portmap=portmap)
+    config = NodeConfig(home=Path(home), port=port, control_api=False, portmap=portmap)
     async with Node(config) as node:
         mapper = node.port_mapper
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20
-        while mapper.stats().get("renewals_ok", 0) < renewals and loop.time() < deadline:
+
+        def done():
+            stats, mapped = mapper.stats(), mapper.status()["mappings"]
+            return len(mapped) == 2 and stats.get("renewals_ok", 0) >= renewals
+
+        while not done() and loop.time() < deadline:
             await asyncio.sleep(0.05)
         out = {"port": node.port, "status": mapper.status(), "stats": mapper.stats()}
         print(json.dumps(out), flush=True)
@@ -168,6 +175,18 @@ asyncio.run(main())
 """
 
 
+def mapping_node(
+    lab: Lab, host: Node, home: Path, method: str, *, lease: int, renewals: int = 0, port: int = 0
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """MAPPING_NODE in ``host``: the process and its report, once mapped."""
+    argv = [sys.executable, "-c", MAPPING_NODE, str(home), method]
+    proc = lab.spawn(host, [*argv, str(lease), str(renewals), str(port)], stdin=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # bounded: the script's own 20 s deadline
+    assert line, proc.stderr.read() if proc.stderr else ""
+    return proc, json.loads(line)
+
+
 @pytest.mark.parametrize("method", ["upnp", "pcp", "natpmp"])
 def test_a_short_lease_is_renewed_and_removed_at_stop(
     lab: Lab, tmp_path: Path, method: str
@@ -175,13 +194,8 @@ def test_a_short_lease_is_renewed_and_removed_at_stop(
     # Only `method` is allowed to the node; the router offers all three.
     # miniupnpd clamps NAT-PMP/PCP lifetimes to min_lifetime (120 s by default).
     _a, _b, router, c, upnpd = upnp_lab(lab, upnp=True, natpmp=True, min_lifetime=1)
-    lease = 3
-    argv = [sys.executable, "-c", RENEWING_NODE, str(tmp_path / "c"), method, str(lease), "4"]
-    proc = lab.spawn(c, argv, stdin=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdin is not None
-    line = proc.stdout.readline()  # bounded: the script's own 20 s deadline
-    assert line, proc.stderr.read() if proc.stderr else ""
-    report = json.loads(line)
+    lease = 3  # renewed at 1.5 s and 3 s (each renewal takes milliseconds)
+    proc, report = mapping_node(lab, c, tmp_path / "c", method, lease=lease, renewals=4)
     port, stats, state = report["port"], report["stats"], report["status"]
     # Two rounds of renewal for TCP and UDP, each before the lease ran out:
     # the mappings lived past two lifetimes.
@@ -218,3 +232,37 @@ def test_no_port_mapping_makes_no_attempt(lab: Lab, tmp_path: Path) -> None:
     for request in requests:
         assert request not in log, log
     assert upnpd.mapped_ports() == set()
+
+
+@pytest.mark.parametrize("method", ["upnp", "upnp-igdv1", "pcp", "natpmp"])
+def test_a_port_taken_by_another_host_maps_to_another_external_port(
+    lab: Lab, tmp_path: Path, method: str
+) -> None:
+    """Two hosts behind one router listen on the same port: the second gets
+    another external port (AddAnyPortMapping on IGDv2, random ports on IGDv1,
+    the router's choice with PCP and NAT-PMP) and says so."""
+    net = lab.public_bridge("203.0.113.0/24")
+    a = lab.host("a", on=net)
+    router = lab.router("r", wan=net, lan="100.64.1.0/24", nat="eim")
+    first, second = lab.host("c1", behind=router), lab.host("c2", behind=router)
+    upnpd = lab.upnp(router, stun=a, igd_v1=method == "upnp-igdv1")
+    allowed = method.split("-")[0]
+    port = 40123  # inside lab namespaces only
+    procs = []
+    for host in (first, second):
+        proc, report = mapping_node(lab, host, tmp_path / host.name, allowed, lease=60, port=port)
+        procs.append(proc)
+        assert report["status"]["method"] == allowed, report
+    external = {m["protocol"]: m["external"] for m in report["status"]["mappings"]}
+    ports = {proto: int(address.rpartition(":")[2]) for proto, address in external.items()}
+    assert ports["tcp"] != port and ports["udp"] != port, report
+    assert upnpd.mapped_ports() == {
+        ("tcp", port),
+        ("udp", port),
+        ("tcp", ports["tcp"]),
+        ("udp", ports["udp"]),
+    }
+    for proc in procs:
+        _, err = proc.communicate("stop\n", timeout=30)
+        assert proc.returncode == 0, err
+    assert upnpd.mapped_ports() == set(), upnpd.rules()

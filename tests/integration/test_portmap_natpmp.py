@@ -29,7 +29,10 @@ class FakeGateway(asyncio.DatagramProtocol):
     suggested one), remembers what it was asked. ``drop`` requests are ignored
     first; ``junk`` is sent before each real answer; ``refuse`` is a result code."""
 
-    def __init__(self, *, drop: int = 0, junk: bytes = b"", refuse: int = 0) -> None:
+    def __init__(
+        self, *, drop: int = 0, junk: bytes = b"", refuse: int = 0, silent_udp: bool = False
+    ) -> None:
+        self.silent_udp = silent_udp  # never answers UDP mapping requests
         self.drop = drop
         self.junk = junk
         self.refuse = refuse
@@ -54,6 +57,8 @@ class FakeGateway(asyncio.DatagramProtocol):
             self.transport.sendto(struct.pack("!BBHI4s", 0, 128, 0, 1, EXTERNAL), addr)
             return
         _, op, _, internal, suggested, lifetime = struct.unpack("!BBHHHI", data)
+        if op == 1 and self.silent_udp:
+            return
         external = suggested or internal + 10000
         reply = struct.pack(
             "!BBHIHHI", 0, 128 + op, self.refuse, 1, internal, external if lifetime else 0, lifetime
@@ -165,6 +170,23 @@ async def test_the_mapper_maps_renews_tells_and_removes(monkeypatch: pytest.Monk
     assert mapper.stats()["removals"] == 2
     assert mapper.stats()["pcp_unsupported"] == 1
     assert {(op, lifetime) for op, _, _, lifetime in fake.maps()[-2:]} == {(1, 0), (2, 0)}
+
+
+async def test_close_during_an_attempt_removes_what_was_granted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake, port, transport = await fake_gateway(silent_udp=True)
+    point_at_fake(monkeypatch, port)
+    mapper = PortMapper(PortMapConfig(methods=(Method.NATPMP,)), 4001)
+    mapper.start()
+    try:
+        # TCP granted; the UDP request goes unanswered (the attempt is still on).
+        await eventually(lambda: any(op == 1 for op, *_ in fake.maps()), timeout=10)
+    finally:
+        await mapper.close()
+        transport.close()
+    assert (2, 4001, 0, 0) in fake.maps()  # the TCP mapping, removed
+    assert mapper.stats()["removals"] == 1
 
 
 async def test_no_router_is_logged_once_and_retried(

@@ -16,6 +16,7 @@ from p2pnode.nat.portmap_core import (
     PortMapConfig,
     PortMapCore,
     Proto,
+    behind_another_nat,
 )
 
 PORT = 4001
@@ -179,3 +180,19 @@ def test_config_checks_its_fields() -> None:
         PortMapConfig(lease=0)
     with pytest.raises(UsageError, match="retry_initial"):
         PortMapConfig(retry_initial=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("ip", "inner"),
+    [
+        ("100.64.0.1", True),  # carrier-grade NAT
+        ("192.168.1.1", True),
+        ("10.1.2.3", True),
+        ("172.31.0.1", True),
+        ("203.0.113.2", False),  # the lab's "public" range
+        ("8.8.8.8", False),
+        ("not an address", False),
+    ],
+)
+def test_a_router_behind_another_nat_is_recognised(ip: str, inner: bool) -> None:
+    assert behind_another_nat(ip) is inner

@@ -1,10 +1,14 @@
-"""Which SSDP answers the UPnP client follows (p2pnode/nat/portmap_upnp.py)."""
+"""The UPnP client's own parts (p2pnode/nat/portmap_upnp.py): which SSDP answers
+it follows, and where it reads a reserved port."""
 
 from __future__ import annotations
 
-import pytest
+from types import SimpleNamespace
 
-from p2pnode.nat.portmap_upnp import followable
+import pytest
+from async_upnp_client.const import HttpResponse
+
+from p2pnode.nat.portmap_upnp import _LastBodies, followable
 
 
 @pytest.mark.parametrize(
@@ -24,3 +28,22 @@ from p2pnode.nat.portmap_upnp import followable
 )
 def test_only_the_answering_host_is_fetched(location: str, sender: str, ok: bool) -> None:
     assert followable(location, sender) is ok
+
+
+def test_the_reserved_port_is_read_from_the_answer_body() -> None:
+    """miniupnpd 2.3.1 answers NewReservedPort without declaring it; the library
+    drops it, so it is read from the body (tests/integration/test_portmap_lab.py
+    shows it against the real daemon)."""
+    bodies = _LastBodies()
+    action = SimpleNamespace(name="AddAnyPortMapping")
+    body = (
+        '<?xml version="1.0"?>\r\n<s:Envelope><s:Body><u:AddAnyPortMappingResponse '
+        'xmlns:u="urn:schemas-upnp-org:service:WANIPConnection:2"><NewReservedPort>40124'
+        "</NewReservedPort></u:AddAnyPortMappingResponse></s:Body></s:Envelope>\r\n"
+    )
+    bodies.keep(action, HttpResponse(200, {}, body))  # type: ignore[arg-type]
+    assert bodies.reserved_port() == 40124
+    other = SimpleNamespace(name="GetExternalIPAddress")
+    bodies.keep(other, HttpResponse(200, {}, "<NewReservedPort>1</NewReservedPort>"))  # type: ignore[arg-type]
+    assert bodies.reserved_port() == 40124  # only AddAnyPortMapping answers count
+    assert _LastBodies().reserved_port() is None
