@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from p2pnode.sim.netlab import Lab
 from tests.conftest import needs_lab
-from tests.lab import Lab
 
 pytestmark = needs_lab
 
