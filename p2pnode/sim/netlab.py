@@ -99,6 +99,7 @@ class Lab:
         self._ids = itertools.count()
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen[str]] = []
+        self.stun_hosts: set[str] = set()  # namespaces running the lab's STUN responder
         self.upnpds: list[Upnpd] = []
 
     # -- building --------------------------------------------------------
@@ -411,11 +412,13 @@ def _lab_upnp(
         raise ValueError(f"{router.name} is not a router")
     if missing_upnp():
         raise RuntimeError(missing_upnp()[0])
-    stun_proc = lab.spawn(stun, [sys.executable, "-c", STUN_RESPONDER, str(STUN_PORT)])
-    assert stun_proc.stdout is not None
-    line = stun_proc.stdout.readline()  # bounded: the script prints "ready" or dies
-    if line.strip() != "ready":
-        raise RuntimeError(f"STUN responder did not start: {line!r}")
+    if stun.ns not in lab.stun_hosts:  # one responder per host serves every router
+        stun_proc = lab.spawn(stun, [sys.executable, "-c", STUN_RESPONDER, str(STUN_PORT)])
+        assert stun_proc.stdout is not None
+        line = stun_proc.stdout.readline()  # bounded: the script prints "ready" or dies
+        if line.strip() != "ready":
+            raise RuntimeError(f"STUN responder did not start: {line!r}")
+        lab.stun_hosts.add(stun.ns)
     # The chains miniupnpd fills; and mapped (DNATed) inbound passes the router's
     # drop of unsolicited inbound, as a home router lets its forwards through.
     lab.nft(
