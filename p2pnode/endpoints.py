@@ -140,6 +140,11 @@ def bind_listeners(
         raise OSError(errno.EADDRNOTAVAIL, "no address to listen on")
     bound: list[socket.socket] = []
     port: int | None = None
+    # "::" alone listens dual-stack (IPv4 arrives v4-mapped, ::ffff:a.b.c.d);
+    # beside an IPv4 socket it is IPv6 only, as asyncio does it
+    dual = (
+        len(addresses) == 1 and addresses[0][0] == socket.AF_INET6 and _unspecified(addresses[0][1])
+    )
     try:
         seen: set[tuple[int, Any]] = set()
         for family, sockaddr in addresses:
@@ -149,15 +154,14 @@ def bind_listeners(
                 continue
             seen.add((family, sockaddr))
             if reuse_port:
-                sockaddr = _probe(family, sockaddr, make_socket)
+                sockaddr = _probe(family, sockaddr, make_socket, dual)
             sock = make_socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
-                # like asyncio: "::" is v6 only when v4 has its own socket
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(not dual))
             sock.bind(sockaddr)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
@@ -169,7 +173,11 @@ def bind_listeners(
     return bound
 
 
-def _probe(family: int, sockaddr: Any, make_socket: SocketFactory) -> Any:
+def _unspecified(sockaddr: Any) -> bool:
+    return str(sockaddr[0]).split("%", 1)[0] in ("::", "0:0:0:0:0:0:0:0")
+
+
+def _probe(family: int, sockaddr: Any, make_socket: SocketFactory, dual: bool) -> Any:
     """Bind ``sockaddr`` without SO_REUSEPORT and let go: EADDRINUSE if the port is
     held. Port 0 becomes the free port the probe got (the listener binds that:
     port 0 with SO_REUSEPORT could land on a port another reuse-port socket holds)."""
@@ -177,7 +185,8 @@ def _probe(family: int, sockaddr: Any, make_socket: SocketFactory) -> Any:
     try:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # dual-stack, the probe also finds an IPv4 holder of the port
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(not dual))
         probe.bind(sockaddr)
         return (sockaddr[0], int(probe.getsockname()[1]), *sockaddr[2:])
     finally:
