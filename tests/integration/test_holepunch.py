@@ -167,8 +167,9 @@ async def test_upgrade_with_a_public_peer_is_a_connection_reversal(
     b, _ = await peer(made, Reachability.PUBLIC)
     await relayed(a, b)
 
-    conn = await puncher_a.upgrade(b.node_id)
+    conn, again = await asyncio.gather(puncher_a.upgrade(b.node_id), puncher_a.upgrade(b.node_id))
 
+    assert conn is again  # concurrent calls share one upgrade
     assert conn.via == "punched" and conn.remote_node_id == b.node_id
     await eventually(lambda: vias(a, b) == ["punched"] and vias(b, a) == ["direct"], 10)
     reply = await a.request(PeerAddress(b.node_id, "192.0.2.1", 9), Ping())
