@@ -12,7 +12,8 @@ reused), a relayed connection that the left one dials, then
 
 Rows: both behind port-keeping NATs that drop unsolicited inbound ("eim"),
 both behind port-keeping NATs that answer it with RST ("eim_nodrop"),
-symmetric (masquerade random) / eim, public / eim.
+symmetric (masquerade random) / eim, public / eim, and over IPv6 both behind
+routers with a stateful firewall and no NAT ("firewall6").
 """
 
 from __future__ import annotations
@@ -24,25 +25,27 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p2pnode.errors import HolePunchFailed
 from p2pnode.nat.holepunch_core import HolePunchConfig
-from p2pnode.sim.netlab import Lab, missing_tools
+from p2pnode.sim.netlab import Lab, Node, missing_tools
 from tests.punch_lab import Behind, Peer, PunchLab
 
-PAIRS: list[tuple[Behind, Behind]] = [
+PAIRS: list[tuple[str, str]] = [
     ("eim", "eim"),
     ("eim_nodrop", "eim_nodrop"),
     ("symmetric", "eim"),
     ("public", "eim"),
+    ("firewall6", "firewall6"),  # IPv6: no NAT, a stateful firewall dropping unsolicited inbound
 ]
 
 
 @dataclass
 class Row:
-    pair: tuple[Behind, Behind]
+    pair: tuple[str, str]
     ok: int = 0
     first_round: int = 0
     times: list[float] = field(default_factory=list)
@@ -51,13 +54,19 @@ class Row:
     vias: dict[str, int] = field(default_factory=dict)
 
 
-async def one_pair(pair: tuple[Behind, Behind], tries: int, config: HolePunchConfig) -> Row:
+def place(plab: PunchLab, name: str, kind: str) -> tuple[Node, str, bool]:
+    if kind == "firewall6":
+        return plab.place_v6(name, "firewall")
+    return plab.place(name, cast(Behind, kind))
+
+
+async def one_pair(pair: tuple[str, str], tries: int, config: HolePunchConfig) -> Row:
     row = Row(pair)
     with Lab() as lab:
         plab = PunchLab(lab)
         try:
-            left = plab.place("a", pair[0])
-            right = plab.place("b", pair[1])
+            left = place(plab, "a", pair[0])
+            right = place(plab, "b", pair[1])
             for _ in range(tries):
                 a = await plab.peer(*left, config)
                 b = await plab.peer(*right, config)

@@ -132,19 +132,26 @@ def bind_listeners(
 ) -> list[socket.socket]:
     """Listening TCP sockets on ``addresses`` ((family, sockaddr) pairs, one port).
 
-    With ``reuse_port`` (the default) each is bound with SO_REUSEPORT, so a hole
-    punch can connect *from* the listening port (p2pnode.nat.punch_socket):
-    NATs that keep ports then map both to the same public port, which is the
-    address peers learned. SO_REUSEPORT alone would also let a second node
-    bind the same port and silently share its connections; so a probe socket
-    first binds each address without it, and that fails with "address in use"
-    whenever anything (reuse-port or not) already holds the port. Port 0 binds
-    the first address to a free port and the rest to that same port.
+    With ``reuse_port`` (the default) each gets SO_REUSEPORT, so a hole punch can
+    connect *from* the listening port (p2pnode.nat.punch_socket): NATs that keep
+    ports then map both to the same public port, which is the address peers
+    learned. SO_REUSEPORT set before bind would also let a second node bind the
+    same port and silently share its connections; so each socket binds *without*
+    it (failing with "address in use" whenever anything holds the port, and
+    picking a truly free port for port 0, atomically) and sets it just after,
+    before listening: Linux checks the flag of the sockets already bound when a
+    later one binds, so punch sockets may share the port, a second listener may
+    not. Port 0 binds the first address to a free port and the rest to that one.
     """
     if not addresses:
         raise OSError(errno.EADDRNOTAVAIL, "no address to listen on")
     bound: list[socket.socket] = []
     port: int | None = None
+    # "::" alone listens dual-stack (IPv4 arrives v4-mapped, ::ffff:a.b.c.d);
+    # beside an IPv4 socket it is IPv6 only, as asyncio does it
+    dual = (
+        len(addresses) == 1 and addresses[0][0] == socket.AF_INET6 and _unspecified(addresses[0][1])
+    )
     try:
         seen: set[tuple[int, Any]] = set()
         for family, sockaddr in addresses:
@@ -153,17 +160,14 @@ def bind_listeners(
             if (family, sockaddr) in seen:
                 continue
             seen.add((family, sockaddr))
-            if reuse_port:
-                sockaddr = _probe(family, sockaddr, make_socket)
             sock = make_socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
-                # like asyncio: "::" is v6 only when v4 has its own socket
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(not dual))
             sock.bind(sockaddr)
+            if reuse_port:  # after bind: see above
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
             port = int(sock.getsockname()[1])
@@ -174,16 +178,5 @@ def bind_listeners(
     return bound
 
 
-def _probe(family: int, sockaddr: Any, make_socket: SocketFactory) -> Any:
-    """Bind ``sockaddr`` without SO_REUSEPORT and let go: EADDRINUSE if the port is
-    held. Port 0 becomes the free port the probe got (the listener binds that:
-    port 0 with SO_REUSEPORT could land on a port another reuse-port socket holds)."""
-    probe = make_socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        probe.bind(sockaddr)
-        return (sockaddr[0], int(probe.getsockname()[1]), *sockaddr[2:])
-    finally:
-        probe.close()
+def _unspecified(sockaddr: Any) -> bool:
+    return str(sockaddr[0]).split("%", 1)[0] in ("::", "0:0:0:0:0:0:0:0")

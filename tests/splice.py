@@ -18,11 +18,13 @@ class Splicer:
     returns two sockets, one per end, joined through it."""
 
     def __init__(self, make_socket: SocketFactory, host: str) -> None:
-        self._listener = make_socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = make_socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._listener.bind((host, 0))
         self._listener.listen(8)
         self._listener.setblocking(False)
         self.address: tuple[str, int] = (host, int(self._listener.getsockname()[1]))
+        self.host = host
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
         self.bytes_spliced = 0

@@ -276,11 +276,14 @@ class HolePuncher:
                 events.put_nowait(("failed", msg.attempt, "bad_reply"))
 
     async def _open_reporting(self, peer: bytes, plan: Open, events: asyncio.Queue[_Event]) -> None:
+        outcome: PeerConnection | str = "internal"  # if _open dies of a bug (logged)
         try:
-            conn: PeerConnection | str = await self._open(peer, plan)
+            outcome = await self._open(peer, plan)
         except HolePunchFailed as exc:
-            conn = exc.reason
-        events.put_nowait(("opened", plan.attempt, conn))
+            outcome = exc.reason
+        finally:
+            # always reported: the round waits for it (the core has no timer then)
+            events.put_nowait(("opened", plan.attempt, outcome))
 
     # -- opening (both sides) ------------------------------------------------------
 

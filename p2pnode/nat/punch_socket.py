@@ -142,13 +142,20 @@ def _bound_socket(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, max(1, settings.syn_retries))
-        host = local[0]
-        if family == socket.AF_INET6 and ":" not in host:
-            host = "::" if host in ("", "0.0.0.0") else f"::ffff:{host}"
-        sock.bind((host, local[1]))
+        sock.bind((_local_host(local[0], family), local[1]))
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise HolePunchFailed("address_in_use", str(exc)) from None
         raise HolePunchFailed("unreachable", exc.strerror or str(exc)) from None
     return sock
+
+
+def _local_host(host: str, family: int) -> str:
+    """The address to bind for a target of ``family``: ``host`` if it is of that
+    family, else the wildcard (a dual-stack "::" listener shares its port with an
+    IPv4 punch socket on 0.0.0.0, both SO_REUSEPORT)."""
+    is_v6 = ":" in host
+    if family == socket.AF_INET6:
+        return host if is_v6 else "::"
+    return host if host and not is_v6 else "0.0.0.0"

@@ -167,8 +167,9 @@ async def test_upgrade_with_a_public_peer_is_a_connection_reversal(
     b, _ = await peer(made, Reachability.PUBLIC)
     await relayed(a, b)
 
-    conn = await puncher_a.upgrade(b.node_id)
+    conn, again = await asyncio.gather(puncher_a.upgrade(b.node_id), puncher_a.upgrade(b.node_id))
 
+    assert conn is again  # concurrent calls share one upgrade
     assert conn.via == "punched" and conn.remote_node_id == b.node_id
     await eventually(lambda: vias(a, b) == ["punched"] and vias(b, a) == ["direct"], 10)
     reply = await a.request(PeerAddress(b.node_id, "192.0.2.1", 9), Ping())
@@ -206,3 +207,42 @@ async def test_requests_over_a_direct_connection_or_out_of_order_are_refused(
     stats = puncher_b.stats()
     assert stats["holepunch_refused_not_relayed"] == 1, stats
     assert stats["holepunch_refused_unexpected_sync"] == 1, stats
+
+
+# -- dual-stack listening ---------------------------------------------------------
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_listening_on_the_ipv6_wildcard_takes_ipv4_and_ipv6_peers() -> None:
+    server = PeerHost(Identity.generate(), LIMITS)
+    clients = [PeerHost(Identity.generate(), LIMITS) for _ in range(2)]
+    try:
+        routes_of(server).route((Ping,), pong)
+        port = await server.listen("::", 0)
+        for client, host in zip(clients, ("127.0.0.1", "::1"), strict=True):
+            reply = await client.request(PeerAddress(server.node_id, host, port), Ping())
+            assert isinstance(reply, Pong)
+        seen = sorted(server.connections_to(c.node_id)[0].peername[0] for c in clients)
+        assert seen == ["::1", "::ffff:127.0.0.1"], seen
+        # one socket holds both families: a second node is refused on either
+        for host in ("0.0.0.0", "::"):
+            with pytest.raises(OSError) as info:
+                await LOOP_ENDPOINTS.server(asyncio.Protocol, host, port)
+            assert info.value.errno == errno.EADDRINUSE
+        # and a punch to an IPv4 peer still leaves from the listening port
+        with socket.create_server(("127.0.0.1", 0)) as target:
+            sock = await punch_connect(("::", port), target.getsockname()[:2])
+            with sock:
+                assert sock.family == socket.AF_INET and sock.getsockname()[1] == port
+    finally:
+        for host in (server, *clients):
+            await host.close()

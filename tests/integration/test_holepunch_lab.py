@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from p2pnode.errors import HolePunchFailed
+from p2pnode.errors import HolePunchFailed, P2PTimeoutError
 from p2pnode.nat.holepunch_core import HolePunchConfig
 from p2pnode.net.host import PeerAddress
 from p2pnode.sim.netlab import Lab
@@ -95,5 +95,35 @@ async def test_one_public_side_gets_a_connection_reversal(plab: PunchLab) -> Non
     # the punched one for A (its Noise initiator)
     assert conn.via == "direct"
     await poll(lambda: a.vias(b) == ["punched"] and b.vias(a) == ["direct"])
+    await ping(a, b)
+    await ping(b, a)
+
+
+# -- IPv6: no NAT, a stateful firewall ---------------------------------------------
+
+
+async def test_ipv6_firewall_drops_unsolicited_inbound_but_not_replies(plab: PunchLab) -> None:
+    a = await plab.peer(*plab.place_v6("a", "firewall"), CONFIG)
+    outside = await plab.peer(*plab.place_v6("p", "public"), CONFIG)
+    # a, behind the firewall, reaches the public host...
+    reply = await a.host.request(
+        PeerAddress(outside.node_id, outside.public_ip, outside.port), Ping(), timeout=5
+    )
+    assert isinstance(reply, Pong)
+    # ...but a fresh connection to a's own (global, unNATed) address dies silently
+    other = await plab.peer(*plab.place_v6("q", "public"), CONFIG)
+    with pytest.raises(P2PTimeoutError):
+        await other.host.request(PeerAddress(a.node_id, a.public_ip, a.port), Ping(), timeout=1)
+
+
+async def test_punch_through_two_ipv6_firewalls(plab: PunchLab) -> None:
+    a = await plab.peer(*plab.place_v6("a", "firewall"), CONFIG)
+    b = await plab.peer(*plab.place_v6("b", "firewall"), CONFIG)
+    await plab.relay(a, b)
+
+    conn = await a.puncher.upgrade(b.node_id)
+
+    assert conn.via == "punched" and conn.peername == (b.public_ip, b.port)
+    await poll(lambda: a.vias(b) == ["punched"] and b.vias(a) == ["punched"])
     await ping(a, b)
     await ping(b, a)
