@@ -309,10 +309,14 @@ class HolePuncher:
             raise HolePunchFailed("handshake", str(exc)) from None
 
     async def _await_direct(self, peer: bytes) -> PeerConnection:
-        """Wait for a connection the peer opens to our listener (bounded)."""
+        """Wait for a connection the peer opens to our listener (bounded). One
+        that arrives now was made by the coordination (a reversal, or the
+        peer's SYN winning the simultaneous open): it is marked punched."""
         for _ in range(math.ceil(self.config.open_timeout / POLL_INTERVAL)):
             conn = self._direct(peer)
             if conn is not None:
+                if conn.dialed is None and conn.via == Via.DIRECT:
+                    conn.via = Via.PUNCHED
                 return conn
             await asyncio.sleep(POLL_INTERVAL)
         raise HolePunchFailed("timeout", "the peer's connection did not arrive")

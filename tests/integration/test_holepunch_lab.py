@@ -91,10 +91,10 @@ async def test_one_public_side_gets_a_connection_reversal(plab: PunchLab) -> Non
 
     conn = await b.puncher.upgrade(a.node_id)
 
-    # B accepted A's connection on its listener: an ordinary inbound one for B,
-    # the punched one for A (its Noise initiator)
-    assert conn.via == "direct"
-    await poll(lambda: a.vias(b) == ["punched"] and b.vias(a) == ["direct"])
+    # B accepted A's connection on its listener while it waited for it: made
+    # by the coordination, so punched on both ends (A is its Noise initiator)
+    assert conn.via == "punched" and conn.dialed is None
+    await poll(lambda: a.vias(b) == ["punched"] and b.vias(a) == ["punched"])
     await ping(a, b)
     await ping(b, a)
 
