@@ -167,7 +167,7 @@ _SERVER_REQUESTS = (
 _NO_ANSWER = object()  # a request that gets no reply
 
 # Who started a call: the API (its outcome is an event) or the core itself.
-_API, _VERIFY, _HEAD, _WELCOME, _PROVE = range(5)
+_API, _VERIFY, _HEAD, _WELCOME, _PROVE, _HINT = range(6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,9 +338,10 @@ class DhtCore:
         self._proven: OrderedDict[bytes, Address] = OrderedDict()
         self._unprovable: OrderedDict[bytes, float] = OrderedDict()
         self._proving: set[bytes] = set()
-        # Ids that proved they are DHT clients -> when; proven ids -> when proven.
+        # Ids that proved they are DHT clients -> when; ids re-proven on a hint -> when.
         self._clients: OrderedDict[bytes, float] = OrderedDict()
-        self._proved_at: OrderedDict[bytes, float] = OrderedDict()
+        self._reproved_at: OrderedDict[bytes, float] = OrderedDict()
+        self._hinted: OrderedDict[bytes, float] = OrderedDict()  # told we are a client
         self.client_mode = False
         # Tokens nodes gave us (identify answers): what a store to them must carry.
         self._tokens_from: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
@@ -376,6 +377,7 @@ class DhtCore:
             "clients_removed",
             "dial_backs_received",
             "reproofs_requested",
+            "client_hints_sent",
         ):
             self.stats[counter] = 0
 
@@ -519,8 +521,8 @@ class DhtCore:
                     self._send(data, target)
         if node_id is not None:
             self._note_requester(node_id, host, port, now)
-            if isinstance(request, IdentifyRequest):
-                self._reprove_hint(node_id, host, port, now)
+            if isinstance(request, IdentifyRequest) and request.mode is not None:
+                self._mode_hint(node_id, host, port, request.mode, now)
 
     def _answer(self, request: RpcRequest, host: str, port: int, now: float) -> object:
         # The handlers get checked arguments (see rpc_schema); they never raise.
@@ -530,6 +532,7 @@ class DhtCore:
             return _NO_ANSWER
         if self.client_mode and isinstance(request, _SERVER_REQUESTS):
             self.stats["client_mode_unanswered"] += 1
+            self._tell_client(request.node_id, host, port, now)
             return _NO_ANSWER
         if isinstance(request, FindNodeRequest):
             return self._neighbors_wire(request.key, request.node_id, (host, port), now)
@@ -663,7 +666,8 @@ class DhtCore:
         ``args`` follow our own node id (prepended here, except for stun).
         ``node_id``: the node expected to answer; it is counted alive on an answer
         and failing on no or a bad one (ping: the answer names who answered).
-        identify takes no args (the core makes the challenge) and needs
+        identify takes no args, or (our mode,) to re-announce (the core makes
+        the challenge), and needs
         ``node_id``: the id the answer must prove. store and add_provider end with
         the token the node gave us (:meth:`token_from`).
         Raises DhtClosed after close(), UsageError for an unknown RPC or a request
@@ -703,9 +707,9 @@ class DhtCore:
         while msg_id in self._calls:  # (only ever with a rigged rng)
             msg_id = self.rng.randbytes(codec.MSG_ID_LEN)
         challenge = b""
-        if rpc == "identify":
+        if rpc == "identify":  # args: () or (our mode,), after the challenge we make
             challenge = self.rng.randbytes(CHALLENGE_LEN)
-            args = (challenge,)
+            args = (challenge, *args[:1])
         full_args = args if rpc == "stun" else (self.node_id, *args)
         data = codec.encode_request(msg_id, rpc, full_args)
         if len(data) > self.config.max_datagram:
@@ -876,6 +880,17 @@ class DhtCore:
             self._start_proof(node, now)
         self._add(node, now, proven)
 
+    def _tell_client(self, node_id: bytes, host: str, port: int, now: float) -> None:
+        """A node asked a client to serve: it holds us in its table. Re-announce
+        to it (an identify saying "client"; it proves us and drops us), at most
+        every REPROVE_INTERVAL per node."""
+        at = self._hinted.get(node_id)
+        if at is not None and now - at < REPROVE_INTERVAL:
+            return
+        self._remember(self._hinted, node_id, now)
+        if self._start_internal(host, port, "identify", ("client",), now, node_id, _HINT):
+            self.stats["client_hints_sent"] += 1
+
     def _is_client(self, node_id: bytes, now: float) -> bool:
         """``node_id`` proved lately that it is a DHT client (kept out of the table)."""
         at = self._clients.get(node_id)
@@ -886,16 +901,26 @@ class DhtCore:
         del self._clients[node_id]
         return False
 
-    def _reprove_hint(self, node_id: bytes, host: str, port: int, now: float) -> None:
-        """An identify request from a contact we proved: it may have switched mode
-        (that is how it re-announces), so prove it again, at most every
-        REPROVE_INTERVAL (a forged request costs us one identify, no more)."""
-        if self._proven.get(node_id) != (host, port):
+    def _mode_hint(self, node_id: bytes, host: str, port: int, mode: str, now: float) -> None:
+        """An identify request saying the asker's mode (its re-announcement after a
+        switch): a contact that now says client, or a known client that now says
+        server, is proven again (the signed answer decides), at most every
+        REPROVE_INTERVAL per node: a forged hint costs us one identify, no more."""
+        if mode == "client":
+            # In our table, or proven there before (a table full of its /24 may
+            # take it later on that stale proof, which said "server").
+            known = self.table.node_for(node_id)
+            in_table = known is not None and (known.ip, known.port) == (host, port)
+            if not in_table and self._proven.get(node_id) != (host, port):
+                return
+        elif node_id in self._clients:
+            del self._clients[node_id]
+        else:
             return
-        at = self._proved_at.get(node_id)
+        at = self._reproved_at.get(node_id)
         if at is not None and now - at < REPROVE_INTERVAL:
             return
-        self._remember(self._proved_at, node_id, now)
+        self._remember(self._reproved_at, node_id, now)
         self.stats["reproofs_requested"] += 1
         self._start_proof(Node(node_id, host, port), now)
 
@@ -937,7 +962,6 @@ class DhtCore:
         self.stats["proofs_ok"] += 1
         self._unprovable.pop(node.id, None)
         self._remember(self._proven, node.id, (node.ip, node.port))
-        self._remember(self._proved_at, node.id, now)
         self._remember(self._tokens_from, node.id, (answer.token, now))
         self._failures.pop(node.id, None)
         self._last_seen[node.id] = now
@@ -964,6 +988,16 @@ class DhtCore:
         table.move_to_end(key)
         while len(table) > 16 * self.config.ksize * 160:
             table.popitem(last=False)
+
+    def recently_proven(self, count: int) -> list[Node]:
+        """The last ``count`` nodes that proved their id to us, newest first."""
+        out: list[Node] = []
+        for node_id in reversed(self._proven):
+            if len(out) >= count:
+                break
+            host, port = self._proven[node_id]
+            out.append(Node(node_id, host, port))
+        return out
 
     def is_proven(self, node: Node) -> bool:
         """``node`` proved its id at this address."""

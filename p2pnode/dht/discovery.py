@@ -52,6 +52,7 @@ LOOKUP_SEEDS_K = 3  # a lookup starts from this many times k routing-table conta
 # After joining, each range of distances farther than our closest neighbour is
 # looked up until it holds this many contacts (see Discovery._refresh_far_ranges).
 JOIN_RANGE_CONTACTS = 1
+REANNOUNCE_RECENT = 64  # nodes told of a mode switch besides our routing table
 PROOF_CACHE = 4096  # identify answers kept for our writes (token, observed address)
 # Writes pick their k targets among the closest WRITE_CANDIDATES x k that answered.
 WRITE_CANDIDATES = 2
@@ -279,8 +280,8 @@ class Discovery:
     def set_client_mode(self, client: bool) -> None:
         """Switch between DHT server and client mode (libp2p kad-dht's): a client
         answers no lookups or stores for others, and identify says so. The switch
-        is re-announced: each contact is asked to identify, which makes it prove
-        us again and learn our new mode."""
+        is re-announced: each contact is asked to identify with our new mode said,
+        which makes it prove us again (the signed answer decides)."""
         if client == self._core.client_mode:
             return
         self._core.set_client_mode(client)
@@ -288,11 +289,16 @@ class Discovery:
         log.info("DHT %s mode", "client" if client else "server")
         if self._protocol is None or self._closed:
             return
-        for node in self._core.table.all_nodes():
-            self._tasks.spawn(self._reannounce(node), "reannounce")
+        mode = "client" if client else "server"
+        # Our contacts, and the nodes that proved themselves to us lately (those
+        # we talked to: they may hold us even where our table does not hold them).
+        targets = {n.id: n for n in self._core.recently_proven(REANNOUNCE_RECENT)}
+        targets.update((n.id, n) for n in self._core.table.all_nodes())
+        for node in targets.values():
+            self._tasks.spawn(self._reannounce(node, mode), "reannounce")
 
-    async def _reannounce(self, node: Node) -> None:
-        answer = await self._proto().call_identify(node)
+    async def _reannounce(self, node: Node, mode: str) -> None:
+        answer = await self._proto().call_identify(node, mode)
         if answer is not None:  # a fresh token for our writes, too
             now = self.clock.now()
             self._proofs[node.id] = (answer.token, answer.observed_host, (node.ip, node.port), now)

@@ -204,10 +204,14 @@ class DhtProtocol(asyncio.DatagramProtocol):
         answer = await self._call((node_to_ask.ip, node_to_ask.port), "store", args, node_to_ask.id)
         return answer if isinstance(answer, bool) else None
 
-    async def call_identify(self, node_to_ask: Node) -> IdentifyAnswer | None:
-        """The node's proof of its id, checked by the core (None: no valid proof)."""
+    async def call_identify(
+        self, node_to_ask: Node, mode: str | None = None
+    ) -> IdentifyAnswer | None:
+        """The node's proof of its id, checked by the core (None: no valid proof).
+        ``mode``: tell it ours (we switched: it proves us again)."""
+        args: tuple[object, ...] = () if mode is None else (mode,)
         answer = await self._call(
-            (node_to_ask.ip, node_to_ask.port), "identify", (), node_to_ask.id
+            (node_to_ask.ip, node_to_ask.port), "identify", args, node_to_ask.id
         )
         return answer if isinstance(answer, IdentifyAnswer) else None
 

@@ -10,7 +10,7 @@ stun           (none)                             [sender ip, sender port]
 store          nodeid, key, value[, token]        true if stored, false if refused
 find_node      nodeid, key                        [[id, ip, port], ...]
 find_value     nodeid, key                        {"value": v} or [[id, ip, port], ...]
-identify       nodeid, challenge                  [public key, signature, token,
+identify       nodeid, challenge[, mode]          [public key, signature, token,
                                                    sender ip, mode]
 dial_back      nonce                              (no answer)
 add_provider   nodeid, key, record, token         true if recorded, false if refused
@@ -19,7 +19,9 @@ get_providers  nodeid, key                        {"providers": [record, ...],
                                                    "token": token}
 =============  =================================  =====================================
 
-``mode`` is "server" or "client" (signed with the proof; an answer without it,
+``mode`` is "server" or "client": in a request, the asker's (an unsigned hint
+that it switched mode: the answerer then proves it again); in the answer, signed
+with the proof ( an answer without it,
 from an older node, is a server's). ``dial_back`` is an AutoNAT probe
 (:mod:`p2pnode.nat.autonat`): a server we asked sends it from a fresh socket to
 our DHT port; it is only reported to the prober, never answered.
@@ -212,6 +214,7 @@ class StoreRequest:
 class IdentifyRequest:
     node_id: bytes
     challenge: bytes
+    mode: str | None = None  # the asker's mode, a hint (None: not said)
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,12 @@ def parse_request(name: str, args: tuple[object, ...], limits: SchemaLimits) -> 
     }.get(name)
     if arity is None:
         raise MessageError(UNKNOWN_RPC, name[:32])
+    if name == "identify" and len(args) == 3:
+        if args[2] not in ("server", "client"):
+            raise MessageError(BAD_ARGS, "identify's mode is server or client")
+        request = parse_request(name, args[:2], limits)
+        assert isinstance(request, IdentifyRequest) and isinstance(args[2], str)
+        return IdentifyRequest(request.node_id, request.challenge, args[2])
     if name == "store" and len(args) == 4:
         node_id, key = _ids(args, 2)
         value = check_value(args[2], limits.max_value_bytes)

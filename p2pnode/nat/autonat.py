@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 NONCE_LEN = 16
 MAX_STATUS = 16
 MAX_PENDING = 64  # our probes in flight
+SHORT_POLL = 0.25  # seconds: how often a joining node looks for more servers
 
 # Server answers.
 OK, FAILED, REFUSED, SKIPPED, SENT = "ok", "failed", "refused", "skipped", "sent"
@@ -321,9 +322,11 @@ class AutoNat:
     async def _run(self) -> None:
         while True:
             now = self.clock.now()
-            if self.core.probe_due(now):
+            if self.core.probe_due(now) or self.core.needs_servers(self._candidates(), now):
                 await self._round()
             delay = max(0.05, self.core.next_deadline() - self.clock.now())
+            if self.core.short_of_servers:
+                delay = min(delay, SHORT_POLL)  # joining: look for servers again soon
             self._wake.clear()
             try:
                 async with asyncio.timeout(delay):
@@ -338,10 +341,11 @@ class AutoNat:
         return [(n.id, n.ip, n.port) for n in nodes]
 
     async def _round(self) -> None:
+        # Probes run on their own: a server that takes its dial_timeout does not
+        # hold up asking the next one found.
         candidates = self._candidates()
-        chosen = self.core.pick_servers(candidates, self.clock.now())
-        await asyncio.gather(*(self._probe(*candidates[i]) for i in chosen))
-        self._emit()
+        for i in self.core.pick_servers(candidates, self.clock.now()):
+            self._tasks.spawn(self._probe(*candidates[i]), "probe-one")
 
     async def _probe(self, server: bytes, ip: str, port: int) -> None:
         if len(self._probes) >= MAX_PENDING:

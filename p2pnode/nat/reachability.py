@@ -17,7 +17,8 @@ back on a fresh connection (TCP) or datagram (UDP) carrying a nonce of ours.
 
 Re-probing: a round is due at once at start, then every ``refresh`` seconds once
 both transports have a verdict; while one is unknown, after ``retry_unknown``
-seconds, doubling up to ``retry_unknown_max``. :meth:`wake` makes a round due now
+seconds, doubling up to ``retry_unknown_max`` (not doubling while a round finds
+fewer than ``probe_servers`` servers: the node is still joining). :meth:`wake` makes a round due now
 (we joined, a port mapping appeared). A port mapping (:meth:`mapping_changed`)
 changes which port the servers are asked to dial (its external port) and starts
 over from ``unknown``: a working mapping plus a successful dial-back to it makes
@@ -145,6 +146,7 @@ class ReachabilityCore:
         self._events: list[ReachabilityChanged] = []
         self._next_probe = now  # a round at once
         self._retry = config.retry_unknown
+        self._short = False  # the last round found fewer servers than wanted
         self._asked: OrderedDict[str, float] = OrderedDict()  # server IP -> when asked
         self.mapping: tuple[str, int] | None = None
         self.stats: dict[str, int] = {
@@ -192,6 +194,24 @@ class ReachabilityCore:
         """Probe now (we joined; a mapping appeared)."""
         self._next_probe = min(self._next_probe, now)
 
+    @property
+    def short_of_servers(self) -> bool:
+        """The last round found fewer servers than wanted, and a verdict is still
+        unknown (the node is joining: look for servers often)."""
+        return self._short and any(s.verdict is Reachability.UNKNOWN for s in self._states.values())
+
+    def needs_servers(self, candidates: list[tuple[bytes, str, int]], now: float) -> bool:
+        """:attr:`short_of_servers`, and a server we may ask has appeared (then
+        probe at once instead of waiting for the next round)."""
+        if not self.short_of_servers:
+            return False
+        cooldown = self.config.server_cooldown
+        for _, ip, _ in candidates:
+            asked = self._asked.get(ip)
+            if asked is None or now - asked >= cooldown:
+                return True
+        return False
+
     def pick_servers(self, candidates: list[tuple[bytes, str, int]], now: float) -> list[int]:
         """Indexes into ``candidates`` ((id, ip, port), in the caller's preferred
         order) to probe in this round: distinct IPs, none asked within
@@ -214,12 +234,15 @@ class ReachabilityCore:
             self._asked.popitem(last=False)
         self.stats["probe_rounds"] += 1
         self.stats["probes_started"] += len(chosen)
-        self._schedule(now)
+        self._short = len(chosen) < self.config.probe_servers
+        self._schedule(now, short=self._short)
         return chosen
 
-    def _schedule(self, now: float) -> None:
+    def _schedule(self, now: float, *, short: bool) -> None:
         unknown = any(s.verdict is Reachability.UNKNOWN for s in self._states.values())
-        if unknown:
+        if unknown and short:  # too few servers yet (joining): soon, no backoff
+            self._next_probe = now + self.config.retry_unknown
+        elif unknown:
             self._next_probe = now + self._retry
             self._retry = min(self._retry * 2, self.config.retry_unknown_max)
         else:

@@ -38,12 +38,21 @@ def test_a_client_is_kept_out_of_a_servers_table_and_leaves_it_when_it_switches(
     assert net.cores[server].table.is_proven(net.id_of(client))
     net.cores[client].set_client_mode(True)
     net.clock.advance(20)
-    # its re-announcement: an identify request makes the server prove it again
-    answer = net.answered(client, server, "identify")
+    # a plain identify request (a node proving the server) changes nothing ...
+    net.answered(client, server, "identify")
+    net.run(0.5)
+    assert net.knows(server, client)
+    # ... its re-announcement, one that says "client", makes the server prove it again
+    answer = net.answered(client, server, "identify", "client")
     assert isinstance(answer, IdentifyAnswer) and answer.server
     net.run(0.5)
     assert not net.knows(server, client)
     assert net.cores[server].stats["clients_removed"] == 2
+    # back to server mode: its re-announcement ends the recheck delay at once
+    net.cores[client].set_client_mode(False)
+    net.answered(client, server, "identify", "server")
+    net.run(0.5)
+    assert net.cores[server].table.is_proven(net.id_of(client))
 
 
 def test_a_client_answers_no_lookups_or_stores_but_answers_ping_and_identify() -> None:
@@ -97,3 +106,39 @@ def test_dial_back_is_reported_and_never_answered() -> None:
     core.receive_datagram(bad, ("10.9.9.9", 5555), 0.0)
     assert core.stats["dropped.bad_args"] == 1
     assert core.stats["dial_backs_received"] == 1
+
+
+def test_a_client_asked_to_serve_tells_the_asker_it_is_a_client() -> None:
+    """A node that holds us though we re-announced to others (our table lacked
+    it) learns it when it asks us: we answer nothing and say "client"."""
+    net = Net()
+    server, node = net.add(1), net.add(2)
+    net.answered(node, server, "find_node", kid(1))
+    net.run(0.5)
+    assert net.cores[server].table.is_proven(net.id_of(node))
+    net.cores[node].set_client_mode(True)  # no re-announcement reached the server
+    event = net.call(server, node, "find_node", kid(3), node_id=net.id_of(node))
+    assert isinstance(event, CallFailed)
+    net.run(0.5)
+    assert not net.knows(server, node)
+    assert net.cores[node].stats["client_hints_sent"] == 1
+
+
+def test_a_hint_reproves_a_node_proven_before_even_outside_the_table() -> None:
+    """A proof says "server" and stays cached; a node kept out by the subnet caps
+    could later enter on it. Its "client" hint drops that stale verdict."""
+    net = Net()
+    server, node = net.add(1), net.add(2)
+    net.answered(node, server, "find_node", kid(1))
+    net.run(0.5)
+    core = net.cores[server]
+    known = core.table.node_for(net.id_of(node))
+    assert known is not None
+    core.table.remove_contact(known)  # as if the table had no room for it
+    net.cores[node].set_client_mode(True)
+    net.answered(node, server, "identify", "client")
+    net.run(0.5)
+    assert core.stats["clients_refused"] == 1
+    net.answered(node, server, "find_node", kid(2))  # it asks again: stays out
+    net.run(0.5)
+    assert not net.knows(server, node)

@@ -124,3 +124,22 @@ def test_bad_input_is_refused() -> None:
         ReachabilityConfig(probe_servers=0)
     with pytest.raises(UsageError):
         core().result("sctp", "x", SUCCESS, 0.0)
+
+
+def test_a_round_short_of_servers_retries_soon_without_backoff() -> None:
+    c = core(retry_unknown=2.0, probe_servers=3, server_cooldown=0.0)
+    for now in (0.0, 2.0, 4.0):  # joining: fewer than 3 servers known
+        assert c.probe_due(now)
+        c.pick_servers([(b"a" * 20, "198.51.100.1", 1)], now)
+        assert c.next_deadline() == now + 2.0
+
+
+def test_a_new_server_while_short_of_them_is_asked_at_once() -> None:
+    c = core(probe_servers=3, server_cooldown=30.0)
+    one = [(b"a" * 20, "198.51.100.1", 1)]
+    c.pick_servers(one, 0.0)
+    assert c.short_of_servers
+    assert not c.needs_servers(one, 0.5)  # the same server: in its cooldown
+    two = [*one, (b"b" * 20, "198.51.100.2", 2)]
+    assert c.needs_servers(two, 0.5)
+    assert c.pick_servers(two, 0.5) == [1]
