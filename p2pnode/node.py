@@ -184,7 +184,12 @@ class Node:
         )
         self._services.start()
         self._relay = Relay(
-            self._host, self._discovery, self.config.relay, self._reachability, self.clock
+            self._host,
+            self._discovery,
+            self.config.relay,
+            self._reachability,
+            self.clock,
+            port=self._port,
         )
         self._relay.start()
         if not self.config.control_api:

@@ -516,7 +516,10 @@ class Relay:
     """A node's relay parts: the service (on while ``config.service`` says so:
     ``auto`` = while ``reachability()`` is "public") and the client (``auto`` =
     while it is "private"); the relay addresses the client holds go to the DHT's
-    provider records (``discovery.set_relays``)."""
+    provider records (``discovery.set_relays``), and while it holds any the node
+    announces a *peer record*: a provider record under its own node id, so a
+    node that is in no routing table can still be found by its id (with its
+    relays)."""
 
     def __init__(
         self,
@@ -525,16 +528,20 @@ class Relay:
         config: RelayConfig,
         reachability: Callable[[], str | None],
         clock: Clock = MONOTONIC,
+        port: int = 0,
     ) -> None:
         self.config = config
         self.reachability = reachability
+        self.discovery = discovery
+        self.node_id = host.node_id
+        self.port = port
         self.service = RelayService(host, config.limits, clock)
         self.client = RelayClient(
             host,
             config,
             discovery.contacts,
             lambda: _wanted(config.client, reachability(), "private"),
-            discovery.set_relays,
+            self._relays_changed,
             clock,
         )
         self._tasks = TaskSet("relay-node")
@@ -566,6 +573,17 @@ class Relay:
         out = {f"relay_{k}": v for k, v in self.service.stats().items()}
         out.update({f"relay_client_{k}": v for k, v in self.client.stats().items()})
         return out
+
+    def _relays_changed(self, hops: tuple[RelayHop, ...]) -> None:
+        self.discovery.set_relays(hops)
+        if hops and self.port:
+            self._tasks.spawn(self._announce_peer(), "relay-peer-record")
+        elif not hops:
+            self.discovery.remove_provider(self.node_id)
+
+    async def _announce_peer(self) -> None:
+        with contextlib.suppress(P2PError):
+            await self.discovery.add_provider(self.node_id, self.port)
 
     def _check_service(self) -> None:
         self.service.set_enabled(_wanted(self.config.service, self.reachability(), "public"))
