@@ -413,7 +413,10 @@ class PeerHost:
                     best = conn
             return best
         found = self._by_addr.get((peer.host, peer.port))
-        return found if found is not None and found.is_open else None
+        # a relayed connection is filed under the relay's address: not the relay
+        if found is None or not found.is_open or found.via == "relayed":
+            return None
+        return found
 
     async def _connection_for(self, peer: PeerAddress) -> PeerConnection:
         conn = self._pooled(peer)

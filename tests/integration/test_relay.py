@@ -152,6 +152,9 @@ async def test_a_dialer_reaches_a_node_through_its_relay(relayed: MakeSetup) -> 
     assert stats["circuits_opened"] == 1 and stats["circuits_live"] == 1
     assert stats["bytes_relayed"] > 64 * 1024
     assert s.client.stats()["circuits_accepted"] == 1
+    # Dialing the relay's address (no id named) reaches the relay, not C.
+    to_relay = await d.connect(PeerAddress(None, "127.0.0.1", s.r_port))
+    assert to_relay.remote_node_id == s.r.node_id
 
 
 async def test_the_relay_sees_only_ciphertext(relayed: MakeSetup) -> None:
