@@ -60,7 +60,9 @@ class Capturing(RelayService):
 
     seen: bytearray
 
-    def pass_bytes(self, circuit: Circuit, side: int, data: bytes) -> bytes:
+    def pass_bytes(
+        self, circuit: Circuit, side: int, data: memoryview
+    ) -> bytes | bytearray | memoryview:
         self.seen += data
         return data
 
@@ -70,7 +72,9 @@ class Tampering(RelayService):
 
     flipped = False
 
-    def pass_bytes(self, circuit: Circuit, side: int, data: bytes) -> bytes:
+    def pass_bytes(
+        self, circuit: Circuit, side: int, data: memoryview
+    ) -> bytes | bytearray | memoryview:
         if side == 1 and not self.flipped and len(data) > 4096:
             self.flipped = True
             changed = bytearray(data)
