@@ -258,3 +258,47 @@ async def test_a_direct_address_that_answers_wins(relayed: MakeSetup) -> None:
     conn = d.connection_to(s.c.node_id)
     assert conn is not None and conn.via == "direct"
     assert s.relay.stats().get("circuits_requested", 0) == 0
+
+
+async def test_reservations_are_renewed_and_moved_when_a_relay_is_lost() -> None:
+    hosts: list[PeerHost] = []
+    relays: list[RelayService] = []
+    ports: list[int] = []
+    for _ in range(2):
+        r = PeerHost(Identity.generate(), FAST)
+        relay = RelayService(r, RelayLimits(reservation_ttl=1.0))
+        relay.start()
+        relay.set_enabled(True)
+        ports.append(await r.listen("127.0.0.1", 0))
+        hosts.append(r)
+        relays.append(relay)
+    c = PeerHost(Identity.generate(), FAST)
+    hosts.append(c)
+    changes: list[tuple[tuple[str, int, bytes], ...]] = []
+    config = RelayConfig(
+        client="always",
+        reservations=1,
+        relays=tuple(("127.0.0.1", p) for p in ports),
+        check_interval=0.1,
+    )
+    client = RelayClient(c, config, list, lambda: True, changes.append)
+    client.start()
+    try:
+        await eventually(lambda: bool(changes))
+        assert changes[0] == (("127.0.0.1", ports[0], hosts[0].node_id),)
+        # renewed at half its lifetime, again and again
+        await eventually(lambda: relays[0].stats().get("reservations_renewed", 0) >= 2)
+        assert relays[0].stats()["reservations"] == 1
+        assert len(changes) == 1
+        # the first relay goes away: C reserves on the other and says so
+        await relays[0].close()
+        await hosts[0].close()
+        await eventually(lambda: len(changes) >= 2 and bool(changes[-1]))
+        assert changes[-1] == (("127.0.0.1", ports[1], hosts[1].node_id),)
+        assert client.stats()["reservations_lost"] == 1
+    finally:
+        await client.close()
+        for relay in relays:
+            await relay.close()
+        for host in hosts:
+            await host.close()
