@@ -30,6 +30,12 @@ Rules
   peer answered with an ``ErrorReply``), ``LimitExceeded`` (our own limits).
 - Every task (handlers, dials) and timer is owned; :meth:`PeerHost.close`
   ends them all and waits until every connection is gone.
+- Relays (``p2pnode/nat/relay.py``): a :class:`PeerAddress` with ``relays`` is
+  dialed directly first, then through each relay after ``relay_dial_delay``
+  (a circuit hello, then :meth:`PeerHost.adopt` with ``via="relayed"``); the
+  first connection wins. A host that offers a relay reads the first two bytes
+  of each accepted connection (``p2pnode/net/firstbytes.py``) to tell a circuit
+  hello from a Noise handshake.
 """
 
 from __future__ import annotations
