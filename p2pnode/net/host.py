@@ -112,7 +112,10 @@ _DialKey = bytes | tuple[str, int]
 TRIM_AFTER_LOST = 32
 # A peer with relay addresses: its relays are tried when the direct dial has not
 # succeeded after this long (or has failed), one more every RELAY_DIAL_DELAY.
-RELAY_DIAL_DELAY = 1.0
+# As go-libp2p's smart dialing (relay addresses 500 ms after the direct ones): a
+# peer that announces relays is most likely not reachable directly, and a
+# direct connection that comes later still wins the pool.
+RELAY_DIAL_DELAY = 0.5
 
 
 class PeerHost:
