@@ -498,10 +498,11 @@ class Node:
             "joined": self._joined.is_set(),
             "dht": self.discovery.stats(),
             "dht_contact_ids": [c.node_id for c in self.discovery.contacts()],
-            "net": {**self.peer_host.stats(), **self.relay.flat_stats()},
+            "net": self.peer_host.stats(),
             "exchange": self.exchange.stats(),
             "services": self.services_part.stats(),
             "services_served": self.services(),
+            "relay": self.relay.flat_stats(),
         }
 
     # -- services (p2pnode/services) ------------------------------------------------

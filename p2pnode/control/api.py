@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict
 
 if TYPE_CHECKING:
     from p2pnode.config import NodeConfig
@@ -97,6 +97,7 @@ class MetricsSnapshot(TypedDict):
     exchange: dict[str, int]  # Exchange.stats()
     services: dict[str, int]  # Services.stats(): node-wide refusals, running calls, streams
     services_served: list[dict[str, Any]]  # Node.services(): per-service figures
+    relay: NotRequired[dict[str, int]]  # Relay.flat_stats(): the relay service and client
 
 
 class NodeAPI(Protocol):

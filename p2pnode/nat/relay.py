@@ -584,9 +584,10 @@ class Relay:
         }
 
     def flat_stats(self) -> dict[str, int]:
-        """Both parts' counters in one flat dict (for the metrics)."""
-        out = {f"relay_{k}": v for k, v in self.service.stats().items()}
-        out.update({f"relay_client_{k}": v for k, v in self.client.stats().items()})
+        """Both parts' counters in one flat dict (the metrics' ``relay`` part):
+        the service's as they are, the client's prefixed ``client_``."""
+        out = self.service.stats()
+        out.update({f"client_{k}": v for k, v in self.client.stats().items()})
         return out
 
     def _relays_changed(self, hops: tuple[RelayHop, ...]) -> None:
