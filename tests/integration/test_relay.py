@@ -232,7 +232,7 @@ async def test_the_byte_limit_ends_the_circuit(relayed: MakeSetup) -> None:
 
 
 async def test_the_duration_limit_ends_the_circuit(relayed: MakeSetup) -> None:
-    s: Setup = await relayed(RelayLimits(circuit_duration=0.5))
+    s: Setup = await relayed(RelayLimits(circuit_duration=2.0))
     d = s.dialer()
     await d.request(s.target(), GetPiece(RID, 1))
     assert d.connection_to(s.c.node_id) is not None
