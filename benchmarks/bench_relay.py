@@ -78,7 +78,14 @@ async def _role(args: argparse.Namespace) -> None:
             _say({"port": node.port})
             while line := await loop.run_in_executor(None, sys.stdin.readline):
                 if line.strip() == "cpu":
-                    _say({"cpu": _cpu(), "relay": node.relay.service.stats()})
+                    usage = resource.getrusage(resource.RUSAGE_SELF)
+                    _say(
+                        {
+                            "cpu": _cpu(),
+                            "user": usage.ru_utime,
+                            "relay": node.relay.service.stats(),
+                        }
+                    )
         elif args.role == "provider":
             deadline = time.monotonic() + 30
             while not node.relay.client.held and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -200,12 +207,12 @@ def main() -> None:
             children.append(provider)
             ids = iter(provider.read()["ids"])
             runs: dict[str, list[dict[str, Any]]] = {"direct": [], "relayed": []}
-            relay_cpu = 0.0
+            relay_cpu = relay_user = 0.0
             for mode in ("direct", "relayed"):
                 if mode == "relayed":
                     provider.ask("hide")
                 for i in range(args.repeat):
-                    cpu0 = relay.ask("cpu")["cpu"]
+                    before = relay.ask("cpu")
                     dest = work / f"got-{mode}-{i}"
                     d = Child(
                         "--role", "downloader", "--home", str(work / f"d-{mode}-{i}"),
@@ -215,7 +222,8 @@ def main() -> None:
                     result = d.read()
                     after = relay.ask("cpu")
                     if mode == "relayed":
-                        relay_cpu += after["cpu"] - cpu0
+                        relay_cpu += after["cpu"] - before["cpu"]
+                        relay_user += after["user"] - before["user"]
                     assert result["bytes"] == size, result
                     assert result["via"] == mode, result
                     dest.unlink()
@@ -236,6 +244,7 @@ def main() -> None:
     print(
         f"  relay CPU {relay_cpu:.2f} s for {relayed_bytes / GiB:.3f} GiB relayed: "
         f"{relay_cpu / (relayed_bytes / GiB):.2f} CPU-s per GiB "
+        f"({relay_user / (relayed_bytes / GiB):.2f} of it in user space) "
         f"(relay counted {stats.get('bytes_relayed', 0) / GiB:.3f} GiB, "
         f"{stats.get('circuits_opened', 0)} circuits)"
     )

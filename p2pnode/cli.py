@@ -715,12 +715,17 @@ def cmd_dht(args: argparse.Namespace, client: ControlClient) -> int:
             res = {"peer_id": me["peer_id"], "host": host.strip("[]"), "port": int(port)}
         else:
             res = client.call("GET", f"/v1/dht/find_peer?id={quote(args.peer_id)}")
-        _emit(args, res, lambda d: f"{d['peer_id']}  {_addr(d['host'], d['port'])}")
+        _emit(args, res, _peer_line)
     else:
         plain = "&plain=1" if args.plain else ""
         res = client.call("GET", f"/v1/dht/get?key={quote(args.key)}{plain}")
         _emit(args, res, lambda d: str(d["value"]))
     return ExitCode.OK
+
+
+def _peer_line(d: dict[str, Any]) -> str:
+    relays = "".join(f"  via relay {_addr(r['host'], r['port'])}" for r in d.get("relays", []))
+    return f"{d['peer_id']}  {_addr(d['host'], d['port'])}{relays}"
 
 
 def _shown_state(r: dict[str, Any]) -> str:

@@ -208,7 +208,12 @@ class Node:
         if self._portmap is not None:
             self._portmap.on_change(self.mapping_changed)
         self._relay = Relay(
-            self._host, self._discovery, self.config.relay, self._reachability, self.clock
+            self._host,
+            self._discovery,
+            self.config.relay,
+            self._reachability,
+            self.clock,
+            port=self._port,
         )
         self._relay.start()
         self._holepunch = HolePuncher(
@@ -662,12 +667,13 @@ class Node:
             "joined": self._joined.is_set(),
             "dht": self.discovery.stats(),
             "dht_contact_ids": [c.node_id for c in self.discovery.contacts()],
-            "net": {**self.peer_host.stats(), **self.relay.flat_stats()},
+            "net": self.peer_host.stats(),
             "exchange": self.exchange.stats(),
             "services": self.services_part.stats(),
             "services_served": self.services(),
             "nat": self.autonat.snapshot(),
             "portmap": self._portmap.stats() if self._portmap is not None else {},
+            "relay": self.relay.flat_stats(),
         }
 
     # -- services (p2pnode/services) ------------------------------------------------

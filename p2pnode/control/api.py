@@ -63,6 +63,7 @@ class DhtAPI(Protocol):
     async def put_immutable(self, value: str) -> Jsonable: ...
     async def get_record(self, address: str) -> object: ...
     async def find_peer(self, node_id: bytes) -> PeerLocation | None: ...
+    async def find_providers(self, key: bytes, want: int = ...) -> Sequence[PeerLocation]: ...
 
 
 class ExchangeAPI(Protocol):
@@ -98,6 +99,7 @@ class MetricsSnapshot(TypedDict):
     services_served: list[dict[str, Any]]  # Node.services(): per-service figures
     nat: NotRequired[dict[str, int]]  # AutoNat.snapshot(): probes, verdicts, refusals
     portmap: NotRequired[dict[str, int]]  # PortMapper.stats(); empty when it does not run
+    relay: NotRequired[dict[str, int]]  # Relay.flat_stats(): the relay service and client
 
 
 class NodeAPI(Protocol):

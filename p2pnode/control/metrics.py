@@ -350,6 +350,26 @@ _SERVICES = _Subsystem(
 )
 
 
+_RELAY_REFUSED = _Family(
+    "refused_total", "Reservations and circuits the relay refused, by limit", label="reason"
+)
+_RELAY_ENDED = _Family("circuits_ended_total", "Relayed circuits ended, by reason", label="reason")
+_RELAY_CIRCUITS = _Family("circuits", "Relayed circuits open, by state", label="state", gauge=True)
+_RELAY = _Subsystem(
+    "relay",
+    keys={
+        **_plain(
+            ("enabled", "enabled", "1 while this node offers a relay", True),
+            ("reservations", "reservations", "Reservations held on this relay", True),
+            ("bytes_relayed", "relayed_bytes_total", "Bytes the relay spliced", False),
+            ("client_reservations_held", "client_reservations", "Our reservations", True),
+        ),
+        **_one(_RELAY_CIRCUITS, ("circuits_pending", "pending"), ("circuits_live", "live")),
+    },
+    prefixes={"refused.": _RELAY_REFUSED, "ended.": _RELAY_ENDED},
+)
+
+
 def _service_families(served: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
     """Per-service figures (``Node.services()``), labelled by service name: the
     operator chooses the names, so their number stays small."""
@@ -558,6 +578,7 @@ class NodeCollector(Collector):
         yield from _families(_EXCHANGE, snap["exchange"])
         # .get: a snapshot built before services existed (tests) still scrapes.
         yield from _families(_SERVICES, snap.get("services", {}))
+        yield from _families(_RELAY, snap.get("relay", {}))
         yield from _service_families(snap.get("services_served", []))
         yield from _families(_NAT, snap.get("nat", {}))
         # Only when port mapping runs (not on loopback, not with --no-port-mapping).

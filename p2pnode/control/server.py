@@ -265,6 +265,23 @@ class ControlServer:
             node_id = peer_id_from_str(request.query.get("id", ""))
             with timed("find_peer"):
                 contact = await node.discovery.find_peer(node_id)
+                if contact is None:
+                    # a private node is in no routing table: its peer record
+                    # (p2pnode/nat/relay.py) names its relays
+                    records = await node.discovery.find_providers(node_id)
+                    peer = next((r for r in records if r.node_id == node_id), None)
+                    if peer is not None:
+                        return json_response(
+                            {
+                                "peer_id": peer_id_to_str(peer.node_id),
+                                "host": peer.host,
+                                "port": peer.port,
+                                "relays": [
+                                    {"host": h, "port": p, "peer_id": peer_id_to_str(relay)}
+                                    for h, p, relay in getattr(peer, "relays", ())
+                                ],
+                            }
+                        )
             if contact is None:
                 raise NotFoundError(f"peer {peer_id_to_str(node_id)} not found in the DHT")
             return json_response(
@@ -272,6 +289,7 @@ class ControlServer:
                     "peer_id": peer_id_to_str(contact.node_id),
                     "host": contact.host,
                     "port": contact.port,
+                    "relays": [],
                 }
             )
 

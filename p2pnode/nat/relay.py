@@ -60,6 +60,9 @@ __all__ = ["Relay", "RelayClient", "RelayConfig", "RelayService"]
 
 # A relay's write buffer per spliced socket: above it, the other side is not read.
 SPLICE_HIGH = 1024 * 1024
+# Each spliced socket is read into a buffer of its own, reused while the other
+# socket takes every byte at once (no allocation per read).
+SPLICE_READ = 256 * 1024
 # At most this many circuits being accepted at once by a private node.
 MAX_ACCEPTING = 16
 
@@ -67,15 +70,22 @@ MAX_ACCEPTING = 16
 # -- the service (public nodes) -------------------------------------------------------------
 
 
-class _Half(asyncio.Protocol):
+class _Half(asyncio.BufferedProtocol):
     """One spliced socket: what it reads is written to the other one."""
 
     def __init__(self, splice: _Splice, side: int) -> None:
         self.splice = splice
         self.side = side
+        self._view = memoryview(bytearray(SPLICE_READ))
 
-    def data_received(self, data: bytes) -> None:
-        self.splice.forward(self.side, data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.splice.forward(self.side, self._view[:nbytes]):
+            # The other socket kept some of it (a transport may keep a view of
+            # it rather than a copy): read into a new buffer from now on.
+            self._view = memoryview(bytearray(SPLICE_READ))
 
     def pause_writing(self) -> None:  # our socket is full: stop reading the other
         self.splice.transports[1 - self.side].pause_reading()
@@ -108,12 +118,15 @@ class _Splice:
             transport.set_write_buffer_limits(high=SPLICE_HIGH, low=SPLICE_HIGH // 4)
             transport.set_protocol(_Half(self, side))
 
-    def forward(self, side: int, data: bytes) -> None:
+    def forward(self, side: int, data: memoryview) -> bool:
+        """Write ``data`` to the other socket; whether it kept some of it buffered."""
         service = self.service
-        data = service.pass_bytes(self.circuit, side, data)
-        self.transports[1 - side].write(data)
-        if not service.core.carried(self.circuit, len(data), service.clock.now()):
+        out = service.pass_bytes(self.circuit, side, data)
+        other = self.transports[1 - side]
+        other.write(out)
+        if not service.core.carried(self.circuit, len(out), service.clock.now()):
             self.close(abort=True)  # past the circuit's byte limit (counted by the core)
+        return other.get_write_buffer_size() > 0
 
     def eof(self, side: int) -> None:
         self._eof[side] = True
@@ -203,7 +216,9 @@ class RelayService:
         out["enabled"] = int(self.enabled)
         return out
 
-    def pass_bytes(self, circuit: Circuit, side: int, data: bytes) -> bytes:
+    def pass_bytes(
+        self, circuit: Circuit, side: int, data: memoryview
+    ) -> bytes | bytearray | memoryview:
         """What crosses a circuit, as it crosses it (a hook for tests: a relay
         that looks at or alters the bytes)."""
         return data
@@ -516,7 +531,10 @@ class Relay:
     """A node's relay parts: the service (on while ``config.service`` says so:
     ``auto`` = while ``reachability()`` is "public") and the client (``auto`` =
     while it is "private"); the relay addresses the client holds go to the DHT's
-    provider records (``discovery.set_relays``)."""
+    provider records (``discovery.set_relays``), and while it holds any the node
+    announces a *peer record*: a provider record under its own node id, so a
+    node that is in no routing table can still be found by its id (with its
+    relays)."""
 
     def __init__(
         self,
@@ -525,16 +543,20 @@ class Relay:
         config: RelayConfig,
         reachability: Callable[[], str | None],
         clock: Clock = MONOTONIC,
+        port: int = 0,
     ) -> None:
         self.config = config
         self.reachability = reachability
+        self.discovery = discovery
+        self.node_id = host.node_id
+        self.port = port
         self.service = RelayService(host, config.limits, clock)
         self.client = RelayClient(
             host,
             config,
             discovery.contacts,
             lambda: _wanted(config.client, reachability(), "private"),
-            discovery.set_relays,
+            self._relays_changed,
             clock,
         )
         self._tasks = TaskSet("relay-node")
@@ -562,10 +584,22 @@ class Relay:
         }
 
     def flat_stats(self) -> dict[str, int]:
-        """Both parts' counters in one flat dict (for the metrics)."""
-        out = {f"relay_{k}": v for k, v in self.service.stats().items()}
-        out.update({f"relay_client_{k}": v for k, v in self.client.stats().items()})
+        """Both parts' counters in one flat dict (the metrics' ``relay`` part):
+        the service's as they are, the client's prefixed ``client_``."""
+        out = self.service.stats()
+        out.update({f"client_{k}": v for k, v in self.client.stats().items()})
         return out
+
+    def _relays_changed(self, hops: tuple[RelayHop, ...]) -> None:
+        self.discovery.set_relays(hops)
+        if hops and self.port:
+            self._tasks.spawn(self._announce_peer(), "relay-peer-record")
+        elif not hops:
+            self.discovery.remove_provider(self.node_id)
+
+    async def _announce_peer(self) -> None:
+        with contextlib.suppress(P2PError):
+            await self.discovery.add_provider(self.node_id, self.port)
 
     def _check_service(self) -> None:
         self.service.set_enabled(_wanted(self.config.service, self.reachability(), "public"))

@@ -30,6 +30,12 @@ Rules
   peer answered with an ``ErrorReply``), ``LimitExceeded`` (our own limits).
 - Every task (handlers, dials) and timer is owned; :meth:`PeerHost.close`
   ends them all and waits until every connection is gone.
+- Relays (``p2pnode/nat/relay.py``): a :class:`PeerAddress` with ``relays`` is
+  dialed directly first, then through each relay after ``relay_dial_delay``
+  (a circuit hello, then :meth:`PeerHost.adopt` with ``via="relayed"``); the
+  first connection wins. A host that offers a relay reads the first two bytes
+  of each accepted connection (``p2pnode/net/firstbytes.py``) to tell a circuit
+  hello from a Noise handshake.
 """
 
 from __future__ import annotations
@@ -106,7 +112,10 @@ _DialKey = bytes | tuple[str, int]
 TRIM_AFTER_LOST = 32
 # A peer with relay addresses: its relays are tried when the direct dial has not
 # succeeded after this long (or has failed), one more every RELAY_DIAL_DELAY.
-RELAY_DIAL_DELAY = 1.0
+# As go-libp2p's smart dialing (relay addresses 500 ms after the direct ones): a
+# peer that announces relays is most likely not reachable directly, and a
+# direct connection that comes later still wins the pool.
+RELAY_DIAL_DELAY = 0.5
 
 
 class PeerHost:
@@ -451,7 +460,10 @@ class PeerHost:
                     best = conn
             return best
         found = self._by_addr.get((peer.host, peer.port))
-        return found if found is not None and found.is_open else None
+        # a relayed connection is filed under the relay's address: not the relay
+        if found is None or not found.is_open or found.via == "relayed":
+            return None
+        return found
 
     async def _connection_for(self, peer: PeerAddress) -> PeerConnection:
         conn = self._pooled(peer)

@@ -821,6 +821,13 @@ class Services:
             return found[0]
         contact = await self._discovery.find_peer(node_id)
         if contact is None:
+            # A private node is in no routing table: its peer record (a provider
+            # record under its id, with its relays; p2pnode/nat/relay.py) says where.
+            peer = [
+                r for r in await self._discovery.find_providers(node_id) if r.node_id == node_id
+            ]
+            if peer:
+                return peer[0]
             raise NoProviders(f"peer {peer_id_to_str(node_id)} not found in the DHT", service=name)
         return ProviderRecord(node_id, contact.host, contact.port)
 

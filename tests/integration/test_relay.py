@@ -60,7 +60,9 @@ class Capturing(RelayService):
 
     seen: bytearray
 
-    def pass_bytes(self, circuit: Circuit, side: int, data: bytes) -> bytes:
+    def pass_bytes(
+        self, circuit: Circuit, side: int, data: memoryview
+    ) -> bytes | bytearray | memoryview:
         self.seen += data
         return data
 
@@ -70,7 +72,9 @@ class Tampering(RelayService):
 
     flipped = False
 
-    def pass_bytes(self, circuit: Circuit, side: int, data: bytes) -> bytes:
+    def pass_bytes(
+        self, circuit: Circuit, side: int, data: memoryview
+    ) -> bytes | bytearray | memoryview:
         if side == 1 and not self.flipped and len(data) > 4096:
             self.flipped = True
             changed = bytearray(data)
@@ -152,6 +156,9 @@ async def test_a_dialer_reaches_a_node_through_its_relay(relayed: MakeSetup) -> 
     assert stats["circuits_opened"] == 1 and stats["circuits_live"] == 1
     assert stats["bytes_relayed"] > 64 * 1024
     assert s.client.stats()["circuits_accepted"] == 1
+    # Dialing the relay's address (no id named) reaches the relay, not C.
+    to_relay = await d.connect(PeerAddress(None, "127.0.0.1", s.r_port))
+    assert to_relay.remote_node_id == s.r.node_id
 
 
 async def test_the_relay_sees_only_ciphertext(relayed: MakeSetup) -> None:
@@ -225,7 +232,7 @@ async def test_the_byte_limit_ends_the_circuit(relayed: MakeSetup) -> None:
 
 
 async def test_the_duration_limit_ends_the_circuit(relayed: MakeSetup) -> None:
-    s: Setup = await relayed(RelayLimits(circuit_duration=0.5))
+    s: Setup = await relayed(RelayLimits(circuit_duration=2.0))
     d = s.dialer()
     await d.request(s.target(), GetPiece(RID, 1))
     assert d.connection_to(s.c.node_id) is not None
@@ -251,3 +258,47 @@ async def test_a_direct_address_that_answers_wins(relayed: MakeSetup) -> None:
     conn = d.connection_to(s.c.node_id)
     assert conn is not None and conn.via == "direct"
     assert s.relay.stats().get("circuits_requested", 0) == 0
+
+
+async def test_reservations_are_renewed_and_moved_when_a_relay_is_lost() -> None:
+    hosts: list[PeerHost] = []
+    relays: list[RelayService] = []
+    ports: list[int] = []
+    for _ in range(2):
+        r = PeerHost(Identity.generate(), FAST)
+        relay = RelayService(r, RelayLimits(reservation_ttl=1.0))
+        relay.start()
+        relay.set_enabled(True)
+        ports.append(await r.listen("127.0.0.1", 0))
+        hosts.append(r)
+        relays.append(relay)
+    c = PeerHost(Identity.generate(), FAST)
+    hosts.append(c)
+    changes: list[tuple[tuple[str, int, bytes], ...]] = []
+    config = RelayConfig(
+        client="always",
+        reservations=1,
+        relays=tuple(("127.0.0.1", p) for p in ports),
+        check_interval=0.1,
+    )
+    client = RelayClient(c, config, list, lambda: True, changes.append)
+    client.start()
+    try:
+        await eventually(lambda: bool(changes))
+        assert changes[0] == (("127.0.0.1", ports[0], hosts[0].node_id),)
+        # renewed at half its lifetime, again and again
+        await eventually(lambda: relays[0].stats().get("reservations_renewed", 0) >= 2)
+        assert relays[0].stats()["reservations"] == 1
+        assert len(changes) == 1
+        # the first relay goes away: C reserves on the other and says so
+        await relays[0].close()
+        await hosts[0].close()
+        await eventually(lambda: len(changes) >= 2 and bool(changes[-1]))
+        assert changes[-1] == (("127.0.0.1", ports[1], hosts[1].node_id),)
+        assert client.stats()["reservations_lost"] == 1
+    finally:
+        await client.close()
+        for relay in relays:
+            await relay.close()
+        for host in hosts:
+            await host.close()

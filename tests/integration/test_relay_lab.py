@@ -82,6 +82,12 @@ def test_nodes_behind_nat_get_from_a_node_behind_symmetric_nat_through_a_relay(
         assert net_stats.get("relay_dials_ok", 0) >= 1, net_stats
         assert net_stats["connections_relayed"] >= 1, net_stats
 
+    # D finds C by its id (C is in no one's routing table as a server: its peer
+    # record names its relay).
+    c_id = status(lab, c, homes["c"])["peer_id"]
+    found = json.loads(cli_in(lab, d, homes["d"], "dht", "find-peer", c_id, "--json"))
+    assert [r["host"] for r in found["relays"]] == [str(a.address)], found
+
     relayed = status(lab, a, homes["a"])["relay"]["service"]
     assert relayed["circuits_opened"] >= 2, relayed
     assert relayed["bytes_relayed"] >= 2 * 1_000_000, relayed
