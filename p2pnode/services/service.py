@@ -857,7 +857,13 @@ class Services:
                 call_id = self._call_id()
                 left = deadline_at - self._clock.now()
                 msg = StreamOpen(call_id, name, max(1, int(left * 1000)), data)
-                answer = await self._exchange(address, msg, left, name, call_id)
+                try:
+                    answer = await self._exchange(address, msg, left, name, call_id)
+                except (DeadlineExceeded, asyncio.CancelledError):
+                    # The open was cancelled, but its answer may have crossed the
+                    # cancel (the stream is open there): close it all the same.
+                    self._tasks.spawn(self._close_stream(address, call_id), "close")
+                    raise
             except _Retry as retry:
                 failures.append((record.node_id, retry.error))
                 continue

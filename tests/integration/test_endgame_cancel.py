@@ -94,21 +94,39 @@ async def make_peer(tmp_path: Path) -> AsyncIterator[Factory]:
         await peer.discovery.close()
 
 
+@dataclass
+class Stall:
+    """Reads of the slow provider's copy wait for ``gate``; ``entered`` and ``ended``
+    count them (a read in a worker thread ends even when its request was cancelled)."""
+
+    gate: threading.Event
+    entered: int = 0
+    ended: int = 0
+
+
 @pytest.fixture
-def stalled_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Reads of files under tmp_path/slow wait until the returned gate opens."""
-    gate = threading.Event()
+def stalled_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stall]:
+    """Reads of files under tmp_path/slow wait until the gate opens."""
+    stall = Stall(threading.Event())
+    lock = threading.Lock()
     slow = str(tmp_path / "slow")
     real = PieceSource.read
 
     def read(self: PieceSource, index: int) -> memoryview:
-        if any(p.startswith(slow) for p in self.paths):
-            gate.wait(30)
-        return real(self, index)
+        if not any(p.startswith(slow) for p in self.paths):
+            return real(self, index)
+        with lock:
+            stall.entered += 1
+        try:
+            stall.gate.wait(30)
+            return real(self, index)
+        finally:
+            with lock:
+                stall.ended += 1
 
     monkeypatch.setattr(PieceSource, "read", read)
-    yield gate
-    gate.set()
+    yield stall
+    stall.gate.set()
 
 
 async def _four_providers(
@@ -142,7 +160,7 @@ async def _four_providers(
 
 
 async def test_endgame_duplicates_are_cancelled(
-    make_peer: Factory, tmp_path: Path, stalled_disk: threading.Event
+    make_peer: Factory, tmp_path: Path, stalled_disk: Stall
 ) -> None:
     providers, leech, rid, digest = await _four_providers(make_peer, tmp_path)
     slow = providers[3]
@@ -171,8 +189,12 @@ async def test_endgame_duplicates_are_cancelled(
     assert net_slow.get("unknown_messages", 0) == net_slow.get("bad_messages", 0) == 0
     # The stalled reads end later: their pieces are never sent.
     sent_before = net_slow["bytes_out"]
-    stalled_disk.set()
-    await asyncio.sleep(0.2)  # (nothing to wait for: checking that nothing happens)
+    assert stalled_disk.entered >= 1
+    stalled_disk.gate.set()
+    await eventually(
+        lambda: stalled_disk.ended == stalled_disk.entered, what="the stalled reads ended"
+    )
+    await asyncio.sleep(0)  # (their results reach the loop, to be dropped)
     served = slow.exchange.stats()
     assert served["pieces_served"] == 0 and served["piece_requests_queued"] == 0
     assert slow.host.stats()["bytes_out"] - sent_before < MIN_PIECE_SIZE

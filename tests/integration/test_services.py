@@ -32,7 +32,14 @@ from p2pnode.net.dispatch import routes_of
 from p2pnode.net.host import PeerAddress, PeerHost
 from p2pnode.node import Node
 from p2pnode.services import CallContext, ServiceLimits
-from p2pnode.services.messages import Call, Describe, ServiceInfo
+from p2pnode.services.messages import (
+    Call,
+    Describe,
+    ServiceInfo,
+    StreamClose,
+    StreamClosed,
+    StreamOpen,
+)
 from p2pnode.wire.messages import Message, Ping, Pong
 from tests.helpers import can_bind, eventually, fast_config
 
@@ -297,6 +304,45 @@ async def test_deadline_enforced_by_the_caller(net: list[Node], tmp_path: Path) 
         assert caller.peer_host.stats()["cancels_sent"] == 1
         assert silent.stats()["cancels_received"] == 1
         await eventually(lambda: silent.stats()["handlers_inflight"] == 0, what="slot freed")
+    finally:
+        await silent.close()
+
+
+async def test_a_stream_open_given_up_is_closed_too(net: list[Node], tmp_path: Path) -> None:
+    """The caller's deadline passes while its StreamOpen waits: the open is cancelled
+    and, since its answer may have crossed the cancel, the stream closed as well."""
+    caller = net[2]
+    silent = await raw_host(tmp_path)
+    seen: list[Message] = []
+    never = asyncio.Event()
+
+    async def describe(remote: bytes, msg: Message) -> Message:
+        assert isinstance(msg, Describe)
+        return ServiceInfo(msg.service, "stream", False)
+
+    async def black_hole(remote: bytes, msg: Message) -> Message:
+        seen.append(msg)
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    async def close(remote: bytes, msg: Message) -> Message:
+        seen.append(msg)
+        return StreamClosed(False)
+
+    routes = routes_of(silent)
+    routes.route((Describe,), describe)
+    routes.route((StreamOpen,), black_hole)
+    routes.route((StreamClose,), close)
+    try:
+        port = silent._servers[0].sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        await caller.peer_host.request(PeerAddress(silent.node_id, "127.0.0.1", port), Ping())
+        with pytest.raises(DeadlineExceeded):
+            async for _ in caller.call_stream("black.hole", 1, timeout=0.5, peer=silent.node_id):
+                pass
+        await eventually(lambda: len(seen) == 2, what="the open, then its close")
+        opened, closed = seen
+        assert isinstance(opened, StreamOpen) and closed == StreamClose(opened.call_id)
+        assert silent.stats()["cancels_received"] == 1
     finally:
         await silent.close()
 

@@ -270,3 +270,68 @@ def test_stream_pulls_see_items_then_the_end_or_the_error_once() -> None:
             assert delivered == produced  # nothing produced was lost
             assert outcome[1] is failed
             assert credit.collect(5) == ([], True)
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytes", "zero-copy"])
+def test_a_call_and_a_stream_over_two_cores_fed_one_byte_at_a_time(mode: str) -> None:
+    """The services' messages through two ConnectionCores (no asyncio): a call, its
+    reply, a cancelled call (no answer), a stream opened, pulled and closed; the
+    bytes delivered whole, one at a time, or in odd-sized reads give the same events."""
+    from p2pnode.net.core import RequestCancelled, RequestReceived, ResponseReceived
+    from p2pnode.services.messages import (
+        Reply,
+        StreamClose,
+        StreamClosed,
+        StreamOpen,
+        StreamOpened,
+        StreamPull,
+        register,
+    )
+    from tests.unit.test_net_core import LIMITS, REGISTRY, SENDER_REGISTRY, Pair
+
+    register(REGISTRY), register(SENDER_REGISTRY)  # (copied before the services imported)
+    pair = Pair(mode, LIMITS, LIMITS)
+    pair.pump()
+    pair.take(pair.a), pair.take(pair.b)
+    call = pair.a.send_request(Call(1, "math.add", 500, encode_value({"a": 1})), pair.now)
+    gone = pair.a.send_request(Call(2, "slow.job", 500, encode_value(None)), pair.now)
+    opened = pair.a.send_request(StreamOpen(3, "logs.tail", 500, encode_value(2)), pair.now)
+    pair.pump()
+    received = pair.take(pair.b)
+    assert [type(e.message) for e in received if isinstance(e, RequestReceived)] == [
+        Call,
+        Call,
+        StreamOpen,
+    ]
+    pair.a.cancel_request(gone, pair.now)  # the caller gives up call 2
+    pair.pump()
+    assert pair.take(pair.b) == [RequestCancelled(gone)]
+    pair.b.handler_stopped(gone)
+    pair.b.send_response(call, Reply(1, encode_value(2)), pair.now)
+    pair.b.send_response(opened, StreamOpened(3, 8), pair.now)
+    pair.pump()
+    answers = {
+        e.request_id: e.envelope.message
+        for e in pair.take(pair.a)
+        if isinstance(e, ResponseReceived)
+    }
+    assert answers == {call: Reply(1, encode_value(2)), opened: StreamOpened(3, 8)}
+    pull = pair.a.send_request(StreamPull(3, 8), pair.now)
+    pair.pump()
+    (got,) = pair.take(pair.b)
+    assert isinstance(got, RequestReceived) and got.message == StreamPull(3, 8)
+    items = (encode_value(0), encode_value(1))
+    pair.b.send_response(pull, StreamItems(3, items, False), pair.now)
+    close = pair.a.send_request(StreamClose(3), pair.now)
+    pair.pump()
+    (got,) = pair.take(pair.b)
+    assert isinstance(got, RequestReceived) and got.message == StreamClose(3)
+    pair.b.send_response(close, StreamClosed(True), pair.now)
+    pair.pump()
+    answers = {
+        e.request_id: e.envelope.message
+        for e in pair.take(pair.a)
+        if isinstance(e, ResponseReceived)
+    }
+    assert answers == {pull: StreamItems(3, items, False), close: StreamClosed(True)}
+    assert pair.a.outstanding == 0 and pair.b.inflight == 0 and pair.b.stopping == 0
