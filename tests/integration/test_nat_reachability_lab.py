@@ -1,4 +1,4 @@
-"""Reachability through the network-namespace lab (tests/lab.py), real
+"""Reachability through the network-namespace lab (p2pnode/sim/netlab.py), real
 ``p2pnode start`` processes: public nodes find themselves public; nodes behind an
 eim, a symmetric and a firewall router find themselves private over TCP and UDP
 (AutoNAT dial-backs), become DHT clients (gone from the public nodes' routing
@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from p2pnode.sim.netlab import Lab, Node
 from tests.cli_helpers import poll
 from tests.conftest import needs_lab
 from tests.integration.test_nat_lab import cli_in, start_node
-from tests.lab import Lab, Node
 
 pytestmark = needs_lab
 
