@@ -379,6 +379,7 @@ class RelayClient:
         self.held: dict[bytes, _Held] = {}
         self._refused: dict[tuple[str, int], float] = {}  # retry after
         self._accepting = 0
+        self._stepping = asyncio.Lock()  # one step at a time (the loop, a refresh)
         self._tasks = TaskSet("relay-client")
         register(host.registry)
 
@@ -413,6 +414,10 @@ class RelayClient:
 
     async def step(self) -> None:
         """Drop lost reservations, renew and keep alive the others, fill up."""
+        async with self._stepping:
+            await self._step()
+
+    async def _step(self) -> None:
         before = self.hops()
         now = self.clock.now()
         if not self.active():
@@ -555,7 +560,7 @@ class Relay:
             host,
             config,
             discovery.contacts,
-            lambda: _wanted(config.client, reachability(), "private"),
+            lambda: _wanted(config.client, self.reachability(), "private"),
             self._relays_changed,
             clock,
         )
@@ -589,6 +594,16 @@ class Relay:
         out = self.service.stats()
         out.update({f"client_{k}": v for k, v in self.client.stats().items()})
         return out
+
+    def refresh(self) -> None:
+        """The reachability verdict changed: follow it now (for its change hook;
+        otherwise it is looked at every ``check_interval``)."""
+        self._check_service()
+        self._tasks.spawn(self._quiet_step(), "relay-refresh")
+
+    async def _quiet_step(self) -> None:
+        with contextlib.suppress(P2PError):
+            await self.client.step()
 
     def _relays_changed(self, hops: tuple[RelayHop, ...]) -> None:
         self.discovery.set_relays(hops)

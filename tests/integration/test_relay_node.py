@@ -17,6 +17,7 @@ import pytest
 from p2pnode.config import NodeConfig
 from p2pnode.exchange.manifest import dht_key
 from p2pnode.nat.relay_core import RelayConfig
+from p2pnode.nat.types import Reachability
 from p2pnode.node import Node
 from p2pnode.services import CallContext
 from tests.helpers import can_bind, eventually, fast_config
@@ -116,3 +117,20 @@ async def test_a_hidden_node_is_found_by_its_id(net: tuple[Node, Node, Node]) ->
     assert hop == (r.config.host, r.port, r.node_id)
     status = c.status()["relay"]
     assert status["reservations"] == [{"relay": r.peer_id, "address": f"{r.config.host}:{r.port}"}]
+
+
+async def test_auto_modes_follow_the_reachability_verdict(homes: Callable[[str], Path]) -> None:
+    node = Node(fast_config(homes("auto"), control_api=False))
+    await node.start()
+    try:
+        relay = node.relay
+        assert not relay.service.enabled  # no verdict yet: neither side
+        assert not relay.client.active()
+        relay.reachability = lambda: Reachability.PUBLIC.value  # the verdict's hook
+        relay.refresh()
+        assert relay.service.enabled and not relay.client.active()
+        relay.reachability = lambda: Reachability.PRIVATE.value
+        relay.refresh()
+        assert not relay.service.enabled and relay.client.active()
+    finally:
+        await node.stop()
