@@ -428,6 +428,9 @@ class Node:
         if event.transport == UDP and self._discovery is not None:
             # Not reachable over UDP: a DHT client (libp2p kad-dht's auto mode).
             self._discovery.set_client_mode(event.new is Reachability.PRIVATE)
+        if event.transport == TCP and self._relay is not None:
+            # private: reserve relay slots now; public: offer a relay
+            self._relay.refresh()
         for listener in list(self._reachability_listeners):
             listener(event)
         self.reachability_changed.set()

@@ -46,6 +46,9 @@ class ReachabilityConfig:
     probe_servers: int = 3
     # Distinct server IPs that must report failure (no success since) for "private".
     failures_for_private: int = 3
+    # ... or, in a network that knows fewer servers than that (a small one, or a
+    # lab), every server it knows, if they are at least this many.
+    min_failures_for_private: int = 2
     max_confidence: int = 3
     retry_unknown: float = 2.0
     retry_unknown_max: float = 60.0
@@ -56,6 +59,8 @@ class ReachabilityConfig:
     evidence_ttl: float = 1800.0
 
     def __post_init__(self) -> None:
+        if self.min_failures_for_private < 1:
+            raise UsageError("min_failures_for_private must be >= 1")
         if self.probe_servers < 1 or self.failures_for_private < 1 or self.max_confidence < 1:
             raise UsageError("probe_servers, failures_for_private, max_confidence must be >= 1")
         for name in ("retry_unknown", "retry_unknown_max", "refresh", "evidence_ttl"):
@@ -148,6 +153,8 @@ class ReachabilityCore:
         self._retry = config.retry_unknown
         self._short = False  # the last round found fewer servers than wanted
         self._asked: OrderedDict[str, float] = OrderedDict()  # server IP -> when asked
+        # distinct server IPs among the last round's candidates (a small network's all)
+        self._servers_known: int | None = None  # None: no round yet
         self.mapping: tuple[str, int] | None = None
         self.stats: dict[str, int] = {
             "probe_rounds": 0,
@@ -219,6 +226,7 @@ class ReachabilityCore:
         chosen: list[int] = []
         ips: set[str] = set()
         cooldown = self.config.server_cooldown
+        self._servers_known = len({ip for _, ip, _ in candidates})
         for index, (_, ip, _) in enumerate(candidates):
             if len(chosen) >= self.config.probe_servers:
                 break
@@ -276,7 +284,11 @@ class ReachabilityCore:
         state.failures[server_ip] = now
         while len(state.failures) > MAX_SERVERS_REMEMBERED:
             state.failures.popitem(last=False)
-        enough = len(state.failures) >= self.config.failures_for_private
+        needed = self.config.failures_for_private
+        if self._servers_known is not None:
+            floor = max(self.config.min_failures_for_private, self._servers_known)
+            needed = min(needed, floor)
+        enough = len(state.failures) >= needed
         if state.verdict is Reachability.PRIVATE:
             state.confidence = min(cap, state.confidence + 1)
         elif state.verdict is Reachability.PUBLIC and state.confidence > 0:

@@ -44,6 +44,22 @@ def test_private_needs_failures_from_several_server_ips() -> None:
     assert c.stats["probe_udp_failure"] == 4 and c.stats["probe_udp_no_evidence"] == 1
 
 
+def test_a_small_network_settles_for_every_server_it_knows() -> None:
+    """Two servers known (a lab, a young network): both failing is enough; one
+    is never enough, whatever the network's size."""
+    c = core(failures_for_private=3)
+    servers = [(bytes([i]) * 20, f"198.51.100.{i}", 4001) for i in (1, 2)]
+    assert c.pick_servers(servers, 1.0) == [0, 1]
+    c.result(TCP, "198.51.100.1", FAILURE, 1.1)
+    assert c.verdict(TCP) is UNKNOWN
+    c.result(TCP, "198.51.100.2", FAILURE, 1.2)
+    assert c.verdict(TCP) is PRIVATE
+    lone = core(failures_for_private=3)
+    lone.pick_servers(servers[:1], 1.0)
+    lone.result(TCP, "198.51.100.1", FAILURE, 1.1)
+    assert lone.verdict(TCP) is UNKNOWN
+
+
 def test_a_success_in_between_clears_the_failures() -> None:
     c = core(failures_for_private=2)
     c.result(TCP, "198.51.100.1", FAILURE, 1.0)
