@@ -132,7 +132,6 @@ class Matrix:
         self.lab = lab
         self.workdir = workdir
         self.net = lab.public_bridge("203.0.113.0/24")
-        self._lans = 0
         self.seed = self._place("seed", "public")
         self.providers = {k: self._place(f"p-{k}", k) for k in kinds}
         self.downloaders = {k: self._place(f"d-{k}", k) for k in kinds}
@@ -142,9 +141,8 @@ class Matrix:
             host = self.lab.host(name, on=self.net)
             reach = str(host.address)
         else:
-            self._lans += 1
-            lan = f"100.64.{self._lans}.0/24"
             nat = cast(NatKind, "eim" if kind == "upnp" else kind)
+            lan = self.lab.next_lan(nat)
             router = self.lab.router(f"r-{name}", wan=self.net, lan=lan, nat=nat)
             if kind == "upnp":
                 self.lab.upnp(router, stun=self.seed.host)

@@ -21,11 +21,12 @@ itself is the Noise initiator; in a simultaneous open, A is. Up to
 Rules for what a peer sends (it may be lying, or aiming us at a third party):
 an address is used only if it parses (IP literal and port, no names), is not
 unspecified/multicast/broadcast/reserved, not one of ours, not loopback unless
-we are on loopback ourselves, and not a non-global (private, shared,
-documentation) address unless one of ours is in the same /16 (v4) or /48
-(v6); at most ``max_targets`` per attempt, duplicates once. So a peer can make
-us send at most ``attempts * max_targets`` SYNs per upgrade it is part of, and
-the shell's :class:`PunchBudget` bounds the upgrades per peer and in all.
+we are on loopback ourselves, and not a non-global (private, shared) address
+unless one of ours is in the same /16 (v4) or /48 (v6) (documentation ranges
+pass: they route nowhere outside a lab); at most ``max_targets`` per attempt,
+duplicates once. So a peer can make us send at most ``attempts * max_targets``
+SYNs per upgrade it is part of, and the shell's :class:`PunchBudget` bounds
+the upgrades per peer and in all.
 """
 
 from __future__ import annotations
@@ -163,9 +164,22 @@ def _reject_reason(
         return "bad_ip"
     if ip.is_link_local:
         return "link_local"
-    if not ip.is_global and not any(_same_site(ip, m) for m in mine):
+    if not ip.is_global and not _documentation(ip) and not any(_same_site(ip, m) for m in mine):
         return "not_global"
     return None
+
+
+# The documentation ranges route nowhere on the internet, so a SYN aimed there
+# reaches no third party; network-namespace labs (p2pnode/sim/netlab.py) use
+# them as their public addresses.
+DOCUMENTATION = tuple(
+    ipaddress.ip_network(n)
+    for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+)
+
+
+def _documentation(ip: IPAddress) -> bool:
+    return any(ip.version == net.version and ip in net for net in DOCUMENTATION)
 
 
 def _same_site(ip: IPAddress, mine: IPAddress) -> bool:

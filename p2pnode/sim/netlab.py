@@ -100,6 +100,8 @@ class Lab:
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen[str]] = []
         self.stun_hosts: set[str] = set()  # namespaces running the lab's STUN responder
+        self._nat_lans = itertools.count(1)
+        self._routed_lans = itertools.count(0)
         self.upnpds: list[Upnpd] = []
 
     # -- building --------------------------------------------------------
@@ -194,6 +196,21 @@ class Lab:
             max_lifetime=max_lifetime,
             igd_v1=igd_v1,
         )
+
+    def next_lan(self, nat: NatKind) -> str:
+        """A fresh LAN for a router: behind a NAT, a /24 of 100.64.0.0/10 (as
+        carrier and home NATs use); behind a firewall (routed, no NAT), a /28 of
+        the documentation ranges, as a firewalled host has a public address."""
+        if nat != "firewall":
+            index = next(self._nat_lans)
+            if index >= 64 * 256:
+                raise ValueError("the lab has no more NATed LANs")
+            return f"100.{64 + index // 256}.{index % 256}.0/24"
+        index = next(self._routed_lans)
+        if index >= 32:
+            raise ValueError("the lab has no more routed LANs (32 /28s)")
+        base = "198.51.100" if index < 16 else "192.0.2"
+        return f"{base}.{16 * (index % 16)}/28"
 
     # -- running ---------------------------------------------------------
 

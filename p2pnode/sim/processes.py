@@ -394,8 +394,8 @@ class ProcessCluster(Cluster):
                 host = lab.host(f"n{index}", on=net)
                 self._lab_addresses[index] = str(host.address)
             else:
-                lan = f"100.{64 + index // 256}.{index % 256}.0/24"
-                router = lab.router(f"r{index}", wan=net, lan=lan, nat=cast(NatKind, kind))
+                nat = cast(NatKind, kind)
+                router = lab.router(f"r{index}", wan=net, lan=lab.next_lan(nat), nat=nat)
                 host = lab.host(f"n{index}", behind=router)
                 # where peers would reach it: its router (if they can at all)
                 self._lab_addresses[index] = str(router.address)

@@ -35,6 +35,7 @@ MODES: tuple[Mode, ...] = ("inprocess", "processes", "virtual")
 # Router kinds of the lab (p2pnode.sim.netlab.NatKind) a node may sit behind.
 NAT_KINDS = ("eim", "symmetric", "firewall")
 MAX_LAB_NODES = 200
+MAX_LAB_ROUTED = 32  # firewalled LANs: /28s of the documentation ranges
 VIRTUAL_LATENCY_MS = 20.0  # virtual mode's one-way delay unless --latency-ms says
 
 OpKind = Literal[
@@ -220,6 +221,8 @@ class ScenarioConfig:
             not fractions or self.nodes <= MAX_LAB_NODES,
             f"nat: at most {MAX_LAB_NODES} nodes (one /24 of public lab addresses)",
         )
+        firewalled = round(fractions.get("firewall", 0) * (self.nodes - self.seeds))
+        need(firewalled <= MAX_LAB_ROUTED, f"nat: at most {MAX_LAB_ROUTED} nodes behind firewalls")
         return self
 
     def nat_fractions(self) -> dict[str, float]:

@@ -99,7 +99,7 @@ def test_addresses_that_parse_and_are_fit_are_kept_in_order() -> None:
         ("fe80::1", 4000, "link_local"),
         ("10.0.0.5", 22, "not_global"),  # someone's LAN: not ours
         ("192.168.1.1", 80, "not_global"),
-        ("198.51.100.7", 4000, "not_global"),  # documentation, but not our /16
+        ("100.64.7.7", 4000, "not_global"),  # shared (carrier NAT) space, not our /16
         ("203.0.113.3", 4001, "ours"),
     ],
 )
@@ -110,6 +110,9 @@ def test_a_peer_cannot_aim_us_at_unfit_addresses(host: str, port: int, why: str)
 
 def test_global_addresses_pass_and_local_ones_only_where_we_are() -> None:
     assert usable_targets([pack_addr("8.8.8.8", 4000)], A_OWN, 4)[0] == [("8.8.8.8", 4000)]
+    # documentation ranges route nowhere outside a lab: harmless, and the lab's own
+    far = pack_addr("198.51.100.7", 4000)
+    assert usable_targets([far], A_OWN, 4)[0] == [("198.51.100.7", 4000)]
     on_lan = [("192.168.1.20", 4001)]
     assert usable_targets([pack_addr("192.168.1.9", 4000)], on_lan, 4)[0] == [("192.168.1.9", 4000)]
     on_loopback = [("127.0.0.1", 4001)]
