@@ -562,10 +562,16 @@ class DhtCore:
         if isinstance(request, AddProviderRequest):
             return self._add_provider(request, host, now)
         assert isinstance(request, GetProvidersRequest)
-        # A fair sample: at most one record per IP, freshest first.
-        records = self.providers.get_records(
-            request.key, self.config.max_providers_per_response, now
-        )
+        # A fair sample: at most one record per IP, freshest first. Not our own
+        # local record: it names our listening address (loopback on a wildcard
+        # bind); the holders we announced to have the copies signed for others.
+        records = [
+            r
+            for r in self.providers.get_records(
+                request.key, self.config.max_providers_per_response + 1, now
+            )
+            if r.peer_id != self.node_id
+        ][: self.config.max_providers_per_response]
         return {
             "providers": [r.to_wire() for r in records],
             "nodes": self._neighbors_wire(request.key, request.node_id, (host, port), now),

@@ -318,6 +318,23 @@ def test_add_provider_then_get_providers_gives_the_signed_record(net: Net) -> No
     assert net.cores[b].stats["providers_accepted"] == 1
 
 
+def test_get_providers_leaves_out_the_answering_nodes_own_local_record(net: Net) -> None:
+    """A node keeps its own provider record for local use, signed with its
+    listening address (127.0.0.1 on a wildcard bind): handed to an asker, it
+    sent downloaders to their own loopback. Askers get the others' records;
+    the node's own are what it announced to the other holders."""
+    a, b, c = net.add(1), net.add(2), net.add(3)
+    net.answered(a, b, "ping")
+    key = kid(61)
+    remote = net.record(a, key, 7001)
+    assert net.add_provider(a, b, remote) is True
+    own = net.record(b, key, 7002, host="127.0.0.1")
+    net.cores[b].providers.add_record(own, None, net.clock.now())
+    answer = net.answered(c, b, "get_providers", key)
+    assert isinstance(answer, tuple)
+    assert answer[0] == [remote]
+
+
 def test_stun_answers_the_source_address(net: Net) -> None:
     a, b = net.add(1), net.add(2)
     assert net.answered(a, b, "stun") == a
