@@ -54,7 +54,7 @@ Rules
   never asked) is ignored (``cancels_too_late``). Every request received
   earns one cancel (up to ``CANCEL_CREDIT``); a cancel beyond what was earned
   is ``cancels_bogus`` and a strike, so a cancel storm costs its sender
-  requests (or its connection) and costs us a dict lookup per cancel.
+  requests (or its connection) and costs us a set lookup per cancel.
 - A payload whose envelope cannot be read is dropped; a request of an unknown
   type or with bad fields is answered ``unsupported`` / ``bad_request``: each
   is a strike. Strikes fade at ``strike_decay`` per second; past
@@ -127,8 +127,9 @@ log = logging.getLogger(__name__)
 
 # Sealed frames up to this size are corked (joined with their neighbours).
 CORK_MAX = 16 * 1024
-# Cancels a peer may have earned and not spent (one per request it sent), at most
-# this many or 4 x the in-flight limit: an honest peer cancels each request once.
+# Cancels a peer may have earned and not spent (one per request it sent): at most
+# this many, or 4 x the in-flight limit if more. An honest peer cancels a request
+# at most once, and only one it sent, so it never runs out.
 CANCEL_CREDIT = 1024
 
 

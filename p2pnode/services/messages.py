@@ -21,8 +21,9 @@ carries its message only, never a traceback).
 Cancelling is the request mux's (``Kind.CANCEL``, wire/messages.py): a caller
 that gives up a ``Call`` cancels that request, which stops the handler, and no
 answer follows; a cancelled ``StreamPull`` ends its stream the same way.
-``StreamClose`` remains for the one case no request is out to cancel: a
-consumer that stops between pulls. Codes 56 and 57 (the former
+``StreamClose`` remains because a stream outlives its requests: a consumer that
+stops between pulls has no request out to cancel, and a cancelled pull (or open)
+whose answer crossed the cancel leaves the stream open there. Codes 56 and 57 (the former
 ``Cancel``/``Cancelled``, call or stream by call id) are retired, never reused.
 
 Request and reply bodies are values encoded by ``services/values.py``.

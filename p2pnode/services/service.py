@@ -30,7 +30,8 @@ Rules:
   error, too large, deadline) end the call at once.
 - A caller whose deadline passes, or that is cancelled, cancels its request (the
   connection tells the provider, which stops the handler); a stream left before
-  its end is closed: its pull is cancelled, or, between pulls, ``StreamClose``.
+  its end is closed: its pull, if one is out, is cancelled and ``StreamClose``
+  follows (the pull's answer may have crossed the cancel).
 """
 
 from __future__ import annotations
@@ -877,19 +878,16 @@ class Services:
         window = max(1, min(CLIENT_WINDOW, answer.max_credit))
         outstanding = 0
         ended = False
-        pulling = False  # a pull is out: leaving now cancels it, which ends the stream there
         try:
             while True:
                 left = deadline_at - self._clock.now()
                 if left <= 0:
                     raise DeadlineExceeded(f"stream {name!r} passed its deadline", service=name)
                 grant = window - outstanding
-                pulling = True
                 try:
                     got = await self._exchange(
                         address, StreamPull(answer.stream_id, grant), left, name, None
                     )
-                    pulling = False
                 except _Retry as retry:
                     raise ProvidersFailed(
                         f"stream {name!r} broke: {retry.error}",
@@ -909,7 +907,9 @@ class Services:
                 if got.end:
                     return
         finally:
-            if not ended and not pulling:  # left between pulls: say so
+            # Left early: between pulls, or with a pull out, which was cancelled (that
+            # ends the stream there too, unless its answer crossed the cancel).
+            if not ended:
                 self._tasks.spawn(self._close_stream(address, answer.stream_id), "close")
 
 

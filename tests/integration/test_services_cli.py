@@ -314,6 +314,11 @@ def test_served_services_persist_across_restart(tmp_path: Path, nodes: list[Runn
     own = json.loads(run_cli(*h, "id", "--json").stdout)["peer_id"]
     called = cli(*h, "call", "text.upper", "--input", "abc", "--peer", own)
     assert called.returncode == 0 and called.stdout == "cba\n", called.stderr
+    # announced again too: a node joining now finds it through the DHT and calls it
+    other = RunningNode(tmp_path / "other", "--bootstrap", b.bootstrap)
+    nodes.append(other)
+    poll(lambda: _found(other.home, "text.upper"))
+    assert cli("--home", str(other.home), "call", "text.upper", "--input", "xy").stdout == "yx\n"
     run_cli(*h, "unserve", "weather")
     assert [s["name"] for s in json.loads(saved.read_text())["services"]] == [
         "text.upper",
