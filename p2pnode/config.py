@@ -17,6 +17,7 @@ from p2pnode import confcheck
 from p2pnode.dht.config import DhtConfig
 from p2pnode.errors import UsageError
 from p2pnode.exchange.config import ExchangeConfig
+from p2pnode.nat.holepunch_core import HolePunchConfig
 from p2pnode.nat.portmap_core import PortMapConfig
 from p2pnode.nat.reachability import AutoNatConfig
 from p2pnode.nat.relay_core import RelayConfig
@@ -94,6 +95,7 @@ class NodeConfig:
     services: NodeServiceLimits = field(default_factory=_default_service_limits)
     # The circuit relay: offered (public nodes) and used (private ones); p2pnode/nat/relay.py
     relay: RelayConfig = field(default_factory=RelayConfig)
+    holepunch: HolePunchConfig = field(default_factory=HolePunchConfig)
     # False: no control API (no listener, no control.json); for many nodes in one
     # process (simulations), where it would cost a file descriptor each.
     control_api: bool = True
@@ -131,6 +133,7 @@ class NodeConfig:
             ("services", _service_limits_class()),
             ("portmap", PortMapConfig),
             ("relay", RelayConfig),
+            ("holepunch", HolePunchConfig),
         )
         for name, kind in nested:
             if not isinstance(getattr(self, name), kind):

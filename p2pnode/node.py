@@ -216,15 +216,17 @@ class Node:
             port=self._port,
         )
         self._relay.start()
-        self._holepunch = HolePuncher(
-            self._host,
-            listen_port=self._port,
-            addresses=self._punch_addresses,
-            reachability=lambda: self.autonat.core.verdict(TCP),
-            bind_host=self.config.host if self.config.host != "::" else "0.0.0.0",
-        )
-        self._holepunch.start()
-        self._host.on_established(self._on_connection)
+        if self.config.holepunch.enabled:
+            self._holepunch = HolePuncher(
+                self._host,
+                listen_port=self._port,
+                addresses=self._punch_addresses,
+                reachability=lambda: self.autonat.core.verdict(TCP),
+                config=self.config.holepunch,
+                bind_host=self.config.host if self.config.host != "::" else "0.0.0.0",
+            )
+            self._holepunch.start()
+            self._host.on_established(self._on_connection)
         if not self.config.control_api:
             clear_control(self.home)  # a stale file would point the CLI at nothing
             return

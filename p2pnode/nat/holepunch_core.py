@@ -51,6 +51,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True)
 class HolePunchConfig:
+    enabled: bool = True
+    """Off: relayed connections stay relayed (no upgrade tried or answered)."""
     attempts: int = 3
     """Connect/Sync rounds before giving up (DCUtR: 3)."""
     reply_timeout: float = 5.0

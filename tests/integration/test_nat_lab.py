@@ -229,14 +229,11 @@ def test_node_behind_eim_nat_joins_a_public_node_and_downloads(lab: Lab, tmp_pat
     assert str(router.address) in peers and str(c.address) not in peers, peers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: C's provider record names the router's address and nothing is mapped there",
-)
 def test_public_node_downloads_from_a_node_behind_eim_nat(lab: Lab, tmp_path: Path) -> None:
     """Issue 12's first failure: C, behind an eim router that drops unsolicited
-    inbound, shares; B, public, finds C as provider and downloads from it.
-    Today B dials the router, which drops the SYN: the get times out."""
+    inbound, shares; B, public, finds C as provider and downloads from it. It
+    used to time out dialing the router; now C finds itself private, reserves
+    on a relay, and B reaches it (through the relay, then a reversal)."""
     a, b, router, c = two_public_hosts_and_one_behind(lab, "eim")
     home_a, home_b, home_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     banner = start_node(lab, a, home_a)

@@ -73,14 +73,16 @@ def test_nodes_behind_nat_get_from_a_node_behind_symmetric_nat_through_a_relay(
         )
         for getter, name in getters
     }
-    for getter, name in getters:
+    for _getter, name in getters:
         out, err = gets[name].communicate(timeout=40)
         assert gets[name].returncode == 0 and "verified" in out, err
         assert (tmp_path / f"got-{name}").read_bytes() == data.read_bytes()
-        net_stats = status(lab, getter, homes[name])["net"]
-        # The connection to C went through a relay (and is still pooled).
-        assert net_stats.get("relay_dials_ok", 0) >= 1, net_stats
-        assert net_stats["connections_relayed"] >= 1, net_stats
+    # D, behind its own NAT, can reach C (symmetric: no punching) only through
+    # the relay. B is public: C's own connections to it (its dial-back probes,
+    # or a reversal) may carry B's download instead.
+    net_stats = status(lab, d, homes["d"])["net"]
+    assert net_stats.get("relay_dials_ok", 0) >= 1, net_stats
+    assert net_stats["connections_relayed"] >= 1, net_stats
 
     # D finds C by its id (C is in no one's routing table as a server: its peer
     # record names its relay).
@@ -89,7 +91,7 @@ def test_nodes_behind_nat_get_from_a_node_behind_symmetric_nat_through_a_relay(
     assert [r["host"] for r in found["relays"]] == [str(a.address)], found
 
     relayed = status(lab, a, homes["a"])["relay"]["service"]
-    assert relayed["circuits_opened"] >= 2, relayed
-    assert relayed["bytes_relayed"] >= 2 * 1_000_000, relayed
+    assert relayed["circuits_opened"] >= 1, relayed
+    assert relayed["bytes_relayed"] >= 1_000_000, relayed
     accepted = status(lab, c, homes["c"])["relay"]["client"]
-    assert accepted["circuits_accepted"] >= 2, accepted
+    assert accepted["circuits_accepted"] >= 1, accepted
