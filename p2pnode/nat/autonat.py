@@ -40,7 +40,7 @@ from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.dht import Discovery
 from p2pnode.dht.core import AddressObserved, DialBackReceived, Event, dial_back_datagram
 from p2pnode.dht.rpc_schema import normalize_host
-from p2pnode.errors import P2PError, ProtocolError
+from p2pnode.errors import ConnectionClosed, P2PError, ProtocolError
 from p2pnode.nat.observed import TCP, UDP, ObservedAddresses
 from p2pnode.nat.reachability import (
     FAILURE,
@@ -274,7 +274,7 @@ class AutoNat:
             return FAILED
         finally:
             if conn is not None:
-                conn.close(P2PError("dial-back done"))
+                conn.close(ConnectionClosed("dial-back done"))
         if not isinstance(answer, DialBackAck):
             self.stats["dial_backs_tcp_failed"] += 1
             return FAILED
@@ -377,6 +377,14 @@ class AutoNat:
             self._result(UDP, ip, await self._udp_outcome(probe, answer.udp, asked_at))
         finally:
             self._probes.pop(nonce, None)
+            self._close_probe_connections(server, before)
+
+    def _close_probe_connections(self, server: bytes, before: set[int]) -> None:
+        """A connection dialed only for this probe goes when it is done (if idle):
+        probes should not leave every node holding connections to its servers."""
+        for conn in self.host.connections_to(server):
+            if id(conn) not in before and conn.dialed is not None and not conn.busy:
+                conn.close(ConnectionClosed("AutoNAT probe done"))
 
     def _tcp_outcome(self, probe: _Probe, said: str) -> str:
         # Our handler acknowledged before the server answered: no waiting needed.

@@ -126,9 +126,8 @@ async def test_the_server_dials_only_the_ip_the_request_came_from(
     # (no bind on connect): the server dials that source IP, not the address the
     # client's DHT contact names, so this dial-back fails; nothing in a request
     # can point it anywhere else.
-    seen = {c.peername[0] for c in server.peer_host.connections_to(client.node_id)}
     assert {(p.host, p.node_id) for p in dialed} == {("127.0.0.1", client.node_id)}
-    assert "127.0.0.1" in seen
+    assert client.reachability.tcp is not Reachability.PUBLIC
 
 
 async def test_dial_back_floods_are_refused_and_counted(started: Callable[..., object]) -> None:

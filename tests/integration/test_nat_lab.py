@@ -213,7 +213,10 @@ def test_node_behind_eim_nat_joins_a_public_node_and_downloads(lab: Lab, tmp_pat
 
 
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict since AutoNAT: C's probe request to B opens a C->B connection for
+    # a few seconds, and B's get may reuse it (the pool is keyed by peer id), so
+    # the download sometimes works. Strict again once relays/punching make it always.
+    strict=False,
     reason="issue 12: C's provider record names the router's address and nothing is mapped there",
 )
 def test_public_node_downloads_from_a_node_behind_eim_nat(lab: Lab, tmp_path: Path) -> None:
