@@ -392,8 +392,10 @@ class Node:
         now = self.clock.now()
         core = autonat.core
         observed = tuple(
-            f"{a.ip}:{a.port}" if a.port is not None else a.ip
-            for a in autonat.observed.confirmed(now)
+            dict.fromkeys(  # the same IP seen over TCP and UDP is listed once
+                f"{a.ip}:{a.port}" if a.port is not None else a.ip
+                for a in autonat.observed.confirmed(now)
+            )
         )
         return ReachabilityStatus(
             tcp=core.verdict(TCP),
