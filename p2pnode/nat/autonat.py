@@ -40,7 +40,7 @@ from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.dht import Discovery
 from p2pnode.dht.core import AddressObserved, DialBackReceived, Event, dial_back_datagram
 from p2pnode.dht.rpc_schema import normalize_host
-from p2pnode.errors import ConnectionClosed, P2PError, ProtocolError
+from p2pnode.errors import ConnectionClosed, LimitExceeded, P2PError, ProtocolError, UsageError
 from p2pnode.nat.observed import TCP, UDP, ObservedAddresses
 from p2pnode.nat.reachability import (
     FAILURE,
@@ -159,6 +159,7 @@ class AutoNat:
                 "refused_concurrency",
                 "refused_not_direct",
                 "refused_no_address",
+                "refused_own_limits",
                 "nonce_unknown",
                 "nonce_wrong_connection",
                 "claimed_unverified",
@@ -268,6 +269,12 @@ class AutoNat:
             async with asyncio.timeout(self.config.dial_timeout):
                 conn = await self.host.dial_fresh(PeerAddress(remote, ip, port))
                 answer = await conn.request(DialBack(nonce))
+        except (LimitExceeded, UsageError) as exc:
+            # Our own limits (outbound connections full) or closing: no word on
+            # the requester's reachability.
+            log.debug("no dial-back to %s:%d: %s", ip, port, exc)
+            self.stats["refused_own_limits"] += 1
+            return REFUSED
         except (P2PError, TimeoutError, OSError) as exc:
             log.debug("dial-back to %s:%d failed: %s", ip, port, exc)
             self.stats["dial_backs_tcp_failed"] += 1
