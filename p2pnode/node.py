@@ -417,7 +417,7 @@ class Node:
             return []
         own = self.join_candidates()
         if verdict is Reachability.UNKNOWN:
-            ips = [ip for ip in own if ipaddress.ip_address(ip).is_global]
+            ips = [ip for ip in own if _is_global(ip)]
         else:
             port = autonat.core.probe_ports(self._port, self._port)[0]
             mapped = autonat.core.mapping
@@ -621,6 +621,13 @@ class Node:
     async def find_service(self, name: str) -> list[ProviderRecord]:
         """Providers of ``name`` announced in the DHT."""
         return await self.services_part.find_service(name)
+
+
+def _is_global(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_global
+    except ValueError:  # a host name
+        return False
 
 
 def _host_port(host: str, port: int) -> str:

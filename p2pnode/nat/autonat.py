@@ -29,7 +29,6 @@ refused; every refusal is counted (``refused_*``).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 import secrets
@@ -425,10 +424,3 @@ class AutoNat:
             log.info("reachability %s: %s -> %s", event.transport, event.old, event.new)
             for listener in list(self._listeners):
                 listener(event)
-
-
-def is_global_ip(text: str) -> bool:
-    try:
-        return ipaddress.ip_address(text).is_global
-    except ValueError:
-        return False
