@@ -444,8 +444,10 @@ class Node:
         now = self.clock.now()
         core = autonat.core
         observed = tuple(
-            f"{a.ip}:{a.port}" if a.port is not None else a.ip
-            for a in autonat.observed.confirmed(now)
+            dict.fromkeys(  # the same IP seen over TCP and UDP is listed once
+                f"{a.ip}:{a.port}" if a.port is not None else a.ip
+                for a in autonat.observed.confirmed(now)
+            )
         )
         return ReachabilityStatus(
             tcp=core.verdict(TCP),
@@ -467,7 +469,7 @@ class Node:
             return []
         own = self.join_candidates()
         if verdict is Reachability.UNKNOWN:
-            ips = [ip for ip in own if ipaddress.ip_address(ip).is_global]
+            ips = [ip for ip in own if _is_global(ip)]
         else:
             port = autonat.core.probe_ports(self._port, self._port)[0]
             mapped = autonat.core.mapping
@@ -732,6 +734,13 @@ class Node:
     async def find_service(self, name: str) -> list[ProviderRecord]:
         """Providers of ``name`` announced in the DHT."""
         return await self.services_part.find_service(name)
+
+
+def _is_global(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_global
+    except ValueError:  # a host name
+        return False
 
 
 def _host_port(host: str, port: int) -> str:

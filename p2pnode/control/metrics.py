@@ -455,6 +455,7 @@ _NAT = _Subsystem(
             ("refused_concurrency", "concurrency"),
             ("refused_not_direct", "not_direct"),
             ("refused_no_address", "no_address"),
+            ("refused_own_limits", "own_limits"),
         ),
     },
 )

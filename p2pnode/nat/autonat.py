@@ -29,7 +29,6 @@ refused; every refusal is counted (``refused_*``).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 import secrets
@@ -40,7 +39,7 @@ from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.dht import Discovery
 from p2pnode.dht.core import AddressObserved, DialBackReceived, Event, dial_back_datagram
 from p2pnode.dht.rpc_schema import normalize_host
-from p2pnode.errors import P2PError, ProtocolError
+from p2pnode.errors import ConnectionClosed, LimitExceeded, P2PError, ProtocolError, UsageError
 from p2pnode.nat.observed import TCP, UDP, ObservedAddresses
 from p2pnode.nat.reachability import (
     FAILURE,
@@ -159,6 +158,7 @@ class AutoNat:
                 "refused_concurrency",
                 "refused_not_direct",
                 "refused_no_address",
+                "refused_own_limits",
                 "nonce_unknown",
                 "nonce_wrong_connection",
                 "claimed_unverified",
@@ -268,13 +268,19 @@ class AutoNat:
             async with asyncio.timeout(self.config.dial_timeout):
                 conn = await self.host.dial_fresh(PeerAddress(remote, ip, port))
                 answer = await conn.request(DialBack(nonce))
+        except (LimitExceeded, UsageError) as exc:
+            # Our own limits (outbound connections full) or closing: no word on
+            # the requester's reachability.
+            log.debug("no dial-back to %s:%d: %s", ip, port, exc)
+            self.stats["refused_own_limits"] += 1
+            return REFUSED
         except (P2PError, TimeoutError, OSError) as exc:
             log.debug("dial-back to %s:%d failed: %s", ip, port, exc)
             self.stats["dial_backs_tcp_failed"] += 1
             return FAILED
         finally:
             if conn is not None:
-                conn.close(P2PError("dial-back done"))
+                conn.close(ConnectionClosed("dial-back done"))
         if not isinstance(answer, DialBackAck):
             self.stats["dial_backs_tcp_failed"] += 1
             return FAILED
@@ -377,6 +383,14 @@ class AutoNat:
             self._result(UDP, ip, await self._udp_outcome(probe, answer.udp, asked_at))
         finally:
             self._probes.pop(nonce, None)
+            self._close_probe_connections(server, before)
+
+    def _close_probe_connections(self, server: bytes, before: set[int]) -> None:
+        """A connection dialed only for this probe goes when it is done (if idle):
+        probes should not leave every node holding connections to its servers."""
+        for conn in self.host.connections_to(server):
+            if id(conn) not in before and conn.dialed is not None and not conn.busy:
+                conn.close(ConnectionClosed("AutoNAT probe done"))
 
     def _tcp_outcome(self, probe: _Probe, said: str) -> str:
         # Our handler acknowledged before the server answered: no waiting needed.
@@ -410,10 +424,3 @@ class AutoNat:
             log.info("reachability %s: %s -> %s", event.transport, event.old, event.new)
             for listener in list(self._listeners):
                 listener(event)
-
-
-def is_global_ip(text: str) -> bool:
-    try:
-        return ipaddress.ip_address(text).is_global
-    except ValueError:
-        return False

@@ -1,10 +1,13 @@
 """Attacks on AutoNAT (p2pnode/nat/autonat.py), real nodes on loopback: a server
 that lies about a dial-back, a server that answers over the connection we opened,
-a request that would aim the dial-back elsewhere, and a dial-back flood."""
+a request that would aim the dial-back elsewhere, a dial-back flood and dial-backs
+held open."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from p2pnode import Node
 from p2pnode.errors import MessageDecodeError
 from p2pnode.identity import Identity
 from p2pnode.nat.autonat import SENT, DialBack, DialBackRequest, DialBackResponse
+from p2pnode.nat.reachability import AutoNatConfig
 from p2pnode.nat.types import Reachability
 from p2pnode.net.config import NetLimits
 from p2pnode.net.connection import serving
@@ -101,9 +105,7 @@ def test_a_dial_back_request_cannot_name_an_address() -> None:
         decode_envelope(wire)
 
 
-@pytest.mark.skipif(
-    not can_bind("127.0.0.2", __import__("socket").SOCK_STREAM), reason="no 127.0.0.2"
-)
+@pytest.mark.skipif(not can_bind("127.0.0.2", socket.SOCK_STREAM), reason="no 127.0.0.2")
 async def test_the_server_dials_only_the_ip_the_request_came_from(
     started: Callable[..., object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -126,18 +128,12 @@ async def test_the_server_dials_only_the_ip_the_request_came_from(
     # (no bind on connect): the server dials that source IP, not the address the
     # client's DHT contact names, so this dial-back fails; nothing in a request
     # can point it anywhere else.
-    seen = {c.peername[0] for c in server.peer_host.connections_to(client.node_id)}
     assert {(p.host, p.node_id) for p in dialed} == {("127.0.0.1", client.node_id)}
-    assert "127.0.0.1" in seen
+    assert client.reachability.tcp is not Reachability.PUBLIC
 
 
 async def test_dial_back_floods_are_refused_and_counted(started: Callable[..., object]) -> None:
-    server = await started(
-        "server",
-        autonat=__import__(  # type: ignore[misc]
-            "p2pnode.nat.reachability", fromlist=["AutoNatConfig"]
-        ).AutoNatConfig(enabled=False),
-    )
+    server = await started("server", autonat=AutoNatConfig(enabled=False))  # type: ignore[misc]
     assert isinstance(server, Node)
     attacker = PeerHost(Identity.generate(), NetLimits())
     try:
@@ -155,3 +151,31 @@ async def test_dial_back_floods_are_refused_and_counted(started: Callable[..., o
         assert nat["dial_backs_served"] == limit
     finally:
         await attacker.close()
+
+
+async def test_concurrent_dial_backs_are_capped_and_counted(
+    started: Callable[..., object],
+) -> None:
+    """Requests that hold a dial-back open (a port that accepts and never speaks)
+    fill max_concurrent; more at once are refused and counted, not queued."""
+    quiet = AutoNatConfig(enabled=False, max_concurrent=2, max_per_ip=100, dial_timeout=2.0)
+    server = await started("server", autonat=quiet)  # type: ignore[misc]
+    assert isinstance(server, Node)
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    attacker = PeerHost(Identity.generate(), NetLimits())
+    try:
+        target = PeerAddress(server.node_id, "127.0.0.1", server.port)
+        answers = await asyncio.gather(
+            *(
+                attacker.request(target, DialBackRequest(os.urandom(16), port, 0), timeout=10)
+                for _ in range(6)
+            )
+        )
+        tcp = sorted(a.tcp for a in answers if isinstance(a, DialBackResponse))
+        assert tcp == ["failed"] * 2 + ["refused"] * 4, tcp
+        assert server.status()["nat"]["refused_concurrency"] == 4
+    finally:
+        await attacker.close()
+        silent.close()
+        await silent.wait_closed()

@@ -41,6 +41,7 @@ from p2pnode.dht.records import sign_provider_record
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.messages import GetManifest, GetPiece, ManifestData, PieceData
 from p2pnode.identity import Identity
+from p2pnode.nat.reachability import AutoNatConfig
 from p2pnode.net.config import NetLimits
 from p2pnode.net.host import PeerAddress
 from p2pnode.net.session import CHUNK_HEADER, Credentials, Session
@@ -100,7 +101,10 @@ def config(
     dht: DhtConfig = DHT,
     exchange: ExchangeConfig = EXCHANGE,
 ) -> NodeConfig:
-    return replace(fast_config(home, bootstrap=bootstrap), net=net, dht=dht, exchange=exchange)
+    # No AutoNAT: its probes and dial-backs would add connections these tests count.
+    quiet = AutoNatConfig(enabled=False, serve=False)
+    base = fast_config(home, bootstrap=bootstrap)
+    return replace(base, net=net, dht=dht, exchange=exchange, autonat=quiet)
 
 
 def net_stat(node: Node, name: str) -> int:

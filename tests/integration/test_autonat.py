@@ -12,6 +12,7 @@ from p2pnode import Node
 from p2pnode.nat.reachability import ReachabilityChanged
 from p2pnode.nat.types import Reachability
 from tests.helpers import eventually, fast_config
+from tests.integration.test_metrics import families, value
 
 
 async def test_two_public_nodes_find_each_other_public(homes: Callable[[str], Path]) -> None:
@@ -46,6 +47,38 @@ async def test_two_public_nodes_find_each_other_public(homes: Callable[[str], Pa
         nat = second.status()["nat"]
         assert nat["probe_tcp_success"] >= 1 and nat["probe_udp_success"] >= 1
         assert first.status()["nat"]["dial_backs_served"] >= 1
+        fams = await families(second)
+        assert value(fams, "p2pnode_nat_reachability_tcp") == 1
+        assert value(fams, "p2pnode_nat_reachability_udp") == 1
+        assert value(fams, "p2pnode_nat_probes_total") >= 1
+        assert value(fams, "p2pnode_nat_dial_back_refusals_total", reason="rate") == 0
+    finally:
+        await second.stop()
+        await first.stop()
+
+
+async def test_a_port_mapping_is_probed_and_makes_the_node_public(
+    homes: Callable[[str], Path],
+) -> None:
+    """The port mapper's input: a mapping restarts the verdict from unknown and
+    the servers are asked to dial the mapped port (here: our own, on loopback)."""
+    first = Node(fast_config(homes("a")))
+    await first.start()
+    second = Node(fast_config(homes("b"), bootstrap=(("127.0.0.1", first.port),)))
+    await second.start()
+    try:
+        await eventually(
+            lambda: second.reachability.tcp is Reachability.PUBLIC, what="public at first"
+        )
+        changed = second.reachability_changed
+        second.mapping_changed(("127.0.0.1", second.port))
+        assert changed.is_set()  # the verdict went back to unknown
+        assert second.reachability.tcp is Reachability.UNKNOWN
+        assert second.autonat.core.probe_ports(1, 1) == (second.port, second.port)
+        await eventually(
+            lambda: second.reachability.tcp is Reachability.PUBLIC, what="public via the mapping"
+        )
+        assert second.status()["nat"]["mapping_changes"] == 1
     finally:
         await second.stop()
         await first.stop()

@@ -9,17 +9,55 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from p2pnode.sim.netlab import Lab, Node
-from tests.cli_helpers import poll
+from tests.cli_helpers import CLI, cli_env, poll
 from tests.conftest import needs_lab
-from tests.integration.test_nat_lab import cli_in, start_node
+from tests.integration.test_nat_lab import cli_in
 
 pytestmark = needs_lab
+
+
+def spawn_node(lab: Lab, node: Node, home: Path, *extra: str) -> subprocess.Popen[str]:
+    argv = [*CLI, "start", "--home", str(home), "--port", "0", *extra]
+    return lab.spawn(node, argv, env=cli_env())
+
+
+def read_banner(proc: subprocess.Popen[str]) -> list[str]:
+    """Its start-up lines up to "ready" (bounded: it prints "ready" or exits)."""
+    assert proc.stdout is not None
+    banner: list[str] = []
+    for line in proc.stdout:
+        banner.append(line.rstrip())
+        if line.strip() == "ready":
+            return banner
+    raise AssertionError(f"node did not start: {banner}")
+
+
+def read_line_with(proc: subprocess.Popen[str], text: str, timeout: float) -> str:
+    """The next line of its output containing ``text``, waiting at most ``timeout``
+    (a reader thread: select() cannot see lines already in the file's buffer; the
+    thread ends at EOF, when the lab kills the process)."""
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in stdout], daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if text in line:
+            return line.strip()
+    raise AssertionError(f"no line with {text!r} within {timeout} s")
 
 
 def ident(lab: Lab, node: Node, home: Path) -> dict[str, Any]:
@@ -71,17 +109,27 @@ def test_public_nodes_are_public_and_nodes_behind_routers_are_private_dht_client
                 lab.run(node, ["ip", "route", "add", cidr, "via", str(router.address)])
     homes = {name: tmp_path / name for name in ("a", "b", "d", "eim", "symmetric", "firewall")}
 
-    banner = start_node(lab, publics[0], homes["a"])
+    first = spawn_node(lab, publics[0], homes["a"])
+    banner = read_banner(first)
     match = re.search(r"--bootstrap (\S+):(\d+)", "\n".join(banner))
     assert match, banner
     # "join with" on a public lab host names its lab address (no loopback)
     assert match.group(1) == str(publics[0].address), banner
     bootstrap = f"{publics[0].address}:{match.group(2)}"
-    for host, name in zip(publics[1:], ("b", "d"), strict=True):
-        start_node(lab, host, homes[name], "--bootstrap", bootstrap)
+    # Started together (their banners read after): B and D, then the private nodes.
+    pending = [
+        spawn_node(lab, host, homes[name], "--bootstrap", bootstrap)
+        for host, name in zip(publics[1:], ("b", "d"), strict=True)
+    ]
+    for proc in pending:
+        read_banner(proc)
     started = time.monotonic()
-    for nat, (_router, host) in behind.items():
-        start_node(lab, host, homes[nat], "--bootstrap", bootstrap)
+    pending = [
+        spawn_node(lab, host, homes[nat], "--bootstrap", bootstrap)
+        for nat, (_router, host) in behind.items()
+    ]
+    for proc in pending:
+        read_banner(proc)
 
     # -- public nodes: public over TCP and UDP, reachable at their lab address --
     public_times = {}
@@ -93,6 +141,10 @@ def test_public_nodes_are_public_and_nodes_behind_routers_are_private_dht_client
         assert status["bootstrap"] == f"--bootstrap {host.address}:{status['port']}"
 
     print("time to public verdict after start (a: first node, alone at first):", public_times)
+    # `start` on A printed the verdict, with a join address that works from afar
+    # (one line per change: TCP's comes first, then UDP's makes it public)
+    line = read_line_with(first, "reachability: public", timeout=10)
+    assert f"join with: --bootstrap {publics[0].address}:" in line, line
 
     # -- behind each router: private over TCP and UDP, a DHT client --
     times = {}
