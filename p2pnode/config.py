@@ -17,7 +17,7 @@ from p2pnode import confcheck
 from p2pnode.dht.config import DhtConfig
 from p2pnode.errors import UsageError
 from p2pnode.exchange.config import ExchangeConfig
-from p2pnode.nat.holepunch_core import HolePunchConfig
+from p2pnode.nat.holepunch_config import HolePunchConfig
 from p2pnode.nat.portmap_core import PortMapConfig
 from p2pnode.nat.reachability import AutoNatConfig
 from p2pnode.nat.relay_core import RelayConfig

@@ -64,6 +64,7 @@ clock, which the shell also reads for ``now``).
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import random
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
@@ -562,15 +563,16 @@ class DhtCore:
         if isinstance(request, AddProviderRequest):
             return self._add_provider(request, host, now)
         assert isinstance(request, GetProvidersRequest)
-        # A fair sample: at most one record per IP, freshest first. Not our own
-        # local record: it names our listening address (loopback on a wildcard
-        # bind); the holders we announced to have the copies signed for others.
+        # A fair sample: at most one record per IP, freshest first. Our own local
+        # record names our listening address (loopback on a wildcard bind): only
+        # for an asker on loopback too, else it would dial its own loopback.
+        foreign_asker = not _is_loopback(host)
         records = [
             r
             for r in self.providers.get_records(
                 request.key, self.config.max_providers_per_response + 1, now
             )
-            if r.peer_id != self.node_id
+            if not (foreign_asker and r.peer_id == self.node_id and _is_loopback(r.host))
         ][: self.config.max_providers_per_response]
         return {
             "providers": [r.to_wire() for r in records],
@@ -1174,3 +1176,10 @@ class DhtCore:
         out["rate_limited_sources"] = len(self._limiter)
         out["client_mode"] = int(self.client_mode)
         return out
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

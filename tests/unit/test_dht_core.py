@@ -320,9 +320,8 @@ def test_add_provider_then_get_providers_gives_the_signed_record(net: Net) -> No
 
 def test_get_providers_leaves_out_the_answering_nodes_own_local_record(net: Net) -> None:
     """A node keeps its own provider record for local use, signed with its
-    listening address (127.0.0.1 on a wildcard bind): handed to an asker, it
-    sent downloaders to their own loopback. Askers get the others' records;
-    the node's own are what it announced to the other holders."""
+    listening address (127.0.0.1 on a wildcard bind): handed to an asker that
+    is not on loopback, it sent downloaders to their own loopback."""
     a, b, c = net.add(1), net.add(2), net.add(3)
     net.answered(a, b, "ping")
     key = kid(61)
