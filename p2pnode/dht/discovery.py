@@ -56,6 +56,9 @@ REANNOUNCE_RECENT = 64  # nodes told of a mode switch besides our routing table
 PROOF_CACHE = 4096  # identify answers kept for our writes (token, observed address)
 # Writes pick their k targets among the closest WRITE_CANDIDATES x k that answered.
 WRITE_CANDIDATES = 2
+# Holders verify an unknown relay of ours in the background: announce once more
+# after this long, so the relay addresses stick (issue 12).
+RELAY_RECHECK_DELAY = 3.0
 
 
 @dataclass(frozen=True)
@@ -768,7 +771,7 @@ class Discovery:
             return
         self._relays = relays
         if self._protocol is not None and self._announced and not self._closed:
-            self._tasks.spawn(self._republish_providers(), "relay-reannounce")
+            self._tasks.spawn(self._republish_providers(again=bool(relays)), "relay-reannounce")
 
     async def add_provider(self, key: bytes, port: int) -> int:
         """Announce this node as a provider of ``key`` (TCP ``port``) on the k closest
@@ -782,7 +785,16 @@ class Discovery:
         self._announced[key] = port
         own = self._provider_record(key, self._local_host, port)
         protocol.providers.add_record(own, None, self.clock.now())
-        return await self._announce(key, port)
+        accepted = await self._announce(key, port)
+        if self._relays and not self._closed:
+            self._tasks.spawn(self._announce_later(key, port), "relay-recheck")
+        return accepted
+
+    async def _announce_later(self, key: bytes, port: int) -> None:
+        """Once more after RELAY_RECHECK_DELAY (see _republish_providers)."""
+        await asyncio.sleep(RELAY_RECHECK_DELAY)
+        if self._announced.get(key) == port:
+            await self._announce(key, port)
 
     async def _announce(self, key: bytes, port: int) -> int:
         protocol = self._proto()
@@ -895,9 +907,16 @@ class Discovery:
             record = self._sign_mutable(name, plain)  # a fresh expiry needs a new seq
             await self._publish(rec.mutable_key(self.node_id, name), rec.to_value(record))
 
-    async def _republish_providers(self) -> None:
+    async def _republish_providers(self, *, again: bool = False) -> None:
+        """Announce every provided key now; ``again``: once more after
+        RELAY_RECHECK_DELAY, for holders that did not know our relays yet (they
+        verify an unknown relay in the background and keep its address from the
+        next announcement on)."""
         protocol = self._proto()
         for key, port in list(self._announced.items()):
             own = self._provider_record(key, self._local_host, port)
             protocol.providers.add_record(own, None, self.clock.now())
             await self._announce(key, port)
+        if again:
+            await asyncio.sleep(RELAY_RECHECK_DELAY)
+            await self._republish_providers()

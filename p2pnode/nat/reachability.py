@@ -153,8 +153,10 @@ class ReachabilityCore:
         self._retry = config.retry_unknown
         self._short = False  # the last round found fewer servers than wanted
         self._asked: OrderedDict[str, float] = OrderedDict()  # server IP -> when asked
-        # distinct server IPs among the last round's candidates (a small network's all)
-        self._servers_known: int | None = None  # None: no round yet
+        # server IPs among the last round's candidates (a small network's all;
+        # None: no round yet), and those that gave no evidence (unreachable)
+        self._candidate_ips: set[str] | None = None
+        self._silent: OrderedDict[str, float] = OrderedDict()
         self.mapping: tuple[str, int] | None = None
         self.stats: dict[str, int] = {
             "probe_rounds": 0,
@@ -226,7 +228,7 @@ class ReachabilityCore:
         chosen: list[int] = []
         ips: set[str] = set()
         cooldown = self.config.server_cooldown
-        self._servers_known = len({ip for _, ip, _ in candidates})
+        self._candidate_ips = {ip for _, ip, _ in candidates}
         for index, (_, ip, _) in enumerate(candidates):
             if len(chosen) >= self.config.probe_servers:
                 break
@@ -266,7 +268,16 @@ class ReachabilityCore:
         self.stats[f"probe_{transport}_{outcome}"] += 1
         state = self._states[transport]
         if outcome == NO_EVIDENCE:
+            # a server we cannot reach (behind a NAT itself) is no server to
+            # wait for: the failures we have may now be every server's
+            self._silent[server_ip] = now
+            while len(self._silent) > MAX_SERVERS_REMEMBERED:
+                self._silent.popitem(last=False)
+            if state.verdict is Reachability.UNKNOWN and state.failures and self._enough(state):
+                state.confidence = 1
+                self._set(transport, Reachability.PRIVATE, now)
             return
+        self._silent.pop(server_ip, None)
         cap = self.config.max_confidence
         if outcome == SUCCESS:
             state.failures.clear()
@@ -284,11 +295,7 @@ class ReachabilityCore:
         state.failures[server_ip] = now
         while len(state.failures) > MAX_SERVERS_REMEMBERED:
             state.failures.popitem(last=False)
-        needed = self.config.failures_for_private
-        if self._servers_known is not None:
-            floor = max(self.config.min_failures_for_private, self._servers_known)
-            needed = min(needed, floor)
-        enough = len(state.failures) >= needed
+        enough = self._enough(state)
         if state.verdict is Reachability.PRIVATE:
             state.confidence = min(cap, state.confidence + 1)
         elif state.verdict is Reachability.PUBLIC and state.confidence > 0:
@@ -296,6 +303,16 @@ class ReachabilityCore:
         elif enough:
             state.confidence = 1
             self._set(transport, Reachability.PRIVATE, now)
+
+    def _enough(self, state: _State) -> bool:
+        """Failures from failures_for_private server IPs, or, in a network that
+        knows fewer servers that answer, from all of them (at least
+        min_failures_for_private)."""
+        needed = self.config.failures_for_private
+        if self._candidate_ips is not None:
+            answering = len(self._candidate_ips - self._silent.keys())
+            needed = min(needed, max(self.config.min_failures_for_private, answering))
+        return len(state.failures) >= needed
 
     def mapping_changed(self, external: tuple[str, int] | None, now: float) -> None:
         """A port mapping on the router appeared (its external ip, port), changed

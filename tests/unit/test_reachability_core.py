@@ -60,6 +60,19 @@ def test_a_small_network_settles_for_every_server_it_knows() -> None:
     assert lone.verdict(TCP) is UNKNOWN
 
 
+def test_servers_we_cannot_reach_are_not_waited_for() -> None:
+    """Three servers known, one of them behind a NAT itself (our probe to it
+    gives no evidence): the two that answered both saw us fail."""
+    c = core(failures_for_private=3)
+    servers = [(bytes([i]) * 20, f"198.51.100.{i}", 4001) for i in (1, 2, 3)]
+    assert c.pick_servers(servers, 1.0) == [0, 1, 2]
+    c.result(TCP, "198.51.100.1", FAILURE, 1.1)
+    c.result(TCP, "198.51.100.2", FAILURE, 1.2)
+    assert c.verdict(TCP) is UNKNOWN
+    c.result(TCP, "198.51.100.3", NO_EVIDENCE, 1.3)
+    assert c.verdict(TCP) is PRIVATE
+
+
 def test_a_success_in_between_clears_the_failures() -> None:
     c = core(failures_for_private=2)
     c.result(TCP, "198.51.100.1", FAILURE, 1.0)
