@@ -38,6 +38,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, Lab() as lab:
         matrix = Matrix(lab, Path(tmp), kinds)
         matrix.start()
+        settled = matrix.wait_settled()
+        slowest = max(settled, key=lambda name: settled[name])
+        print(
+            f"reachability settled (verdict, and relay slots if private) after start: "
+            f"slowest {slowest} {settled[slowest]:.1f} s"
+        )
         ids = matrix.share_all(int(args.size_mib * 2**20))
         print(f"{'provider':>10} -> {'downloader':<10} {'via':<10} {'first byte':>10} {'total':>8}")
         for p_kind, provider in matrix.providers.items():

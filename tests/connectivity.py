@@ -181,6 +181,26 @@ class Matrix:
             time.sleep(0.05)
         raise AssertionError(f"{node.name} did not start")
 
+    def wait_settled(self, timeout: float = 40) -> dict[str, float]:
+        """Until every node has a reachability verdict and every private one a
+        relay reservation (bounded); the seconds each took, from now."""
+        started = time.monotonic()
+        settled: dict[str, float] = {}
+        while time.monotonic() - started < timeout:
+            for node in self.nodes():
+                if node.name in settled:
+                    continue
+                status = node.request("GET", "/v1/status")
+                verdict = status.get("reachability")
+                held = status.get("relay", {}).get("reservations", [])
+                if verdict == "public" or (verdict == "private" and held):
+                    settled[node.name] = time.monotonic() - started
+            if len(settled) == len(self.nodes()):
+                return settled
+            time.sleep(0.2)
+        missing = [n.name for n in self.nodes() if n.name not in settled]
+        raise AssertionError(f"not settled after {timeout} s: {missing}")
+
     def share_all(self, size: int) -> dict[tuple[str, str], str]:
         """Each provider shares one file per downloader, so that no pair's
         download can come from an earlier downloader (a finished download is
