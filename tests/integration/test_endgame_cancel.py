@@ -175,13 +175,14 @@ async def test_endgame_duplicates_are_cancelled(
     assert got["pieces_cancelled"] >= 1
 
     def stopped() -> bool:
-        sent = leech.host.stats().get("cancels_sent", 0)
-        return bool(sent >= 1 and slow.exchange.stats()["reads_cancelled"] == sent)
+        # (the leech may also cancel duplicates a fast provider lost to another)
+        received = slow.host.stats().get("cancels_received", 0)
+        return bool(received >= 1 and slow.exchange.stats()["reads_cancelled"] == received)
 
     await eventually(stopped, what="the slow provider's reads stopped")
     net_leech, net_slow = leech.host.stats(), slow.host.stats()
     # (a request given up before it left, or while dialing, needs no cancel)
-    assert net_slow["cancels_received"] == net_leech["cancels_sent"] <= got["pieces_cancelled"]
+    assert net_slow["cancels_received"] <= net_leech["cancels_sent"] <= got["pieces_cancelled"]
     assert net_slow.get("cancels_bogus", 0) == net_slow.get("cancels_too_late", 0) == 0
     assert net_slow["handlers_inflight"] == 0
     # No answer came unasked-for, no message was refused.

@@ -16,7 +16,8 @@ import pytest
 
 from p2pnode.config import NodeConfig
 from p2pnode.exchange.manifest import dht_key
-from p2pnode.nat.holepunch_core import HolePunchConfig
+from p2pnode.nat.holepunch_config import HolePunchConfig
+from p2pnode.nat.reachability import AutoNatConfig
 from p2pnode.nat.relay_core import RelayConfig
 from p2pnode.nat.types import Reachability
 from p2pnode.node import Node
@@ -30,9 +31,17 @@ DISTINCT_HOSTS = can_bind("127.0.0.5") and can_bind("127.0.0.5", socket.SOCK_STR
 
 def config(home: Path, i: int, seed: tuple[tuple[str, int], ...], relay: RelayConfig) -> NodeConfig:
     host = f"127.0.0.{i + 1}" if DISTINCT_HOSTS else "127.0.0.1"
-    # No hole punching: these tests are about the relay carrying the bytes.
+    # No hole punching, no AutoNAT (its probes open C->D connections D would
+    # reuse): these tests are about the relay carrying the bytes.
     quiet = HolePunchConfig(enabled=False)
-    base = fast_config(home, bootstrap=seed, control_api=False, relay=relay, holepunch=quiet)
+    base = fast_config(
+        home,
+        bootstrap=seed,
+        control_api=False,
+        relay=relay,
+        holepunch=quiet,
+        autonat=AutoNatConfig(enabled=False, serve=False),
+    )
     return replace(base, host=host)
 
 
