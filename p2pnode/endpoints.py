@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -45,9 +46,14 @@ class Endpoints(Protocol):
         ...
 
     async def connect(
-        self, factory: Callable[[], asyncio.BaseProtocol], host: str, port: int
+        self,
+        factory: Callable[[], asyncio.BaseProtocol],
+        host: str,
+        port: int,
+        local_host: str | None = None,
     ) -> None:
-        """Open a TCP connection to ``host:port`` for the protocol ``factory`` makes.
+        """Open a TCP connection to ``host:port`` for the protocol ``factory`` makes,
+        from ``local_host`` if given (a node bound to one address speaks from it).
         OSError when it cannot be opened."""
         ...
 
@@ -73,10 +79,22 @@ class LoopEndpoints:
         return await serve_sockets(factory, sockets)
 
     async def connect(
-        self, factory: Callable[[], asyncio.BaseProtocol], host: str, port: int
+        self,
+        factory: Callable[[], asyncio.BaseProtocol],
+        host: str,
+        port: int,
+        local_host: str | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
-        await loop.create_connection(factory, host, port)
+        local = (local_host, 0) if local_host and _same_family(local_host, host) else None
+        await loop.create_connection(factory, host, port, local_addr=local)
+
+
+def _same_family(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a).version == ipaddress.ip_address(b).version
+    except ValueError:
+        return False
 
 
 LOOP_ENDPOINTS: Endpoints = LoopEndpoints()

@@ -182,6 +182,9 @@ class PeerHost:
         self._dials: dict[_DialKey, asyncio.Task[PeerConnection]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._servers: list[ListeningServer] = []
+        # A host listening on one address dials from it too: peers (and their
+        # dial-backs) see the address it serves at, not the kernel's pick.
+        self._source_host: str | None = None
         self._closing = False
         # the relay this node offers, if any; then the listener reads first bytes
         self._circuits: CircuitAcceptor | None = None
@@ -238,6 +241,8 @@ class PeerHost:
             raise UsageError("PeerHost is closed")
         server, bound = await self.endpoints.server(self._accepted_protocol, host, port)
         self._servers.append(server)
+        if host not in ("", "0.0.0.0", "::"):
+            self._source_host = host
         return bound
 
     async def request(
@@ -596,7 +601,9 @@ class PeerHost:
         conn = PeerConnection(self, session, dialed=(peer.host, peer.port))
 
         async def connect() -> None:
-            await self.endpoints.connect(lambda: conn, peer.host, peer.port)
+            await self.endpoints.connect(
+                lambda: conn, peer.host, peer.port, local_host=self._source_host
+            )
 
         return await self._open_outbound(conn, connect, str(peer))
 

@@ -163,7 +163,11 @@ class VirtualHost:
         return server, bound
 
     async def connect(
-        self, factory: Callable[[], asyncio.BaseProtocol], host: str, port: int
+        self,
+        factory: Callable[[], asyncio.BaseProtocol],
+        host: str,
+        port: int,
+        local_host: str | None = None,  # a virtual host has one address: its own
     ) -> None:
         net = self.net
         loop = net.loop

@@ -37,6 +37,7 @@ from p2pnode.net import (
 )
 from p2pnode.net.session import Credentials
 from p2pnode.wire.messages import ErrorCode, ErrorReply, Message, Ping, Pong, message, request, wire
+from tests.helpers import can_bind
 
 RID = bytes(range(32))
 FAST = NetLimits(handshake_timeout=5.0, request_timeout=10.0)
@@ -650,3 +651,18 @@ def tcp_socket_pair() -> tuple[socket.socket, socket.socket]:
     left.setblocking(False)
     right.setblocking(False)
     return left, right
+
+
+async def test_a_host_listening_on_one_address_dials_from_it(hosts: MakeHost) -> None:
+    """Peers (and their AutoNAT dial-backs) must see the address a node serves
+    at: bound to 127.0.0.2, its connections come from 127.0.0.2, not from the
+    kernel's pick (127.0.0.1), where nothing of it listens."""
+    if not can_bind("127.0.0.2", socket.SOCK_STREAM):
+        pytest.skip("this machine cannot bind 127.0.0.2")
+    a, b = hosts(), hosts()
+    b.set_handler(echo_handler)
+    await a.listen("127.0.0.2", 0)
+    port = await b.listen("127.0.0.1", 0)
+    await a.request(PeerAddress(b.node_id, "127.0.0.1", port), GetPiece(RID, 1))
+    [conn] = b.connections_to(a.node_id)
+    assert conn.peername[0] == "127.0.0.2"
