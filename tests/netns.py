@@ -81,7 +81,11 @@ class NetnsEndpoints:
         return await serve_sockets(factory, sockets)
 
     async def connect(
-        self, factory: Callable[[], asyncio.BaseProtocol], host: str, port: int
+        self,
+        factory: Callable[[], asyncio.BaseProtocol],
+        host: str,
+        port: int,
+        local_host: str | None = None,  # the namespace's own address is the source
     ) -> None:
         sock = await connect_from(self.make_socket, (host, port))
         await asyncio.get_running_loop().create_connection(factory, sock=sock)

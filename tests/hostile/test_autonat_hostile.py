@@ -124,12 +124,13 @@ async def test_the_server_dials_only_the_ip_the_request_came_from(
     )
     assert isinstance(client, Node)
     await eventually(lambda: bool(dialed), what="a dial-back")
-    # The client listens on 127.0.0.2, but its connections leave from 127.0.0.1
-    # (no bind on connect): the server dials that source IP, not the address the
-    # client's DHT contact names, so this dial-back fails; nothing in a request
-    # can point it anywhere else.
-    assert {(p.host, p.node_id) for p in dialed} == {("127.0.0.1", client.node_id)}
-    assert client.reachability.tcp is not Reachability.PUBLIC
+    # The client listens on 127.0.0.2 and its connections leave from there: the
+    # server dials that source IP (the request names only ports: nothing in it
+    # can point the dial-back anywhere else), and the client turns public.
+    assert {(p.host, p.node_id) for p in dialed} == {("127.0.0.2", client.node_id)}
+    await eventually(
+        lambda: client.reachability.tcp is Reachability.PUBLIC, what="the client public"
+    )
 
 
 async def test_dial_back_floods_are_refused_and_counted(started: Callable[..., object]) -> None:
