@@ -279,7 +279,9 @@ class AutoNat:
             self.stats["dial_backs_tcp_failed"] += 1
             return FAILED
         finally:
-            if conn is not None:
+            # ours alone (dial_fresh); the peer may have requests of its own on
+            # it: those keep it until its idle timeout
+            if conn is not None and not conn.busy:
                 conn.close(ConnectionClosed("dial-back done"))
         if not isinstance(answer, DialBackAck):
             self.stats["dial_backs_tcp_failed"] += 1
@@ -383,14 +385,6 @@ class AutoNat:
             self._result(UDP, ip, await self._udp_outcome(probe, answer.udp, asked_at))
         finally:
             self._probes.pop(nonce, None)
-            self._close_probe_connections(server, before)
-
-    def _close_probe_connections(self, server: bytes, before: set[int]) -> None:
-        """A connection dialed only for this probe goes when it is done (if idle):
-        probes should not leave every node holding connections to its servers."""
-        for conn in self.host.connections_to(server):
-            if id(conn) not in before and conn.dialed is not None and not conn.busy:
-                conn.close(ConnectionClosed("AutoNAT probe done"))
 
     def _tcp_outcome(self, probe: _Probe, said: str) -> str:
         # Our handler acknowledged before the server answered: no waiting needed.

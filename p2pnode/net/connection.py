@@ -124,6 +124,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         # how the bytes travel: "direct" (a TCP connection between the two
         # nodes), "relayed" (spliced by a relay) or "punched" (hole punching)
         self.via = via
+        # dialed for one caller only (PeerHost.dial_fresh): never handed out by the pool
+        self.exclusive = False
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peername: tuple[str, int] = ("?", 0)

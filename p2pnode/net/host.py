@@ -303,16 +303,23 @@ class PeerHost:
 
     async def dial_fresh(self, peer: PeerAddress) -> PeerConnection:
         """A new outbound connection to ``peer``, even if one is pooled (AutoNAT's
-        dial-back must prove that a new connection reaches it). The caller closes
-        it when done; until then it is pooled like any other."""
+        dial-back must prove that a new connection reaches it). It is the caller's
+        alone: the pool never hands it out for other requests (the caller closes
+        it when done, which would fail them)."""
         if self._closing:
             raise UsageError("PeerHost is closed")
         if peer.node_id == self.node_id:
             raise UsageError(f"{peer} is this node")
-        return await self._dial(peer)
+        conn = await self._dial(peer)
+        conn.exclusive = True
+        return conn
 
     def connected_peers(self) -> list[bytes]:
-        return [nid for nid, conns in self._by_peer.items() if any(c.is_open for c in conns)]
+        return [
+            nid
+            for nid, conns in self._by_peer.items()
+            if any(c.is_open and not c.exclusive for c in conns)
+        ]
 
     async def close(self) -> None:
         """Stop listening, close every connection, end every task it owns."""
@@ -463,12 +470,14 @@ class PeerHost:
             best: PeerConnection | None = None
             # a direct or punched connection before a relayed one, then the least busy
             for conn in self._by_peer.get(peer.node_id, ()):
-                if conn.is_open and (best is None or _pool_rank(conn) < _pool_rank(best)):
+                if conn.exclusive or not conn.is_open:
+                    continue
+                if best is None or _pool_rank(conn) < _pool_rank(best):
                     best = conn
             return best
         found = self._by_addr.get((peer.host, peer.port))
         # a relayed connection is filed under the relay's address: not the relay
-        if found is None or not found.is_open or found.via == "relayed":
+        if found is None or not found.is_open or found.via == "relayed" or found.exclusive:
             return None
         return found
 
