@@ -45,6 +45,7 @@ def main() -> int:
             f"slowest {slowest} {settled[slowest]:.1f} s"
         )
         ids = matrix.share_all(int(args.size_mib * 2**20))
+        matrix.wait_announced(ids)
         print(f"{'provider':>10} -> {'downloader':<10} {'via':<10} {'first byte':>10} {'total':>8}")
         for p_kind, provider in matrix.providers.items():
             for d_kind, downloader in matrix.downloaders.items():

@@ -201,6 +201,25 @@ class Matrix:
         missing = [n.name for n in self.nodes() if n.name not in settled]
         raise AssertionError(f"not settled after {timeout} s: {missing}")
 
+    def wait_announced(self, ids: dict[tuple[str, str], str], timeout: float = 20) -> None:
+        """Until each downloader finds each private provider's record with its
+        relay addresses (holders keep them once they have checked the relay, a
+        moment after the first announcement: see issue 12's closing note)."""
+        deadline = time.monotonic() + timeout
+        for (p_kind, d_kind), rid in ids.items():
+            provider = self.providers[p_kind]
+            status = provider.request("GET", "/v1/status")
+            if status.get("reachability") != "private":
+                continue
+            downloader = self.downloaders[d_kind]
+            while True:  # bounded by the deadline
+                found = downloader.request("GET", f"/v1/providers/{rid}")["providers"]
+                if any(p["relays"] for p in found):
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{d_kind} finds {p_kind}'s record without relays")
+                time.sleep(0.2)
+
     def share_all(self, size: int) -> dict[tuple[str, str], str]:
         """Each provider shares one file per downloader, so that no pair's
         download can come from an earlier downloader (a finished download is

@@ -58,7 +58,7 @@ PROOF_CACHE = 4096  # identify answers kept for our writes (token, observed addr
 WRITE_CANDIDATES = 2
 # Holders verify an unknown relay of ours in the background: announce once more
 # after this long, so the relay addresses stick (issue 12).
-RELAY_RECHECK_DELAY = 3.0
+RELAY_RECHECK_DELAY = 1.0
 
 
 @dataclass(frozen=True)

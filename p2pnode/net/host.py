@@ -106,7 +106,7 @@ class CircuitAcceptor(Protocol):
     def circuit_hello(self, transport: asyncio.Transport, hello: Hello, ip: str) -> None: ...
 
 
-_DialKey = bytes | tuple[str, int]
+_DialKey = bytes | tuple[str, int] | tuple[bytes, str]
 
 # A burst of this many closed connections gives the freed heap back (heap.py).
 TRIM_AFTER_LOST = 32
@@ -486,6 +486,11 @@ class PeerHost:
         if conn is not None:
             return conn
         key: _DialKey = peer.node_id if peer.node_id is not None else (peer.host, peer.port)
+        if peer.relays and peer.node_id is not None:
+            # Not the same dial as one to the direct address alone (say, a probe
+            # of a peer that turned private since): that one may hang for the
+            # handshake timeout where the relays answer at once.
+            key = (peer.node_id, "relays")
         task = self._dials.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._dial(peer))

@@ -37,6 +37,7 @@ def test_every_pair_connects_through_the_dht_only(lab: Lab, tmp_path: Path) -> N
     # unreachable direct address: see the closing note of issue 12).
     matrix.wait_settled()
     ids = matrix.share_all(2 * 1024 * 1024)
+    matrix.wait_announced(ids)
     seen: dict[tuple[str, str], tuple[str, str]] = {}
     for p_kind, provider in matrix.providers.items():
         for d_kind, downloader in matrix.downloaders.items():

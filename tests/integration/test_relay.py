@@ -302,3 +302,24 @@ async def test_reservations_are_renewed_and_moved_when_a_relay_is_lost() -> None
             await relay.close()
         for host in hosts:
             await host.close()
+
+
+async def test_a_dial_with_relays_does_not_wait_for_one_without(relayed: MakeSetup) -> None:
+    """A dial to a peer's direct address alone (say, an AutoNAT probe of a peer
+    that has since turned private) hangs until the handshake timeout; a request
+    that names the peer's relays must not join it and wait too."""
+    s: Setup = await relayed()
+    d = s.dialer()
+    with socket.socket() as silent:  # accepts at the TCP level, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        hang = PeerAddress(s.c.node_id, "127.0.0.1", silent.getsockname()[1])
+        stuck = asyncio.get_running_loop().create_task(d.request(hang, GetPiece(RID, 1)))
+        await asyncio.sleep(0.1)  # (the direct-only dial is under way)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answer = await d.request(s.target(), GetPiece(RID, 2))
+        assert isinstance(answer, PieceData)
+        assert loop.time() - started < FAST.handshake_timeout / 2
+        stuck.cancel()
+        await asyncio.gather(stuck, return_exceptions=True)
