@@ -771,7 +771,7 @@ class Discovery:
             return
         self._relays = relays
         if self._protocol is not None and self._announced and not self._closed:
-            self._tasks.spawn(self._republish_providers(again=bool(relays)), "relay-reannounce")
+            self._tasks.spawn(self._relays_changed(bool(relays)), "relay-reannounce")
 
     async def add_provider(self, key: bytes, port: int) -> int:
         """Announce this node as a provider of ``key`` (TCP ``port``) on the k closest
@@ -787,14 +787,23 @@ class Discovery:
         protocol.providers.add_record(own, None, self.clock.now())
         accepted = await self._announce(key, port)
         if self._relays and not self._closed:
-            self._tasks.spawn(self._announce_later(key, port), "relay-recheck")
+            self._tasks.spawn(self._announce_again_later([key]), "relay-recheck")
         return accepted
 
-    async def _announce_later(self, key: bytes, port: int) -> None:
-        """Once more after RELAY_RECHECK_DELAY (see _republish_providers)."""
+    async def _relays_changed(self, have_relays: bool) -> None:
+        await self._republish_providers()
+        if have_relays:
+            await self._announce_again_later(list(self._announced))
+
+    async def _announce_again_later(self, keys: list[bytes]) -> None:
+        """Announce ``keys`` once more after RELAY_RECHECK_DELAY: holders that did
+        not know our relays yet verify them in the background and keep their
+        addresses from the next announcement on."""
         await asyncio.sleep(RELAY_RECHECK_DELAY)
-        if self._announced.get(key) == port:
-            await self._announce(key, port)
+        for key in keys:
+            port = self._announced.get(key)
+            if port is not None:
+                await self._announce(key, port)
 
     async def _announce(self, key: bytes, port: int) -> int:
         protocol = self._proto()
@@ -907,16 +916,9 @@ class Discovery:
             record = self._sign_mutable(name, plain)  # a fresh expiry needs a new seq
             await self._publish(rec.mutable_key(self.node_id, name), rec.to_value(record))
 
-    async def _republish_providers(self, *, again: bool = False) -> None:
-        """Announce every provided key now; ``again``: once more after
-        RELAY_RECHECK_DELAY, for holders that did not know our relays yet (they
-        verify an unknown relay in the background and keep its address from the
-        next announcement on)."""
+    async def _republish_providers(self) -> None:
         protocol = self._proto()
         for key, port in list(self._announced.items()):
             own = self._provider_record(key, self._local_host, port)
             protocol.providers.add_record(own, None, self.clock.now())
             await self._announce(key, port)
-        if again:
-            await asyncio.sleep(RELAY_RECHECK_DELAY)
-            await self._republish_providers()
