@@ -40,6 +40,10 @@ class P2PTimeoutError(P2PError):
     """A remote did not answer in time."""
 
 
+class RequestTimeout(P2PTimeoutError):
+    """A request's own time limit (dialing included) ran out before its answer came."""
+
+
 class NodeNotRunning(P2PError):
     """No running node: none answers for this home (CLI), or a ``Node``'s parts
     were asked for before it started."""

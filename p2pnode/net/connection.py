@@ -450,21 +450,35 @@ class PeerConnection(asyncio.BufferedProtocol):
 
     # -- our requests -------------------------------------------------------
 
-    async def request(self, msg: Message) -> Message:
-        """Send ``msg`` and wait for its answer (no timeout: the caller bounds it)."""
-        core = self.core
-        request_id = core.send_request(msg, self._clock.now())
+    async def request(self, msg: Message, timeout: float | None = None) -> Message:
+        """Send ``msg`` and wait for its answer. Past ``timeout`` seconds (none: the
+        caller bounds the wait) raise ``TimeoutError``; the peer is told either way."""
+        request_id = self.core.send_request(msg, self._clock.now())
         fut: asyncio.Future[Envelope] = self.loop.create_future()
         self._futures[request_id] = fut
         self._after_send()
+        timer = None
+        if timeout is not None:
+            timer = self.loop.call_later(max(timeout, 0.0), self._timed_out, request_id, fut)
         try:
             env = await fut
         except asyncio.CancelledError:
-            if self._futures.pop(request_id, None) is fut:
-                core.cancel_request(request_id, self._clock.now())
-                self._after_send()
+            self._give_up(request_id, fut)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         return env.message
+
+    def _timed_out(self, request_id: int, fut: asyncio.Future[Envelope]) -> None:
+        if not fut.done():
+            self._give_up(request_id, fut)
+            fut.set_exception(TimeoutError())
+
+    def _give_up(self, request_id: int, fut: asyncio.Future[Envelope]) -> None:
+        if self._futures.pop(request_id, None) is fut:
+            self.core.cancel_request(request_id, self._clock.now())
+            self._after_send()
 
     def _send_now(self, env: Envelope) -> None:
         """Seal ``env`` as is (no id bookkeeping) and write it (tests, tools)."""

@@ -59,6 +59,7 @@ from p2pnode.errors import (
     PeerUnreachable,
     ProtocolError,
     RelayRefused,
+    RequestTimeout,
     UsageError,
 )
 from p2pnode.identity import Identity, peer_id_to_str
@@ -254,13 +255,20 @@ class PeerHost:
         if peer.node_id == self.node_id:
             raise UsageError(f"{peer} is this node")
         limit = self.limits.request_timeout if timeout is None else timeout
+        left = limit
         try:
-            async with asyncio.timeout(limit):
-                conn = await self._connection_for(peer)
-                return await conn.request(msg)
+            conn = self._pooled(peer)
+            if conn is None:
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                async with asyncio.timeout(limit):
+                    conn = await self._connection_for(peer)
+                left = limit - (loop.time() - started)
+            # the answer's wait has one timer, the connection's (the hot path)
+            return await conn.request(msg, timeout=left)
         except TimeoutError:
             self.counters["request_timeouts"] += 1
-            raise P2PTimeoutError(
+            raise RequestTimeout(
                 f"{type(msg).__name__} to {peer} got no answer within {limit:g}s"
             ) from None
 

@@ -56,6 +56,7 @@ from p2pnode.errors import (
     PeerUnreachable,
     ProvidersFailed,
     RemoteError,
+    RequestTimeout,
     ServiceError,
     ServiceNotFound,
     ServiceOverloaded,
@@ -114,9 +115,6 @@ PROVIDER_CACHE_NAMES = 256
 NAMES_CACHE = 1024
 # Room in a frame for everything but the value itself.
 FRAME_OVERHEAD = 4096
-# The host's own timeout on a call is this much past the call's deadline, so the
-# deadline (which cancels the request) always comes first.
-DRAIN_GRACE = 5.0
 # How long closing a stream between pulls may take (it is sent in the background).
 CLOSE_TIMEOUT = 5.0
 
@@ -712,18 +710,11 @@ class Services:
         peer = address.node_id
         assert peer is not None
         now = self._clock.now()
-        loop = asyncio.get_running_loop()
-        request = loop.create_task(self._host.request(address, msg, timeout=left + DRAIN_GRACE))
-        # Our deadline stops the wait, not the request: it ends in the background.
-        waiter = asyncio.shield(request)
-        timer = loop.call_later(left, waiter.cancel)
         try:
-            return await waiter
-        except asyncio.CancelledError:
-            request.cancel()  # the connection tells the provider, which stops
-            request.add_done_callback(_retrieve)
-            if loop.time() < timer.when():
-                raise  # cancelled from outside, not by the timer
+            # cancelled (from outside) or timed out, the connection tells the
+            # provider, which stops
+            return await self._host.request(address, msg, timeout=left)
+        except RequestTimeout:
             self.ranking.failed(peer, Failure.TIMEOUT, now)
             raise DeadlineExceeded(
                 f"{name!r} on {peer_id_to_str(peer)} gave no answer within {left:.3g}s",
@@ -752,8 +743,6 @@ class Services:
                 service=name,
                 failures=[(peer, exc)],
             ) from None
-        finally:
-            timer.cancel()
 
     async def _close_stream(self, address: PeerAddress, stream_id: int) -> None:
         try:
@@ -925,11 +914,6 @@ def _expire(task: asyncio.Task[Any], ctx: CallContext) -> None:
     if not ctx.cancelled and not ctx.expired:
         ctx.expired = True
         task.cancel()
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 # Typed errors a handler may raise and the caller then sees as such (an adapter's
