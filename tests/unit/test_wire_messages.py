@@ -25,6 +25,7 @@ from p2pnode.wire.messages import (
     CancelRequest,
     DecodeLimits,
     Envelope,
+    ErrorCode,
     ErrorReply,
     FieldSpec,
     Kind,
@@ -358,3 +359,77 @@ def test_bit_flipped_encodings_only_raise_protocol_error(msg: Message, flips: li
         decode_envelope(bytes(data), registry=REG)
     except MessageDecodeError:
         pass
+
+
+# -- the generated per-class checks agree with FieldSpec.check ----------------------
+
+
+def _every_message_class() -> list[type[Message]]:
+    import p2pnode.node  # noqa: F401 - imports every feature, so all message types exist
+
+    found: list[type[Message]] = []
+    todo = list(Message.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.TYPE_CODE > 0:
+            found.append(cls)
+    return found
+
+
+EVERY_MESSAGE_CLASS = _every_message_class()
+
+
+def near(spec: FieldSpec) -> st.SearchStrategy[Any]:
+    """Values of every wire type, with lengths and integers on and around the
+    spec's own limits."""
+    c = spec.constraint
+    edges = [x for x in (c.exact_len, c.min_len, c.max_len) if x is not None]
+    sizes = st.sampled_from(
+        sorted({0, 1, 2, *edges, *(e - 1 for e in edges), *(e + 1 for e in edges)} - {-1})
+    )
+    ints = [x for x in (c.min_value, c.max_value, -(2**63), 2**64 - 1) if x is not None]
+    return st.one_of(
+        sizes.map(lambda n: b"x" * n),
+        sizes.map(lambda n: bytearray(n)),
+        sizes.map(lambda n: memoryview(b"y" * n)),
+        sizes.map(lambda n: "s" * n),
+        sizes.map(lambda n: ErrorCode.BUSY if n == 4 else "t" * n),
+        st.sampled_from(ints).flatmap(lambda v: st.sampled_from([v - 1, v, v + 1])),
+        st.integers(),
+        st.booleans(),
+        st.floats(allow_nan=False),
+        st.none(),
+        sizes.map(lambda n: tuple(b"z" * 32 for _ in range(n))),
+        sizes.map(lambda n: tuple(range(n))),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+@pytest.mark.parametrize("cls", EVERY_MESSAGE_CLASS, ids=lambda c: c.__name__)
+def test_generated_checks_say_what_field_checks_say(
+    cls: type[Message], data: st.DataObject
+) -> None:
+    values = [data.draw(near(spec)) for spec in cls.WIRE_FIELDS]
+    slow_decoding = all(
+        s.check(v, decoding=True) is None for s, v in zip(cls.WIRE_FIELDS, values, strict=True)
+    )
+    assert cls._decoded_ok(values) == slow_decoding
+    msg = object.__new__(cls)
+    for spec, value in zip(cls.WIRE_FIELDS, values, strict=True):
+        object.__setattr__(msg, spec.name, value)
+    fast = cls._checked_values(msg)
+    if fast is not None:
+        assert msg.problem() is None and fast == values
+    elif not any(isinstance(v, memoryview) for v in values):
+        assert msg.problem() is not None  # only a view takes the slow path when fine
+
+
+def test_generated_checks_cover_every_registered_type() -> None:
+    from p2pnode.exchange.messages import PieceData
+    from p2pnode.nat.holepunch_messages import PunchSync
+    from p2pnode.services.messages import Call
+
+    every = set(EVERY_MESSAGE_CLASS)
+    assert {Ping, Pong, ErrorReply, CancelRequest, PieceData, Call, PunchSync} <= every
