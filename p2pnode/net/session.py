@@ -77,7 +77,7 @@ from p2pnode.identity import (
     verify_signature,
 )
 from p2pnode.wire.buffers import Buffer, BufferPool
-from p2pnode.wire.frame import CHUNK_HEADER, FrameDecoder, PrefixDecoder, frame_header
+from p2pnode.wire.frame import CHUNK_HEADER, FRAME_HEADER, FrameDecoder, PrefixDecoder, frame_header
 
 NOISE_PROTOCOL = b"Noise_XX_25519_AESGCM_SHA256"
 PROLOGUE = b"p2pnode secure channel"
@@ -93,6 +93,7 @@ SIGNATURE_LEN = 64
 X25519_KEY_LEN = 32  # the XX first message: the initiator ephemeral key, no payload
 # Sealed frames at least this large go into pooled buffers.
 _POOLED_SEAL = 64 * 1024
+FRAME_HEADER_LEN = FRAME_HEADER.size
 
 _NOISE_ERRORS = (
     InvalidTag,
@@ -410,6 +411,13 @@ class Session:
             return [header, *pieces]
         enc = self._enc
         assert enc is not None
+        if len(pieces) == 1 and length + FRAME_HEADER_LEN <= MAX_CHUNK_PLAINTEXT:
+            # one small message (most requests and answers): one chunk, no plan
+            n = length + FRAME_HEADER_LEN
+            small = bytearray(n + CHUNK_OVERHEAD)
+            CHUNK_HEADER.pack_into(small, 0, n + TAG_LEN)
+            enc.encrypt_into(header + pieces[0], memoryview(small)[2:])
+            return [small]
         plan = _plan_chunks(header, pieces)
         size = 0
         for chunk in plan:
