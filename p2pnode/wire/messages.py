@@ -392,6 +392,11 @@ class DecodeLimits:
 DEFAULT_LIMITS = DecodeLimits()
 
 
+# One packer for every envelope: ``pack`` runs in C without releasing the GIL and
+# resets itself, so sharing it is safe, and saves building one per message.
+_PACKER = msgpack.Packer(autoreset=True)
+
+
 def _bin_header(n: int) -> bytes:
     if n < 0x100:
         return bytes((0xC4, n))
@@ -417,8 +422,8 @@ def encode_envelope(envelope: Envelope) -> list[Buffer]:
         if reason is not None:
             raise UsageError(f"cannot encode {reason}")
         values = msg.wire_values()
-    head = [int(envelope.kind), envelope.request_id, msg.TYPE_CODE]
     specs = msg.WIRE_FIELDS
+    head = [int(envelope.kind), envelope.request_id, msg.TYPE_CODE]
     if specs and specs[-1].is_blob:
         last = values[-1]
         assert isinstance(last, (bytes, bytearray, memoryview))
@@ -432,7 +437,8 @@ def encode_envelope(envelope: Envelope) -> list[Buffer]:
             prefix = b"".join(parts)
             body = last if isinstance(last, memoryview) else memoryview(last)
             return [prefix, body.cast("B") if body.format != "B" else body]
-    return [msgpack.packb(head + values)]
+    head += values
+    return [_PACKER.pack(head)]
 
 
 def encode_envelope_bytes(envelope: Envelope) -> bytes:
