@@ -171,7 +171,15 @@ class TransportCipher:
         return self._cs.encrypt_with_ad(None, plaintext)
 
     def decrypt(self, ciphertext: Buffer) -> bytes:
-        return self._cs.decrypt_with_ad(None, ciphertext)
+        cs = self._cs
+        if self._aead is None:
+            return cs.decrypt_with_ad(None, ciphertext)
+        if cs.n >= NOISE_MAX_NONCE:
+            raise NoiseMaxNonceError("Nonce has depleted!")
+        assert self._nonce is not None
+        plaintext: bytes = self._aead.decrypt(self._nonce(cs.n), ciphertext, None)
+        cs.n += 1  # only after the tag checked, as noiseprotocol does
+        return plaintext
 
     def encrypt_into(self, plaintext: Buffer, out: memoryview) -> None:
         """``out`` must be exactly ``len(plaintext) + 16`` bytes."""
