@@ -423,7 +423,7 @@ def encode_envelope(envelope: Envelope) -> list[Buffer]:
             raise UsageError(f"cannot encode {reason}")
         values = msg.wire_values()
     specs = msg.WIRE_FIELDS
-    head = [int(envelope.kind), envelope.request_id, msg.TYPE_CODE]
+    head: list[object] = [int(envelope.kind), envelope.request_id, msg.TYPE_CODE]
     if specs and specs[-1].is_blob:
         last = values[-1]
         assert isinstance(last, (bytes, bytearray, memoryview))
