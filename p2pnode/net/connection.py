@@ -106,7 +106,8 @@ class ConnectionOwner(Protocol):
     def conn_made(self, conn: PeerConnection) -> bool: ...
     def conn_established(self, conn: PeerConnection) -> bool: ...
     def conn_lost(self, conn: PeerConnection) -> None: ...
-    def own_task(self, task: asyncio.Task[None]) -> None: ...
+    def handler_started(self, task: asyncio.Task[None]) -> None: ...
+    def handler_ended(self, task: asyncio.Task[None]) -> None: ...
 
 
 class PeerConnection(asyncio.BufferedProtocol):
@@ -326,7 +327,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             task = self.loop.create_task(self._serve(request_id, event.message))
             self._handlers[request_id] = task
             task.add_done_callback(partial(self._handler_done, request_id))
-            self.owner.own_task(task)
+            self.owner.handler_started(task)
         elif isinstance(event, RequestCancelled):
             handler = self._handlers.get(event.request_id)
             if handler is None:
@@ -346,9 +347,11 @@ class PeerConnection(asyncio.BufferedProtocol):
             self._terminated(event)
 
     def _handler_done(self, request_id: int, task: asyncio.Task[None]) -> None:
+        # the one done callback of a handler (each costs a loop round)
         if self._handlers.get(request_id) is task:
             del self._handlers[request_id]
         self.core.handler_stopped(request_id)  # (also a handler that ignored its cancel)
+        self.owner.handler_ended(task)
 
     def _terminated(self, event: ConnectionTerminated) -> None:
         if self._timer is not None:

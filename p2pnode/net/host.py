@@ -361,9 +361,11 @@ class PeerHost:
     def handler(self) -> Handler | None:
         return self._handler
 
-    def own_task(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def handler_started(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)  # cancelled and awaited by close()
+
+    def handler_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
 
     def conn_made(self, conn: PeerConnection) -> bool:
         if conn.dialed is not None:
