@@ -78,6 +78,9 @@ class Kind(IntEnum):
     CANCEL = 3
 
 
+_KINDS = tuple(Kind)  # by value: Kind(n) costs an enum lookup per frame
+
+
 class ErrorCode(StrEnum):
     """Well-known :class:`ErrorReply` codes (others may be added; keep them short)."""
 
@@ -567,7 +570,7 @@ def _envelope(obj: Any, registry: MessageRegistry, *, view_blob: bool = False) -
             kind=kind,
             request_id=request_id,
         )
-    return Envelope(Kind(kind), request_id, msg)
+    return Envelope(_KINDS[kind], request_id, msg)
 
 
 def _build(
