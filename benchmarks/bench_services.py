@@ -1,7 +1,7 @@
 """Unary service calls and streams between two processes, against aiohttp (and grpcio
 when installed), in one run.
 
-    python benchmarks/bench_services.py [--seconds 3] [--size 1024] [--item 65536]
+    python benchmarks/bench_services.py [--seconds 3] [--rounds 3] [--size 1024] [--item 65536]
 
 - p2pnode: a server process runs a Node serving ``bench.echo`` (the request back)
   and ``bench.items`` (a stream of ``--item``-byte items); the client Node calls it
@@ -10,8 +10,10 @@ when installed), in one run.
   with keep-alive (HTTP/1.1), as many connections as calls in flight;
 - grpcio (if importable): a unary echo method on a generic handler.
 
-Prints, per system: latency p50/p99 with 1 call in flight, and calls per second
-with 1 and with 64 in flight; then the stream's items and MB per second.
+The systems take turns, ``--rounds`` times (all servers up throughout, one
+system measured at a time). Prints, per system, medians over the rounds: latency
+p50/p99 with 1 call in flight, calls per second with 1 and with 64 in flight,
+and the range of the latter; then the stream's items and MB per second.
 
 ``--first-call N [--services 30] [--callers 3] [--seed 1]``: instead, N real Nodes
 in this process (one network on loopback, ``control_api=False``, DHT rpc_timeout 1 s),
@@ -146,38 +148,88 @@ async def measure(call: Callable[[], Awaitable[object]], inflight: int, seconds:
     }
 
 
-def line(name: str, one: dict, many: dict) -> None:
+def summary(name: str, ones: list[dict], manys: list[dict]) -> None:
+    """Medians over the rounds, and the range of the 64-in-flight rate."""
+    one = sorted(ones, key=lambda r: r["rate"])[len(ones) // 2]
+    rates = sorted(r["rate"] for r in manys)
     print(
         f"{name:10s} p50 {one['p50']:7.0f} us  p99 {one['p99']:7.0f} us  "
-        f"{one['rate']:8.0f} calls/s (1 in flight)  {many['rate']:8.0f} calls/s (64)"
+        f"{one['rate']:8.0f} calls/s (1 in flight)  {rates[len(rates) // 2]:8.0f} calls/s (64)"
+        f"  [{rates[0]:.0f}-{rates[-1]:.0f}]"
     )
 
 
-async def client(seconds: float, size: int, item: int) -> None:
+async def client(seconds: float, size: int, item: int, rounds: int) -> None:
+    """Every system's server is up for the whole run and the systems take turns,
+    round after round, so a slow moment of the machine hits them all alike."""
+    import aiohttp
+
     payload = b"x" * size
-    proc, (port, peer) = spawn("node", item)
-    home = Path(tempfile.mkdtemp())
-    node = Node(
-        NodeConfig(
-            home=home,
-            host="127.0.0.1",
-            port=0,
-            control_api=False,
-            bootstrap=(("127.0.0.1", int(port)),),
-        )
-    )
-    await node.start()
+    procs: list[subprocess.Popen[str]] = []
+    calls: dict[str, Callable[[], Awaitable[object]]] = {}
+    node: Node | None = None
+    session: aiohttp.ClientSession | None = None
+    channel: Any = None
     try:
+        proc, (port, peer) = spawn("node", item)
+        procs.append(proc)
+        node = Node(
+            NodeConfig(
+                home=Path(tempfile.mkdtemp()),
+                host="127.0.0.1",
+                port=0,
+                control_api=False,
+                bootstrap=(("127.0.0.1", int(port)),),
+            )
+        )
+        await node.start()
         await node.wait_joined(timeout=10)
+        client_node = node
 
         async def p2p() -> object:
-            return await node.call("bench.echo", payload, peer=peer)
+            return await client_node.call("bench.echo", payload, peer=peer)
 
-        line("p2pnode", await measure(p2p, 1, seconds), await measure(p2p, 64, seconds))
+        calls["p2pnode"] = p2p
+
+        proc, (hport,) = spawn("http", item)
+        procs.append(proc)
+        url = f"http://127.0.0.1:{hport}/"
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        http_session = session
+
+        async def http() -> object:
+            async with http_session.post(url, data=payload) as resp:
+                return await resp.read()
+
+        calls["aiohttp"] = http
+        try:
+            import grpc
+        except ImportError:
+            print("grpcio    not installed: skipped")
+        else:
+            proc, (gport,) = spawn("grpc", item)
+            procs.append(proc)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{gport}")
+            method = channel.unary_unary("/bench.Echo/Call")
+
+            async def rpc() -> object:
+                return await method(payload)
+
+            calls["grpcio"] = rpc
+
+        results: dict[str, tuple[list[dict], list[dict]]] = {name: ([], []) for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                results[name][0].append(await measure(call, 1, seconds))
+                results[name][1].append(await measure(call, 64, seconds))
+        print(f"{rounds} rounds of {seconds:g} s each; medians, [range] at 64 in flight")
+        for name, (ones, manys) in results.items():
+            summary(name, ones, manys)
+
         count = 0
         n_items = 2000
         started = time.perf_counter()
-        async for _ in node.call_stream("bench.items", n_items, peer=peer):
+        async for _ in client_node.call_stream("bench.items", n_items, peer=peer):
             count += 1
         elapsed = time.perf_counter() - started
         print(
@@ -185,40 +237,14 @@ async def client(seconds: float, size: int, item: int) -> None:
             f"{count * item / elapsed / 1e6:7.1f} MB/s"
         )
     finally:
-        await node.stop()
-        proc.communicate("")
-
-    import aiohttp
-
-    proc, (hport,) = spawn("http", item)
-    try:
-        url = f"http://127.0.0.1:{hport}/"
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
-
-            async def http() -> object:
-                async with session.post(url, data=payload) as resp:
-                    return await resp.read()
-
-            line("aiohttp", await measure(http, 1, seconds), await measure(http, 64, seconds))
-    finally:
-        proc.communicate("")
-
-    try:
-        import grpc
-    except ImportError:
-        print("grpcio    not installed: skipped")
-        return
-    proc, (gport,) = spawn("grpc", item)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gport}") as channel:
-            method = channel.unary_unary("/bench.Echo/Call")
-
-            async def rpc() -> object:
-                return await method(payload)
-
-            line("grpcio", await measure(rpc, 1, seconds), await measure(rpc, 64, seconds))
-    finally:
-        proc.communicate("")
+        if channel is not None:
+            await channel.close()
+        if session is not None:
+            await session.close()
+        if node is not None:
+            await node.stop()
+        for proc in procs:
+            proc.communicate("")
 
 
 class VirtualPeer:
@@ -477,6 +503,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--item", type=int, default=65536)
+    parser.add_argument("--rounds", type=int, default=3, help="turns each system takes")
     parser.add_argument("--first-call", type=int, default=0, metavar="N")
     parser.add_argument("--services", type=int, default=30, help="with --first-call")
     parser.add_argument("--callers", type=int, default=3, help="per service, with --first-call")
@@ -504,7 +531,7 @@ def main() -> None:
     elif args.serve == "grpc":
         asyncio.run(grpc_server())
     else:
-        asyncio.run(client(args.seconds, args.size, args.item))
+        asyncio.run(client(args.seconds, args.size, args.item, args.rounds))
 
 
 if __name__ == "__main__":
