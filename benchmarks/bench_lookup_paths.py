@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from p2pnode.dht.lookup import disjoint_lookup
 from p2pnode.sim import vloop
+from p2pnode.sim.lookupnet import SimNetwork
 
 RTT_RANGE = (0.02, 0.2)  # seconds: each node's round trip, drawn once
 STALL = 4 * sum(RTT_RANGE) / 2
@@ -53,72 +54,10 @@ DEAD_TIMEOUT = 2.0  # an RPC to a dead node gives up after this long
 SEEDS_K = 3  # Discovery starts from 3k contacts (LOOKUP_SEEDS_K)
 
 
-class SimNetwork:
-    def __init__(
-        self, n: int, *, seed: int, bucket: int, adversarial: float = 0.0, dead: float = 0.0
-    ) -> None:
-        rng = random.Random(seed)
-        self.ids = list(dict.fromkeys(rng.getrandbits(160) for _ in range(n)))
-        self.nodes = {
-            i: Node(i.to_bytes(20, "big"), f"10.{j >> 16 & 255}.{j >> 8 & 255}.{j & 255}", 4000)
-            for j, i in enumerate(self.ids)
-        }
-        self.rtt = {i: rng.uniform(*RTT_RANGE) for i in self.ids}
-        shuffled = rng.sample(self.ids, len(self.ids))
-        cut = int(len(self.ids) * adversarial)
-        self.adversaries = set(shuffled[:cut])
-        self.dead = set(shuffled[cut : cut + int(len(self.ids) * dead)])
-        self.tables: dict[int, list[int]] = {}
-        for i in self.ids:
-            ranges: dict[int, list[int]] = {}
-            for j in self.ids:
-                if j != i:
-                    ranges.setdefault((i ^ j).bit_length(), []).append(j)
-            self.tables[i] = [
-                j
-                for r in sorted(ranges)
-                for j in rng.sample(ranges[r], min(bucket, len(ranges[r])))
-            ]
-        self.honest = [i for i in self.ids if i not in self.adversaries and i not in self.dead]
-        self.sybil = False  # adversaries name made-up ids next to the target instead
-        self.sybils: set[int] = set()
-        self._colluding: tuple[int, list[int]] = (-1, [])
-
-    def sybils_near(self, asked: int, target: int, k: int) -> list[int]:
-        """``k`` made-up ids closer to ``target`` than any honest node (in a network
-        of thousands, an id within 2^-20 of the key; ids bound to keys only make
-        them cost a key search each), at their own addresses, answering in turn
-        with more of them."""
-        rng = random.Random(asked ^ target)
-        out = []
-        for _ in range(k):
-            i = target ^ rng.getrandbits(140)
-            if i not in self.nodes:
-                n = len(self.nodes)
-                self.nodes[i] = Node(
-                    i.to_bytes(20, "big"), f"11.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", 4000
-                )
-                self.rtt[i] = rng.uniform(*RTT_RANGE)
-                self.sybils.add(i)
-            out.append(i)
-        return out
-
-    @staticmethod
-    def closest(pool: object, target: int, count: int) -> list[int]:
-        return sorted(pool, key=lambda j: j ^ target)[:count]  # type: ignore[call-overload]
-
-    async def answer(self, asked: int, target: int, k: int) -> list[Node] | None:
-        if asked in self.dead:
-            await asyncio.sleep(DEAD_TIMEOUT)
-            return None
-        await asyncio.sleep(self.rtt[asked])
-        if asked in self.sybils or (self.sybil and asked in self.adversaries):
-            return [self.nodes[j] for j in self.sybils_near(asked, target, k)]
-        if asked in self.adversaries:  # the same list from every adversary
-            if self._colluding[0] != target:
-                self._colluding = (target, self.closest(self.adversaries, target, k))
-            return [self.nodes[j] for j in self._colluding[1]]
-        return [self.nodes[j] for j in self.closest(self.tables[asked], target, k)]
+async def answer_after_rtt(net: SimNetwork, asked: int, target: int, k: int) -> list[Node] | None:
+    """``net``'s answer after ``asked``'s round trip (a dead node: after the timeout)."""
+    await asyncio.sleep(DEAD_TIMEOUT if asked in net.dead else net.rtt[asked])
+    return net.answer(asked, target, k)
 
 
 async def one_lookup(
@@ -141,12 +80,12 @@ async def one_lookup(
         target = rng.getrandbits(160)
         goal = min(net.honest, key=lambda j: j ^ target)
     me = rng.choice([i for i in net.honest if i != goal])  # never the goal itself
-    seeds = [net.nodes[j] for j in net.closest(net.tables[me], target, SEEDS_K * k)]
+    seeds = net.seeds(me, target, SEEDS_K * k)
     reached = False
 
     async def query(node: Node) -> list[Node] | None:
         nonlocal reached
-        answer = await net.answer(node.long_id, target, k)
+        answer = await answer_after_rtt(net, node.long_id, target, k)
         if find_peer and answer is not None and node.long_id == goal:
             reached = True
         return answer
@@ -208,9 +147,18 @@ async def main(args: argparse.Namespace) -> None:
     for attack in [a for a in args.attacks.split(",") if a] if fractions else []:
         print(f"\nlookups that reach the honest node closest to the key, attack {attack}:")
         print("d  path_k " + "".join(f"{f:>8.0%} adv  RPCs " for f in fractions))
-        nets = [SimNetwork(args.nodes, seed=args.seed, bucket=k, adversarial=f) for f in fractions]
-        for net in nets:
-            net.sybil = attack == "sybil"
+        sybil = attack == "sybil"
+        nets = [
+            SimNetwork(
+                args.nodes,
+                seed=args.seed,
+                bucket=k,
+                adversarial=f,
+                sybil=sybil,
+                rtt_range=RTT_RANGE,
+            )
+            for f in fractions
+        ]
         for d in ds:
             for path_alpha, path_k in variants(d, k, alpha, args.split):
                 if path_alpha != alpha:
@@ -226,7 +174,7 @@ async def main(args: argparse.Namespace) -> None:
                     row += f"{ok:>12.1%} {rpcs:5.0f} "
                 print(row, flush=True)
     for dead in [float(x) for x in args.dead.split(",") if x]:
-        net = SimNetwork(args.nodes, seed=args.seed, bucket=k, dead=dead)
+        net = SimNetwork(args.nodes, seed=args.seed, bucket=k, dead=dead, rtt_range=RTT_RANGE)
         print(f"\ncost in a network without adversaries, {dead:.0%} dead nodes:")
         print(
             "d  path_alpha path_k | closest: ok  k-closest  RPCs  hops  median  p90 s |"

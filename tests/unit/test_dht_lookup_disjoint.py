@@ -21,69 +21,7 @@ from kademlia.node import Node
 
 from p2pnode.dht.lookup import Found, disjoint_lookup, iterative_lookup
 from p2pnode.sim import vloop
-
-
-class SimNetwork:
-    """``n`` nodes with random ids; each table holds up to ``bucket`` random nodes of
-    each XOR-distance range. Honest nodes answer with the ``k`` closest of their
-    table; dead ones never answer; adversaries answer with ``k`` made-up ids closer
-    to the target than any honest node, which answer in turn with more of them."""
-
-    def __init__(
-        self, n: int, *, seed: int, bucket: int, adversarial: float = 0.0, dead: float = 0.0
-    ) -> None:
-        rng = random.Random(seed)
-        self.rng = rng
-        self.ids = list(dict.fromkeys(rng.getrandbits(160) for _ in range(n)))
-        self.nodes = {
-            i: Node(i.to_bytes(20, "big"), f"10.{j >> 16 & 255}.{j >> 8 & 255}.{j & 255}", 4000)
-            for j, i in enumerate(self.ids)
-        }
-        shuffled = rng.sample(self.ids, len(self.ids))
-        cut = int(len(self.ids) * adversarial)
-        self.adversaries = set(shuffled[:cut])
-        self.dead = set(shuffled[cut : cut + int(len(self.ids) * dead)])
-        self.tables: dict[int, list[int]] = {}
-        for i in self.ids:
-            ranges: dict[int, list[int]] = {}
-            for j in self.ids:
-                if j != i:
-                    ranges.setdefault((i ^ j).bit_length(), []).append(j)
-            self.tables[i] = [
-                j
-                for r in sorted(ranges)
-                for j in rng.sample(ranges[r], min(bucket, len(ranges[r])))
-            ]
-        self.honest = [i for i in self.ids if i not in self.adversaries and i not in self.dead]
-        self.sybils: set[int] = set()
-
-    @staticmethod
-    def closest(pool: list[int], target: int, count: int) -> list[int]:
-        return sorted(pool, key=lambda j: j ^ target)[:count]
-
-    def sybils_near(self, asked: int, target: int, k: int) -> list[int]:
-        rng = random.Random(asked ^ target)
-        out = []
-        for _ in range(k):
-            i = target ^ rng.getrandbits(140)  # far closer than any of n honest ids
-            if i not in self.nodes:
-                n = len(self.nodes)
-                addr = f"11.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
-                self.nodes[i] = Node(i.to_bytes(20, "big"), addr, 4000)
-                self.sybils.add(i)
-            out.append(i)
-        return out
-
-    def answer(self, asked: int, target: int, k: int) -> list[Node] | None:
-        if asked in self.dead:
-            return None
-        if asked in self.adversaries or asked in self.sybils:
-            return [self.nodes[j] for j in self.sybils_near(asked, target, k)]
-        return [self.nodes[j] for j in self.closest(self.tables[asked], target, k)]
-
-    def seeds(self, me: int, target: int, count: int) -> list[Node]:
-        return [self.nodes[j] for j in self.closest(self.tables[me], target, count)]
-
+from p2pnode.sim.lookupnet import SimNetwork
 
 GOLDEN_ASKED = [
     373,
