@@ -211,7 +211,7 @@ class Node:
             self._host,
             self._discovery,
             self.config.relay,
-            self._reachability,
+            self._tcp_reachability,
             self.clock,
             port=self._port,
         )
@@ -221,7 +221,7 @@ class Node:
                 self._host,
                 listen_port=self._port,
                 addresses=self._punch_addresses,
-                reachability=lambda: self.autonat.core.verdict(TCP),
+                reachability=self._tcp_reachability,
                 config=self.config.holepunch,
                 bind_host=self.config.host if self.config.host != "::" else "0.0.0.0",
             )
@@ -545,13 +545,12 @@ class Node:
         out = [(mapped[0], mapped[1])] if mapped else []
         return out + [(ip, port) for ip in dict.fromkeys(ips) if (ip, port) not in out]
 
-    def _reachability(self) -> str | None:
-        """The reachability verdict as text ("public", "private", "unknown"), or
-        None while this node has none (p2pnode/nat/reachability.py)."""
+    def _tcp_reachability(self) -> Reachability:
+        """The verdict the relay and the hole puncher follow (unknown until AutoNAT
+        runs): TCP's, since peers dial this node's TCP port (relays carry TCP)."""
         if self._autonat is None:
-            return None
-        # TCP decides: peers dial this node's TCP port (relays carry TCP)
-        return str(self._autonat.core.verdict(TCP))
+            return Reachability.UNKNOWN
+        return self._autonat.core.verdict(TCP)
 
     @property
     def node_id(self) -> bytes:
