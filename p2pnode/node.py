@@ -471,12 +471,13 @@ class Node:
         if verdict is Reachability.UNKNOWN:
             ips = [ip for ip in own if _is_global(ip)]
         else:
+            # Dialing in: the router forwards a mapping's port, so that is the port
+            # of every observed IP too (ours when there is no mapping).
             port = autonat.core.probe_ports(self._port, self._port)[0]
-            mapped = autonat.core.mapping
-            seen = [a.ip for a in autonat.observed.confirmed(self.clock.now())]
-            ips = ([mapped[0]] if mapped else []) + seen
-            shown = [_host_port(ip, port) for ip in dict.fromkeys(ips)]
-            return shown + [_host_port(ip, self._port) for ip in own if ip not in ips]
+            external = self._external_addresses(port)
+            outside = {ip for ip, _ in external}
+            shown = [_host_port(ip, p) for ip, p in external]
+            return shown + [_host_port(ip, self._port) for ip in own if ip not in outside]
         return [_host_port(ip, self._port) for ip in ips]
 
     def join_candidates(self) -> list[str]:
@@ -531,19 +532,21 @@ class Node:
             punch.upgrade_soon(node_id)
 
     def _punch_addresses(self) -> list[tuple[str, int]]:
-        """Where a peer should open to us when punching: the IPs peers observed
-        for us (confirmed first, else the best guess) at our listening port (a
-        port-keeping NAT maps it to itself; a mapping's port when we have one)."""
+        """Where a peer should open to us when punching: a mapping if we have one,
+        and the IPs peers observed for us at our listening port, since we open from
+        it and a port-keeping NAT maps it to itself (reachable_addresses, dialing
+        in, pairs them with the mapping's port instead)."""
+        return self._external_addresses(self._port)
+
+    def _external_addresses(self, observed_port: int) -> list[tuple[str, int]]:
+        """A port mapping's external (ip, port) first, then each confirmed observed
+        IP at ``observed_port``: the one rule that differs between dialing in
+        (reachable_addresses) and punching (_punch_addresses)."""
         autonat = self.autonat
-        now = self.clock.now()
-        ips = [a.ip for a in autonat.observed.confirmed(now)]
-        best = autonat.observed.best_ip(now)
-        if best is not None:
-            ips.append(best)
-        port = self._port
         mapped = autonat.core.mapping
         out = [(mapped[0], mapped[1])] if mapped else []
-        return out + [(ip, port) for ip in dict.fromkeys(ips) if (ip, port) not in out]
+        seen = dict.fromkeys(a.ip for a in autonat.observed.confirmed(self.clock.now()))
+        return out + [(ip, observed_port) for ip in seen if (ip, observed_port) not in out]
 
     def _tcp_reachability(self) -> Reachability:
         """The verdict the relay and the hole puncher follow (unknown until AutoNAT
