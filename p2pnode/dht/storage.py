@@ -48,7 +48,7 @@ from p2pnode.dht.records import (
     open_value,
     verify_provider_record,
 )
-from p2pnode.dht.rpc_schema import BAD_ARGS, Value, check_value, is_node_id, is_port
+from p2pnode.dht.rpc_schema import BAD_ARGS, Value, check_value, is_node_id
 
 _BIG = 1 << 62
 _INF = float("inf")
@@ -90,7 +90,6 @@ PROVIDER_COUNTERS = (
     "refused.invalid_record",
     *(f"invalid_record.{reason}" for reason in RECORD_REASONS),
     "refused.stale_seq",
-    "refused.unsigned_over_signed",
     "refused.own_value",
 )
 
@@ -387,13 +386,11 @@ class ProviderEntry:
     port: int
     sender: str | None  # source IP it came from; None for our own records
     expires: float
-    record: ProviderRecord | None = None  # the verified record (add_record)
+    record: ProviderRecord  # verified when it was added
     announced: float = 0.0  # when last announced
 
     @property
     def size(self) -> int:
-        if self.record is None:
-            return PROVIDER_RECORD_BYTES + len(self.host)
         hosts = sum(len(host) + 8 for host, _ in self.record.addrs)
         hosts += sum(len(host) + 30 for host, _, _ in self.record.relays)
         return PROVIDER_RECORD_BYTES + SIGNED_PROVIDER_EXTRA + hosts
@@ -404,14 +401,13 @@ class ProviderStore:
     announcement (a signed record at its own expiry if sooner). A record is
     identified by (key, node id); announcing again refreshes it.
 
-    Signed records (``add_record`` / ``get_records``) are verified here, so the
-    store never holds one that does not verify; a higher seq replaces a lower one.
-    Unsigned entries (``add`` / ``get``, the old path) are kept until every caller
-    sends signed records; they never replace a signed record.
+    Records are signed (``add_record``) and verified here, so the store never
+    holds one that does not verify; a higher seq replaces a lower one.
+    ``get_records`` answers peers; ``get`` shows the entries (sender, expiry).
 
     Bounds, each evicting rather than refusing: per key (``max_per_key``; the
-    least deserving record goes: an unsigned one, then from the subnet, then the
-    address, holding most of the key, then the oldest), per key and sender /
+    least deserving record goes: from the subnet, then the address, holding most
+    of the key, then the oldest), per key and sender /
     subnet, per sender and subnet overall, in total records, bytes and distinct
     keys."""
 
@@ -481,7 +477,7 @@ class ProviderStore:
             _record_counters(self.stats, exc.reason)
             self.last_refused = "invalid_record"
             return False
-        if old is not None and old.record is not None and _stale(record, old.record):
+        if old is not None and _stale(record, old.record):
             return self._refuse("stale_seq")
         if old is not None and old.sender is None and sender_host is not None:
             # Our own entry: an echo changes nothing, anything else is refused.
@@ -491,28 +487,6 @@ class ProviderStore:
         entry = ProviderEntry(
             record.key, record.peer_id, host, port, sender_host, expires, record, now
         )
-        return self._put(entry, old)
-
-    def add(
-        self,
-        key: bytes,
-        node_id: bytes,
-        host: str,
-        port: int,
-        sender: str | None,
-        now: float | None = None,
-    ) -> bool:
-        """Record (or refresh) a provider. False (counted) only when no remote
-        record could make room (the limits are filled with our own records)."""
-        key = _check_key(key)
-        if not is_node_id(node_id) or not is_port(port):
-            raise MessageError(BAD_ARGS, "provider needs a 20-byte id and a port")
-        now = self._clock.now() if now is None else now
-        self.cull(now)
-        old = self._by_key.get(key, {}).get(node_id)
-        if old is not None and old.record is not None:
-            return self._refuse("unsigned_over_signed")
-        entry = ProviderEntry(key, node_id, host, port, sender, now + self.ttl, None, now)
         return self._put(entry, old)
 
     def _put(self, entry: ProviderEntry, old: ProviderEntry | None) -> bool:
@@ -593,14 +567,13 @@ class ProviderStore:
 
     @staticmethod
     def _least_deserving(records: list[ProviderEntry]) -> ProviderEntry:
-        """An unsigned one; from the subnet, then the address, with most of
-        ``records``; then the least recently announced."""
+        """From the subnet, then the address, with most of ``records``; then the
+        least recently announced."""
         subnets = Counter(subnet_of(e.sender or "") for e in records)
         senders = Counter(e.sender for e in records)
         return min(
             records,
             key=lambda e: (
-                e.record is not None,
                 -subnets[subnet_of(e.sender or "")],
                 -senders[e.sender],
                 e.announced,
@@ -661,7 +634,7 @@ class ProviderStore:
         own first) so one flooding subnet holds at most every other slot while
         others have records to give."""
         self.cull(now)
-        entries = [e for e in self._by_key.get(key, {}).values() if e.record is not None]
+        entries = list(self._by_key.get(key, {}).values())
         entries.sort(key=lambda e: (e.announced, e.expires), reverse=True)
         groups: dict[str | None, list[ProviderEntry]] = {}
         for entry in entries:
@@ -680,7 +653,6 @@ class ProviderStore:
                     break
                 for entry in queue:  # this group's freshest with a host not yet listed
                     record = entry.record
-                    assert record is not None
                     if record.host not in hosts:
                         hosts.add(record.host)
                         out.append(record)

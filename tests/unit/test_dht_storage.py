@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 
 import pytest
 
@@ -21,6 +23,8 @@ from p2pnode.dht.records import (
 from p2pnode.dht.storage import ProviderStore, ValueStore
 from p2pnode.identity import Identity
 from p2pnode.ratelimit import RateLimiter
+
+NOW = 1_700_000_000.0
 
 
 def key(i: int) -> bytes:
@@ -151,21 +155,42 @@ def test_a_flood_from_many_addresses_does_not_lock_out_new_values() -> None:
 
 
 def provider_store(clock: FakeClock, **kw: int) -> ProviderStore:
+    """A 100 s ttl; records (``announce``) live longer, so the ttl decides."""
     limits = {"max_per_key": 3, "max_per_sender": 4, "max_keys": 5, "max_records": 8}
     limits.update(kw)
-    return ProviderStore(clock, ttl=100.0, **limits)
+    return ProviderStore(clock, ttl=100.0, max_record_ttl=10_000.0, **limits)
+
+
+@functools.cache
+def peer(i: int) -> Identity:
+    return Identity.from_seed(i.to_bytes(32, "big"))
+
+
+def pid(i: int) -> bytes:
+    return peer(i).node_id
+
+
+_SEQ = itertools.count(1)
+
+
+def announce(
+    store: ProviderStore, k: bytes, i: int, host: str, port: int, sender: str | None
+) -> bool:
+    """Peer ``i``'s signed record for ``k`` at host:port (a newer seq each time)."""
+    record = sign_provider_record(peer(i), k, [(host, port)], next(_SEQ), int(NOW + 10_000))
+    return store.add_record(record, sender)
 
 
 def test_provider_records_expire_and_refresh() -> None:
-    clock = FakeClock()
+    clock = FakeClock(NOW)
     store = provider_store(clock)
-    assert store.add(key(1), key(100), "10.0.0.1", 4001, sender="10.0.0.1")
+    assert announce(store, key(1), 100, "10.0.0.1", 4001, sender="10.0.0.1")
     clock.advance(50)
-    assert store.add(key(1), key(101), "10.0.0.2", 4002, sender="10.0.0.2")
-    assert [e.node_id for e in store.get(key(1))] == [key(101), key(100)]  # newest first
+    assert announce(store, key(1), 101, "10.0.0.2", 4002, sender="10.0.0.2")
+    assert [e.node_id for e in store.get(key(1))] == [pid(101), pid(100)]  # newest first
     clock.advance(50)
-    assert [e.node_id for e in store.get(key(1))] == [key(101)]
-    assert store.add(key(1), key(101), "10.0.0.3", 4003, sender="10.0.0.3")  # refresh
+    assert [e.node_id for e in store.get(key(1))] == [pid(101)]
+    assert announce(store, key(1), 101, "10.0.0.3", 4003, sender="10.0.0.3")  # refresh
     entry = store.get(key(1))[0]
     assert (entry.host, entry.port) == ("10.0.0.3", 4003)
     assert store.sender_count("10.0.0.2") == 0
@@ -178,36 +203,36 @@ def test_provider_records_expire_and_refresh() -> None:
 
 
 def test_a_full_key_evicts_its_least_deserving_record() -> None:
-    clock = FakeClock()
+    clock = FakeClock(NOW)
     store = provider_store(clock, max_per_key=4, max_records=100, max_per_sender=100)
-    assert store.add(key(1), key(100), "10.0.0.1", 1, sender="10.0.0.1")
+    assert announce(store, key(1), 100, "10.0.0.1", 1, sender="10.0.0.1")
     clock.advance(1)
-    assert store.add(key(1), key(101), "10.9.0.1", 1, sender="10.9.0.1")
+    assert announce(store, key(1), 101, "10.9.0.1", 1, sender="10.9.0.1")
     clock.advance(1)
-    assert store.add(key(1), key(102), "10.9.0.2", 1, sender="10.9.0.2")
+    assert announce(store, key(1), 102, "10.9.0.2", 1, sender="10.9.0.2")
     clock.advance(1)
-    assert store.add(key(1), key(103), "10.9.0.2", 1, sender="10.9.0.2")
+    assert announce(store, key(1), 103, "10.9.0.2", 1, sender="10.9.0.2")
     clock.advance(1)
     # Full: the subnet holding most (10.9.0.0/24), its top address, its oldest record.
-    assert store.add(key(1), key(104), "10.5.0.1", 1, sender="10.5.0.1")
-    assert {e.node_id for e in store.get(key(1))} == {key(100), key(101), key(103), key(104)}
+    assert announce(store, key(1), 104, "10.5.0.1", 1, sender="10.5.0.1")
+    assert {e.node_id for e in store.get(key(1))} == {pid(100), pid(101), pid(103), pid(104)}
     clock.advance(1)
-    assert store.add(key(1), key(105), "10.6.0.1", 1, sender="10.6.0.1")  # 10.9/24 again
-    assert {e.node_id for e in store.get(key(1))} == {key(100), key(103), key(104), key(105)}
+    assert announce(store, key(1), 105, "10.6.0.1", 1, sender="10.6.0.1")  # 10.9/24 again
+    assert {e.node_id for e in store.get(key(1))} == {pid(100), pid(103), pid(104), pid(105)}
     # All in different subnets: the oldest goes.
-    assert store.add(key(1), key(106), "10.7.0.1", 1, sender="10.7.0.1")
-    assert key(100) not in {e.node_id for e in store.get(key(1))}
+    assert announce(store, key(1), 106, "10.7.0.1", 1, sender="10.7.0.1")
+    assert pid(100) not in {e.node_id for e in store.get(key(1))}
     assert store.stats["evicted.key_full"] == 3
     # Our own records are never evicted; a key full of them refuses (counted).
     for i in range(4):
-        assert store.add(key(2), key(200 + i), "127.0.0.1", 1, sender=None)
-    assert not store.add(key(2), key(300), "10.0.0.1", 1, sender="10.0.0.1")
+        assert announce(store, key(2), 200 + i, "127.0.0.1", 1, sender=None)
+    assert not announce(store, key(2), 300, "10.0.0.1", 1, sender="10.0.0.1")
     assert store.stats["refused.key_full"] == 1
     assert len(store.get(key(2))) == 4
 
 
 def test_provider_quotas_evict_the_holders_own_records() -> None:
-    clock = FakeClock()
+    clock = FakeClock(NOW)
     store = provider_store(
         clock,
         max_per_key=64,
@@ -219,70 +244,66 @@ def test_provider_quotas_evict_the_holders_own_records() -> None:
         max_per_subnet=15,
     )
     honest = "10.0.0.1"
-    assert store.add(key(1), key(100), honest, 1, sender=honest)
+    assert announce(store, key(1), 100, honest, 1, sender=honest)
     for i in range(64):  # attack 2: one address, one key, random ids
-        assert store.add(key(1), key(1000 + i), "10.0.0.2", 9, sender="10.0.0.2")
+        assert announce(store, key(1), 1000 + i, "10.0.0.2", 9, sender="10.0.0.2")
         clock.advance(0.01)
     records = store.get(key(1))
-    assert [e.node_id for e in records if e.sender == "10.0.0.2"] == [key(1063), key(1062)]
-    assert key(100) in {e.node_id for e in records}
+    assert [e.node_id for e in records if e.sender == "10.0.0.2"] == [pid(1063), pid(1062)]
+    assert pid(100) in {e.node_id for e in records}
     assert store.stats["evicted.key_sender_quota"] == 62
     # Per subnet and key: a third address of the /24 evicts from the top one.
-    assert store.add(key(1), key(101), "10.0.0.3", 1, sender="10.0.0.3")
+    assert announce(store, key(1), 101, "10.0.0.3", 1, sender="10.0.0.3")
     assert store.stats["evicted.key_subnet_quota"] == 1
-    assert key(100) in {e.node_id for e in store.get(key(1))}
+    assert pid(100) in {e.node_id for e in store.get(key(1))}
     # Per sender over all keys, per subnet over all keys.
     for i in range(30):
-        assert store.add(key(10 + i), key(2000 + i), "10.0.0.2", 9, sender="10.0.0.2")
+        assert announce(store, key(10 + i), 2000 + i, "10.0.0.2", 9, sender="10.0.0.2")
     assert store.sender_count("10.0.0.2") == 10
     assert store.stats["evicted.sender_quota"] > 0
     for i in range(30):
-        assert store.add(key(50 + i), key(3000 + i), "10.0.0.4", 9, sender="10.0.0.4")
+        assert announce(store, key(50 + i), 3000 + i, "10.0.0.4", 9, sender="10.0.0.4")
     assert store.stats["evicted.subnet_quota"] > 0
-    assert key(100) in {e.node_id for e in store.get(key(1))}  # the lone honest record
+    assert pid(100) in {e.node_id for e in store.get(key(1))}  # the lone honest record
 
 
 def test_provider_totals_evict_from_the_heaviest_user() -> None:
-    clock = FakeClock()
+    clock = FakeClock(NOW)
     store = provider_store(clock, max_per_key=64, max_per_sender=100, max_keys=4, max_records=6)
-    assert store.add(key(1), key(100), "10.0.0.1", 1, sender="10.0.0.1")
+    assert announce(store, key(1), 100, "10.0.0.1", 1, sender="10.0.0.1")
     for i in range(5):
-        assert store.add(key(2 + i % 2), key(200 + i), "10.9.0.1", 1, sender="10.9.0.1")
-    assert store.add(key(1), key(101), "10.8.0.1", 1, sender="10.8.0.1")  # records full
+        assert announce(store, key(2 + i % 2), 200 + i, "10.9.0.1", 1, sender="10.9.0.1")
+    assert announce(store, key(1), 101, "10.8.0.1", 1, sender="10.8.0.1")  # records full
     assert store.stats["evicted.full"] == 1
-    assert store.add(key(4), key(102), "10.8.0.1", 1, sender="10.8.0.1")
-    assert store.add(key(5), key(103), "10.8.0.1", 1, sender="10.8.0.1")  # keys full
+    assert announce(store, key(4), 102, "10.8.0.1", 1, sender="10.8.0.1")
+    assert announce(store, key(5), 103, "10.8.0.1", 1, sender="10.8.0.1")  # keys full
     assert store.key_count <= 4 and len(store) <= 6
     assert store.stats["evicted.keys_full"] >= 1
-    assert key(100) in {e.node_id for e in store.get(key(1))}
+    assert pid(100) in {e.node_id for e in store.get(key(1))}
     # Bytes: records with long hosts cost more.
     small = provider_store(
-        clock, max_per_key=64, max_per_sender=100, max_keys=100, max_records=100, max_bytes=300
+        clock, max_per_key=64, max_per_sender=100, max_keys=100, max_records=100, max_bytes=450
     )
     for i in range(4):
-        assert small.add(key(1), key(i), "2001:db8::1", 1, sender="2001:db8::1")
-    assert small.bytes_used <= 300 and len(small) == 2
-    with pytest.raises(MessageError):
-        store.add(key(1), b"short", "10.0.0.1", 1, sender=None)
-    with pytest.raises(MessageError):
-        store.add(key(1), key(5), "10.0.0.1", 0, sender=None)
+        assert announce(small, key(1), i, "2001:db8::1", 1, sender="2001:db8::1")
+    assert small.bytes_used <= 450 and len(small) == 2
 
 
 def test_provider_answers_are_a_fair_sample() -> None:
-    clock = FakeClock()
+    clock = FakeClock(NOW)
     store = provider_store(clock, max_per_key=100, max_records=100, max_per_sender=100)
-    store.add(key(1), key(1), "10.0.0.1", 1, sender="10.0.0.1")
+    announce(store, key(1), 1, "10.0.0.1", 1, sender="10.0.0.1")
     for i in range(10):
         clock.advance(1)
-        store.add(key(1), key(100 + i), "10.0.0.2", 1, sender="10.0.0.2")
+        announce(store, key(1), 100 + i, "10.0.0.2", 1, sender="10.0.0.2")
     clock.advance(1)
-    store.add(key(1), key(2), "10.0.0.3", 1, sender="10.0.0.3")
+    announce(store, key(1), 2, "10.0.0.3", 1, sender="10.0.0.3")
     answer = store.get(key(1), limit=4)
     # One per address, freshest address first, then second records.
-    assert [e.node_id for e in answer] == [key(2), key(109), key(1), key(108)]
+    assert [e.node_id for e in answer] == [pid(2), pid(109), pid(1), pid(108)]
     assert len(store.get(key(1), limit=2)) == 2
-    store.remove(key(1), key(2))
-    store.remove(key(1), key(77))
+    store.remove(key(1), pid(2))
+    store.remove(key(1), pid(77))
     assert len(store.get(key(1))) == 11
 
 
@@ -302,7 +323,6 @@ def test_rate_limiter_per_source() -> None:
 
 # -- signed records -----------------------------------------------------------------------
 
-NOW = 1_700_000_000.0
 ALICE = Identity.generate()
 MALLORY = Identity.generate()
 NAME_KEY = mutable_key(ALICE.node_id, "greeting")
@@ -497,14 +517,6 @@ def test_a_newer_provider_record_replaces_the_older() -> None:
     newer = provider_record(seq=6, host="10.0.0.2")
     assert store.add_record(newer, "10.0.0.2")
     assert store.get_records(key(1)) == [newer] and len(store) == 1
-    # The old unsigned path never replaces a signed record.
-    assert not store.add(key(1), ALICE.node_id, "10.0.0.66", 9, sender="10.0.0.66")
-    assert store.stats["refused.unsigned_over_signed"] == 1
-    # A signed record replaces an unsigned entry of the same peer.
-    assert store.add(key(2), MALLORY.node_id, "10.0.0.7", 9, sender="10.0.0.7")
-    signed_mallory = provider_record(MALLORY, "10.0.0.7", k=key(2))
-    assert store.add_record(signed_mallory, "10.0.0.7")
-    assert store.get_records(key(2)) == [signed_mallory]
 
 
 def test_provider_records_go_at_their_own_expiry() -> None:
@@ -547,20 +559,15 @@ def test_provider_record_answers_one_per_host_fresh_first_subnets_in_turn() -> N
     assert store.get_records(key(4), 8) == []
 
 
-def test_a_full_key_evicts_unsigned_then_the_least_deserving_record() -> None:
+def test_a_full_key_of_signed_records_evicts_the_least_deserving() -> None:
     clock = FakeClock(NOW)
     store = signed_provider_store(clock, max_per_key=4)
-    assert store.add(key(1), key(500), "10.5.0.1", 1, sender="10.5.0.1")  # unsigned, fresh
     people = [Identity.generate() for _ in range(6)]
     clock.advance(1)
-    for i in range(3):
+    for i in range(4):
         assert store.add_record(provider_record(people[i], f"10.{i}.0.1"), f"10.{i}.0.1")
         clock.advance(1)
-    # Full: the unverifiable one goes first, although it is not the oldest.
-    assert store.add_record(provider_record(people[3], "10.3.0.1"), "10.3.0.1")
-    assert key(500) not in {e.node_id for e in store.get(key(1))}
-    clock.advance(1)
-    # Then the oldest (all in distinct subnets).
+    # Full: the oldest goes (all in distinct subnets).
     assert store.add_record(provider_record(people[4], "10.4.0.1"), "10.4.0.1")
     assert people[0].node_id not in {r.peer_id for r in store.get_records(key(1))}
     # A subnet holding two goes before an older lone record (people[2]).
@@ -571,7 +578,7 @@ def test_a_full_key_evicts_unsigned_then_the_least_deserving_record() -> None:
     assert store.add_record(newcomer, "10.7.0.1")
     peers = {r.peer_id for r in store.get_records(key(1))}
     assert peers == {people[2].node_id, people[3].node_id, people[5].node_id, newcomer.peer_id}
-    assert store.stats["evicted.key_full"] == 4 and store.stats["refused.key_full"] == 0
+    assert store.stats["evicted.key_full"] == 3 and store.stats["refused.key_full"] == 0
 
 
 def test_a_provider_record_flood_does_not_lock_out_newcomers() -> None:
