@@ -20,7 +20,7 @@ from p2pnode.dht.config import DhtConfig
 from p2pnode.errors import P2PError
 from p2pnode.exchange.manifest import resource_id_from_str
 from p2pnode.node import Node
-from p2pnode.sim import netem
+from p2pnode.sim import dhtops, netem
 from p2pnode.sim.engine import (
     LookupOutcome,
     NodeFailure,
@@ -166,19 +166,10 @@ class InprocessNode(SimNode):
         return Path(path) if path else dest
 
     async def dht_put(self, key: str, value: str) -> bool:
-        try:
-            return bool(await self._node().discovery.put(key, value))
-        except P2PError as exc:
-            raise NodeFailure(f"put: {type(exc).__name__}: {exc}") from None
+        return await dhtops.dht_put(self._node().discovery, key, value)
 
     async def dht_get(self, key: str) -> str | None:
-        try:
-            value = await self._node().discovery.get(key)
-        except P2PError as exc:
-            raise NodeFailure(f"get: {type(exc).__name__}: {exc}") from None
-        if isinstance(value, bytes):
-            return value.decode("utf-8", "replace")
-        return None if value is None else str(value)
+        return await dhtops.dht_get(self._node().discovery, key)
 
     async def find_peer(self, node_id: bytes) -> LookupOutcome:
         node = self._node()

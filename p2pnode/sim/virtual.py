@@ -39,6 +39,7 @@ from p2pnode.exchange.messages import GetManifest, GetPiece, ManifestData, Piece
 from p2pnode.identity import Identity
 from p2pnode.net.config import NetLimits
 from p2pnode.net.host import PeerAddress, PeerHost
+from p2pnode.sim import dhtops
 from p2pnode.sim.adversary import AdversaryNode, SybilRegistry, Target, grind, records
 from p2pnode.sim.engine import (
     LookupOutcome,
@@ -301,20 +302,11 @@ class VirtualNode(SimNode):
 
     async def dht_put(self, key: str, value: str) -> bool:
         discovery, _ = self._live()
-        try:
-            return bool(await discovery.put(key, value))
-        except P2PError as exc:
-            raise NodeFailure(f"put: {type(exc).__name__}: {exc}") from None
+        return await dhtops.dht_put(discovery, key, value)
 
     async def dht_get(self, key: str) -> str | None:
         discovery, _ = self._live()
-        try:
-            value = await discovery.get(key)
-        except P2PError as exc:
-            raise NodeFailure(f"get: {type(exc).__name__}: {exc}") from None
-        if isinstance(value, bytes):
-            return value.decode("utf-8", "replace")
-        return None if value is None else str(value)
+        return await dhtops.dht_get(discovery, key)
 
     async def find_peer(self, node_id: bytes) -> LookupOutcome:
         discovery, _ = self._live()
@@ -357,9 +349,7 @@ class VirtualNode(SimNode):
             value = await get_record(address)
         except P2PError as exc:
             raise NodeFailure(f"get: {type(exc).__name__}: {exc}") from None
-        if isinstance(value, bytes):
-            return value.decode("utf-8", "replace")
-        return None if value is None else str(value)
+        return dhtops.as_text(value)
 
     async def find_provider_ids(self, rid: str) -> list[tuple[bytes, str]]:
         discovery, _ = self._live()
