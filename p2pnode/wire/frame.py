@@ -139,12 +139,7 @@ class PrefixDecoder:
     def held(self) -> int:
         """Bytes of memory this decoder holds now: the body being filled, the read
         buffer and pooled bodies (lent ones belong to whoever holds their views)."""
-        n = self._pool_bytes
-        if self._body is not None:
-            n += len(self._body)
-        if self._scratch is not None:
-            n += len(self._scratch)
-        return n
+        return self._pool_bytes + self.receiving
 
     @property
     def receiving(self) -> int:
