@@ -54,3 +54,27 @@ def test_every_pair_connects_through_the_dht_only(lab: Lab, tmp_path: Path) -> N
     ]
     assert not failures, f"provider -> downloader, via, result:\n{table}"
     assert set(kinds_here()) == set(matrix.providers)
+
+
+@pytest.mark.timeout(120)
+def test_a_get_started_as_a_natted_provider_comes_up_finds_its_relays(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """No waiting for the steady state: the provider shares at once and the get
+    starts at once. Its first record names only the NAT's address, which drops
+    the dial; the downloader must look the provider up again (its fresh record
+    names its relay) instead of failing after the handshake timeout."""
+    matrix = Matrix(lab, tmp_path, kinds=("eim",), downloaders=("public",))
+    # The downloader offers no relay: the provider would reserve a slot on it,
+    # and that connection would carry the download whatever the records say.
+    matrix.start(only={"d-public": ("--relay-service", "never")})
+    provider = matrix.providers["eim"]
+    downloader = matrix.downloaders["public"]
+    ids = matrix.share_all(1024 * 1024)
+    got = downloader.get_timed(ids[("eim", "public")], downloader.home / "got.bin")
+    status = provider.request("GET", "/v1/status")
+    assert got.ok, (got, status.get("reachability"), status.get("relay"))
+    data = (provider.home / "for-public.bin").read_bytes()
+    assert (downloader.home / "got.bin").read_bytes() == data
+    # Not after a dial to the NAT's address ran into the handshake timeout (10 s).
+    assert got.total < 10, got

@@ -658,3 +658,54 @@ async def test_busy_provider_is_waited_for_not_dropped(make_peer: Factory, tmp_p
     await leech.exchange.get(rid, tmp_path / "got.bin")
     assert (tmp_path / "got.bin").read_bytes() == data
     assert refusals == 10
+
+
+async def test_a_stale_provider_record_is_looked_up_again(
+    make_peer: Factory, tmp_path: Path
+) -> None:
+    """The first record a leech finds sends it to an address where the dial hangs
+    (a listener that never speaks: a NAT dropping the SYN, a provider not yet
+    announcing its relays); the provider then announces a fresh record. The leech
+    looks the providers up again once its dial is past dial_timeout, tries the
+    new address and completes, long before the stale dial's handshake timeout
+    (NetLimits: 10 s) or the manifest timeout (5 s)."""
+    from dataclasses import replace
+
+    data = _random_file(tmp_path / "f.bin", PS * 4)
+    seed = await make_peer("seed")
+    # The provider's announce loop runs once, at start (nothing to announce then):
+    # every announcement below is the test's.
+    provider = await make_peer("provider", seed, replace(CONFIG, contact_poll_interval=1000.0))
+    config = replace(CONFIG, dial_timeout=1.0, rediscover_attempts=2, rediscover_delay=0.05)
+    leech = await make_peer("leech", seed, config)
+    dialed = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        dialed.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    silent_port = server.sockets[0].getsockname()[1]
+    try:
+        manifest, listing = build_manifest(tmp_path / "f.bin", piece_size=PS)
+        rid = manifest.resource_id
+        provider.exchange.store.add_shared(manifest, listing.root, listing.stats)
+        await provider.discovery.add_provider(dht_key(rid), silent_port)
+        await _wait_provider_count(leech, rid, 1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        get = asyncio.ensure_future(leech.exchange.get(rid, tmp_path / "got.bin"))
+        async with asyncio.timeout(5):
+            await dialed.wait()  # the leech dials the stale address
+        await provider.discovery.add_provider(dht_key(rid), provider.host_port)
+        async with asyncio.timeout(15):
+            await get
+        took = loop.time() - started
+        assert (tmp_path / "got.bin").read_bytes() == data
+        assert took < 4.0, took
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
