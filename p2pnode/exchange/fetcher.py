@@ -702,8 +702,14 @@ class Fetcher:
         progress: ProgressCallback | None,
     ) -> None:
         attempts = 0
+        # Lookups while dials hang (see _work_through), over the whole download.
+        relookup = Relookup(
+            attempts=self._config.rediscover_attempts,
+            delay=self._config.rediscover_delay,
+            now=self._clock.now(),
+        )
         while True:
-            await self._work_through(d, providers, progress)
+            await self._work_through(d, providers, progress, relookup)
             if d.picker.done:
                 return
             decision = d.policy.when_no_peers(attempts)
@@ -729,11 +735,15 @@ class Fetcher:
         d: _Download,
         providers: list[ProviderRecord],
         progress: ProgressCallback | None,
+        relookup: Relookup,
     ) -> None:
         """One worker per provider, most promising first: at most
         ``max_peers_per_download`` at once, at most ``dial_window`` of them waiting for
         their first answer (``DialSlots``); returns when the download is complete
-        (workers still dialing are stopped) or every candidate was tried and ended."""
+        (workers still dialing are stopped) or every candidate was tried and ended.
+        When no candidate is left and every worker still dials past ``dial_timeout``,
+        the providers are looked up again (``relookup``); a record naming new
+        addresses replaces the worker still dialing its peer's old ones."""
         config = self._config
         queue = deque(r for r in self._rank(providers) if r.node_id not in d.picker.banned)
         slots = DialSlots(
@@ -743,6 +753,9 @@ class Fetcher:
         )
         workers: dict[asyncio.Task[None], bytes] = {}
         waiter: asyncio.Task[Any] | None = None
+        lookup: asyncio.Task[list[ProviderRecord]] | None = None
+        # Workers stopped for a fresher record of their peer, started again once gone.
+        replacing: dict[bytes, ProviderRecord] = {}
         try:
             while True:
                 now = self._clock.now()
@@ -767,6 +780,7 @@ class Fetcher:
                         key = rec.node_id
                         if key in d.picker.banned or key in workers.values():
                             continue
+                        relookup.tried(key, _addresses(rec))
                         d.peers[key] = _PeerInfo(rec)
                         slots.start(key, now)
                         task = asyncio.create_task(
@@ -775,19 +789,47 @@ class Fetcher:
                         workers[task] = key
                 if not workers:
                     return
+                stuck = (
+                    not d.picker.done
+                    and not queue
+                    and all(slots.is_stale(key, now) for key in workers.values())
+                )
+                if lookup is None and relookup.due(now, stuck=stuck):
+                    relookup.start()
+                    log.info(
+                        "%s: no provider answered yet; looking its providers up again (%d of %d)",
+                        resource_id_to_str(d.resource_id),
+                        relookup.made,
+                        relookup.attempts,
+                    )
+                    lookup = asyncio.create_task(self._find_providers(d.resource_id))
+                at = relookup.next_at()
+                wake = [slots.next_change(now)] if queue or at is not None else []
+                if stuck and at is not None:
+                    wake.append(max(0.0, at - now))
                 waiter = asyncio.create_task(d.changed.wait())
                 done, _ = await asyncio.wait(
-                    [*workers, waiter],
-                    timeout=slots.next_change(now) if queue else None,
+                    [*workers, waiter, *([lookup] if lookup is not None else [])],
+                    timeout=min((w for w in wake if w is not None), default=None),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 waiter.cancel()
                 for task in done:
                     if task is waiter:
                         continue
+                    if task is lookup:
+                        lookup = None
+                        relookup.end(self._clock.now())
+                        fresh = cast("asyncio.Task[list[ProviderRecord]]", task).result()
+                        self._take_news(d, fresh, relookup, queue, slots, workers, replacing)
+                        continue
                     key = workers.pop(task)
                     slots.end(key)
                     if task.cancelled():
+                        fresher = replacing.pop(key, None)
+                        if fresher is not None:
+                            queue.appendleft(fresher)
+                            continue
                         info = d.peers[key]
                         if info.gave_up:
                             self._note_peer_failure(d, info.record, _gave_up(config))
@@ -808,6 +850,43 @@ class Fetcher:
         finally:
             if waiter is not None:
                 waiter.cancel()
+            if lookup is not None:
+                lookup.cancel()
+                await asyncio.gather(lookup, return_exceptions=True)
+
+    def _take_news(
+        self,
+        d: _Download,
+        fresh: list[ProviderRecord],
+        relookup: Relookup,
+        queue: deque[ProviderRecord],
+        slots: DialSlots,
+        workers: dict[asyncio.Task[None], bytes],
+        replacing: dict[bytes, ProviderRecord],
+    ) -> None:
+        """A lookup's answer: records naming new addresses are queued; one for a
+        peer whose worker still waits for its first answer stops that worker (it is
+        started again with the new record once gone)."""
+        news = [
+            r
+            for r in self._rank(fresh)
+            if r.node_id not in d.picker.banned and relookup.is_news(r.node_id, _addresses(r))
+        ]
+        by_key = {key: task for task, key in workers.items()}
+        for rec in news:
+            task = by_key.get(rec.node_id)
+            if task is None:
+                queue.append(rec)
+            elif slots.is_dialing(rec.node_id):
+                # No first answer yet: dial the new record instead.
+                replacing[rec.node_id] = rec
+                task.cancel()
+        log.info(
+            "%s: the lookup found %d provider(s), %d with new addresses",
+            resource_id_to_str(d.resource_id),
+            len(fresh),
+            len(news),
+        )
 
     async def _peer_worker(
         self,
