@@ -825,10 +825,11 @@ class Fetcher:
                         continue
                     key = workers.pop(task)
                     slots.end(key)
+                    fresher = replacing.pop(key, None)
+                    if fresher is not None:
+                        queue.appendleft(fresher)  # (even if the worker ended first)
                     if task.cancelled():
-                        fresher = replacing.pop(key, None)
                         if fresher is not None:
-                            queue.appendleft(fresher)
                             continue
                         info = d.peers[key]
                         if info.gave_up:
