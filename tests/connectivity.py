@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -127,14 +127,22 @@ def _body(body: Any, url: str, token: str) -> tuple[bytes | None, dict[str, str]
 class Matrix:
     """A lab with a public seed and, per kind, one provider and one downloader."""
 
-    def __init__(self, lab: Lab, workdir: Path, kinds: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        workdir: Path,
+        kinds: Sequence[str] | None = None,
+        downloaders: Sequence[str] | None = None,
+    ) -> None:
+        """``kinds``: the providers' (and by default the downloaders') kinds."""
         kinds = kinds_here() if kinds is None else kinds
+        downloaders = kinds if downloaders is None else downloaders
         self.lab = lab
         self.workdir = workdir
         self.net = lab.public_bridge("203.0.113.0/24")
         self.seed = self._place("seed", "public")
         self.providers = {k: self._place(f"p-{k}", k) for k in kinds}
-        self.downloaders = {k: self._place(f"d-{k}", k) for k in kinds}
+        self.downloaders = {k: self._place(f"d-{k}", k) for k in downloaders}
 
     def _place(self, name: str, kind: str) -> LabNode:
         if kind == "public":
@@ -155,12 +163,14 @@ class Matrix:
     def nodes(self) -> list[LabNode]:
         return [self.seed, *self.providers.values(), *self.downloaders.values()]
 
-    def start(self, *extra: str) -> None:
-        """Start the seed, then everyone else bootstrapping from it."""
-        self._start(self.seed, *extra)
+    def start(self, *extra: str, only: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Start the seed, then everyone else bootstrapping from it; ``only``: more
+        arguments for some nodes, by name."""
+        only = only or {}
+        self._start(self.seed, *extra, *only.get(self.seed.name, ()))
         boot = f"{self.seed.reach}:{PORT}"
         for node in self.nodes()[1:]:
-            self._start(node, "--bootstrap", boot, *extra)
+            self._start(node, "--bootstrap", boot, *extra, *only.get(node.name, ()))
 
     def _start(self, node: LabNode, *extra: str) -> None:
         argv = [*CLI, "start", "--home", str(node.home), "--port", str(PORT), *extra]

@@ -11,7 +11,13 @@ Rules:
   its slot at once, a silent one after ``dial_timeout``. When all fail, the
   error says how many were tried and counts why.
 - The manifest is asked that way and accepted only if it hashes to the resource
-  id (a provider sending other bytes is skipped). Bytes that hash to the id but
+  id (a provider sending other bytes is skipped). When every attempt failed or
+  hangs in its dial past ``dial_timeout`` with no candidate left, the providers
+  are looked up again (``Relookup``, exchange/ranking.py: ``rediscover_attempts``
+  times, spaced by ``rediscover_delay``), and the records naming addresses not
+  tried yet (a provider that came up a moment ago announces its relays a few
+  seconds after its first record) are tried beside the hanging dials; the
+  pieces then use the freshest record of each provider. Bytes that hash to the id but
   fail parsing (a path escape...) end the download with ProtocolError: the
   resource itself is unsafe.
 - Every provider gets one worker, started the same way (workers still dialing
@@ -109,7 +115,7 @@ from p2pnode.exchange.policy import (
     PieceOutcome,
     rediscover_delay,
 )
-from p2pnode.exchange.ranking import DialSlots, Failure, ProviderRanking
+from p2pnode.exchange.ranking import DialSlots, Failure, ProviderRanking, Relookup
 from p2pnode.exchange.store import (
     ResourceState,
     StorageError,
@@ -319,7 +325,7 @@ class Fetcher:
                 await asyncio.sleep(delay)
                 providers = await self._find_providers(rid)
                 lookups += 1
-            manifest = await self._fetch_manifest(rid, providers)
+            manifest, providers = await self._fetch_manifest(rid, providers)
         dest = self._resolve_dest(dest, manifest, existing, force=force)
         self._store.claim_dest(dest)
         try:
@@ -466,22 +472,35 @@ class Fetcher:
             out.append(rec)
         return out[:want]
 
-    async def _fetch_manifest(self, rid: bytes, providers: Sequence[ProviderRecord]) -> Manifest:
+    async def _fetch_manifest(
+        self, rid: bytes, providers: Sequence[ProviderRecord]
+    ) -> tuple[Manifest, list[ProviderRecord]]:
         """Ask providers for the manifest of ``rid``, most promising first and several
         at once (``DialSlots``: one that never answers holds a slot for
-        ``dial_timeout`` only), until one sends bytes that hash to ``rid``."""
+        ``dial_timeout`` only), until one sends bytes that hash to ``rid``. When
+        every attempt failed or hangs in its dial, the providers are looked up again
+        (``Relookup``: bounded) and the records that name new addresses are tried.
+        Returns the manifest and the providers, the freshest record of each."""
         config = self._config
+        known = {rec.node_id: rec for rec in providers}
         queue = deque(self._rank(providers))
         slots = DialSlots(
             window=config.dial_window,
             dial_timeout=config.dial_timeout,
             limit=config.max_peers_per_download,
         )
+        relookup = Relookup(
+            attempts=config.rediscover_attempts,
+            delay=config.rediscover_delay,
+            now=self._clock.now(),
+        )
         tally = _Tally()
         running: dict[asyncio.Task[Message], tuple[ProviderRecord, float]] = {}
         given_up: list[asyncio.Task[Message]] = []
+        lookup: asyncio.Task[list[ProviderRecord]] | None = None
+        winner: bytes | None = None
         try:
-            while queue or running:
+            while True:
                 now = self._clock.now()
                 if queue and slots.open >= slots.limit:
                     stale = slots.stale(now)
@@ -496,17 +515,58 @@ class Fetcher:
                         self._note_failure(rec, _gave_up(config), tally)
                 while queue and slots.may_start(now):
                     rec = queue.popleft()
+                    relookup.tried(rec.node_id, _addresses(rec))
                     task = asyncio.create_task(
                         self._request(rec, GetManifest(rid), config.manifest_timeout)
                     )
                     running[task] = (rec, now)
                     slots.start(task, now)
+                stuck = not queue and all(slots.is_stale(task, now) for task in running)
+                if lookup is None and relookup.due(now, stuck=stuck):
+                    relookup.start()
+                    log.info(
+                        "%s: %s; looking its providers up again (%d of %d)",
+                        resource_id_to_str(rid),
+                        "no provider answered yet" if running else "every provider failed",
+                        relookup.made,
+                        relookup.attempts,
+                    )
+                    lookup = asyncio.create_task(self._find_providers(rid))
+                waiting: list[asyncio.Future[Any]] = [*running]
+                if lookup is not None:
+                    waiting.append(lookup)
+                # Wake when a dial turns stale: it frees a slot (candidates left) or
+                # may make the download stuck (a lookup left); and when one is due.
+                at = relookup.next_at()
+                wake = [slots.next_change(now)] if queue or at is not None else []
+                if stuck and at is not None:
+                    wake.append(max(0.0, at - now))
+                timeout = min((w for w in wake if w is not None), default=None)
+                if not waiting:
+                    if timeout is None:
+                        break  # nothing running, nothing left to try or look up
+                    await asyncio.sleep(timeout)
+                    continue
                 done, _ = await asyncio.wait(
-                    running,
-                    timeout=slots.next_change(now) if queue else None,
-                    return_when=asyncio.FIRST_COMPLETED,
+                    waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
-                for task in done:
+                for fut in done:
+                    if fut is lookup:
+                        lookup = None
+                        relookup.end(self._clock.now())
+                        fresh = cast("asyncio.Task[list[ProviderRecord]]", fut).result()
+                        news = [r for r in fresh if relookup.is_news(r.node_id, _addresses(r))]
+                        for rec in news:
+                            known[rec.node_id] = rec
+                        queue.extend(self._rank(news))
+                        log.info(
+                            "%s: the lookup found %d provider(s), %d with new addresses",
+                            resource_id_to_str(rid),
+                            len(fresh),
+                            len(news),
+                        )
+                        continue
+                    task = cast("asyncio.Task[Message]", fut)
                     rec, started = running.pop(task)
                     slots.end(task)
                     failure = task.exception()
@@ -531,19 +591,25 @@ class Fetcher:
                             f"the manifest of {resource_id_to_str(rid)} is rejected: {exc}"
                         ) from None
                     self._ranking.succeeded(rec.node_id, self._clock.now() - started)
-                    return manifest
+                    winner = rec.node_id
+                    return manifest, list(known.values())
         finally:
             now = self._clock.now()
             for task, (rec, started) in running.items():
                 task.cancel()
-                if now - started >= config.dial_timeout:
+                if now - started >= config.dial_timeout and rec.node_id != winner:
                     # Silent past the dial timeout: the next get tries it later.
                     self._ranking.failed(rec.node_id, Failure.TIMEOUT, now)
-            if running or given_up:
-                await asyncio.gather(*running, *given_up, return_exceptions=True)
+            if lookup is not None:
+                lookup.cancel()
+            if running or given_up or lookup is not None:
+                await asyncio.gather(
+                    *running, *given_up, *([lookup] if lookup else []), return_exceptions=True
+                )
+        lookups = f" ({relookup.made + 1} lookups)" if relookup.made else ""
         raise NotFoundError(
             f"no provider sent the manifest of {resource_id_to_str(rid)}: tried "
-            f"{tally.total} provider(s): {tally.summary()}"
+            f"{tally.total} provider(s){lookups}: {tally.summary()}"
         )
 
     def _rank(self, providers: Sequence[ProviderRecord]) -> list[ProviderRecord]:
@@ -636,8 +702,14 @@ class Fetcher:
         progress: ProgressCallback | None,
     ) -> None:
         attempts = 0
+        # Lookups while dials hang (see _work_through), over the whole download.
+        relookup = Relookup(
+            attempts=self._config.rediscover_attempts,
+            delay=self._config.rediscover_delay,
+            now=self._clock.now(),
+        )
         while True:
-            await self._work_through(d, providers, progress)
+            await self._work_through(d, providers, progress, relookup)
             if d.picker.done:
                 return
             decision = d.policy.when_no_peers(attempts)
@@ -663,11 +735,15 @@ class Fetcher:
         d: _Download,
         providers: list[ProviderRecord],
         progress: ProgressCallback | None,
+        relookup: Relookup,
     ) -> None:
         """One worker per provider, most promising first: at most
         ``max_peers_per_download`` at once, at most ``dial_window`` of them waiting for
         their first answer (``DialSlots``); returns when the download is complete
-        (workers still dialing are stopped) or every candidate was tried and ended."""
+        (workers still dialing are stopped) or every candidate was tried and ended.
+        When no candidate is left and every worker still dials past ``dial_timeout``,
+        the providers are looked up again (``relookup``); a record naming new
+        addresses replaces the worker still dialing its peer's old ones."""
         config = self._config
         queue = deque(r for r in self._rank(providers) if r.node_id not in d.picker.banned)
         slots = DialSlots(
@@ -677,6 +753,9 @@ class Fetcher:
         )
         workers: dict[asyncio.Task[None], bytes] = {}
         waiter: asyncio.Task[Any] | None = None
+        lookup: asyncio.Task[list[ProviderRecord]] | None = None
+        # Workers stopped for a fresher record of their peer, started again once gone.
+        replacing: dict[bytes, ProviderRecord] = {}
         try:
             while True:
                 now = self._clock.now()
@@ -701,6 +780,7 @@ class Fetcher:
                         key = rec.node_id
                         if key in d.picker.banned or key in workers.values():
                             continue
+                        relookup.tried(key, _addresses(rec))
                         d.peers[key] = _PeerInfo(rec)
                         slots.start(key, now)
                         task = asyncio.create_task(
@@ -709,19 +789,48 @@ class Fetcher:
                         workers[task] = key
                 if not workers:
                     return
+                stuck = (
+                    not d.picker.done
+                    and not queue
+                    and all(slots.is_stale(key, now) for key in workers.values())
+                )
+                if lookup is None and relookup.due(now, stuck=stuck):
+                    relookup.start()
+                    log.info(
+                        "%s: no provider answered yet; looking its providers up again (%d of %d)",
+                        resource_id_to_str(d.resource_id),
+                        relookup.made,
+                        relookup.attempts,
+                    )
+                    lookup = asyncio.create_task(self._find_providers(d.resource_id))
+                at = relookup.next_at()
+                wake = [slots.next_change(now)] if queue or at is not None else []
+                if stuck and at is not None:
+                    wake.append(max(0.0, at - now))
                 waiter = asyncio.create_task(d.changed.wait())
                 done, _ = await asyncio.wait(
-                    [*workers, waiter],
-                    timeout=slots.next_change(now) if queue else None,
+                    [*workers, waiter, *([lookup] if lookup is not None else [])],
+                    timeout=min((w for w in wake if w is not None), default=None),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 waiter.cancel()
                 for task in done:
                     if task is waiter:
                         continue
+                    if task is lookup:
+                        lookup = None
+                        relookup.end(self._clock.now())
+                        fresh = cast("asyncio.Task[list[ProviderRecord]]", task).result()
+                        self._take_news(d, fresh, relookup, queue, slots, workers, replacing)
+                        continue
                     key = workers.pop(task)
                     slots.end(key)
+                    fresher = replacing.pop(key, None)
+                    if fresher is not None:
+                        queue.appendleft(fresher)  # (even if the worker ended first)
                     if task.cancelled():
+                        if fresher is not None:
+                            continue
                         info = d.peers[key]
                         if info.gave_up:
                             self._note_peer_failure(d, info.record, _gave_up(config))
@@ -742,6 +851,43 @@ class Fetcher:
         finally:
             if waiter is not None:
                 waiter.cancel()
+            if lookup is not None:
+                lookup.cancel()
+                await asyncio.gather(lookup, return_exceptions=True)
+
+    def _take_news(
+        self,
+        d: _Download,
+        fresh: list[ProviderRecord],
+        relookup: Relookup,
+        queue: deque[ProviderRecord],
+        slots: DialSlots,
+        workers: dict[asyncio.Task[None], bytes],
+        replacing: dict[bytes, ProviderRecord],
+    ) -> None:
+        """A lookup's answer: records naming new addresses are queued; one for a
+        peer whose worker still waits for its first answer stops that worker (it is
+        started again with the new record once gone)."""
+        news = [
+            r
+            for r in self._rank(fresh)
+            if r.node_id not in d.picker.banned and relookup.is_news(r.node_id, _addresses(r))
+        ]
+        by_key = {key: task for task, key in workers.items()}
+        for rec in news:
+            task = by_key.get(rec.node_id)
+            if task is None:
+                queue.append(rec)
+            elif slots.is_dialing(rec.node_id):
+                # No first answer yet: dial the new record instead.
+                replacing[rec.node_id] = rec
+                task.cancel()
+        log.info(
+            "%s: the lookup found %d provider(s), %d with new addresses",
+            resource_id_to_str(d.resource_id),
+            len(fresh),
+            len(news),
+        )
 
     async def _peer_worker(
         self,
@@ -1110,6 +1256,11 @@ def _who(rec: ProviderRecord) -> str:
 
 def _node_id(rec: ProviderRecord) -> bytes:
     return rec.node_id
+
+
+def _addresses(rec: ProviderRecord) -> tuple[tuple[str, int] | tuple[str, int, bytes], ...]:
+    """Where a record sends a dialer: its direct address, then its relays."""
+    return ((rec.host, rec.port), *rec.relays)
 
 
 def _gave_up(config: ExchangeConfig) -> P2PTimeoutError:

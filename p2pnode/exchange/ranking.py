@@ -23,12 +23,16 @@ Rules:
   piece, an answer out of protocol). A success clears failures and back-off.
 - Memory is bounded: at most ``capacity`` peers, the least recently updated
   forgotten first (a forgotten peer is simply untried again).
+
+Also here, per download: ``DialSlots`` (how many dials at once) and
+``Relookup`` (when to ask the DHT for the providers again, and which fresh
+records are worth a new attempt).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import TypeVar
@@ -217,3 +221,66 @@ class DialSlots:
         ahead = [t + self.dial_timeout - now for t in self._dialing.values()]
         ahead = [a for a in ahead if a > 0]
         return min(ahead) if ahead else None
+
+
+class Relookup:
+    """When a download asks the DHT for its providers again, and which of the
+    answers deserve a new attempt: pure, ``now`` passed in.
+
+    A record looked up a moment ago can be stale: a NATed provider announces its
+    relay addresses only once dial-backs found it private (seconds after it
+    started), and holders keep them only once they have checked the relay. Its
+    first record then names only the NAT's address, where a dial may hang until
+    the handshake timeout. So:
+
+    - A download is *stuck* when no candidate is left to try and every attempt
+      still open is a dial past ``dial_timeout`` (or none is open). Then the
+      providers are looked up again: at most ``attempts`` times in all, the n-th
+      no sooner than ``delay * n`` after the previous lookup ended (the first
+      lookup ended when the object was made), one at a time.
+    - Of a lookup's answer, a record is tried only if it is *news*: a peer not
+      tried yet, or one whose record now names an address (direct, or a relay)
+      that no record tried for it named. The same record again is not news, so
+      a lookup never makes us dial the same addresses twice, and attempts stay
+      bounded by ``(attempts + 1)`` times the candidates one lookup may return.
+      (Relay addresses come only from holders that proved the relay: see
+      dht/core.py.)
+    """
+
+    def __init__(self, *, attempts: int, delay: float, now: float) -> None:
+        if attempts < 0 or delay < 0:
+            raise ValueError("attempts >= 0 and delay >= 0")
+        self.attempts = attempts
+        self.delay = delay
+        self.made = 0  # lookups started
+        self.running = False
+        self._ended = now
+        self._tried: dict[PeerId, set[Hashable]] = {}
+
+    def tried(self, peer: PeerId, addresses: Iterable[Hashable]) -> None:
+        """An attempt with ``peer`` at ``addresses`` started."""
+        self._tried.setdefault(peer, set()).update(addresses)
+
+    def is_news(self, peer: PeerId, addresses: Iterable[Hashable]) -> bool:
+        seen = self._tried.get(peer)
+        return seen is None or not seen.issuperset(addresses)
+
+    def next_at(self) -> float | None:
+        """When the next lookup may start; None: none may (all made, or one running)."""
+        if self.running or self.made >= self.attempts:
+            return None
+        return self._ended + self.delay * (self.made + 1)
+
+    def due(self, now: float, *, stuck: bool) -> bool:
+        at = self.next_at()
+        return stuck and at is not None and now >= at
+
+    def start(self) -> None:
+        if self.next_at() is None:
+            raise RuntimeError("no lookup may start now")
+        self.made += 1
+        self.running = True
+
+    def end(self, now: float) -> None:
+        self.running = False
+        self._ended = now

@@ -36,6 +36,8 @@ Rules
   first connection wins. A host that offers a relay reads the first two bytes
   of each accepted connection (``p2pnode/net/firstbytes.py``) to tell a circuit
   hello from a Noise handshake.
+- Concurrent requests to one peer at the same addresses share one dial; a
+  request naming other addresses (a fresher record) dials anew.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class CircuitAcceptor(Protocol):
     def circuit_hello(self, transport: asyncio.Transport, hello: Hello, ip: str) -> None: ...
 
 
-_DialKey = bytes | tuple[str, int] | tuple[bytes, str]
+_DialKey = tuple[bytes | None, str, int, tuple[RelayHop, ...]]
 
 # A burst of this many closed connections gives the freed heap back (heap.py).
 TRIM_AFTER_LOST = 32
@@ -495,12 +497,12 @@ class PeerHost:
         conn = self._pooled(peer)
         if conn is not None:
             return conn
-        key: _DialKey = peer.node_id if peer.node_id is not None else (peer.host, peer.port)
-        if peer.relays and peer.node_id is not None:
-            # Not the same dial as one to the direct address alone (say, a probe
-            # of a peer that turned private since): that one may hang for the
-            # handshake timeout where the relays answer at once.
-            key = (peer.node_id, "relays")
+        # Concurrent requests to the same peer at the same addresses share one dial.
+        # One naming other addresses is another dial: a fresher record (a new
+        # address, relays) must not wait on a dial to the old one (say, a probe of
+        # a peer that turned private since), which may hang for the handshake
+        # timeout where the new address or the relays answer at once.
+        key: _DialKey = (peer.node_id, peer.host, peer.port, peer.relays)
         task = self._dials.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._dial(peer))

@@ -32,9 +32,9 @@ def expected_via(provider: str, downloader: str) -> set[str]:
 def test_every_pair_connects_through_the_dht_only(lab: Lab, tmp_path: Path) -> None:
     matrix = Matrix(lab, tmp_path)
     matrix.start()
-    # The steady state: verdicts known, private nodes holding relay slots (a
-    # download started before a provider's relays are announced dials only its
-    # unreachable direct address: see the closing note of issue 12).
+    # Measured in the steady state: verdicts known, private nodes holding relay
+    # slots, their records carrying the relays (a download started earlier looks
+    # the provider up again until its relays show: the test below).
     matrix.wait_settled()
     ids = matrix.share_all(2 * 1024 * 1024)
     matrix.wait_announced(ids)
@@ -54,3 +54,30 @@ def test_every_pair_connects_through_the_dht_only(lab: Lab, tmp_path: Path) -> N
     ]
     assert not failures, f"provider -> downloader, via, result:\n{table}"
     assert set(kinds_here()) == set(matrix.providers)
+
+
+@pytest.mark.timeout(120)
+def test_a_get_started_as_a_natted_provider_comes_up_finds_its_relays(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """No waiting for the steady state: the provider shares at once and the get
+    starts at once. Its first record names only the NAT's address, which drops
+    the dial; the downloader must look the provider up again (its fresh record
+    names its relay) instead of failing after the handshake timeout."""
+    matrix = Matrix(lab, tmp_path, kinds=("eim",), downloaders=("public",))
+    # The downloader offers no relay: the provider would reserve a slot on it,
+    # and that connection would carry the download whatever the records say.
+    matrix.start(only={"d-public": ("--relay-service", "never")})
+    provider = matrix.providers["eim"]
+    downloader = matrix.downloaders["public"]
+    ids = matrix.share_all(1024 * 1024)
+    early = provider.request("GET", "/v1/status").get("relay", {})
+    # The get starts before the provider holds a relay slot, let alone announces it.
+    assert not early.get("reservations"), early
+    got = downloader.get_timed(ids[("eim", "public")], downloader.home / "got.bin")
+    status = provider.request("GET", "/v1/status")
+    assert got.ok, (got, status.get("reachability"), status.get("relay"))
+    data = (provider.home / "for-public.bin").read_bytes()
+    assert (downloader.home / "got.bin").read_bytes() == data
+    # Not after a dial to the NAT's address ran into the handshake timeout (10 s).
+    assert got.total < 10, got

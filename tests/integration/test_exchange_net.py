@@ -658,3 +658,71 @@ async def test_busy_provider_is_waited_for_not_dropped(make_peer: Factory, tmp_p
     await leech.exchange.get(rid, tmp_path / "got.bin")
     assert (tmp_path / "got.bin").read_bytes() == data
     assert refusals == 10
+
+
+class _Silent:
+    """A TCP listener that accepts and never speaks: a dial to it hangs until the
+    handshake timeout (as behind a NAT dropping the SYN, only later)."""
+
+    def __init__(self) -> None:
+        self.dialed = asyncio.Event()
+        self.held: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> int:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.held.append(writer)
+            self.dialed.set()
+
+        self.server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self.held:
+            writer.close()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["manifest", "pieces"])
+async def test_a_stale_provider_record_is_looked_up_again(
+    make_peer: Factory, tmp_path: Path, resume: bool
+) -> None:
+    """The first record a leech finds sends it to an address where the dial hangs
+    (a listener that never speaks: a NAT dropping the SYN, a provider not yet
+    announcing its relays); the provider then announces a fresh record. The leech
+    looks the providers up again once its dial is past dial_timeout, tries the
+    new address and completes, long before the stale dial's handshake timeout
+    (NetLimits: 10 s) or the request timeouts (5 s). ``resume``: the leech has the
+    manifest already (a partial download), so the stale dial is its first piece
+    worker's."""
+    from dataclasses import replace
+
+    data = _random_file(tmp_path / "f.bin", PS * 4)
+    seed = await make_peer("seed")
+    # The provider's announce loop runs once, at start (nothing to announce then):
+    # every announcement below is the test's.
+    provider = await make_peer("provider", seed, replace(CONFIG, contact_poll_interval=1000.0))
+    config = replace(CONFIG, dial_timeout=1.0, rediscover_attempts=2, rediscover_delay=0.05)
+    leech = await make_peer("leech", seed, config)
+    silent = _Silent()
+    async with silent as silent_port:
+        manifest, listing = build_manifest(tmp_path / "f.bin", piece_size=PS)
+        rid = manifest.resource_id
+        provider.exchange.store.add_shared(manifest, listing.root, listing.stats)
+        await provider.discovery.add_provider(dht_key(rid), silent_port)
+        await _wait_provider_count(leech, rid, 1)
+        if resume:
+            leech.exchange.store.begin_download(manifest, tmp_path / "got.bin")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        get = asyncio.ensure_future(leech.exchange.get(rid, tmp_path / "got.bin"))
+        async with asyncio.timeout(5):
+            await silent.dialed.wait()  # the leech dials the stale address
+        await provider.discovery.add_provider(dht_key(rid), provider.host_port)
+        async with asyncio.timeout(15):
+            await get
+        took = loop.time() - started
+        assert (tmp_path / "got.bin").read_bytes() == data
+        assert took < 4.0, took

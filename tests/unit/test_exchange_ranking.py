@@ -1,10 +1,10 @@
-"""The provider ranking and the dial slots: pure, time passed in."""
+"""The provider ranking, the dial slots and the re-lookup rule: pure, time passed in."""
 
 from __future__ import annotations
 
 import pytest
 
-from p2pnode.exchange.ranking import DialSlots, Failure, ProviderRanking, Tier
+from p2pnode.exchange.ranking import DialSlots, Failure, ProviderRanking, Relookup, Tier
 
 
 def ids(n: int) -> list[bytes]:
@@ -143,3 +143,44 @@ def test_dial_slots_name_each_stale_dial() -> None:
     assert slots.is_stale("old", 1.0) and not slots.is_stale("new", 1.0)
     slots.answered("old")
     assert not slots.is_stale("old", 5.0) and slots.open == 2
+
+
+def test_relookup_waits_until_stuck_then_spaces_its_lookups() -> None:
+    r = Relookup(attempts=2, delay=1.0, now=10.0)
+    assert not r.due(10.5, stuck=True)  # too soon after the first lookup
+    assert not r.due(20.0, stuck=False)  # something is still worth waiting for
+    assert r.next_at() == 11.0 and r.due(11.0, stuck=True)
+    r.start()
+    assert r.next_at() is None and not r.due(50.0, stuck=True)  # one at a time
+    with pytest.raises(RuntimeError):
+        r.start()
+    r.end(12.0)
+    assert r.next_at() == 14.0  # the second: 2 x delay after the first ended
+    assert not r.due(13.9, stuck=True) and r.due(14.0, stuck=True)
+    r.start()
+    r.end(14.5)
+    assert r.made == 2 and r.next_at() is None and not r.due(1e9, stuck=True)
+
+
+def test_relookup_with_no_attempts_never_looks_up() -> None:
+    r = Relookup(attempts=0, delay=0.0, now=0.0)
+    assert r.next_at() is None and not r.due(100.0, stuck=True)
+    with pytest.raises(ValueError):
+        Relookup(attempts=-1, delay=1.0, now=0.0)
+
+
+def test_relookup_news_is_an_address_not_tried_for_that_peer() -> None:
+    a, b = ids(2)
+    direct = ("203.0.113.2", 4001)
+    relay = ("203.0.113.1", 4001, bytes(20))
+    other_relay = ("198.51.100.7", 4001, bytes([7]) * 20)
+    r = Relookup(attempts=1, delay=1.0, now=0.0)
+    assert r.is_news(a, [direct])  # never tried
+    r.tried(a, [direct])
+    assert not r.is_news(a, [direct])  # the same stale record again
+    assert r.is_news(a, [direct, relay])  # it announced a relay since
+    assert r.is_news(b, [direct])  # another peer at the same address is another peer
+    r.tried(a, [direct, relay])
+    assert not r.is_news(a, [direct, relay]) and not r.is_news(a, [relay])
+    assert r.is_news(a, [direct, other_relay])
+    assert r.is_news(a, [("203.0.113.2", 4002)])  # a new direct address
