@@ -49,7 +49,8 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     peer1 = json.loads(run_cli("--home", str(n1), "id", "--json").stdout)["peer_id"]
     conns = json.loads(run_cli("--home", str(n3), "connections", "--json").stdout)
     to_n1 = [c for c in conns["connections"] if c["peer_id"] == peer1]
-    assert to_n1 and to_n1[0]["via"] == "direct" and to_n1[0]["direction"] == "outbound"
+    # (n1 may have its own connection to n3 too, say an AutoNAT dial-back: inbound)
+    assert any(c["via"] == "direct" and c["direction"] == "outbound" for c in to_n1), to_n1
     assert peer1 in run_cli("--home", str(n3), "connections").stdout
     # Progress (stderr, not a terminal here): however fast, the last line says 100%.
     last = got.stderr.strip().splitlines()[-1]
