@@ -38,6 +38,21 @@ Rules
   hello from a Noise handshake.
 - Concurrent requests to one peer at the same addresses share one dial; a
   request naming other addresses (a fresher record) dials anew.
+- A request (or :meth:`PeerHost.connect`) that names a node id and waits on a
+  dial takes the first authenticated connection to that node id, whichever way
+  it came: the dial's, another dial's, one the peer opened to us (inbound, a
+  reversal, through a relay), a punched one. The handshake proves the node id
+  of a connection, inbound too; addresses prove nothing, so a request by
+  address alone waits for its dial. ``exclusive`` connections
+  (:meth:`PeerHost.dial_fresh`) never count. The overtaken dial is cancelled
+  when nobody waits on it any more and the connection that came is one the
+  peer opened to us and not relayed (it is as good as anything the dial could
+  make). Otherwise it goes on in the background, bounded by the handshake
+  timeout: beside a relayed connection a direct one it makes still wins the
+  pool, and an outbound connection may be the dial's own, established an
+  instant before the dial returns it. A dial whose handshake is done when it
+  is cancelled keeps its connection: it is pooled, and requests may already
+  use it.
 """
 
 from __future__ import annotations
@@ -183,6 +198,11 @@ class PeerHost:
         self._lost_since_trim = 0
         self._trim_timer: asyncio.TimerHandle | None = None
         self._dials: dict[_DialKey, asyncio.Task[PeerConnection]] = {}
+        # how many callers wait on each dial (an overtaken dial nobody waits on ends)
+        self._dial_waiters: Counter[_DialKey] = Counter()
+        # callers waiting on a dial to a node id, woken by any connection to it
+        # (see _dial_or_arrival); an entry lives only while someone waits
+        self._arrivals: dict[bytes, set[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._servers: list[ListeningServer] = []
         # A host listening on one address dials from it too: peers (and their
@@ -320,9 +340,9 @@ class PeerHost:
             raise UsageError("PeerHost is closed")
         if peer.node_id == self.node_id:
             raise UsageError(f"{peer} is this node")
-        conn = await self._dial(peer)
-        conn.exclusive = True
-        return conn
+        # exclusive from the start: once established it is in the pool's maps,
+        # and a waiting request must not take it (see _dial_or_arrival)
+        return await self._dial(peer, exclusive=True)
 
     def connected_peers(self) -> list[bytes]:
         return [
@@ -399,6 +419,8 @@ class PeerHost:
             self._by_addr[conn.dialed] = conn
         for listener in self._established_listeners:
             listener(conn)
+        if not conn.exclusive:
+            self._wake_arrivals(node_id)
         return True
 
     def conn_lost(self, conn: PeerConnection) -> None:
@@ -509,7 +531,67 @@ class PeerHost:
             self._dials[key] = task
             self._tasks.add(task)
             task.add_done_callback(functools.partial(self._dial_done, key))
-        return await asyncio.shield(task)
+        if peer.node_id is None:
+            return await asyncio.shield(task)
+        return await self._dial_or_arrival(peer, key, task)
+
+    async def _dial_or_arrival(
+        self, peer: PeerAddress, key: _DialKey, task: asyncio.Task[PeerConnection]
+    ) -> PeerConnection:
+        """The dial's connection, or the first usable connection to
+        ``peer.node_id`` that opens meanwhile, whichever comes first (the module
+        rules say why and what becomes of the dial). Waiting never cancels the
+        dial: a caller that gives up leaves it to the others, as before."""
+        node_id = peer.node_id
+        assert node_id is not None
+        loop = asyncio.get_running_loop()
+        won: PeerConnection | None = None
+        self._dial_waiters[key] += 1
+        try:
+            while True:  # one turn per wake-up: the dial ends, or a connection came
+                arrived: asyncio.Future[None] = loop.create_future()
+                self._arrivals.setdefault(node_id, set()).add(arrived)
+                try:
+                    await asyncio.wait((task, arrived), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self._forget_arrival(node_id, arrived)
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    return task.result()
+                won = self._pooled(peer)
+                if won is not None:
+                    if _opened_by_peer(won):
+                        self.counters["dials_overtaken"] += 1
+                    return won
+                if task.done():
+                    return task.result()  # the dial's error
+                # the connection that came is gone already (or exclusive): wait on
+        finally:
+            self._dial_waiters[key] -= 1
+            if self._dial_waiters[key] <= 0:
+                del self._dial_waiters[key]
+                if won is not None and _opened_by_peer(won) and not task.done():
+                    self._abandon_dial(key, task)
+
+    def _abandon_dial(self, key: _DialKey, task: asyncio.Task[PeerConnection]) -> None:
+        """Cancel a dial nobody waits on any more (a connection to its peer came
+        another way); later requests dial anew if they need to."""
+        if self._dials.get(key) is task:
+            del self._dials[key]
+        task.cancel()
+        self.counters["dials_abandoned"] += 1
+
+    def _wake_arrivals(self, node_id: bytes) -> None:
+        for arrived in self._arrivals.pop(node_id, ()):
+            if not arrived.done():
+                arrived.set_result(None)
+
+    def _forget_arrival(self, node_id: bytes, arrived: asyncio.Future[None]) -> None:
+        waiting = self._arrivals.get(node_id)
+        if waiting is not None:
+            waiting.discard(arrived)
+            if not waiting:
+                del self._arrivals[node_id]
+        arrived.cancel()  # no-op once woken; a cancelled future warns of nothing
 
     def _dial_done(self, key: _DialKey, task: asyncio.Task[PeerConnection]) -> None:
         self._tasks.discard(task)
@@ -535,18 +617,18 @@ class PeerHost:
         self._conns.discard(victim)
         budget.release(victim)
 
-    async def _dial(self, peer: PeerAddress) -> PeerConnection:
+    async def _dial(self, peer: PeerAddress, *, exclusive: bool = False) -> PeerConnection:
         if peer.relays and peer.node_id is not None:
-            return await self._dial_any(peer)
-        return await self._dial_direct(peer)
+            return await self._dial_any(peer, exclusive=exclusive)
+        return await self._dial_direct(peer, exclusive=exclusive)
 
-    async def _dial_any(self, peer: PeerAddress) -> PeerConnection:
+    async def _dial_any(self, peer: PeerAddress, *, exclusive: bool = False) -> PeerConnection:
         """The direct address first; each relay after ``relay_dial_delay`` without
         success (at once when everything tried so far failed). The first
         connection wins; the other attempts are cancelled."""
         loop = asyncio.get_running_loop()
         relays = [r for r in peer.relays if r[2] != self.node_id]
-        direct = loop.create_task(self._dial_direct(peer), name="direct")
+        direct = loop.create_task(self._dial_direct(peer, exclusive=exclusive), name="direct")
         pending: set[asyncio.Task[PeerConnection]] = {direct}
         failures: list[tuple[str, P2PError]] = []
         next_at = loop.time() + self.relay_dial_delay
@@ -569,7 +651,9 @@ class PeerHost:
                 if relays and (not pending or loop.time() >= next_at):
                     hop = relays.pop(0)
                     name = f"via relay {hop[0]}:{hop[1]}"
-                    task = loop.create_task(self._dial_relayed(peer, hop), name=name)
+                    task = loop.create_task(
+                        self._dial_relayed(peer, hop, exclusive=exclusive), name=name
+                    )
                     pending.add(task)
                     next_at = loop.time() + self.relay_dial_delay
         finally:
@@ -583,7 +667,9 @@ class PeerHost:
             raise RelayRefused(refused[-1].status, f"cannot reach {peer}: {said}")
         raise PeerUnreachable(f"cannot reach {peer}: {said}")
 
-    async def _dial_relayed(self, peer: PeerAddress, hop: RelayHop) -> PeerConnection:
+    async def _dial_relayed(
+        self, peer: PeerAddress, hop: RelayHop, *, exclusive: bool = False
+    ) -> PeerConnection:
         """A connection to ``peer`` through the relay ``hop``: a circuit hello,
         the relay's status, then our Noise handshake end to end over the spliced
         socket (``adopt``)."""
@@ -618,13 +704,16 @@ class PeerHost:
             self.counters["relay_dial_failures"] += 1
             sock.close()
             raise
-        conn = await self.adopt(sock, initiator=True, expected=peer.node_id, via="relayed")
+        conn = await self.adopt(
+            sock, initiator=True, expected=peer.node_id, via="relayed", exclusive=exclusive
+        )
         self.counters["relay_dials_ok"] += 1
         return conn
 
-    async def _dial_direct(self, peer: PeerAddress) -> PeerConnection:
+    async def _dial_direct(self, peer: PeerAddress, *, exclusive: bool = False) -> PeerConnection:
         session = self._session(expected=peer.node_id, initiator=True)
         conn = PeerConnection(self, session, dialed=(peer.host, peer.port))
+        conn.exclusive = exclusive
 
         async def connect() -> None:
             await self.endpoints.connect(
@@ -640,11 +729,13 @@ class PeerHost:
         initiator: bool,
         expected: bytes | None,
         via: str,
+        exclusive: bool = False,
     ) -> PeerConnection:
         """Run the handshake over ``sock``, a TCP socket connected by other means
         (a relay circuit, a punched hole), and pool the connection like a dialed
         or accepted one. The initiator counts as outbound, the other side as
-        inbound. Real sockets only (not in ``--mode virtual``)."""
+        inbound. Real sockets only (not in ``--mode virtual``). ``exclusive``:
+        the caller's alone, never handed out by the pool (``dial_fresh``)."""
         if self._closing:
             sock.close()
             raise UsageError("PeerHost is closed")
@@ -655,12 +746,14 @@ class PeerHost:
             remote = sock.getpeername()
             dialed = (str(remote[0]), int(remote[1])) if isinstance(remote, tuple) else (via, 0)
             conn = PeerConnection(self, session, dialed=dialed, via=via)
+            conn.exclusive = exclusive
 
             async def connect() -> None:
                 await loop.create_connection(lambda: conn, sock=sock)
 
             return await self._open_outbound(conn, connect, name)
         conn = PeerConnection(self, session, via=via)
+        conn.exclusive = exclusive
         try:
             async with asyncio.timeout(self.limits.handshake_timeout):
                 await loop.create_connection(lambda: conn, sock=sock)
@@ -706,6 +799,16 @@ class PeerHost:
         except BaseException as exc:
             if isinstance(exc, P2PError):
                 conn.close(exc, abort=True)
+            elif (
+                isinstance(exc, asyncio.CancelledError)
+                and conn.is_open
+                and not conn.exclusive
+                and not self._closing
+            ):
+                # cancelled with the handshake done: the connection is pooled and
+                # requests may use it already (see _dial_or_arrival); it stays
+                self.counters["connections_dialed"] += 1
+                raise
             else:
                 conn.close(ConnectionClosed("dial abandoned"), abort=True)
             if conn.transport is None:
@@ -718,6 +821,12 @@ class PeerHost:
 
 def _pool_rank(conn: PeerConnection) -> tuple[bool, int]:
     return (conn.via == "relayed", conn.inflight)
+
+
+def _opened_by_peer(conn: PeerConnection) -> bool:
+    """A direct or punched connection the peer opened to us: it overtakes a
+    dial, which could make nothing better (see the module rules)."""
+    return conn.dialed is None and conn.via != "relayed"
 
 
 async def read_hello(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Hello:

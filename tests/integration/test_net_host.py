@@ -23,6 +23,7 @@ from p2pnode.errors import (
     P2PError,
     P2PTimeoutError,
     ProtocolError,
+    RequestTimeout,
     UsageError,
 )
 from p2pnode.exchange.messages import GetHave, GetManifest, GetPiece, Have, ManifestData, PieceData
@@ -666,3 +667,145 @@ async def test_a_host_listening_on_one_address_dials_from_it(hosts: MakeHost) ->
     await a.request(PeerAddress(b.node_id, "127.0.0.1", port), GetPiece(RID, 1))
     [conn] = b.connections_to(a.node_id)
     assert conn.peername[0] == "127.0.0.2"
+
+
+class SilentListener:
+    """Accepts TCP and never speaks: a dial to it hangs until its handshake
+    timeout (a NATed or firewalled address that answers SYN and nothing else)."""
+
+    def __init__(self) -> None:
+        self.accepted = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._silent, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _silent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted.set()
+        try:
+            await reader.read()  # until the dialer gives up (it resets the connection)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            self.ended.set()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.fixture
+async def silent() -> AsyncIterator[SilentListener]:
+    listener = SilentListener()
+    await listener.start()
+    yield listener
+    await listener.stop()
+
+
+async def test_a_hung_dial_is_overtaken_by_the_peers_connection(
+    hosts: MakeHost, silent: SilentListener
+) -> None:
+    """A request waiting on a dial that hangs (the address accepts TCP, never
+    speaks) takes the connection the peer opens to us meanwhile: the handshake
+    proves the peer id, whichever side dialed. The hung dial, which nobody
+    waits on any more, is cancelled."""
+    a, b = hosts(), hosts()
+    a.set_handler(echo_handler)
+    b.set_handler(echo_handler)
+    a_port = await a.listen("127.0.0.1", 0)
+    assert silent.server is not None
+    silent_port = silent.server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    hung = loop.create_task(a.request(PeerAddress(b.node_id, "127.0.0.1", silent_port), Ping()))
+    await asyncio.wait_for(silent.accepted.wait(), 5)  # A's dial is in, and hangs
+    started = loop.time()
+    assert await b.request(PeerAddress(a.node_id, "127.0.0.1", a_port), Ping()) == Pong()
+    assert await asyncio.wait_for(hung, FAST.handshake_timeout + 1) == Pong()
+    took = loop.time() - started
+    assert took < 1.0, f"the request waited {took:.2f}s for its dial"
+    # it went over B's connection: A dialed nothing that succeeded
+    [conn] = a.connections_to(b.node_id)
+    assert conn.dialed is None
+    stats = a.stats()
+    assert stats.get("connections_dialed", 0) == 0
+    assert stats["dials_overtaken"] == 1 and stats["dials_abandoned"] == 1
+    await asyncio.wait_for(silent.ended.wait(), 5)  # the hung dial was cancelled
+    assert not a._dials and not a._dial_waiters and not a._arrivals
+    # later requests use the pool, also those naming the silent address
+    reply = await a.request(PeerAddress(b.node_id, "127.0.0.1", silent_port), GetManifest(RID))
+    assert reply == ManifestData(RID, a.node_id)
+
+
+async def test_an_exclusive_connection_never_serves_a_waiting_request(
+    hosts: MakeHost, silent: SilentListener
+) -> None:
+    """A ``dial_fresh`` connection (AutoNAT's dial-back) is its caller's alone:
+    a request waiting on a hung dial to the same peer does not take it, and
+    fails at its dial's handshake timeout although it was open all along."""
+    limits = replace(FAST, handshake_timeout=0.5)
+    a = hosts(limits)
+    # exclusive from its first moment in the pool, not set after the dial
+    # returns (a waiter woken by its handshake could run before that)
+    exclusive_when_established: list[bool] = []
+    a.on_established(lambda conn: exclusive_when_established.append(conn.exclusive))
+    b, b_addr = await serving(hosts)
+    assert silent.server is not None
+    silent_port = silent.server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    hung = loop.create_task(a.request(PeerAddress(b.node_id, "127.0.0.1", silent_port), Ping()))
+    await asyncio.wait_for(silent.accepted.wait(), 5)
+    fresh = await a.dial_fresh(b_addr)
+    assert fresh.exclusive and fresh.is_open
+    assert exclusive_when_established == [True]
+    assert await fresh.request(Ping(), timeout=5) == Pong()  # the loop turns meanwhile
+    assert not hung.done()
+    with pytest.raises(P2PTimeoutError, match="timed out"):
+        await hung
+    assert fresh.is_open
+    assert a._pooled(b_addr) is None
+    assert a.stats().get("dials_overtaken", 0) == 0
+    assert not a._dial_waiters and not a._arrivals
+    fresh.close(ConnectionClosed("done"))
+
+
+async def test_a_request_by_address_alone_waits_for_its_dial(
+    hosts: MakeHost, silent: SilentListener
+) -> None:
+    """Without a node id nothing proves that a connection the peer opens is the
+    one at that address: such a request keeps waiting on its dial."""
+    limits = replace(FAST, handshake_timeout=0.5)
+    a = hosts(limits)
+    a_port = await a.listen("127.0.0.1", 0)
+    b = hosts()
+    assert silent.server is not None
+    silent_port = silent.server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    hung = loop.create_task(a.request(PeerAddress(None, "127.0.0.1", silent_port), Ping()))
+    await asyncio.wait_for(silent.accepted.wait(), 5)
+    await b.connect(PeerAddress(a.node_id, "127.0.0.1", a_port))
+    with pytest.raises(P2PTimeoutError, match="timed out"):
+        await hung
+    assert a.stats().get("dials_overtaken", 0) == 0
+
+
+async def test_a_request_that_gives_up_on_a_hung_dial_leaves_nothing_waiting(
+    hosts: MakeHost, silent: SilentListener
+) -> None:
+    """The request's own time limit ends its wait, not the shared dial (others
+    may join it); its entries in the waiter maps go with it."""
+    a, b = hosts(), hosts()
+    assert silent.server is not None
+    silent_port = silent.server.sockets[0].getsockname()[1]
+    where = PeerAddress(b.node_id, "127.0.0.1", silent_port)
+    with pytest.raises(RequestTimeout):
+        await a.request(where, Ping(), timeout=0.1)
+    assert not a._dial_waiters and not a._arrivals
+    assert len(a._dials) == 1  # the dial goes on, bounded by its handshake timeout
+    with pytest.raises(RequestTimeout):
+        await a.request(where, Ping(), timeout=0.1)
+    assert a.stats()["request_timeouts"] == 2
+    assert not a._dial_waiters and not a._arrivals
