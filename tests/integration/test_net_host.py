@@ -809,3 +809,53 @@ async def test_a_request_that_gives_up_on_a_hung_dial_leaves_nothing_waiting(
         await a.request(where, Ping(), timeout=0.1)
     assert a.stats()["request_timeouts"] == 2
     assert not a._dial_waiters and not a._arrivals
+
+
+async def test_a_relayed_connection_serves_a_waiting_request_and_the_dial_goes_on(
+    hosts: MakeHost, silent: SilentListener
+) -> None:
+    """A relayed connection the peer made serves a request waiting on a hung
+    dial at once, but does not end the dial: a direct connection it made would
+    still win the pool (the dial ends at its own handshake timeout here)."""
+    limits = replace(FAST, handshake_timeout=1.0)
+    a, b = hosts(limits), hosts()
+    b.set_handler(echo_handler)
+    assert silent.server is not None
+    silent_port = silent.server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    hung = loop.create_task(
+        a.request(PeerAddress(b.node_id, "127.0.0.1", silent_port), GetManifest(RID))
+    )
+    await asyncio.wait_for(silent.accepted.wait(), 5)
+    left, right = tcp_socket_pair()
+    await asyncio.gather(
+        a.adopt(left, initiator=False, expected=None, via="relayed"),
+        b.adopt(right, initiator=True, expected=a.node_id, via="relayed"),
+    )
+    assert await asyncio.wait_for(hung, 0.5) == ManifestData(RID, a.node_id)
+    assert a.stats().get("dials_abandoned", 0) == 0
+    assert len(a._dials) == 1 and not silent.ended.is_set()
+    await asyncio.wait_for(silent.ended.wait(), 5)  # the dial timed out by itself
+    await eventually(lambda: not a._dials)
+    assert a.stats()["handshake_timeouts"] >= 1
+    assert not a._dial_waiters and not a._arrivals
+
+
+async def test_a_dial_cancelled_after_its_handshake_keeps_its_connection(hosts: MakeHost) -> None:
+    """Once established a connection is pooled, and waiting requests may take
+    it before its dial returns: cancelling the dial then (an overtaken dial
+    abandoned an instant too late) must not abort it under them."""
+    b, addr = await serving(hosts)
+    a = hosts()
+
+    def cancel_dials(conn: object) -> None:
+        for task in a._dials.values():
+            task.cancel()
+
+    a.on_established(cancel_dials)
+    assert await a.request(addr, GetPiece(RID, 3)) == PieceData(RID, 3, (3).to_bytes(4, "big") * 8)
+    await eventually(lambda: not a._dials)
+    [conn] = a.connections_to(b.node_id)
+    assert conn.is_open and a.stats()["connections_dialed"] == 1
+    assert await a.request(addr, Ping()) == Pong()
+    assert a.connections_to(b.node_id) == [conn]
