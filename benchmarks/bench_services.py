@@ -15,6 +15,10 @@ system measured at a time). Prints, per system, medians over the rounds: latency
 p50/p99 with 1 call in flight, calls per second with 1 and with 64 in flight,
 and the range of the latter; then the stream's items and MB per second.
 
+``--cpu-per-call CALLS``: instead, both sides in this process, the CPU microseconds
+per unary call at 64 in flight (min and median of 3 x ``--rounds`` runs): the figure
+to watch when changing the call path.
+
 ``--first-call N [--services 30] [--callers 3] [--seed 1]``: instead, N real Nodes
 in this process (one network on loopback, ``control_api=False``, DHT rpc_timeout 1 s),
 each service served by one or two random nodes and announced; for each service,
@@ -245,6 +249,56 @@ async def client(seconds: float, size: int, item: int, rounds: int) -> None:
             await node.stop()
         for proc in procs:
             proc.communicate("")
+
+
+async def cpu_per_call(calls: int, size: int, repeat: int) -> None:
+    """Both sides in this process: CPU microseconds per unary call (64 in flight),
+    the figure to watch when changing the call path (wall-clock rates move with
+    whatever else the machine runs; CPU time much less)."""
+    server = Node(
+        NodeConfig(home=Path(tempfile.mkdtemp()), host="127.0.0.1", port=0, control_api=False),
+        service_limits=NodeServiceLimits(max_concurrent_per_peer=256),
+    )
+    await server.start()
+
+    async def echo(request: Any, ctx: CallContext) -> Any:
+        return request
+
+    server.serve("bench.echo", echo, limits=LIMITS)
+    caller = Node(
+        NodeConfig(
+            home=Path(tempfile.mkdtemp()),
+            host="127.0.0.1",
+            port=0,
+            control_api=False,
+            bootstrap=(("127.0.0.1", server.port),),
+        )
+    )
+    await caller.start()
+    try:
+        await caller.wait_joined(timeout=10)
+        payload = b"x" * size
+        peer = server.peer_id
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                await caller.call("bench.echo", payload, peer=peer)
+
+        await worker(200)  # warm up
+        per_call = []
+        for _ in range(repeat):
+            started = time.process_time()
+            await asyncio.gather(*(worker(calls // 64) for _ in range(64)))
+            per_call.append((time.process_time() - started) / (calls // 64 * 64) * 1e6)
+        per_call.sort()
+        print(
+            f"CPU per unary call, both sides in one process, 64 in flight: "
+            f"min {per_call[0]:.1f} us, median {per_call[len(per_call) // 2]:.1f} us "
+            f"({repeat} runs of {calls} calls)"
+        )
+    finally:
+        await caller.stop()
+        await server.stop()
 
 
 class VirtualPeer:
@@ -505,6 +559,7 @@ def main() -> None:
     parser.add_argument("--item", type=int, default=65536)
     parser.add_argument("--rounds", type=int, default=3, help="turns each system takes")
     parser.add_argument("--first-call", type=int, default=0, metavar="N")
+    parser.add_argument("--cpu-per-call", type=int, default=0, metavar="CALLS")
     parser.add_argument("--services", type=int, default=30, help="with --first-call")
     parser.add_argument("--callers", type=int, default=3, help="per service, with --first-call")
     parser.add_argument("--seed", type=int, default=1, help="with --first-call")
@@ -516,7 +571,9 @@ def main() -> None:
     )
     parser.add_argument("--serve", choices=("node", "http", "grpc"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.first_call:
+    if args.cpu_per_call:
+        asyncio.run(cpu_per_call(args.cpu_per_call, args.size, args.rounds * 3))
+    elif args.first_call:
         run = first_call(args.first_call, args.services, args.callers, args.seed, args.virtual)
         if args.virtual is None:
             asyncio.run(run)
