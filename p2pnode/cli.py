@@ -970,7 +970,7 @@ def phase_line(p: dict[str, Any]) -> str:
         if new is None:
             return f"{found}, connecting..." if providers else f"{found}"
         if new == 0:
-            return f"{found}, none new; still waiting for the dials..."
+            return f"{found}, none new"
         return f"{found} ({new} new), connecting..."
     if phase == "manifest":
         return f"fetching the manifest from {p.get('peer') or 'a provider'}..."
