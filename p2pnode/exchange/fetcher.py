@@ -59,6 +59,11 @@ Rules:
 - Disk errors (ENOSPC...) end the download with ``StorageError``; the partial
   file and its records are kept, so running the same get again resumes.
 - Only when every piece is verified is the partial moved to its destination.
+- The progress callback gets byte ``Progress`` and, when the phase changes, a
+  ``PhaseEvent`` (exchange/phase.py): each lookup (the first, and each made again,
+  with why), each lookup's answer, the first provider of a round that answers the
+  dial for the manifest (the manifest request dials first when the requester can:
+  ``PeerHost.connect``). Plain data; the caller renders it.
 """
 
 from __future__ import annotations
@@ -432,7 +437,7 @@ class Fetcher:
                     phases.found(len(providers))
                 if not providers:
                     raise NotFoundError(
-                        f"no providers found for {rid_text} ({phases.made} DHT lookups); "
+                        f"no providers found for {rid_text} ({phases.made} DHT lookup(s)); "
                         f"{len(verified)} of {manifest.piece_count} pieces kept for later"
                     )
                 t_transfer = time.perf_counter()
@@ -638,8 +643,8 @@ class Fetcher:
                 )
         raise NotFoundError(
             f"no provider sent the manifest of {resource_id_to_str(rid)}: "
-            f"{len(known)} provider(s) found in {phases.made} DHT lookup(s), "
-            f"{tally.total} attempt(s) failed: {tally.summary()}"
+            f"{len(known)} provider(s) found in {phases.made} DHT lookup(s); "
+            f"tried {tally.total} provider(s): {tally.summary()}"
         )
 
     async def _ask_manifest(
