@@ -80,6 +80,7 @@ class ExchangeAPI(Protocol):
         *,
         force: bool = ...,
         progress: Callable[[Jsonable], None] | None = ...,
+        phase: Callable[[Jsonable], None] | None = ...,
     ) -> Jsonable: ...
 
 

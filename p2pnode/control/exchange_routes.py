@@ -95,13 +95,15 @@ def exchange_routes(node: NodeAPI, watcher: DownloadWatcher | None = None) -> li
         def on_progress(progress: Jsonable) -> None:
             if watched is not None:
                 watched(progress)
-            kind = getattr(progress, "event", StreamEvent.PROGRESS)
             # Drop progress lines rather than block the download on a slow reader.
-            if kind != StreamEvent.PROGRESS or queue.qsize() < PROGRESS_QUEUE:
-                queue.put_nowait({"event": kind, **progress.to_json()})
+            if queue.qsize() < PROGRESS_QUEUE:
+                queue.put_nowait({"event": StreamEvent.PROGRESS, **progress.to_json()})
+
+        def on_phase(phase: Jsonable) -> None:
+            queue.put_nowait({"event": StreamEvent.PHASE, **phase.to_json()})
 
         download = asyncio.create_task(
-            node.exchange.get(rid, dest, force=force, progress=on_progress)
+            node.exchange.get(rid, dest, force=force, progress=on_progress, phase=on_phase)
         )
         try:
             while not download.done():

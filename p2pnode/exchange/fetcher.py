@@ -59,8 +59,8 @@ Rules:
 - Disk errors (ENOSPC...) end the download with ``StorageError``; the partial
   file and its records are kept, so running the same get again resumes.
 - Only when every piece is verified is the partial moved to its destination.
-- The progress callback gets byte ``Progress`` and, when the phase changes, a
-  ``PhaseEvent`` (exchange/phase.py): each lookup (the first, and each made again,
+- The progress callback gets byte ``Progress``; the phase callback, when the phase
+  changes, a ``PhaseEvent`` (exchange/phase.py): each lookup (the first, and each made again,
   with why), each lookup's answer, the first provider of a round that answers the
   dial for the manifest (the manifest request dials first when the requester can:
   ``PeerHost.connect``). Plain data; the caller renders it.
@@ -80,7 +80,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from p2pnode.clock import Clock
 from p2pnode.errors import (
@@ -142,9 +142,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Byte progress, and (before the bytes, and when providers are looked up again)
-# phase events: both are plain data, the caller renders them.
-ProgressCallback = Callable[["Progress | PhaseEvent"], None]
+ProgressCallback = Callable[["Progress"], None]
+# What the download does before the bytes (and when providers are looked up again):
+# plain data, the caller renders it. A callback of its own, so a progress callback
+# keeps getting Progress only.
+PhaseCallback = Callable[[PhaseEvent], None]
 RATE_WINDOW = 5.0
 # Verified pieces are committed to the store in batches: at most this many, or this
 # old (seconds). A crash loses at most that much work, never correctness.
@@ -193,8 +195,6 @@ class Progress:
     peers: int
     eta: float | None  # seconds
     state: DownloadState = DownloadState.DOWNLOADING
-
-    event: ClassVar[str] = "progress"  # the control API's stream line kind
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -311,6 +311,7 @@ class Fetcher:
         *,
         force: bool = False,
         progress: ProgressCallback | None = None,
+        phase: PhaseCallback | None = None,
     ) -> StoredResource:
         rid = resource_id
         rid_text = resource_id_to_str(rid)
@@ -324,7 +325,7 @@ class Fetcher:
             self._providers.remove_provider(dht_key(rid))
             existing = None
         providers: list[ProviderRecord] | None = None
-        phases = PhaseReporter(rid, progress)
+        phases = PhaseReporter(rid, phase)
         if existing is not None:
             manifest = existing.manifest
         else:

@@ -4,8 +4,9 @@ A ``get`` spends its first seconds looking providers up in the DHT, dialing them
 (seconds behind NAT: relays, hole punching) and asking for the manifest; when
 every known provider is unreachable it looks them up again (``Relookup``,
 exchange/ranking.py). The fetcher reports each change of phase as a ``PhaseEvent``
-through the same callback as its byte ``Progress``; the control API streams it as
-an ``{"event": "phase", ...}`` line and the CLI renders it (cli.py). Rules:
+to a callback of its own (``phase=``, beside the byte ``Progress`` one, which keeps
+getting ``Progress`` only); the control API streams both, a phase as an
+``{"event": "phase", ...}`` line, and the CLI renders them (cli.py). Rules:
 
 - An event only when the phase changes (``PhaseReporter`` drops repeats): one per
   lookup, one when a lookup's answer is in, one when the first provider of a
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any
 
 from p2pnode.exchange.manifest import resource_id_to_str
 
@@ -49,11 +50,9 @@ class PhaseEvent:
     reason: LookupReason | None = None  # with a LOOKUP made again
     peer: str | None = None  # with MANIFEST: the provider asked ("<peer id>@host:port")
 
-    event: ClassVar[str] = "phase"  # the control API's stream line kind
-
     def to_json(self) -> dict[str, Any]:
         # No key shared with Progress.to_json but "id": a consumer keeping the latest
-        # of both (the status page) is not misled.
+        # of both in one dict is not misled.
         out: dict[str, Any] = {
             "id": resource_id_to_str(self.resource_id),
             "phase": self.phase,

@@ -27,7 +27,7 @@ RID = bytes(range(32))
 
 def _line(event: PhaseEvent) -> str:
     # As the CLI gets it: through the control API's JSON line.
-    return phase_line(json.loads(json.dumps({"event": event.event, **event.to_json()})))
+    return phase_line(json.loads(json.dumps({"event": "phase", **event.to_json()})))
 
 
 def test_phase_lines() -> None:
@@ -61,11 +61,10 @@ def test_phase_lines() -> None:
 
 
 def test_phase_json_keeps_clear_of_progress_keys() -> None:
-    """The status page merges both into one entry: only "id" may be shared."""
+    """A consumer keeping the latest of both in one dict is not misled: only "id" is shared."""
     phase = PhaseEvent(RID, Phase.MANIFEST, reason=LookupReason.UNREACHABLE, new=1, peer="p")
     progress = Progress(RID, "f", 0, 1, 0, 1, 0.0, 0, None)
     assert set(phase.to_json()) & set(progress.to_json()) == {"id"}
-    assert phase.event == "phase" and progress.event == "progress"
 
 
 def test_reporter_reports_changes_only() -> None:
@@ -156,9 +155,10 @@ async def test_a_fetch_says_lookup_connect_manifest_then_bytes(tmp_path: Path) -
         executor=None,
     )
     events: list[Any] = []
-    await asyncio.wait_for(
-        fetcher.fetch(manifest.resource_id, tmp_path / "out.bin", progress=events.append), 10
+    fetch = fetcher.fetch(
+        manifest.resource_id, tmp_path / "out.bin", progress=events.append, phase=events.append
     )
+    await asyncio.wait_for(fetch, 10)
     assert (tmp_path / "out.bin").read_bytes() == data
     assert _kinds(events) == [
         "lookup:1/3",
@@ -195,10 +195,11 @@ async def test_unreachable_providers_are_looked_up_again_and_the_error_says_so(
         executor=None,
     )
     events: list[Any] = []
+    fetch = fetcher.fetch(
+        manifest.resource_id, tmp_path / "out.bin", progress=events.append, phase=events.append
+    )
     with pytest.raises(NotFoundError) as caught:
-        await asyncio.wait_for(
-            fetcher.fetch(manifest.resource_id, tmp_path / "out.bin", progress=events.append), 10
-        )
+        await asyncio.wait_for(fetch, 10)
     assert _kinds(events) == [
         "lookup:1/3",
         "connecting:1/3",
