@@ -973,7 +973,9 @@ def phase_line(p: dict[str, Any]) -> str:
             return f"{found}, none new"
         return f"{found} ({new} new), connecting..."
     if phase == "manifest":
-        return f"fetching the manifest from {p.get('peer') or 'a provider'}..."
+        via = p.get("via")
+        how = f" ({via})" if via and via != "direct" else ""
+        return f"fetching the manifest from {p.get('peer') or 'a provider'}{how}..."
     return f"{phase}..."
 
 

@@ -662,10 +662,11 @@ class Fetcher:
             started = loop.time()
             try:
                 async with asyncio.timeout(timeout):
-                    await connect(_peer_address(rec))
+                    conn = await connect(_peer_address(rec))
             except TimeoutError:
                 raise P2PTimeoutError(f"no connection to {_who(rec)} within {timeout:g}s") from None
-            phases.connected(_who(rec))
+            via = getattr(conn, "via", None)
+            phases.connected(_who(rec), via if isinstance(via, str) else None)
             timeout = max(0.001, timeout - (loop.time() - started))
         return await self._request(rec, GetManifest(rid), timeout)
 

@@ -49,6 +49,7 @@ class PhaseEvent:
     failed: int = 0  # attempts that failed so far (with LOOKUP: why it is made again)
     reason: LookupReason | None = None  # with a LOOKUP made again
     peer: str | None = None  # with MANIFEST: the provider asked ("<peer id>@host:port")
+    via: str | None = None  # with MANIFEST: how it was reached (direct, relayed, punched)
 
     def to_json(self) -> dict[str, Any]:
         # No key shared with Progress.to_json but "id": a consumer keeping the latest
@@ -67,6 +68,8 @@ class PhaseEvent:
             out["reason"] = self.reason
         if self.peer is not None:
             out["peer"] = self.peer
+        if self.via is not None:
+            out["via"] = self.via
         return out
 
 
@@ -115,7 +118,7 @@ class PhaseReporter:
             )
         )
 
-    def connected(self, peer: str) -> None:
+    def connected(self, peer: str, via: str | None = None) -> None:
         """A provider answered the dial: asking it for the manifest (reported for the
         first such provider after each lookup only)."""
         if self.last is not None and self.last.phase is Phase.MANIFEST:
@@ -129,5 +132,6 @@ class PhaseReporter:
                 lookups=last.lookups if last is not None else self.made,
                 providers=last.providers if last is not None else 0,
                 peer=peer,
+                via=via,
             )
         )

@@ -78,6 +78,7 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     assert [e["phase"] for e in events[:3]] == ["lookup", "connecting", "manifest"]
     assert events[0]["lookup"] == 1 and events[1]["providers"] == 1, events
     assert events[2]["peer"].startswith(peer1_short) and events[2]["id"] == fid, events
+    assert events[2]["via"] == "direct", events
     assert events[-1]["state"] == "done" and events[-1]["id"] == fid, events
     for rel in ("a.jpg", "2024/summer/b.jpg", "empty.txt"):
         assert (out / "photos" / rel).read_bytes() == (photos / rel).read_bytes()

@@ -56,6 +56,13 @@ def test_phase_lines() -> None:
         _line(ev(RID, Phase.MANIFEST, peer="abcdefgh@127.0.0.1:4001"))
         == "fetching the manifest from abcdefgh@127.0.0.1:4001..."
     )
+    assert (
+        _line(ev(RID, Phase.MANIFEST, peer="abcdefgh@192.0.2.1:4001", via="relayed"))
+        == "fetching the manifest from abcdefgh@192.0.2.1:4001 (relayed)..."
+    )
+    assert _line(ev(RID, Phase.MANIFEST, peer="p@h:1", via="direct")) == (
+        "fetching the manifest from p@h:1..."
+    )
     # A phase a newer node may add: its name, not a crash.
     assert phase_line({"event": "phase", "phase": "punching"}) == "punching..."
 
