@@ -944,13 +944,58 @@ def cmd_call(args: argparse.Namespace, home: Path) -> int:
     return ExitCode.OK
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def phase_line(p: dict[str, Any]) -> str:
+    """A download's phase event (``{"event": "phase", ...}``, exchange/phase.py) as
+    one status line; an unknown phase (a newer node) as its name."""
+    phase = str(p.get("phase", ""))
+    n, of = int(p.get("lookup", 0)), int(p.get("lookups", 0))
+    providers = int(p.get("providers", 0))
+    count = f" ({n}/{of})" if of > 1 else ""
+    if phase == "lookup":
+        reason = p.get("reason")
+        if reason == "none_found":
+            return f"no provider found yet, looking again{count}..."
+        if reason == "unreachable":
+            failed = int(p.get("failed", 0))
+            why = f"{_plural(failed, 'attempt')} failed" if failed else "dials still waiting"
+            return f"no provider reachable yet ({why}), looking again{count}..."
+        return "looking up providers..."
+    if phase == "connecting":
+        found = f"found {_plural(providers, 'provider')}"
+        new = p.get("new")
+        if new is None:
+            return f"{found}, connecting..." if providers else f"{found}"
+        if new == 0:
+            return f"{found}, none new"
+        return f"{found} ({new} new), connecting..."
+    if phase == "manifest":
+        via = p.get("via")
+        how = f" ({via})" if via and via != "direct" else ""
+        return f"fetching the manifest from {p.get('peer') or 'a provider'}{how}..."
+    return f"{phase}..."
+
+
 class _ProgressBar:
     """One line on stderr, redrawn in place on a terminal, every few seconds otherwise;
-    a change of state (finishing, done) is always drawn, so the last line says 100%."""
+    a change of state (finishing, done) is always drawn, so the last line says 100%.
+    A change of phase (before the bytes: looking up, connecting...) is always drawn,
+    and the byte progress right after it."""
 
     def __init__(self) -> None:
         self._tty = sys.stderr.isatty()
         self._last = 0.0
+
+    def _write(self, line: str) -> None:
+        sys.stderr.write(("\r" + line.ljust(78)) if self._tty else line + "\n")
+        sys.stderr.flush()
+
+    def phase(self, p: dict[str, Any]) -> None:
+        self._write(phase_line(p))
+        self._last = 0.0  # the next progress line is drawn at once
 
     def show(self, p: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -966,8 +1011,7 @@ class _ProgressBar:
             f"{_size(float(p.get('rate', 0)))}/s  peers {p.get('peers', 0)}  "
             + (f"ETA {'?' if eta is None else f'{eta:.0f}s'}" if state == "downloading" else state)
         )
-        sys.stderr.write(("\r" + line.ljust(78)) if self._tty else line + "\n")
-        sys.stderr.flush()
+        self._write(line)
 
     def close(self) -> None:
         if self._tty:
@@ -987,10 +1031,17 @@ def cmd_get(args: argparse.Namespace, client: ControlClient) -> int:
     kept = f"verified pieces are kept; run `{again}` again to resume"
     try:
         for event in client.stream("POST", "/v1/get", body):
-            if event.get("event") == StreamEvent.PROGRESS and bar is not None:
-                bar.show(event)
-            elif event.get("event") in (StreamEvent.DONE, StreamEvent.ERROR):
+            kind = event.get("event")
+            if kind in (StreamEvent.DONE, StreamEvent.ERROR):
                 final = event
+            elif args.json:
+                # Progress and phases as JSON lines on stderr (stdout: the result;
+                # an error is the last line).
+                print(json.dumps(event), file=sys.stderr, flush=True)
+            elif kind == StreamEvent.PROGRESS and bar is not None:
+                bar.show(event)
+            elif kind == StreamEvent.PHASE and bar is not None:
+                bar.phase(event)
     except KeyboardInterrupt:
         # The node stops the download when we go away; say what is left of it.
         raise KeyboardInterrupt(f"download interrupted: {kept}") from None

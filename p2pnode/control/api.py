@@ -35,6 +35,7 @@ class StreamEvent(StrEnum):
     ``POST /v1/services/call_stream``)."""
 
     PROGRESS = "progress"
+    PHASE = "phase"  # POST /v1/get: what the download does before (or between) bytes
     ITEM = "item"
     DONE = "done"
     ERROR = "error"
@@ -79,6 +80,7 @@ class ExchangeAPI(Protocol):
         *,
         force: bool = ...,
         progress: Callable[[Jsonable], None] | None = ...,
+        phase: Callable[[Jsonable], None] | None = ...,
     ) -> Jsonable: ...
 
 

@@ -1,8 +1,11 @@
 """Control API endpoints of the resource exchange: share, unshare, ls, providers, get.
 
-``POST /v1/get`` streams newline-delimited JSON: ``{"event": "progress", ...}``
-lines while the download runs, then one ``{"event": "done", "resource": ...}`` or
-``{"event": "error", "error": ..., "kind": ...}`` line.
+``POST /v1/get`` streams newline-delimited JSON: ``{"event": "phase", ...}`` lines
+when the download's phase changes (looking providers up, connecting, asking for the
+manifest, looking up again: exchange/phase.py) and ``{"event": "progress", ...}``
+lines while the bytes arrive, then one ``{"event": "done", "resource": ...}`` or
+``{"event": "error", "error": ..., "kind": ...}`` line. Progress lines are dropped
+when the reader is slow; phase lines (a few per download) never are.
 """
 
 from __future__ import annotations
@@ -84,18 +87,23 @@ def exchange_routes(node: NodeAPI, watcher: DownloadWatcher | None = None) -> li
         force = bool(body.get("force", False))
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(PROGRESS_QUEUE)
+        # Unbounded, but progress lines are only queued below PROGRESS_QUEUE; phase
+        # lines are few (one per change of phase, bounded by the lookups made).
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         watched = watcher.watch(rid, dest) if watcher is not None else None
 
         def on_progress(progress: Jsonable) -> None:
             if watched is not None:
                 watched(progress)
             # Drop progress lines rather than block the download on a slow reader.
-            if not queue.full():
+            if queue.qsize() < PROGRESS_QUEUE:
                 queue.put_nowait({"event": StreamEvent.PROGRESS, **progress.to_json()})
 
+        def on_phase(phase: Jsonable) -> None:
+            queue.put_nowait({"event": StreamEvent.PHASE, **phase.to_json()})
+
         download = asyncio.create_task(
-            node.exchange.get(rid, dest, force=force, progress=on_progress)
+            node.exchange.get(rid, dest, force=force, progress=on_progress, phase=on_phase)
         )
         try:
             while not download.done():

@@ -59,6 +59,11 @@ Rules:
 - Disk errors (ENOSPC...) end the download with ``StorageError``; the partial
   file and its records are kept, so running the same get again resumes.
 - Only when every piece is verified is the partial moved to its destination.
+- The progress callback gets byte ``Progress``; the phase callback, when the phase
+  changes, a ``PhaseEvent`` (exchange/phase.py): each lookup (the first, and each made again,
+  with why), each lookup's answer, the first provider of a round that answers the
+  dial for the manifest (the manifest request dials first when the requester can:
+  ``PeerHost.connect``). Plain data; the caller renders it.
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ from p2pnode.exchange.messages import (
     PieceData,
     bitfield_to_set,
 )
+from p2pnode.exchange.phase import LookupReason, PhaseEvent, PhaseReporter
 from p2pnode.exchange.picker import Picker
 from p2pnode.exchange.policy import (
     Action,
@@ -137,6 +143,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[["Progress"], None]
+# What the download does before the bytes (and when providers are looked up again):
+# plain data, the caller renders it. A callback of its own, so a progress callback
+# keeps getting Progress only.
+PhaseCallback = Callable[[PhaseEvent], None]
 RATE_WINDOW = 5.0
 # Verified pieces are committed to the store in batches: at most this many, or this
 # old (seconds). A crash loses at most that much work, never correctness.
@@ -250,6 +260,8 @@ class _Download:
     asking: set[asyncio.Task[Any]] = field(default_factory=set)
     # Each worker's wake-up for an abandoned request (see _peer_worker).
     kicks: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)
+    # The download's phase events (lookups again while pieces are missing).
+    phases: PhaseReporter | None = None
 
     def wake(self) -> None:
         """Wake idle workers: pieces came back, a peer joined, or we are done."""
@@ -299,6 +311,7 @@ class Fetcher:
         *,
         force: bool = False,
         progress: ProgressCallback | None = None,
+        phase: PhaseCallback | None = None,
     ) -> StoredResource:
         rid = resource_id
         rid_text = resource_id_to_str(rid)
@@ -312,25 +325,35 @@ class Fetcher:
             self._providers.remove_provider(dht_key(rid))
             existing = None
         providers: list[ProviderRecord] | None = None
+        phases = PhaseReporter(rid, phase)
         if existing is not None:
             manifest = existing.manifest
         else:
+            started = self._clock.now()
+            attempts = self._config.rediscover_attempts
+            phases.lookup(more=attempts)
             providers = await self._find_providers(rid)
             lookups = 1
             while not providers:
                 # A lookup can miss under loss or churn: ask again before giving up.
                 delay = rediscover_delay(self._config, lookups - 1)
                 if delay is None:
-                    raise NotFoundError(f"no providers found for {rid_text} ({lookups} lookups)")
+                    raise NotFoundError(
+                        f"no providers found for {rid_text}: {lookups} DHT lookups "
+                        f"over {self._clock.now() - started:.1f}s found none "
+                        f"(is a node that shares it running and joined to this network?)"
+                    )
+                phases.lookup(more=attempts - lookups, reason=LookupReason.NONE_FOUND)
                 await asyncio.sleep(delay)
                 providers = await self._find_providers(rid)
                 lookups += 1
-            manifest, providers = await self._fetch_manifest(rid, providers)
+            phases.found(len(providers), more=attempts)
+            manifest, providers = await self._fetch_manifest(rid, providers, phases)
         dest = self._resolve_dest(dest, manifest, existing, force=force)
         self._store.claim_dest(dest)
         try:
             return await self._download(
-                rid, manifest, dest, existing, providers, force, progress, t_start
+                rid, manifest, dest, existing, providers, force, progress, t_start, phases
             )
         finally:
             self._store.release_dest(dest)
@@ -345,6 +368,7 @@ class Fetcher:
         force: bool,
         progress: ProgressCallback | None,
         t_start: float,
+        phases: PhaseReporter,
     ) -> StoredResource:
         self._check_space(dest, manifest, existing)
         resource = self._store.begin_download(manifest, dest, lay_out=False)
@@ -374,7 +398,7 @@ class Fetcher:
         try:
             return await self._transfer(
                 rid, manifest, resource, verified, picker, done_bytes, durable,
-                providers, force, progress, t_start,
+                providers, force, progress, t_start, phases,
             )  # fmt: skip
         finally:
             durable.close()
@@ -392,6 +416,7 @@ class Fetcher:
         force: bool,
         progress: ProgressCallback | None,
         t_start: float,
+        phases: PhaseReporter,
     ) -> StoredResource:
         rid_text = resource_id_to_str(rid)
         writer = PieceWriter(
@@ -402,15 +427,18 @@ class Fetcher:
         )
         policy = DownloadPolicy(self._config, picker)
         d = _Download(rid, manifest, resource, picker, policy, writer, manifest.name, done_bytes)
+        d.phases = phases
         self._emit(d, progress, force=True)
         t_transfer = time.perf_counter()
         try:
             if not picker.done:
                 if providers is None:
+                    phases.lookup(more=0)
                     providers = await self._find_providers(rid)
+                    phases.found(len(providers))
                 if not providers:
                     raise NotFoundError(
-                        f"no providers found for {rid_text}; "
+                        f"no providers found for {rid_text} ({phases.made} DHT lookup(s)); "
                         f"{len(verified)} of {manifest.piece_count} pieces kept for later"
                     )
                 t_transfer = time.perf_counter()
@@ -473,14 +501,16 @@ class Fetcher:
         return out[:want]
 
     async def _fetch_manifest(
-        self, rid: bytes, providers: Sequence[ProviderRecord]
+        self, rid: bytes, providers: Sequence[ProviderRecord], phases: PhaseReporter
     ) -> tuple[Manifest, list[ProviderRecord]]:
         """Ask providers for the manifest of ``rid``, most promising first and several
         at once (``DialSlots``: one that never answers holds a slot for
         ``dial_timeout`` only), until one sends bytes that hash to ``rid``. When
         every attempt failed or hangs in its dial, the providers are looked up again
         (``Relookup``: bounded) and the records that name new addresses are tried.
-        Returns the manifest and the providers, the freshest record of each."""
+        Returns the manifest and the providers, the freshest record of each; reports
+        the lookups, and the first provider of each round that answers the dial,
+        to ``phases``."""
         config = self._config
         known = {rec.node_id: rec for rec in providers}
         queue = deque(self._rank(providers))
@@ -516,9 +546,7 @@ class Fetcher:
                 while queue and slots.may_start(now):
                     rec = queue.popleft()
                     relookup.tried(rec.node_id, _addresses(rec))
-                    task = asyncio.create_task(
-                        self._request(rec, GetManifest(rid), config.manifest_timeout)
-                    )
+                    task = asyncio.create_task(self._ask_manifest(rid, rec, phases))
                     running[task] = (rec, now)
                     slots.start(task, now)
                 stuck = not queue and all(slots.is_stale(task, now) for task in running)
@@ -530,6 +558,11 @@ class Fetcher:
                         "no provider answered yet" if running else "every provider failed",
                         relookup.made,
                         relookup.attempts,
+                    )
+                    phases.lookup(
+                        more=relookup.attempts - relookup.made,
+                        reason=LookupReason.UNREACHABLE,
+                        failed=tally.total,
                     )
                     lookup = asyncio.create_task(self._find_providers(rid))
                 waiting: list[asyncio.Future[Any]] = [*running]
@@ -559,6 +592,9 @@ class Fetcher:
                         for rec in news:
                             known[rec.node_id] = rec
                         queue.extend(self._rank(news))
+                        phases.found(
+                            len(fresh), new=len(news), more=relookup.attempts - relookup.made
+                        )
                         log.info(
                             "%s: the lookup found %d provider(s), %d with new addresses",
                             resource_id_to_str(rid),
@@ -606,11 +642,33 @@ class Fetcher:
                 await asyncio.gather(
                     *running, *given_up, *([lookup] if lookup else []), return_exceptions=True
                 )
-        lookups = f" ({relookup.made + 1} lookups)" if relookup.made else ""
         raise NotFoundError(
-            f"no provider sent the manifest of {resource_id_to_str(rid)}: tried "
-            f"{tally.total} provider(s){lookups}: {tally.summary()}"
+            f"no provider sent the manifest of {resource_id_to_str(rid)}: "
+            f"{len(known)} provider(s) found in {phases.made} DHT lookup(s); "
+            f"tried {tally.total} provider(s): {tally.summary()}"
         )
+
+    async def _ask_manifest(
+        self, rid: bytes, rec: ProviderRecord, phases: PhaseReporter
+    ) -> Message:
+        """GetManifest to ``rec``, within ``manifest_timeout`` in all. When the
+        requester can dial on its own (``PeerHost.connect``), the dial comes first,
+        so the phase says when a provider answered it (a dial can take seconds
+        behind NAT: relays, hole punching)."""
+        timeout = self._config.manifest_timeout
+        connect = getattr(self._requester, "connect", None)
+        if connect is not None:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                async with asyncio.timeout(timeout):
+                    conn = await connect(_peer_address(rec))
+            except TimeoutError:
+                raise P2PTimeoutError(f"no connection to {_who(rec)} within {timeout:g}s") from None
+            via = getattr(conn, "via", None)
+            phases.connected(_who(rec), via if isinstance(via, str) else None)
+            timeout = max(0.001, timeout - (loop.time() - started))
+        return await self._request(rec, GetManifest(rid), timeout)
 
     def _rank(self, providers: Sequence[ProviderRecord]) -> list[ProviderRecord]:
         return self._ranking.order(providers, self._clock.now(), key=_node_id)
@@ -716,14 +774,27 @@ class Fetcher:
             if decision.action is Action.GIVE_UP:
                 break
             attempts += 1
+            if d.phases is not None:
+                d.phases.lookup(
+                    more=self._config.rediscover_attempts - attempts,
+                    reason=LookupReason.UNREACHABLE,
+                    failed=_failed_peers(d),
+                )
             await asyncio.sleep(decision.delay)
             providers = await self._find_providers(d.resource_id)
+            if d.phases is not None:
+                d.phases.found(len(providers), more=self._config.rediscover_attempts - attempts)
         missing = len(d.picker.missing)
         tally = _Tally()
         for info in d.peers.values():
             if info.last_error:
                 tally.add(info.why or "other", f"{_who(info.record)}: {info.last_error}")
-        reasons = f" (tried {tally.total} provider(s): {tally.summary()})" if tally.total else ""
+        lookups = d.phases.made if d.phases is not None else attempts + 1
+        reasons = (
+            f" (tried {tally.total} provider(s), {lookups} DHT lookup(s): {tally.summary()})"
+            if tally.total
+            else f" ({lookups} DHT lookup(s))"
+        )
         raise DownloadError(
             f"all providers of {resource_id_to_str(d.resource_id)} failed or went away "
             f"with {missing} of {d.manifest.piece_count} pieces missing; the verified pieces "
@@ -802,6 +873,12 @@ class Fetcher:
                         relookup.made,
                         relookup.attempts,
                     )
+                    if d.phases is not None:
+                        d.phases.lookup(
+                            more=relookup.attempts - relookup.made,
+                            reason=LookupReason.UNREACHABLE,
+                            failed=_failed_peers(d),
+                        )
                     lookup = asyncio.create_task(self._find_providers(d.resource_id))
                 at = relookup.next_at()
                 wake = [slots.next_change(now)] if queue or at is not None else []
@@ -882,6 +959,8 @@ class Fetcher:
                 # No first answer yet: dial the new record instead.
                 replacing[rec.node_id] = rec
                 task.cancel()
+        if d.phases is not None:
+            d.phases.found(len(fresh), new=len(news), more=relookup.attempts - relookup.made)
         log.info(
             "%s: the lookup found %d provider(s), %d with new addresses",
             resource_id_to_str(d.resource_id),
@@ -1140,8 +1219,7 @@ class Fetcher:
         d.last_record = self._clock.now()
 
     async def _request(self, rec: ProviderRecord, msg: Message, timeout: float) -> Message:
-        peer = PeerAddress(rec.node_id, rec.host, rec.port, rec.relays)
-        return await self._requester.request(peer, msg, timeout)
+        return await self._requester.request(_peer_address(rec), msg, timeout)
 
     # -- progress ------------------------------------------------------------------
 
@@ -1252,6 +1330,14 @@ def _being_cancelled() -> bool:
 
 def _who(rec: ProviderRecord) -> str:
     return f"{peer_id_to_str(rec.node_id)[:8]}@{rec.host}:{rec.port}"
+
+
+def _failed_peers(d: _Download) -> int:
+    return sum(1 for info in d.peers.values() if info.last_error)
+
+
+def _peer_address(rec: ProviderRecord) -> PeerAddress:
+    return PeerAddress(rec.node_id, rec.host, rec.port, rec.relays)
 
 
 def _node_id(rec: ProviderRecord) -> bytes:

@@ -21,7 +21,6 @@ import builtins
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -31,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.errors import NotFoundError, P2PError, UsageError
 from p2pnode.exchange.config import ExchangeConfig
-from p2pnode.exchange.fetcher import DownloadError, Fetcher, Progress
+from p2pnode.exchange.fetcher import (
+    DownloadError,
+    Fetcher,
+    PhaseCallback,
+    Progress,
+    ProgressCallback,
+)
 from p2pnode.exchange.manifest import build_manifest, dht_key, resource_id_to_str
 from p2pnode.exchange.messages import GetHave, GetManifest, GetPiece
 from p2pnode.exchange.messages import register as register_messages
@@ -293,7 +298,8 @@ class Exchange:
         dest: Path,
         *,
         force: bool = False,
-        progress: Callable[[Progress], None] | None = None,
+        progress: ProgressCallback | None = None,
+        phase: PhaseCallback | None = None,
     ) -> ResourceInfo:
         store = self.store
         if resource_id in self._downloads:
@@ -310,7 +316,7 @@ class Exchange:
             ranking=self._ranking,
         )
         task = asyncio.create_task(
-            fetcher.fetch(resource_id, Path(dest), force=force, progress=progress),
+            fetcher.fetch(resource_id, Path(dest), force=force, progress=progress, phase=phase),
             name=f"exchange-get-{resource_id_to_str(resource_id)[:12]}",
         )
         self._downloads[resource_id] = task

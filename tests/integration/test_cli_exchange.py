@@ -9,6 +9,10 @@ from pathlib import Path
 from tests.cli_helpers import RunningNode, poll, run_cli
 
 
+def n1_port(node: RunningNode) -> str:
+    return node.bootstrap.rsplit(":", 1)[1]
+
+
 def _network(tmp_path: Path, nodes: list[RunningNode]) -> tuple[Path, Path]:
     first = RunningNode(tmp_path / "n1")
     nodes.append(first)
@@ -53,10 +57,29 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     assert any(c["via"] == "direct" and c["direction"] == "outbound" for c in to_n1), to_n1
     assert peer1 in run_cli("--home", str(n3), "connections").stdout
     # Progress (stderr, not a terminal here): however fast, the last line says 100%.
-    last = got.stderr.strip().splitlines()[-1]
+    lines = got.stderr.strip().splitlines()
+    last = lines[-1]
     assert last.startswith("100.0%") and last.endswith("done"), got.stderr
-    # Into an existing folder: the resource keeps its own name.
-    run_cli("--home", str(n3), "get", fid, "-o", str(out))
+    # Before the bytes, what it did: each phase once, in order.
+    peer1_short = peer1[:8]
+    assert lines[:3] == [
+        "looking up providers...",
+        "found 1 provider, connecting...",
+        f"fetching the manifest from {peer1_short}@127.0.0.1:{n1_port(nodes[0])}...",
+    ], got.stderr
+    assert all("%" in line for line in lines[3:]), got.stderr
+    # Into an existing folder: the resource keeps its own name. With --json, the
+    # same as JSON lines on stderr (the phases, then the progress); the result on stdout.
+    got = run_cli("--home", str(n3), "get", fid, "-o", str(out), "--json")
+    assert json.loads(got.stdout)["id"] == fid
+    events = [json.loads(line) for line in got.stderr.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[:3] == ["phase"] * 3 and set(kinds[3:]) == {"progress"}, got.stderr
+    assert [e["phase"] for e in events[:3]] == ["lookup", "connecting", "manifest"]
+    assert events[0]["lookup"] == 1 and events[1]["providers"] == 1, events
+    assert events[2]["peer"].startswith(peer1_short) and events[2]["id"] == fid, events
+    assert events[2]["via"] == "direct", events
+    assert events[-1]["state"] == "done" and events[-1]["id"] == fid, events
     for rel in ("a.jpg", "2024/summer/b.jpg", "empty.txt"):
         assert (out / "photos" / rel).read_bytes() == (photos / rel).read_bytes()
 
@@ -106,6 +129,44 @@ def test_get_errors_are_clear(tmp_path: Path, nodes: list[RunningNode]) -> None:
     unknown = "res" + "a" * 52
     missing = run_cli("--home", str(n3), "get", unknown, "-o", str(tmp_path / "x"), check=False)
     assert missing.returncode == 1 and "no providers" in missing.stderr
+    # It said what it was doing, and the error names the lookups made.
+    assert missing.stderr.splitlines()[:3] == [
+        "looking up providers...",
+        "no provider found yet, looking again (2/3)...",
+        "no provider found yet, looking again (3/3)...",
+    ], missing.stderr
+    assert "3 DHT lookups" in missing.stderr.splitlines()[-1], missing.stderr
     assert not (tmp_path / "x").exists()
     nofile = run_cli("--home", str(n3), "share", str(tmp_path / "nope"), check=False)
     assert nofile.returncode == 1 and "no such file" in nofile.stderr
+
+
+def test_get_from_a_provider_gone_says_what_it_tried(
+    tmp_path: Path, nodes: list[RunningNode]
+) -> None:
+    """The only provider is known to the DHT but down: the get looks it up again
+    (saying so), then fails naming the providers found, the lookups and why."""
+    n1, n3 = _network(tmp_path, nodes)
+    small = tmp_path / "small.bin"
+    small.write_bytes(os.urandom(40000))
+    rid = run_cli("--home", str(n1), "share", str(small)).stdout.strip()
+
+    def found() -> bool:
+        out = run_cli("--home", str(n3), "providers", rid, "--json").stdout
+        return len(json.loads(out)["providers"]) == 1
+
+    poll(found)
+    nodes[0].kill()
+    failed = run_cli("--home", str(n3), "get", rid, "-o", str(tmp_path / "x"), check=False)
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stderr.splitlines()
+    assert lines[:2] == ["looking up providers...", "found 1 provider, connecting..."], lines
+    assert any(
+        line.startswith("no provider reachable yet (1 attempt failed), looking again (2/")
+        for line in lines
+    ), lines
+    error = lines[-1]
+    assert error.startswith("p2pnode: error: no provider sent the manifest"), lines
+    assert "1 provider(s) found in 3 DHT lookup(s)" in error, error
+    assert "cannot connect" in error, error
+    assert not (tmp_path / "x").exists()

@@ -62,7 +62,10 @@ def test_get_interrupted_by_ctrl_c_says_it_resumes(
     assert f"p2pnode get {RID}` again to resume" in err
 
     rc = cli.main(["--home", str(tmp_path), "--json", "get", RID])
-    body = json.loads(capsys.readouterr().err)
+    # The stream's events as JSON lines on stderr, the error as the last one.
+    *events, last = capsys.readouterr().err.splitlines()
+    assert [json.loads(e) for e in events] == fake.events
+    body = json.loads(last)
     assert rc == cli.ExitCode.INTERRUPTED and body["code"] == "interrupted"
     assert "resume" in body["error"]
 

@@ -1,0 +1,137 @@
+"""What a download is doing before (and between) its bytes: pure data events.
+
+A ``get`` spends its first seconds looking providers up in the DHT, dialing them
+(seconds behind NAT: relays, hole punching) and asking for the manifest; when
+every known provider is unreachable it looks them up again (``Relookup``,
+exchange/ranking.py). The fetcher reports each change of phase as a ``PhaseEvent``
+to a callback of its own (``phase=``, beside the byte ``Progress`` one, which keeps
+getting ``Progress`` only); the control API streams both, a phase as an
+``{"event": "phase", ...}`` line, and the CLI renders them (cli.py). Rules:
+
+- An event only when the phase changes (``PhaseReporter`` drops repeats): one per
+  lookup, one when a lookup's answer is in, one when the first provider of a
+  round answers the dial. Bounded by the lookups and the providers tried.
+- ``lookup`` counts the download's DHT lookups, the first being 1; ``lookups`` is
+  the most it may make in the current stage (so "2/3" means a third may follow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from p2pnode.exchange.manifest import resource_id_to_str
+
+
+class Phase(StrEnum):
+    LOOKUP = "lookup"  # asking the DHT who provides the resource
+    CONNECTING = "connecting"  # providers found: dialing them
+    MANIFEST = "manifest"  # a provider answered the dial: asking it for the manifest
+
+
+class LookupReason(StrEnum):
+    """Why a lookup is made again."""
+
+    NONE_FOUND = "none_found"  # the previous lookup found no provider
+    UNREACHABLE = "unreachable"  # no provider found so far answered (or all failed)
+
+
+@dataclass(frozen=True)
+class PhaseEvent:
+    resource_id: bytes
+    phase: Phase
+    lookup: int = 0  # the download's lookup this phase is, or follows (1: the first)
+    lookups: int = 0  # the most lookups this stage of the download may make
+    providers: int = 0  # providers the last lookup found
+    new: int | None = None  # of those, not tried yet (None: the first lookup's answer)
+    failed: int = 0  # attempts that failed so far (with LOOKUP: why it is made again)
+    reason: LookupReason | None = None  # with a LOOKUP made again
+    peer: str | None = None  # with MANIFEST: the provider asked ("<peer id>@host:port")
+    via: str | None = None  # with MANIFEST: how it was reached (direct, relayed, punched)
+
+    def to_json(self) -> dict[str, Any]:
+        # No key shared with Progress.to_json but "id": a consumer keeping the latest
+        # of both in one dict is not misled.
+        out: dict[str, Any] = {
+            "id": resource_id_to_str(self.resource_id),
+            "phase": self.phase,
+            "lookup": self.lookup,
+            "lookups": self.lookups,
+            "providers": self.providers,
+            "failed": self.failed,
+        }
+        if self.new is not None:
+            out["new"] = self.new
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.peer is not None:
+            out["peer"] = self.peer
+        if self.via is not None:
+            out["via"] = self.via
+        return out
+
+
+class PhaseReporter:
+    """Passes phase events to ``emit``, dropping one equal to the last; counts the
+    download's lookups (``made``) for the events and the final error."""
+
+    def __init__(self, resource_id: bytes, emit: Callable[[PhaseEvent], None] | None) -> None:
+        self.resource_id = resource_id
+        self._emit = emit
+        self.made = 0  # lookups started
+        self.last: PhaseEvent | None = None
+
+    def _report(self, event: PhaseEvent) -> None:
+        if event == self.last:
+            return
+        self.last = event
+        if self._emit is not None:
+            self._emit(event)
+
+    def lookup(self, *, more: int, reason: LookupReason | None = None, failed: int = 0) -> None:
+        """A lookup starts; ``more``: how many more this stage may make after it."""
+        self.made += 1
+        self._report(
+            PhaseEvent(
+                self.resource_id,
+                Phase.LOOKUP,
+                lookup=self.made,
+                lookups=self.made + more,
+                reason=reason,
+                failed=failed,
+            )
+        )
+
+    def found(self, providers: int, *, new: int | None = None, more: int = 0) -> None:
+        """A lookup's answer is in: dialing what it found (and what still dials);
+        ``more``: how many more lookups this stage may make."""
+        self._report(
+            PhaseEvent(
+                self.resource_id,
+                Phase.CONNECTING,
+                lookup=self.made,
+                lookups=self.made + more,
+                providers=providers,
+                new=new,
+            )
+        )
+
+    def connected(self, peer: str, via: str | None = None) -> None:
+        """A provider answered the dial: asking it for the manifest (reported for the
+        first such provider after each lookup only)."""
+        if self.last is not None and self.last.phase is Phase.MANIFEST:
+            return
+        last = self.last
+        self._report(
+            PhaseEvent(
+                self.resource_id,
+                Phase.MANIFEST,
+                lookup=self.made,
+                lookups=last.lookups if last is not None else self.made,
+                providers=last.providers if last is not None else 0,
+                peer=peer,
+                via=via,
+            )
+        )
