@@ -58,10 +58,10 @@ LIMITS = ServiceLimits(concurrency=256, calls_per_second_per_peer=0, max_credit=
 # -- server processes ----------------------------------------------------------
 
 
-async def node_server(item: int) -> None:
-    home = Path(tempfile.mkdtemp())
+async def serving_node(item: int) -> Node:
+    """A started Node serving ``bench.echo`` and ``bench.items`` (``item``-byte items)."""
     node = Node(
-        NodeConfig(home=home, host="127.0.0.1", port=0, control_api=False),
+        NodeConfig(home=Path(tempfile.mkdtemp()), host="127.0.0.1", port=0, control_api=False),
         service_limits=NodeServiceLimits(max_concurrent_per_peer=256),
     )
     await node.start()
@@ -77,6 +77,31 @@ async def node_server(item: int) -> None:
 
     node.serve("bench.echo", echo, limits=LIMITS)
     node.serve_stream("bench.items", items, limits=LIMITS)
+    return node
+
+
+async def calling_node(port: int) -> Node:
+    """A started Node joined through the one at ``port`` on loopback."""
+    node = Node(
+        NodeConfig(
+            home=Path(tempfile.mkdtemp()),
+            host="127.0.0.1",
+            port=0,
+            control_api=False,
+            bootstrap=(("127.0.0.1", port),),
+        )
+    )
+    await node.start()
+    try:
+        await node.wait_joined(timeout=10)
+    except BaseException:
+        await node.stop()
+        raise
+    return node
+
+
+async def node_server(item: int) -> None:
+    node = await serving_node(item)
     print(node.port, node.peer_id, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await node.stop()
@@ -177,18 +202,7 @@ async def client(seconds: float, size: int, item: int, rounds: int) -> None:
     try:
         proc, (port, peer) = spawn("node", item)
         procs.append(proc)
-        node = Node(
-            NodeConfig(
-                home=Path(tempfile.mkdtemp()),
-                host="127.0.0.1",
-                port=0,
-                control_api=False,
-                bootstrap=(("127.0.0.1", int(port)),),
-            )
-        )
-        await node.start()
-        await node.wait_joined(timeout=10)
-        client_node = node
+        node = client_node = await calling_node(int(port))
 
         async def p2p() -> object:
             return await client_node.call("bench.echo", payload, peer=peer)
@@ -255,28 +269,13 @@ async def cpu_per_call(calls: int, size: int, repeat: int) -> None:
     """Both sides in this process: CPU microseconds per unary call (64 in flight),
     the figure to watch when changing the call path (wall-clock rates move with
     whatever else the machine runs; CPU time much less)."""
-    server = Node(
-        NodeConfig(home=Path(tempfile.mkdtemp()), host="127.0.0.1", port=0, control_api=False),
-        service_limits=NodeServiceLimits(max_concurrent_per_peer=256),
-    )
-    await server.start()
-
-    async def echo(request: Any, ctx: CallContext) -> Any:
-        return request
-
-    server.serve("bench.echo", echo, limits=LIMITS)
-    caller = Node(
-        NodeConfig(
-            home=Path(tempfile.mkdtemp()),
-            host="127.0.0.1",
-            port=0,
-            control_api=False,
-            bootstrap=(("127.0.0.1", server.port),),
-        )
-    )
-    await caller.start()
+    server = await serving_node(1)
     try:
-        await caller.wait_joined(timeout=10)
+        caller = await calling_node(server.port)
+    except BaseException:
+        await server.stop()
+        raise
+    try:
         payload = b"x" * size
         peer = server.peer_id
 
