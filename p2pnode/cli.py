@@ -26,6 +26,7 @@ from p2pnode._version import __version__
 from p2pnode.config import NO_PORT_MAPPING_ENV, NodeConfig, default_home, parse_host_port
 from p2pnode.control.api import StreamEvent
 from p2pnode.errors import DownloadError, P2PError, UsageError
+from p2pnode.exchange.display import peers_shown, phase_line
 from p2pnode.home import read_config_file
 from p2pnode.nat.relay_core import RelayConfig
 
@@ -944,39 +945,23 @@ def cmd_call(args: argparse.Namespace, home: Path) -> int:
     return ExitCode.OK
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def phase_line(p: dict[str, Any]) -> str:
-    """A download's phase event (``{"event": "phase", ...}``, exchange/phase.py) as
-    one status line; an unknown phase (a newer node) as its name."""
-    phase = str(p.get("phase", ""))
-    n, of = int(p.get("lookup", 0)), int(p.get("lookups", 0))
-    providers = int(p.get("providers", 0))
-    count = f" ({n}/{of})" if of > 1 else ""
-    if phase == "lookup":
-        reason = p.get("reason")
-        if reason == "none_found":
-            return f"no provider found yet, looking again{count}..."
-        if reason == "unreachable":
-            failed = int(p.get("failed", 0))
-            why = f"{_plural(failed, 'attempt')} failed" if failed else "dials still waiting"
-            return f"no provider reachable yet ({why}), looking again{count}..."
-        return "looking up providers..."
-    if phase == "connecting":
-        found = f"found {_plural(providers, 'provider')}"
-        new = p.get("new")
-        if new is None:
-            return f"{found}, connecting..." if providers else f"{found}"
-        if new == 0:
-            return f"{found}, none new"
-        return f"{found} ({new} new), connecting..."
-    if phase == "manifest":
-        via = p.get("via")
-        how = f" ({via})" if via and via != "direct" else ""
-        return f"fetching the manifest from {p.get('peer') or 'a provider'}{how}..."
-    return f"{phase}..."
+def progress_line(p: dict[str, Any]) -> str:
+    """A download's progress event (``{"event": "progress", ...}``) as one line: the
+    peers figure is ``peers_shown`` (exchange/display.py), "from N peers" once every
+    piece is in."""
+    state = str(p.get("state", "downloading"))
+    total = max(1, int(p.get("total_bytes", 0)))
+    done = int(p.get("done_bytes", 0))
+    peers = peers_shown(p)
+    line = (
+        f"{100 * done / total:5.1f}%  {_size(done)} / {_size(total)}  "
+        f"{_size(float(p.get('rate', 0)))}/s  "
+    )
+    if state == "downloading":
+        eta = p.get("eta")
+        return line + f"peers {peers}  ETA {'?' if eta is None else f'{eta:.0f}s'}"
+    source = f"from {peers} peer{'' if peers == 1 else 's'}  " if peers else ""
+    return line + source + state
 
 
 class _ProgressBar:
@@ -1003,15 +988,7 @@ class _ProgressBar:
         if state == "downloading" and not self._tty and now - self._last < 2.0:
             return
         self._last = now
-        total = max(1, int(p.get("total_bytes", 0)))
-        done = int(p.get("done_bytes", 0))
-        eta = p.get("eta")
-        line = (
-            f"{100 * done / total:5.1f}%  {_size(done)} / {_size(total)}  "
-            f"{_size(float(p.get('rate', 0)))}/s  peers {p.get('peers', 0)}  "
-            + (f"ETA {'?' if eta is None else f'{eta:.0f}s'}" if state == "downloading" else state)
-        )
-        self._write(line)
+        self._write(progress_line(p))
 
     def close(self) -> None:
         if self._tty:

@@ -36,10 +36,20 @@ def _id_field(body: dict[str, Any]) -> bytes:
     return resource_id_from_str(value)
 
 
-class DownloadWatcher(Protocol):
-    """Who else follows downloads (the status page): progress, then the outcome."""
+class Watched(Protocol):
+    """One download followed elsewhere: its progress and its phase events."""
 
-    def watch(self, rid: bytes, dest: Path) -> Callable[[Jsonable], None]: ...
+    @property
+    def progress(self) -> Callable[[Jsonable], None]: ...
+    @property
+    def phase(self) -> Callable[[Jsonable], None]: ...
+
+
+class DownloadWatcher(Protocol):
+    """Who else follows downloads (the status page): progress and phases, then the
+    outcome."""
+
+    def watch(self, rid: bytes, dest: Path) -> Watched: ...
     def finished(self, rid: bytes, error: str | None) -> None: ...
 
 
@@ -94,12 +104,14 @@ def exchange_routes(node: NodeAPI, watcher: DownloadWatcher | None = None) -> li
 
         def on_progress(progress: Jsonable) -> None:
             if watched is not None:
-                watched(progress)
+                watched.progress(progress)
             # Drop progress lines rather than block the download on a slow reader.
             if queue.qsize() < PROGRESS_QUEUE:
                 queue.put_nowait({"event": StreamEvent.PROGRESS, **progress.to_json()})
 
         def on_phase(phase: Jsonable) -> None:
+            if watched is not None:
+                watched.phase(phase)
             queue.put_nowait({"event": StreamEvent.PHASE, **phase.to_json()})
 
         download = asyncio.create_task(

@@ -27,6 +27,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from p2pnode.control.api import Jsonable, NodeAPI
 from p2pnode.control.common import read_json
 from p2pnode.control.metrics import bucket_sizes
 from p2pnode.errors import P2PError, UsageError
+from p2pnode.exchange.display import peers_shown, phase_line
 from p2pnode.exchange.manifest import resource_id_from_str, resource_id_to_str
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,15 @@ def reachability(status: dict[str, Any]) -> str:
     return "not known yet (no other node has contacted this one)"
 
 
+@dataclass(frozen=True)
+class Watch:
+    """The callbacks that keep a download's entry on the page: ``progress`` gets
+    ``Progress``, ``phase`` gets ``PhaseEvent`` (exchange/fetcher.py, phase.py)."""
+
+    progress: Callable[[Jsonable], None]
+    phase: Callable[[Jsonable], None]
+
+
 class StatusPage:
     def __init__(self, node: NodeAPI) -> None:
         self._node = node
@@ -180,10 +191,13 @@ class StatusPage:
                 pass  # the node is starting or stopping
             await asyncio.sleep(SAMPLE_INTERVAL)
 
-    def watch(self, rid: bytes, dest: Path) -> Callable[[Jsonable], None]:
-        """A progress callback that keeps the download's latest state for the page."""
+    def watch(self, rid: bytes, dest: Path) -> Watch:
+        """Callbacks that keep the download's latest state for the page: its byte
+        progress (with ``peers_shown``, the peers figure the CLI shows too) and,
+        before the bytes or when it looks providers up again, what it is doing
+        (``activity``: the CLI's phase line, until the next progress)."""
         key = resource_id_to_str(rid)
-        entry = {"id": key, "dest": str(dest), "state": "starting", "error": None}
+        entry: dict[str, Any] = {"id": key, "dest": str(dest), "state": "starting", "error": None}
         self._downloads.pop(key, None)
         self._downloads[key] = entry
         while len(self._downloads) > DOWNLOADS_KEPT:
@@ -191,8 +205,13 @@ class StatusPage:
 
         def on_progress(progress: Jsonable) -> None:
             entry.update(progress.to_json())
+            entry["peers_shown"] = peers_shown(entry)
+            entry.pop("activity", None)
 
-        return on_progress
+        def on_phase(phase: Jsonable) -> None:
+            entry["activity"] = phase_line(phase.to_json())
+
+        return Watch(on_progress, on_phase)
 
     def downloading(self, rid: bytes) -> bool:
         entry = self._downloads.get(resource_id_to_str(rid))
@@ -203,6 +222,7 @@ class StatusPage:
         if entry is not None:
             entry["state"] = "failed" if error else "done"
             entry["error"] = error
+            entry.pop("activity", None)
             if not error and entry.get("total_bytes") is not None:
                 entry["done_bytes"] = entry["total_bytes"]
 
@@ -294,8 +314,8 @@ class StatusPage:
             dest = self._destination(body.get("name"))
             if self.downloading(rid):
                 raise UsageError(f"{resource_id_to_str(rid)} is already being downloaded")
-            on_progress = self.watch(rid, dest)
-            task = asyncio.create_task(self._download(rid, dest, on_progress))
+            watch = self.watch(rid, dest)
+            task = asyncio.create_task(self._download(rid, dest, watch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return web.json_response({"id": resource_id_to_str(rid), "dest": str(dest)}, status=202)
@@ -319,9 +339,9 @@ class StatusPage:
         folder.mkdir(mode=0o700, exist_ok=True)
         return folder / name
 
-    async def _download(self, rid: bytes, dest: Path, on_progress: Callable[[Any], None]) -> None:
+    async def _download(self, rid: bytes, dest: Path, watch: Watch) -> None:
         try:
-            await self._node.exchange.get(rid, dest, progress=on_progress)
+            await self._node.exchange.get(rid, dest, progress=watch.progress, phase=watch.phase)
         except P2PError as exc:
             self.finished(rid, str(exc))
         else:

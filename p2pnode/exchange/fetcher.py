@@ -13,13 +13,13 @@ Rules:
 - The manifest is asked that way and accepted only if it hashes to the resource
   id (a provider sending other bytes is skipped). When every attempt failed or
   hangs in its dial past ``dial_timeout`` with no candidate left, the providers
-  are looked up again (``Relookup``, exchange/ranking.py: ``rediscover_attempts``
-  times, spaced by ``rediscover_delay``), and the records naming addresses not
-  tried yet (a provider that came up a moment ago announces its relays a few
-  seconds after its first record) are tried beside the hanging dials; the
-  pieces then use the freshest record of each provider. Bytes that hash to the id but
-  fail parsing (a path escape...) end the download with ProtocolError: the
-  resource itself is unsafe.
+  are looked up again (``Relookup``, exchange/ranking.py: spaced by
+  ``rediscover_delay``, within the download's lookup budget, below), and the
+  records naming addresses not tried yet (a provider that came up a moment ago
+  announces its relays a few seconds after its first record) are tried beside
+  the hanging dials; the pieces then use the freshest record of each provider.
+  Bytes that hash to the id but fail parsing (a path escape...) end the download
+  with ProtocolError: the resource itself is unsafe.
 - Every provider gets one worker, started the same way (workers still dialing
   when the last piece arrives are stopped). It asks GetHave once (complete, or
   which pieces), then keeps up to ``requests_per_peer`` GetPiece requests in
@@ -49,17 +49,22 @@ Rules:
   returns. Counted: ``pieces_cancelled`` (requests cancelled before their
   answer), ``endgame_duplicate_bytes`` (piece bytes received for a piece
   already done); the connection counts ``cancels_sent``.
-- When the picker has no peers left, the providers are looked up again
-  (``rediscover_attempts`` times, waiting longer each time); then the download
-  fails with ``DownloadError``, keeping what it verified. A first lookup that
-  finds nobody is repeated the same way, then ends in ``NotFoundError``.
+- When the picker has no peers left, the providers are looked up again (waiting
+  longer each time); then the download fails with ``DownloadError``, keeping what
+  it verified. A first lookup that finds nobody is repeated the same way, then
+  ends in ``NotFoundError``.
+- One lookup budget per download: ``1 + rediscover_attempts`` DHT lookups in all,
+  whatever the stage (finding providers, the manifest, the pieces) that makes them
+  (``PhaseReporter.left``), so the phase events count them against one total.
 - The network is reached only through two small protocols: ``PeerRequester``
   (``PeerHost.request``) and ``ProviderFinder`` (``Discovery.find_providers`` /
   ``remove_provider``).
 - Disk errors (ENOSPC...) end the download with ``StorageError``; the partial
   file and its records are kept, so running the same get again resumes.
 - Only when every piece is verified is the partial moved to its destination.
-- The progress callback gets byte ``Progress``; the phase callback, when the phase
+- The progress callback gets byte ``Progress``: ``peers_used`` counts the peers
+  that sent a verified piece (what to show: it does not drop to 0 as the workers
+  end), ``peers`` those taking part at that instant; the phase callback, when the phase
   changes, a ``PhaseEvent`` (exchange/phase.py): each lookup (the first, and each made again,
   with why), each lookup's answer, the first provider of a round that answers the
   dial for the manifest (the manifest request dials first when the requester can:
@@ -192,9 +197,15 @@ class Progress:
     pieces_done: int
     pieces_total: int
     rate: float  # bytes per second, over the last few seconds
+    # Peers taking part at this instant (answered GetHave, not dropped); 0 before the
+    # first answers and once every piece is in (finishing, done). Kept for API
+    # consumers; peers_used is the figure to show.
     peers: int
     eta: float | None  # seconds
     state: DownloadState = DownloadState.DOWNLOADING
+    # Peers that sent at least one verified piece of this download so far: never
+    # decreases; at "done", how many peers the download came from.
+    peers_used: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -206,6 +217,7 @@ class Progress:
             "pieces_total": self.pieces_total,
             "rate": round(self.rate, 1),
             "peers": self.peers,
+            "peers_used": self.peers_used,
             "eta": None if self.eta is None else round(self.eta, 1),
             "state": self.state,
         }
@@ -260,8 +272,11 @@ class _Download:
     asking: set[asyncio.Task[Any]] = field(default_factory=set)
     # Each worker's wake-up for an abandoned request (see _peer_worker).
     kicks: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)
-    # The download's phase events (lookups again while pieces are missing).
-    phases: PhaseReporter | None = None
+    # The download's phase events and lookup budget (lookups again while pieces are
+    # missing): _transfer sets the fetch's own.
+    phases: PhaseReporter = field(default_factory=lambda: PhaseReporter(b"", None))
+    # Peers that sent at least one verified piece of this download (Progress.peers_used).
+    used: set[bytes] = field(default_factory=set)
 
     def wake(self) -> None:
         """Wake idle workers: pieces came back, a peer joined, or we are done."""
@@ -325,29 +340,28 @@ class Fetcher:
             self._providers.remove_provider(dht_key(rid))
             existing = None
         providers: list[ProviderRecord] | None = None
-        phases = PhaseReporter(rid, phase)
+        # One lookup budget for the whole download (exchange/phase.py): finding the
+        # providers, asking for the manifest and the pieces all draw on it.
+        phases = PhaseReporter(rid, phase, budget=1 + self._config.rediscover_attempts)
         if existing is not None:
             manifest = existing.manifest
         else:
             started = self._clock.now()
-            attempts = self._config.rediscover_attempts
-            phases.lookup(more=attempts)
+            phases.lookup()
             providers = await self._find_providers(rid)
-            lookups = 1
             while not providers:
                 # A lookup can miss under loss or churn: ask again before giving up.
-                delay = rediscover_delay(self._config, lookups - 1)
-                if delay is None:
+                delay = rediscover_delay(self._config, phases.made - 1)
+                if delay is None or not phases.left:
                     raise NotFoundError(
-                        f"no providers found for {rid_text}: {lookups} DHT lookups "
+                        f"no providers found for {rid_text}: {phases.made} DHT lookups "
                         f"over {self._clock.now() - started:.1f}s found none "
                         f"(is a node that shares it running and joined to this network?)"
                     )
-                phases.lookup(more=attempts - lookups, reason=LookupReason.NONE_FOUND)
+                phases.lookup(reason=LookupReason.NONE_FOUND)
                 await asyncio.sleep(delay)
                 providers = await self._find_providers(rid)
-                lookups += 1
-            phases.found(len(providers), more=attempts)
+            phases.found(len(providers))
             manifest, providers = await self._fetch_manifest(rid, providers, phases)
         dest = self._resolve_dest(dest, manifest, existing, force=force)
         self._store.claim_dest(dest)
@@ -433,7 +447,7 @@ class Fetcher:
         try:
             if not picker.done:
                 if providers is None:
-                    phases.lookup(more=0)
+                    phases.lookup()
                     providers = await self._find_providers(rid)
                     phases.found(len(providers))
                 if not providers:
@@ -470,7 +484,7 @@ class Fetcher:
         t_end = time.perf_counter()
         log.info(
             "got %s (%d bytes) to %s: lookup+manifest+recheck %.3fs, pieces %.3fs (%.1f MB/s), "
-            "fsync+rename %.3fs, from %d peer(s)",
+            "fsync+rename %.3fs, from %d peer(s) (%d tried)",
             rid_text,
             manifest.total_size,
             final.root,
@@ -478,6 +492,7 @@ class Fetcher:
             t_sync - t_transfer,
             (manifest.total_size - done_bytes) / max(t_sync - t_transfer, 1e-9) / 1e6,
             t_end - t_sync,
+            len(d.used),
             len(d.peers),
         )
         return final
@@ -519,10 +534,9 @@ class Fetcher:
             dial_timeout=config.dial_timeout,
             limit=config.max_peers_per_download,
         )
+        # Lookups again draw on the download's budget (what finding them left).
         relookup = Relookup(
-            attempts=config.rediscover_attempts,
-            delay=config.rediscover_delay,
-            now=self._clock.now(),
+            attempts=phases.left, delay=config.rediscover_delay, now=self._clock.now()
         )
         tally = _Tally()
         running: dict[asyncio.Task[Message], tuple[ProviderRecord, float]] = {}
@@ -559,11 +573,7 @@ class Fetcher:
                         relookup.made,
                         relookup.attempts,
                     )
-                    phases.lookup(
-                        more=relookup.attempts - relookup.made,
-                        reason=LookupReason.UNREACHABLE,
-                        failed=tally.total,
-                    )
+                    phases.lookup(reason=LookupReason.UNREACHABLE, failed=tally.total)
                     lookup = asyncio.create_task(self._find_providers(rid))
                 waiting: list[asyncio.Future[Any]] = [*running]
                 if lookup is not None:
@@ -592,9 +602,7 @@ class Fetcher:
                         for rec in news:
                             known[rec.node_id] = rec
                         queue.extend(self._rank(news))
-                        phases.found(
-                            len(fresh), new=len(news), more=relookup.attempts - relookup.made
-                        )
+                        phases.found(len(fresh), new=len(news))
                         log.info(
                             "%s: the lookup found %d provider(s), %d with new addresses",
                             resource_id_to_str(rid),
@@ -760,36 +768,30 @@ class Fetcher:
         progress: ProgressCallback | None,
     ) -> None:
         attempts = 0
-        # Lookups while dials hang (see _work_through), over the whole download.
+        phases = d.phases
+        # Lookups while dials hang (see _work_through) and when every peer is gone
+        # (below) draw on the download's one budget (``phases.left``).
         relookup = Relookup(
-            attempts=self._config.rediscover_attempts,
-            delay=self._config.rediscover_delay,
-            now=self._clock.now(),
+            attempts=phases.left, delay=self._config.rediscover_delay, now=self._clock.now()
         )
         while True:
             await self._work_through(d, providers, progress, relookup)
             if d.picker.done:
                 return
             decision = d.policy.when_no_peers(attempts)
-            if decision.action is Action.GIVE_UP:
+            if decision.action is Action.GIVE_UP or not phases.left:
                 break
             attempts += 1
-            if d.phases is not None:
-                d.phases.lookup(
-                    more=self._config.rediscover_attempts - attempts,
-                    reason=LookupReason.UNREACHABLE,
-                    failed=_failed_peers(d),
-                )
+            phases.lookup(reason=LookupReason.UNREACHABLE, failed=_failed_peers(d))
             await asyncio.sleep(decision.delay)
             providers = await self._find_providers(d.resource_id)
-            if d.phases is not None:
-                d.phases.found(len(providers), more=self._config.rediscover_attempts - attempts)
+            phases.found(len(providers))
         missing = len(d.picker.missing)
         tally = _Tally()
         for info in d.peers.values():
             if info.last_error:
                 tally.add(info.why or "other", f"{_who(info.record)}: {info.last_error}")
-        lookups = d.phases.made if d.phases is not None else attempts + 1
+        lookups = phases.made
         reasons = (
             f" (tried {tally.total} provider(s), {lookups} DHT lookup(s): {tally.summary()})"
             if tally.total
@@ -865,6 +867,9 @@ class Fetcher:
                     and not queue
                     and all(slots.is_stale(key, now) for key in workers.values())
                 )
+                # What the budget still allows (lookups when every peer was gone used
+                # some of it).
+                relookup.attempts = relookup.made + d.phases.left
                 if lookup is None and relookup.due(now, stuck=stuck):
                     relookup.start()
                     log.info(
@@ -873,12 +878,7 @@ class Fetcher:
                         relookup.made,
                         relookup.attempts,
                     )
-                    if d.phases is not None:
-                        d.phases.lookup(
-                            more=relookup.attempts - relookup.made,
-                            reason=LookupReason.UNREACHABLE,
-                            failed=_failed_peers(d),
-                        )
+                    d.phases.lookup(reason=LookupReason.UNREACHABLE, failed=_failed_peers(d))
                     lookup = asyncio.create_task(self._find_providers(d.resource_id))
                 at = relookup.next_at()
                 wake = [slots.next_change(now)] if queue or at is not None else []
@@ -959,8 +959,7 @@ class Fetcher:
                 # No first answer yet: dial the new record instead.
                 replacing[rec.node_id] = rec
                 task.cancel()
-        if d.phases is not None:
-            d.phases.found(len(fresh), new=len(news), more=relookup.attempts - relookup.made)
+        d.phases.found(len(fresh), new=len(news))
         log.info(
             "%s: the lookup found %d provider(s), %d with new addresses",
             resource_id_to_str(d.resource_id),
@@ -1159,6 +1158,7 @@ class Fetcher:
             if dup is not None:
                 self._abandon(d, d.peers[other_key].record, index, dup)
         d.done_bytes += d.manifest.piece_length(index)
+        d.used.add(key)
         self.counters["pieces_fetched"] += 1
         self.counters["bytes_fetched"] += d.manifest.piece_length(index)
         d.unrecorded.append(index)
@@ -1259,6 +1259,7 @@ class Fetcher:
                 peers=len(d.picker.peers),
                 eta=eta,
                 state=state,
+                peers_used=len(d.used),
             )
         )
 

@@ -12,7 +12,11 @@ getting ``Progress`` only); the control API streams both, a phase as an
   lookup, one when a lookup's answer is in, one when the first provider of a
   round answers the dial. Bounded by the lookups and the providers tried.
 - ``lookup`` counts the download's DHT lookups, the first being 1; ``lookups`` is
-  the most it may make in the current stage (so "2/3" means a third may follow).
+  the most the whole download may make (``1 + rediscover_attempts``), the same in
+  every event of a download: finding providers, asking for the manifest and the
+  pieces draw on that one budget (so "2/3" means one more may follow, whatever the
+  stage, and the numbering never goes from "2/3" to "3/4").
+- exchange/display.py renders an event's JSON (the CLI's line, the status page's).
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-
-from p2pnode.exchange.manifest import resource_id_to_str
 
 
 class Phase(StrEnum):
@@ -43,7 +45,7 @@ class PhaseEvent:
     resource_id: bytes
     phase: Phase
     lookup: int = 0  # the download's lookup this phase is, or follows (1: the first)
-    lookups: int = 0  # the most lookups this stage of the download may make
+    lookups: int = 0  # the most lookups the download may make (its whole budget)
     providers: int = 0  # providers the last lookup found
     new: int | None = None  # of those, not tried yet (None: the first lookup's answer)
     failed: int = 0  # attempts that failed so far (with LOOKUP: why it is made again)
@@ -52,6 +54,10 @@ class PhaseEvent:
     via: str | None = None  # with MANIFEST: how it was reached (direct, relayed, punched)
 
     def to_json(self) -> dict[str, Any]:
+        # Here, not at the top: the CLI imports phase_line and starts faster without
+        # the manifest's imports (msgpack, blake3).
+        from p2pnode.exchange.manifest import resource_id_to_str
+
         # No key shared with Progress.to_json but "id": a consumer keeping the latest
         # of both in one dict is not misled.
         out: dict[str, Any] = {
@@ -74,14 +80,25 @@ class PhaseEvent:
 
 
 class PhaseReporter:
-    """Passes phase events to ``emit``, dropping one equal to the last; counts the
-    download's lookups (``made``) for the events and the final error."""
+    """Passes phase events to ``emit``, dropping one equal to the last; keeps the
+    download's lookup budget (``budget`` lookups in all, ``made`` so far, ``left``)
+    for the events, the stages that look up again, and the final error."""
 
-    def __init__(self, resource_id: bytes, emit: Callable[[PhaseEvent], None] | None) -> None:
+    def __init__(
+        self, resource_id: bytes, emit: Callable[[PhaseEvent], None] | None, *, budget: int = 1
+    ) -> None:
+        if budget < 1:
+            raise ValueError("budget >= 1 (the first lookup)")
         self.resource_id = resource_id
         self._emit = emit
+        self.budget = budget
         self.made = 0  # lookups started
         self.last: PhaseEvent | None = None
+
+    @property
+    def left(self) -> int:
+        """Lookups the download may still make."""
+        return max(0, self.budget - self.made)
 
     def _report(self, event: PhaseEvent) -> None:
         if event == self.last:
@@ -90,29 +107,28 @@ class PhaseReporter:
         if self._emit is not None:
             self._emit(event)
 
-    def lookup(self, *, more: int, reason: LookupReason | None = None, failed: int = 0) -> None:
-        """A lookup starts; ``more``: how many more this stage may make after it."""
+    def lookup(self, *, reason: LookupReason | None = None, failed: int = 0) -> None:
+        """A lookup starts (one of the budget: the caller checked ``left``)."""
         self.made += 1
         self._report(
             PhaseEvent(
                 self.resource_id,
                 Phase.LOOKUP,
                 lookup=self.made,
-                lookups=self.made + more,
+                lookups=max(self.budget, self.made),
                 reason=reason,
                 failed=failed,
             )
         )
 
-    def found(self, providers: int, *, new: int | None = None, more: int = 0) -> None:
-        """A lookup's answer is in: dialing what it found (and what still dials);
-        ``more``: how many more lookups this stage may make."""
+    def found(self, providers: int, *, new: int | None = None) -> None:
+        """A lookup's answer is in: dialing what it found (and what still dials)."""
         self._report(
             PhaseEvent(
                 self.resource_id,
                 Phase.CONNECTING,
                 lookup=self.made,
-                lookups=self.made + more,
+                lookups=max(self.budget, self.made),
                 providers=providers,
                 new=new,
             )
@@ -129,7 +145,7 @@ class PhaseReporter:
                 self.resource_id,
                 Phase.MANIFEST,
                 lookup=self.made,
-                lookups=last.lookups if last is not None else self.made,
+                lookups=max(self.budget, self.made),
                 providers=last.providers if last is not None else 0,
                 peer=peer,
                 via=via,

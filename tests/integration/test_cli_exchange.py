@@ -60,6 +60,8 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     lines = got.stderr.strip().splitlines()
     last = lines[-1]
     assert last.startswith("100.0%") and last.endswith("done"), got.stderr
+    # ... and how many peers the bytes came from (not the peers busy at that instant: 0).
+    assert "from 1 peer  done" in last, got.stderr
     # Before the bytes, what it did: each phase once, in order.
     peer1_short = peer1[:8]
     assert lines[:3] == [
@@ -80,6 +82,7 @@ def test_share_providers_get_ls_unshare(tmp_path: Path, nodes: list[RunningNode]
     assert events[2]["peer"].startswith(peer1_short) and events[2]["id"] == fid, events
     assert events[2]["via"] == "direct", events
     assert events[-1]["state"] == "done" and events[-1]["id"] == fid, events
+    assert events[-1]["peers_used"] == 1, events
     for rel in ("a.jpg", "2024/summer/b.jpg", "empty.txt"):
         assert (out / "photos" / rel).read_bytes() == (photos / rel).read_bytes()
 

@@ -157,6 +157,10 @@ async def test_share_then_get_through_dht(make_peer: Factory, tmp_path: Path) ->
     assert got.state == "complete" and got.served and got.path == str(out / "movie.bin")
     assert events[-1].done_bytes == len(data) and events[-1].state == "done"
     assert events[-1].to_json()["total_bytes"] == len(data)
+    # The final progress says where the bytes came from: the one provider (the
+    # peers taking part at that instant are none by then: the workers ended).
+    assert events[-1].peers_used == 1 and events[-1].to_json()["peers_used"] == 1, events[-1]
+    assert all(e.peers_used <= 1 for e in events), events
     # The leech now serves it too and is announced.
     await _wait_provider_count(seed, info.resource_id, 2)
     [row] = leech.exchange.list()

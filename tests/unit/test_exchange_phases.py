@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from p2pnode.cli import phase_line
+from p2pnode.cli import phase_line, progress_line
 from p2pnode.clock import MonotonicClock
 from p2pnode.dht.discovery import ProviderRecord
 from p2pnode.errors import NotFoundError, PeerUnreachable
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.fetcher import Fetcher, Progress
+from p2pnode.exchange.messages import GetPiece
 from p2pnode.exchange.phase import LookupReason, Phase, PhaseEvent, PhaseReporter
 from p2pnode.exchange.server import PieceServer
 from p2pnode.exchange.store import Store
@@ -76,14 +78,14 @@ def test_phase_json_keeps_clear_of_progress_keys() -> None:
 
 def test_reporter_reports_changes_only() -> None:
     got: list[PhaseEvent] = []
-    phases = PhaseReporter(RID, got.append)
-    phases.lookup(more=2)
-    phases.found(2, more=2)
-    phases.found(2, more=2)  # the same again: nothing new to say
+    phases = PhaseReporter(RID, got.append, budget=3)
+    phases.lookup()
+    phases.found(2)
+    phases.found(2)  # the same again: nothing new to say
     phases.connected("a@h:1")
     phases.connected("b@h:2")  # already asking one for the manifest
-    phases.lookup(more=1, reason=LookupReason.UNREACHABLE, failed=2)
-    phases.found(2, new=0, more=1)
+    phases.lookup(reason=LookupReason.UNREACHABLE, failed=2)
+    phases.found(2, new=0)
     phases.connected("b@h:2")
     assert [(e.phase, e.lookup, e.lookups) for e in got] == [
         (Phase.LOOKUP, 1, 3),
@@ -94,6 +96,26 @@ def test_reporter_reports_changes_only() -> None:
         (Phase.MANIFEST, 2, 3),
     ]
     assert got[2].peer == "a@h:1" and got[5].peer == "b@h:2" and got[3].failed == 2
+    assert phases.made == 2 and phases.left == 1
+
+
+def test_one_budget_one_total_over_the_stages() -> None:
+    """However the lookups fall between the stages (none found, the manifest's
+    providers unreachable, the pieces' providers gone), the total never moves:
+    never "(2/3)" then "(3/4)"."""
+    got: list[PhaseEvent] = []
+    phases = PhaseReporter(RID, got.append, budget=3)
+    phases.lookup()
+    phases.lookup(reason=LookupReason.NONE_FOUND)
+    phases.found(1)
+    phases.connected("a@h:1")
+    phases.lookup(reason=LookupReason.UNREACHABLE, failed=1)
+    phases.found(1, new=0)
+    assert phases.left == 0  # the stages after this one may look up no more
+    assert {e.lookups for e in got} == {3}
+    assert [e.lookup for e in got] == [1, 2, 2, 2, 3, 3]
+    lines = [_line(e) for e in got]
+    assert lines[1].endswith("(2/3)...") and lines[4].endswith("(3/3)..."), lines
 
 
 class Providers:
@@ -170,14 +192,124 @@ async def test_a_fetch_says_lookup_connect_manifest_then_bytes(tmp_path: Path) -
     assert _kinds(events) == [
         "lookup:1/3",
         "lookup:2/3",
-        "connecting:2/4",
-        "manifest:2/4",
+        "connecting:2/3",
+        "manifest:2/3",
         "progress",
     ]
     assert events[1].reason == LookupReason.NONE_FOUND
     assert events[2].providers == 1 and events[2].new is None
     assert events[3].peer.endswith("@127.0.0.1:4001")
     assert events[-1].state == "done"
+    leech.close()
+    store.close()
+
+
+async def test_lookups_share_one_budget_across_the_stages(tmp_path: Path) -> None:
+    """The first lookup misses, the second finds a provider that cannot be reached:
+    the manifest stage may look up once more (3 in all with rediscover_attempts=2),
+    not rediscover_attempts more, and every event says "/3"."""
+    store, manifest, _ = _share(tmp_path, "provider", 3)
+    pid = b"P" * 20
+    requester = DialingRequester(
+        b"L" * 20, {pid: PieceServer(store, None, on_stale=lambda r, w: None)}
+    )
+    requester.unreachable.add(pid)
+    providers = Providers([], [ProviderRecord(pid, "127.0.0.1", 4001)])
+    leech = Store(tmp_path / "leech")
+    fetcher = Fetcher(
+        store=leech,
+        requester=requester,
+        providers=providers,
+        config=CONFIG,
+        clock=MonotonicClock(),
+        executor=None,
+    )
+    events: list[Any] = []
+    fetch = fetcher.fetch(manifest.resource_id, tmp_path / "out.bin", phase=events.append)
+    with pytest.raises(NotFoundError) as caught:
+        await asyncio.wait_for(fetch, 10)
+    assert _kinds(events) == [
+        "lookup:1/3",
+        "lookup:2/3",
+        "connecting:2/3",
+        "lookup:3/3",
+        "connecting:3/3",
+    ]
+    assert providers.lookups == 3
+    assert "in 3 DHT lookup(s)" in str(caught.value), caught.value
+    leech.close()
+    store.close()
+
+
+def _progress(state: str, peers: int, used: int | None, done: int = 50) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "event": "progress",
+        "done_bytes": done,
+        "total_bytes": 100,
+        "rate": 10.0,
+        "peers": peers,
+        "eta": 5.0,
+        "state": state,
+    }
+    if used is not None:
+        p["peers_used"] = used
+    return p
+
+
+def test_the_peers_figure_does_not_flicker_to_zero() -> None:
+    """A download from 2 peers, as its progress events come (``peers``: those busy
+    at that instant; ``peers_used``: those that sent pieces)."""
+    events = [
+        _progress("downloading", 0, 0, done=0),  # before any peer answered
+        _progress("downloading", 2, 1),
+        _progress("downloading", 1, 2),  # one between two answers, or its part done
+        _progress("downloading", 2, 2),
+        _progress("finishing", 0, 2, done=100),  # every worker ended
+        _progress("done", 0, 2, done=100),
+    ]
+    figures = [progress_line(p).split("/s  ")[1] for p in events]
+    assert figures == [
+        "peers 0  ETA 5s",
+        "peers 2  ETA 5s",
+        "peers 2  ETA 5s",
+        "peers 2  ETA 5s",
+        "from 2 peers  finishing",
+        "from 2 peers  done",
+    ]
+    assert progress_line(_progress("done", 0, 1, done=100)).endswith("  from 1 peer  done")
+    # An older node (no peers_used): its figure as it is.
+    assert progress_line(_progress("downloading", 3, None)).endswith("peers 3  ETA 5s")
+    assert progress_line(_progress("done", 0, None, done=100)).endswith("/s  done")
+
+
+async def test_the_final_progress_counts_the_peers_the_bytes_came_from(tmp_path: Path) -> None:
+    store, manifest, data = _share(tmp_path, "provider", 8)
+    servers = {
+        key: PieceServer(store, None, on_stale=lambda r, w: None) for key in (b"A" * 20, b"B" * 20)
+    }
+    requester = DialingRequester(b"L" * 20, servers)
+    providers = Providers([ProviderRecord(key, "127.0.0.1", 4001) for key in servers])
+    leech = Store(tmp_path / "leech")
+    config = replace(CONFIG, requests_per_peer=1, inflight_bytes_per_peer=1)
+    fetcher = Fetcher(
+        store=leech,
+        requester=requester,
+        providers=providers,
+        config=config,
+        clock=MonotonicClock(),
+        executor=None,
+    )
+    events: list[Progress] = []
+    fetch = fetcher.fetch(manifest.resource_id, tmp_path / "out.bin", progress=events.append)
+    await asyncio.wait_for(fetch, 10)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    senders = {key for key, msg in requester.sent if isinstance(msg, GetPiece)}
+    assert len(senders) == 2  # both served pieces (one request each at a time)
+    final = events[-1]
+    assert final.state == "done" and final.peers == 0  # the workers ended
+    assert final.peers_used == 2 and final.to_json()["peers_used"] == 2
+    used = [e.peers_used for e in events]
+    assert used == sorted(used), used  # never decreases
     leech.close()
     store.close()
 

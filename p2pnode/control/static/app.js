@@ -60,8 +60,8 @@ function renderDownloads(s) {
     const label = el("span", " " + pct + "%", "pct");
     const cell = el("span"); cell.append(bar, label);
     return [el("span", (d.name || d.id.slice(0, 16) + "…")), cell,
-      d.error ? d.state + ": " + d.error : d.state,
-      d.rate !== undefined ? size(d.rate) + "/s" : "", d.peers ?? ""];
+      d.error ? d.state + ": " + d.error : (d.activity || d.state),
+      d.rate !== undefined ? size(d.rate) + "/s" : "", d.peers_shown ?? d.peers ?? ""];
   }));
 }
 
