@@ -405,6 +405,15 @@ class PeerConnection(asyncio.BufferedProtocol):
         self.core.close(error, abort=abort)
         self._pump()
 
+    def abort_if_unsent(self) -> None:
+        """After a graceful close: reset the connection if the transport still holds
+        bytes (a peer that does not read would keep it open)."""
+        transport = self.transport
+        if transport is None or self._lost or not transport.get_write_buffer_size():
+            return
+        _reset_on_close(transport)
+        transport.abort()
+
     # -- requests from the peer -------------------------------------------
 
     async def _serve(self, request_id: int, msg: Message) -> None:
