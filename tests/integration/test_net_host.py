@@ -37,8 +37,19 @@ from p2pnode.net import (
     PeerUnreachable,
     RemoteError,
 )
+from p2pnode.net.connection import serving as serving_conn
 from p2pnode.net.session import Credentials
-from p2pnode.wire.messages import ErrorCode, ErrorReply, Message, Ping, Pong, message, request, wire
+from p2pnode.wire.messages import (
+    ErrorCode,
+    ErrorReply,
+    Message,
+    Ping,
+    Pong,
+    goaway,
+    message,
+    request,
+    wire,
+)
 from tests.helpers import can_bind
 
 RID = bytes(range(32))
@@ -494,6 +505,35 @@ async def test_a_request_the_peer_read_is_not_sent_again(hosts: MakeHost) -> Non
     stats = client.stats()
     assert stats["goaways_received"] == 1 and stats.get("requests_resent_unread", 0) == 0
     assert stats["connections_dialed"] == 1
+
+
+async def test_a_peer_that_always_claims_it_read_nothing_gets_a_request_twice(
+    hosts: MakeHost,
+) -> None:
+    """A hostile server reads each request and answers it with a goaway that
+    names none: the host sends the request once more, not again."""
+    calls = 0
+
+    async def liar(node_id: bytes, msg: Message) -> Message:
+        nonlocal calls
+        calls += 1
+        conn = serving_conn.get()
+        assert conn is not None
+        conn._send_now(goaway())  # "I read nothing", with the request in hand
+        await asyncio.Event().wait()  # until the connection goes
+        return Pong()
+
+    server = hosts()
+    server.set_handler(liar)
+    port = await server.listen("127.0.0.1", 0)
+    addr = PeerAddress(server.node_id, "127.0.0.1", port)
+    client = hosts()
+    with pytest.raises(ClosedUnread):
+        await client.request(addr, GetHave(RID), timeout=5)
+    assert calls == 2
+    stats = client.stats()
+    assert stats["goaways_received"] == 2 and stats["requests_resent_unread"] == 1
+    assert stats["connections_dialed"] == 2 and stats["connections_open"] == 0
 
 
 async def test_request_timeout_cancels_it_at_the_peer(hosts: MakeHost) -> None:
