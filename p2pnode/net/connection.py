@@ -29,6 +29,10 @@ Rules
   in the handler, so a piece read or a service call stops) and no answer is
   sent; the core hears when the task has ended.
 - ``connection_lost`` cancels the timer and the handlers and fails what waits.
+- A graceful :meth:`PeerConnection.close` ends with the core's goaway (a
+  request crossing it fails ``ClosedUnread``: the host sends it again);
+  :meth:`PeerConnection.abort_if_unsent` then resets a connection whose
+  transport could not take it all (a peer that does not read).
 - Memory: after every pump and read the bytes this connection holds for its peer (the
   transport's write buffer, answers held while paused, receive buffers) are
   counted in the owner's :class:`~p2pnode.net.memory.MemoryBudget` under the
