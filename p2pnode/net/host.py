@@ -291,7 +291,7 @@ class PeerHost:
         try:
             while True:  # at most twice: see the module rules on goaway
                 conn = self._pooled(peer)
-                left = limit - (loop.time() - started)
+                left = limit - (loop.time() - started) if retried else limit
                 if conn is None:
                     async with asyncio.timeout(left):
                         conn = await self._connection_for(peer)

@@ -440,12 +440,11 @@ def encode_envelope(envelope: Envelope) -> list[Buffer]:
     msg = envelope.message
     if not 0 <= envelope.request_id <= MAX_REQUEST_ID:
         raise UsageError(f"request id out of range: {envelope.request_id}")
-    if envelope.kind is Kind.ERROR and not isinstance(msg, ErrorReply):
-        raise UsageError("an error envelope carries an ErrorReply")
-    if (envelope.kind is Kind.CANCEL) != isinstance(msg, CancelRequest):
-        raise UsageError("a cancel envelope, and only it, carries a CancelRequest")
-    if (envelope.kind is Kind.GOAWAY) != isinstance(msg, GoAway):
-        raise UsageError("a goaway envelope, and only it, carries a GoAway")
+    kind = envelope.kind
+    if (kind is not _REQUEST and kind is not _RESPONSE) or type(msg) in _MUX_BODIES:
+        problem = _kind_body_problem(kind, msg)
+        if problem is not None:
+            raise UsageError(problem)
     if msg.TYPE_CODE < 0:
         raise UsageError(f"{type(msg).__name__} is not a registered message")
     values = type(msg)._checked_values(msg)
@@ -494,6 +493,24 @@ def cancel(request_id: int) -> Envelope:
 def goaway(read: tuple[int, ...] = ()) -> Envelope:
     """The envelope that ends a graceful close (see the module rules)."""
     return Envelope(Kind.GOAWAY, 0, GoAway(read))
+
+
+_REQUEST = Kind.REQUEST
+_RESPONSE = Kind.RESPONSE
+# Bodies that belong to the mux's own kinds (the hot path checks a set: a
+# request or response of a feature's message needs no further look).
+_MUX_BODIES = frozenset((CancelRequest, GoAway))
+
+
+def _kind_body_problem(kind: int, msg: Message) -> str | None:
+    """Why ``msg`` cannot travel in an envelope of ``kind``, or None."""
+    if kind == Kind.ERROR and not isinstance(msg, ErrorReply):
+        return "an error envelope must carry an ErrorReply"
+    if (kind == Kind.CANCEL) != isinstance(msg, CancelRequest):
+        return "a cancel envelope, and only it, carries a CancelRequest"
+    if (kind == Kind.GOAWAY) != isinstance(msg, GoAway):
+        return "a goaway envelope, and only it, carries a GoAway"
+    return None
 
 
 _UNPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
@@ -594,20 +611,10 @@ def _envelope(obj: Any, registry: MessageRegistry, *, view_blob: bool = False) -
     if cls is None:
         raise UnknownMessageType(code, kind=kind, request_id=request_id)
     msg = _build(cls, obj[3:], kind=kind, request_id=request_id, view_blob=view_blob)
-    if kind == Kind.ERROR and not isinstance(msg, ErrorReply):
-        raise MessageDecodeError(
-            "an error envelope must carry an ErrorReply", kind=kind, request_id=request_id
-        )
-    if (kind == Kind.CANCEL) != isinstance(msg, CancelRequest):
-        raise MessageDecodeError(
-            "a cancel envelope, and only it, carries a CancelRequest",
-            kind=kind,
-            request_id=request_id,
-        )
-    if (kind == Kind.GOAWAY) != isinstance(msg, GoAway):
-        raise MessageDecodeError(
-            "a goaway envelope, and only it, carries a GoAway", kind=kind, request_id=request_id
-        )
+    if kind > 1 or type(msg) in _MUX_BODIES:  # not a request or response of a feature
+        problem = _kind_body_problem(kind, msg)
+        if problem is not None:
+            raise MessageDecodeError(problem, kind=kind, request_id=request_id)
     return Envelope(_KINDS[kind], request_id, msg)
 
 
