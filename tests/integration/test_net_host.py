@@ -476,6 +476,33 @@ async def test_a_request_crossing_a_graceful_close_is_sent_again(hosts: MakeHost
     assert not client_conn.is_open
 
 
+async def test_a_request_crossing_the_close_of_a_dial_back_is_sent_again(
+    hosts: MakeHost,
+) -> None:
+    """AutoNAT's case: the server's dial-back is an ordinary inbound connection to
+    the client, which sends its own next request over it just as the server,
+    done, closes it. The request goes again over a connection of the client's."""
+    server, server_addr = await serving(hosts)
+    client, client_addr = await serving(hosts)
+    dial_back = await server.dial_fresh(client_addr)  # exclusive, the server's alone
+    (inbound,) = client.connections_to(server.node_id)  # the client may use it
+    assert dial_back.transport is not None and inbound.transport is not None
+    dial_back.transport.pause_reading()
+    call = asyncio.ensure_future(client.request(server_addr, GetPiece(RID, 5)))
+    await eventually(
+        lambda: (
+            inbound.core.outstanding == 1
+            and inbound.transport is not None
+            and inbound.transport.get_write_buffer_size() == 0
+        )
+    )
+    dial_back.close(ConnectionClosed("dial-back done"))  # as nat/autonat.py does
+    reply = await asyncio.wait_for(call, 5)
+    assert reply == PieceData(RID, 5, (5).to_bytes(4, "big") * 8)
+    stats = client.stats()
+    assert stats["requests_resent_unread"] == 1 and stats["connections_dialed"] == 1
+
+
 async def test_a_request_the_peer_read_is_not_sent_again(hosts: MakeHost) -> None:
     """The server closes gracefully while it handles the request: its goaway names
     it, so the request fails as before (it may have been acted on)."""
