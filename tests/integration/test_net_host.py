@@ -431,7 +431,8 @@ async def test_idle_timeout_closes_and_redials(hosts: MakeHost) -> None:
     assert await client.request(addr, Ping()) == Pong()
     await eventually(lambda: client.stats()["connections_open"] == 0)
     await eventually(lambda: server.stats()["connections_open"] == 0)
-    assert client.stats()["idle_closed"] + server.stats().get("idle_closed", 0) >= 1
+    # either side may time out first (the other then sees its goaway)
+    assert client.stats().get("idle_closed", 0) + server.stats().get("idle_closed", 0) >= 1
     assert await client.request(addr, Ping()) == Pong()
     assert client.stats()["connections_dialed"] == 2
 
