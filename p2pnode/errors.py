@@ -66,6 +66,12 @@ class ConnectionClosed(P2PError):
     """A peer connection closed (or was dropped) before the answer arrived."""
 
 
+class ClosedUnread(ConnectionClosed):
+    """The peer closed the connection gracefully and said it never read this
+    request (a goaway, HTTP/2's GOAWAY), or it was never sent: safe to send
+    again, on another connection. ``PeerHost.request`` does so once."""
+
+
 class PeerUnreachable(P2PError):
     """The TCP connection to a peer could not be opened."""
 

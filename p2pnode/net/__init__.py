@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from p2pnode.errors import ChannelAuthError, ConnectionClosed, PeerUnreachable, RemoteError
+from p2pnode.errors import (
+    ChannelAuthError,
+    ClosedUnread,
+    ConnectionClosed,
+    PeerUnreachable,
+    RemoteError,
+)
 from p2pnode.net.config import NetLimits
 
 if TYPE_CHECKING:
@@ -17,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ChannelAuthError",
+    "ClosedUnread",
     "ConnectionClosed",
     "Handler",
     "NetLimits",

@@ -29,6 +29,10 @@ Rules
   in the handler, so a piece read or a service call stops) and no answer is
   sent; the core hears when the task has ended.
 - ``connection_lost`` cancels the timer and the handlers and fails what waits.
+- A graceful :meth:`PeerConnection.close` ends with the core's goaway (a
+  request crossing it fails ``ClosedUnread``: the host sends it again);
+  :meth:`PeerConnection.abort_if_unsent` then resets a connection whose
+  transport could not take it all (a peer that does not read).
 - Memory: after every pump and read the bytes this connection holds for its peer (the
   transport's write buffer, answers held while paused, receive buffers) are
   counted in the owner's :class:`~p2pnode.net.memory.MemoryBudget` under the
@@ -404,6 +408,15 @@ class PeerConnection(asyncio.BufferedProtocol):
         """Close the connection (once); ``error`` is what waiting requests get."""
         self.core.close(error, abort=abort)
         self._pump()
+
+    def abort_if_unsent(self) -> None:
+        """After a graceful close: reset the connection if the transport still holds
+        bytes (a peer that does not read would keep it open)."""
+        transport = self.transport
+        if transport is None or self._lost or not transport.get_write_buffer_size():
+            return
+        _reset_on_close(transport)
+        transport.abort()
 
     # -- requests from the peer -------------------------------------------
 

@@ -71,6 +71,22 @@ Rules
   ``write_stall_timeout`` (the peer reads nothing; a slow reader is fine).
 - Quiet for ``trim_after``: the session gives back its buffers; idle (nothing
   in flight either way) for ``idle_timeout``: closed (``idle_closed``).
+- Goaway (``Kind.GOAWAY``, HTTP/2's GOAWAY; wire/messages.py): a graceful
+  :meth:`~ConnectionCore.close` of an open connection (idle, evicted, an
+  AutoNAT dial-back done, a host closing) seals a last envelope naming the
+  peer's requests read here and not answered (``GoAway.read``: in flight,
+  less those still held, which no handler saw); a request crossing it on the
+  wire was never read, as nothing is read after a close (``goaways_sent``; more
+  than ``GOAWAY_MAX_READ`` in flight: no goaway). Received (``goaways_received``):
+  each of our requests outstanding fails at once, with ``ConnectionClosed``
+  if the peer named it (it may have been handled), else with
+  :class:`~p2pnode.errors.ClosedUnread` (safe to send again: the host does,
+  once), queued ones too (never sent); then the connection ends gracefully
+  with ``ClosedUnread``, so nothing more is asked on it and whatever the peer
+  sent after its goaway (answers, more goaways) is dropped
+  (``frames_after_goaway``). A peer that lies (names fewer than it read)
+  gets each request at most twice (the host retries once); a malformed
+  goaway is a strike and ignored.
 - Output keeps the order frames were sealed in (the Noise nonces). Small
   frames are corked: everything sealed between two :meth:`data_to_send` calls
   leaves as one buffer. A large frame sets :attr:`ConnectionCore.bulk_pending`
@@ -90,6 +106,7 @@ from dataclasses import dataclass
 
 from p2pnode.errors import (
     ChannelAuthError,
+    ClosedUnread,
     ConnectionClosed,
     HandshakeError,
     LimitExceeded,
@@ -105,11 +122,13 @@ from p2pnode.ratelimit import TokenBucket
 from p2pnode.wire.buffers import Buffer
 from p2pnode.wire.messages import (
     DEFAULT_REGISTRY,
+    GOAWAY_MAX_READ,
     SCATTER_MIN,
     DecodeLimits,
     Envelope,
     ErrorCode,
     ErrorReply,
+    GoAway,
     Kind,
     Message,
     MessageDecodeError,
@@ -120,6 +139,7 @@ from p2pnode.wire.messages import (
     cancel,
     decode_envelope,
     encode_envelope,
+    goaway,
     response,
 )
 
@@ -219,6 +239,7 @@ class ConnectionCore:
         self.last_activity = now
         self._closing = False
         self._started = False
+        self._goaway_received = False
         self._events: list[Event] = []
         # output, in sealing order; small frames gather in _cork first
         self._out: list[Buffer] = []
@@ -393,8 +414,10 @@ class ConnectionCore:
         if frames:
             counters["frames_in"] += len(frames)
             self.last_activity = now
-            for frame in frames:
+            for i, frame in enumerate(frames):
                 if self._closing:
+                    if self._goaway_received:
+                        counters["frames_after_goaway"] += len(frames) - i
                     break
                 self._on_frame(frame, now)
 
@@ -576,10 +599,27 @@ class ConnectionCore:
         self._seal(parts, length, now)
 
     def close(self, error: P2PError, *, abort: bool = False) -> None:
-        """End the connection (once); ``error`` is what outstanding requests get."""
+        """End the connection (once); ``error`` is what outstanding requests get.
+        Graceful (not ``abort``) and open: a goaway goes last (see the module rules)."""
         if self._closing:
             return
+        if not abort and self.session.established:
+            self._send_goaway()
         self._terminate(error, abort)
+
+    def _send_goaway(self) -> None:
+        inbound = self._inbound
+        if len(inbound) > GOAWAY_MAX_READ:
+            return  # too many to name: a plain close (they all look read)
+        read = inbound
+        if self._held_requests:  # accepted, never handed to a handler: unread
+            read = inbound - {ev.request_id for ev in self._held_requests}
+        try:
+            parts, length = self._encode(goaway(tuple(sorted(read))))
+        except LimitExceeded:
+            return  # over a tiny max_frame: a plain close
+        self._seal(parts, length, self.last_activity)  # a few bytes, even while paused
+        self.counters["goaways_sent"] += 1
 
     # -- internals: lifecycle ------------------------------------------------------
 
@@ -668,6 +708,11 @@ class ConnectionCore:
         if kind is Kind.CANCEL:
             self._on_cancel(env.request_id, now)
             return
+        if kind is Kind.GOAWAY:
+            message = env.message
+            assert isinstance(message, GoAway)
+            self._on_goaway(message.read)
+            return
         request_id = env.request_id
         sent = self._pending.pop(request_id, None)
         if sent is None:
@@ -720,8 +765,8 @@ class ConnectionCore:
         if exc.kind == Kind.REQUEST:
             self._reply_inline(exc.request_id, ErrorReply(code, str(exc)[:1024]), now)
             return
-        if exc.kind == Kind.CANCEL:
-            return  # a cancel is never answered
+        if exc.kind == Kind.CANCEL or exc.kind == Kind.GOAWAY:
+            return  # never answered; a malformed goaway is ignored
         if self._pending.pop(exc.request_id, None) is None:
             return
         self._send_queued(now)
@@ -792,6 +837,34 @@ class ConnectionCore:
                 return
         self._stopping.add(request_id)
         self._events.append(RequestCancelled(request_id))
+
+    def _on_goaway(self, read: tuple[int, ...]) -> None:
+        """The peer is closing and read none of our requests but ``read`` (see
+        the module rules)."""
+        self._goaway_received = True
+        self.counters["goaways_received"] += 1
+        name = self.name
+        events = self._events
+        named = set(read)
+        for request_id in self._pending:
+            if request_id in named:
+                error: P2PError = ConnectionClosed(
+                    f"connection to {name} closed by the peer while it handled the request"
+                )
+            else:
+                error = ClosedUnread(
+                    f"connection to {name} closed by the peer before it read the request"
+                )
+            events.append(RequestFailed(request_id, error))
+        self._pending.clear()
+        for request_id in self._waiting:
+            events.append(
+                RequestFailed(
+                    request_id, ClosedUnread(f"connection to {name} closed before the request left")
+                )
+            )
+        self._waiting.clear()
+        self._terminate(ClosedUnread(f"connection to {name} closed by the peer (goaway)"), False)
 
     def _reply_inline(self, request_id: int, reply: Message, now: float) -> None:
         """A small answer written even while the transport is paused.

@@ -28,6 +28,13 @@ Rules
   version), ``PeerUnreachable`` (TCP connect failed), ``ConnectionClosed``,
   ``ProtocolError`` (a malformed or mistyped answer), ``RemoteError`` (the
   peer answered with an ``ErrorReply``), ``LimitExceeded`` (our own limits).
+- Goaway (``p2pnode/net/core.py``): a request failed with ``ClosedUnread``
+  (the peer closed the connection gracefully and said it never read it, or it
+  never left) is sent once more, on another connection to the peer (pooled or
+  dialed), within what is left of its time limit
+  (``requests_resent_unread``); nothing else is sent again, so a request the
+  peer may have handled never is. :meth:`close` ends open connections
+  gracefully, with a goaway, unless their write buffer is not empty (a RST).
 - Every task (handlers, dials) and timer is owned; :meth:`PeerHost.close`
   ends them all and waits until every connection is gone.
 - Relays (``p2pnode/nat/relay.py``): a :class:`PeerAddress` with ``relays`` is
@@ -69,6 +76,7 @@ from typing import Protocol
 from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.endpoints import LOOP_ENDPOINTS, Endpoints, ListeningServer
 from p2pnode.errors import (
+    ClosedUnread,
     ConnectionClosed,
     LimitExceeded,
     P2PError,
@@ -277,17 +285,25 @@ class PeerHost:
         if peer.node_id == self.node_id:
             raise UsageError(f"{peer} is this node")
         limit = self.limits.request_timeout if timeout is None else timeout
-        left = limit
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        retried = False
         try:
-            conn = self._pooled(peer)
-            if conn is None:
-                loop = asyncio.get_running_loop()
-                started = loop.time()
-                async with asyncio.timeout(limit):
-                    conn = await self._connection_for(peer)
-                left = limit - (loop.time() - started)
-            # the answer's wait has one timer, the connection's (the hot path)
-            return await conn.request(msg, timeout=left)
+            while True:  # at most twice: see the module rules on goaway
+                conn = self._pooled(peer)
+                left = limit - (loop.time() - started) if retried else limit
+                if conn is None:
+                    async with asyncio.timeout(left):
+                        conn = await self._connection_for(peer)
+                    left = limit - (loop.time() - started)
+                try:
+                    # the answer's wait has one timer, the connection's (the hot path)
+                    return await conn.request(msg, timeout=left)
+                except ClosedUnread:
+                    if retried or self._closing or loop.time() - started >= limit:
+                        raise
+                    retried = True
+                    self.counters["requests_resent_unread"] += 1
         except TimeoutError:
             self.counters["request_timeouts"] += 1
             raise RequestTimeout(
@@ -364,7 +380,12 @@ class PeerHost:
         for task in list(self._dials.values()):
             task.cancel()
         for conn in list(self._conns):
-            conn.close(ConnectionClosed("host closing"), abort=True)
+            if conn.is_open and conn.writable:
+                # a goaway: the peer may send again elsewhere what crosses it
+                conn.close(ConnectionClosed("host closing"))
+                conn.abort_if_unsent()  # nothing left behind a peer that does not read
+            else:
+                conn.close(ConnectionClosed("host closing"), abort=True)
         while self._tasks:
             pending = list(self._tasks)
             for t in pending:

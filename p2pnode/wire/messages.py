@@ -16,7 +16,8 @@ Rules
       [kind, request_id, type_code, *fields]
 
   ``kind`` is 0 (request), 1 (response), 2 (error: the message is an
-  :class:`ErrorReply`) or 3 (cancel: the message is a :class:`CancelRequest`).
+  :class:`ErrorReply`), 3 (cancel: the message is a :class:`CancelRequest`)
+  or 4 (goaway: the message is a :class:`GoAway`).
   ``request_id`` is 0..2**32-1, chosen by the requester and echoed by the
   answer, so many requests can be in flight on one connection; each side
   numbers its own requests (the kind tells a response to our request from a
@@ -25,6 +26,17 @@ Rules
   answer. It is an envelope kind, not a request message, because it belongs to
   the mux: as a request it would take an id and an in-flight slot, be answered,
   and could itself be refused ``busy`` just when the peer is loaded.
+- A goaway (HTTP/2's GOAWAY) is the last envelope of a graceful close: "I am
+  closing; of your requests I have not answered, I read only these
+  (``GoAway.read``), none of the others, and I read nothing after this". Its
+  ``request_id`` is 0 and means nothing. No "last request id accepted" as in
+  HTTP/2: ids are the requester's own and wrap around, so a number could not
+  say which were read; the list is short (what the sender has in flight, at
+  most ``GOAWAY_MAX_READ``: a sender with more closes without a goaway). A
+  kind, as a cancel is, for the same reasons: it belongs to the mux, takes no
+  id, slot or answer (as a request, a peer that predates it would answer
+  ``unsupported`` to a connection being closed). Such a peer fails to decode
+  kind 4 (``bad envelope kind``): one strike, on a connection closing anyway.
 - Decoding applies msgpack limits (bin/str/array/map lengths, no ext types),
   then strict types: the exact field count, ``bool`` is not an ``int``, ``bin``
   is not ``str`` and vice versa, then per-field constraints (exact/max length,
@@ -36,7 +48,8 @@ Rules
 - Type code ranges: 1-15 core (here), 16-47 resource exchange
   (exchange/messages.py), 48-95 services, 96-127 messaging, 128+ experiments.
   Codes never change meaning once used.
-- This module defines only the core messages (Ping, Pong, ErrorReply). A feature
+- This module defines only the core messages (Ping, Pong, ErrorReply, the
+  bodies of cancel and goaway). A feature
   defines its own and registers them (see exchange/messages.py ``register``).
 - Encoding a message whose last field is a large binary value returns it as
   its own buffer (scatter list) so piece data is not copied; the bytes are
@@ -76,6 +89,7 @@ class Kind(IntEnum):
     RESPONSE = 1
     ERROR = 2
     CANCEL = 3
+    GOAWAY = 4
 
 
 _KINDS = tuple(Kind)  # by value: Kind(n) costs an enum lookup per frame
@@ -371,6 +385,19 @@ class CancelRequest(Message):
 
 CANCEL_REQUEST = CancelRequest()
 
+GOAWAY_MAX_READ = 1024
+"""At most this many ids in :attr:`GoAway.read`."""
+
+
+@message(5)
+@dataclass(frozen=True, slots=True)
+class GoAway(Message):
+    """The body of a goaway envelope (``Kind.GOAWAY``, see the module rules):
+    the receiver's requests its sender read and has not answered; it read none
+    of the receiver's other requests and reads nothing more."""
+
+    read: tuple[int, ...] = wire(max_len=GOAWAY_MAX_READ)
+
 
 # -- envelope ------------------------------------------------------------------
 
@@ -413,10 +440,11 @@ def encode_envelope(envelope: Envelope) -> list[Buffer]:
     msg = envelope.message
     if not 0 <= envelope.request_id <= MAX_REQUEST_ID:
         raise UsageError(f"request id out of range: {envelope.request_id}")
-    if envelope.kind is Kind.ERROR and not isinstance(msg, ErrorReply):
-        raise UsageError("an error envelope carries an ErrorReply")
-    if (envelope.kind is Kind.CANCEL) != isinstance(msg, CancelRequest):
-        raise UsageError("a cancel envelope, and only it, carries a CancelRequest")
+    kind = envelope.kind
+    if (kind is not _REQUEST and kind is not _RESPONSE) or type(msg) in _MUX_BODIES:
+        problem = _kind_body_problem(kind, msg)
+        if problem is not None:
+            raise UsageError(problem)
     if msg.TYPE_CODE < 0:
         raise UsageError(f"{type(msg).__name__} is not a registered message")
     values = type(msg)._checked_values(msg)
@@ -460,6 +488,29 @@ def response(request_id: int, msg: Message) -> Envelope:
 def cancel(request_id: int) -> Envelope:
     """The envelope that gives up our request ``request_id``."""
     return Envelope(Kind.CANCEL, request_id, CANCEL_REQUEST)
+
+
+def goaway(read: tuple[int, ...] = ()) -> Envelope:
+    """The envelope that ends a graceful close (see the module rules)."""
+    return Envelope(Kind.GOAWAY, 0, GoAway(read))
+
+
+_REQUEST = Kind.REQUEST
+_RESPONSE = Kind.RESPONSE
+# Bodies that belong to the mux's own kinds (the hot path checks a set: a
+# request or response of a feature's message needs no further look).
+_MUX_BODIES = frozenset((CancelRequest, GoAway))
+
+
+def _kind_body_problem(kind: int, msg: Message) -> str | None:
+    """Why ``msg`` cannot travel in an envelope of ``kind``, or None."""
+    if kind == Kind.ERROR and not isinstance(msg, ErrorReply):
+        return "an error envelope must carry an ErrorReply"
+    if (kind == Kind.CANCEL) != isinstance(msg, CancelRequest):
+        return "a cancel envelope, and only it, carries a CancelRequest"
+    if (kind == Kind.GOAWAY) != isinstance(msg, GoAway):
+        return "a goaway envelope, and only it, carries a GoAway"
+    return None
 
 
 _UNPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
@@ -548,7 +599,7 @@ def _envelope(obj: Any, registry: MessageRegistry, *, view_blob: bool = False) -
     if type(obj) is not tuple or len(obj) < 3:
         raise MessageDecodeError("envelope must be an array [kind, request_id, type, fields...]")
     kind, request_id, code = obj[0], obj[1], obj[2]
-    if type(kind) is not int or kind not in (0, 1, 2, 3):
+    if type(kind) is not int or kind not in (0, 1, 2, 3, 4):
         raise MessageDecodeError(f"bad envelope kind {kind!r}")
     if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
         raise MessageDecodeError(f"bad request id {request_id!r}")
@@ -560,16 +611,10 @@ def _envelope(obj: Any, registry: MessageRegistry, *, view_blob: bool = False) -
     if cls is None:
         raise UnknownMessageType(code, kind=kind, request_id=request_id)
     msg = _build(cls, obj[3:], kind=kind, request_id=request_id, view_blob=view_blob)
-    if kind == Kind.ERROR and not isinstance(msg, ErrorReply):
-        raise MessageDecodeError(
-            "an error envelope must carry an ErrorReply", kind=kind, request_id=request_id
-        )
-    if (kind == Kind.CANCEL) != isinstance(msg, CancelRequest):
-        raise MessageDecodeError(
-            "a cancel envelope, and only it, carries a CancelRequest",
-            kind=kind,
-            request_id=request_id,
-        )
+    if kind > 1 or type(msg) in _MUX_BODIES:  # not a request or response of a feature
+        problem = _kind_body_problem(kind, msg)
+        if problem is not None:
+            raise MessageDecodeError(problem, kind=kind, request_id=request_id)
     return Envelope(_KINDS[kind], request_id, msg)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from p2pnode.clock import FakeClock
 from p2pnode.errors import (
+    ClosedUnread,
     HandshakeError,
     LimitExceeded,
     P2PError,
@@ -36,8 +37,19 @@ from p2pnode.net import (
     PeerUnreachable,
     RemoteError,
 )
+from p2pnode.net.connection import serving as serving_conn
 from p2pnode.net.session import Credentials
-from p2pnode.wire.messages import ErrorCode, ErrorReply, Message, Ping, Pong, message, request, wire
+from p2pnode.wire.messages import (
+    ErrorCode,
+    ErrorReply,
+    Message,
+    Ping,
+    Pong,
+    goaway,
+    message,
+    request,
+    wire,
+)
 from tests.helpers import can_bind
 
 RID = bytes(range(32))
@@ -419,9 +431,137 @@ async def test_idle_timeout_closes_and_redials(hosts: MakeHost) -> None:
     assert await client.request(addr, Ping()) == Pong()
     await eventually(lambda: client.stats()["connections_open"] == 0)
     await eventually(lambda: server.stats()["connections_open"] == 0)
-    assert client.stats()["idle_closed"] + server.stats().get("idle_closed", 0) >= 1
+    # either side may time out first (the other then sees its goaway)
+    assert client.stats().get("idle_closed", 0) + server.stats().get("idle_closed", 0) >= 1
     assert await client.request(addr, Ping()) == Pong()
     assert client.stats()["connections_dialed"] == 2
+
+
+async def test_a_request_crossing_a_graceful_close_is_sent_again(hosts: MakeHost) -> None:
+    """The race of an idle close (or AutoNAT's closed dial-back) made certain: the
+    server stops reading, the client's request reaches its socket, the server
+    closes gracefully. Its goaway says it read nothing: the host sends the
+    request once more, on a new connection, and it succeeds."""
+    seen: list[Message] = []
+
+    async def handler(node_id: bytes, msg: Message) -> Message:
+        seen.append(msg)
+        return await echo_handler(node_id, msg)
+
+    server = hosts()
+    server.set_handler(handler)
+    port = await server.listen("127.0.0.1", 0)
+    addr = PeerAddress(server.node_id, "127.0.0.1", port)
+    client = hosts()
+    assert await client.request(addr, Ping()) == Pong()
+    (server_conn,) = server.connections_to(client.node_id)
+    (client_conn,) = client.connections_to(server.node_id)
+    assert server_conn.transport is not None and client_conn.transport is not None
+    server_conn.transport.pause_reading()  # the server is busy elsewhere, say
+    call = asyncio.ensure_future(client.request(addr, GetPiece(RID, 3)))
+    await eventually(
+        lambda: (
+            client_conn.core.outstanding == 1
+            and client_conn.transport is not None
+            and client_conn.transport.get_write_buffer_size() == 0
+        )
+    )
+    server_conn.close(ConnectionClosed("idle"))  # graceful: a goaway goes last
+    reply = await asyncio.wait_for(call, 5)
+    assert reply == PieceData(RID, 3, (3).to_bytes(4, "big") * 8)
+    assert seen == [GetPiece(RID, 3)]  # handled once, on the new connection
+    stats = client.stats()
+    assert stats["goaways_received"] == 1 and stats["requests_resent_unread"] == 1
+    assert stats["connections_dialed"] == 2
+    assert server.stats()["goaways_sent"] == 1
+    assert not client_conn.is_open
+
+
+async def test_a_request_crossing_the_close_of_a_dial_back_is_sent_again(
+    hosts: MakeHost,
+) -> None:
+    """AutoNAT's case: the server's dial-back is an ordinary inbound connection to
+    the client, which sends its own next request over it just as the server,
+    done, closes it. The request goes again over a connection of the client's."""
+    server, server_addr = await serving(hosts)
+    client, client_addr = await serving(hosts)
+    dial_back = await server.dial_fresh(client_addr)  # exclusive, the server's alone
+    (inbound,) = client.connections_to(server.node_id)  # the client may use it
+    assert dial_back.transport is not None and inbound.transport is not None
+    dial_back.transport.pause_reading()
+    call = asyncio.ensure_future(client.request(server_addr, GetPiece(RID, 5)))
+    await eventually(
+        lambda: (
+            inbound.core.outstanding == 1
+            and inbound.transport is not None
+            and inbound.transport.get_write_buffer_size() == 0
+        )
+    )
+    dial_back.close(ConnectionClosed("dial-back done"))  # as nat/autonat.py does
+    reply = await asyncio.wait_for(call, 5)
+    assert reply == PieceData(RID, 5, (5).to_bytes(4, "big") * 8)
+    stats = client.stats()
+    assert stats["requests_resent_unread"] == 1 and stats["connections_dialed"] == 1
+
+
+async def test_a_request_the_peer_read_is_not_sent_again(hosts: MakeHost) -> None:
+    """The server closes gracefully while it handles the request: its goaway names
+    it, so the request fails as before (it may have been acted on)."""
+    started = asyncio.Event()
+    calls = 0
+
+    async def handler(node_id: bytes, msg: Message) -> Message:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await asyncio.Event().wait()  # until cancelled by the close
+        return Pong()
+
+    server = hosts()
+    server.set_handler(handler)
+    port = await server.listen("127.0.0.1", 0)
+    addr = PeerAddress(server.node_id, "127.0.0.1", port)
+    client = hosts()
+    call = asyncio.ensure_future(client.request(addr, GetHave(RID)))
+    await asyncio.wait_for(started.wait(), 5)
+    (server_conn,) = server.connections_to(client.node_id)
+    server_conn.close(ConnectionClosed("closing"))
+    with pytest.raises(ConnectionClosed) as info:
+        await asyncio.wait_for(call, 5)
+    assert not isinstance(info.value, ClosedUnread)
+    assert calls == 1
+    stats = client.stats()
+    assert stats["goaways_received"] == 1 and stats.get("requests_resent_unread", 0) == 0
+    assert stats["connections_dialed"] == 1
+
+
+async def test_a_peer_that_always_claims_it_read_nothing_gets_a_request_twice(
+    hosts: MakeHost,
+) -> None:
+    """A hostile server reads each request and answers it with a goaway that
+    names none: the host sends the request once more, not again."""
+    calls = 0
+
+    async def liar(node_id: bytes, msg: Message) -> Message:
+        nonlocal calls
+        calls += 1
+        conn = serving_conn.get()
+        assert conn is not None
+        conn._send_now(goaway())  # "I read nothing", with the request in hand
+        await asyncio.Event().wait()  # until the connection goes
+        return Pong()
+
+    server = hosts()
+    server.set_handler(liar)
+    port = await server.listen("127.0.0.1", 0)
+    addr = PeerAddress(server.node_id, "127.0.0.1", port)
+    client = hosts()
+    with pytest.raises(ClosedUnread):
+        await client.request(addr, GetHave(RID), timeout=5)
+    assert calls == 2
+    stats = client.stats()
+    assert stats["goaways_received"] == 2 and stats["requests_resent_unread"] == 1
+    assert stats["connections_dialed"] == 2 and stats["connections_open"] == 0
 
 
 async def test_request_timeout_cancels_it_at_the_peer(hosts: MakeHost) -> None:

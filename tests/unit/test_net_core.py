@@ -17,6 +17,7 @@ import pytest
 
 from p2pnode.errors import (
     ChannelAuthError,
+    ClosedUnread,
     ConnectionClosed,
     HandshakeError,
     LimitExceeded,
@@ -49,6 +50,7 @@ from p2pnode.wire.messages import (
     Message,
     Ping,
     Pong,
+    goaway,
     message,
     response,
     wire,
@@ -893,6 +895,114 @@ def test_graceful_close_sends_what_was_sealed(mode: str) -> None:
     assert pair.a.next_deadline() is None
     with pytest.raises(ConnectionClosed, match="bye"):
         pair.a.send_request(Ping(), pair.now)
+
+
+# -- goaway: a graceful close names what it read -------------------------------------------
+
+
+def test_idle_close_sends_a_goaway_and_a_request_crossing_it_is_unread(mode: str) -> None:
+    pair = connected(mode)
+    pair.advance(LIMITS.idle_timeout)
+    # a asks just as b's idle timer fires: the request is on the wire when b closes
+    ids = [pair.a.send_request(Echo(bytes([i])), pair.now) for i in range(5)]
+    assert pair.a.outstanding == 5  # 4 sent, 1 queued (in-flight limit 4)
+    pair.tick(pair.b)
+    ev = terminated(pair.take(pair.b))
+    assert "idle" in str(ev.error) and not ev.abort
+    assert pair.counters_b["idle_closed"] == 1 and pair.counters_b["goaways_sent"] == 1
+    pair.pump()  # a's requests reach a closed b (never read); b's goaway reaches a
+    assert pair.counters_b["requests_in"] == 0
+    events = pair.take(pair.a)
+    failed = [e for e in events if isinstance(e, RequestFailed)]
+    assert [e.request_id for e in failed] == ids
+    assert all(type(e.error) is ClosedUnread for e in failed)  # safe to send again
+    ev = terminated(events)
+    assert isinstance(ev.error, ClosedUnread) and not ev.abort
+    assert events[-1] == ev
+    assert pair.counters_a["goaways_received"] == 1
+    assert not pair.a.is_open and pair.a.outstanding == 0
+    with pytest.raises(ClosedUnread):  # nothing more is asked on it
+        pair.a.send_request(Ping(), pair.now)
+    assert pair.a.data_to_send() == []  # a sends no goaway back
+
+
+def test_goaway_names_the_requests_read_and_not_answered(mode: str) -> None:
+    pair = connected(mode)
+    answered = pair.a.send_request(Echo(b"1"), pair.now)
+    handling = pair.a.send_request(Echo(b"2"), pair.now)
+    pair.pump()
+    received = pair.take(pair.b)
+    assert [e.request_id for e in received if isinstance(e, RequestReceived)] == [
+        answered,
+        handling,
+    ]
+    pair.b.send_response(answered, Echoed(b"1"), pair.now)
+    pair.pump()
+    pair.b.pause_writing(LIMITS.write_buffer_high, pair.now)
+    held = pair.a.send_request(Echo(b"3"), pair.now)
+    pair.pump()  # accepted by b's core, never handed to a handler (paused)
+    assert pair.take(pair.b) == [] and pair.b.inflight == 2
+    crossing = pair.a.send_request(Echo(b"4"), pair.now)
+    pair.a.data_to_send()  # on the wire, lost with the connection
+    pair.b.close(ConnectionClosed("host closing"))  # an orderly close
+    assert pair.counters_b["goaways_sent"] == 1
+    pair.pump()
+    events = pair.take(pair.a)
+    assert events[0] == ResponseReceived(answered, Envelope(Kind.RESPONSE, answered, Echoed(b"1")))
+    failed = {e.request_id: e.error for e in events if isinstance(e, RequestFailed)}
+    assert set(failed) == {handling, held, crossing}
+    # b read `handling` (it may have acted on it): a plain ConnectionClosed, never resent
+    assert type(failed[handling]) is ConnectionClosed
+    assert type(failed[held]) is ClosedUnread and type(failed[crossing]) is ClosedUnread
+    assert isinstance(terminated(events).error, ClosedUnread)
+
+
+def test_answers_and_goaways_after_a_goaway_are_dropped(mode: str) -> None:
+    pair = connected(mode)
+    rid = pair.a.send_request(Echo(b"x"), pair.now)
+    pair.pump()
+    pair.take(pair.b)
+    # a hostile b: claims to have read nothing, then answers anyway, then again
+    pair.b.send_envelope(goaway(), pair.now)
+    pair.b.send_response(rid, Echoed(b"x"), pair.now)
+    for _ in range(50):
+        pair.b.send_envelope(goaway(), pair.now)
+    pair.pump()
+    events = pair.take(pair.a)
+    assert events[0] == RequestFailed(rid, events[0].error)  # type: ignore[union-attr]
+    assert type(events[0].error) is ClosedUnread  # type: ignore[union-attr]
+    assert len(events) == 2 and isinstance(events[1], ConnectionTerminated)
+    assert not any(isinstance(e, ResponseReceived) for e in events)
+    assert pair.counters_a["goaways_received"] == 1
+    if mode != "bytes":  # fed one byte at a time, nothing after the goaway is decoded
+        assert pair.counters_a["frames_after_goaway"] == 51
+    assert pair.counters_a["unexpected_responses"] == 0  # dropped unread, no strike needed
+    assert not pair.a.is_open and pair.a.next_deadline() is None
+
+
+def test_malformed_or_unknown_goaways_are_strikes_and_ignored(mode: str) -> None:
+    pair = connected(mode)
+    rid = pair.a.send_request(Echo(b"x"), pair.now)
+    pair.pump()
+    pair.take(pair.b)
+    raw(pair, pair.b, msgpack.packb([4, 0, 5, "not a list"]))
+    raw(pair, pair.b, msgpack.packb([4, 0, Ping.TYPE_CODE]))  # a goaway must carry a GoAway
+    raw(pair, pair.b, msgpack.packb([5, 0, 5, []]))  # a kind from the future
+    pair.pump()
+    assert pair.counters_a["bad_messages"] == 3 and pair.counters_a["goaways_received"] == 0
+    assert pair.take(pair.a) == [] and pair.a.is_open
+    pair.b.send_response(rid, Echoed(b"x"), pair.now)
+    pair.pump()
+    assert responses(pair.take(pair.a)) == {rid: Echoed(b"x")}
+
+
+def test_no_goaway_on_abort_or_before_the_handshake(mode: str) -> None:
+    pair = Pair(mode)
+    pair.a.close(ConnectionClosed("bye"))
+    assert pair.counters_a["goaways_sent"] == 0
+    pair = connected(mode)
+    pair.a.close(ConnectionClosed("bye"), abort=True)
+    assert pair.counters_a["goaways_sent"] == 0 and pair.a.data_to_send() == []
 
 
 def test_abort_drops_what_was_sealed(mode: str) -> None:

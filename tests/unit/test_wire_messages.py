@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from p2pnode.errors import ProtocolError, UsageError
 from p2pnode.wire.messages import (
     DEFAULT_REGISTRY,
+    GOAWAY_MAX_READ,
     SCATTER_MIN,
     Blob,
     CancelRequest,
@@ -28,6 +29,7 @@ from p2pnode.wire.messages import (
     ErrorCode,
     ErrorReply,
     FieldSpec,
+    GoAway,
     Kind,
     Message,
     MessageDecodeError,
@@ -41,6 +43,7 @@ from p2pnode.wire.messages import (
     encode_envelope,
     encode_envelope_bytes,
     encode_message,
+    goaway,
     message,
     request,
     response,
@@ -194,6 +197,27 @@ def test_cancel_kind_carries_only_a_cancel_request() -> None:
         encode_envelope(Envelope(Kind.CANCEL, 1, Pong()))
     with pytest.raises(UsageError):
         encode_envelope(request(1, CancelRequest()))
+
+
+def test_goaway_kind_carries_only_a_goaway() -> None:
+    env = goaway((3, 9))
+    assert env == Envelope(Kind.GOAWAY, 0, GoAway((3, 9)))
+    data = encode_envelope_bytes(env)
+    assert data == msgpack.packb([4, 0, GoAway.TYPE_CODE, [3, 9]])
+    assert decode_envelope(data) == env
+    assert decode_envelope(encode_envelope_bytes(goaway())) == Envelope(Kind.GOAWAY, 0, GoAway(()))
+    for bad in ([4, 0, Pong.TYPE_CODE], [0, 7, GoAway.TYPE_CODE, []]):
+        with pytest.raises(MessageDecodeError, match="GoAway"):
+            decode_envelope(msgpack.packb(bad))
+    too_many = msgpack.packb([4, 0, GoAway.TYPE_CODE, list(range(GOAWAY_MAX_READ + 1))])
+    with pytest.raises(MessageDecodeError, match="read"):
+        decode_envelope(too_many)
+    with pytest.raises(MessageDecodeError, match="items"):
+        decode_envelope(msgpack.packb([4, 0, GoAway.TYPE_CODE, ["x"]]))
+    with pytest.raises(UsageError):
+        encode_envelope(Envelope(Kind.GOAWAY, 0, Pong()))
+    with pytest.raises(UsageError):
+        encode_envelope(request(1, GoAway(())))
 
 
 @pytest.mark.parametrize(
