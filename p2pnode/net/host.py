@@ -391,6 +391,10 @@ class PeerHost:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            # Ended now, whether or not their done callbacks ran: on Python 3.12+ a
+            # gather of tasks already done does not yield, so waiting for the
+            # callbacks to empty the set would spin for ever.
+            self._tasks.difference_update(pending)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
