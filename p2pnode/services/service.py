@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from p2pnode.clock import MONOTONIC, Clock
 from p2pnode.errors import (
     BadServiceRequest,
+    ClosedUnread,
     DeadlineExceeded,
     HandlerError,
     HandshakeError,
@@ -727,9 +728,11 @@ class Services:
                 self.ranking.failed(peer, Failure.UNAVAILABLE, now)
                 raise _Retry(error) from None  # refused before running: safe to retry
             raise error from None
-        except (PeerUnreachable, HandshakeError, LimitExceeded) as exc:
+        except (PeerUnreachable, HandshakeError, LimitExceeded, ClosedUnread) as exc:
+            # never reached the provider (or, ClosedUnread, it said it never read it
+            # even after the host sent it again): safe on the next one
             self.ranking.failed(peer, Failure.UNREACHABLE, now)
-            raise _Retry(exc) from None  # never reached the provider
+            raise _Retry(exc) from None
         except P2PTimeoutError as exc:
             self.ranking.failed(peer, Failure.TIMEOUT, now)
             raise _Retry(exc) from None  # the dial timed out (the call has time left)

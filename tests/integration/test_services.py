@@ -28,6 +28,7 @@ from p2pnode.errors import (
 )
 from p2pnode.identity import Identity
 from p2pnode.net.config import NetLimits
+from p2pnode.net.connection import serving as serving_conn
 from p2pnode.net.dispatch import routes_of
 from p2pnode.net.host import PeerAddress, PeerHost
 from p2pnode.node import Node
@@ -40,7 +41,7 @@ from p2pnode.services.messages import (
     StreamClosed,
     StreamOpen,
 )
-from p2pnode.wire.messages import Message, Ping, Pong
+from p2pnode.wire.messages import Message, Ping, Pong, goaway
 from tests.helpers import can_bind, eventually, fast_config
 
 pytestmark = pytest.mark.usefixtures("no_errors_logged")
@@ -151,6 +152,39 @@ async def test_provider_killed_mid_call(net: list[Node], idempotent: bool) -> No
         with pytest.raises(ProvidersFailed, match="not idempotent"):
             await call
         assert ran_after == []
+
+
+async def test_a_call_the_provider_says_it_never_read_moves_on(net: list[Node]) -> None:
+    """A provider that closes with a goaway naming none of our requests (it read
+    none; here a liar that did) never ran the call, as far as the caller can know:
+    even a non-idempotent call moves on to the next provider."""
+    a, b, caller = net[0], net[1], net[2]
+    liar: list[bytes] = []
+    ran: list[bytes] = []
+
+    def make(node: Node) -> Callable[[Any, CallContext], Any]:
+        async def handler(request: Any, ctx: CallContext) -> Any:
+            if request == "warm":
+                return "warm"
+            if not liar or liar[0] == node.node_id:
+                liar[:1] = [node.node_id]
+                conn = serving_conn.get()
+                assert conn is not None
+                conn._send_now(goaway())  # "closing; I read none of yours"
+                await asyncio.Event().wait()
+            ran.append(node.node_id)
+            return "done"
+
+        return handler
+
+    a.serve("once.job", make(a), idempotent=False)
+    b.serve("once.job", make(b), idempotent=False)
+    await serve_and_find(net, caller, "once.job", 2)
+    for provider in (a, b):  # the caller learns what each says of the service
+        assert await caller.call("once.job", "warm", peer=provider.peer_id) == "warm"
+    assert await caller.call("once.job", None, timeout=8) == "done"
+    assert len(liar) == 1 and ran == [b.node_id if liar[0] == a.node_id else a.node_id]
+    assert caller.peer_host.stats()["requests_resent_unread"] == 1  # the host's one resend
 
 
 async def test_slow_stream_consumer_holds_the_producer(net: list[Node]) -> None:
