@@ -36,7 +36,8 @@ class ExchangeConfig:
     busy_give_up: float = 60.0
     # Endgame: at most this many peers race for one of the last pieces.
     endgame_copies: int = 2
-    # When every provider is gone, ask the DHT again this many times before giving up.
+    # Look the providers up again at most this many times in a download (none left,
+    # or none reachable), rediscover_delay * n seconds apart, before giving up.
     rediscover_attempts: int = 2
     rediscover_delay: float = 1.0
     progress_interval: float = 0.25

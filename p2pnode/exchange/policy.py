@@ -24,8 +24,10 @@ Rules:
   ``CONNECTION`` (dial or connection failed): the peer is dropped.
 - ``STORAGE`` (our disk refused): the download fails.
 - When no peer is left and pieces are missing, the providers are looked up again
-  after ``rediscover_delay * n`` seconds for the n-th time, ``rediscover_attempts``
-  times; then the download gives up.
+  after ``rediscover_delay * n`` seconds for the n-th time, at most
+  ``rediscover_attempts`` times (fewer when the download's one lookup budget,
+  shared by all its stages, is spent: see ``Relookup`` in ranking.py); then the
+  download gives up.
 """
 
 from __future__ import annotations
