@@ -860,8 +860,8 @@ class Fetcher:
                             self._peer_worker(d, rec, progress, partial(slots.answered, key))
                         )
                         workers[task] = key
-                if not workers:
-                    return
+                if not workers and lookup is None:
+                    return  # (a lookup under way may still bring a provider back)
                 stuck = (
                     not d.picker.done
                     and not queue

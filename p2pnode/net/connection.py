@@ -380,6 +380,9 @@ class PeerConnection(asyncio.BufferedProtocol):
             transport.abort()
         else:
             transport.close()  # after what _pump wrote just before
+            # A close waits for the write buffer to drain: a peer that stops
+            # reading would hold the connection (and its budget slot) for ever.
+            self.loop.call_later(self.owner.limits.write_stall_timeout, self.abort_if_unsent)
 
     def _arm_timer(self) -> None:
         at = self.core.next_deadline()

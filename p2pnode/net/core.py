@@ -864,7 +864,9 @@ class ConnectionCore:
                 )
             )
         self._waiting.clear()
-        self._terminate(ClosedUnread(f"connection to {name} closed by the peer (goaway)"), False)
+        # Abort: the peer reads nothing after its goaway, and a peer that then keeps
+        # its socket open without reading would hold a graceful close for ever.
+        self._terminate(ClosedUnread(f"connection to {name} closed by the peer (goaway)"), True)
 
     def _reply_inline(self, request_id: int, reply: Message, now: float) -> None:
         """A small answer written even while the transport is paused.

@@ -386,6 +386,7 @@ class PeerHost:
                 conn.abort_if_unsent()  # nothing left behind a peer that does not read
             else:
                 conn.close(ConnectionClosed("host closing"), abort=True)
+                conn.abort_if_unsent()  # (one already closing gracefully, too)
         while self._tasks:
             pending = list(self._tasks)
             for t in pending:
@@ -588,6 +589,8 @@ class PeerHost:
                         self.counters["dials_overtaken"] += 1
                     return won
                 if task.done():
+                    if task.cancelled():  # by close(): the caller itself was not
+                        raise ConnectionClosed(f"{peer}: the host closed while dialing")
                     return task.result()  # the dial's error
                 # the connection that came is gone already (or exclusive): wait on
         finally:

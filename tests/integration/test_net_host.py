@@ -37,6 +37,7 @@ from p2pnode.net import (
     PeerUnreachable,
     RemoteError,
 )
+from p2pnode.net.connection import PeerConnection
 from p2pnode.net.connection import serving as serving_conn
 from p2pnode.net.session import Credentials
 from p2pnode.wire.messages import (
@@ -999,3 +1000,59 @@ async def test_a_dial_cancelled_after_its_handshake_keeps_its_connection(hosts: 
     assert conn.is_open and a.stats()["connections_dialed"] == 1
     assert await a.request(addr, Ping()) == Pong()
     assert a.connections_to(b.node_id) == [conn]
+
+
+async def test_a_goaway_from_a_peer_that_does_not_read_leaves_no_zombie(hosts: MakeHost) -> None:
+    """A peer's goaway ends the connection at once (found in review: it closed
+    gracefully, so a peer that then neither reads nor closes held it, and its budget
+    slot, for ever, and PeerHost.close() hung on it)."""
+    limits = replace(STALLS, write_stall_timeout=60.0)  # not what ends it
+    server, _, conn, served = await _peer_stops_reading(hosts, limits)
+    conn._send_now(goaway())  # "I am closing" -- but it never closes, never reads
+    try:
+        await asyncio.wait_for(asyncio.shield(served.closed), 1.0)
+        assert served not in server._conns
+        await asyncio.wait_for(server.close(), 2.0)
+    finally:
+        assert conn.transport is not None
+        conn.transport.resume_reading()
+
+
+STALLS = replace(FAST, write_buffer_high=64 * 1024, max_frame=16 * 1024, write_stall_timeout=0.2)
+
+
+async def _peer_stops_reading(
+    hosts: MakeHost, limits: NetLimits
+) -> tuple[PeerHost, PeerHost, PeerConnection, PeerConnection]:
+    """A client connection whose reading stopped, and the server's side of it with
+    bytes stuck in its write buffer."""
+    server, addr = await serving(hosts, limits)
+    client = hosts(limits)
+    assert await client.request(addr, Ping()) == Pong()
+    (conn,) = client._by_peer[server.node_id]
+    (served,) = server._by_peer[client.node_id]
+    assert conn.transport is not None and served.transport is not None
+    served.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.transport.pause_reading()
+    for i in range(20_000):
+        if served.transport.get_write_buffer_size() > 0:
+            break
+        conn._send_now(request(i, Ping()))
+        if i % 50 == 0:
+            await asyncio.sleep(0)
+    await eventually(lambda: served.transport.get_write_buffer_size() > 0)
+    return server, client, conn, served
+
+
+async def test_our_graceful_close_ends_even_if_the_peer_stops_reading(hosts: MakeHost) -> None:
+    """A graceful close waits for the write buffer to drain; a peer that does not
+    read is reset after write_stall_timeout rather than held for ever."""
+    server, _, conn, served = await _peer_stops_reading(hosts, STALLS)
+    served.close(ConnectionClosed("closing in good order"))
+    try:
+        await asyncio.wait_for(asyncio.shield(served.closed), 5 * STALLS.write_stall_timeout)
+        assert served not in server._conns
+    finally:
+        assert conn.transport is not None
+        conn.transport.resume_reading()

@@ -17,11 +17,12 @@ from p2pnode.dht.discovery import ProviderRecord
 from p2pnode.errors import NotFoundError, PeerUnreachable
 from p2pnode.exchange.config import ExchangeConfig
 from p2pnode.exchange.fetcher import Fetcher, Progress
-from p2pnode.exchange.messages import GetPiece
+from p2pnode.exchange.messages import GetManifest, GetPiece
 from p2pnode.exchange.phase import LookupReason, Phase, PhaseEvent, PhaseReporter
 from p2pnode.exchange.server import PieceServer
 from p2pnode.exchange.store import Store
 from p2pnode.net.host import PeerAddress
+from p2pnode.wire.messages import Message
 from tests.unit.test_exchange_cancel import DirectRequester, _share
 
 RID = bytes(range(32))
@@ -355,3 +356,63 @@ async def test_unreachable_providers_are_looked_up_again_and_the_error_says_so(
     assert "1 cannot connect" in message, message
     leech.close()
     store.close()
+
+
+# -- a re-lookup under way when the last piece worker ends (found in review) ----------
+
+
+class OldAddressHangs(DialingRequester):
+    """The provider's old address (port 4001) answers the manifest, then its piece
+    requests hang for 0.5 s and fail (a NAT mapping gone); port 4002 works."""
+
+    async def request(
+        self, peer: PeerAddress, msg: Message, timeout: float | None = None
+    ) -> Message:
+        if peer.port == 4001 and not isinstance(msg, GetManifest):
+            await asyncio.sleep(0.5)
+            raise PeerUnreachable(f"{peer}: timed out")
+        return await super().request(peer, msg, timeout)
+
+
+class SlowSecondLookup:
+    def __init__(self, first: list[ProviderRecord], then: list[ProviderRecord]) -> None:
+        self.answers = [first, then]
+        self.lookups = 0
+
+    async def find_providers(self, key: bytes, want: int = 20) -> list[ProviderRecord]:
+        self.lookups += 1
+        if self.lookups > 1:
+            await asyncio.sleep(1.0)  # a lookup under loss: slower than the failing dial
+        return list(self.answers[min(self.lookups, 2) - 1])
+
+    def remove_provider(self, key: bytes) -> None:
+        pass
+
+
+async def test_a_relookup_in_flight_when_the_last_worker_ends_is_not_thrown_away(
+    tmp_path: Path,
+) -> None:
+    store, manifest, data = _share(tmp_path, "provider", 3)
+    pid = b"P" * 20
+    requester = OldAddressHangs(
+        b"L" * 20, {pid: PieceServer(store, None, on_stale=lambda r, w: None)}
+    )
+    providers = SlowSecondLookup(
+        [ProviderRecord(pid, "127.0.0.1", 4001)], [ProviderRecord(pid, "127.0.0.1", 4002)]
+    )
+    leech = Store(tmp_path / "leech")
+    config = replace(CONFIG, rediscover_attempts=1, dial_timeout=0.1)
+    fetcher = Fetcher(
+        store=leech,
+        requester=requester,
+        providers=providers,
+        config=config,
+        clock=MonotonicClock(),
+        executor=None,
+    )
+    try:
+        await asyncio.wait_for(fetcher.fetch(manifest.resource_id, tmp_path / "out.bin"), 10)
+        assert (tmp_path / "out.bin").read_bytes() == data
+    finally:
+        leech.close()
+        store.close()
