@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import itertools
 import logging
 import os
 import random
@@ -137,6 +138,47 @@ def _local_host(listen_host: str) -> str:
 def _provider(record: rec.ProviderRecord) -> ProviderRecord:
     host, port = record.addrs[0]
     return ProviderRecord(record.peer_id, host, port, record.relays)
+
+
+def merge_provider_answers(
+    own: Sequence[rec.ProviderRecord],
+    holders: Sequence[Sequence[rec.ProviderRecord]],
+    want: int,
+) -> list[ProviderRecord]:
+    """At most ``want`` providers from our own records and the holders' answers
+    (closest holder first): pure.
+
+    - Which peers: ours first, then one record per holder in turn, so no holder
+      fills the list alone.
+    - Each peer's addresses: from its copy with the highest sequence number among
+      all answers (the peer signed it last; an older copy a holder replays, say
+      to send us to an address the peer left, loses).
+    - Its relays: from every copy (each holder proved the relays it kept; a relay's
+      own copy leaves itself out), at most ``MAX_RELAY_ADDRS``.
+    """
+    newest: dict[bytes, rec.ProviderRecord] = {}
+    for record in itertools.chain(own, *holders):
+        kept = newest.get(record.peer_id)
+        if kept is None or record.seq > kept.seq:
+            newest[record.peer_id] = record
+    chosen: dict[bytes, None] = {}
+    for record in own:
+        chosen.setdefault(record.peer_id)
+    queues = [list(records) for records in holders]
+    while len(chosen) < want and any(queues):
+        for queue in queues:
+            if queue:
+                chosen.setdefault(queue.pop(0).peer_id)
+    found = {peer: _provider(newest[peer]) for peer in chosen}
+    for records in holders:
+        for record in records:
+            kept_provider = found.get(record.peer_id)
+            if kept_provider is not None and record.relays:
+                merged = tuple(dict.fromkeys(kept_provider.relays + record.relays))
+                found[record.peer_id] = dataclasses.replace(
+                    kept_provider, relays=merged[: rec.MAX_RELAY_ADDRS]
+                )
+    return list(found.values())[: max(0, want)]
 
 
 def _check_key(key: bytes) -> bytes:
@@ -870,26 +912,7 @@ class Discovery:
         await self._lookup(key, query)
         target = Node(key)
         holders = sorted(by_holder.values(), key=lambda held: held[0].distance_to(target))
-        found: dict[bytes, ProviderRecord] = {}
-        for record in own:
-            found.setdefault(record.peer_id, _provider(record))
-        queues = [list(records) for _, records in holders]
-        while len(found) < want and any(queues):
-            for queue in queues:
-                if queue:
-                    record = queue.pop(0)
-                    found.setdefault(record.peer_id, _provider(record))
-        # Relay addresses come from every holder's copy (each holder proved the
-        # relays it kept; a relay's own copy leaves itself out).
-        for _, records in holders:
-            for record in records:
-                kept = found.get(record.peer_id)
-                if kept is not None and record.relays:
-                    merged = tuple(dict.fromkeys(kept.relays + record.relays))
-                    found[record.peer_id] = dataclasses.replace(
-                        kept, relays=merged[: rec.MAX_RELAY_ADDRS]
-                    )
-        return list(found.values())[: max(0, want)]
+        return merge_provider_answers(own, [records for _, records in holders], want)
 
     # -- maintenance ---------------------------------------------------------------
 
