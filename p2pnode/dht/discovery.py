@@ -153,8 +153,9 @@ def merge_provider_answers(
     - Each peer's addresses: from its copy with the highest sequence number among
       all answers (the peer signed it last; an older copy a holder replays, say
       to send us to an address the peer left, loses).
-    - Its relays: from every copy (each holder proved the relays it kept; a relay's
-      own copy leaves itself out), at most ``MAX_RELAY_ADDRS``.
+    - Its relays: from every copy, ours too (each holder proved the relays it
+      kept; a relay's own copy, maybe the newest, leaves itself out), at most
+      ``MAX_RELAY_ADDRS``.
     """
     newest: dict[bytes, rec.ProviderRecord] = {}
     for record in itertools.chain(own, *holders):
@@ -170,14 +171,13 @@ def merge_provider_answers(
             if queue:
                 chosen.setdefault(queue.pop(0).peer_id)
     found = {peer: _provider(newest[peer]) for peer in chosen}
-    for records in holders:
-        for record in records:
-            kept_provider = found.get(record.peer_id)
-            if kept_provider is not None and record.relays:
-                merged = tuple(dict.fromkeys(kept_provider.relays + record.relays))
-                found[record.peer_id] = dataclasses.replace(
-                    kept_provider, relays=merged[: rec.MAX_RELAY_ADDRS]
-                )
+    for record in itertools.chain(own, *holders):
+        kept_provider = found.get(record.peer_id)
+        if kept_provider is not None and record.relays:
+            merged = tuple(dict.fromkeys(kept_provider.relays + record.relays))
+            found[record.peer_id] = dataclasses.replace(
+                kept_provider, relays=merged[: rec.MAX_RELAY_ADDRS]
+            )
     return list(found.values())[: max(0, want)]
 
 

@@ -48,3 +48,14 @@ def test_one_record_per_holder_in_turn_and_relays_from_every_copy() -> None:
     assert ids[0] == a.node_id and len(ids) == 3
     assert b.node_id in ids  # the second holder's turn came before the flood's second
     assert {p.node_id: p.relays for p in found}[b.node_id] == (hop,)
+
+
+def test_relays_of_an_older_copy_stay_beside_the_newest_address() -> None:
+    """The relay's own copy is the newest and leaves the relay out; ours, older,
+    names it: the relay stays (the lab caught a first version that lost it)."""
+    provider, relay = Identity.generate(), Identity.generate()
+    hop = ("198.51.100.7", 4001, relay.node_id)
+    ours = record(provider, "192.0.2.1", seq=1, relays=(hop,))
+    relays_copy = record(provider, "192.0.2.1", seq=2)
+    (found,) = merge_provider_answers([ours], [[relays_copy]], want=20)
+    assert found.relays == (hop,)
