@@ -371,7 +371,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         futures, self._futures = self._futures, {}
         for fut in futures.values():
             if not fut.done():
-                fut.set_exception(_copy_error(error))
+                fut.set_exception(_for_waiter(error))
         transport = self.transport
         if transport is None or self._lost:
             return
@@ -506,6 +506,21 @@ class PeerConnection(asyncio.BufferedProtocol):
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _for_waiter(error: P2PError) -> P2PError:
+    """What a request still waiting gets when its connection ends with ``error``.
+
+    A limit that ended the connection (a peer that sends oversized frames or does
+    not read our answers) came after the request left: for its caller the
+    connection closed, and the peer may have run the request. As itself it would
+    read as "our own limit, before sending", which a caller may take as safe to
+    send elsewhere (a service call) or as no fault of the peer's (a download)."""
+    if isinstance(error, LimitExceeded):
+        closed = ConnectionClosed(f"connection closed: {error}")
+        closed.__cause__ = _copy_error(error)
+        return closed
+    return _copy_error(error)
 
 
 def _copy_error(error: P2PError) -> P2PError:

@@ -1056,3 +1056,33 @@ async def test_our_graceful_close_ends_even_if_the_peer_stops_reading(hosts: Mak
     finally:
         assert conn.transport is not None
         conn.transport.resume_reading()
+
+
+async def test_a_request_under_way_when_a_limit_ends_its_connection_sees_it_closed(
+    hosts: MakeHost,
+) -> None:
+    """A limit that ends a connection (here as our slow-reader rule would) came after
+    the request left, which the peer may have run: its caller gets ConnectionClosed,
+    not the LimitExceeded that means "our own limit, before sending" (found in review:
+    services took it as safe to send a non-idempotent call elsewhere)."""
+    started = asyncio.Event()
+
+    async def hang(node_id: bytes, msg: Message) -> Message:
+        started.set()
+        await asyncio.Event().wait()
+        return Pong()
+
+    server = hosts()
+    server.set_handler(hang)
+    port = await server.listen("127.0.0.1", 0)
+    client = hosts()
+    pending = asyncio.create_task(
+        client.request(PeerAddress(server.node_id, "127.0.0.1", port), GetHave(RID), timeout=5)
+    )
+    await asyncio.wait_for(started.wait(), 5)
+    (conn,) = client._by_peer[server.node_id]
+    conn.close(LimitExceeded(f"{conn.core.name} read nothing of our answers"), abort=True)
+    with pytest.raises(ConnectionClosed, match="read nothing") as raised:
+        await pending
+    assert not isinstance(raised.value, LimitExceeded)
+    assert isinstance(raised.value.__cause__, LimitExceeded)
