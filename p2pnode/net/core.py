@@ -627,6 +627,13 @@ class ConnectionCore:
         self._closing = True
         self.error = _without_traceback(error)
         self._handshake_at = self._idle_at = self._stall_at = None
+        for request_id in self._waiting:  # never sent: safe to send again elsewhere
+            self._events.append(
+                RequestFailed(
+                    request_id,
+                    ClosedUnread(f"connection to {self.name} closed before the request left"),
+                )
+            )
         self._waiting.clear()
         self._inbound.clear()
         self._stopping.clear()

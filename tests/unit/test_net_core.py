@@ -897,6 +897,21 @@ def test_graceful_close_sends_what_was_sealed(mode: str) -> None:
         pair.a.send_request(Ping(), pair.now)
 
 
+def test_requests_queued_when_the_connection_ends_are_unread(mode: str) -> None:
+    """Requests queued behind the in-flight limit never left: however the connection
+    ends (here an abort), they fail as ClosedUnread, which the host sends again on
+    another connection; the ones sent get the connection's own error."""
+    pair = connected(mode)
+    ids = [pair.a.send_request(Echo(bytes([i])), pair.now) for i in range(6)]
+    assert pair.a.outstanding == 6  # 4 sent, 2 queued (in-flight limit 4)
+    pair.a.close(ConnectionClosed("reset"), abort=True)
+    events = pair.take(pair.a)
+    failed = {e.request_id: e.error for e in events if isinstance(e, RequestFailed)}
+    assert sorted(failed) == ids[4:]
+    assert all(type(error) is ClosedUnread for error in failed.values())
+    assert str(terminated(events).error) == "reset"
+
+
 # -- goaway: a graceful close names what it read -------------------------------------------
 
 
