@@ -864,13 +864,7 @@ class ConnectionCore:
                 )
             events.append(RequestFailed(request_id, error))
         self._pending.clear()
-        for request_id in self._waiting:
-            events.append(
-                RequestFailed(
-                    request_id, ClosedUnread(f"connection to {name} closed before the request left")
-                )
-            )
-        self._waiting.clear()
+        # (requests still queued fail as ClosedUnread in _terminate, as on any end)
         # Abort: the peer reads nothing after its goaway, and a peer that then keeps
         # its socket open without reading would hold a graceful close for ever.
         self._terminate(ClosedUnread(f"connection to {name} closed by the peer (goaway)"), True)
