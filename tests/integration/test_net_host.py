@@ -673,16 +673,8 @@ async def test_close_leaves_no_tasks(hosts: MakeHost) -> None:
 
 async def test_peer_that_does_not_read_is_dropped(hosts: MakeHost) -> None:
     limits = replace(FAST, write_buffer_high=1024, max_frame=16 * 1024)
-    server, addr = await serving(hosts, limits)
-    client = hosts(limits)
-    assert await client.request(addr, Ping()) == Pong()
-    (conn,) = client._by_peer[server.node_id]
-    (served,) = server._by_peer[client.node_id]
-    assert conn.transport is not None and served.transport is not None
-    # shrink the kernel buffers so the server's transport buffer fills quickly
-    served.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    conn.transport.pause_reading()
+    server, _, conn, _ = await _connected_not_reading(hosts, limits)
+    assert conn.transport is not None
     # a peer flooding Pings without reading the Pongs (bypassing our own queueing)
     for i in range(20_000):
         if server.stats().get("closed_slow_reader"):
@@ -1021,11 +1013,11 @@ async def test_a_goaway_from_a_peer_that_does_not_read_leaves_no_zombie(hosts: M
 STALLS = replace(FAST, write_buffer_high=64 * 1024, max_frame=16 * 1024, write_stall_timeout=0.2)
 
 
-async def _peer_stops_reading(
+async def _connected_not_reading(
     hosts: MakeHost, limits: NetLimits
 ) -> tuple[PeerHost, PeerHost, PeerConnection, PeerConnection]:
-    """A client connection whose reading stopped, and the server's side of it with
-    bytes stuck in its write buffer."""
+    """Server, client, the client's connection (its reading paused) and the server's
+    side, with small kernel buffers so the server's transport buffer fills quickly."""
     server, addr = await serving(hosts, limits)
     client = hosts(limits)
     assert await client.request(addr, Ping()) == Pong()
@@ -1035,6 +1027,16 @@ async def _peer_stops_reading(
     served.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     conn.transport.pause_reading()
+    return server, client, conn, served
+
+
+async def _peer_stops_reading(
+    hosts: MakeHost, limits: NetLimits
+) -> tuple[PeerHost, PeerHost, PeerConnection, PeerConnection]:
+    """A client connection whose reading stopped, and the server's side of it with
+    bytes stuck in its write buffer."""
+    server, client, conn, served = await _connected_not_reading(hosts, limits)
+    assert conn.transport is not None and served.transport is not None
     for i in range(20_000):
         if served.transport.get_write_buffer_size() > 0:
             break
