@@ -167,6 +167,19 @@ def _kinds(events: list[Any]) -> list[str]:
     return out
 
 
+def _fetcher(
+    leech: Store, requester: Any, providers: Any, config: ExchangeConfig = CONFIG
+) -> Fetcher:
+    return Fetcher(
+        store=leech,
+        requester=requester,
+        providers=providers,
+        config=config,
+        clock=MonotonicClock(),
+        executor=None,
+    )
+
+
 async def test_a_fetch_says_lookup_connect_manifest_then_bytes(tmp_path: Path) -> None:
     store, manifest, data = _share(tmp_path, "provider", 3)
     pid = b"P" * 20
@@ -176,14 +189,7 @@ async def test_a_fetch_says_lookup_connect_manifest_then_bytes(tmp_path: Path) -
     # The first lookup misses (loss, churn): looked up again, then found.
     providers = Providers([], [ProviderRecord(pid, "127.0.0.1", 4001)])
     leech = Store(tmp_path / "leech")
-    fetcher = Fetcher(
-        store=leech,
-        requester=requester,
-        providers=providers,
-        config=CONFIG,
-        clock=MonotonicClock(),
-        executor=None,
-    )
+    fetcher = _fetcher(leech, requester, providers)
     events: list[Any] = []
     fetch = fetcher.fetch(
         manifest.resource_id, tmp_path / "out.bin", progress=events.append, phase=events.append
@@ -217,14 +223,7 @@ async def test_lookups_share_one_budget_across_the_stages(tmp_path: Path) -> Non
     requester.unreachable.add(pid)
     providers = Providers([], [ProviderRecord(pid, "127.0.0.1", 4001)])
     leech = Store(tmp_path / "leech")
-    fetcher = Fetcher(
-        store=leech,
-        requester=requester,
-        providers=providers,
-        config=CONFIG,
-        clock=MonotonicClock(),
-        executor=None,
-    )
+    fetcher = _fetcher(leech, requester, providers)
     events: list[Any] = []
     fetch = fetcher.fetch(manifest.resource_id, tmp_path / "out.bin", phase=events.append)
     with pytest.raises(NotFoundError) as caught:
@@ -292,14 +291,7 @@ async def test_the_final_progress_counts_the_peers_the_bytes_came_from(tmp_path:
     providers = Providers([ProviderRecord(key, "127.0.0.1", 4001) for key in servers])
     leech = Store(tmp_path / "leech")
     config = replace(CONFIG, requests_per_peer=1, inflight_bytes_per_peer=1)
-    fetcher = Fetcher(
-        store=leech,
-        requester=requester,
-        providers=providers,
-        config=config,
-        clock=MonotonicClock(),
-        executor=None,
-    )
+    fetcher = _fetcher(leech, requester, providers, config)
     events: list[Progress] = []
     fetch = fetcher.fetch(manifest.resource_id, tmp_path / "out.bin", progress=events.append)
     await asyncio.wait_for(fetch, 10)
@@ -326,14 +318,7 @@ async def test_unreachable_providers_are_looked_up_again_and_the_error_says_so(
     requester.unreachable.add(pid)
     providers = Providers([ProviderRecord(pid, "127.0.0.1", 4001)])
     leech = Store(tmp_path / "leech")
-    fetcher = Fetcher(
-        store=leech,
-        requester=requester,
-        providers=providers,
-        config=CONFIG,
-        clock=MonotonicClock(),
-        executor=None,
-    )
+    fetcher = _fetcher(leech, requester, providers)
     events: list[Any] = []
     fetch = fetcher.fetch(
         manifest.resource_id, tmp_path / "out.bin", progress=events.append, phase=events.append
@@ -402,14 +387,7 @@ async def test_a_relookup_in_flight_when_the_last_worker_ends_is_not_thrown_away
     )
     leech = Store(tmp_path / "leech")
     config = replace(CONFIG, rediscover_attempts=1, dial_timeout=0.1)
-    fetcher = Fetcher(
-        store=leech,
-        requester=requester,
-        providers=providers,
-        config=config,
-        clock=MonotonicClock(),
-        executor=None,
-    )
+    fetcher = _fetcher(leech, requester, providers, config)
     try:
         await asyncio.wait_for(fetcher.fetch(manifest.resource_id, tmp_path / "out.bin"), 10)
         assert (tmp_path / "out.bin").read_bytes() == data
